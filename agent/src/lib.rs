@@ -1,0 +1,13 @@
+//! The PostCopyFT host agent: a small KVM VMM whose guests' state can be
+//! captured exactly, the base for fault-tolerant post-copy live migration.
+//!
+//! Layers (see docs/architecture.md): [`kvm`] is the only code that makes
+//! ioctls; [`memory`] owns guest RAM; [`boot`], [`devices`] and [`snapshot`]
+//! are pure logic over them; [`machine`] ties them into a running VM.
+
+pub mod boot;
+pub mod devices;
+pub mod kvm;
+pub mod machine;
+pub mod memory;
+mod vcpu_worker;

@@ -1,0 +1,361 @@
+//! A running fixture VM: guest memory, the KVM VM, one worker thread per vCPU,
+//! and the device model. It boots fresh or from a snapshot, runs, pauses,
+//! captures its whole state, and checks the guest against the fixture's oracle.
+
+use crate::boot::{self, BootError};
+use crate::devices::{DeviceEvent, DeviceState, VcpuStatus};
+use crate::kvm::kick;
+use crate::kvm::state::{VcpuState, VmKernelState};
+use crate::kvm::vm::KvmVm;
+use crate::kvm::KvmError;
+use crate::memory::{GuestMemory, MemoryError};
+use crate::vcpu_worker::{Command, VcpuWorker, WorkerEvent};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vm_fixtures::{FixtureParams, MemoryMismatch, OutputMismatch, OutputRecord, ParamsError};
+
+/// How a machine is built: its memory and the workload it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    pub mem_bytes: u64,
+    /// Guest memory is registered as memslots of at most this size.
+    pub slot_bytes: u64,
+    pub fixture: FixtureParams,
+}
+
+impl MachineConfig {
+    pub fn vcpus(&self) -> usize {
+        self.fixture.vcpus as usize
+    }
+}
+
+/// The whole state of a paused machine, except guest memory.
+#[derive(Serialize, Deserialize)]
+pub struct MachineState {
+    pub config: MachineConfig,
+    pub vcpus: Vec<VcpuState>,
+    pub kernel: VmKernelState,
+    pub devices: DeviceState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("invalid fixture parameters: {0}")]
+    Params(#[from] ParamsError),
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error("vCPU {vcpu} failed: {reason}")]
+    VcpuFailed { vcpu: u8, reason: String },
+    #[error("vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    #[error("vCPU {0} thread is gone")]
+    WorkerGone(u8),
+    #[error("snapshot has {found} vCPU states for a {expected}-vCPU machine")]
+    VcpuCount { expected: usize, found: usize },
+}
+
+/// Something that happened in the machine, for the caller to act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MachineEvent {
+    Output(OutputRecord),
+    VcpuDone(u8),
+}
+
+/// Why a finished run does not match the oracle.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("the workload is not finished: vCPU statuses {0:?}")]
+    NotFinished(Vec<VcpuStatus>),
+    #[error(transparent)]
+    Memory(#[from] MemoryMismatch),
+    #[error(transparent)]
+    Output(#[from] OutputMismatch),
+    #[error("cannot read guest memory: {0}")]
+    Read(#[from] MemoryError),
+}
+
+/// A run that matched the oracle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verified {
+    pub memory_digest: u64,
+    pub records: usize,
+}
+
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+const KICK_INTERVAL: Duration = Duration::from_millis(1);
+
+pub struct Machine {
+    config: MachineConfig,
+    memory: Arc<GuestMemory>,
+    vm: KvmVm,
+    workers: Vec<VcpuWorker>,
+    events: Receiver<WorkerEvent>,
+    devices: DeviceState,
+    /// Events taken off the channel (while pausing) that the caller has not seen yet.
+    pending: VecDeque<MachineEvent>,
+    running: bool,
+}
+
+impl Machine {
+    /// Builds a fresh machine with the fixture loaded, its vCPUs parked at the entry point.
+    pub fn boot(config: MachineConfig) -> Result<Machine, MachineError> {
+        config.fixture.validate()?;
+        let memory = Arc::new(GuestMemory::new(config.mem_bytes, config.slot_bytes)?);
+        boot::write_boot_image(
+            &memory,
+            vm_fixtures::image(config.fixture.kind),
+            &config.fixture.encode(),
+            config.fixture.ws_end(),
+        )?;
+        let vm = Self::create_vm(&memory)?;
+        let (tx, events) = mpsc::channel();
+        let mut workers = Vec::with_capacity(config.vcpus());
+        for id in 0..config.vcpus() as u8 {
+            let vcpu = vm.create_vcpu(id)?;
+            vcpu.set_boot_state(&boot::entry_regs(id), &boot::long_mode_sregs(vcpu.sregs()?))?;
+            workers.push(Self::spawn(vcpu, &memory, VcpuStatus::Running, &tx)?);
+        }
+        let devices = DeviceState::new(config.vcpus());
+        Ok(Machine { config, memory, vm, workers, events, devices, pending: VecDeque::new(), running: false })
+    }
+
+    /// Rebuilds a machine from a captured state; `load_memory` fills guest memory.
+    /// The machine comes up paused exactly where the captured one was.
+    pub fn restore(
+        state: MachineState,
+        load_memory: impl FnOnce(&GuestMemory) -> Result<(), MachineError>,
+    ) -> Result<Machine, MachineError> {
+        let MachineState { config, vcpus, kernel, devices } = state;
+        config.fixture.validate()?;
+        if vcpus.len() != config.vcpus() || devices.vcpu_status.len() != config.vcpus() {
+            return Err(MachineError::VcpuCount { expected: config.vcpus(), found: vcpus.len() });
+        }
+        let memory = Arc::new(GuestMemory::new(config.mem_bytes, config.slot_bytes)?);
+        load_memory(&memory)?;
+        let vm = Self::create_vm(&memory)?;
+        let (tx, events) = mpsc::channel();
+        let mut workers = Vec::with_capacity(vcpus.len());
+        for (id, vcpu_state) in vcpus.iter().enumerate() {
+            let mut vcpu = vm.create_vcpu(id as u8)?;
+            vcpu.restore_state(vcpu_state)?;
+            workers.push(Self::spawn(vcpu, &memory, devices.vcpu_status[id], &tx)?);
+        }
+        vm.restore_state(&kernel)?;
+        Ok(Machine { config, memory, vm, workers, events, devices, pending: VecDeque::new(), running: false })
+    }
+
+    fn create_vm(memory: &Arc<GuestMemory>) -> Result<KvmVm, MachineError> {
+        let mut vm = KvmVm::new()?;
+        vm.set_memory(Arc::clone(memory))?;
+        vm.create_irqchip()?;
+        Ok(vm)
+    }
+
+    fn spawn(
+        vcpu: crate::kvm::vcpu::KvmVcpu,
+        memory: &Arc<GuestMemory>,
+        status: VcpuStatus,
+        tx: &Sender<WorkerEvent>,
+    ) -> Result<VcpuWorker, MachineError> {
+        VcpuWorker::spawn(vcpu, Arc::clone(memory), status, tx.clone()).map_err(MachineError::Thread)
+    }
+
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    pub fn devices(&self) -> &DeviceState {
+        &self.devices
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// Whether every vCPU reported its workload done.
+    pub fn is_finished(&self) -> bool {
+        self.devices.all_done()
+    }
+
+    fn send(&self, id: usize, command: Command) -> Result<(), MachineError> {
+        self.workers[id].commands.send(command).map_err(|_| MachineError::WorkerGone(id as u8))
+    }
+
+    /// Lets the vCPUs run.
+    pub fn resume(&mut self) -> Result<(), MachineError> {
+        for id in 0..self.workers.len() {
+            self.send(id, Command::Resume)?;
+        }
+        self.running = true;
+        Ok(())
+    }
+
+    /// Applies a worker's event to the device model; returns what the caller should see.
+    fn absorb(&mut self, event: WorkerEvent) -> Result<Option<MachineEvent>, MachineError> {
+        match event {
+            WorkerEvent::Device(id, device_event) => {
+                self.devices.apply(id, device_event);
+                Ok(match device_event {
+                    DeviceEvent::Output(record) => Some(MachineEvent::Output(record)),
+                    DeviceEvent::Status(VcpuStatus::Done) => Some(MachineEvent::VcpuDone(id)),
+                    _ => None,
+                })
+            }
+            WorkerEvent::Paused(_) => Ok(None),
+            WorkerEvent::Failed(vcpu, reason) => Err(MachineError::VcpuFailed { vcpu, reason }),
+        }
+    }
+
+    /// Waits up to `timeout` for the next event. `Ok(None)`: nothing happened in time.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<MachineEvent>, MachineError> {
+        if let Some(event) = self.pending.pop_front() {
+            return Ok(Some(event));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(event) => {
+                    if let Some(event) = self.absorb(event)? {
+                        return Ok(Some(event));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => return Err(MachineError::WorkerGone(0)),
+            }
+        }
+    }
+
+    /// Stops every vCPU out of `KVM_RUN` with no I/O pending. Events that
+    /// arrive meanwhile are kept for [`next_event`](Self::next_event).
+    pub fn pause(&mut self) -> Result<(), MachineError> {
+        for id in 0..self.workers.len() {
+            self.send(id, Command::Pause)?;
+        }
+        let mut acked = vec![false; self.workers.len()];
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while acked.contains(&false) {
+            // A kick can land just before the worker enters KVM_RUN and be lost;
+            // kicking again until it answers closes that window.
+            for (worker, _) in self.workers.iter().zip(&acked).filter(|(_, a)| !**a) {
+                kick::kick(&worker.thread);
+            }
+            match self.events.recv_timeout(KICK_INTERVAL) {
+                Ok(WorkerEvent::Paused(id)) => acked[usize::from(id)] = true,
+                Ok(event) => {
+                    if let Some(event) = self.absorb(event)? {
+                        self.pending.push_back(event);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => {
+                    return Err(MachineError::PauseTimeout(PAUSE_TIMEOUT))
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(MachineError::WorkerGone(0)),
+            }
+        }
+        self.running = false;
+        Ok(())
+    }
+
+    /// Pauses the machine (if it runs) and captures its state; guest memory is
+    /// read separately while the machine stays paused.
+    pub fn capture(&mut self) -> Result<MachineState, MachineError> {
+        if self.running {
+            self.pause()?;
+        }
+        let mut vcpus = Vec::with_capacity(self.workers.len());
+        for id in 0..self.workers.len() {
+            let (tx, rx) = mpsc::channel();
+            self.send(id, Command::Save(tx))?;
+            vcpus.push(rx.recv().map_err(|_| MachineError::WorkerGone(id as u8))??);
+        }
+        Ok(MachineState {
+            config: self.config.clone(),
+            vcpus,
+            kernel: self.vm.save_state()?,
+            devices: self.devices.clone(),
+        })
+    }
+
+    /// Checks a finished run against the fixture's oracle: the working set word
+    /// for word, and every vCPU's whole output history.
+    pub fn verify(&self) -> Result<Verified, VerifyError> {
+        if !self.is_finished() {
+            return Err(VerifyError::NotFinished(self.devices.vcpu_status.clone()));
+        }
+        let fixture = &self.config.fixture;
+        let expected = fixture.expected_after(fixture.steps);
+        expected.check_outputs(&self.devices.output_log)?;
+        let mut check = expected.memory_check();
+        self.memory.for_each_chunk::<MemoryError>(fixture.ws_base..fixture.ws_end(), 1 << 20, |gpa, bytes| {
+            check.feed(gpa, bytes);
+            Ok(())
+        })?;
+        let memory_digest = check.finish()?;
+        Ok(Verified { memory_digest, records: self.devices.output_log.len() })
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        for worker in &self.workers {
+            let _ = worker.commands.send(Command::Stop);
+        }
+        for worker in self.workers.drain(..) {
+            while !worker.thread.is_finished() {
+                kick::kick(&worker.thread);
+                std::thread::sleep(KICK_INTERVAL);
+            }
+            let _ = worker.thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_fixtures::FixtureKind;
+
+    pub(crate) fn config(kind: FixtureKind, vcpus: u64, steps: u64) -> MachineConfig {
+        let mem_bytes = 8 << 20;
+        let ws_pages = (mem_bytes - vm_fixtures::abi::WORKING_SET_GPA) / 4096;
+        let fixture = FixtureParams { steps, ..FixtureParams::new(kind, vcpus, ws_pages) };
+        MachineConfig { mem_bytes, slot_bytes: 4 << 20, fixture }
+    }
+
+    fn run_to_end(machine: &mut Machine) -> Vec<OutputRecord> {
+        let mut seen = Vec::new();
+        machine.resume().unwrap();
+        while !machine.is_finished() {
+            if let Some(MachineEvent::Output(r)) = machine.next_event(Duration::from_secs(30)).unwrap() {
+                seen.push(r);
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn ledger_on_two_vcpus_matches_the_oracle() {
+        let mut machine = Machine::boot(config(FixtureKind::Ledger, 2, 3_000)).unwrap();
+        let seen = run_to_end(&mut machine);
+        let verified = machine.verify().unwrap();
+        assert_eq!(verified.records, 6);
+        assert_eq!(seen, machine.devices().output_log);
+        let fixture = &machine.config().fixture;
+        assert_eq!(verified.memory_digest, fixture.expected_after(fixture.steps).memory_digest());
+    }
+}

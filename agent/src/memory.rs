@@ -1,0 +1,166 @@
+//! Guest RAM: one anonymous mapping, laid out as one or more KVM memslots.
+//!
+//! The guest writes this memory from `KVM_RUN` on other threads, so it is never
+//! handed out as a Rust slice: every access copies through a raw pointer. Reads
+//! taken while vCPUs run may see a write half done, exactly as another CPU
+//! would; callers that need a consistent image pause the vCPUs first.
+
+use memmap2::{MmapOptions, MmapRaw};
+use std::ops::Range;
+
+pub const PAGE_SIZE: u64 = vm_fixtures::abi::PAGE_SIZE;
+
+/// A guest-physical range backed by part of the mapping, registered as one memslot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemSlot {
+    pub id: u32,
+    pub gpa: u64,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory size {0} bytes is not a positive multiple of the 4 KiB page size")]
+    Size(u64),
+    #[error("memslot size {0} bytes is not a positive multiple of 2 MiB")]
+    SlotSize(u64),
+    #[error("cannot map {size} bytes of guest memory: {source}; lower --mem or free host memory")]
+    Map { size: u64, source: std::io::Error },
+    #[error("guest access of {len} bytes at {gpa:#x} is outside guest memory (0..{size:#x})")]
+    OutOfRange { gpa: u64, len: u64, size: u64 },
+}
+
+pub struct GuestMemory {
+    map: MmapRaw,
+    size: u64,
+    slots: Vec<MemSlot>,
+}
+
+impl std::fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMemory").field("size", &self.size).field("slots", &self.slots).finish()
+    }
+}
+
+impl GuestMemory {
+    /// Maps `size` bytes of zeroed guest RAM at guest-physical 0, split into
+    /// memslots of at most `slot_size` bytes. Pages are allocated on first touch.
+    pub fn new(size: u64, slot_size: u64) -> Result<Self, MemoryError> {
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(MemoryError::Size(size));
+        }
+        if slot_size == 0 || slot_size % (2 << 20) != 0 {
+            return Err(MemoryError::SlotSize(slot_size));
+        }
+        let map = MmapOptions::new()
+            .len(size as usize)
+            .map_anon()
+            .map_err(|source| MemoryError::Map { size, source })?;
+        let slots = (0..size.div_ceil(slot_size))
+            .map(|i| MemSlot { id: i as u32, gpa: i * slot_size, size: slot_size.min(size - i * slot_size) })
+            .collect();
+        Ok(GuestMemory { map: MmapRaw::from(map), size, slots })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn slots(&self) -> &[MemSlot] {
+        &self.slots
+    }
+
+    fn check(&self, gpa: u64, len: u64) -> Result<usize, MemoryError> {
+        match gpa.checked_add(len) {
+            Some(end) if end <= self.size => Ok(gpa as usize),
+            _ => Err(MemoryError::OutOfRange { gpa, len, size: self.size }),
+        }
+    }
+
+    /// Host address of guest-physical `gpa` (for registering memslots).
+    pub(crate) fn host_address(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let off = self.check(gpa, 0)?;
+        Ok(self.map.as_mut_ptr() as u64 + off as u64)
+    }
+
+    /// Copies guest memory at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let off = self.check(gpa, buf.len() as u64)?;
+        // SAFETY: `check` keeps [off, off + len) inside the live mapping, and
+        // `buf` is a distinct Rust allocation, so the ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let off = self.check(gpa, data.len() as u64)?;
+        // SAFETY: `check` keeps the range inside the live, writable mapping;
+        // `data` is a distinct allocation.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(off), data.len()) };
+        Ok(())
+    }
+
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub fn write_u64(&self, gpa: u64, value: u64) -> Result<(), MemoryError> {
+        self.write(gpa, &value.to_le_bytes())
+    }
+
+    /// Visits `range` in chunks of up to `chunk` bytes (a multiple of the page
+    /// size), each copied into one reused buffer: bounded memory for any size.
+    pub fn for_each_chunk<E>(
+        &self,
+        range: Range<u64>,
+        chunk: usize,
+        mut f: impl FnMut(u64, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E>
+    where
+        E: From<MemoryError>,
+    {
+        self.check(range.start, range.end.saturating_sub(range.start))?;
+        let mut buf = vec![0u8; chunk];
+        let mut gpa = range.start;
+        while gpa < range.end {
+            let len = chunk.min((range.end - gpa) as usize);
+            self.read(gpa, &mut buf[..len])?;
+            f(gpa, &buf[..len])?;
+            gpa += len as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_into_slots_and_bounds_accesses() {
+        let mem = GuestMemory::new(10 << 20, 4 << 20).unwrap();
+        let slots: Vec<_> = mem.slots().iter().map(|s| (s.gpa, s.size)).collect();
+        assert_eq!(slots, vec![(0, 4 << 20), (4 << 20, 4 << 20), (8 << 20, 2 << 20)]);
+        mem.write_u64((10 << 20) - 8, 42).unwrap();
+        assert_eq!(mem.read_u64((10 << 20) - 8).unwrap(), 42);
+        assert!(matches!(mem.write_u64((10 << 20) - 4, 1), Err(MemoryError::OutOfRange { .. })));
+        assert!(matches!(mem.read_u64(u64::MAX - 2), Err(MemoryError::OutOfRange { .. })));
+        assert!(matches!(GuestMemory::new(4097, 2 << 20), Err(MemoryError::Size(4097))));
+    }
+
+    #[test]
+    fn chunks_cover_the_range_once() {
+        let mem = GuestMemory::new(2 << 20, 2 << 20).unwrap();
+        mem.write(4096 * 5, b"hello").unwrap();
+        let mut seen = Vec::new();
+        mem.for_each_chunk::<MemoryError>(4096..4096 * 7, 8192, |gpa, bytes| {
+            seen.push((gpa, bytes.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(4096, 8192), (4096 * 3, 8192), (4096 * 5, 8192)]);
+    }
+}

@@ -1,0 +1,234 @@
+//! The expected state of a fixture guest and the exact comparison against a
+//! real guest's memory and output.
+
+use crate::mix;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// One record that the guest emitted through the output device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct OutputRecord {
+    pub vcpu: u32,
+    pub step: u64,
+    pub digest: u64,
+}
+
+/// Guest memory and output as the oracle computes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expected {
+    ws_base: u64,
+    ws_end: u64,
+    /// Every non-zero 8-byte word of the working set, by guest-physical address.
+    words: HashMap<u64, u64>,
+    /// Per vCPU, the records in the order that vCPU emits them.
+    outputs: Vec<Vec<OutputRecord>>,
+}
+
+/// The guest's memory differs from the oracle's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("guest memory differs from the oracle in {differing_words} words; first at {first_gpa:#x}: expected {expected:#018x}, found {actual:#018x}")]
+pub struct MemoryMismatch {
+    pub differing_words: u64,
+    pub first_gpa: u64,
+    pub expected: u64,
+    pub actual: u64,
+}
+
+/// The guest's output differs from the oracle's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("vCPU {vcpu} output differs from the oracle at record {index}: expected {expected:?}, found {actual:?}")]
+pub struct OutputMismatch {
+    pub vcpu: u32,
+    pub index: usize,
+    pub expected: Option<OutputRecord>,
+    pub actual: Option<OutputRecord>,
+}
+
+/// Order-independent digest of a set of `(gpa, value)` words: the same number
+/// for the oracle's map and for a scan of real guest memory.
+fn word_digest(gpa: u64, value: u64) -> u64 {
+    mix(gpa ^ mix(value))
+}
+
+/// Digest of guest memory `bytes` that starts at guest-physical `base`
+/// (length a multiple of 8). Zero words do not contribute.
+pub fn memory_digest(base: u64, bytes: &[u8]) -> u64 {
+    let mut digest = 0u64;
+    for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+        let value = u64::from_le_bytes(chunk.try_into().expect("8-byte chunk"));
+        if value != 0 {
+            digest = digest.wrapping_add(word_digest(base + i as u64 * 8, value));
+        }
+    }
+    digest
+}
+
+impl Expected {
+    pub(crate) fn new(ws_base: u64, ws_end: u64, words: HashMap<u64, u64>, outputs: Vec<Vec<OutputRecord>>) -> Self {
+        Expected { ws_base, ws_end, words, outputs }
+    }
+
+    pub fn words(&self) -> &HashMap<u64, u64> {
+        &self.words
+    }
+
+    /// The expected value of the word at `gpa` (0 if never written).
+    pub fn word(&self, gpa: u64) -> u64 {
+        self.words.get(&gpa).copied().unwrap_or(0)
+    }
+
+    pub fn outputs(&self) -> &[Vec<OutputRecord>] {
+        &self.outputs
+    }
+
+    /// The digest of the expected working set (see [`memory_digest`]).
+    pub fn memory_digest(&self) -> u64 {
+        self.words.iter().fold(0u64, |d, (&gpa, &value)| d.wrapping_add(word_digest(gpa, value)))
+    }
+
+    /// Guest-physical range of the working set `[start, end)`.
+    pub fn working_set(&self) -> (u64, u64) {
+        (self.ws_base, self.ws_end)
+    }
+
+    /// Starts a word-for-word comparison of the working set with the oracle;
+    /// feed it the guest's memory in chunks, in any order, then `finish`.
+    pub fn memory_check(&self) -> MemoryCheck<'_> {
+        MemoryCheck { expected: self, fed: 0, differing: 0, first: None, digest: 0 }
+    }
+
+    /// Compares the whole working set, given as one slice from `ws_base` to `ws_end`.
+    pub fn check_memory(&self, ws: &[u8]) -> Result<u64, MemoryMismatch> {
+        let mut check = self.memory_check();
+        check.feed(self.ws_base, ws);
+        check.finish()
+    }
+
+    /// Compares the emitted records with the oracle: per vCPU, the same records
+    /// in the same order, none missing and none extra. Records of different
+    /// vCPUs may interleave in any order.
+    pub fn check_outputs(&self, records: &[OutputRecord]) -> Result<(), OutputMismatch> {
+        let mut per_vcpu: Vec<Vec<OutputRecord>> = vec![Vec::new(); self.outputs.len()];
+        for r in records {
+            match per_vcpu.get_mut(r.vcpu as usize) {
+                Some(list) => list.push(*r),
+                None => return Err(OutputMismatch { vcpu: r.vcpu, index: 0, expected: None, actual: Some(*r) }),
+            }
+        }
+        for (v, (expected, actual)) in self.outputs.iter().zip(&per_vcpu).enumerate() {
+            let len = expected.len().max(actual.len());
+            for index in 0..len {
+                let (e, a) = (expected.get(index).copied(), actual.get(index).copied());
+                if e != a {
+                    return Err(OutputMismatch { vcpu: v as u32, index, expected: e, actual: a });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An ongoing comparison of guest memory with the oracle (see [`Expected::memory_check`]).
+pub struct MemoryCheck<'a> {
+    expected: &'a Expected,
+    fed: u64,
+    differing: u64,
+    first: Option<(u64, u64, u64)>,
+    digest: u64,
+}
+
+impl MemoryCheck<'_> {
+    /// Compares `bytes`, the guest's memory at `gpa`; bytes outside the working set are ignored.
+    pub fn feed(&mut self, gpa: u64, bytes: &[u8]) {
+        let (base, end) = self.expected.working_set();
+        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+            let word_gpa = gpa + i as u64 * 8;
+            if word_gpa < base || word_gpa >= end {
+                continue;
+            }
+            self.fed += 8;
+            let actual = u64::from_le_bytes(chunk.try_into().expect("8-byte chunk"));
+            if actual != 0 {
+                self.digest = self.digest.wrapping_add(word_digest(word_gpa, actual));
+            }
+            let expected = self.expected.word(word_gpa);
+            if actual != expected {
+                self.differing += 1;
+                self.first.get_or_insert((word_gpa, expected, actual));
+            }
+        }
+    }
+
+    /// The verdict, and on success the memory digest (see [`memory_digest`]).
+    ///
+    /// # Panics
+    /// If the chunks fed did not cover the working set exactly once.
+    pub fn finish(self) -> Result<u64, MemoryMismatch> {
+        let (base, end) = self.expected.working_set();
+        assert_eq!(self.fed, end - base, "memory check fed {} bytes of a {}-byte working set", self.fed, end - base);
+        match self.first {
+            None => Ok(self.digest),
+            Some((first_gpa, expected, actual)) => {
+                Err(MemoryMismatch { differing_words: self.differing, first_gpa, expected, actual })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FixtureKind, FixtureParams};
+
+    fn small() -> (FixtureParams, Expected) {
+        let p = FixtureParams { steps: 200, record_every: 50, ..FixtureParams::new(FixtureKind::Ledger, 2, 16) };
+        let e = p.expected_after(200);
+        (p, e)
+    }
+
+    fn render(p: &FixtureParams, e: &Expected) -> Vec<u8> {
+        let mut ws = vec![0u8; (p.ws_end() - p.ws_base) as usize];
+        for (&gpa, &value) in e.words() {
+            let off = (gpa - p.ws_base) as usize;
+            ws[off..off + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        ws
+    }
+
+    #[test]
+    fn memory_check_accepts_the_oracle_and_rejects_a_flipped_bit() {
+        let (p, e) = small();
+        let mut ws = render(&p, &e);
+        assert_eq!(e.check_memory(&ws), Ok(e.memory_digest()));
+        assert_eq!(memory_digest(p.ws_base, &ws), e.memory_digest());
+        // Fed in two chunks, in reverse order, with bytes outside the working set.
+        let mut check = e.memory_check();
+        let half = ws.len() / 2;
+        check.feed(p.ws_base + half as u64, &ws[half..]);
+        let mut head = vec![0xffu8; 4096];
+        head.extend_from_slice(&ws[..half]);
+        check.feed(p.ws_base - 4096, &head);
+        assert_eq!(check.finish(), Ok(e.memory_digest()));
+        ws[4096 * 3 + 17] ^= 0x10;
+        let err = e.check_memory(&ws).unwrap_err();
+        assert_eq!(err.differing_words, 1);
+        assert_eq!(err.first_gpa, p.ws_base + 4096 * 3 + 16);
+    }
+
+    #[test]
+    fn output_check_allows_interleaving_but_not_loss_or_reordering() {
+        let (_, e) = small();
+        let mut interleaved = Vec::new();
+        for i in 0..4 {
+            interleaved.push(e.outputs()[1][i]);
+            interleaved.push(e.outputs()[0][i]);
+        }
+        assert_eq!(e.check_outputs(&interleaved), Ok(()));
+        let mut lost = interleaved.clone();
+        lost.remove(3);
+        assert!(e.check_outputs(&lost).is_err());
+        let mut swapped = interleaved;
+        swapped.swap(1, 3);
+        assert_eq!(e.check_outputs(&swapped).unwrap_err().vcpu, 0);
+    }
+}
