@@ -21,19 +21,8 @@ fn main() {
         let src = Path::new("guest").join(format!("{name}.S"));
         let obj = out.join(format!("{name}.o"));
         let bin = out.join(format!("{name}.bin"));
-        run(Command::new("as")
-            .arg("--64")
-            .arg("-I")
-            .arg(&out)
-            .arg("-I")
-            .arg("guest")
-            .arg("-o")
-            .arg(&obj)
-            .arg(&src));
-        run(Command::new("objcopy")
-            .args(["-O", "binary", "-j", ".text"])
-            .arg(&obj)
-            .arg(&bin));
+        run(Command::new("as").arg("--64").arg("-I").arg(&out).arg("-I").arg("guest").arg("-o").arg(&obj).arg(&src));
+        run(Command::new("objcopy").args(["-O", "binary", "-j", ".text"]).arg(&obj).arg(&bin));
     }
 }
 
@@ -44,9 +33,8 @@ fn asm_constants(abi: &str) -> String {
         let Some(rest) = line.trim().strip_prefix("pub const ") else {
             continue;
         };
-        let (name, value) = rest
-            .split_once(": u64 = ")
-            .unwrap_or_else(|| panic!("src/abi.rs: unsupported line {line:?}"));
+        let (name, value) =
+            rest.split_once(": u64 = ").unwrap_or_else(|| panic!("src/abi.rs: unsupported line {line:?}"));
         let value = value.trim_end_matches(';').replace('_', "");
         inc.push_str(&format!(".set {name}, {value}\n"));
     }
@@ -54,8 +42,7 @@ fn asm_constants(abi: &str) -> String {
 }
 
 fn run(cmd: &mut Command) {
-    let status = cmd.status().unwrap_or_else(|e| {
-        panic!("cannot run {cmd:?}: {e}; install binutils (apt-get install binutils)")
-    });
+    let status =
+        cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}; install binutils (apt-get install binutils)"));
     assert!(status.success(), "{cmd:?} failed with {status}");
 }

@@ -52,9 +52,8 @@ pub fn write_boot_image(memory: &GuestMemory, image: &[u8], params: &[u8], ws_en
     for g in 0..gib {
         let pd = abi::PD_GPA + g * abi::PAGE_SIZE;
         memory.write_u64(abi::PDPT_GPA + g * 8, pd | PTE_PRESENT_RW)?;
-        let entries: Vec<u8> = (0..512u64)
-            .flat_map(|i| ((g * GIB + (i << 21)) | PTE_PRESENT_RW | PDE_HUGE).to_le_bytes())
-            .collect();
+        let entries: Vec<u8> =
+            (0..512u64).flat_map(|i| ((g * GIB + (i << 21)) | PTE_PRESENT_RW | PDE_HUGE).to_le_bytes()).collect();
         memory.write(pd, &entries)?;
     }
     let gdt: Vec<u8> = GDT.iter().flat_map(|e| e.to_le_bytes()).collect();

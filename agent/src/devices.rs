@@ -23,7 +23,10 @@ pub enum DeviceEvent {
     Output(OutputRecord),
     Status(VcpuStatus),
     /// A write to a port no device decodes (logged, otherwise ignored, as on real hardware).
-    Unclaimed { port: u16, value: u32 },
+    Unclaimed {
+        port: u16,
+        value: u32,
+    },
 }
 
 /// Decodes the guest's `out value, port` on vCPU `vcpu`.
@@ -94,9 +97,6 @@ mod tests {
         assert!(!state.all_done());
         state.apply(1, DeviceEvent::Status(VcpuStatus::Done));
         assert!(state.all_done());
-        assert_eq!(
-            decode_port_write(&memory, 0, 0x80, 5).unwrap(),
-            DeviceEvent::Unclaimed { port: 0x80, value: 5 }
-        );
+        assert_eq!(decode_port_write(&memory, 0, 0x80, 5).unwrap(), DeviceEvent::Unclaimed { port: 0x80, value: 5 });
     }
 }

@@ -7,7 +7,9 @@
 
 pub mod boot;
 pub mod devices;
+pub mod host;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod snapshot;
 mod vcpu_worker;

@@ -9,9 +9,11 @@ use crate::kvm::state::{VcpuState, VmKernelState};
 use crate::kvm::vm::KvmVm;
 use crate::kvm::KvmError;
 use crate::memory::{GuestMemory, MemoryError};
+use crate::snapshot::{self, SnapshotError, SnapshotReader, SnapshotStats};
 use crate::vcpu_worker::{Command, VcpuWorker, WorkerEvent};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +26,9 @@ pub struct MachineConfig {
     /// Guest memory is registered as memslots of at most this size.
     pub slot_bytes: u64,
     pub fixture: FixtureParams,
+    /// `dirty` fixture: pages each vCPU writes per second (paced on the TSC);
+    /// `None` writes as fast as the guest can.
+    pub dirty_rate: Option<u64>,
 }
 
 impl MachineConfig {
@@ -59,6 +64,8 @@ pub enum MachineError {
     PauseTimeout(Duration),
     #[error("vCPU {0} thread is gone")]
     WorkerGone(u8),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("snapshot has {found} vCPU states for a {expected}-vCPU machine")]
     VcpuCount { expected: usize, found: usize },
 }
@@ -107,21 +114,25 @@ pub struct Machine {
 
 impl Machine {
     /// Builds a fresh machine with the fixture loaded, its vCPUs parked at the entry point.
-    pub fn boot(config: MachineConfig) -> Result<Machine, MachineError> {
+    pub fn boot(mut config: MachineConfig) -> Result<Machine, MachineError> {
         config.fixture.validate()?;
         let memory = Arc::new(GuestMemory::new(config.mem_bytes, config.slot_bytes)?);
+        let vm = Self::create_vm(&memory)?;
+        let vcpus = (0..config.vcpus() as u8).map(|id| vm.create_vcpu(id)).collect::<Result<Vec<_>, _>>()?;
+        if let Some(rate) = config.dirty_rate.filter(|r| *r > 0) {
+            let tsc_hz = u64::from(vcpus[0].tsc_khz()?) * 1000;
+            config.fixture.ticks_per_write = (tsc_hz / rate).max(1);
+        }
         boot::write_boot_image(
             &memory,
             vm_fixtures::image(config.fixture.kind),
             &config.fixture.encode(),
             config.fixture.ws_end(),
         )?;
-        let vm = Self::create_vm(&memory)?;
         let (tx, events) = mpsc::channel();
         let mut workers = Vec::with_capacity(config.vcpus());
-        for id in 0..config.vcpus() as u8 {
-            let vcpu = vm.create_vcpu(id)?;
-            vcpu.set_boot_state(&boot::entry_regs(id), &boot::long_mode_sregs(vcpu.sregs()?))?;
+        for (id, vcpu) in vcpus.into_iter().enumerate() {
+            vcpu.set_boot_state(&boot::entry_regs(id as u8), &boot::long_mode_sregs(vcpu.sregs()?))?;
             workers.push(Self::spawn(vcpu, &memory, VcpuStatus::Running, &tx)?);
         }
         let devices = DeviceState::new(config.vcpus());
@@ -291,6 +302,22 @@ impl Machine {
         })
     }
 
+    /// Pauses the machine and writes its whole state to a snapshot file at `path`.
+    /// The machine stays paused; [`resume`](Self::resume) continues it.
+    pub fn save_snapshot(&mut self, path: &Path) -> Result<SnapshotStats, MachineError> {
+        let state = self.capture()?;
+        Ok(snapshot::save(path, &state, &self.memory)?)
+    }
+
+    /// Rebuilds the machine saved at `path`, paused where it was saved.
+    pub fn restore_snapshot(path: &Path) -> Result<Machine, MachineError> {
+        let (state, reader) = SnapshotReader::open(path)?;
+        Machine::restore(state, |memory| {
+            reader.load_memory(memory)?;
+            Ok(())
+        })
+    }
+
     /// Checks a finished run against the fixture's oracle: the working set word
     /// for word, and every vCPU's whole output history.
     pub fn verify(&self) -> Result<Verified, VerifyError> {
@@ -334,7 +361,7 @@ mod tests {
         let mem_bytes = 8 << 20;
         let ws_pages = (mem_bytes - vm_fixtures::abi::WORKING_SET_GPA) / 4096;
         let fixture = FixtureParams { steps, ..FixtureParams::new(kind, vcpus, ws_pages) };
-        MachineConfig { mem_bytes, slot_bytes: 4 << 20, fixture }
+        MachineConfig { mem_bytes, slot_bytes: 4 << 20, fixture, dirty_rate: None }
     }
 
     fn run_to_end(machine: &mut Machine) -> Vec<OutputRecord> {
@@ -357,5 +384,59 @@ mod tests {
         assert_eq!(seen, machine.devices().output_log);
         let fixture = &machine.config().fixture;
         assert_eq!(verified.memory_digest, fixture.expected_after(fixture.steps).memory_digest());
+    }
+
+    #[test]
+    fn snapshot_restores_mid_run_and_finishes_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.snap");
+        let mut machine = Machine::boot(config(FixtureKind::Ledger, 2, 6_000)).unwrap();
+        machine.resume().unwrap();
+        while machine.devices().output_log.len() < 3 {
+            machine.next_event(Duration::from_secs(30)).unwrap();
+        }
+        let stats = machine.save_snapshot(&path).unwrap();
+        let at_snapshot = machine.devices().output_log.len();
+        assert!(stats.pages_written > 0 && stats.zero_pages_skipped > 0, "{stats:?}");
+        drop(machine);
+
+        let mut restored = Machine::restore_snapshot(&path).unwrap();
+        assert_eq!(restored.devices().output_log.len(), at_snapshot);
+        let after = run_to_end(&mut restored);
+        assert_eq!(at_snapshot + after.len(), 12);
+        restored.verify().unwrap();
+    }
+
+    #[test]
+    fn corrupt_snapshots_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idle.snap");
+        let mut machine = Machine::boot(config(FixtureKind::Idle, 1, 40)).unwrap();
+        run_to_end(&mut machine);
+        machine.save_snapshot(&path).unwrap();
+        let good = std::fs::read(&path).unwrap();
+
+        let mut flipped = good.clone();
+        let last_page_byte = good.len() - 4 - 8 - 100;
+        flipped[last_page_byte] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        let err = Machine::restore_snapshot(&path).err().expect("flipped page byte is refused");
+        assert!(err.to_string().contains("guest memory checksum mismatch"), "{err}");
+
+        std::fs::write(&path, &good[..good.len() / 2]).unwrap();
+        let err = Machine::restore_snapshot(&path).err().expect("truncated file is refused");
+        assert!(err.to_string().contains("truncated"), "{err}");
+
+        let mut state_flip = good.clone();
+        state_flip[30] ^= 0x40;
+        std::fs::write(&path, &state_flip).unwrap();
+        let err = Machine::restore_snapshot(&path).err().expect("flipped state byte is refused");
+        assert!(err.to_string().contains("state section checksum mismatch"), "{err}");
+
+        std::fs::write(&path, b"not a snapshot at all").unwrap();
+        assert!(matches!(
+            Machine::restore_snapshot(&path),
+            Err(MachineError::Snapshot(SnapshotError::NotASnapshot { .. }))
+        ));
     }
 }

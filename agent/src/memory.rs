@@ -46,16 +46,14 @@ impl GuestMemory {
     /// Maps `size` bytes of zeroed guest RAM at guest-physical 0, split into
     /// memslots of at most `slot_size` bytes. Pages are allocated on first touch.
     pub fn new(size: u64, slot_size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::Size(size));
         }
-        if slot_size == 0 || slot_size % (2 << 20) != 0 {
+        if slot_size == 0 || !slot_size.is_multiple_of(2 << 20) {
             return Err(MemoryError::SlotSize(slot_size));
         }
-        let map = MmapOptions::new()
-            .len(size as usize)
-            .map_anon()
-            .map_err(|source| MemoryError::Map { size, source })?;
+        let map =
+            MmapOptions::new().len(size as usize).map_anon().map_err(|source| MemoryError::Map { size, source })?;
         let slots = (0..size.div_ceil(slot_size))
             .map(|i| MemSlot { id: i as u32, gpa: i * slot_size, size: slot_size.min(size - i * slot_size) })
             .collect();

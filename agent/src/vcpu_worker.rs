@@ -44,9 +44,9 @@ impl VcpuWorker {
     ) -> std::io::Result<Self> {
         kick::install();
         let (commands, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{}", vcpu.id()))
-            .spawn(move || Worker { vcpu, memory, events, parked: true, finished: status != VcpuStatus::Running }.run(rx))?;
+        let thread = std::thread::Builder::new().name(format!("vcpu{}", vcpu.id())).spawn(move || {
+            Worker { vcpu, memory, events, parked: true, finished: status != VcpuStatus::Running }.run(rx)
+        })?;
         Ok(VcpuWorker { commands, thread })
     }
 }

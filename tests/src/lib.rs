@@ -1,1 +1,95 @@
-//! Helpers for the integration tests live in tests/tests/common.
+//! Helpers for PostCopyFT's integration tests: run the real `pcft` binary as
+//! separate processes and read what it reported.
+//!
+//! The binary is the one cargo builds for the workspace (`target/<profile>/pcft`);
+//! `cargo test --workspace` builds it because the agent has integration tests.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use vm_fixtures::OutputRecord;
+
+/// Path of the `pcft` binary built alongside this test executable.
+pub fn pcft_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/pcft
+    let path = exe.parent().and_then(|d| d.parent()).expect("target/<profile>").join("pcft");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p pcft-agent` (cargo test --workspace does)",
+        path.display()
+    );
+    path
+}
+
+pub fn pcft(args: &[&str]) -> Command {
+    let mut cmd = Command::new(pcft_path());
+    cmd.args(args);
+    cmd
+}
+
+/// What one `pcft vm run|restore --json` process reported.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stderr: String,
+    /// Output records in the order the process printed them.
+    pub outputs: Vec<OutputRecord>,
+    pub snapshot: Option<Value>,
+    pub finished: Option<Value>,
+}
+
+impl Run {
+    pub fn verified(&self) -> bool {
+        self.finished.as_ref().and_then(|f| f["verified"].as_bool()) == Some(true)
+    }
+
+    pub fn memory_digest(&self) -> u64 {
+        let f = self.finished.as_ref().unwrap_or_else(|| panic!("no finished event; stderr: {}", self.stderr));
+        parse_hex(f["memory_digest"].as_str().expect("memory_digest"))
+    }
+}
+
+pub fn parse_hex(text: &str) -> u64 {
+    u64::from_str_radix(text.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("not hex: {text}"))
+}
+
+/// Parses the JSON lines of a `--json` run.
+pub fn parse_run(output: Output) -> Run {
+    let mut run = Run {
+        code: output.status.code(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        outputs: Vec::new(),
+        snapshot: None,
+        finished: None,
+    };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        match v["event"].as_str() {
+            Some("output") => run.outputs.push(OutputRecord {
+                vcpu: v["vcpu"].as_u64().expect("vcpu") as u32,
+                step: v["step"].as_u64().expect("step"),
+                digest: parse_hex(v["digest"].as_str().expect("digest")),
+            }),
+            Some("snapshot") => run.snapshot = Some(v),
+            Some("finished") => run.finished = Some(v),
+            _ => {}
+        }
+    }
+    run
+}
+
+/// Runs `pcft` with `args` plus `--json` and parses what it printed.
+pub fn run_json(args: &[&str]) -> Run {
+    let output = pcft(args).arg("--json").output().expect("spawn pcft");
+    parse_run(output)
+}
+
+/// Splits records per vCPU, keeping each vCPU's order.
+pub fn per_vcpu(records: &[OutputRecord], vcpus: usize) -> Vec<Vec<OutputRecord>> {
+    let mut out = vec![Vec::new(); vcpus];
+    for r in records {
+        out[r.vcpu as usize].push(*r);
+    }
+    out
+}

@@ -4,6 +4,7 @@
 use crate::mix;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// One record that the guest emitted through the output device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -18,8 +19,8 @@ pub struct OutputRecord {
 pub struct Expected {
     ws_base: u64,
     ws_end: u64,
-    /// Every non-zero 8-byte word of the working set, by guest-physical address.
-    words: HashMap<u64, u64>,
+    /// Every non-zero 8-byte word of the working set as `(gpa, value)`, sorted by address.
+    words: Vec<(u64, u64)>,
     /// Per vCPU, the records in the order that vCPU emits them.
     outputs: Vec<Vec<OutputRecord>>,
 }
@@ -65,16 +66,29 @@ pub fn memory_digest(base: u64, bytes: &[u8]) -> u64 {
 
 impl Expected {
     pub(crate) fn new(ws_base: u64, ws_end: u64, words: HashMap<u64, u64>, outputs: Vec<Vec<OutputRecord>>) -> Self {
+        let mut words: Vec<(u64, u64)> = words.into_iter().filter(|(_, v)| *v != 0).collect();
+        words.sort_unstable();
         Expected { ws_base, ws_end, words, outputs }
     }
 
-    pub fn words(&self) -> &HashMap<u64, u64> {
+    /// Every non-zero word of the working set as `(gpa, value)`, sorted by address.
+    pub fn words(&self) -> &[(u64, u64)] {
         &self.words
     }
 
     /// The expected value of the word at `gpa` (0 if never written).
     pub fn word(&self, gpa: u64) -> u64 {
-        self.words.get(&gpa).copied().unwrap_or(0)
+        match self.words.binary_search_by_key(&gpa, |(g, _)| *g) {
+            Ok(i) => self.words[i].1,
+            Err(_) => 0,
+        }
+    }
+
+    /// The index range of `words` that falls in `[start, end)`.
+    fn words_in(&self, range: Range<u64>) -> Range<usize> {
+        let lo = self.words.partition_point(|(g, _)| *g < range.start);
+        let hi = self.words.partition_point(|(g, _)| *g < range.end);
+        lo..hi
     }
 
     pub fn outputs(&self) -> &[Vec<OutputRecord>] {
@@ -83,7 +97,7 @@ impl Expected {
 
     /// The digest of the expected working set (see [`memory_digest`]).
     pub fn memory_digest(&self) -> u64 {
-        self.words.iter().fold(0u64, |d, (&gpa, &value)| d.wrapping_add(word_digest(gpa, value)))
+        self.words.iter().fold(0u64, |d, &(gpa, value)| d.wrapping_add(word_digest(gpa, value)))
     }
 
     /// Guest-physical range of the working set `[start, end)`.
@@ -138,25 +152,40 @@ pub struct MemoryCheck<'a> {
 }
 
 impl MemoryCheck<'_> {
-    /// Compares `bytes`, the guest's memory at `gpa`; bytes outside the working set are ignored.
+    /// Compares `bytes`, the guest's memory at `gpa` (8-byte aligned); bytes
+    /// outside the working set are ignored. Linear in the chunk: it walks the
+    /// oracle's sorted words alongside memory.
     pub fn feed(&mut self, gpa: u64, bytes: &[u8]) {
         let (base, end) = self.expected.working_set();
-        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
-            let word_gpa = gpa + i as u64 * 8;
-            if word_gpa < base || word_gpa >= end {
-                continue;
-            }
-            self.fed += 8;
+        let start = gpa.max(base);
+        let stop = (gpa + bytes.len() as u64).min(end);
+        if start >= stop {
+            return;
+        }
+        let mut expected = self.expected.words[self.expected.words_in(start..stop)].iter().peekable();
+        let first = ((start - gpa) / 8) as usize;
+        let count = ((stop - start) / 8) as usize;
+        for (i, chunk) in bytes.chunks_exact(8).skip(first).take(count).enumerate() {
+            let word_gpa = start + i as u64 * 8;
             let actual = u64::from_le_bytes(chunk.try_into().expect("8-byte chunk"));
+            let want = match expected.peek() {
+                Some(&&(g, v)) if g == word_gpa => {
+                    expected.next();
+                    v
+                }
+                _ => 0,
+            };
             if actual != 0 {
                 self.digest = self.digest.wrapping_add(word_digest(word_gpa, actual));
             }
-            let expected = self.expected.word(word_gpa);
-            if actual != expected {
+            if actual != want {
                 self.differing += 1;
-                self.first.get_or_insert((word_gpa, expected, actual));
+                if self.first.is_none_or(|(g, _, _)| word_gpa < g) {
+                    self.first = Some((word_gpa, want, actual));
+                }
             }
         }
+        self.fed += stop - start;
     }
 
     /// The verdict, and on success the memory digest (see [`memory_digest`]).
@@ -188,7 +217,7 @@ mod tests {
 
     fn render(p: &FixtureParams, e: &Expected) -> Vec<u8> {
         let mut ws = vec![0u8; (p.ws_end() - p.ws_base) as usize];
-        for (&gpa, &value) in e.words() {
+        for &(gpa, value) in e.words() {
             let off = (gpa - p.ws_base) as usize;
             ws[off..off + 8].copy_from_slice(&value.to_le_bytes());
         }

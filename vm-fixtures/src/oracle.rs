@@ -4,8 +4,8 @@
 
 use crate::abi::{GOLDEN, PAGE_SIZE};
 use crate::expected::{Expected, OutputRecord};
-use crate::params::{DirtyPattern, FixtureKind, FixtureParams};
 use crate::mix;
+use crate::params::{DirtyPattern, FixtureKind, FixtureParams};
 use std::collections::HashMap;
 
 /// `(x * n) >> 64`: the guest's `mul` high half, a uniform index below `n`.
@@ -27,7 +27,6 @@ impl FixtureParams {
             };
             outputs.push(records);
         }
-        words.retain(|_, value| *value != 0);
         Expected::new(self.ws_base, self.ws_end(), words, outputs)
     }
 
@@ -36,7 +35,7 @@ impl FixtureParams {
     }
 
     fn record(&self, v: u64, step: u64, digest: u64, out: &mut Vec<OutputRecord>) {
-        if step % self.record_every == 0 {
+        if step.is_multiple_of(self.record_every) {
             out.push(OutputRecord { vcpu: v as u32, step, digest });
         }
     }
@@ -70,8 +69,7 @@ impl FixtureParams {
                 DirtyPattern::Sequential => (i - 1) % ppv,
                 DirtyPattern::Random | DirtyPattern::HotCold { .. } => {
                     let x = mix(i.wrapping_mul(GOLDEN) ^ s);
-                    let hot = matches!(self.pattern, DirtyPattern::HotCold { .. })
-                        && (x & 1023) < self.hot_threshold();
+                    let hot = matches!(self.pattern, DirtyPattern::HotCold { .. }) && (x & 1023) < self.hot_threshold();
                     mul_high(x, if hot { self.hot_pages() } else { ppv })
                 }
             };
@@ -115,10 +113,10 @@ mod tests {
         // Each vCPU's chain is independent of the other's, so a run with only
         // vCPU 0's records and writes is the even-page half of the 2-vCPU run.
         let mut even = 0;
-        for (&gpa, _) in both.words() {
+        for &(gpa, _) in both.words() {
             let page = (gpa - p.ws_base) / PAGE_SIZE;
             assert!(page < 64, "write outside the working set at {gpa:#x}");
-            even += usize::from(page % 2 == 0);
+            even += usize::from(page.is_multiple_of(2));
         }
         assert!(even > 0 && even < both.words().len(), "both vCPUs write, each on its own pages");
         let fewer = p.expected_after(150);
@@ -140,10 +138,10 @@ mod tests {
         assert_eq!(e.word(base + PAGE_SIZE), 10);
         assert_eq!(e.word(base + 2 * PAGE_SIZE), 7);
         assert_eq!(e.word(base + 3 * PAGE_SIZE), 8);
-        assert_eq!(e.outputs()[0], vec![
-            OutputRecord { vcpu: 0, step: 5, digest: 0 },
-            OutputRecord { vcpu: 0, step: 10, digest: 1 },
-        ]);
+        assert_eq!(
+            e.outputs()[0],
+            vec![OutputRecord { vcpu: 0, step: 5, digest: 0 }, OutputRecord { vcpu: 0, step: 10, digest: 1 },]
+        );
     }
 
     #[test]

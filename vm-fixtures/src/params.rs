@@ -36,10 +36,7 @@ impl fmt::Display for FixtureKind {
 impl FromStr for FixtureKind {
     type Err = ParamsError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        FixtureKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| ParamsError::UnknownFixture(s.to_string()))
+        FixtureKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| ParamsError::UnknownFixture(s.to_string()))
     }
 }
 
@@ -50,7 +47,10 @@ pub enum DirtyPattern {
     Sequential,
     Random,
     /// `hot_permille` of the writes go to the first `hot_pages` pages of each vCPU's share.
-    HotCold { hot_pages: u64, hot_permille: u64 },
+    HotCold {
+        hot_pages: u64,
+        hot_permille: u64,
+    },
 }
 
 impl DirtyPattern {
@@ -240,10 +240,7 @@ mod tests {
     #[test]
     fn parses_fixture_names() {
         assert_eq!("ledger".parse::<FixtureKind>(), Ok(FixtureKind::Ledger));
-        assert_eq!(
-            "nope".parse::<FixtureKind>(),
-            Err(ParamsError::UnknownFixture("nope".into()))
-        );
+        assert_eq!("nope".parse::<FixtureKind>(), Err(ParamsError::UnknownFixture("nope".into())));
     }
 
     #[test]

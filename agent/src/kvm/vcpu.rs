@@ -31,7 +31,12 @@ pub struct KvmVcpu {
 }
 
 impl KvmVcpu {
-    pub(super) fn new(fd: VcpuFd, id: u8, cpuid: Vec<kvm_cpuid_entry2>, msr_indices: Vec<u32>) -> Result<Self, KvmError> {
+    pub(super) fn new(
+        fd: VcpuFd,
+        id: u8,
+        cpuid: Vec<kvm_cpuid_entry2>,
+        msr_indices: Vec<u32>,
+    ) -> Result<Self, KvmError> {
         let vcpu = KvmVcpu { fd, id, cpuid, msr_indices };
         vcpu.set_cpuid(&vcpu.cpuid)?;
         Ok(vcpu)
@@ -45,6 +50,11 @@ impl KvmVcpu {
         let cpuid = CpuId::from_entries(entries)
             .map_err(|e| KvmError::Unsupported(format!("{} CPUID entries do not fit: {e:?}", entries.len())))?;
         self.fd.set_cpuid2(&cpuid).map_err(KvmError::ioctl("KVM_SET_CPUID2"))
+    }
+
+    /// The vCPU's TSC frequency in kHz.
+    pub fn tsc_khz(&self) -> Result<u32, KvmError> {
+        self.fd.get_tsc_khz().map_err(KvmError::ioctl("KVM_GET_TSC_KHZ"))
     }
 
     pub fn sregs(&self) -> Result<kvm_sregs, KvmError> {
@@ -126,7 +136,11 @@ impl KvmVcpu {
             let msrs = Msrs::from_entries(chunk).expect("chunk within KVM_MAX_MSR_ENTRIES");
             let written = self.fd.set_msrs(&msrs).map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
             if written < chunk.len() {
-                tracing::debug!(vcpu = self.id, msr = format_args!("{:#x}", chunk[written].index), "MSR not restorable, skipped");
+                tracing::debug!(
+                    vcpu = self.id,
+                    msr = format_args!("{:#x}", chunk[written].index),
+                    "MSR not restorable, skipped"
+                );
                 skipped += 1;
             }
             rest = &rest[(written + usize::from(written < chunk.len())).min(rest.len())..];

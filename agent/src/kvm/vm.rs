@@ -4,7 +4,10 @@ use super::state::VmKernelState;
 use super::vcpu::KvmVcpu;
 use super::KvmError;
 use crate::memory::GuestMemory;
-use kvm_bindings::{kvm_irqchip, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_irqchip, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use std::sync::Arc;
 

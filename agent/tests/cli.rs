@@ -1,0 +1,95 @@
+//! Bad input and unusable hosts: one line on stderr that names the problem and
+//! the fix, exit code 2, never a panic.
+
+use std::process::Command;
+
+fn pcft() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pcft"))
+}
+
+/// Runs `cmd` and checks it failed as bad input, with `needle` in its one-line error.
+fn refused(mut cmd: Command, needle: &str) {
+    let out = cmd.output().expect("spawn");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{cmd:?}: stderr {stderr}");
+    assert!(stderr.contains(needle), "{cmd:?}: expected {needle:?} in {stderr:?}");
+    assert!(!stderr.contains("panicked"), "{cmd:?} panicked: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{cmd:?}: one line, got {stderr:?}");
+    assert!(out.stdout.is_empty(), "{cmd:?} printed {:?}", String::from_utf8_lossy(&out.stdout));
+}
+
+fn run_args(args: &[&str]) -> Command {
+    let mut cmd = pcft();
+    cmd.args(["vm", "run"]).args(args);
+    cmd
+}
+
+#[test]
+fn unknown_fixture() {
+    refused(run_args(&["--fixture", "nope"]), "unknown fixture \"nope\": choose one of ledger, dirty, idle");
+}
+
+#[test]
+fn memory_sizes_that_do_not_parse_or_fit() {
+    refused(run_args(&["--mem", "lots"]), "cannot parse size \"lots\"");
+    refused(run_args(&["--mem", "1.5G"]), "cannot parse size");
+    refused(run_args(&["--mem", "3M"]), "not a multiple of 2 MiB: round it, e.g. to 4 MiB");
+    refused(run_args(&["--mem", "64T"]), "exceeds this host's");
+    refused(run_args(&["--mem", "64M", "--working-set", "64M"]), "does not fit in --mem 64 MiB");
+}
+
+#[test]
+fn workload_parameters_the_guest_cannot_run() {
+    refused(run_args(&["--vcpus", "0"]), "vcpus must be at least 1");
+    refused(run_args(&["--vcpus", "17"]), "17 vCPUs are more than the 16");
+    refused(run_args(&["--fixture", "dirty", "--pattern", "hot-cold", "--hot-permille", "1500"]), "over 1000");
+    refused(run_args(&["--steps", "0"]), "steps must be at least 1");
+}
+
+#[test]
+fn not_root() {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_pcft"), "vm", "run"]);
+    refused(cmd, "pcft must run as root");
+}
+
+#[test]
+fn no_dev_kvm() {
+    // A private mount namespace with an empty /dev: a host without KVM.
+    let script = format!("mount -t tmpfs none /dev && exec {} vm run", env!("CARGO_BIN_EXE_pcft"));
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    refused(cmd, "/dev/kvm does not exist: this host has no KVM");
+}
+
+#[test]
+fn unusable_snapshot_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.snap");
+    let mut cmd = pcft();
+    cmd.args(["vm", "restore"]).arg(&missing);
+    refused(cmd, "No such file or directory");
+
+    let garbage = dir.path().join("garbage.snap");
+    std::fs::write(&garbage, b"PCFTSNAP\x01\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
+    let mut cmd = pcft();
+    cmd.args(["vm", "restore"]).arg(&garbage);
+    refused(cmd, "is corrupt: state section claims");
+
+    let mut cmd = pcft();
+    cmd.args(["vm", "inspect"]).arg(&garbage);
+    refused(cmd, "is corrupt");
+
+    let other = dir.path().join("other.snap");
+    std::fs::write(&other, b"PCFTSNAP\x09\x00\x00\x00").unwrap();
+    let mut cmd = pcft();
+    cmd.args(["vm", "restore"]).arg(&other);
+    refused(cmd, "format version 9; this pcft reads version 1");
+}
+
+#[test]
+fn snapshot_flags_need_each_other() {
+    let out = run_args(&["--snapshot-at-record", "3"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--snapshot-out"));
+}
