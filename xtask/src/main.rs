@@ -1,1 +1,181 @@
-fn main() {}
+//! `cargo xtask …`: PostCopyFT's developer workflow.
+//!
+//! - `setup`: install what a fresh Debian machine lacks (idempotent).
+//! - `run`:   the main job: build pcft and run it (see README).
+//! - `test`:  the README's test command: setup, then every test on real KVM.
+//! - `ci`:    what `.ci/run` runs: setup, format and lint checks, tests.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "PostCopyFT developer workflow")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing system packages (binutils, util-linux).
+    Setup,
+    /// Build pcft (release) and run the main job; extra arguments go to `pcft vm run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test on real KVM (needs root and /dev/kvm).
+    Test,
+    /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then the tests.
+    Ci,
+}
+
+/// Commands the build and the tests need, and the Debian package that has each.
+const SYSTEM_TOOLS: &[(&str, &str)] = &[
+    ("as", "binutils"),
+    ("objcopy", "binutils"),
+    ("setpriv", "util-linux"),
+    ("unshare", "util-linux"),
+    ("mount", "mount"),
+];
+
+fn main() -> std::process::ExitCode {
+    match task(Args::parse().task) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn task(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup(),
+        Task::Run { args } => run(&args),
+        Task::Test => {
+            setup()?;
+            test()
+        }
+        Task::Ci => {
+            setup()?;
+            cargo(&["fmt", "--all", "--", "--check"]).context("code is not formatted: run cargo fmt --all")?;
+            cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            test()
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot run {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    status(Command::new(cargo).args(args).current_dir(workspace_root()))
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    let mut missing: Vec<&str> = SYSTEM_TOOLS.iter().filter(|(tool, _)| !on_path(tool)).map(|(_, pkg)| *pkg).collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing packages {missing:?}: run as root, or apt-get install {}", missing.join(" "));
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    status(Command::new("apt-get").arg("update").arg("-q"))?;
+    status(
+        Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn require_kvm() -> Result<()> {
+    if !is_root() {
+        bail!("PostCopyFT drives KVM and must run as root: sudo cargo xtask …");
+    }
+    if !Path::new("/dev/kvm").exists() {
+        bail!("/dev/kvm does not exist: this machine has no KVM");
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<()> {
+    setup()?;
+    require_kvm()?;
+    cargo(&["build", "--release", "--quiet", "-p", "pcft-agent", "--bin", "pcft"])?;
+    let pcft = workspace_root().join("target/release/pcft");
+    let mut cmd = Command::new(pcft);
+    cmd.args(["vm", "run"]);
+    if args.is_empty() {
+        // The main job until live migration lands: a 2-vCPU ledger VM, verified against its oracle.
+        cmd.args(["--fixture", "ledger", "--mem", "256M", "--vcpus", "2", "--steps", "20000"]);
+    } else {
+        cmd.args(args);
+    }
+    // pcft has already said what went wrong; pass its exit code on unchanged.
+    let code = cmd.status().context("cannot run target/release/pcft")?.code().unwrap_or(1);
+    std::process::exit(code)
+}
+
+/// Runs every test and ends with one total line, `tests: N passed, M failed`
+/// (cargo prints a result line per test binary, the last often an empty doc-test run).
+fn test() -> Result<()> {
+    require_kvm()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(cargo)
+        .args(["test", "--workspace"])
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+/// In `ok. 12 passed; 0 failed; …`, the number before `label`.
+fn count_before(text: &str, label: &str) -> u64 {
+    text.split(';')
+        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(label))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
