@@ -11,5 +11,7 @@ pub mod host;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod snapshot;
+pub mod uffd;
 mod vcpu_worker;

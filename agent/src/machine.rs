@@ -46,6 +46,16 @@ pub struct MachineState {
     pub devices: DeviceState,
 }
 
+impl MachineState {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("machine state always encodes")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     #[error("invalid fixture parameters: {0}")]
@@ -145,13 +155,22 @@ impl Machine {
         state: MachineState,
         load_memory: impl FnOnce(&GuestMemory) -> Result<(), MachineError>,
     ) -> Result<Machine, MachineError> {
+        let memory = Arc::new(GuestMemory::new(state.config.mem_bytes, state.config.slot_bytes)?);
+        load_memory(&memory)?;
+        Self::restore_into(state, memory)
+    }
+
+    /// Rebuilds a machine from a captured state over `memory`, which the
+    /// caller has filled (or will fill on demand, under userfaultfd). Paused.
+    pub fn restore_into(state: MachineState, memory: Arc<GuestMemory>) -> Result<Machine, MachineError> {
         let MachineState { config, vcpus, kernel, devices } = state;
         config.fixture.validate()?;
         if vcpus.len() != config.vcpus() || devices.vcpu_status.len() != config.vcpus() {
             return Err(MachineError::VcpuCount { expected: config.vcpus(), found: vcpus.len() });
         }
-        let memory = Arc::new(GuestMemory::new(config.mem_bytes, config.slot_bytes)?);
-        load_memory(&memory)?;
+        if memory.size() != config.mem_bytes {
+            return Err(MachineError::Memory(MemoryError::Size(memory.size())));
+        }
         let vm = Self::create_vm(&memory)?;
         let (tx, events) = mpsc::channel();
         let mut workers = Vec::with_capacity(vcpus.len());
@@ -186,6 +205,21 @@ impl Machine {
 
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// A shared handle on guest memory, for readers outside the machine (migration).
+    pub fn memory_handle(&self) -> Arc<GuestMemory> {
+        Arc::clone(&self.memory)
+    }
+
+    /// Turns KVM dirty-page logging on or off.
+    pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), MachineError> {
+        Ok(self.vm.set_dirty_logging(enabled)?)
+    }
+
+    /// The pages written since the last call (dirty logging must be on).
+    pub fn take_dirty_pages(&self) -> Result<Vec<u64>, MachineError> {
+        Ok(self.vm.take_dirty_pages()?)
     }
 
     pub fn devices(&self) -> &DeviceState {
@@ -405,6 +439,34 @@ mod tests {
         let after = run_to_end(&mut restored);
         assert_eq!(at_snapshot + after.len(), 12);
         restored.verify().unwrap();
+    }
+
+    #[test]
+    fn dirty_log_reports_the_pages_the_guest_wrote() {
+        // dirty, sequential, 1 vCPU: write i goes to working-set page (i - 1) mod pages.
+        let mut cfg = config(FixtureKind::Dirty, 1, 100);
+        cfg.fixture.pattern = vm_fixtures::DirtyPattern::Sequential;
+        cfg.fixture.record_every = 100;
+        let mut machine = Machine::boot(cfg).unwrap();
+        machine.set_dirty_logging(true).unwrap();
+        assert_eq!(machine.take_dirty_pages().unwrap(), Vec::<u64>::new(), "nothing ran yet");
+        run_to_end(&mut machine);
+        let dirty = machine.take_dirty_pages().unwrap();
+        let ws = vm_fixtures::abi::WORKING_SET_GPA;
+        let written: Vec<u64> = (0..100).map(|j| ws + j * 4096).collect();
+        for page in &written {
+            assert!(dirty.contains(page), "page {page:#x} written but not reported");
+        }
+        // Besides the working set, only the mailbox, the stack, and the page
+        // tables (the MMU sets their accessed/dirty bits) are written.
+        let others: Vec<u64> = dirty.iter().copied().filter(|p| !written.contains(p)).collect();
+        let page_tables = vm_fixtures::abi::PML4_GPA..vm_fixtures::abi::CODE_GPA;
+        let stacks = vm_fixtures::abi::STACKS_GPA..ws;
+        assert!(
+            others.iter().all(|p| *p == vm_fixtures::abi::MAILBOX_GPA || page_tables.contains(p) || stacks.contains(p)),
+            "unexpected dirty pages {others:x?}"
+        );
+        assert_eq!(machine.take_dirty_pages().unwrap(), Vec::<u64>::new(), "the log is cleared by a take");
     }
 
     #[test]

@@ -99,6 +99,23 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Drops the page at `gpa` (`MADV_DONTNEED`): it reads as zero again, and
+    /// under userfaultfd its next access faults as missing.
+    pub fn discard_page(&self, gpa: u64) -> Result<(), MemoryError> {
+        let off = self.check(gpa, PAGE_SIZE)?;
+        if off % PAGE_SIZE as usize != 0 {
+            return Err(MemoryError::OutOfRange { gpa, len: PAGE_SIZE, size: self.size });
+        }
+        // SAFETY: one whole, page-aligned page inside the live private anonymous
+        // mapping; MADV_DONTNEED only drops its contents, never the mapping.
+        let rc =
+            unsafe { libc::madvise(self.map.as_mut_ptr().add(off).cast(), PAGE_SIZE as usize, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(MemoryError::Map { size: PAGE_SIZE, source: std::io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+
     pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
         let mut b = [0u8; 8];
         self.read(gpa, &mut b)?;
@@ -133,6 +150,19 @@ impl GuestMemory {
     }
 }
 
+/// Appends the guest-physical address of every page set in a KVM dirty
+/// `bitmap` (bit i of word w: page `64w + i`) of the memslot at `slot_gpa`.
+pub fn dirty_bitmap_pages(slot_gpa: u64, bitmap: &[u64], out: &mut Vec<u64>) {
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let bit = u64::from(bits.trailing_zeros());
+            out.push(slot_gpa + (w as u64 * 64 + bit) * PAGE_SIZE);
+            bits &= bits - 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +177,23 @@ mod tests {
         assert!(matches!(mem.write_u64((10 << 20) - 4, 1), Err(MemoryError::OutOfRange { .. })));
         assert!(matches!(mem.read_u64(u64::MAX - 2), Err(MemoryError::OutOfRange { .. })));
         assert!(matches!(GuestMemory::new(4097, 2 << 20), Err(MemoryError::Size(4097))));
+    }
+
+    #[test]
+    fn dirty_bitmaps_become_page_addresses() {
+        let mut pages = Vec::new();
+        dirty_bitmap_pages(1 << 30, &[0b101, 0, 1 << 63], &mut pages);
+        assert_eq!(pages, vec![1 << 30, (1 << 30) + 2 * 4096, (1 << 30) + 191 * 4096]);
+    }
+
+    #[test]
+    fn discarded_pages_read_as_zero() {
+        let mem = GuestMemory::new(2 << 20, 2 << 20).unwrap();
+        mem.write_u64(8192, 5).unwrap();
+        mem.write_u64(12288, 6).unwrap();
+        mem.discard_page(8192).unwrap();
+        assert_eq!(mem.read_u64(8192).unwrap(), 0);
+        assert_eq!(mem.read_u64(12288).unwrap(), 6);
     }
 
     #[test]

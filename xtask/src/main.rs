@@ -92,12 +92,27 @@ fn on_path(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether the dynamic linker knows a libclang that bindgen can load
+/// (`libclang.so*` or `libclang-<version>.so*`; `libclang-cpp` is another library).
+fn has_libclang() -> bool {
+    let Ok(out) = Command::new("ldconfig").arg("-p").output() else { return false };
+    String::from_utf8_lossy(&out.stdout).lines().any(|line| {
+        let name = line.trim_start();
+        name.starts_with("libclang.so")
+            || name.strip_prefix("libclang-").is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+    })
+}
+
 fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
 fn setup() -> Result<()> {
     let mut missing: Vec<&str> = SYSTEM_TOOLS.iter().filter(|(tool, _)| !on_path(tool)).map(|(_, pkg)| *pkg).collect();
+    if !has_libclang() {
+        // userfaultfd-sys generates its bindings with bindgen, which loads libclang.
+        missing.push("libclang1-14");
+    }
     missing.dedup();
     if missing.is_empty() {
         return Ok(());

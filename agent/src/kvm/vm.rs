@@ -6,7 +6,7 @@ use super::KvmError;
 use crate::memory::GuestMemory;
 use kvm_bindings::{
     kvm_irqchip, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use std::sync::Arc;
@@ -33,20 +33,48 @@ impl KvmVm {
         if self.memory.is_some() {
             return Err(KvmError::Unsupported("guest memory is already registered with this VM".into()));
         }
+        Self::register_slots(&self.fd, &memory, 0)?;
+        self.memory = Some(memory);
+        Ok(())
+    }
+
+    fn register_slots(fd: &VmFd, memory: &Arc<GuestMemory>, flags: u32) -> Result<(), KvmError> {
         for slot in memory.slots() {
             let region = kvm_userspace_memory_region {
                 slot: slot.id,
-                flags: 0,
+                flags,
                 guest_phys_addr: slot.gpa,
                 memory_size: slot.size,
                 userspace_addr: memory.host_address(slot.gpa).expect("memslot inside guest memory"),
             };
             // SAFETY: the region lies inside `memory`'s live mapping, and the
-            // Arc stored below keeps that mapping alive as long as this VM fd.
-            unsafe { self.fd.set_user_memory_region(region) }.map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+            // VM keeps an Arc of that memory as long as its fd lives.
+            unsafe { fd.set_user_memory_region(region) }.map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        self.memory = Some(memory);
         Ok(())
+    }
+
+    fn memory(&self) -> Result<&Arc<GuestMemory>, KvmError> {
+        self.memory.as_ref().ok_or_else(|| KvmError::Unsupported("the VM has no guest memory yet".into()))
+    }
+
+    /// Turns KVM's dirty-page logging (`KVM_MEM_LOG_DIRTY_PAGES`) on or off for every memslot.
+    pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), KvmError> {
+        let flags = if enabled { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        Self::register_slots(&self.fd, self.memory()?, flags)
+    }
+
+    /// Returns (and clears) the pages written since the last call, as sorted
+    /// guest-physical addresses. Dirty logging must be on.
+    pub fn take_dirty_pages(&self) -> Result<Vec<u64>, KvmError> {
+        let memory = self.memory()?;
+        let mut pages = Vec::new();
+        for slot in memory.slots() {
+            let bitmap =
+                self.fd.get_dirty_log(slot.id, slot.size as usize).map_err(KvmError::ioctl("KVM_GET_DIRTY_LOG"))?;
+            crate::memory::dirty_bitmap_pages(slot.gpa, &bitmap, &mut pages);
+        }
+        Ok(pages)
     }
 
     /// Creates the in-kernel PIC, IOAPIC and per-vCPU LAPICs.

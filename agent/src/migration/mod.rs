@@ -1,0 +1,5 @@
+//! Live migration between agents: the wire protocol, the messages, and the
+//! source and destination sides of pre-copy, post-copy and hybrid migration.
+
+pub mod messages;
+pub mod protocol;

@@ -1,0 +1,358 @@
+//! The wire protocol between agents and between the CLI and an agent:
+//! framed, versioned, checksummed. See docs/protocol.md.
+//!
+//! ```text
+//! frame header (16 bytes, little endian)
+//!   magic    4  "PCFT"
+//!   version  u16 PROTOCOL_VERSION
+//!   kind     u16 1 = message (postcard-encoded `Message`), 2 = page batch
+//!   length   u32 payload bytes (at most MAX_PAYLOAD)
+//!   crc      u32 CRC-32C over the header's first 12 bytes and the payload
+//! payload
+//! ```
+//! A page batch is `count u32`, then `count` entries of `gpa u64, flags u8`,
+//! then the 4096 bytes of every entry without the ZERO flag, in entry order.
+//!
+//! The codec here is pure (bytes in, values out); [`read_frame`] and
+//! [`write_frame`] move frames over any tokio stream.
+
+use super::messages::Message;
+use crate::memory::PAGE_SIZE;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub const MAGIC: [u8; 4] = *b"PCFT";
+pub const PROTOCOL_VERSION: u16 = 1;
+pub const HEADER_BYTES: usize = 16;
+/// No frame carries more: a larger length field is corruption, not a reason to allocate.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+const KIND_MESSAGE: u16 = 1;
+const KIND_PAGES: u16 = 2;
+const FLAG_ZERO: u8 = 1;
+const PAGE: usize = PAGE_SIZE as usize;
+const ENTRY_BYTES: usize = 9;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("the peer is not a PostCopyFT agent (bad frame magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("the peer speaks protocol version {peer}, this agent speaks version {PROTOCOL_VERSION}: run the same pcft version on both hosts")]
+    Version { peer: u16 },
+    #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(u32),
+    #[error("frame checksum mismatch (computed {computed:#010x}, frame says {stored:#010x}): the stream is corrupt")]
+    Checksum { computed: u32, stored: u32 },
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    #[error("malformed {what}: {detail}")]
+    Malformed { what: &'static str, detail: String },
+    #[error("the connection closed in the middle of a frame (truncated)")]
+    Truncated,
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("connection error: {0}")]
+    Io(String),
+}
+
+/// One page in a batch: its contents, or "all zero".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PageData {
+    Zero,
+    Bytes(Vec<u8>),
+}
+
+/// Pages as they travel: guest-physical address and contents.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageBatch {
+    pub pages: Vec<(u64, PageData)>,
+}
+
+/// What a frame carries.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    Message(Message),
+    Pages(PageBatch),
+}
+
+/// Builds a page-batch frame directly from guest memory, detecting zero pages.
+pub struct PageBatchWriter {
+    entries: Vec<u8>,
+    data: Vec<u8>,
+    count: u32,
+    zero: u32,
+}
+
+impl Default for PageBatchWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PageBatchWriter {
+    pub fn new() -> Self {
+        PageBatchWriter { entries: Vec::new(), data: Vec::new(), count: 0, zero: 0 }
+    }
+
+    /// Adds the page at `gpa` with contents `page` (4096 bytes).
+    pub fn push(&mut self, gpa: u64, page: &[u8]) {
+        debug_assert_eq!(page.len(), PAGE);
+        let zero = page.iter().all(|&b| b == 0);
+        self.entries.extend_from_slice(&gpa.to_le_bytes());
+        self.entries.push(if zero { FLAG_ZERO } else { 0 });
+        if zero {
+            self.zero += 1;
+        } else {
+            self.data.extend_from_slice(page);
+        }
+        self.count += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn zero_pages(&self) -> u32 {
+        self.zero
+    }
+
+    /// Payload bytes so far (to cut batches at a size).
+    pub fn payload_bytes(&self) -> usize {
+        4 + self.entries.len() + self.data.len()
+    }
+
+    /// The encoded frame; the writer is left empty for reuse.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut payload = Vec::with_capacity(self.payload_bytes());
+        payload.extend_from_slice(&self.count.to_le_bytes());
+        payload.append(&mut self.entries);
+        payload.append(&mut self.data);
+        self.count = 0;
+        self.zero = 0;
+        frame(KIND_PAGES, &payload)
+    }
+}
+
+fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() <= MAX_PAYLOAD as usize, "frame payload of {} bytes is over the limit", payload.len());
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    out.extend_from_slice(&kind.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out), payload);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Encodes a control or migration message as one frame.
+pub fn encode_message(message: &Message) -> Vec<u8> {
+    let payload = postcard::to_allocvec(message).expect("messages always encode");
+    frame(KIND_MESSAGE, &payload)
+}
+
+/// Encodes a page batch as one frame.
+pub fn encode_pages(batch: &PageBatch) -> Vec<u8> {
+    let mut writer = PageBatchWriter::new();
+    for (gpa, data) in &batch.pages {
+        match data {
+            PageData::Zero => writer.push(*gpa, &[0u8; PAGE]),
+            PageData::Bytes(bytes) => writer.push(*gpa, bytes),
+        }
+    }
+    writer.finish()
+}
+
+/// A checked frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    kind: u16,
+    length: u32,
+    crc: u32,
+    prefix_crc: u32,
+}
+
+impl Header {
+    pub fn payload_len(&self) -> usize {
+        self.length as usize
+    }
+}
+
+/// Checks a frame header: magic, version, kind and length.
+pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, ProtocolError> {
+    let magic: [u8; 4] = bytes[0..4].try_into().expect("4 bytes");
+    if magic != MAGIC {
+        return Err(ProtocolError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(ProtocolError::Version { peer: version });
+    }
+    let kind = u16::from_le_bytes([bytes[6], bytes[7]]);
+    if kind != KIND_MESSAGE && kind != KIND_PAGES {
+        return Err(ProtocolError::UnknownKind(kind));
+    }
+    let length = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if length > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(length));
+    }
+    let crc = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+    Ok(Header { kind, length, crc, prefix_crc: crc32c::crc32c(&bytes[..12]) })
+}
+
+/// Checks the payload's checksum and decodes it.
+pub fn decode_payload(header: Header, payload: &[u8]) -> Result<Frame, ProtocolError> {
+    let computed = crc32c::crc32c_append(header.prefix_crc, payload);
+    if computed != header.crc {
+        return Err(ProtocolError::Checksum { computed, stored: header.crc });
+    }
+    match header.kind {
+        KIND_MESSAGE => postcard::from_bytes(payload)
+            .map(Frame::Message)
+            .map_err(|e| ProtocolError::Malformed { what: "message", detail: e.to_string() }),
+        _ => decode_pages(payload).map(Frame::Pages),
+    }
+}
+
+fn decode_pages(payload: &[u8]) -> Result<PageBatch, ProtocolError> {
+    let malformed = |detail: String| ProtocolError::Malformed { what: "page batch", detail };
+    let count = u32::from_le_bytes(
+        payload.get(..4).ok_or_else(|| malformed("shorter than its count".into()))?.try_into().expect("4 bytes"),
+    ) as usize;
+    let entries_end = count
+        .checked_mul(ENTRY_BYTES)
+        .and_then(|n| n.checked_add(4))
+        .filter(|&end| end <= payload.len())
+        .ok_or_else(|| malformed(format!("{count} entries do not fit in {} bytes", payload.len())))?;
+    let mut data = &payload[entries_end..];
+    let mut pages = Vec::with_capacity(count);
+    for entry in payload[4..entries_end].chunks_exact(ENTRY_BYTES) {
+        let gpa = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
+        if gpa % PAGE_SIZE != 0 {
+            return Err(malformed(format!("page address {gpa:#x} is not page aligned")));
+        }
+        match entry[8] {
+            FLAG_ZERO => pages.push((gpa, PageData::Zero)),
+            0 => {
+                let (page, rest) = data
+                    .split_at_checked(PAGE)
+                    .ok_or_else(|| malformed(format!("data for page {gpa:#x} is missing")))?;
+                pages.push((gpa, PageData::Bytes(page.to_vec())));
+                data = rest;
+            }
+            flags => return Err(malformed(format!("page {gpa:#x} has unknown flags {flags:#x}"))),
+        }
+    }
+    if !data.is_empty() {
+        return Err(malformed(format!("{} bytes after the last page", data.len())));
+    }
+    Ok(PageBatch { pages })
+}
+
+/// Reads one whole frame. A clean end of stream before a header is `Closed`;
+/// an end inside a frame is `Truncated`.
+pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, ProtocolError> {
+    let mut header = [0u8; HEADER_BYTES];
+    let mut filled = 0;
+    while filled < HEADER_BYTES {
+        match reader.read(&mut header[filled..]).await {
+            Ok(0) if filled == 0 => return Err(ProtocolError::Closed),
+            Ok(0) => return Err(ProtocolError::Truncated),
+            Ok(n) => filled += n,
+            Err(e) => return Err(ProtocolError::Io(e.to_string())),
+        }
+    }
+    let header = decode_header(&header)?;
+    let mut payload = vec![0u8; header.payload_len()];
+    reader.read_exact(&mut payload).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
+        _ => ProtocolError::Io(e.to_string()),
+    })?;
+    decode_payload(header, &payload)
+}
+
+/// Writes already-encoded frame bytes.
+pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &[u8]) -> Result<(), ProtocolError> {
+    writer.write_all(frame).await.map_err(|e| ProtocolError::Io(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(bytes: &[u8]) -> Result<Frame, ProtocolError> {
+        let header = decode_header(bytes[..HEADER_BYTES].try_into().unwrap())?;
+        decode_payload(header, &bytes[HEADER_BYTES..])
+    }
+
+    fn sample_batch() -> PageBatch {
+        let mut page = vec![0u8; PAGE];
+        page[100] = 7;
+        PageBatch { pages: vec![(0x1000, PageData::Bytes(page)), (0x5000, PageData::Zero), (0x2000, PageData::Zero)] }
+    }
+
+    #[test]
+    fn messages_and_pages_round_trip() {
+        let msg = Message::Refuse { reason: "no".into() };
+        assert_eq!(decode(&encode_message(&msg)), Ok(Frame::Message(msg)));
+        let batch = sample_batch();
+        let bytes = encode_pages(&batch);
+        // Zero pages travel as a flag: one data page, not three.
+        assert_eq!(bytes.len(), HEADER_BYTES + 4 + 3 * ENTRY_BYTES + PAGE);
+        assert_eq!(decode(&bytes), Ok(Frame::Pages(batch)));
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let bytes = encode_pages(&sample_batch());
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x20;
+            assert!(decode(&bad).is_err(), "flip at byte {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn refuses_garbage_other_versions_and_huge_lengths() {
+        let mut bytes = encode_message(&Message::Ping);
+        assert!(matches!(decode(b"GET / HTTP/1.1\r\n\r\n"), Err(ProtocolError::BadMagic(_))));
+        bytes[4] = 9;
+        assert_eq!(decode(&bytes), Err(ProtocolError::Version { peer: 9 }));
+        let mut huge = encode_message(&Message::Ping);
+        huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(&huge), Err(ProtocolError::TooLarge(u32::MAX)));
+    }
+
+    #[test]
+    fn malformed_batches_are_refused_not_trusted() {
+        // A count that claims more entries than the payload holds.
+        let payload = 1_000_000u32.to_le_bytes();
+        assert!(matches!(decode(&frame(KIND_PAGES, &payload)), Err(ProtocolError::Malformed { .. })));
+        // An entry whose data is missing.
+        let mut payload = 1u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&0x1000u64.to_le_bytes());
+        payload.push(0);
+        assert!(matches!(decode(&frame(KIND_PAGES, &payload)), Err(ProtocolError::Malformed { .. })));
+        // An unaligned page address.
+        let mut payload = 1u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&0x1001u64.to_le_bytes());
+        payload.push(FLAG_ZERO);
+        assert!(matches!(decode(&frame(KIND_PAGES, &payload)), Err(ProtocolError::Malformed { .. })));
+    }
+
+    #[tokio::test]
+    async fn stream_ends_are_closed_or_truncated() {
+        let bytes = encode_message(&Message::Ping);
+        let mut empty: &[u8] = &[];
+        assert_eq!(read_frame(&mut empty).await, Err(ProtocolError::Closed));
+        for cut in [3, HEADER_BYTES, bytes.len() - 1] {
+            let mut short = &bytes[..cut];
+            assert_eq!(read_frame(&mut short).await, Err(ProtocolError::Truncated), "cut at {cut}");
+        }
+        let mut whole = &bytes[..];
+        assert_eq!(read_frame(&mut whole).await, Ok(Frame::Message(Message::Ping)));
+    }
+}

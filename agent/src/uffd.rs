@@ -1,0 +1,154 @@
+//! The userfaultfd edge: guest memory registered for missing-page faults,
+//! the faults read, and pages installed atomically. Post-copy's logic sits
+//! above this and never touches the fd.
+
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+use userfaultfd::{Error as RawError, Event, RegisterMode, Uffd, UffdBuilder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("cannot create a userfaultfd: {0}; post-copy needs root (or vm.unprivileged_userfaultfd=1) and a kernel with userfaultfd")]
+    Create(String),
+    #[error("cannot register guest memory with userfaultfd: {0}")]
+    Register(String),
+    #[error("reading userfaultfd events failed: {0}")]
+    Read(String),
+    #[error("installing the page at {gpa:#x} failed: {reason}")]
+    Install { gpa: u64, reason: String },
+    #[error("page address {0:#x} is outside guest memory or not page aligned")]
+    BadAddress(u64),
+}
+
+/// What installing a page did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Installed {
+    /// The page was missing and now holds the data; waiting faults were woken.
+    Now,
+    /// The page was already present; nothing changed.
+    AlreadyPresent,
+}
+
+/// Guest memory under userfaultfd (MISSING mode): an access to a page that was
+/// never installed blocks the accessing thread (a vCPU in `KVM_RUN`, or the
+/// VMM itself) until the page is installed.
+pub struct FaultRegion {
+    uffd: Uffd,
+    memory: Arc<GuestMemory>,
+    base: u64,
+}
+
+impl FaultRegion {
+    /// Registers all of `memory`. Do it before anything touches the memory.
+    pub fn register(memory: Arc<GuestMemory>) -> Result<Self, UffdError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // Faults raised inside the kernel (KVM's accesses for a vCPU) must reach us too.
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| UffdError::Create(e.to_string()))?;
+        let base = memory.host_address(0).map_err(|_| UffdError::BadAddress(0))?;
+        uffd.register_with_mode(base as *mut libc::c_void, memory.size() as usize, RegisterMode::MISSING)
+            .map_err(|e| UffdError::Register(e.to_string()))?;
+        Ok(FaultRegion { uffd, memory, base })
+    }
+
+    fn host(&self, gpa: u64) -> Result<*mut libc::c_void, UffdError> {
+        if !gpa.is_multiple_of(PAGE_SIZE) || gpa.checked_add(PAGE_SIZE).is_none_or(|end| end > self.memory.size()) {
+            return Err(UffdError::BadAddress(gpa));
+        }
+        Ok((self.base + gpa) as *mut libc::c_void)
+    }
+
+    /// Waits up to `timeout` for a missing-page fault and returns the faulting page's address.
+    pub fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, UffdError> {
+        let mut pollfd = libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        if ready < 0 {
+            let err = std::io::Error::last_os_error();
+            return if err.kind() == std::io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(UffdError::Read(err.to_string()))
+            };
+        }
+        if ready == 0 {
+            return Ok(None);
+        }
+        match self.uffd.read_event() {
+            Ok(Some(Event::Pagefault { addr, .. })) => {
+                let offset = (addr as u64).wrapping_sub(self.base);
+                Ok(Some(offset & !(PAGE_SIZE - 1)))
+            }
+            Ok(_) => Ok(None),
+            Err(RawError::SystemError(e)) if e as i32 == libc::EAGAIN => Ok(None),
+            Err(e) => Err(UffdError::Read(e.to_string())),
+        }
+    }
+
+    /// Installs `data` (one page) at `gpa` if the page is missing.
+    pub fn copy_page(&self, gpa: u64, data: &[u8]) -> Result<Installed, UffdError> {
+        assert_eq!(data.len() as u64, PAGE_SIZE, "copy_page takes exactly one page");
+        let dst = self.host(gpa)?;
+        // SAFETY: `dst` is one page inside the registered range (checked by
+        // `host`), `data` is a live 4 KiB buffer; UFFDIO_COPY copies atomically.
+        let result = unsafe { self.uffd.copy(data.as_ptr().cast(), dst, PAGE_SIZE as usize, true) };
+        self.outcome(gpa, result)
+    }
+
+    /// Installs a zero page at `gpa` if the page is missing.
+    pub fn zero_page(&self, gpa: u64) -> Result<Installed, UffdError> {
+        let dst = self.host(gpa)?;
+        // SAFETY: `dst` is one page inside the registered range (checked by `host`).
+        let result = unsafe { self.uffd.zeropage(dst, PAGE_SIZE as usize, true) };
+        self.outcome(gpa, result)
+    }
+
+    fn outcome(&self, gpa: u64, result: Result<usize, RawError>) -> Result<Installed, UffdError> {
+        match result {
+            Ok(_) => Ok(Installed::Now),
+            Err(RawError::CopyFailed(e) | RawError::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
+                // Present already: make sure nobody keeps waiting on it.
+                let _ = self.uffd.wake(self.host(gpa)?, PAGE_SIZE as usize);
+                Ok(Installed::AlreadyPresent)
+            }
+            Err(e) => Err(UffdError::Install { gpa, reason: e.to_string() }),
+        }
+    }
+}
+
+impl Drop for FaultRegion {
+    fn drop(&mut self) {
+        let _ = self.uffd.unregister(self.base as *mut libc::c_void, self.memory.size() as usize);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_page_blocks_until_installed() {
+        let memory = Arc::new(GuestMemory::new(2 << 20, 2 << 20).unwrap());
+        let region = FaultRegion::register(Arc::clone(&memory)).unwrap();
+        let reader = {
+            let memory = Arc::clone(&memory);
+            std::thread::spawn(move || memory.read_u64(0x5008).unwrap())
+        };
+        let fault = region.next_fault(Duration::from_secs(10)).unwrap();
+        assert_eq!(fault, Some(0x5000), "the read faults on its page");
+        let mut page = vec![0u8; 4096];
+        page[8..16].copy_from_slice(&0xfeed_u64.to_le_bytes());
+        assert_eq!(region.copy_page(0x5000, &page).unwrap(), Installed::Now);
+        assert_eq!(reader.join().unwrap(), 0xfeed);
+        assert_eq!(region.copy_page(0x5000, &page).unwrap(), Installed::AlreadyPresent);
+        assert_eq!(region.zero_page(0x6000).unwrap(), Installed::Now);
+        assert_eq!(memory.read_u64(0x6000).unwrap(), 0);
+        assert!(matches!(region.copy_page(0x5001, &page), Err(UffdError::BadAddress(0x5001))));
+        assert_eq!(region.next_fault(Duration::from_millis(10)).unwrap(), None);
+    }
+}
