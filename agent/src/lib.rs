@@ -6,6 +6,8 @@
 //! are pure logic over them; [`machine`] ties them into a running VM.
 
 pub mod boot;
+pub mod client;
+pub mod daemon;
 pub mod devices;
 pub mod host;
 pub mod kvm;
@@ -15,3 +17,4 @@ pub mod migration;
 pub mod snapshot;
 pub mod uffd;
 mod vcpu_worker;
+pub mod vm_runner;

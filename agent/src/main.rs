@@ -16,9 +16,17 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
     let result = match args.command {
-        Command::Vm(VmCommand::Run(a)) => cli::vm::run(a),
-        Command::Vm(VmCommand::Restore(a)) => cli::vm::restore(a),
-        Command::Vm(VmCommand::Inspect(a)) => cli::vm::inspect(a),
+        Command::Vm(vm) => match *vm {
+            VmCommand::Run(a) => cli::vm::run(a),
+            VmCommand::Restore(a) => cli::vm::restore(a),
+            VmCommand::Inspect(a) => cli::vm::inspect(a),
+            VmCommand::Start(a) => cli::remote::start(a),
+            VmCommand::Status(a) => cli::remote::status(a),
+            VmCommand::Wait(a) => cli::remote::wait(a),
+        },
+        Command::Agent(a) => cli::remote::agent(a),
+        Command::Migrate(a) => cli::remote::migrate(a),
+        Command::Demo(a) => cli::demo::demo(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,8 @@
 //! `pcft`'s command line: argument definitions and the mapping from failures
 //! to exit codes (2: bad input or an unusable host; 1: the run itself failed).
 
+pub mod demo;
+pub mod remote;
 pub mod report;
 pub mod vm;
 
@@ -17,11 +19,93 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where an agent listens unless told otherwise.
+pub const DEFAULT_AGENT: &str = "127.0.0.1:7401";
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run, snapshot and restore fixture VMs on this host.
+    /// Run the per-host agent daemon: it runs VMs and sends and receives migrations.
+    Agent(AgentArgs),
+    /// Run, snapshot and restore fixture VMs on this host, or start and watch them on an agent.
     #[command(subcommand)]
-    Vm(VmCommand),
+    Vm(Box<VmCommand>),
+    /// Migrate a VM from the agent that runs it to another agent.
+    Migrate(MigrateArgs),
+    /// One command: start two agents on this machine, run a VM on one, migrate it, verify it on the other.
+    Demo(DemoArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Precopy,
+    Postcopy,
+    Hybrid,
+}
+
+impl From<ModeArg> for pcft_agent::migration::messages::Mode {
+    fn from(m: ModeArg) -> Self {
+        use pcft_agent::migration::messages::Mode;
+        match m {
+            ModeArg::Precopy => Mode::Precopy,
+            ModeArg::Postcopy => Mode::Postcopy,
+            ModeArg::Hybrid => Mode::Hybrid,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed first).
+    #[arg(long, default_value = DEFAULT_AGENT)]
+    pub listen: String,
+    /// This agent's name in logs and reports (default: the listen address).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The most guest memory this agent accepts for one VM (default: all of this host's memory).
+    #[arg(long)]
+    pub max_guest_mem: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Name of the VM to migrate.
+    pub name: String,
+    /// The agent that runs the VM now.
+    #[arg(long, default_value = DEFAULT_AGENT)]
+    pub agent: String,
+    /// The agent to migrate it to.
+    #[arg(long)]
+    pub to: String,
+    #[arg(long, value_enum, default_value_t = ModeArg::Postcopy)]
+    pub mode: ModeArg,
+    /// Pre-copy: most rounds before stop-and-copy.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Print the migration report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[arg(long, value_enum, default_value_t = ModeArg::Postcopy)]
+    pub mode: ModeArg,
+    /// Guest memory size.
+    #[arg(long, default_value = "256M")]
+    pub mem: String,
+    #[arg(long, default_value = "ledger")]
+    pub fixture: String,
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u64,
+    /// Steps each vCPU runs (default: enough to still be running when the migration starts).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// How long the VM runs at the source before the migration starts.
+    #[arg(long, default_value_t = 300)]
+    pub migrate_after_ms: u64,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -32,6 +116,43 @@ pub enum VmCommand {
     Restore(RestoreArgs),
     /// Check a snapshot file's checksums and describe what it holds.
     Inspect(InspectArgs),
+    /// Start a fixture VM on an agent.
+    Start(StartArgs),
+    /// List an agent's VMs.
+    Status(StatusArgs),
+    /// Wait until a VM's workload finishes on an agent, and verify it against the oracle there.
+    Wait(WaitArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// Name for the VM (unique on the agent).
+    #[arg(long)]
+    pub name: String,
+    #[arg(long, default_value = DEFAULT_AGENT)]
+    pub agent: String,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, default_value = DEFAULT_AGENT)]
+    pub agent: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    pub name: String,
+    #[arg(long, default_value = DEFAULT_AGENT)]
+    pub agent: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -43,6 +164,15 @@ pub enum Pattern {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    #[command(flatten)]
+    pub control: RunControl,
+}
+
+/// The fixture VM to build: shared by `vm run` and `vm start`.
+#[derive(Args, Debug)]
+pub struct WorkloadArgs {
     /// Guest workload: ledger, dirty or idle.
     #[arg(long, default_value = "ledger")]
     pub fixture: String,
@@ -88,8 +218,6 @@ pub struct RunArgs {
     /// Guest memory is registered with KVM as memslots of at most this size (a multiple of 2M).
     #[arg(long, default_value = "128M")]
     pub slot_size: String,
-    #[command(flatten)]
-    pub control: RunControl,
 }
 
 /// What to do while the VM runs, shared by `run` and `restore`.

@@ -1,7 +1,7 @@
 //! `pcft vm run | restore | inspect`.
 
 use super::report::Reporter;
-use super::{run_failure, usage, Failure, InspectArgs, Pattern, RestoreArgs, RunArgs, RunControl};
+use super::{run_failure, usage, Failure, InspectArgs, Pattern, RestoreArgs, RunArgs, RunControl, WorkloadArgs};
 use anyhow::{anyhow, Context};
 use pcft_agent::host::{self, format_size, parse_size, require_multiple};
 use pcft_agent::machine::{Machine, MachineConfig, MachineError, MachineEvent};
@@ -11,11 +11,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use vm_fixtures::{abi, DirtyPattern, FixtureKind, FixtureParams};
 
-const KVM_PATH: &str = "/dev/kvm";
+pub const KVM_PATH: &str = "/dev/kvm";
 const TWO_MIB: u64 = 2 << 20;
 
-/// Turns `pcft vm run`'s arguments into a machine configuration, or says what is wrong with them.
-pub fn machine_config(args: &RunArgs) -> Result<MachineConfig, Failure> {
+/// Turns workload arguments into a machine configuration, or says what is wrong with them.
+pub fn machine_config(args: &WorkloadArgs) -> Result<MachineConfig, Failure> {
     let kind: FixtureKind = args.fixture.parse().map_err(usage)?;
     let mem_bytes = parse_size(&args.mem).map_err(usage)?;
     require_multiple("--mem", mem_bytes, TWO_MIB, "2 MiB").map_err(usage)?;
@@ -76,7 +76,7 @@ pub fn machine_config(args: &RunArgs) -> Result<MachineConfig, Failure> {
 }
 
 pub fn run(args: RunArgs) -> Result<(), Failure> {
-    let config = machine_config(&args)?;
+    let config = machine_config(&args.workload)?;
     host::check_kvm(Path::new(KVM_PATH)).map_err(usage)?;
     let reporter = Reporter { json: args.control.json };
     let fixture = config.fixture.kind.name();

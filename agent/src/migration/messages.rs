@@ -134,8 +134,12 @@ pub enum Message {
     Welcome {
         agent: String,
     },
-    /// The request cannot be served; says why.
+    /// The request cannot be served as asked (no such VM, no room, bad peer); says why.
     Refuse {
+        reason: String,
+    },
+    /// The request was carried out and failed (a migration broke, a VM does not match its oracle).
+    Failed {
         reason: String,
     },
 
@@ -181,6 +185,12 @@ pub enum Message {
         state: Vec<u8>,
         stale: Vec<u64>,
     },
+    /// Destination → source: the VM is rebuilt here, paused, and will run on `Go`.
+    Restored,
+    /// Source → destination: the switchover is committed; run the VM. Until the
+    /// destination gets this it never runs the VM, so if the link breaks before
+    /// it the source resumes its own copy and only one ever runs.
+    Go,
     /// Destination → source: the VM runs here now.
     Resumed,
     /// Destination → source: pages the guest is waiting for.

@@ -1,0 +1,146 @@
+//! Commands that talk to agents: `pcft agent`, `vm start|status|wait`, `migrate`.
+
+use super::vm::{machine_config, KVM_PATH};
+use super::{run_failure, usage, AgentArgs, Failure, MigrateArgs, StartArgs, StatusArgs, WaitArgs};
+use anyhow::anyhow;
+use pcft_agent::client::{AgentClient, ClientError};
+use pcft_agent::daemon::Daemon;
+use pcft_agent::host::{self, format_size, parse_size};
+use pcft_agent::migration::messages::{Message, MigrationOptions, MigrationReport};
+use std::io::Write;
+use std::path::Path;
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+}
+
+/// An unreachable agent or a refused request is the operator's to fix (exit 2);
+/// a request that was carried out and failed is a failed run (exit 1).
+fn client_failure(e: ClientError) -> Failure {
+    match e {
+        ClientError::Connect { .. } | ClientError::Refused(_) => usage(e),
+        e => run_failure(e),
+    }
+}
+
+pub fn agent(args: AgentArgs) -> Result<(), Failure> {
+    host::check_kvm(Path::new(KVM_PATH)).map_err(usage)?;
+    let max_guest_mem = match &args.max_guest_mem {
+        Some(text) => parse_size(text).map_err(usage)?,
+        None => u64::MAX,
+    };
+    runtime().block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .map_err(|e| usage(anyhow!("cannot listen on {}: {e}; choose another --listen address", args.listen)))?;
+        let addr = listener.local_addr().map_err(run_failure)?;
+        let name = args.name.clone().unwrap_or_else(|| addr.to_string());
+        // The first line on stdout is the bound address: scripts (and `pcft demo`) read it.
+        println!("listening on {addr}");
+        std::io::stdout().flush().map_err(run_failure)?;
+        tracing::info!(agent = %name, %addr, "agent started");
+        let daemon = Daemon::new(name, max_guest_mem);
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(run_failure)?;
+        tokio::select! {
+            served = daemon.serve(listener) => served.map_err(|e| run_failure(anyhow!("the agent stopped accepting connections: {e}"))),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = terminate.recv() => Ok(()),
+        }
+    })
+}
+
+async fn ask(addr: &str, message: Message) -> Result<Message, Failure> {
+    let mut client = AgentClient::connect(addr).await.map_err(client_failure)?;
+    client.request(&message).await.map_err(client_failure)
+}
+
+fn unexpected(answer: Message) -> Failure {
+    run_failure(anyhow!("the agent answered {answer:?}"))
+}
+
+pub fn start(args: StartArgs) -> Result<(), Failure> {
+    let config = machine_config(&args.workload)?;
+    match runtime().block_on(ask(&args.agent, Message::StartVm { name: args.name.clone(), config }))? {
+        Message::Ok => {
+            println!("started VM {} on {}", args.name, args.agent);
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn status(args: StatusArgs) -> Result<(), Failure> {
+    let Message::StatusReport { agent, vms } = runtime().block_on(ask(&args.agent, Message::Status))? else {
+        return Err(run_failure(anyhow!("the agent did not send a status report")));
+    };
+    if args.json {
+        println!("{}", serde_json::json!({ "agent": agent, "vms": vms }));
+        return Ok(());
+    }
+    println!("agent {agent}: {} VM(s)", vms.len());
+    for vm in vms {
+        println!(
+            "  {:<12} {:<14} {} on {} vCPU(s), {}, {} records{}",
+            vm.name,
+            format!("{:?}", vm.phase).to_lowercase(),
+            vm.fixture,
+            vm.vcpus,
+            format_size(vm.mem_bytes),
+            vm.records,
+            vm.error.map(|e| format!(" — {e}")).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub fn wait(args: WaitArgs) -> Result<(), Failure> {
+    let request = Message::WaitFinished { name: args.name.clone(), timeout_ms: args.timeout * 1000 };
+    match runtime().block_on(ask(&args.agent, request))? {
+        Message::Verified { name, records, memory_digest } => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"vm": name, "verified": true, "records": records, "memory_digest": format!("{memory_digest:#018x}")})
+                );
+            } else {
+                println!("verified: VM {name} on {} matches its oracle ({records} records, memory digest {memory_digest:#018x})", args.agent);
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
+    let options = MigrationOptions { max_rounds: args.max_rounds.max(1), ..MigrationOptions::default() };
+    let request = Message::Migrate { name: args.name.clone(), to: args.to.clone(), mode: args.mode.into(), options };
+    let answer = runtime().block_on(ask(&args.agent, request))?;
+    let Message::Migrated(report) = answer else { return Err(unexpected(answer)) };
+    if args.json {
+        println!("{}", serde_json::to_string(&report).map_err(run_failure)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+/// The human summary of a migration report.
+pub fn print_report(r: &MigrationReport) {
+    let ms = |v: f64| if v.is_finite() { format!("{v:.2} ms") } else { "n/a".into() };
+    println!("migrated VM {} ({}, {} of memory)", r.vm, r.mode, format_size(r.mem_bytes));
+    println!("  total migration time   {}", ms(r.total_migration_ms));
+    println!("  downtime               {}", ms(r.downtime_ms));
+    println!(
+        "  sent                   {} in {} pages ({} zero)",
+        format_size(r.bytes_sent),
+        r.pages_sent,
+        r.zero_pages
+    );
+    if r.rounds > 0 {
+        println!("  pre-copy rounds        {} ({} pages dirty at the stop)", r.rounds, r.final_dirty_pages);
+    }
+    if r.mode != "precopy" {
+        println!("  post-copy pages        {} pushed, {} on demand", r.pages_pushed, r.pages_faulted);
+        println!("  fault latency          p50 {} µs, p99 {} µs", r.fault_latency_us.p50, r.fault_latency_us.p99);
+    }
+}

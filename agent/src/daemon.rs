@@ -1,0 +1,320 @@
+//! `pcft agent`: the per-host daemon. It runs VMs, answers the CLI, and sends
+//! and receives migrations, all on one TCP port. Every connection starts with
+//! `Hello`, whose role says what follows.
+
+use crate::host::format_size;
+use crate::machine::{Machine, MachineConfig};
+use crate::migration::destination::migrate_in;
+use crate::migration::messages::{Message, MigrationOptions, Mode, Role, VmPhase, VmStatus};
+use crate::migration::protocol::{encode_message, read_frame, write_frame, Frame, ProtocolError};
+use crate::migration::source::{migrate_out, MigrationError};
+use crate::vm_runner::VmRunner;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+
+struct VmSlot {
+    phase: VmPhase,
+    config: MachineConfig,
+    runner: Option<Arc<VmRunner>>,
+    error: Option<String>,
+}
+
+pub struct Daemon {
+    name: String,
+    /// The most guest memory this agent accepts for one VM.
+    max_guest_mem: u64,
+    vms: Mutex<HashMap<String, VmSlot>>,
+}
+
+/// Why a request got no answer: refused (exit 2 at the CLI) or failed (exit 1).
+enum Denial {
+    Refused(String),
+    Failed(String),
+}
+
+impl From<String> for Denial {
+    fn from(reason: String) -> Self {
+        Denial::Refused(reason)
+    }
+}
+
+type Reply = Result<Message, Denial>;
+
+impl Daemon {
+    pub fn new(name: String, max_guest_mem: u64) -> Arc<Self> {
+        Arc::new(Daemon { name, max_guest_mem, vms: Mutex::new(HashMap::new()) })
+    }
+
+    fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmSlot>> {
+        self.vms.lock().expect("VM table lock")
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (stream, peer) = listener.accept().await?;
+            let daemon = Arc::clone(&self);
+            tokio::spawn(async move {
+                if let Err(e) = daemon.connection(stream).await {
+                    tracing::warn!(%peer, "connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream) -> Result<(), String> {
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let (mut rd, mut wr) = stream.into_split();
+        let hello = match read_frame(&mut rd).await {
+            Ok(Frame::Message(Message::Hello { role, agent })) => (role, agent),
+            Ok(other) => return refuse(&mut wr, format!("expected Hello, got {other:?}")).await,
+            Err(e) => return refuse(&mut wr, format!("refused a peer that is not a PostCopyFT agent: {e}")).await,
+        };
+        send(&mut wr, &Message::Welcome { agent: self.name.clone() }).await?;
+        match hello.0 {
+            Role::Control => loop {
+                let request = match read_frame(&mut rd).await {
+                    Ok(Frame::Message(m)) => m,
+                    Ok(Frame::Pages(_)) => {
+                        return refuse(&mut wr, "the control connection carries no pages".into()).await
+                    }
+                    Err(ProtocolError::Closed) => return Ok(()),
+                    Err(e) => return refuse(&mut wr, e.to_string()).await,
+                };
+                let reply = match self.control(request).await {
+                    Ok(answer) => answer,
+                    Err(Denial::Refused(reason)) => Message::Refuse { reason },
+                    Err(Denial::Failed(reason)) => Message::Failed { reason },
+                };
+                send(&mut wr, &reply).await?;
+            },
+            Role::Migration => self.incoming(rd, wr, &hello.1).await,
+        }
+    }
+
+    async fn control(self: &Arc<Self>, request: Message) -> Reply {
+        match request {
+            Message::Ping => Ok(Message::Pong),
+            Message::Status => Ok(Message::StatusReport { agent: self.name.clone(), vms: self.status() }),
+            Message::StartVm { name, config } => self.start_vm(name, config).await,
+            Message::Migrate { name, to, mode, options } => self.migrate(name, to, mode, options).await,
+            Message::WaitFinished { name, timeout_ms } => self.wait_finished(&name, timeout_ms).await,
+            other => Err(format!("{other:?} is not a request an agent answers").into()),
+        }
+    }
+
+    fn status(&self) -> Vec<VmStatus> {
+        let mut list: Vec<VmStatus> = self
+            .vms()
+            .iter()
+            .map(|(name, slot)| {
+                let runner = slot.runner.as_ref().map(|r| r.status());
+                let mut phase = slot.phase;
+                if phase == VmPhase::Running && runner.as_ref().is_some_and(|s| s.finished) {
+                    phase = VmPhase::Finished;
+                }
+                let error = slot.error.clone().or_else(|| runner.as_ref().and_then(|s| s.error.clone()));
+                VmStatus {
+                    name: name.clone(),
+                    phase: if error.is_some() { VmPhase::Failed } else { phase },
+                    fixture: slot.config.fixture.kind.name().to_string(),
+                    vcpus: slot.config.fixture.vcpus,
+                    mem_bytes: slot.config.mem_bytes,
+                    records: runner.map(|s| s.records).unwrap_or(0),
+                    error,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    fn check_room(&self, name: &str, config: &MachineConfig) -> Result<(), String> {
+        if let Some(slot) = self.vms().get(name) {
+            if slot.phase != VmPhase::MigratedAway {
+                return Err(format!("a VM named {name:?} already exists on agent {} ({:?})", self.name, slot.phase));
+            }
+        }
+        if config.mem_bytes > self.max_guest_mem {
+            return Err(format!(
+                "agent {} has room for {} of guest memory per VM (--max-guest-mem) and VM {name:?} needs {}",
+                self.name,
+                format_size(self.max_guest_mem),
+                format_size(config.mem_bytes)
+            ));
+        }
+        crate::host::check_memory_fits(config.mem_bytes).map_err(|e| e.to_string())
+    }
+
+    async fn start_vm(self: &Arc<Self>, name: String, config: MachineConfig) -> Reply {
+        self.check_room(&name, &config)?;
+        config.fixture.validate().map_err(|e| e.to_string())?;
+        let boot_config = config.clone();
+        let machine = tokio::task::spawn_blocking(move || Machine::boot(boot_config))
+            .await
+            .map_err(|e| Denial::Failed(e.to_string()))?
+            .map_err(|e| Denial::Failed(format!("cannot start VM {name:?}: {e}")))?;
+        let runner = Arc::new(VmRunner::spawn(&name, machine).map_err(|e| Denial::Failed(e.to_string()))?);
+        runner.resume().await.map_err(Denial::Failed)?;
+        tracing::info!(vm = %name, fixture = %config.fixture.kind, "started");
+        self.vms().insert(name, VmSlot { phase: VmPhase::Running, config, runner: Some(runner), error: None });
+        Ok(Message::Ok)
+    }
+
+    fn known(&self) -> String {
+        let names: Vec<String> = self.vms().keys().cloned().collect();
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    async fn migrate(self: &Arc<Self>, name: String, to: String, mode: Mode, options: MigrationOptions) -> Reply {
+        let (runner, config) = {
+            let mut vms = self.vms();
+            let slot = vms.get_mut(&name).filter(|s| s.phase == VmPhase::Running && s.runner.is_some());
+            let Some(slot) = slot else {
+                drop(vms);
+                return Err(format!(
+                    "no running VM named {name:?} on agent {} (VMs here: {})",
+                    self.name,
+                    self.known()
+                )
+                .into());
+            };
+            slot.phase = VmPhase::MigratingOut;
+            (Arc::clone(slot.runner.as_ref().expect("checked")), slot.config.clone())
+        };
+        tracing::info!(vm = %name, %to, mode = mode.name(), "migrating out");
+        let result = migrate_out(&runner, &name, &config, &to, mode, options, &self.name).await;
+        let mut vms = self.vms();
+        let slot = vms.get_mut(&name).expect("a migrating VM stays in the table");
+        match result {
+            Ok(report) => {
+                slot.phase = VmPhase::MigratedAway;
+                slot.runner = None;
+                drop(vms);
+                drop(runner); // the last handle: the source copy stops here
+                tracing::info!(vm = %name, %to, ms = report.total_migration_ms, "migrated");
+                Ok(Message::Migrated(report))
+            }
+            Err(e @ MigrationError::LostAfterCommit(_)) => {
+                slot.phase = VmPhase::Failed;
+                slot.error = Some(e.to_string());
+                slot.runner = None;
+                Err(Denial::Failed(format!("migration of {name:?} to {to} failed: {e}")))
+            }
+            Err(e) => {
+                slot.phase = VmPhase::Running;
+                Err(Denial::Failed(format!("migration of {name:?} to {to} failed, the VM keeps running here: {e}")))
+            }
+        }
+    }
+
+    async fn wait_finished(self: &Arc<Self>, name: &str, timeout_ms: u64) -> Reply {
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+        loop {
+            let (runner, phase) = {
+                let vms = self.vms();
+                let Some(slot) = vms.get(name) else {
+                    drop(vms);
+                    return Err(
+                        format!("no VM named {name:?} on agent {} (VMs here: {})", self.name, self.known()).into()
+                    );
+                };
+                if let Some(error) = &slot.error {
+                    return Err(Denial::Failed(format!("VM {name:?} failed: {error}")));
+                }
+                (slot.runner.clone(), slot.phase)
+            };
+            if phase == VmPhase::MigratedAway {
+                return Err(format!("VM {name:?} has migrated away from agent {}", self.name).into());
+            }
+            if let Some(runner) = runner.filter(|_| phase == VmPhase::Running) {
+                let status = runner.status();
+                if let Some(error) = status.error {
+                    return Err(Denial::Failed(format!("VM {name:?} failed: {error}")));
+                }
+                if status.finished {
+                    let verified = runner.verify().await.map_err(|e| Denial::Failed(format!("VM {name:?}: {e}")))?;
+                    return Ok(Message::Verified {
+                        name: name.to_string(),
+                        records: verified.records as u64,
+                        memory_digest: verified.memory_digest,
+                    });
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Denial::Failed(format!("VM {name:?} did not finish within {timeout_ms} ms")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn incoming(
+        self: Arc<Self>,
+        mut rd: OwnedReadHalf,
+        mut wr: OwnedWriteHalf,
+        from: &str,
+    ) -> Result<(), String> {
+        let (name, config, mode) = match read_frame(&mut rd).await {
+            Ok(Frame::Message(Message::Begin { name, config, mode })) => (name, config, mode),
+            Ok(other) => return refuse(&mut wr, format!("expected Begin, got {other:?}")).await,
+            Err(e) => return refuse(&mut wr, e.to_string()).await,
+        };
+        if let Err(reason) =
+            self.check_room(&name, &config).and_then(|_| config.fixture.validate().map_err(|e| e.to_string()))
+        {
+            tracing::warn!(vm = %name, %from, "refused an incoming migration: {reason}");
+            return refuse(&mut wr, reason).await;
+        }
+        tracing::info!(vm = %name, %from, mode = mode.name(), "migrating in");
+        self.vms().insert(
+            name.clone(),
+            VmSlot { phase: VmPhase::MigratingIn, config: config.clone(), runner: None, error: None },
+        );
+        let table = Arc::clone(&self);
+        let vm = name.clone();
+        let result = migrate_in(rd, wr, &name, &config, mode, move |runner| {
+            if let Some(slot) = table.vms().get_mut(&vm) {
+                slot.runner = Some(runner);
+            }
+        })
+        .await;
+        let mut vms = self.vms();
+        match result {
+            Ok(stats) => {
+                if let Some(slot) = vms.get_mut(&name) {
+                    slot.phase = VmPhase::Running;
+                }
+                tracing::info!(vm = %name, faulted = stats.pages_faulted, "migration in complete");
+                Ok(())
+            }
+            Err(e) => {
+                let ran_here = vms.get(&name).is_some_and(|s| s.runner.is_some());
+                if ran_here {
+                    let slot = vms.get_mut(&name).expect("checked");
+                    slot.phase = VmPhase::Failed;
+                    slot.error = Some(e.to_string());
+                } else {
+                    vms.remove(&name);
+                }
+                Err(format!("incoming migration of {name:?} failed: {e}"))
+            }
+        }
+    }
+}
+
+async fn send(wr: &mut OwnedWriteHalf, message: &Message) -> Result<(), String> {
+    write_frame(wr, &encode_message(message)).await.map_err(|e| e.to_string())
+}
+
+/// Tells the peer why, then ends the connection with that reason as the error.
+async fn refuse(wr: &mut OwnedWriteHalf, reason: String) -> Result<(), String> {
+    let _ = send(wr, &Message::Refuse { reason: reason.clone() }).await;
+    Err(reason)
+}

@@ -1,0 +1,279 @@
+//! The destination side of a migration: receive pages (installing them under
+//! userfaultfd for post-copy), rebuild the VM at the switchover, run it on
+//! `Go`, and ask the source for the pages the guest faults on.
+
+use super::messages::{DestinationStats, Message, Mode, Percentiles};
+use super::page_set::PageSet;
+use super::protocol::{encode_message, read_frame, write_frame, Frame, PageData, ProtocolError};
+use super::source::MigrationError;
+use crate::machine::{Machine, MachineConfig, MachineState};
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::uffd::{FaultRegion, Installed};
+use crate::vm_runner::VmRunner;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+
+const ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+
+/// Faults seen and not yet served: page → when the fault was read.
+type PendingFaults = Arc<Mutex<HashMap<u64, Instant>>>;
+
+/// Sends frames from several places in order, through one writer task.
+#[derive(Clone)]
+struct Outbox(mpsc::UnboundedSender<Vec<u8>>);
+
+impl Outbox {
+    fn start(mut wr: OwnedWriteHalf) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                if write_frame(&mut wr, &frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Outbox(tx)
+    }
+
+    fn message(&self, message: &Message) -> Result<(), MigrationError> {
+        self.0.send(encode_message(message)).map_err(|_| MigrationError::Protocol(ProtocolError::Closed))
+    }
+}
+
+/// The fault-handler thread: reads missing-page faults and asks the source for them.
+struct FaultHandler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FaultHandler {
+    fn start(region: Arc<FaultRegion>, pending: PendingFaults, requests: mpsc::UnboundedSender<u64>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("uffd-faults".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    match region.next_fault(Duration::from_millis(20)) {
+                        Ok(Some(gpa)) => {
+                            let first =
+                                pending.lock().expect("pending faults lock").insert(gpa, Instant::now()).is_none();
+                            if first && requests.send(gpa).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!("userfaultfd: {e}");
+                            return;
+                        }
+                    }
+                }
+            })
+            .expect("spawning the fault handler thread");
+        FaultHandler { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for FaultHandler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Batches fault requests into `PageRequest` frames as fast as they come.
+async fn forward_requests(mut requests: mpsc::UnboundedReceiver<u64>, out: Outbox) {
+    while let Some(first) = requests.recv().await {
+        let mut gpas = vec![first];
+        while let Ok(more) = requests.try_recv() {
+            gpas.push(more);
+        }
+        if out.message(&Message::PageRequest { gpas }).is_err() {
+            return;
+        }
+    }
+}
+
+fn percentiles(mut samples: Vec<u64>) -> Percentiles {
+    if samples.is_empty() {
+        return Percentiles::default();
+    }
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    Percentiles { p50: at(0.5), p99: at(0.99) }
+}
+
+/// The pages of an incoming VM and how they are installed.
+struct Incoming {
+    memory: Arc<GuestMemory>,
+    region: Option<Arc<FaultRegion>>,
+    received: PageSet,
+    pending: PendingFaults,
+    latencies_us: Vec<u64>,
+}
+
+impl Incoming {
+    fn install(&mut self, gpa: u64, data: &PageData) -> Result<(), MigrationError> {
+        if gpa.checked_add(PAGE_SIZE).is_none_or(|end| end > self.memory.size()) {
+            return Err(MigrationError::Protocol(ProtocolError::Malformed {
+                what: "page batch",
+                detail: format!("page {gpa:#x} is outside the VM's {} bytes", self.memory.size()),
+            }));
+        }
+        let bytes: &[u8] = match data {
+            PageData::Zero => &ZERO_PAGE,
+            PageData::Bytes(b) => b,
+        };
+        let vm = |e: String| MigrationError::Vm(e);
+        match &self.region {
+            Some(region) => {
+                let installed = match data {
+                    PageData::Zero => region.zero_page(gpa),
+                    PageData::Bytes(b) => region.copy_page(gpa, b),
+                }
+                .map_err(|e| vm(e.to_string()))?;
+                if installed == Installed::AlreadyPresent {
+                    // A newer copy from a later pre-copy round: overwrite the present page.
+                    self.memory.write(gpa, bytes).map_err(|e| vm(e.to_string()))?;
+                }
+            }
+            // Fresh memory reads as zero: a zero page matters only over an older copy.
+            None if matches!(data, PageData::Zero) && !self.received.contains(gpa) => {}
+            None => self.memory.write(gpa, bytes).map_err(|e| vm(e.to_string()))?,
+        }
+        self.received.insert(gpa);
+        if let Some(at) = self.pending.lock().expect("pending faults lock").remove(&gpa) {
+            self.latencies_us.push(at.elapsed().as_micros() as u64);
+        }
+        Ok(())
+    }
+}
+
+/// Receives the VM `name` from the source on the other end of `rd`/`wr`,
+/// after `Begin` was read. `on_running` gets the runner once the VM runs here.
+/// Returns what the destination measured once every page is in place.
+pub async fn migrate_in(
+    mut rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    name: &str,
+    config: &MachineConfig,
+    mode: Mode,
+    on_running: impl FnOnce(Arc<VmRunner>),
+) -> Result<DestinationStats, MigrationError> {
+    let out = Outbox::start(wr);
+    let vm = |e: String| MigrationError::Vm(e);
+    let memory = Arc::new(GuestMemory::new(config.mem_bytes, config.slot_bytes).map_err(|e| vm(e.to_string()))?);
+    let region = if mode.uses_postcopy() {
+        Some(Arc::new(FaultRegion::register(Arc::clone(&memory)).map_err(|e| vm(e.to_string()))?))
+    } else {
+        None
+    };
+    let mut incoming = Incoming {
+        memory: Arc::clone(&memory),
+        region,
+        received: PageSet::empty(config.mem_bytes),
+        pending: Arc::default(),
+        latencies_us: Vec::new(),
+    };
+    out.message(&Message::Ready)?;
+
+    let mut runner: Option<Arc<VmRunner>> = None;
+    let mut on_running = Some(on_running);
+    let mut handler: Option<FaultHandler> = None;
+    let mut stats = DestinationStats::default();
+    let result = loop {
+        let frame = match read_frame(&mut rd).await {
+            Ok(frame) => frame,
+            Err(e) => break Err(MigrationError::Protocol(e)),
+        };
+        match frame {
+            Frame::Pages(batch) => {
+                if let Err(e) = batch.pages.iter().try_for_each(|(gpa, data)| incoming.install(*gpa, data)) {
+                    break Err(e);
+                }
+            }
+            Frame::Message(Message::Switchover { state, stale }) if runner.is_none() => {
+                // Changed after they were sent: drop them so that the guest faults them in fresh.
+                let discarded = stale.iter().try_for_each(|&gpa| {
+                    memory.discard_page(gpa)?;
+                    incoming.received.remove(gpa);
+                    Ok::<_, crate::memory::MemoryError>(())
+                });
+                if let Err(e) = discarded {
+                    break Err(vm(e.to_string()));
+                }
+                let state = match MachineState::from_bytes(&state) {
+                    Ok(s) => s,
+                    Err(e) => break Err(vm(format!("switchover state does not decode: {e}"))),
+                };
+                let mem = Arc::clone(&memory);
+                let machine = match tokio::task::spawn_blocking(move || Machine::restore_into(state, mem)).await {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => break Err(vm(e.to_string())),
+                    Err(e) => break Err(vm(e.to_string())),
+                };
+                match VmRunner::spawn(name, machine) {
+                    Ok(r) => runner = Some(Arc::new(r)),
+                    Err(e) => break Err(vm(e.to_string())),
+                }
+                if let Some(region) = &incoming.region {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    handler = Some(FaultHandler::start(Arc::clone(region), Arc::clone(&incoming.pending), tx));
+                    tokio::spawn(forward_requests(rx, out.clone()));
+                }
+                out.message(&Message::Restored)?;
+            }
+            Frame::Message(Message::Go) if runner.is_some() => {
+                let r = runner.as_ref().expect("checked");
+                let at = Instant::now();
+                if let Err(e) = r.resume().await {
+                    break Err(vm(e));
+                }
+                stats.resume_us = at.elapsed().as_micros() as u64;
+                out.message(&Message::Resumed)?;
+                if let Some(f) = on_running.take() {
+                    f(Arc::clone(r));
+                }
+            }
+            Frame::Message(Message::AllSent { .. }) if on_running.is_none() => {
+                // TCP keeps order: every page sent before this is installed.
+                drop(handler.take());
+                break Ok(());
+            }
+            Frame::Message(Message::Abort { reason }) => break Err(MigrationError::Aborted(reason)),
+            Frame::Message(other) => break Err(MigrationError::Unexpected(format!("{other:?}"))),
+        }
+    };
+    drop(handler.take());
+    match result {
+        Ok(()) => {
+            stats.pages_faulted = incoming.latencies_us.len() as u64;
+            stats.fault_latency_us = percentiles(std::mem::take(&mut incoming.latencies_us));
+            // Every page is here: no fault can come any more.
+            drop(incoming);
+            out.message(&Message::Complete(stats))?;
+            Ok(stats)
+        }
+        Err(e) => {
+            if on_running.is_none() {
+                // The VM ran here but cannot get its missing pages: stop it rather than let it hang.
+                if let Some(r) = &runner {
+                    let _ = r.pause().await;
+                }
+                let _ = out.message(&Message::Abort { reason: e.to_string() });
+                return Err(MigrationError::Vm(format!(
+                    "the source was lost during post-copy ({e}); the VM cannot complete here and is stopped"
+                )));
+            }
+            let _ = out.message(&Message::Abort { reason: e.to_string() });
+            Err(e)
+        }
+    }
+}

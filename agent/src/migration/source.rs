@@ -1,0 +1,280 @@
+//! The source side of a migration: pre-copy rounds, the switchover, and the
+//! post-copy push that answers the destination's page requests first.
+
+use super::messages::{DestinationStats, Message, MigrationOptions, MigrationReport, Mode, Role};
+use super::page_set::PageSet;
+use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatchWriter, ProtocolError};
+use crate::machine::MachineConfig;
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::vm_runner::VmRunner;
+use std::time::{Duration, Instant};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// Pages per batch frame of the background push: small enough that a demand
+/// request waits for at most one batch on the wire.
+const PUSH_BATCH_PAGES: usize = 64;
+/// Pages per batch frame of the pre-copy rounds.
+const COPY_BATCH_PAGES: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(
+        "cannot connect to the destination agent at {to}: {reason}; check that `pcft agent --listen {to}` runs there"
+    )]
+    Connect { to: String, reason: String },
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    #[error("protocol error with the peer: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the peer sent {0} where the protocol expects something else")]
+    Unexpected(String),
+    #[error("the peer aborted the migration: {0}")]
+    Aborted(String),
+    #[error("VM error: {0}")]
+    Vm(String),
+    #[error("the destination was lost after the switchover committed: {0}; without PostCopyFT checkpoints the VM cannot be recovered")]
+    LostAfterCommit(String),
+}
+
+/// Writes frames and counts what it sent.
+struct Outbox {
+    wr: OwnedWriteHalf,
+    bytes: u64,
+    pages: u64,
+    zero_pages: u64,
+}
+
+impl Outbox {
+    async fn message(&mut self, message: &Message) -> Result<(), MigrationError> {
+        let frame = encode_message(message);
+        self.bytes += frame.len() as u64;
+        Ok(write_frame(&mut self.wr, &frame).await?)
+    }
+
+    /// Sends the pages at `gpas` from `memory`, in batches of `per_batch`.
+    async fn pages(&mut self, memory: &GuestMemory, gpas: &[u64], per_batch: usize) -> Result<(), MigrationError> {
+        let mut batch = PageBatchWriter::new();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for chunk in gpas.chunks(per_batch) {
+            for &gpa in chunk {
+                memory.read(gpa, &mut page).map_err(|e| MigrationError::Vm(e.to_string()))?;
+                batch.push(gpa, &page);
+            }
+            self.pages += batch.len() as u64;
+            self.zero_pages += u64::from(batch.zero_pages());
+            let frame = batch.finish();
+            self.bytes += frame.len() as u64;
+            write_frame(&mut self.wr, &frame).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn expect(rd: &mut OwnedReadHalf, what: &str) -> Result<Message, MigrationError> {
+    match read_frame(rd).await? {
+        Frame::Message(Message::Refuse { reason }) => Err(MigrationError::Refused(reason)),
+        Frame::Message(Message::Abort { reason }) => Err(MigrationError::Aborted(reason)),
+        Frame::Message(m) => Ok(m),
+        Frame::Pages(_) => Err(MigrationError::Unexpected(format!("pages (waiting for {what})"))),
+    }
+}
+
+/// What the destination says after the switchover.
+enum Reply {
+    Resumed(Instant),
+    Requests(Vec<u64>),
+    Complete(DestinationStats),
+    Failed(String),
+}
+
+/// Reads the destination's frames after the switchover and forwards them.
+async fn read_replies(mut rd: OwnedReadHalf, tx: mpsc::UnboundedSender<Reply>) {
+    loop {
+        let reply = match read_frame(&mut rd).await {
+            Ok(Frame::Message(Message::Resumed)) => Reply::Resumed(Instant::now()),
+            Ok(Frame::Message(Message::PageRequest { gpas })) => Reply::Requests(gpas),
+            Ok(Frame::Message(Message::Complete(stats))) => Reply::Complete(stats),
+            Ok(Frame::Message(Message::Abort { reason })) => Reply::Failed(format!("destination aborted: {reason}")),
+            Ok(other) => Reply::Failed(format!("unexpected frame {other:?}")),
+            Err(e) => Reply::Failed(e.to_string()),
+        };
+        let last = matches!(reply, Reply::Complete(_) | Reply::Failed(_));
+        if tx.send(reply).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Migrates the VM that `runner` runs to the agent at `to`. On any failure
+/// before the switchover commits, the VM is left running here.
+pub async fn migrate_out(
+    runner: &VmRunner,
+    vm: &str,
+    config: &MachineConfig,
+    to: &str,
+    mode: Mode,
+    options: MigrationOptions,
+    agent: &str,
+) -> Result<MigrationReport, MigrationError> {
+    let started = Instant::now();
+    let stream = TcpStream::connect(to)
+        .await
+        .map_err(|e| MigrationError::Connect { to: to.to_string(), reason: e.to_string() })?;
+    stream.set_nodelay(true).map_err(|e| MigrationError::Connect { to: to.to_string(), reason: e.to_string() })?;
+    let (mut rd, wr) = stream.into_split();
+    let mut out = Outbox { wr, bytes: 0, pages: 0, zero_pages: 0 };
+    out.message(&Message::Hello { role: Role::Migration, agent: agent.to_string() }).await?;
+    match expect(&mut rd, "welcome").await? {
+        Message::Welcome { .. } => {}
+        other => return Err(MigrationError::Unexpected(format!("{other:?}"))),
+    }
+    out.message(&Message::Begin { name: vm.to_string(), config: config.clone(), mode }).await?;
+    match expect(&mut rd, "ready").await? {
+        Message::Ready => {}
+        other => return Err(MigrationError::Unexpected(format!("{other:?}"))),
+    }
+
+    let mut report = MigrationReport {
+        vm: vm.to_string(),
+        mode: mode.name().to_string(),
+        mem_bytes: config.mem_bytes,
+        ..Default::default()
+    };
+    let memory = runner.memory();
+    let (paused_at, final_dirty) =
+        match precopy_and_stop(runner, &memory, &mut out, &mut rd, mode, options, &mut report).await {
+            Ok(v) => v,
+            Err(e) => {
+                // Not committed: the VM keeps running here.
+                let _ = runner.set_dirty_logging(false).await;
+                let _ = runner.resume().await;
+                let _ = out.message(&Message::Abort { reason: e.to_string() }).await;
+                return Err(e);
+            }
+        };
+
+    // Committed from here: the destination runs the VM once it reads `Go`.
+    out.message(&Message::Go).await.map_err(|e| MigrationError::LostAfterCommit(e.to_string()))?;
+    let (tx, mut replies) = mpsc::unbounded_channel();
+    tokio::spawn(read_replies(rd, tx));
+    let mut unsent = match mode {
+        Mode::Precopy => PageSet::empty(config.mem_bytes),
+        Mode::Postcopy => PageSet::full(config.mem_bytes),
+        Mode::Hybrid => {
+            let mut set = PageSet::empty(config.mem_bytes);
+            for &gpa in &final_dirty {
+                set.insert(gpa);
+            }
+            set
+        }
+    };
+    let lost = |e: MigrationError| MigrationError::LostAfterCommit(e.to_string());
+    let mut resumed_at = None;
+    let mut cursor = 0u64;
+    let mut demand = Vec::new();
+    while !unsent.is_empty() {
+        while let Ok(reply) = replies.try_recv() {
+            match reply {
+                Reply::Resumed(at) => resumed_at = Some(at),
+                Reply::Requests(gpas) => {
+                    for gpa in gpas {
+                        if unsent.remove(gpa) {
+                            demand.push(gpa);
+                        }
+                        // Push on from the latest fault: the guest is likely to touch what follows.
+                        cursor = gpa.wrapping_add(PAGE_SIZE);
+                    }
+                }
+                Reply::Complete(_) => {
+                    return Err(MigrationError::LostAfterCommit("completed before all pages were sent".into()))
+                }
+                Reply::Failed(reason) => return Err(MigrationError::LostAfterCommit(reason)),
+            }
+        }
+        if !demand.is_empty() {
+            out.pages(&memory, &demand, PUSH_BATCH_PAGES).await.map_err(lost)?;
+            report.pages_faulted += demand.len() as u64;
+            demand.clear();
+            continue;
+        }
+        let mut push = Vec::with_capacity(PUSH_BATCH_PAGES);
+        while push.len() < PUSH_BATCH_PAGES {
+            let Some(gpa) = unsent.next_from(cursor) else { break };
+            unsent.remove(gpa);
+            push.push(gpa);
+            cursor = gpa + PAGE_SIZE;
+        }
+        out.pages(&memory, &push, PUSH_BATCH_PAGES).await.map_err(lost)?;
+        report.pages_pushed += push.len() as u64;
+    }
+    out.message(&Message::AllSent { pages: out.pages }).await.map_err(lost)?;
+    let stats = loop {
+        match replies.recv().await {
+            Some(Reply::Resumed(at)) => resumed_at = Some(at),
+            Some(Reply::Requests(_)) => {} // every page is already on its way
+            Some(Reply::Complete(stats)) => break stats,
+            Some(Reply::Failed(reason)) => return Err(MigrationError::LostAfterCommit(reason)),
+            None => return Err(MigrationError::LostAfterCommit("the connection closed".into())),
+        }
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    report.total_migration_ms = ms(started.elapsed());
+    report.downtime_ms = resumed_at.map(|at| ms(at.duration_since(paused_at))).unwrap_or(f64::NAN);
+    report.bytes_sent = out.bytes;
+    report.pages_sent = out.pages;
+    report.zero_pages = out.zero_pages;
+    report.fault_latency_us = stats.fault_latency_us;
+    report.final_dirty_pages = final_dirty.len() as u64;
+    Ok(report)
+}
+
+/// Pre-copy rounds (unless post-copy), then stop the VM, send what the mode
+/// needs and the switchover, and wait until the destination has rebuilt the VM.
+/// Returns when the VM stopped and the final dirty set.
+async fn precopy_and_stop(
+    runner: &VmRunner,
+    memory: &GuestMemory,
+    out: &mut Outbox,
+    rd: &mut OwnedReadHalf,
+    mode: Mode,
+    options: MigrationOptions,
+    report: &mut MigrationReport,
+) -> Result<(Instant, Vec<u64>), MigrationError> {
+    let vm = |e: String| MigrationError::Vm(e);
+    let mut dirty = Vec::new();
+    if mode != Mode::Postcopy {
+        runner.set_dirty_logging(true).await.map_err(vm)?;
+        let all: Vec<u64> = (0..memory.size()).step_by(PAGE_SIZE as usize).collect();
+        out.pages(memory, &all, COPY_BATCH_PAGES).await?;
+        report.rounds = 1;
+        loop {
+            dirty = runner.take_dirty_pages().await.map_err(vm)?;
+            let hybrid_done = mode == Mode::Hybrid && report.rounds >= options.max_rounds.min(2);
+            if dirty.len() as u64 <= options.converge_pages || report.rounds >= options.max_rounds || hybrid_done {
+                break;
+            }
+            out.pages(memory, &dirty, COPY_BATCH_PAGES).await?;
+            report.rounds += 1;
+        }
+    }
+    let paused_at = Instant::now();
+    runner.pause().await.map_err(vm)?;
+    if mode != Mode::Postcopy {
+        dirty.extend(runner.take_dirty_pages().await.map_err(vm)?);
+        dirty.sort_unstable();
+        dirty.dedup();
+        runner.set_dirty_logging(false).await.map_err(vm)?;
+    }
+    if mode == Mode::Precopy {
+        out.pages(memory, &dirty, COPY_BATCH_PAGES).await?;
+    }
+    let state = runner.capture().await.map_err(vm)?.to_bytes();
+    let stale = if mode == Mode::Hybrid { dirty.clone() } else { Vec::new() };
+    out.message(&Message::Switchover { state, stale }).await?;
+    match expect(rd, "restored").await? {
+        Message::Restored => Ok((paused_at, dirty)),
+        other => Err(MigrationError::Unexpected(format!("{other:?}"))),
+    }
+}
