@@ -76,6 +76,8 @@ pub enum MachineError {
     WorkerGone(u8),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error("the captured state is of another machine configuration than the one prepared for it")]
+    ConfigMismatch,
     #[error("snapshot has {found} vCPU states for a {expected}-vCPU machine")]
     VcpuCount { expected: usize, found: usize },
 }
@@ -105,6 +107,36 @@ pub enum VerifyError {
 pub struct Verified {
     pub memory_digest: u64,
     pub records: usize,
+}
+
+/// A machine built for a restore, waiting for its state (see [`Machine::prepare`]).
+pub struct PreparedMachine {
+    config: MachineConfig,
+    memory: Arc<GuestMemory>,
+    vm: KvmVm,
+    vcpus: Vec<crate::kvm::vcpu::KvmVcpu>,
+}
+
+impl PreparedMachine {
+    /// Applies a captured state; the machine comes up paused exactly where the captured one was.
+    pub fn restore(self, state: MachineState) -> Result<Machine, MachineError> {
+        let PreparedMachine { config, memory, vm, vcpus } = self;
+        let MachineState { config: captured, vcpus: vcpu_states, kernel, devices } = state;
+        if captured != config {
+            return Err(MachineError::ConfigMismatch);
+        }
+        if vcpu_states.len() != vcpus.len() || devices.vcpu_status.len() != vcpus.len() {
+            return Err(MachineError::VcpuCount { expected: vcpus.len(), found: vcpu_states.len() });
+        }
+        let (tx, events) = mpsc::channel();
+        let mut workers = Vec::with_capacity(vcpus.len());
+        for ((mut vcpu, vcpu_state), status) in vcpus.into_iter().zip(&vcpu_states).zip(&devices.vcpu_status) {
+            vcpu.restore_state(vcpu_state)?;
+            workers.push(Machine::spawn(vcpu, &memory, *status, &tx)?);
+        }
+        vm.restore_state(&kernel)?;
+        Ok(Machine { config, memory, vm, workers, events, devices, pending: VecDeque::new(), running: false })
+    }
 }
 
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -163,24 +195,20 @@ impl Machine {
     /// Rebuilds a machine from a captured state over `memory`, which the
     /// caller has filled (or will fill on demand, under userfaultfd). Paused.
     pub fn restore_into(state: MachineState, memory: Arc<GuestMemory>) -> Result<Machine, MachineError> {
-        let MachineState { config, vcpus, kernel, devices } = state;
+        Self::prepare(state.config.clone(), memory)?.restore(state)
+    }
+
+    /// Builds everything a restore needs that does not depend on the captured
+    /// state (the KVM VM, its irqchip, the vCPUs), so that a migration can do
+    /// it before the switchover and keep it out of the downtime.
+    pub fn prepare(config: MachineConfig, memory: Arc<GuestMemory>) -> Result<PreparedMachine, MachineError> {
         config.fixture.validate()?;
-        if vcpus.len() != config.vcpus() || devices.vcpu_status.len() != config.vcpus() {
-            return Err(MachineError::VcpuCount { expected: config.vcpus(), found: vcpus.len() });
-        }
         if memory.size() != config.mem_bytes {
             return Err(MachineError::Memory(MemoryError::Size(memory.size())));
         }
         let vm = Self::create_vm(&memory)?;
-        let (tx, events) = mpsc::channel();
-        let mut workers = Vec::with_capacity(vcpus.len());
-        for (id, vcpu_state) in vcpus.iter().enumerate() {
-            let mut vcpu = vm.create_vcpu(id as u8)?;
-            vcpu.restore_state(vcpu_state)?;
-            workers.push(Self::spawn(vcpu, &memory, devices.vcpu_status[id], &tx)?);
-        }
-        vm.restore_state(&kernel)?;
-        Ok(Machine { config, memory, vm, workers, events, devices, pending: VecDeque::new(), running: false })
+        let vcpus = (0..config.vcpus() as u8).map(|id| vm.create_vcpu(id)).collect::<Result<Vec<_>, _>>()?;
+        Ok(PreparedMachine { config, memory, vm, vcpus })
     }
 
     fn create_vm(memory: &Arc<GuestMemory>) -> Result<KvmVm, MachineError> {

@@ -93,3 +93,54 @@ pub fn per_vcpu(records: &[OutputRecord], vcpus: usize) -> Vec<Vec<OutputRecord>
     }
     out
 }
+
+/// A `pcft agent` process on a free loopback port; killed when dropped.
+pub struct Agent {
+    pub addr: String,
+    child: std::process::Child,
+}
+
+impl Agent {
+    pub fn start(name: &str, extra: &[&str]) -> Agent {
+        use std::io::BufRead;
+        let mut child = pcft(&["agent", "--listen", "127.0.0.1:0", "--name", name])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn pcft agent");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("agent stdout");
+        let addr =
+            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("agent said {line:?}")).to_string();
+        Agent { addr, child }
+    }
+
+    /// Whether the process is still alive.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `pcft args…` and returns (exit code, stdout, stderr).
+pub fn pcft_output(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = pcft(args).output().expect("spawn pcft");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `pcft args…`, expects exit 0, and parses its stdout as one JSON object.
+pub fn pcft_json(args: &[&str]) -> Value {
+    let (code, stdout, stderr) = pcft_output(args);
+    assert_eq!(code, Some(0), "pcft {args:?} failed: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("pcft {args:?} printed no JSON ({e}): {stdout}"))
+}

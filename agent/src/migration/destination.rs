@@ -6,7 +6,7 @@ use super::messages::{DestinationStats, Message, Mode, Percentiles};
 use super::page_set::PageSet;
 use super::protocol::{encode_message, read_frame, write_frame, Frame, PageData, ProtocolError};
 use super::source::MigrationError;
-use crate::machine::{Machine, MachineConfig, MachineState};
+use crate::machine::{Machine, MachineConfig, MachineState, PreparedMachine};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::uffd::{FaultRegion, Installed};
 use crate::vm_runner::VmRunner;
@@ -182,6 +182,14 @@ pub async fn migrate_in(
         pending: Arc::default(),
         latencies_us: Vec::new(),
     };
+    // Build the VM now: at the switchover only its state remains to be set.
+    let (prep_config, prep_memory) = (config.clone(), Arc::clone(&memory));
+    let mut prepared: Option<PreparedMachine> =
+        Some(match tokio::task::spawn_blocking(move || Machine::prepare(prep_config, prep_memory)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Err(vm(e.to_string())),
+            Err(e) => return Err(vm(e.to_string())),
+        });
     out.message(&Message::Ready)?;
 
     let mut runner: Option<Arc<VmRunner>> = None;
@@ -189,6 +197,9 @@ pub async fn migrate_in(
     let mut handler: Option<FaultHandler> = None;
     let mut stats = DestinationStats::default();
     let result = loop {
+        // With data always waiting, reads never yield; the writer task (page
+        // requests, "resumed") must not wait behind the page stream.
+        tokio::task::yield_now().await;
         let frame = match read_frame(&mut rd).await {
             Ok(frame) => frame,
             Err(e) => break Err(MigrationError::Protocol(e)),
@@ -213,11 +224,10 @@ pub async fn migrate_in(
                     Ok(s) => s,
                     Err(e) => break Err(vm(format!("switchover state does not decode: {e}"))),
                 };
-                let mem = Arc::clone(&memory);
-                let machine = match tokio::task::spawn_blocking(move || Machine::restore_into(state, mem)).await {
-                    Ok(Ok(m)) => m,
-                    Ok(Err(e)) => break Err(vm(e.to_string())),
-                    Err(e) => break Err(vm(e.to_string())),
+                let machine = match prepared.take().map(|p| p.restore(state)) {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => break Err(vm(e.to_string())),
+                    None => break Err(vm("the VM was already restored".into())),
                 };
                 match VmRunner::spawn(name, machine) {
                     Ok(r) => runner = Some(Arc::new(r)),

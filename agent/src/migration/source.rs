@@ -175,6 +175,9 @@ pub async fn migrate_out(
     let mut cursor = 0u64;
     let mut demand = Vec::new();
     while !unsent.is_empty() {
+        // The reply reader may sit in this worker's queue: let it run, so that
+        // page requests (and "resumed") are seen after at most one batch.
+        tokio::task::yield_now().await;
         while let Ok(reply) = replies.try_recv() {
             match reply {
                 Reply::Resumed(at) => resumed_at = Some(at),
@@ -261,6 +264,7 @@ async fn precopy_and_stop(
     }
     let paused_at = Instant::now();
     runner.pause().await.map_err(vm)?;
+    let paused_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     if mode != Mode::Postcopy {
         dirty.extend(runner.take_dirty_pages().await.map_err(vm)?);
         dirty.sort_unstable();
@@ -270,10 +274,23 @@ async fn precopy_and_stop(
     if mode == Mode::Precopy {
         out.pages(memory, &dirty, COPY_BATCH_PAGES).await?;
     }
+    let captured_at = Instant::now();
     let state = runner.capture().await.map_err(vm)?.to_bytes();
+    let capture_ms = captured_at.elapsed().as_secs_f64() * 1e3;
     let stale = if mode == Mode::Hybrid { dirty.clone() } else { Vec::new() };
+    let state_bytes = state.len();
     out.message(&Message::Switchover { state, stale }).await?;
-    match expect(rd, "restored").await? {
+    let sent_at = Instant::now();
+    let restored = expect(rd, "restored").await?;
+    tracing::info!(
+        paused_ms,
+        capture_ms,
+        state_bytes,
+        restore_ms = sent_at.elapsed().as_secs_f64() * 1e3,
+        since_pause_ms = paused_at.elapsed().as_secs_f64() * 1e3,
+        "switchover"
+    );
+    match restored {
         Message::Restored => Ok((paused_at, dirty)),
         other => Err(MigrationError::Unexpected(format!("{other:?}"))),
     }

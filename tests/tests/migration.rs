@@ -1,0 +1,263 @@
+//! Live migration between two real agent processes on real KVM: every mode
+//! keeps the ledger oracle, for several sizes and vCPU counts; and every way a
+//! peer can fail before the switchover commits leaves the VM running at the source.
+
+use pcft_agent::migration::messages::Message;
+use pcft_agent::migration::protocol::{decode_header, decode_payload, encode_message, Frame, HEADER_BYTES};
+use pcft_tests::{pcft_json, pcft_output, Agent};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use vm_fixtures::{abi, FixtureKind, FixtureParams};
+
+/// The oracle's memory digest for a ledger VM of `mem_mib` with the given steps (other parameters at their defaults).
+fn ledger_digest(mem_mib: u64, vcpus: u64, steps: u64) -> (String, u64) {
+    let ws_pages = ((mem_mib << 20) - abi::WORKING_SET_GPA) / abi::PAGE_SIZE;
+    let params = FixtureParams { steps, ..FixtureParams::new(FixtureKind::Ledger, vcpus, ws_pages) };
+    let expected = params.expected_after(steps);
+    (format!("{:#018x}", expected.memory_digest()), expected.outputs().iter().map(|o| o.len() as u64).sum())
+}
+
+fn demo(mode: &str, mem_mib: u64, vcpus: u64) {
+    let (mem, v) = (format!("{mem_mib}M"), vcpus.to_string());
+    let report = pcft_json(&["demo", "--mode", mode, "--mem", &mem, "--vcpus", &v, "--steps", "40000", "--json"]);
+    let what = format!("{mode} {mem} {vcpus} vCPU(s): {report}");
+    assert_eq!(report["verified"], true, "{what}");
+    let (digest, records) = ledger_digest(mem_mib, vcpus, 40_000);
+    assert_eq!(report["memory_digest"], digest.as_str(), "{what}");
+    assert_eq!(report["records"], records, "{what}");
+    assert_eq!(report["mode"], mode);
+    assert_eq!(report["mem_bytes"], mem_mib << 20);
+    let pages = (mem_mib << 20) / 4096;
+    let u = |k: &str| report[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {what}"));
+    assert!(report["downtime_ms"].as_f64().is_some_and(|d| d > 0.0), "{what}");
+    assert!(u("bytes_sent") > 0);
+    match mode {
+        "postcopy" => {
+            assert_eq!(u("rounds"), 0, "{what}");
+            assert_eq!(u("pages_pushed") + u("pages_faulted"), pages, "every page moves exactly once: {what}");
+        }
+        "precopy" => {
+            assert!(u("rounds") >= 1, "{what}");
+            assert_eq!(u("pages_pushed") + u("pages_faulted"), 0, "{what}");
+            assert!(u("pages_sent") >= pages, "the full copy is every page: {what}");
+        }
+        _ => {
+            assert!(u("rounds") >= 1, "{what}");
+            assert_eq!(u("pages_pushed") + u("pages_faulted"), u("final_dirty_pages"), "{what}");
+        }
+    }
+}
+
+#[test]
+fn every_mode_small_one_vcpu() {
+    for mode in ["precopy", "postcopy", "hybrid"] {
+        demo(mode, 64, 1);
+    }
+}
+
+#[test]
+fn every_mode_medium_two_vcpus() {
+    for mode in ["precopy", "postcopy", "hybrid"] {
+        demo(mode, 256, 2);
+    }
+}
+
+#[test]
+fn postcopy_and_hybrid_one_gib_two_vcpus() {
+    demo("postcopy", 1024, 2);
+    demo("hybrid", 1024, 2);
+}
+
+#[test]
+fn cli_commands_across_two_agents() {
+    let (a, b) = (Agent::start("a", &[]), Agent::start("b", &[]));
+    let (code, _, err) = pcft_output(&[
+        "vm",
+        "start",
+        "--agent",
+        &a.addr,
+        "--name",
+        "vm1",
+        "--fixture",
+        "ledger",
+        "--mem",
+        "64M",
+        "--vcpus",
+        "2",
+        "--steps",
+        "40000",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let status = pcft_json(&["vm", "status", "--agent", &a.addr, "--json"]);
+    assert_eq!(status["vms"][0]["name"], "vm1");
+    assert_eq!(status["vms"][0]["phase"], "running");
+
+    let report = pcft_json(&["migrate", "vm1", "--agent", &a.addr, "--to", &b.addr, "--mode", "postcopy", "--json"]);
+    assert_eq!(report["vm"], "vm1");
+    let status = pcft_json(&["vm", "status", "--agent", &a.addr, "--json"]);
+    assert_eq!(status["vms"][0]["phase"], "migrated-away", "nothing runs at the source any more");
+
+    let verified = pcft_json(&["vm", "wait", "vm1", "--agent", &b.addr, "--json"]);
+    let (digest, records) = ledger_digest(64, 2, 40_000);
+    assert_eq!(verified["memory_digest"], digest.as_str());
+    assert_eq!(verified["records"], records);
+
+    let (code, _, err) = pcft_output(&["migrate", "nope", "--agent", &a.addr, "--to", &b.addr]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no running VM named \"nope\""), "{err}");
+}
+
+/// How a scripted fake destination misbehaves.
+#[derive(Clone, Copy, Debug)]
+enum Fake {
+    Garbage,
+    TruncatedWelcome,
+    BadChecksum,
+    OtherVersion,
+    RefusesNoRoom,
+    DiesDuringCopy,
+    DiesBeforeRestored,
+}
+
+fn read_frame(stream: &mut TcpStream) -> Option<Frame> {
+    let mut header = [0u8; HEADER_BYTES];
+    stream.read_exact(&mut header).ok()?;
+    let header = decode_header(&header).ok()?;
+    let mut payload = vec![0u8; header.payload_len()];
+    stream.read_exact(&mut payload).ok()?;
+    decode_payload(header, &payload).ok()
+}
+
+/// Serves one connection the `fake` way and returns its address.
+fn fake_destination(fake: Fake) -> (String, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let thread = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _hello = read_frame(&mut s);
+        let welcome = encode_message(&Message::Welcome { agent: "fake".into() });
+        match fake {
+            Fake::Garbage => drop(s.write_all(b"HTTP/1.1 200 OK\r\n\r\nnot an agent")),
+            Fake::TruncatedWelcome => drop(s.write_all(&welcome[..HEADER_BYTES + 1])),
+            Fake::BadChecksum => {
+                let mut bad = welcome.clone();
+                bad[12] ^= 0xff;
+                drop(s.write_all(&bad));
+            }
+            Fake::OtherVersion => {
+                let mut other = welcome.clone();
+                other[4] = 9;
+                drop(s.write_all(&other));
+            }
+            Fake::RefusesNoRoom => {
+                s.write_all(&welcome).unwrap();
+                let _begin = read_frame(&mut s);
+                drop(s.write_all(&encode_message(&Message::Refuse { reason: "no room for this VM here".into() })));
+            }
+            Fake::DiesDuringCopy | Fake::DiesBeforeRestored => {
+                s.write_all(&welcome).unwrap();
+                let _begin = read_frame(&mut s);
+                s.write_all(&encode_message(&Message::Ready)).unwrap();
+                let mut frames = 0;
+                while let Some(frame) = read_frame(&mut s) {
+                    frames += 1;
+                    let switchover = matches!(frame, Frame::Message(Message::Switchover { .. }));
+                    if matches!(fake, Fake::DiesDuringCopy) && frames == 3 || switchover {
+                        break;
+                    }
+                }
+            }
+        }
+        // Dropping the stream closes the connection.
+    });
+    (addr, thread)
+}
+
+#[test]
+fn failed_migrations_leave_the_vm_running_at_the_source() {
+    let source = Agent::start("source", &[]);
+    let (code, _, err) = pcft_output(&[
+        "vm",
+        "start",
+        "--agent",
+        &source.addr,
+        "--name",
+        "vm1",
+        "--fixture",
+        "ledger",
+        "--mem",
+        "64M",
+        "--steps",
+        "150000",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let small = Agent::start("small", &["--max-guest-mem", "32M"]);
+    let cases: Vec<(Option<Fake>, &str, &str)> = vec![
+        (Some(Fake::Garbage), "postcopy", "not a PostCopyFT agent"),
+        (Some(Fake::TruncatedWelcome), "postcopy", "truncated"),
+        (Some(Fake::BadChecksum), "postcopy", "checksum mismatch"),
+        (Some(Fake::OtherVersion), "postcopy", "speaks protocol version 9"),
+        (Some(Fake::RefusesNoRoom), "postcopy", "no room for this VM here"),
+        (Some(Fake::DiesDuringCopy), "precopy", "keeps running here"),
+        (Some(Fake::DiesBeforeRestored), "postcopy", "keeps running here"),
+        (None, "postcopy", "has room for 32 MiB of guest memory per VM"),
+    ];
+    for (fake, mode, needle) in cases {
+        let (to, server) = match fake {
+            Some(f) => {
+                let (addr, t) = fake_destination(f);
+                (addr, Some(t))
+            }
+            None => (small.addr.clone(), None),
+        };
+        let (code, _, err) = pcft_output(&["migrate", "vm1", "--agent", &source.addr, "--to", &to, "--mode", mode]);
+        assert_eq!(code, Some(1), "{fake:?}: {err}");
+        assert!(err.contains(needle), "{fake:?}: expected {needle:?} in {err}");
+        assert!(err.contains("the VM keeps running here"), "{fake:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{fake:?}: one line: {err}");
+        if let Some(t) = server {
+            t.join().unwrap();
+        }
+        let status = pcft_json(&["vm", "status", "--agent", &source.addr, "--json"]);
+        let phase = status["vms"][0]["phase"].as_str().unwrap().to_string();
+        assert!(phase == "running" || phase == "finished", "{fake:?}: VM is {phase}");
+    }
+    let (code, _, err) = pcft_output(&["migrate", "vm1", "--agent", &source.addr, "--to", "127.0.0.1:1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot connect to the destination agent at 127.0.0.1:1"), "{err}");
+
+    // After all that, the VM finishes at the source exactly as its oracle says.
+    let verified = pcft_json(&["vm", "wait", "vm1", "--agent", &source.addr, "--json"]);
+    let (digest, _) = ledger_digest(64, 1, 150_000);
+    assert_eq!(verified["memory_digest"], digest.as_str());
+}
+
+#[test]
+fn an_agent_refuses_garbage_and_keeps_serving() {
+    let mut agent = Agent::start("a", &[]);
+    let mut s = TcpStream::connect(&agent.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    match read_frame(&mut s) {
+        Some(Frame::Message(Message::Refuse { reason })) => {
+            assert!(reason.contains("not a PostCopyFT agent"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A frame cut short, then a frame with a flipped payload byte.
+    let hello = encode_message(&Message::Ping);
+    let mut s = TcpStream::connect(&agent.addr).unwrap();
+    s.write_all(&hello[..hello.len() - 1]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(matches!(read_frame(&mut s), Some(Frame::Message(Message::Refuse { .. }))));
+    let mut flipped = hello.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    let mut s = TcpStream::connect(&agent.addr).unwrap();
+    s.write_all(&flipped).unwrap();
+    match read_frame(&mut s) {
+        Some(Frame::Message(Message::Refuse { reason })) => assert!(reason.contains("checksum"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(agent.alive());
+    let status = pcft_json(&["vm", "status", "--agent", &agent.addr, "--json"]);
+    assert_eq!(status["agent"], "a");
+}
