@@ -1,9 +1,12 @@
 //! `cargo xtask …`: PostCopyFT's developer workflow.
 //!
 //! - `setup`: install what a fresh Debian machine lacks (idempotent).
-//! - `run`:   the main job: build pcft and run it (see README).
+//! - `run`:   the main job: build pcft and run the migration demo (see README).
 //! - `test`:  the README's test command: setup, then every test on real KVM.
+//! - `bench`: migration benchmarks against a TCP baseline (target/bench/).
 //! - `ci`:    what `.ci/run` runs: setup, format and lint checks, tests.
+
+mod bench;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -21,13 +24,18 @@ struct Args {
 enum Task {
     /// Install missing system packages (binutils, util-linux).
     Setup,
-    /// Build pcft (release) and run the main job; extra arguments go to `pcft vm run`.
+    /// Build pcft (release) and run the main job, `pcft demo`; extra arguments go to it.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Run every test on real KVM (needs root and /dev/kvm).
     Test,
+    /// Benchmark the migration modes (release build); `--quick` for a 64 MiB smoke run.
+    Bench {
+        #[arg(long)]
+        quick: bool,
+    },
     /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then the tests.
     Ci,
 }
@@ -58,6 +66,12 @@ fn task(task: Task) -> Result<()> {
         Task::Test => {
             setup()?;
             test()
+        }
+        Task::Bench { quick } => {
+            setup()?;
+            require_kvm()?;
+            let pcft = build_release()?;
+            bench::run(&workspace_root(), &pcft, quick)
         }
         Task::Ci => {
             setup()?;
@@ -140,16 +154,11 @@ fn require_kvm() -> Result<()> {
 fn run(args: &[String]) -> Result<()> {
     setup()?;
     require_kvm()?;
-    cargo(&["build", "--release", "--quiet", "-p", "pcft-agent", "--bin", "pcft"])?;
-    let pcft = workspace_root().join("target/release/pcft");
-    let mut cmd = Command::new(pcft);
-    cmd.args(["vm", "run"]);
-    if args.is_empty() {
-        // The main job until live migration lands: a 2-vCPU ledger VM, verified against its oracle.
-        cmd.args(["--fixture", "ledger", "--mem", "256M", "--vcpus", "2", "--steps", "20000"]);
-    } else {
-        cmd.args(args);
-    }
+    let mut cmd = Command::new(build_release()?);
+    // The main job: two agents on this machine, a 2-vCPU ledger VM migrated in
+    // post-copy from one to the other and verified there against its oracle.
+    cmd.arg("demo");
+    cmd.args(args);
     // pcft has already said what went wrong; pass its exit code on unchanged.
     let code = cmd.status().context("cannot run target/release/pcft")?.code().unwrap_or(1);
     std::process::exit(code)
@@ -157,6 +166,11 @@ fn run(args: &[String]) -> Result<()> {
 
 /// Runs every test and ends with one total line, `tests: N passed, M failed`
 /// (cargo prints a result line per test binary, the last often an empty doc-test run).
+fn build_release() -> Result<PathBuf> {
+    cargo(&["build", "--release", "--quiet", "-p", "pcft-agent", "--bin", "pcft"])?;
+    Ok(workspace_root().join("target/release/pcft"))
+}
+
 fn test() -> Result<()> {
     require_kvm()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
