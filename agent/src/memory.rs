@@ -150,6 +150,13 @@ impl GuestMemory {
     }
 }
 
+/// Whether `bytes` are all zero (vectorizes: no early exit inside a 64-byte block).
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let mut blocks = bytes.chunks_exact(64);
+    let zero_blocks = blocks.by_ref().all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0);
+    zero_blocks && blocks.remainder().iter().all(|&b| b == 0)
+}
+
 /// Appends the guest-physical address of every page set in a KVM dirty
 /// `bitmap` (bit i of word w: page `64w + i`) of the memslot at `slot_gpa`.
 pub fn dirty_bitmap_pages(slot_gpa: u64, bitmap: &[u64], out: &mut Vec<u64>) {
@@ -177,6 +184,17 @@ mod tests {
         assert!(matches!(mem.write_u64((10 << 20) - 4, 1), Err(MemoryError::OutOfRange { .. })));
         assert!(matches!(mem.read_u64(u64::MAX - 2), Err(MemoryError::OutOfRange { .. })));
         assert!(matches!(GuestMemory::new(4097, 2 << 20), Err(MemoryError::Size(4097))));
+    }
+
+    #[test]
+    fn zero_detection_sees_every_byte() {
+        let mut page = vec![0u8; 4096 + 3];
+        assert!(is_zero(&page));
+        for i in [0, 63, 64, 4095, 4098] {
+            page[i] = 1;
+            assert!(!is_zero(&page), "byte {i}");
+            page[i] = 0;
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! a crash never leaves a half-written snapshot under the final name.
 
 use crate::machine::MachineState;
-use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use crate::memory::{is_zero, GuestMemory, MemoryError, PAGE_SIZE};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -83,10 +83,6 @@ impl<R: Read> Read for Crc<R> {
         self.bytes += n as u64;
         Ok(n)
     }
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    page.chunks(16).all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 /// Writes `state` and the non-zero pages of `memory` to `path`.

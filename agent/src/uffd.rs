@@ -56,8 +56,10 @@ impl FaultRegion {
         Ok(FaultRegion { uffd, memory, base })
     }
 
-    fn host(&self, gpa: u64) -> Result<*mut libc::c_void, UffdError> {
-        if !gpa.is_multiple_of(PAGE_SIZE) || gpa.checked_add(PAGE_SIZE).is_none_or(|end| end > self.memory.size()) {
+    /// Host address of `[gpa, gpa + len)`, which must be whole pages inside guest memory.
+    fn host(&self, gpa: u64, len: u64) -> Result<*mut libc::c_void, UffdError> {
+        let whole_pages = gpa.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE) && len > 0;
+        if !whole_pages || gpa.checked_add(len).is_none_or(|end| end > self.memory.size()) {
             return Err(UffdError::BadAddress(gpa));
         }
         Ok((self.base + gpa) as *mut libc::c_void)
@@ -90,33 +92,53 @@ impl FaultRegion {
         }
     }
 
-    /// Installs `data` (one page) at `gpa` if the page is missing.
-    pub fn copy_page(&self, gpa: u64, data: &[u8]) -> Result<Installed, UffdError> {
-        assert_eq!(data.len() as u64, PAGE_SIZE, "copy_page takes exactly one page");
-        let dst = self.host(gpa)?;
-        // SAFETY: `dst` is one page inside the registered range (checked by
-        // `host`), `data` is a live 4 KiB buffer; UFFDIO_COPY copies atomically.
-        let result = unsafe { self.uffd.copy(data.as_ptr().cast(), dst, PAGE_SIZE as usize, true) };
-        self.outcome(gpa, result)
+    /// Installs `data` (whole pages) at `gpa` in one call, if every page is missing.
+    /// `AlreadyPresent`: some page of the range was there; nothing is promised
+    /// about the others (install them one by one to know).
+    pub fn copy(&self, gpa: u64, data: &[u8]) -> Result<Installed, UffdError> {
+        let dst = self.host(gpa, data.len() as u64)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            // SAFETY: [dst, dst + len) is whole pages inside the registered range
+            // (checked by `host`); `data` is a live buffer of that length.
+            let result =
+                unsafe { self.uffd.copy(data[done..].as_ptr().cast(), dst.byte_add(done), data.len() - done, true) };
+            match result {
+                Ok(n) => done += n,
+                // The kernel copied part and asks to retry the rest.
+                Err(RawError::PartiallyCopied(n)) => done += n,
+                Err(e) => return self.outcome(gpa, data.len(), e),
+            }
+        }
+        Ok(Installed::Now)
     }
 
-    /// Installs a zero page at `gpa` if the page is missing.
-    pub fn zero_page(&self, gpa: u64) -> Result<Installed, UffdError> {
-        let dst = self.host(gpa)?;
-        // SAFETY: `dst` is one page inside the registered range (checked by `host`).
-        let result = unsafe { self.uffd.zeropage(dst, PAGE_SIZE as usize, true) };
-        self.outcome(gpa, result)
-    }
-
-    fn outcome(&self, gpa: u64, result: Result<usize, RawError>) -> Result<Installed, UffdError> {
-        match result {
+    /// Installs zero pages over `[gpa, gpa + len)` in one call, if every page is missing.
+    pub fn zero(&self, gpa: u64, len: u64) -> Result<Installed, UffdError> {
+        let dst = self.host(gpa, len)?;
+        // SAFETY: [dst, dst + len) is whole pages inside the registered range (checked by `host`).
+        match unsafe { self.uffd.zeropage(dst, len as usize, true) } {
             Ok(_) => Ok(Installed::Now),
-            Err(RawError::CopyFailed(e) | RawError::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
-                // Present already: make sure nobody keeps waiting on it.
-                let _ = self.uffd.wake(self.host(gpa)?, PAGE_SIZE as usize);
+            Err(e) => self.outcome(gpa, len as usize, e),
+        }
+    }
+
+    /// Installs one page: `data`, or zeros.
+    pub fn install_page(&self, gpa: u64, data: Option<&[u8]>) -> Result<Installed, UffdError> {
+        match data {
+            Some(page) => self.copy(gpa, page),
+            None => self.zero(gpa, PAGE_SIZE),
+        }
+    }
+
+    fn outcome(&self, gpa: u64, len: usize, error: RawError) -> Result<Installed, UffdError> {
+        match error {
+            RawError::CopyFailed(e) | RawError::ZeropageFailed(e) if e as i32 == libc::EEXIST => {
+                // Present already: make sure nobody keeps waiting on the range.
+                let _ = self.uffd.wake(self.host(gpa, len as u64)?, len);
                 Ok(Installed::AlreadyPresent)
             }
-            Err(e) => Err(UffdError::Install { gpa, reason: e.to_string() }),
+            e => Err(UffdError::Install { gpa, reason: e.to_string() }),
         }
     }
 }
@@ -143,12 +165,20 @@ mod tests {
         assert_eq!(fault, Some(0x5000), "the read faults on its page");
         let mut page = vec![0u8; 4096];
         page[8..16].copy_from_slice(&0xfeed_u64.to_le_bytes());
-        assert_eq!(region.copy_page(0x5000, &page).unwrap(), Installed::Now);
+        assert_eq!(region.install_page(0x5000, Some(&page)).unwrap(), Installed::Now);
         assert_eq!(reader.join().unwrap(), 0xfeed);
-        assert_eq!(region.copy_page(0x5000, &page).unwrap(), Installed::AlreadyPresent);
-        assert_eq!(region.zero_page(0x6000).unwrap(), Installed::Now);
+        assert_eq!(region.install_page(0x5000, Some(&page)).unwrap(), Installed::AlreadyPresent);
+        assert_eq!(region.install_page(0x6000, None).unwrap(), Installed::Now);
         assert_eq!(memory.read_u64(0x6000).unwrap(), 0);
-        assert!(matches!(region.copy_page(0x5001, &page), Err(UffdError::BadAddress(0x5001))));
+        assert!(matches!(region.copy(0x5001, &page), Err(UffdError::BadAddress(0x5001))));
         assert_eq!(region.next_fault(Duration::from_millis(10)).unwrap(), None);
+
+        // Runs: three pages in one call; a run over a present page says so.
+        let mut run = vec![0u8; 3 * 4096];
+        run[2 * 4096] = 9;
+        assert_eq!(region.copy(0x10000, &run).unwrap(), Installed::Now);
+        assert_eq!(memory.read_u64(0x12000).unwrap(), 9);
+        assert_eq!(region.zero(0x20000, 4 * 4096).unwrap(), Installed::Now);
+        assert_eq!(region.copy(0x11000, &run[..2 * 4096]).unwrap(), Installed::AlreadyPresent);
     }
 }

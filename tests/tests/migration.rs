@@ -125,7 +125,7 @@ fn read_frame(stream: &mut TcpStream) -> Option<Frame> {
     let header = decode_header(&header).ok()?;
     let mut payload = vec![0u8; header.payload_len()];
     stream.read_exact(&mut payload).ok()?;
-    decode_payload(header, &payload).ok()
+    decode_payload(header, payload).ok()
 }
 
 /// Serves one connection the `fake` way and returns its address.

@@ -4,7 +4,7 @@
 
 use super::messages::{DestinationStats, Message, Mode, Percentiles};
 use super::page_set::PageSet;
-use super::protocol::{encode_message, read_frame, write_frame, Frame, PageData, ProtocolError};
+use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatch, ProtocolError};
 use super::source::MigrationError;
 use crate::machine::{Machine, MachineConfig, MachineState, PreparedMachine};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -117,42 +117,73 @@ struct Incoming {
     received: PageSet,
     pending: PendingFaults,
     latencies_us: Vec<u64>,
+    /// Set at the switchover: from then on the guest owns every present page,
+    /// and a page that is already present is never overwritten.
+    switched_over: bool,
 }
 
 impl Incoming {
-    fn install(&mut self, gpa: u64, data: &PageData) -> Result<(), MigrationError> {
-        if gpa.checked_add(PAGE_SIZE).is_none_or(|end| end > self.memory.size()) {
-            return Err(MigrationError::Protocol(ProtocolError::Malformed {
-                what: "page batch",
-                detail: format!("page {gpa:#x} is outside the VM's {} bytes", self.memory.size()),
-            }));
-        }
-        let bytes: &[u8] = match data {
-            PageData::Zero => &ZERO_PAGE,
-            PageData::Bytes(b) => b,
-        };
+    fn install(&mut self, batch: &PageBatch) -> Result<(), MigrationError> {
         let vm = |e: String| MigrationError::Vm(e);
-        match &self.region {
-            Some(region) => {
-                let installed = match data {
-                    PageData::Zero => region.zero_page(gpa),
-                    PageData::Bytes(b) => region.copy_page(gpa, b),
+        for run in batch.runs() {
+            let len = run.pages as u64 * PAGE_SIZE;
+            if run.gpa.checked_add(len).is_none_or(|end| end > self.memory.size()) {
+                return Err(MigrationError::Protocol(ProtocolError::Malformed {
+                    what: "page batch",
+                    detail: format!("page {:#x} is outside the VM's {} bytes", run.gpa, self.memory.size()),
+                }));
+            }
+            let whole_run = match (&self.region, run.data) {
+                (Some(region), Some(data)) => region.copy(run.gpa, data).map_err(|e| vm(e.to_string()))?,
+                (Some(region), None) => region.zero(run.gpa, len).map_err(|e| vm(e.to_string()))?,
+                // Without userfaultfd (pre-copy) every page is written one by one below.
+                (None, _) => Installed::AlreadyPresent,
+            };
+            let pages = (0..run.pages).map(|i| {
+                let gpa = run.gpa + i as u64 * PAGE_SIZE;
+                (gpa, run.data.map(|d| &d[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize]))
+            });
+            for (gpa, data) in pages {
+                if whole_run == Installed::AlreadyPresent {
+                    self.install_page(gpa, data)?;
                 }
-                .map_err(|e| vm(e.to_string()))?;
-                if installed == Installed::AlreadyPresent {
-                    // A newer copy from a later pre-copy round: overwrite the present page.
-                    self.memory.write(gpa, bytes).map_err(|e| vm(e.to_string()))?;
+                self.received.insert(gpa);
+            }
+            let mut pending = self.pending.lock().expect("pending faults lock");
+            if !pending.is_empty() {
+                for i in 0..run.pages as u64 {
+                    if let Some(at) = pending.remove(&(run.gpa + i * PAGE_SIZE)) {
+                        self.latencies_us.push(at.elapsed().as_micros() as u64);
+                    }
                 }
             }
-            // Fresh memory reads as zero: a zero page matters only over an older copy.
-            None if matches!(data, PageData::Zero) && !self.received.contains(gpa) => {}
-            None => self.memory.write(gpa, bytes).map_err(|e| vm(e.to_string()))?,
-        }
-        self.received.insert(gpa);
-        if let Some(at) = self.pending.lock().expect("pending faults lock").remove(&gpa) {
-            self.latencies_us.push(at.elapsed().as_micros() as u64);
         }
         Ok(())
+    }
+
+    /// One page of a run that could not be installed whole.
+    fn install_page(&mut self, gpa: u64, data: Option<&[u8]>) -> Result<(), MigrationError> {
+        let vm = |e: String| MigrationError::Vm(e);
+        let installed = match &self.region {
+            Some(region) => region.install_page(gpa, data).map_err(|e| vm(e.to_string()))?,
+            // Fresh memory reads as zero: a zero page matters only over an older copy.
+            None if data.is_none() && !self.received.contains(gpa) => return Ok(()),
+            None => Installed::AlreadyPresent,
+        };
+        match installed {
+            Installed::Now => Ok(()),
+            // A newer copy from a later pre-copy round; the VM does not run here yet.
+            Installed::AlreadyPresent if !self.switched_over => {
+                self.memory.write(gpa, data.unwrap_or(&ZERO_PAGE)).map_err(|e| vm(e.to_string()))
+            }
+            Installed::AlreadyPresent => {
+                tracing::warn!(
+                    gpa = format_args!("{gpa:#x}"),
+                    "page sent again after the switchover; the guest's copy stays"
+                );
+                Ok(())
+            }
+        }
     }
 }
 
@@ -181,6 +212,7 @@ pub async fn migrate_in(
         received: PageSet::empty(config.mem_bytes),
         pending: Arc::default(),
         latencies_us: Vec::new(),
+        switched_over: false,
     };
     // Build the VM now: at the switchover only its state remains to be set.
     let (prep_config, prep_memory) = (config.clone(), Arc::clone(&memory));
@@ -206,11 +238,12 @@ pub async fn migrate_in(
         };
         match frame {
             Frame::Pages(batch) => {
-                if let Err(e) = batch.pages.iter().try_for_each(|(gpa, data)| incoming.install(*gpa, data)) {
+                if let Err(e) = incoming.install(&batch) {
                     break Err(e);
                 }
             }
             Frame::Message(Message::Switchover { state, stale }) if runner.is_none() => {
+                incoming.switched_over = true;
                 // Changed after they were sent: drop them so that the guest faults them in fresh.
                 let discarded = stale.iter().try_for_each(|&gpa| {
                     memory.discard_page(gpa)?;

@@ -17,7 +17,7 @@
 //! [`write_frame`] move frames over any tokio stream.
 
 use super::messages::Message;
-use crate::memory::PAGE_SIZE;
+use crate::memory::{is_zero, PAGE_SIZE};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 4] = *b"PCFT";
@@ -60,10 +60,101 @@ pub enum PageData {
     Bytes(Vec<u8>),
 }
 
-/// Pages as they travel: guest-physical address and contents.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// A received batch of pages. It keeps the frame's payload and indexes into
+/// it, so decoding copies no page data.
+#[derive(Clone, Default)]
 pub struct PageBatch {
-    pub pages: Vec<(u64, PageData)>,
+    /// Per page: its address and where its data starts in `bytes` (None: a zero page).
+    entries: Vec<(u64, Option<usize>)>,
+    bytes: Vec<u8>,
+}
+
+/// Consecutive pages of a batch that are all zero or all data, contiguous both
+/// in guest memory and in the batch: one install call for the lot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRun<'a> {
+    pub gpa: u64,
+    pub pages: usize,
+    /// The run's data (`pages` × 4096 bytes), or None for zero pages.
+    pub data: Option<&'a [u8]>,
+}
+
+/// Two batches are equal when they carry the same pages in the same order,
+/// however their bytes are laid out.
+impl PartialEq for PageBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.pages().eq(other.pages())
+    }
+}
+
+impl Eq for PageBatch {}
+
+impl std::fmt::Debug for PageBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let zero = self.entries.iter().filter(|(_, at)| at.is_none()).count();
+        let first = self.entries.first().map(|(gpa, _)| format!("{gpa:#x}"));
+        write!(f, "PageBatch {{ pages: {}, zero: {zero}, first: {first:?} }}", self.entries.len())
+    }
+}
+
+impl PageBatch {
+    /// A batch of the given pages (for tests and tools; the hot path uses [`PageBatchWriter`]).
+    pub fn from_pages(pages: Vec<(u64, PageData)>) -> Self {
+        let mut batch = PageBatch::default();
+        for (gpa, data) in pages {
+            match data {
+                PageData::Zero => batch.entries.push((gpa, None)),
+                PageData::Bytes(b) => {
+                    batch.entries.push((gpa, Some(batch.bytes.len())));
+                    batch.bytes.extend_from_slice(&b);
+                }
+            }
+        }
+        batch
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every page: its address and data (None: all zero).
+    pub fn pages(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
+        self.entries.iter().map(|&(gpa, at)| (gpa, at.map(|at| &self.bytes[at..at + PAGE])))
+    }
+
+    /// The batch as maximal runs (see [`PageRun`]), in order.
+    pub fn runs(&self) -> Vec<PageRun<'_>> {
+        let mut runs: Vec<PageRun<'_>> = Vec::new();
+        let mut start: Option<(u64, Option<usize>, usize)> = None;
+        for &(gpa, at) in &self.entries {
+            if let Some((run_gpa, run_at, n)) = start.as_mut() {
+                let next_gpa = *run_gpa + *n as u64 * PAGE_SIZE;
+                let continues = match (*run_at, at) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => b == a + *n * PAGE,
+                    _ => false,
+                };
+                if gpa == next_gpa && continues {
+                    *n += 1;
+                    continue;
+                }
+                runs.push(self.run(*run_gpa, *run_at, *n));
+            }
+            start = Some((gpa, at, 1));
+        }
+        if let Some((gpa, at, n)) = start {
+            runs.push(self.run(gpa, at, n));
+        }
+        runs
+    }
+
+    fn run(&self, gpa: u64, at: Option<usize>, pages: usize) -> PageRun<'_> {
+        PageRun { gpa, pages, data: at.map(|at| &self.bytes[at..at + pages * PAGE]) }
+    }
 }
 
 /// What a frame carries.
@@ -94,16 +185,28 @@ impl PageBatchWriter {
 
     /// Adds the page at `gpa` with contents `page` (4096 bytes).
     pub fn push(&mut self, gpa: u64, page: &[u8]) {
-        debug_assert_eq!(page.len(), PAGE);
-        let zero = page.iter().all(|&b| b == 0);
+        self.push_with(gpa, |buf| {
+            buf.copy_from_slice(page);
+            Ok::<_, std::convert::Infallible>(())
+        })
+        .unwrap_or_else(|never| match never {});
+    }
+
+    /// Adds the page at `gpa`, letting `fill` write its 4096 bytes straight
+    /// into the batch (one copy from guest memory, no staging buffer).
+    pub fn push_with<E>(&mut self, gpa: u64, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
+        let at = self.data.len();
+        self.data.resize(at + PAGE, 0);
+        fill(&mut self.data[at..])?;
+        let zero = is_zero(&self.data[at..]);
+        if zero {
+            self.data.truncate(at);
+            self.zero += 1;
+        }
         self.entries.extend_from_slice(&gpa.to_le_bytes());
         self.entries.push(if zero { FLAG_ZERO } else { 0 });
-        if zero {
-            self.zero += 1;
-        } else {
-            self.data.extend_from_slice(page);
-        }
         self.count += 1;
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -157,11 +260,8 @@ pub fn encode_message(message: &Message) -> Vec<u8> {
 /// Encodes a page batch as one frame.
 pub fn encode_pages(batch: &PageBatch) -> Vec<u8> {
     let mut writer = PageBatchWriter::new();
-    for (gpa, data) in &batch.pages {
-        match data {
-            PageData::Zero => writer.push(*gpa, &[0u8; PAGE]),
-            PageData::Bytes(bytes) => writer.push(*gpa, bytes),
-        }
+    for (gpa, data) in batch.pages() {
+        writer.push(gpa, data.unwrap_or(&[0u8; PAGE]));
     }
     writer.finish()
 }
@@ -203,21 +303,21 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, ProtocolError
     Ok(Header { kind, length, crc, prefix_crc: crc32c::crc32c(&bytes[..12]) })
 }
 
-/// Checks the payload's checksum and decodes it.
-pub fn decode_payload(header: Header, payload: &[u8]) -> Result<Frame, ProtocolError> {
-    let computed = crc32c::crc32c_append(header.prefix_crc, payload);
+/// Checks the payload's checksum and decodes it (a page batch keeps the payload).
+pub fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
+    let computed = crc32c::crc32c_append(header.prefix_crc, &payload);
     if computed != header.crc {
         return Err(ProtocolError::Checksum { computed, stored: header.crc });
     }
     match header.kind {
-        KIND_MESSAGE => postcard::from_bytes(payload)
+        KIND_MESSAGE => postcard::from_bytes(&payload)
             .map(Frame::Message)
             .map_err(|e| ProtocolError::Malformed { what: "message", detail: e.to_string() }),
         _ => decode_pages(payload).map(Frame::Pages),
     }
 }
 
-fn decode_pages(payload: &[u8]) -> Result<PageBatch, ProtocolError> {
+fn decode_pages(payload: Vec<u8>) -> Result<PageBatch, ProtocolError> {
     let malformed = |detail: String| ProtocolError::Malformed { what: "page batch", detail };
     let count = u32::from_le_bytes(
         payload.get(..4).ok_or_else(|| malformed("shorter than its count".into()))?.try_into().expect("4 bytes"),
@@ -227,29 +327,29 @@ fn decode_pages(payload: &[u8]) -> Result<PageBatch, ProtocolError> {
         .and_then(|n| n.checked_add(4))
         .filter(|&end| end <= payload.len())
         .ok_or_else(|| malformed(format!("{count} entries do not fit in {} bytes", payload.len())))?;
-    let mut data = &payload[entries_end..];
-    let mut pages = Vec::with_capacity(count);
+    let mut next_data = entries_end;
+    let mut entries = Vec::with_capacity(count);
     for entry in payload[4..entries_end].chunks_exact(ENTRY_BYTES) {
         let gpa = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
-        if gpa % PAGE_SIZE != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(malformed(format!("page address {gpa:#x} is not page aligned")));
         }
         match entry[8] {
-            FLAG_ZERO => pages.push((gpa, PageData::Zero)),
+            FLAG_ZERO => entries.push((gpa, None)),
             0 => {
-                let (page, rest) = data
-                    .split_at_checked(PAGE)
-                    .ok_or_else(|| malformed(format!("data for page {gpa:#x} is missing")))?;
-                pages.push((gpa, PageData::Bytes(page.to_vec())));
-                data = rest;
+                if next_data + PAGE > payload.len() {
+                    return Err(malformed(format!("data for page {gpa:#x} is missing")));
+                }
+                entries.push((gpa, Some(next_data)));
+                next_data += PAGE;
             }
             flags => return Err(malformed(format!("page {gpa:#x} has unknown flags {flags:#x}"))),
         }
     }
-    if !data.is_empty() {
-        return Err(malformed(format!("{} bytes after the last page", data.len())));
+    if next_data != payload.len() {
+        return Err(malformed(format!("{} bytes after the last page", payload.len() - next_data)));
     }
-    Ok(PageBatch { pages })
+    Ok(PageBatch { entries, bytes: payload })
 }
 
 /// Reads one whole frame. A clean end of stream before a header is `Closed`;
@@ -271,7 +371,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, P
         std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
         _ => ProtocolError::Io(e.to_string()),
     })?;
-    decode_payload(header, &payload)
+    decode_payload(header, payload)
 }
 
 /// Writes already-encoded frame bytes.
@@ -285,13 +385,13 @@ mod tests {
 
     fn decode(bytes: &[u8]) -> Result<Frame, ProtocolError> {
         let header = decode_header(bytes[..HEADER_BYTES].try_into().unwrap())?;
-        decode_payload(header, &bytes[HEADER_BYTES..])
+        decode_payload(header, bytes[HEADER_BYTES..].to_vec())
     }
 
     fn sample_batch() -> PageBatch {
         let mut page = vec![0u8; PAGE];
         page[100] = 7;
-        PageBatch { pages: vec![(0x1000, PageData::Bytes(page)), (0x5000, PageData::Zero), (0x2000, PageData::Zero)] }
+        PageBatch::from_pages(vec![(0x1000, PageData::Bytes(page)), (0x5000, PageData::Zero), (0x2000, PageData::Zero)])
     }
 
     #[test]
@@ -303,6 +403,32 @@ mod tests {
         // Zero pages travel as a flag: one data page, not three.
         assert_eq!(bytes.len(), HEADER_BYTES + 4 + 3 * ENTRY_BYTES + PAGE);
         assert_eq!(decode(&bytes), Ok(Frame::Pages(batch)));
+    }
+
+    #[test]
+    fn runs_group_consecutive_pages_of_one_kind() {
+        let data = |b: u8| PageData::Bytes(vec![b; PAGE]);
+        let batch = PageBatch::from_pages(vec![
+            (0x1000, data(1)),
+            (0x2000, data(2)),
+            (0x3000, PageData::Zero),
+            (0x4000, PageData::Zero),
+            (0x5000, data(3)),
+            (0x7000, data(4)),
+        ]);
+        let decoded = match decode(&encode_pages(&batch)).unwrap() {
+            Frame::Pages(b) => b,
+            other => panic!("{other:?}"),
+        };
+        let runs: Vec<(u64, usize, Option<u8>)> =
+            decoded.runs().iter().map(|r| (r.gpa, r.pages, r.data.map(|d| d[d.len() - 1]))).collect();
+        // The last byte of a run is its last page's fill byte: 2 for the first run.
+        assert_eq!(runs[0], (0x1000, 2, Some(2)));
+        assert_eq!(runs[1], (0x3000, 2, None));
+        assert_eq!((runs[2].0, runs[2].1), (0x5000, 1));
+        assert_eq!((runs[3].0, runs[3].1), (0x7000, 1), "a gap ends a run");
+        assert_eq!(runs.len(), 4);
+        assert_eq!(decoded.runs()[0].data.unwrap().len(), 2 * PAGE);
     }
 
     #[test]

@@ -56,11 +56,9 @@ impl Outbox {
     /// Sends the pages at `gpas` from `memory`, in batches of `per_batch`.
     async fn pages(&mut self, memory: &GuestMemory, gpas: &[u64], per_batch: usize) -> Result<(), MigrationError> {
         let mut batch = PageBatchWriter::new();
-        let mut page = vec![0u8; PAGE_SIZE as usize];
         for chunk in gpas.chunks(per_batch) {
             for &gpa in chunk {
-                memory.read(gpa, &mut page).map_err(|e| MigrationError::Vm(e.to_string()))?;
-                batch.push(gpa, &page);
+                batch.push_with(gpa, |buf| memory.read(gpa, buf)).map_err(|e| MigrationError::Vm(e.to_string()))?;
             }
             self.pages += batch.len() as u64;
             self.zero_pages += u64::from(batch.zero_pages());
