@@ -157,6 +157,9 @@ impl Daemon {
             .await
             .map_err(|e| Denial::Failed(e.to_string()))?
             .map_err(|e| Denial::Failed(format!("cannot start VM {name:?}: {e}")))?;
+        // Boot completes the configuration (a paced `dirty` guest's TSC ticks per
+        // write): keep the machine's own, which is what a migration must send.
+        let config = machine.config().clone();
         let runner = Arc::new(VmRunner::spawn(&name, machine).map_err(|e| Denial::Failed(e.to_string()))?);
         runner.resume().await.map_err(Denial::Failed)?;
         tracing::info!(vm = %name, fixture = %config.fixture.kind, "started");

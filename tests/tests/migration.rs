@@ -63,9 +63,10 @@ fn every_mode_medium_two_vcpus() {
 }
 
 #[test]
-fn postcopy_and_hybrid_one_gib_two_vcpus() {
-    demo("postcopy", 1024, 2);
-    demo("hybrid", 1024, 2);
+fn every_mode_one_gib_two_vcpus() {
+    for mode in ["precopy", "postcopy", "hybrid"] {
+        demo(mode, 1024, 2);
+    }
 }
 
 #[test]
@@ -101,6 +102,33 @@ fn cli_commands_across_two_agents() {
     let (digest, records) = ledger_digest(64, 2, 40_000);
     assert_eq!(verified["memory_digest"], digest.as_str());
     assert_eq!(verified["records"], records);
+
+    // A paced dirty guest: its configuration is completed at boot (TSC ticks per
+    // write), and the migrated state must carry exactly that configuration.
+    let (code, _, err) = pcft_output(&[
+        "vm",
+        "start",
+        "--agent",
+        &a.addr,
+        "--name",
+        "paced",
+        "--fixture",
+        "dirty",
+        "--mem",
+        "32M",
+        "--steps",
+        "20000",
+        "--rate",
+        "20000",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    for mode in ["precopy", "hybrid"] {
+        let (from, to) = if mode == "precopy" { (&a.addr, &b.addr) } else { (&b.addr, &a.addr) };
+        let report = pcft_json(&["migrate", "paced", "--agent", from, "--to", to, "--mode", mode, "--json"]);
+        assert_eq!(report["mode"], mode);
+    }
+    let verified = pcft_json(&["vm", "wait", "paced", "--agent", &a.addr, "--json"]);
+    assert_eq!(verified["verified"], true);
 
     let (code, _, err) = pcft_output(&["migrate", "nope", "--agent", &a.addr, "--to", &b.addr]);
     assert_eq!(code, Some(2), "{err}");
