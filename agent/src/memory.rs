@@ -102,16 +102,34 @@ impl GuestMemory {
     /// Drops the page at `gpa` (`MADV_DONTNEED`): it reads as zero again, and
     /// under userfaultfd its next access faults as missing.
     pub fn discard_page(&self, gpa: u64) -> Result<(), MemoryError> {
-        let off = self.check(gpa, PAGE_SIZE)?;
-        if off % PAGE_SIZE as usize != 0 {
-            return Err(MemoryError::OutOfRange { gpa, len: PAGE_SIZE, size: self.size });
+        self.discard(gpa, PAGE_SIZE)
+    }
+
+    /// Drops the whole pages of `[gpa, gpa + len)` in one call (see [`discard_page`](Self::discard_page)).
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let off = self.check(gpa, len)?;
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::OutOfRange { gpa, len, size: self.size });
         }
-        // SAFETY: one whole, page-aligned page inside the live private anonymous
-        // mapping; MADV_DONTNEED only drops its contents, never the mapping.
-        let rc =
-            unsafe { libc::madvise(self.map.as_mut_ptr().add(off).cast(), PAGE_SIZE as usize, libc::MADV_DONTNEED) };
+        // SAFETY: whole, page-aligned pages inside the live private anonymous
+        // mapping; MADV_DONTNEED only drops their contents, never the mapping.
+        let rc = unsafe { libc::madvise(self.map.as_mut_ptr().add(off).cast(), len as usize, libc::MADV_DONTNEED) };
         if rc != 0 {
-            return Err(MemoryError::Map { size: PAGE_SIZE, source: std::io::Error::last_os_error() });
+            return Err(MemoryError::Map { size: len, source: std::io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+
+    /// Drops every page in `gpas` (sorted), one call per run of consecutive pages.
+    pub fn discard_pages(&self, gpas: &[u64]) -> Result<(), MemoryError> {
+        let mut i = 0;
+        while i < gpas.len() {
+            let mut j = i + 1;
+            while j < gpas.len() && gpas[j] == gpas[j - 1] + PAGE_SIZE {
+                j += 1;
+            }
+            self.discard(gpas[i], (j - i) as u64 * PAGE_SIZE)?;
+            i = j;
         }
         Ok(())
     }
@@ -212,6 +230,12 @@ mod tests {
         mem.discard_page(8192).unwrap();
         assert_eq!(mem.read_u64(8192).unwrap(), 0);
         assert_eq!(mem.read_u64(12288).unwrap(), 6);
+        for page in [1u64, 2, 3, 7] {
+            mem.write_u64(page * 4096, page).unwrap();
+        }
+        mem.discard_pages(&[4096, 8192, 28672]).unwrap();
+        let left: Vec<u64> = [1u64, 2, 3, 7].iter().map(|p| mem.read_u64(p * 4096).unwrap()).collect();
+        assert_eq!(left, vec![0, 0, 3, 0]);
     }
 
     #[test]

@@ -161,6 +161,24 @@ impl Incoming {
         Ok(())
     }
 
+    /// Drops pages that changed at the source after they were sent (sorted
+    /// addresses, from the source's dirty log), so that the guest faults them in fresh.
+    fn discard(&mut self, gpas: &[u64]) -> Result<(), MigrationError> {
+        if let Some(&bad) =
+            gpas.iter().find(|&&gpa| gpa.checked_add(PAGE_SIZE).is_none_or(|end| end > self.memory.size()))
+        {
+            return Err(MigrationError::Protocol(ProtocolError::Malformed {
+                what: "discard list",
+                detail: format!("page {bad:#x} is outside the VM's {} bytes", self.memory.size()),
+            }));
+        }
+        self.memory.discard_pages(gpas).map_err(|e| MigrationError::Vm(e.to_string()))?;
+        for &gpa in gpas {
+            self.received.remove(gpa);
+        }
+        Ok(())
+    }
+
     /// One page of a run that could not be installed whole.
     fn install_page(&mut self, gpa: u64, data: Option<&[u8]>) -> Result<(), MigrationError> {
         let vm = |e: String| MigrationError::Vm(e);
@@ -245,13 +263,8 @@ pub async fn migrate_in(
             Frame::Message(Message::Switchover { state, stale }) if runner.is_none() => {
                 incoming.switched_over = true;
                 // Changed after they were sent: drop them so that the guest faults them in fresh.
-                let discarded = stale.iter().try_for_each(|&gpa| {
-                    memory.discard_page(gpa)?;
-                    incoming.received.remove(gpa);
-                    Ok::<_, crate::memory::MemoryError>(())
-                });
-                if let Err(e) = discarded {
-                    break Err(vm(e.to_string()));
+                if let Err(e) = incoming.discard(&stale) {
+                    break Err(e);
                 }
                 let state = match MachineState::from_bytes(&state) {
                     Ok(s) => s,
@@ -289,6 +302,13 @@ pub async fn migrate_in(
                 // TCP keeps order: every page sent before this is installed.
                 drop(handler.take());
                 break Ok(());
+            }
+            // Only under userfaultfd does a dropped page come back (as a fault).
+            Frame::Message(Message::Discard { gpas }) if runner.is_none() && incoming.region.is_some() => {
+                if let Err(e) = incoming.discard(&gpas) {
+                    break Err(e);
+                }
+                out.message(&Message::Discarded)?;
             }
             Frame::Message(Message::Abort { reason }) => break Err(MigrationError::Aborted(reason)),
             Frame::Message(other) => break Err(MigrationError::Unexpected(format!("{other:?}"))),

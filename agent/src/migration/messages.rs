@@ -206,4 +206,11 @@ pub enum Message {
     Abort {
         reason: String,
     },
+    /// Source → destination, hybrid, while the VM still runs at the source:
+    /// drop these pages (they changed after they were sent); they will come in post-copy.
+    Discard {
+        gpas: Vec<u64>,
+    },
+    /// Destination → source: the pages of the last `Discard` are dropped.
+    Discarded,
 }

@@ -141,17 +141,16 @@ pub async fn migrate_out(
         ..Default::default()
     };
     let memory = runner.memory();
-    let (paused_at, final_dirty) =
-        match precopy_and_stop(runner, &memory, &mut out, &mut rd, mode, options, &mut report).await {
-            Ok(v) => v,
-            Err(e) => {
-                // Not committed: the VM keeps running here.
-                let _ = runner.set_dirty_logging(false).await;
-                let _ = runner.resume().await;
-                let _ = out.message(&Message::Abort { reason: e.to_string() }).await;
-                return Err(e);
-            }
-        };
+    let stopped = match precopy_and_stop(runner, &memory, &mut out, &mut rd, mode, options, &mut report).await {
+        Ok(v) => v,
+        Err(e) => {
+            // Not committed: the VM keeps running here.
+            let _ = runner.set_dirty_logging(false).await;
+            let _ = runner.resume().await;
+            let _ = out.message(&Message::Abort { reason: e.to_string() }).await;
+            return Err(e);
+        }
+    };
 
     // Committed from here: the destination runs the VM once it reads `Go`.
     out.message(&Message::Go).await.map_err(|e| MigrationError::LostAfterCommit(e.to_string()))?;
@@ -162,12 +161,14 @@ pub async fn migrate_out(
         Mode::Postcopy => PageSet::full(config.mem_bytes),
         Mode::Hybrid => {
             let mut set = PageSet::empty(config.mem_bytes);
-            for &gpa in &final_dirty {
+            for &gpa in stopped.final_dirty.iter().chain(&stopped.discarded) {
                 set.insert(gpa);
             }
             set
         }
     };
+    report.final_dirty_pages = if mode == Mode::Hybrid { unsent.len() } else { stopped.final_dirty.len() as u64 };
+    let paused_at = stopped.paused_at;
     let lost = |e: MigrationError| MigrationError::LostAfterCommit(e.to_string());
     let mut resumed_at = None;
     let mut cursor = 0u64;
@@ -227,13 +228,26 @@ pub async fn migrate_out(
     report.pages_sent = out.pages;
     report.zero_pages = out.zero_pages;
     report.fault_latency_us = stats.fault_latency_us;
-    report.final_dirty_pages = final_dirty.len() as u64;
     Ok(report)
 }
 
-/// Pre-copy rounds (unless post-copy), then stop the VM, send what the mode
-/// needs and the switchover, and wait until the destination has rebuilt the VM.
-/// Returns when the VM stopped and the final dirty set.
+/// What the pre-copy phase left for the switchover and post-copy.
+struct Stopped {
+    paused_at: Instant,
+    /// Dirty at the stop (pre-copy: sent before the switchover; hybrid: dropped at the switchover).
+    final_dirty: Vec<u64>,
+    /// Hybrid: pages dropped at the destination while the VM still ran here.
+    discarded: Vec<u64>,
+}
+
+/// Pre-copy (pre-copy, hybrid), then stop the VM, send what the mode needs and
+/// the switchover, and wait until the destination has rebuilt the VM.
+///
+/// Pre-copy re-sends dirty pages round after round. Hybrid sends the full copy
+/// once; after that, pages dirtied again are not re-sent but dropped at the
+/// destination (`Discard`) while the VM still runs here, round after round
+/// until a round is small, so that the switchover has little left to drop and
+/// the dropped pages move in post-copy.
 async fn precopy_and_stop(
     runner: &VmRunner,
     memory: &GuestMemory,
@@ -242,9 +256,10 @@ async fn precopy_and_stop(
     mode: Mode,
     options: MigrationOptions,
     report: &mut MigrationReport,
-) -> Result<(Instant, Vec<u64>), MigrationError> {
+) -> Result<Stopped, MigrationError> {
     let vm = |e: String| MigrationError::Vm(e);
     let mut dirty = Vec::new();
+    let mut discarded = Vec::new();
     if mode != Mode::Postcopy {
         runner.set_dirty_logging(true).await.map_err(vm)?;
         let all: Vec<u64> = (0..memory.size()).step_by(PAGE_SIZE as usize).collect();
@@ -252,11 +267,18 @@ async fn precopy_and_stop(
         report.rounds = 1;
         loop {
             dirty = runner.take_dirty_pages().await.map_err(vm)?;
-            let hybrid_done = mode == Mode::Hybrid && report.rounds >= options.max_rounds.min(2);
-            if dirty.len() as u64 <= options.converge_pages || report.rounds >= options.max_rounds || hybrid_done {
+            if dirty.len() as u64 <= options.converge_pages || report.rounds >= options.max_rounds {
                 break;
             }
-            out.pages(memory, &dirty, COPY_BATCH_PAGES).await?;
+            if mode == Mode::Hybrid {
+                out.message(&Message::Discard { gpas: dirty.clone() }).await?;
+                match expect(rd, "discarded").await? {
+                    Message::Discarded => discarded.append(&mut dirty),
+                    other => return Err(MigrationError::Unexpected(format!("{other:?}"))),
+                }
+            } else {
+                out.pages(memory, &dirty, COPY_BATCH_PAGES).await?;
+            }
             report.rounds += 1;
         }
     }
@@ -276,7 +298,7 @@ async fn precopy_and_stop(
     let state = runner.capture().await.map_err(vm)?.to_bytes();
     let capture_ms = captured_at.elapsed().as_secs_f64() * 1e3;
     let stale = if mode == Mode::Hybrid { dirty.clone() } else { Vec::new() };
-    let state_bytes = state.len();
+    let (state_bytes, stale_pages) = (state.len(), stale.len());
     out.message(&Message::Switchover { state, stale }).await?;
     let sent_at = Instant::now();
     let restored = expect(rd, "restored").await?;
@@ -284,12 +306,13 @@ async fn precopy_and_stop(
         paused_ms,
         capture_ms,
         state_bytes,
+        stale_pages,
         restore_ms = sent_at.elapsed().as_secs_f64() * 1e3,
         since_pause_ms = paused_at.elapsed().as_secs_f64() * 1e3,
         "switchover"
     );
     match restored {
-        Message::Restored => Ok((paused_at, dirty)),
+        Message::Restored => Ok(Stopped { paused_at, final_dirty: dirty, discarded }),
         other => Err(MigrationError::Unexpected(format!("{other:?}"))),
     }
 }
