@@ -4,15 +4,12 @@
 #   random:     x = mix(s ^ i*GOLDEN), j = (x * ppv) >> 64
 #   hot/cold:   as random, but j = (x * hot_pages) >> 64 when (x & 1023) < hot_threshold
 # where s = mix(seed + v); page = v + n*j. ticks_per_write > 0 paces the writes on
-# the TSC. Every record_every writes it emits (i, j). Oracle: src/dirty.rs.
+# the TSC. Every record_every writes it emits (i, j). Oracle: src/oracle.rs.
 .include "common.inc"
 .globl _start
 _start:
     PROLOGUE
-    mov rax, [r15 + P_SEED]
-    add rax, r14
-    MIX
-    mov rbx, rax                    # s
+    SEED_PER_VCPU                   # rbx = s
     xor ebp, ebp                    # i: completed writes
     xor esi, esi                    # sequential cursor
     mov r11, [r15 + P_RECORD_EVERY]

@@ -1,6 +1,6 @@
 # idle: spins (`pause` x spin) between steps and writes almost nothing: step i
 # stores i in word 0 of page v of the working set. Every record_every steps it
-# emits (i, i). Oracle: src/idle.rs.
+# emits (i, i). Oracle: src/oracle.rs.
 .include "common.inc"
 .globl _start
 _start:

@@ -5,15 +5,12 @@
 #     x = mix(x); j = (x * ppv) >> 64; page = v + n*j; word = (x >> 7) & 511
 #     new = mix(mem[page][word] ^ x); mem[page][word] = new; h = mix(h + new)
 #   mailbox.progress = i; every record_every steps emit (i, h).
-# Initial h = mix(seed + v). The host oracle (src/ledger.rs) mirrors this.
+# Initial h = mix(seed + v). The host oracle (src/oracle.rs) mirrors this.
 .include "common.inc"
 .globl _start
 _start:
     PROLOGUE
-    mov rax, [r15 + P_SEED]
-    add rax, r14
-    MIX
-    mov rbx, rax                    # h
+    SEED_PER_VCPU                   # rbx = h
     xor ebp, ebp                    # i: completed steps
     mov r11, [r15 + P_RECORD_EVERY] # countdown to the next record
 step:

@@ -51,31 +51,31 @@ struct FaultHandler {
 }
 
 impl FaultHandler {
-    fn start(region: Arc<FaultRegion>, pending: PendingFaults, requests: mpsc::UnboundedSender<u64>) -> Self {
+    fn start(
+        region: Arc<FaultRegion>,
+        pending: PendingFaults,
+        requests: mpsc::UnboundedSender<u64>,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("uffd-faults".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    match region.next_fault(Duration::from_millis(20)) {
-                        Ok(Some(gpa)) => {
-                            let first =
-                                pending.lock().expect("pending faults lock").insert(gpa, Instant::now()).is_none();
-                            if first && requests.send(gpa).is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::error!("userfaultfd: {e}");
+        let thread = std::thread::Builder::new().name("uffd-faults".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match region.next_fault(Duration::from_millis(20)) {
+                    Ok(Some(gpa)) => {
+                        let first = pending.lock().expect("pending faults lock").insert(gpa, Instant::now()).is_none();
+                        if first && requests.send(gpa).is_err() {
                             return;
                         }
                     }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("userfaultfd: {e}");
+                        return;
+                    }
                 }
-            })
-            .expect("spawning the fault handler thread");
-        FaultHandler { stop, thread: Some(thread) }
+            }
+        })?;
+        Ok(FaultHandler { stop, thread: Some(thread) })
     }
 }
 
@@ -281,7 +281,10 @@ pub async fn migrate_in(
                 }
                 if let Some(region) = &incoming.region {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    handler = Some(FaultHandler::start(Arc::clone(region), Arc::clone(&incoming.pending), tx));
+                    match FaultHandler::start(Arc::clone(region), Arc::clone(&incoming.pending), tx) {
+                        Ok(h) => handler = Some(h),
+                        Err(e) => break Err(vm(format!("cannot start the fault handler thread: {e}"))),
+                    }
                     tokio::spawn(forward_requests(rx, out.clone()));
                 }
                 out.message(&Message::Restored)?;
