@@ -146,7 +146,7 @@ impl Daemon {
                 format_size(config.mem_bytes)
             ));
         }
-        crate::host::check_memory_fits(config.mem_bytes).map_err(|e| e.to_string())
+        crate::host::check_memory_available(config.mem_bytes).map_err(|e| format!("agent {}: {e}", self.name))
     }
 
     async fn start_vm(self: &Arc<Self>, name: String, config: MachineConfig) -> Reply {

@@ -12,6 +12,8 @@ pub enum HostError {
     Unaligned { flag: &'static str, value: String, unit: &'static str, suggest: String },
     #[error("--mem {requested} exceeds this host's {total} of memory: choose a smaller --mem")]
     MemoryExceedsHost { requested: String, total: String },
+    #[error("this host has {available} of memory available and the VM needs {requested}: free memory or choose another host")]
+    MemoryNotAvailable { requested: String, available: String },
     #[error("pcft must run as root: it opens /dev/kvm (and, for migration, userfaultfd and BPF); run it with sudo")]
     NotRoot,
     #[error("{0} does not exist: this host has no KVM; enable virtualization and load the kvm module (modprobe kvm_intel or kvm_amd)")]
@@ -76,6 +78,19 @@ pub fn check_memory_fits(requested: u64) -> Result<(), HostError> {
     Ok(())
 }
 
+/// Refuses guest memory larger than what the host has available now (for an
+/// agent that takes a VM in: after a migration its non-zero pages are all backed).
+pub fn check_memory_available(requested: u64) -> Result<(), HostError> {
+    let available = procfs::Current::current().ok().and_then(|m: procfs::Meminfo| m.mem_available).unwrap_or(u64::MAX);
+    if requested > available {
+        return Err(HostError::MemoryNotAvailable {
+            requested: format_size(requested),
+            available: format_size(available),
+        });
+    }
+    Ok(())
+}
+
 /// Checks that this process can drive KVM: root, and a usable `kvm_path`.
 pub fn check_kvm(kvm_path: &Path) -> Result<(), HostError> {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -122,5 +137,7 @@ mod tests {
     fn refuses_more_memory_than_the_host_has() {
         assert!(matches!(check_memory_fits(1 << 50), Err(HostError::MemoryExceedsHost { .. })));
         assert_eq!(check_memory_fits(1 << 20), Ok(()));
+        assert!(matches!(check_memory_available(1 << 50), Err(HostError::MemoryNotAvailable { .. })));
+        assert_eq!(check_memory_available(1 << 20), Ok(()));
     }
 }
