@@ -4,6 +4,7 @@
 
 use crate::boot::{self, BootError};
 use crate::devices::{DeviceEvent, DeviceState, VcpuStatus};
+use crate::dirty::{DirtyTracking, RingTracker};
 use crate::kvm::kick;
 use crate::kvm::state::{VcpuState, VmKernelState};
 use crate::kvm::vm::KvmVm;
@@ -135,7 +136,17 @@ impl PreparedMachine {
             workers.push(Machine::spawn(vcpu, &memory, *status, &tx)?);
         }
         vm.restore_state(&kernel)?;
-        Ok(Machine { config, memory, vm, workers, events, devices, pending: VecDeque::new(), running: false })
+        Ok(Machine {
+            config,
+            memory,
+            vm,
+            workers,
+            events,
+            devices,
+            pending: VecDeque::new(),
+            running: false,
+            ring: None,
+        })
     }
 }
 
@@ -152,15 +163,34 @@ pub struct Machine {
     /// Events taken off the channel (while pausing) that the caller has not seen yet.
     pending: VecDeque<MachineEvent>,
     running: bool,
+    /// The dirty-ring tracker and its harvester thread, when the machine uses the ring.
+    ring: Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
 }
 
 impl Machine {
     /// Builds a fresh machine with the fixture loaded, its vCPUs parked at the entry point.
-    pub fn boot(mut config: MachineConfig) -> Result<Machine, MachineError> {
+    pub fn boot(config: MachineConfig) -> Result<Machine, MachineError> {
+        Self::boot_with(config, DirtyTracking::Bitmap)
+    }
+
+    /// [`boot`](Self::boot) with a choice of dirty tracker.
+    pub fn boot_with(mut config: MachineConfig, tracking: DirtyTracking) -> Result<Machine, MachineError> {
         config.fixture.validate()?;
         let memory = Arc::new(GuestMemory::new(config.mem_bytes, config.slot_bytes)?);
         let vm = Self::create_vm(&memory)?;
+        if let DirtyTracking::Ring { entries } = tracking {
+            vm.enable_dirty_ring(entries)?;
+        }
         let vcpus = (0..config.vcpus() as u8).map(|id| vm.create_vcpu(id)).collect::<Result<Vec<_>, _>>()?;
+        let ring = match tracking {
+            DirtyTracking::Ring { entries } => {
+                let rings = vcpus.iter().map(|v| v.map_dirty_ring(entries)).collect::<Result<Vec<_>, _>>()?;
+                let tracker = RingTracker::new(rings, &memory, vm.raw_fd());
+                let harvester = tracker.start_harvester().map_err(MachineError::Thread)?;
+                Some((tracker, harvester))
+            }
+            DirtyTracking::Bitmap => None,
+        };
         if let Some(rate) = config.dirty_rate.filter(|r| *r > 0) {
             let tsc_hz = u64::from(vcpus[0].tsc_khz()?) * 1000;
             config.fixture.ticks_per_write = (tsc_hz / rate).max(1);
@@ -173,12 +203,14 @@ impl Machine {
         )?;
         let (tx, events) = mpsc::channel();
         let mut workers = Vec::with_capacity(config.vcpus());
+        let tracker = ring.as_ref().map(|(t, _)| Arc::clone(t));
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             vcpu.set_boot_state(&boot::entry_regs(id as u8), &boot::long_mode_sregs(vcpu.sregs()?))?;
-            workers.push(Self::spawn(vcpu, &memory, VcpuStatus::Running, &tx)?);
+            let worker = VcpuWorker::spawn(vcpu, Arc::clone(&memory), VcpuStatus::Running, tx.clone(), tracker.clone());
+            workers.push(worker.map_err(MachineError::Thread)?);
         }
         let devices = DeviceState::new(config.vcpus());
-        Ok(Machine { config, memory, vm, workers, events, devices, pending: VecDeque::new(), running: false })
+        Ok(Machine { config, memory, vm, workers, events, devices, pending: VecDeque::new(), running: false, ring })
     }
 
     /// Rebuilds a machine from a captured state; `load_memory` fills guest memory.
@@ -224,7 +256,7 @@ impl Machine {
         status: VcpuStatus,
         tx: &Sender<WorkerEvent>,
     ) -> Result<VcpuWorker, MachineError> {
-        VcpuWorker::spawn(vcpu, Arc::clone(memory), status, tx.clone()).map_err(MachineError::Thread)
+        VcpuWorker::spawn(vcpu, Arc::clone(memory), status, tx.clone(), None).map_err(MachineError::Thread)
     }
 
     pub fn config(&self) -> &MachineConfig {
@@ -240,14 +272,28 @@ impl Machine {
         Arc::clone(&self.memory)
     }
 
-    /// Turns KVM dirty-page logging on or off.
+    /// Starts (or stops) counting dirty pages from now: KVM logs a memslot's
+    /// writes (into the bitmap, or the ring when the VM has one) once the slot
+    /// is flagged for it. Starting forgets whatever was collected before.
     pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), MachineError> {
-        Ok(self.vm.set_dirty_logging(enabled)?)
+        self.vm.set_dirty_logging(enabled)?;
+        if let (Some((ring, _)), true) = (&self.ring, enabled) {
+            ring.take()?;
+        }
+        Ok(())
     }
 
-    /// The pages written since the last call (dirty logging must be on).
+    /// The pages written since the last call, sorted (dirty logging must be on).
     pub fn take_dirty_pages(&self) -> Result<Vec<u64>, MachineError> {
-        Ok(self.vm.take_dirty_pages()?)
+        match &self.ring {
+            Some((ring, _)) => Ok(ring.take()?),
+            None => Ok(self.vm.take_dirty_pages()?),
+        }
+    }
+
+    /// Dirty-ring entries harvested so far (None: the machine uses the bitmap).
+    pub fn dirty_ring_harvested(&self) -> Option<u64> {
+        self.ring.as_ref().map(|(ring, _)| ring.harvested())
     }
 
     pub fn devices(&self) -> &DeviceState {
@@ -411,6 +457,11 @@ impl Drop for Machine {
             }
             let _ = worker.thread.join();
         }
+        // The harvester uses the VM fd: it must end before the fd closes.
+        if let Some((ring, harvester)) = self.ring.take() {
+            ring.stop();
+            let _ = harvester.join();
+        }
     }
 }
 
@@ -495,6 +546,55 @@ mod tests {
             "unexpected dirty pages {others:x?}"
         );
         assert_eq!(machine.take_dirty_pages().unwrap(), Vec::<u64>::new(), "the log is cleared by a take");
+    }
+
+    /// Runs the `dirty` fixture writing `pages` pages once each, in order, and
+    /// returns what `tracking` says was written.
+    fn dirtied_by_one_pass(tracking: DirtyTracking, pages: u64) -> (Vec<u64>, Option<u64>) {
+        let ws = vm_fixtures::abi::WORKING_SET_GPA;
+        let mem_bytes = (ws + pages * 4096).div_ceil(2 << 20) * (2 << 20);
+        let mut fixture = FixtureParams::new(FixtureKind::Dirty, 1, pages);
+        fixture.pattern = vm_fixtures::DirtyPattern::Sequential;
+        fixture.steps = pages;
+        fixture.record_every = pages;
+        // Several memslots, so that ring entries' slot ids matter.
+        let config = MachineConfig { mem_bytes, slot_bytes: 128 << 20, fixture, dirty_rate: None };
+        let mut machine = Machine::boot_with(config, tracking).unwrap();
+        machine.set_dirty_logging(true).unwrap();
+        run_to_end(&mut machine);
+        machine.verify().unwrap();
+        (machine.take_dirty_pages().unwrap(), machine.dirty_ring_harvested())
+    }
+
+    #[test]
+    fn dirty_ring_and_bitmap_see_the_same_pages() {
+        let (ring, harvested) = dirtied_by_one_pass(DirtyTracking::Ring { entries: 4096 }, 3_000);
+        let (bitmap, _) = dirtied_by_one_pass(DirtyTracking::Bitmap, 3_000);
+        let only_ring: Vec<_> = ring.iter().filter(|p| bitmap.binary_search(p).is_err()).take(5).collect();
+        let only_bitmap: Vec<_> = bitmap.iter().filter(|p| ring.binary_search(p).is_err()).take(5).collect();
+        assert!(
+            ring.len() == bitmap.len() && only_ring.is_empty(),
+            "ring {} pages, bitmap {}; only in ring {only_ring:x?}, only in bitmap {only_bitmap:x?}",
+            ring.len(),
+            bitmap.len()
+        );
+        let ws = vm_fixtures::abi::WORKING_SET_GPA;
+        assert!((0..3_000).all(|j| ring.binary_search(&(ws + j * 4096)).is_ok()));
+        assert!(harvested.unwrap() >= 3_000);
+    }
+
+    #[test]
+    fn dirty_ring_drained_concurrently_loses_no_page_of_a_150k_page_pass() {
+        // host-facts: one pass over 150,000 pages overran a 1 MiB ring that was
+        // drained only on its full-exit. Drained by the harvester thread, even a
+        // 4096-entry ring must keep every page.
+        let ws = vm_fixtures::abi::WORKING_SET_GPA;
+        for entries in [65_536, 4_096] {
+            let (dirty, harvested) = dirtied_by_one_pass(DirtyTracking::Ring { entries }, 150_000);
+            let missing = (0..150_000u64).filter(|j| dirty.binary_search(&(ws + j * 4096)).is_err()).count();
+            assert_eq!(missing, 0, "{entries}-entry ring lost {missing} of 150000 written pages");
+            eprintln!("{entries}-entry ring: {} entries harvested for {} dirty pages", harvested.unwrap(), dirty.len());
+        }
     }
 
     #[test]

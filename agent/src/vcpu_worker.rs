@@ -2,6 +2,7 @@
 //! device events, and obeys commands (pause, resume, save, stop) between exits.
 
 use crate::devices::{decode_port_write, DeviceEvent, VcpuStatus};
+use crate::dirty::RingTracker;
 use crate::kvm::kick;
 use crate::kvm::state::VcpuState;
 use crate::kvm::vcpu::{KvmVcpu, VcpuExit};
@@ -41,11 +42,12 @@ impl VcpuWorker {
         memory: Arc<GuestMemory>,
         status: VcpuStatus,
         events: Sender<WorkerEvent>,
+        ring: Option<Arc<RingTracker>>,
     ) -> std::io::Result<Self> {
         kick::install();
         let (commands, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name(format!("vcpu{}", vcpu.id())).spawn(move || {
-            Worker { vcpu, memory, events, parked: true, finished: status != VcpuStatus::Running }.run(rx)
+            Worker { vcpu, memory, events, ring, parked: true, finished: status != VcpuStatus::Running }.run(rx)
         })?;
         Ok(VcpuWorker { commands, thread })
     }
@@ -55,6 +57,8 @@ struct Worker {
     vcpu: KvmVcpu,
     memory: Arc<GuestMemory>,
     events: Sender<WorkerEvent>,
+    /// The machine's dirty-ring tracker, if it uses one: drained here when this vCPU's ring fills.
+    ring: Option<Arc<RingTracker>>,
     /// Paused by the machine.
     parked: bool,
     /// Done, or failed: never enters the guest again.
@@ -108,6 +112,12 @@ impl Worker {
         }
         match exit {
             VcpuExit::Interrupted => {}
+            VcpuExit::DirtyRingFull => match &self.ring {
+                Some(ring) => {
+                    ring.drain().map_err(|e| e.to_string())?;
+                }
+                None => return Err("dirty ring full, but this machine has no dirty ring".into()),
+            },
             VcpuExit::IoOut { port, value } => {
                 let event = decode_port_write(&self.memory, id, port, value).map_err(|e| e.to_string())?;
                 let _ = self.events.send(WorkerEvent::Device(id, event));

@@ -4,6 +4,7 @@
 //! [`vcpu::KvmVcpu`]) and returns plain data ([`state`]) and our own exit enum
 //! ([`vcpu::VcpuExit`]), so the VMM logic above never touches an ioctl.
 
+pub mod dirty_ring;
 pub mod kick;
 pub mod state;
 pub mod vcpu;

@@ -17,6 +17,8 @@ pub enum VcpuExit {
     IoIn { port: u16 },
     /// A signal (a kick) interrupted `KVM_RUN`.
     Interrupted,
+    /// The vCPU's dirty ring is (nearly) full: harvest and reset before running again.
+    DirtyRingFull,
     /// The guest triple-faulted or otherwise shut down.
     Shutdown,
     /// Anything else: a bug in the guest or an unsupported exit.
@@ -44,6 +46,11 @@ impl KvmVcpu {
 
     pub fn id(&self) -> u8 {
         self.id
+    }
+
+    /// Maps this vCPU's dirty ring (the VM must have enabled one of `entries`).
+    pub fn map_dirty_ring(&self, entries: u32) -> Result<super::dirty_ring::DirtyRing, KvmError> {
+        super::dirty_ring::DirtyRing::map(std::os::fd::AsRawFd::as_raw_fd(&self.fd), entries)
     }
 
     fn set_cpuid(&self, entries: &[kvm_cpuid_entry2]) -> Result<(), KvmError> {
@@ -90,6 +97,9 @@ impl KvmVcpu {
             }
             Ok(kvm_ioctls::VcpuExit::Shutdown) => Ok(VcpuExit::Shutdown),
             Ok(kvm_ioctls::VcpuExit::Intr) => Ok(VcpuExit::Interrupted),
+            Ok(kvm_ioctls::VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
+                Ok(VcpuExit::DirtyRingFull)
+            }
             Ok(other) => Ok(VcpuExit::Unexpected(format!("{other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(VcpuExit::Interrupted),
             Err(e) => Err(KvmError::Ioctl { op: "KVM_RUN", source: e }),

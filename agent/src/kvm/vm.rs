@@ -77,6 +77,32 @@ impl KvmVm {
         Ok(pages)
     }
 
+    /// The largest dirty ring this KVM offers per vCPU, in entries (0: none).
+    pub fn dirty_ring_max_entries(&self) -> u32 {
+        let bytes = self.fd.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING.into());
+        (bytes.max(0) as u32) / std::mem::size_of::<kvm_bindings::kvm_dirty_gfn>() as u32
+    }
+
+    /// Gives every vCPU a dirty ring of `entries` (a power of two). Must come
+    /// before the first vCPU is created.
+    pub fn enable_dirty_ring(&self, entries: u32) -> Result<(), KvmError> {
+        let max = self.dirty_ring_max_entries();
+        if !entries.is_power_of_two() || entries > max {
+            return Err(KvmError::Unsupported(format!(
+                "a dirty ring of {entries} entries: this KVM offers powers of two up to {max}"
+            )));
+        }
+        let mut cap = kvm_bindings::kvm_enable_cap { cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING, ..Default::default() };
+        cap.args[0] = u64::from(entries) * std::mem::size_of::<kvm_bindings::kvm_dirty_gfn>() as u64;
+        self.fd.enable_cap(&cap).map_err(KvmError::ioctl("KVM_ENABLE_CAP(DIRTY_LOG_RING)"))
+    }
+
+    /// The VM fd, for `dirty_ring::reset_rings` from a harvester thread. The
+    /// caller must not use it after this `KvmVm` is dropped.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+
     /// Creates the in-kernel PIC, IOAPIC and per-vCPU LAPICs.
     pub fn create_irqchip(&self) -> Result<(), KvmError> {
         self.fd.create_irq_chip().map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))

@@ -3,11 +3,11 @@
 //! `Go`, and ask the source for the pages the guest faults on.
 
 use super::messages::{DestinationStats, Message, Mode, Percentiles};
-use super::page_set::PageSet;
 use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatch, ProtocolError};
 use super::source::MigrationError;
 use crate::machine::{Machine, MachineConfig, MachineState, PreparedMachine};
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::page_set::PageSet;
 use crate::uffd::{FaultRegion, Installed};
 use crate::vm_runner::VmRunner;
 use std::collections::HashMap;

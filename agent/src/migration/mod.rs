@@ -3,6 +3,5 @@
 
 pub mod destination;
 pub mod messages;
-pub mod page_set;
 pub mod protocol;
 pub mod source;

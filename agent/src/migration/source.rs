@@ -2,10 +2,10 @@
 //! post-copy push that answers the destination's page requests first.
 
 use super::messages::{DestinationStats, Message, MigrationOptions, MigrationReport, Mode, Role};
-use super::page_set::PageSet;
 use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatchWriter, ProtocolError};
 use crate::machine::MachineConfig;
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::page_set::PageSet;
 use crate::vm_runner::VmRunner;
 use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

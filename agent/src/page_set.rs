@@ -64,6 +64,20 @@ impl PageSet {
         removed
     }
 
+    /// Every page in the set, by ascending address.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let bit = u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    (w as u64 * 64 + bit) * PAGE_SIZE
+                })
+            })
+        })
+    }
+
     /// The first page at or after `gpa` that is in the set, wrapping around to 0.
     pub fn next_from(&self, gpa: u64) -> Option<u64> {
         if self.len == 0 {
@@ -105,6 +119,11 @@ mod tests {
         assert!(!set.remove(4096 * 3));
         assert!(set.is_empty());
         assert_eq!(PageSet::full(1 << 20).len(), 256);
+        let mut set = PageSet::empty(1 << 20);
+        for page in [200u64, 3, 64, 63] {
+            set.insert(page * 4096);
+        }
+        assert_eq!(set.iter().map(|g| g / 4096).collect::<Vec<_>>(), vec![3, 63, 64, 200]);
     }
 
     #[test]
