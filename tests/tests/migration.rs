@@ -145,6 +145,7 @@ enum Fake {
     RefusesNoRoom,
     DiesDuringCopy,
     DiesBeforeRestored,
+    SilentAfterWelcome,
 }
 
 fn read_frame(stream: &mut TcpStream) -> Option<Frame> {
@@ -176,6 +177,12 @@ fn fake_destination(fake: Fake) -> (String, std::thread::JoinHandle<()>) {
                 let mut other = welcome.clone();
                 other[4] = 9;
                 drop(s.write_all(&other));
+            }
+            Fake::SilentAfterWelcome => {
+                s.write_all(&welcome).unwrap();
+                // Says nothing more until the source gives up and hangs up.
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink);
             }
             Fake::RefusesNoRoom => {
                 s.write_all(&welcome).unwrap();
@@ -229,6 +236,7 @@ fn failed_migrations_leave_the_vm_running_at_the_source() {
         (Some(Fake::DiesDuringCopy), "precopy", "keeps running here"),
         (Some(Fake::DiesBeforeRestored), "postcopy", "keeps running here"),
         (None, "postcopy", "has room for 32 MiB of guest memory per VM"),
+        (Some(Fake::SilentAfterWelcome), "postcopy", "did not answer (ready) within 1s"),
     ];
     for (fake, mode, needle) in cases {
         let (to, server) = match fake {
@@ -238,7 +246,18 @@ fn failed_migrations_leave_the_vm_running_at_the_source() {
             }
             None => (small.addr.clone(), None),
         };
-        let (code, _, err) = pcft_output(&["migrate", "vm1", "--agent", &source.addr, "--to", &to, "--mode", mode]);
+        let (code, _, err) = pcft_output(&[
+            "migrate",
+            "vm1",
+            "--agent",
+            &source.addr,
+            "--to",
+            &to,
+            "--mode",
+            mode,
+            "--reply-timeout",
+            "1",
+        ]);
         assert_eq!(code, Some(1), "{fake:?}: {err}");
         assert!(err.contains(needle), "{fake:?}: expected {needle:?} in {err}");
         assert!(err.contains("the VM keeps running here"), "{fake:?}: {err}");

@@ -81,6 +81,9 @@ pub struct MigrateArgs {
     /// Pre-copy: most rounds before stop-and-copy.
     #[arg(long, default_value_t = 30)]
     pub max_rounds: u32,
+    /// Seconds to wait for each answer of the destination before the switchover commits.
+    #[arg(long, default_value_t = 30)]
+    pub reply_timeout: u64,
     /// Print the migration report as one JSON object.
     #[arg(long)]
     pub json: bool,

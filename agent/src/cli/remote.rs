@@ -112,7 +112,11 @@ pub fn wait(args: WaitArgs) -> Result<(), Failure> {
 }
 
 pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
-    let options = MigrationOptions { max_rounds: args.max_rounds.max(1), ..MigrationOptions::default() };
+    let options = MigrationOptions {
+        max_rounds: args.max_rounds.max(1),
+        reply_timeout_ms: args.reply_timeout.max(1) * 1000,
+        ..MigrationOptions::default()
+    };
     let request = Message::Migrate { name: args.name.clone(), to: args.to.clone(), mode: args.mode.into(), options };
     let answer = runtime().block_on(ask(&args.agent, request))?;
     let Message::Migrated(report) = answer else { return Err(unexpected(answer)) };

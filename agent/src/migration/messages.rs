@@ -36,11 +36,14 @@ pub struct MigrationOptions {
     pub max_rounds: u32,
     /// Pre-copy: stop iterating once a round leaves at most this many dirty pages.
     pub converge_pages: u64,
+    /// How long the source waits for each answer of the destination before the
+    /// switchover commits; past it the migration fails and the VM keeps running at the source.
+    pub reply_timeout_ms: u64,
 }
 
 impl Default for MigrationOptions {
     fn default() -> Self {
-        MigrationOptions { max_rounds: 30, converge_pages: 256 }
+        MigrationOptions { max_rounds: 30, converge_pages: 256, reply_timeout_ms: 30_000 }
     }
 }
 

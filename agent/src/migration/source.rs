@@ -34,6 +34,8 @@ pub enum MigrationError {
     Aborted(String),
     #[error("VM error: {0}")]
     Vm(String),
+    #[error("the destination did not answer ({what}) within {after:?}")]
+    Timeout { what: String, after: Duration },
     #[error("the destination was lost after the switchover committed: {0}; without PostCopyFT checkpoints the VM cannot be recovered")]
     LostAfterCommit(String),
 }
@@ -70,8 +72,12 @@ impl Outbox {
     }
 }
 
-async fn expect(rd: &mut OwnedReadHalf, what: &str) -> Result<Message, MigrationError> {
-    match read_frame(rd).await? {
+/// Reads the destination's next answer (before the switchover commits), waiting at most `timeout`.
+async fn expect(rd: &mut OwnedReadHalf, what: &str, timeout: Duration) -> Result<Message, MigrationError> {
+    let frame = tokio::time::timeout(timeout, read_frame(rd))
+        .await
+        .map_err(|_| MigrationError::Timeout { what: what.to_string(), after: timeout })??;
+    match frame {
         Frame::Message(Message::Refuse { reason }) => Err(MigrationError::Refused(reason)),
         Frame::Message(Message::Abort { reason }) => Err(MigrationError::Aborted(reason)),
         Frame::Message(m) => Ok(m),
@@ -117,6 +123,7 @@ pub async fn migrate_out(
     agent: &str,
 ) -> Result<MigrationReport, MigrationError> {
     let started = Instant::now();
+    let reply_timeout = Duration::from_millis(options.reply_timeout_ms);
     let stream = TcpStream::connect(to)
         .await
         .map_err(|e| MigrationError::Connect { to: to.to_string(), reason: e.to_string() })?;
@@ -124,12 +131,12 @@ pub async fn migrate_out(
     let (mut rd, wr) = stream.into_split();
     let mut out = Outbox { wr, bytes: 0, pages: 0, zero_pages: 0 };
     out.message(&Message::Hello { role: Role::Migration, agent: agent.to_string() }).await?;
-    match expect(&mut rd, "welcome").await? {
+    match expect(&mut rd, "welcome", reply_timeout).await? {
         Message::Welcome { .. } => {}
         other => return Err(MigrationError::Unexpected(format!("{other:?}"))),
     }
     out.message(&Message::Begin { name: vm.to_string(), config: config.clone(), mode }).await?;
-    match expect(&mut rd, "ready").await? {
+    match expect(&mut rd, "ready", reply_timeout).await? {
         Message::Ready => {}
         other => return Err(MigrationError::Unexpected(format!("{other:?}"))),
     }
@@ -258,6 +265,7 @@ async fn precopy_and_stop(
     report: &mut MigrationReport,
 ) -> Result<Stopped, MigrationError> {
     let vm = |e: String| MigrationError::Vm(e);
+    let reply_timeout = Duration::from_millis(options.reply_timeout_ms);
     let mut dirty = Vec::new();
     let mut discarded = Vec::new();
     if mode != Mode::Postcopy {
@@ -272,7 +280,7 @@ async fn precopy_and_stop(
             }
             if mode == Mode::Hybrid {
                 out.message(&Message::Discard { gpas: dirty.clone() }).await?;
-                match expect(rd, "discarded").await? {
+                match expect(rd, "discarded", reply_timeout).await? {
                     Message::Discarded => discarded.append(&mut dirty),
                     other => return Err(MigrationError::Unexpected(format!("{other:?}"))),
                 }
@@ -301,7 +309,7 @@ async fn precopy_and_stop(
     let (state_bytes, stale_pages) = (state.len(), stale.len());
     out.message(&Message::Switchover { state, stale }).await?;
     let sent_at = Instant::now();
-    let restored = expect(rd, "restored").await?;
+    let restored = expect(rd, "restored", reply_timeout).await?;
     tracing::info!(
         paused_ms,
         capture_ms,
