@@ -2,6 +2,7 @@
 //! and receives migrations, all on one TCP port. Every connection starts with
 //! `Hello`, whose role says what follows.
 
+use crate::dirty::DirtyTracking;
 use crate::host::format_size;
 use crate::machine::{Machine, MachineConfig};
 use crate::migration::destination::migrate_in;
@@ -99,7 +100,7 @@ impl Daemon {
         match request {
             Message::Ping => Ok(Message::Pong),
             Message::Status => Ok(Message::StatusReport { agent: self.name.clone(), vms: self.status() }),
-            Message::StartVm { name, config } => self.start_vm(name, config).await,
+            Message::StartVm { name, config, tracking } => self.start_vm(name, config, tracking).await,
             Message::Migrate { name, to, mode, options } => self.migrate(name, to, mode, options).await,
             Message::WaitFinished { name, timeout_ms } => self.wait_finished(&name, timeout_ms).await,
             other => Err(format!("{other:?} is not a request an agent answers").into()),
@@ -149,11 +150,11 @@ impl Daemon {
         crate::host::check_memory_available(config.mem_bytes).map_err(|e| format!("agent {}: {e}", self.name))
     }
 
-    async fn start_vm(self: &Arc<Self>, name: String, config: MachineConfig) -> Reply {
+    async fn start_vm(self: &Arc<Self>, name: String, config: MachineConfig, tracking: DirtyTracking) -> Reply {
         self.check_room(&name, &config)?;
         config.fixture.validate().map_err(|e| e.to_string())?;
         let boot_config = config.clone();
-        let machine = tokio::task::spawn_blocking(move || Machine::boot(boot_config))
+        let machine = tokio::task::spawn_blocking(move || Machine::boot_with(boot_config, tracking))
             .await
             .map_err(|e| Denial::Failed(e.to_string()))?
             .map_err(|e| Denial::Failed(format!("cannot start VM {name:?}: {e}")))?;

@@ -15,12 +15,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How a machine tracks the pages its guest writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DirtyTracking {
     /// KVM's dirty bitmap, off until asked for.
     Bitmap,
     /// KVM's dirty ring of `entries` per vCPU (a power of two), on from boot.
     Ring { entries: u32 },
+}
+
+impl DirtyTracking {
+    /// The largest ring KVM offers here (1 MiB: 65,536 entries), the default for `--dirty-tracker ring`.
+    pub const DEFAULT_RING_ENTRIES: u32 = 65_536;
 }
 
 /// How often the harvester drains the rings.

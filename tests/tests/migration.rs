@@ -104,7 +104,9 @@ fn cli_commands_across_two_agents() {
     assert_eq!(verified["records"], records);
 
     // A paced dirty guest: its configuration is completed at boot (TSC ticks per
-    // write), and the migrated state must carry exactly that configuration.
+    // write), and the migrated state must carry exactly that configuration. It
+    // tracks dirty pages with KVM's dirty ring, so its pre-copy runs on the ring
+    // (and the hybrid migration back, from a restored VM, on the bitmap).
     let (code, _, err) = pcft_output(&[
         "vm",
         "start",
@@ -120,6 +122,8 @@ fn cli_commands_across_two_agents() {
         "20000",
         "--rate",
         "20000",
+        "--dirty-tracker",
+        "ring",
     ]);
     assert_eq!(code, Some(0), "{err}");
     for mode in ["precopy", "hybrid"] {

@@ -7,6 +7,7 @@ use super::vm::{machine_config, KVM_PATH};
 use super::{run_failure, usage, DemoArgs, Failure, Pattern, WorkloadArgs};
 use anyhow::{anyhow, Context};
 use pcft_agent::client::{AgentClient, ClientError};
+use pcft_agent::dirty::DirtyTracking;
 use pcft_agent::host;
 use pcft_agent::migration::messages::{Message, MigrationOptions, Mode};
 use serde_json::json;
@@ -78,6 +79,7 @@ fn workload(args: &DemoArgs) -> WorkloadArgs {
         rate: None,
         spin: None,
         slot_size: "128M".into(),
+        dirty_tracker: super::TrackerArg::Bitmap,
     }
 }
 
@@ -98,7 +100,8 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let (fixture, vcpus, mem_bytes) = (config.fixture.kind.name(), config.fixture.vcpus, config.mem_bytes);
     let outcome = runtime().block_on(async {
         let mut src = AgentClient::connect(&source).await.map_err(client_error)?;
-        src.request(&Message::StartVm { name: VM.into(), config }).await.map_err(client_error)?;
+        let start = Message::StartVm { name: VM.into(), config, tracking: DirtyTracking::Bitmap };
+        src.request(&start).await.map_err(client_error)?;
         tokio::time::sleep(Duration::from_millis(args.migrate_after_ms)).await;
         let request =
             Message::Migrate { name: VM.into(), to: destination.clone(), mode, options: MigrationOptions::default() };

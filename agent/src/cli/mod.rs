@@ -221,6 +221,26 @@ pub struct WorkloadArgs {
     /// Guest memory is registered with KVM as memslots of at most this size (a multiple of 2M).
     #[arg(long, default_value = "128M")]
     pub slot_size: String,
+    /// How the VM's written pages are tracked (for pre-copy): KVM's dirty bitmap,
+    /// or its dirty ring (65,536 entries per vCPU, drained by a thread of its own).
+    #[arg(long, value_enum, default_value_t = TrackerArg::Bitmap)]
+    pub dirty_tracker: TrackerArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TrackerArg {
+    Bitmap,
+    Ring,
+}
+
+impl From<TrackerArg> for pcft_agent::dirty::DirtyTracking {
+    fn from(t: TrackerArg) -> Self {
+        use pcft_agent::dirty::DirtyTracking;
+        match t {
+            TrackerArg::Bitmap => DirtyTracking::Bitmap,
+            TrackerArg::Ring => DirtyTracking::Ring { entries: DirtyTracking::DEFAULT_RING_ENTRIES },
+        }
+    }
 }
 
 /// What to do while the VM runs, shared by `run` and `restore`.

@@ -60,7 +60,8 @@ fn unexpected(answer: Message) -> Failure {
 
 pub fn start(args: StartArgs) -> Result<(), Failure> {
     let config = machine_config(&args.workload)?;
-    match runtime().block_on(ask(&args.agent, Message::StartVm { name: args.name.clone(), config }))? {
+    let start = Message::StartVm { name: args.name.clone(), config, tracking: args.workload.dirty_tracker.into() };
+    match runtime().block_on(ask(&args.agent, start))? {
         Message::Ok => {
             println!("started VM {} on {}", args.name, args.agent);
             Ok(())

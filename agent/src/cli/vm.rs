@@ -81,7 +81,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let reporter = Reporter { json: args.control.json };
     let fixture = config.fixture.kind.name();
     let (vcpus, mem) = (config.fixture.vcpus, format_size(config.mem_bytes));
-    let machine = Machine::boot(config).context("cannot start the VM").map_err(run_failure)?;
+    let machine = Machine::boot_with(config, args.workload.dirty_tracker.into())
+        .context("cannot start the VM")
+        .map_err(run_failure)?;
     reporter.started("booted", fixture, vcpus, &mem, 0);
     drive(machine, &args.control, &reporter)
 }

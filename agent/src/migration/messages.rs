@@ -150,6 +150,7 @@ pub enum Message {
     StartVm {
         name: String,
         config: MachineConfig,
+        tracking: crate::dirty::DirtyTracking,
     },
     Status,
     StatusReport {
