@@ -31,7 +31,8 @@ enum Task {
     },
     /// Run every test on real KVM (needs root and /dev/kvm).
     Test,
-    /// Benchmark the migration modes (release build); `--quick` for a 64 MiB smoke run.
+    /// Benchmark the migration modes (release build) and the page path (criterion);
+    /// `--quick` for a 64 MiB migration smoke run only.
     Bench {
         #[arg(long)]
         quick: bool,
@@ -71,7 +72,12 @@ fn task(task: Task) -> Result<()> {
             setup()?;
             require_kvm()?;
             let pcft = build_release()?;
-            bench::run(&workspace_root(), &pcft, quick)
+            bench::run(&workspace_root(), &pcft, quick)?;
+            if !quick {
+                // The page path's small parts, each beside a baseline from the same run.
+                cargo(&["bench", "-p", "pcft-agent", "--bench", "page_path"])?;
+            }
+            Ok(())
         }
         Task::Ci => {
             setup()?;
