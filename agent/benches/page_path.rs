@@ -49,6 +49,7 @@ fn decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode 64 pages");
     group.throughput(Throughput::Bytes(BYTES));
     group.bench_function("baseline: copy the frame", |b| b.iter(|| black_box(frame.clone())));
+    group.bench_function("part: CRC-32C of the frame", |b| b.iter(|| crc32c::crc32c(black_box(&frame))));
     group.bench_function("check, decode and split into runs", |b| {
         b.iter_batched(
             || frame.clone(),
