@@ -202,7 +202,9 @@ impl Daemon {
                 slot.phase = VmPhase::MigratedAway;
                 slot.runner = None;
                 drop(vms);
-                drop(runner); // the last handle: the source copy stops here
+                // The last handle: the source copy stops here. Stopping joins the
+                // VM's threads, so it runs off the async workers.
+                tokio::task::spawn_blocking(move || drop(runner));
                 tracing::info!(vm = %name, %to, ms = report.total_migration_ms, "migrated");
                 Ok(Message::Migrated(report))
             }
