@@ -139,6 +139,38 @@ fn cli_commands_across_two_agents() {
     assert!(err.contains("no running VM named \"nope\""), "{err}");
 }
 
+#[test]
+fn paced_postcopy_push_takes_its_time_and_keeps_the_oracle() {
+    let (a, b) = (Agent::start("a", &[]), Agent::start("b", &[]));
+    let (code, _, err) = pcft_output(&[
+        "vm",
+        "start",
+        "--agent",
+        &a.addr,
+        "--name",
+        "vm1",
+        "--fixture",
+        "ledger",
+        "--mem",
+        "32M",
+        "--steps",
+        "40000",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    // Pages the guest faults on go at once; the rest at most 16,384 pages/s.
+    let args =
+        ["migrate", "vm1", "--agent", &a.addr, "--to", &b.addr, "--mode", "postcopy", "--postcopy-rate", "16384"];
+    let report = pcft_json(&[&args[..], &["--json"]].concat());
+    let total = report["total_migration_ms"].as_f64().unwrap();
+    let pushed = report["pages_pushed"].as_f64().unwrap();
+    let floor_ms = (pushed - 64.0).max(0.0) / 16384.0 * 1e3;
+    assert!(pushed > 4096.0, "most pages should come by the push: {report}");
+    assert!(total >= floor_ms, "{pushed} pages pushed at 16384/s need {floor_ms} ms; took {total} ms: {report}");
+    let verified = pcft_json(&["vm", "wait", "vm1", "--agent", &b.addr, "--json"]);
+    let (digest, _) = ledger_digest(32, 1, 40_000);
+    assert_eq!(verified["memory_digest"], digest.as_str());
+}
+
 /// How a scripted fake destination misbehaves.
 #[derive(Clone, Copy, Debug)]
 enum Fake {

@@ -84,6 +84,10 @@ pub struct MigrateArgs {
     /// Seconds to wait for each answer of the destination before the switchover commits.
     #[arg(long, default_value_t = 30)]
     pub reply_timeout: u64,
+    /// Post-copy: most pages per second the background push sends (0: no limit);
+    /// pages the guest faults on are never held back.
+    #[arg(long, default_value_t = 0)]
+    pub postcopy_rate: u64,
     /// Print the migration report as one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -116,6 +116,7 @@ pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
     let options = MigrationOptions {
         max_rounds: args.max_rounds.max(1),
         reply_timeout_ms: args.reply_timeout.max(1) * 1000,
+        postcopy_pages_per_sec: args.postcopy_rate,
         ..MigrationOptions::default()
     };
     let request = Message::Migrate { name: args.name.clone(), to: args.to.clone(), mode: args.mode.into(), options };

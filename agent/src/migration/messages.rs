@@ -39,11 +39,14 @@ pub struct MigrationOptions {
     /// How long the source waits for each answer of the destination before the
     /// switchover commits; past it the migration fails and the VM keeps running at the source.
     pub reply_timeout_ms: u64,
+    /// Post-copy: most pages per second the background push sends (0: no limit).
+    /// Pages the destination asks for are never held back.
+    pub postcopy_pages_per_sec: u64,
 }
 
 impl Default for MigrationOptions {
     fn default() -> Self {
-        MigrationOptions { max_rounds: 30, converge_pages: 256, reply_timeout_ms: 30_000 }
+        MigrationOptions { max_rounds: 30, converge_pages: 256, reply_timeout_ms: 30_000, postcopy_pages_per_sec: 0 }
     }
 }
 

@@ -163,7 +163,7 @@ pub async fn migrate_out(
     out.message(&Message::Go).await.map_err(|e| MigrationError::LostAfterCommit(e.to_string()))?;
     let (tx, mut replies) = mpsc::unbounded_channel();
     tokio::spawn(read_replies(rd, tx));
-    let mut unsent = match mode {
+    let unsent = match mode {
         Mode::Precopy => PageSet::empty(config.mem_bytes),
         Mode::Postcopy => PageSet::full(config.mem_bytes),
         Mode::Hybrid => {
@@ -177,47 +177,39 @@ pub async fn migrate_out(
     report.final_dirty_pages = if mode == Mode::Hybrid { unsent.len() } else { stopped.final_dirty.len() as u64 };
     let paused_at = stopped.paused_at;
     let lost = |e: MigrationError| MigrationError::LostAfterCommit(e.to_string());
-    let mut resumed_at = None;
-    let mut cursor = 0u64;
-    let mut demand = Vec::new();
-    while !unsent.is_empty() {
+    let mut push = Push { unsent, demand: Vec::new(), cursor: 0, resumed_at: None };
+    // Pacing of the background push (demand pages are never held back).
+    let pace = (options.postcopy_pages_per_sec > 0)
+        .then(|| Duration::from_secs_f64(PUSH_BATCH_PAGES as f64 / options.postcopy_pages_per_sec as f64));
+    let mut next_push = Instant::now();
+    while !push.unsent.is_empty() {
         // The reply reader may sit in this worker's queue: let it run, so that
         // page requests (and "resumed") are seen after at most one batch.
         tokio::task::yield_now().await;
         while let Ok(reply) = replies.try_recv() {
-            match reply {
-                Reply::Resumed(at) => resumed_at = Some(at),
-                Reply::Requests(gpas) => {
-                    for gpa in gpas {
-                        if unsent.remove(gpa) {
-                            demand.push(gpa);
-                        }
-                        // Push on from the latest fault: the guest is likely to touch what follows.
-                        cursor = gpa.wrapping_add(PAGE_SIZE);
-                    }
-                }
-                Reply::Complete(_) => {
-                    return Err(MigrationError::LostAfterCommit("completed before all pages were sent".into()))
-                }
-                Reply::Failed(reason) => return Err(MigrationError::LostAfterCommit(reason)),
-            }
+            push.absorb(reply)?;
         }
-        if !demand.is_empty() {
-            out.pages(&memory, &demand, PUSH_BATCH_PAGES).await.map_err(lost)?;
-            report.pages_faulted += demand.len() as u64;
-            demand.clear();
+        if !push.demand.is_empty() {
+            out.pages(&memory, &push.demand, PUSH_BATCH_PAGES).await.map_err(lost)?;
+            report.pages_faulted += push.demand.len() as u64;
+            push.demand.clear();
             continue;
         }
-        let mut push = Vec::with_capacity(PUSH_BATCH_PAGES);
-        while push.len() < PUSH_BATCH_PAGES {
-            let Some(gpa) = unsent.next_from(cursor) else { break };
-            unsent.remove(gpa);
-            push.push(gpa);
-            cursor = gpa + PAGE_SIZE;
+        if pace.is_some() && Instant::now() < next_push {
+            tokio::select! {
+                reply = replies.recv() => push.absorb(reply.unwrap_or(Reply::Failed("the connection closed".into())))?,
+                _ = tokio::time::sleep_until(next_push.into()) => {}
+            }
+            continue;
         }
-        out.pages(&memory, &push, PUSH_BATCH_PAGES).await.map_err(lost)?;
-        report.pages_pushed += push.len() as u64;
+        let batch = push.next_batch();
+        out.pages(&memory, &batch, PUSH_BATCH_PAGES).await.map_err(lost)?;
+        report.pages_pushed += batch.len() as u64;
+        if let Some(pace) = pace {
+            next_push = next_push.max(Instant::now() - pace) + pace;
+        }
     }
+    let mut resumed_at = push.resumed_at;
     out.message(&Message::AllSent { pages: out.pages }).await.map_err(lost)?;
     let stats = loop {
         match replies.recv().await {
@@ -236,6 +228,49 @@ pub async fn migrate_out(
     report.zero_pages = out.zero_pages;
     report.fault_latency_us = stats.fault_latency_us;
     Ok(report)
+}
+
+/// Post-copy at the source: what is still unsent, what the destination asked
+/// for, and where the background push goes next.
+struct Push {
+    unsent: PageSet,
+    demand: Vec<u64>,
+    cursor: u64,
+    resumed_at: Option<Instant>,
+}
+
+impl Push {
+    fn absorb(&mut self, reply: Reply) -> Result<(), MigrationError> {
+        match reply {
+            Reply::Resumed(at) => self.resumed_at = Some(at),
+            Reply::Requests(gpas) => {
+                for gpa in gpas {
+                    if self.unsent.remove(gpa) {
+                        self.demand.push(gpa);
+                    }
+                    // Push on from the latest fault: the guest is likely to touch what follows.
+                    self.cursor = gpa.wrapping_add(PAGE_SIZE);
+                }
+            }
+            Reply::Complete(_) => {
+                return Err(MigrationError::LostAfterCommit("completed before all pages were sent".into()))
+            }
+            Reply::Failed(reason) => return Err(MigrationError::LostAfterCommit(reason)),
+        }
+        Ok(())
+    }
+
+    /// The next pages of the background push, in address order from the cursor.
+    fn next_batch(&mut self) -> Vec<u64> {
+        let mut batch = Vec::with_capacity(PUSH_BATCH_PAGES);
+        while batch.len() < PUSH_BATCH_PAGES {
+            let Some(gpa) = self.unsent.next_from(self.cursor) else { break };
+            self.unsent.remove(gpa);
+            batch.push(gpa);
+            self.cursor = gpa + PAGE_SIZE;
+        }
+        batch
+    }
 }
 
 /// What the pre-copy phase left for the switchover and post-copy.
