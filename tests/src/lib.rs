@@ -9,17 +9,41 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use vm_fixtures::OutputRecord;
 
-/// Path of the `pcft` binary built alongside this test executable.
+/// Path of the `pcft` binary built alongside this test executable. Refuses a
+/// binary older than the agent's sources: `cargo test -p pcft-tests` alone does
+/// not rebuild it (`cargo test --workspace` and `cargo xtask test` do).
 pub fn pcft_path() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>/pcft
     let path = exe.parent().and_then(|d| d.parent()).expect("target/<profile>").join("pcft");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p pcft-agent` (cargo test --workspace does)",
-        path.display()
-    );
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or_else(|_| {
+        panic!("{} is missing: build it with `cargo build -p pcft-agent` (cargo test --workspace does)", path.display())
+    });
+    let sources = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/src");
+    if let Some(newest) = newest_mtime(&sources) {
+        assert!(
+            built >= newest,
+            "{} is older than {}: run `cargo build -p pcft-agent` (or `cargo test --workspace`)",
+            path.display(),
+            sources.display()
+        );
+    }
     path
+}
+
+fn newest_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                newest_mtime(&path)
+            } else {
+                entry.metadata().and_then(|m| m.modified()).ok()
+            }
+        })
+        .max()
 }
 
 pub fn pcft(args: &[&str]) -> Command {
