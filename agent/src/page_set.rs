@@ -35,6 +35,16 @@ impl PageSet {
         self.len == 0
     }
 
+    /// Whether every page of the memory is in the set.
+    pub fn is_full(&self) -> bool {
+        self.len == self.pages
+    }
+
+    /// Pages of the memory that are not in the set.
+    pub fn missing(&self) -> u64 {
+        self.pages - self.len
+    }
+
     fn index(&self, gpa: u64) -> Option<u64> {
         let page = gpa / PAGE_SIZE;
         (gpa.is_multiple_of(PAGE_SIZE) && page < self.pages).then_some(page)

@@ -10,6 +10,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::page_set::PageSet;
 use crate::uffd::{FaultRegion, Installed};
 use crate::vm_runner::VmRunner;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,7 +63,14 @@ impl FaultHandler {
             while !flag.load(Ordering::Relaxed) {
                 match region.next_fault(Duration::from_millis(20)) {
                     Ok(Some(gpa)) => {
-                        let first = pending.lock().expect("pending faults lock").insert(gpa, Instant::now()).is_none();
+                        // A repeated fault on a pending page keeps the first fault's time.
+                        let first = match pending.lock().expect("pending faults lock").entry(gpa) {
+                            Entry::Occupied(_) => false,
+                            Entry::Vacant(v) => {
+                                v.insert(Instant::now());
+                                true
+                            }
+                        };
                         if first && requests.send(gpa).is_err() {
                             return;
                         }
@@ -303,6 +311,12 @@ pub async fn migrate_in(
             }
             Frame::Message(Message::AllSent { .. }) if on_running.is_none() => {
                 // TCP keeps order: every page sent before this is installed.
+                let missing = incoming.received.missing();
+                if missing > 0 {
+                    break Err(MigrationError::Unexpected(format!(
+                        "AllSent while {missing} pages never arrived (a source bug)"
+                    )));
+                }
                 drop(handler.take());
                 break Ok(());
             }
@@ -328,6 +342,12 @@ pub async fn migrate_in(
             Ok(stats)
         }
         Err(e) => {
+            if on_running.is_none() && incoming.received.is_full() {
+                // Every page is here (pre-copy): the VM needs nothing more from the source.
+                tracing::warn!("the source was lost after every page arrived ({e}); the VM keeps running here");
+                stats.pages_faulted = incoming.latencies_us.len() as u64;
+                return Ok(stats);
+            }
             if on_running.is_none() {
                 // The VM ran here but cannot get its missing pages: stop it rather than let it hang.
                 if let Some(r) = &runner {

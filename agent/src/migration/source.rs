@@ -182,7 +182,8 @@ pub async fn migrate_out(
     let pace = (options.postcopy_pages_per_sec > 0)
         .then(|| Duration::from_secs_f64(PUSH_BATCH_PAGES as f64 / options.postcopy_pages_per_sec as f64));
     let mut next_push = Instant::now();
-    while !push.unsent.is_empty() {
+    // Requested pages leave `unsent` when asked for: flush them too before `AllSent`.
+    while !push.unsent.is_empty() || !push.demand.is_empty() {
         // The reply reader may sit in this worker's queue: let it run, so that
         // page requests (and "resumed") are seen after at most one batch.
         tokio::task::yield_now().await;
@@ -193,6 +194,12 @@ pub async fn migrate_out(
             out.pages(&memory, &push.demand, PUSH_BATCH_PAGES).await.map_err(lost)?;
             report.pages_faulted += push.demand.len() as u64;
             push.demand.clear();
+            continue;
+        }
+        if push.resumed_at.is_none() {
+            // Until the VM runs at the destination nothing needs pages; pushing now
+            // would only compete with its resume for the CPU and stretch the downtime.
+            push.absorb(replies.recv().await.unwrap_or(Reply::Failed("the connection closed".into())))?;
             continue;
         }
         if pace.is_some() && Instant::now() < next_push {
