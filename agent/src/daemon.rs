@@ -5,11 +5,13 @@
 use crate::dirty::DirtyTracking;
 use crate::host::format_size;
 use crate::machine::{Machine, MachineConfig};
+use crate::migration::checkpoint::Committed;
 use crate::migration::destination::migrate_in;
-use crate::migration::messages::{Message, MigrationOptions, Mode, Role, VmPhase, VmStatus};
+use crate::migration::messages::{FailoverReport, Message, MigrationOptions, Mode, Role, VmPhase, VmStatus};
 use crate::migration::protocol::{encode_message, read_frame, write_frame, Frame, ProtocolError};
-use crate::migration::source::{migrate_out, MigrationError};
-use crate::vm_runner::VmRunner;
+use crate::migration::source::{migrate_out, MigrationError, MigrationOutcome};
+use crate::output::OutputSink;
+use crate::vm_runner::{OutputGate, VmRunner};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +30,8 @@ pub struct Daemon {
     /// The most guest memory this agent accepts for one VM.
     max_guest_mem: u64,
     vms: Mutex<HashMap<String, VmSlot>>,
+    /// Where released guest output goes (the outside world).
+    sink: OutputSink,
 }
 
 /// Why a request got no answer: refused (exit 2 at the CLI) or failed (exit 1).
@@ -45,8 +49,8 @@ impl From<String> for Denial {
 type Reply = Result<Message, Denial>;
 
 impl Daemon {
-    pub fn new(name: String, max_guest_mem: u64) -> Arc<Self> {
-        Arc::new(Daemon { name, max_guest_mem, vms: Mutex::new(HashMap::new()) })
+    pub fn new(name: String, max_guest_mem: u64, sink: OutputSink) -> Arc<Self> {
+        Arc::new(Daemon { name, max_guest_mem, vms: Mutex::new(HashMap::new()), sink })
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmSlot>> {
@@ -161,7 +165,8 @@ impl Daemon {
         // Boot completes the configuration (a paced `dirty` guest's TSC ticks per
         // write): keep the machine's own, which is what a migration must send.
         let config = machine.config().clone();
-        let runner = Arc::new(VmRunner::spawn(&name, machine).map_err(|e| Denial::Failed(e.to_string()))?);
+        let gate = OutputGate { sink: self.sink.clone(), released: 0, hold: false };
+        let runner = Arc::new(VmRunner::spawn(&name, machine, gate).map_err(|e| Denial::Failed(e.to_string()))?);
         runner.resume().await.map_err(Denial::Failed)?;
         tracing::info!(vm = %name, fixture = %config.fixture.kind, "started");
         self.vms().insert(name, VmSlot { phase: VmPhase::Running, config, runner: Some(runner), error: None });
@@ -195,6 +200,30 @@ impl Daemon {
         };
         tracing::info!(vm = %name, %to, mode = mode.name(), "migrating out");
         let result = migrate_out(&runner, &name, &config, &to, mode, options, &self.name).await;
+        let result = match result {
+            Ok(MigrationOutcome::DestinationLost { mut report, committed, detected_at, fenced_at }) => {
+                let epoch = committed.epoch;
+                return match self.fail_over(&name, runner, committed, fenced_at).await {
+                    Ok(failover) => {
+                        let failover_ms = detected_at.elapsed().as_secs_f64() * 1e3;
+                        report.failover = Some(Box::new(FailoverReport { failover_ms, ..failover }));
+                        tracing::warn!(vm = %name, epoch, failover_ms, "recovered at the source");
+                        Ok(Message::Migrated(report))
+                    }
+                    Err(e) => {
+                        let mut vms = self.vms();
+                        let slot = vms.get_mut(&name).expect("a migrating VM stays in the table");
+                        slot.phase = VmPhase::Failed;
+                        slot.error = Some(e.clone());
+                        Err(Denial::Failed(format!(
+                            "migration of {name:?} to {to} failed and so did the failover: {e}"
+                        )))
+                    }
+                };
+            }
+            Ok(MigrationOutcome::Completed(report)) => Ok(report),
+            Err(e) => Err(e),
+        };
         let mut vms = self.vms();
         let slot = vms.get_mut(&name).expect("a migrating VM stays in the table");
         match result {
@@ -219,6 +248,48 @@ impl Daemon {
                 Err(Denial::Failed(format!("migration of {name:?} to {to} failed, the VM keeps running here: {e}")))
             }
         }
+    }
+
+    /// PostCopyFT failover: once the destination's lease has surely expired, stops
+    /// the paused source copy, restores the last committed checkpoint over the
+    /// source's memory (which holds every committed page), and runs it.
+    async fn fail_over(
+        &self,
+        name: &str,
+        runner: Arc<VmRunner>,
+        committed: Box<Committed>,
+        fenced_at: Instant,
+    ) -> Result<FailoverReport, String> {
+        let wait_from = Instant::now();
+        tokio::time::sleep_until(fenced_at.into()).await;
+        let fence_wait_ms = wait_from.elapsed().as_secs_f64() * 1e3;
+        let memory = runner.memory();
+        // Everything up to the switchover was released here; the restored state
+        // holds it and whatever the checkpoints committed after it.
+        let released = runner.status().released as usize;
+        if let Some(slot) = self.vms().get_mut(name) {
+            slot.runner = None;
+        }
+        let Committed { epoch, state } = *committed;
+        let committed_outputs = state.devices.output_log.len() as u64;
+        // The old copy's threads are joined, and the new VM built, off the async workers.
+        let machine = tokio::task::spawn_blocking(move || {
+            drop(runner);
+            Machine::restore_into(state, memory)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot restore checkpoint {epoch}: {e}"))?;
+        let gate = OutputGate { sink: self.sink.clone(), released, hold: false };
+        let runner = Arc::new(VmRunner::spawn(name, machine, gate).map_err(|e| e.to_string())?);
+        runner.resume().await?;
+        // Output of the committed epochs that the destination may not have released goes out now.
+        runner.release_outputs(None);
+        let mut vms = self.vms();
+        let slot = vms.get_mut(name).ok_or("the VM left the table")?;
+        slot.phase = VmPhase::Running;
+        slot.runner = Some(runner);
+        Ok(FailoverReport { restored_epoch: epoch, failover_ms: 0.0, fence_wait_ms, committed_outputs })
     }
 
     async fn wait_finished(self: &Arc<Self>, name: &str, timeout_ms: u64) -> Reply {
@@ -267,8 +338,8 @@ impl Daemon {
         mut wr: OwnedWriteHalf,
         from: &str,
     ) -> Result<(), String> {
-        let (name, config, mode) = match read_frame(&mut rd).await {
-            Ok(Frame::Message(Message::Begin { name, config, mode })) => (name, config, mode),
+        let (name, config, mode, options) = match read_frame(&mut rd).await {
+            Ok(Frame::Message(Message::Begin { name, config, mode, options })) => (name, config, mode, options),
             Ok(other) => return refuse(&mut wr, format!("expected Begin, got {other:?}")).await,
             Err(e) => return refuse(&mut wr, e.to_string()).await,
         };
@@ -285,7 +356,7 @@ impl Daemon {
         );
         let table = Arc::clone(&self);
         let vm = name.clone();
-        let result = migrate_in(rd, wr, &name, &config, mode, move |runner| {
+        let result = migrate_in(rd, wr, &name, &config, mode, options, self.sink.clone(), move |runner| {
             if let Some(slot) = table.vms().get_mut(&vm) {
                 slot.runner = Some(runner);
             }

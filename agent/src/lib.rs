@@ -15,6 +15,7 @@ pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod migration;
+pub mod output;
 pub mod page_set;
 pub mod snapshot;
 pub mod uffd;

@@ -466,7 +466,7 @@ impl Drop for Machine {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use vm_fixtures::FixtureKind;
 

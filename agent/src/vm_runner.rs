@@ -1,12 +1,15 @@
 //! One thread per VM on an agent: it owns the `Machine`, keeps its device
-//! model current (absorbing vCPU events as they come), and carries out
-//! commands from the async side of the agent, answering on oneshot channels.
+//! model current (absorbing vCPU events as they come), releases the guest's
+//! output to the outside (at once, or held until the caller says so), and
+//! carries out commands from the async side of the agent, answering on
+//! oneshot channels.
 
 use crate::machine::{Machine, MachineError, MachineEvent, MachineState, Verified};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::output::OutputSink;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -18,12 +21,37 @@ enum Command {
     DirtyLogging(bool, Reply<()>),
     TakeDirty(Reply<Vec<u64>>),
     Verify(Reply<Verified>),
+    Checkpoint(u64, Reply<CheckpointCapture>),
+    /// Release held output up to this many records of the output log (None: all, and hold no more).
+    Release(Option<usize>),
+}
+
+/// What a checkpoint's pause took from the machine.
+pub struct CheckpointCapture {
+    /// Pages written since the last take, sorted.
+    pub dirty: Vec<u64>,
+    /// Their contents at the pause, `PAGE_SIZE` bytes each, in `dirty` order.
+    pub data: Vec<u8>,
+    pub state: MachineState,
+    /// How long the vCPUs stood still.
+    pub pause: Duration,
+}
+
+/// How a runner lets the guest's output out.
+pub struct OutputGate {
+    pub sink: OutputSink,
+    /// Records of the output log already released (by this agent or before the VM came here).
+    pub released: usize,
+    /// Hold new records until [`VmRunner::release_outputs`] (PostCopyFT destination).
+    pub hold: bool,
 }
 
 /// What the async side can read without a round trip.
 #[derive(Clone, Debug, Default)]
 pub struct RunnerStatus {
     pub records: u64,
+    /// Records of the output log released to the outside.
+    pub released: u64,
     pub finished: bool,
     pub error: Option<String>,
 }
@@ -40,10 +68,11 @@ const PUMP_INTERVAL: Duration = Duration::from_millis(2);
 
 impl VmRunner {
     /// Takes over `machine` (running or paused) on a thread of its own.
-    pub fn spawn(name: &str, machine: Machine) -> std::io::Result<VmRunner> {
+    pub fn spawn(name: &str, machine: Machine, outputs: OutputGate) -> std::io::Result<VmRunner> {
         let (commands, rx) = mpsc::channel();
         let status = Arc::new(Mutex::new(RunnerStatus {
             records: machine.devices().output_log.len() as u64,
+            released: outputs.released as u64,
             finished: machine.is_finished(),
             error: None,
         }));
@@ -52,7 +81,7 @@ impl VmRunner {
         let vm = name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("vm-{name}"))
-            .spawn(move || run(vm, machine, rx, thread_status))?;
+            .spawn(move || run(vm, machine, rx, thread_status, outputs))?;
         Ok(VmRunner { commands, status, memory, thread: Some(thread) })
     }
 
@@ -93,6 +122,47 @@ impl VmRunner {
     pub async fn verify(&self) -> Result<Verified, String> {
         self.call(Command::Verify).await
     }
+
+    /// Pauses the VM, takes the pages written since the last take with their
+    /// contents and the whole machine state, and resumes it: the pause of a
+    /// PostCopyFT checkpoint, all on the VM's thread so that it stays short.
+    pub async fn checkpoint(&self, epoch: u64) -> Result<CheckpointCapture, String> {
+        self.call(|r| Command::Checkpoint(epoch, r)).await
+    }
+
+    /// Releases held output up to `upto` records of the output log (None: all of
+    /// it, and from now on every record at once).
+    pub fn release_outputs(&self, upto: Option<usize>) {
+        let _ = self.commands.send(Command::Release(upto));
+    }
+}
+
+fn checkpoint(machine: &mut Machine, epoch: u64) -> Result<CheckpointCapture, MachineError> {
+    let paused_at = Instant::now();
+    let was_running = machine.is_running();
+    machine.pause()?;
+    crate::migration::crash::at(crate::migration::crash::CrashPoint::Pause(epoch));
+    let dirty = machine.take_dirty_pages()?;
+    let mut data = vec![0u8; dirty.len() * PAGE_SIZE as usize];
+    for (gpa, page) in dirty.iter().zip(data.chunks_exact_mut(PAGE_SIZE as usize)) {
+        machine.memory().read(*gpa, page)?;
+    }
+    let state = machine.capture()?;
+    if was_running {
+        machine.resume()?;
+    }
+    Ok(CheckpointCapture { dirty, data, state, pause: paused_at.elapsed() })
+}
+
+/// Releases the output log's records from `gate.released` up to `upto` (capped at the log).
+fn release(name: &str, machine: &Machine, gate: &mut OutputGate, upto: usize, status: &Mutex<RunnerStatus>) {
+    let log = &machine.devices().output_log;
+    let upto = upto.min(log.len());
+    for record in log.get(gate.released..upto).unwrap_or_default() {
+        gate.sink.release(name, record);
+    }
+    gate.released = gate.released.max(upto);
+    status.lock().expect("runner status lock").released = gate.released as u64;
 }
 
 impl Drop for VmRunner {
@@ -110,7 +180,13 @@ fn text(e: MachineError) -> String {
     e.to_string()
 }
 
-fn run(name: String, mut machine: Machine, commands: mpsc::Receiver<Command>, status: Arc<Mutex<RunnerStatus>>) {
+fn run(
+    name: String,
+    mut machine: Machine,
+    commands: mpsc::Receiver<Command>,
+    status: Arc<Mutex<RunnerStatus>>,
+    mut gate: OutputGate,
+) {
     loop {
         match commands.recv_timeout(PUMP_INTERVAL) {
             Ok(command) => match command {
@@ -120,6 +196,13 @@ fn run(name: String, mut machine: Machine, commands: mpsc::Receiver<Command>, st
                 Command::DirtyLogging(on, r) => drop(r.send(machine.set_dirty_logging(on).map_err(text))),
                 Command::TakeDirty(r) => drop(r.send(machine.take_dirty_pages().map_err(text))),
                 Command::Verify(r) => drop(r.send(machine.verify().map_err(|e| e.to_string()))),
+                Command::Checkpoint(epoch, r) => drop(r.send(checkpoint(&mut machine, epoch).map_err(text))),
+                Command::Release(upto) => {
+                    if upto.is_none() {
+                        gate.hold = false;
+                    }
+                    release(&name, &machine, &mut gate, upto.unwrap_or(usize::MAX), &status);
+                }
             },
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
@@ -127,9 +210,11 @@ fn run(name: String, mut machine: Machine, commands: mpsc::Receiver<Command>, st
         // Absorb what the vCPUs reported: output records reach the outside here.
         loop {
             match machine.next_event(Duration::ZERO) {
-                Ok(Some(MachineEvent::Output(record))) => {
-                    tracing::info!(vm = %name, vcpu = record.vcpu, step = record.step, digest = format_args!("{:#018x}", record.digest), "output");
+                Ok(Some(MachineEvent::Output(_))) => {
                     status.lock().expect("runner status lock").records += 1;
+                    if !gate.hold {
+                        release(&name, &machine, &mut gate, usize::MAX, &status);
+                    }
                 }
                 Ok(Some(MachineEvent::VcpuDone(_))) => {
                     status.lock().expect("runner status lock").finished = machine.is_finished();

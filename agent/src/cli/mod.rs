@@ -40,6 +40,9 @@ pub enum ModeArg {
     Precopy,
     Postcopy,
     Hybrid,
+    /// Post-copy with reverse incremental checkpoints and failover (PostCopyFT).
+    #[value(name = "postcopy-ft")]
+    PostcopyFt,
 }
 
 impl From<ModeArg> for pcft_agent::migration::messages::Mode {
@@ -49,6 +52,7 @@ impl From<ModeArg> for pcft_agent::migration::messages::Mode {
             ModeArg::Precopy => Mode::Precopy,
             ModeArg::Postcopy => Mode::Postcopy,
             ModeArg::Hybrid => Mode::Hybrid,
+            ModeArg::PostcopyFt => Mode::PostcopyFt,
         }
     }
 }
@@ -64,6 +68,14 @@ pub struct AgentArgs {
     /// The most guest memory this agent accepts for one VM (default: all of this host's memory).
     #[arg(long)]
     pub max_guest_mem: Option<String>,
+    /// Send released guest output (one JSON line per record) to the TCP listener
+    /// at this address: the outside world of the VMs on this agent.
+    #[arg(long)]
+    pub output_sink: Option<String>,
+    /// Fault injection: SIGKILL this agent at a point of an incoming PostCopyFT
+    /// migration (before-first-checkpoint, speculative:N, pause:N, committed:N, after-last-page).
+    #[arg(long, hide = true)]
+    pub crash_at: Option<pcft_agent::migration::crash::CrashPoint>,
 }
 
 #[derive(Args, Debug)]
@@ -88,9 +100,25 @@ pub struct MigrateArgs {
     /// pages the guest faults on are never held back.
     #[arg(long, default_value_t = 0)]
     pub postcopy_rate: u64,
+    #[command(flatten)]
+    pub ft: FtArgs,
     /// Print the migration report as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// PostCopyFT tuning (used with `--mode postcopy-ft`).
+#[derive(Args, Debug, Clone)]
+pub struct FtArgs {
+    /// How often the destination checkpoints back to the source, in ms.
+    #[arg(long, default_value_t = pcft_agent::migration::messages::MigrationOptions::DEFAULT_CHECKPOINT_INTERVAL_MS)]
+    pub checkpoint_interval: u64,
+    /// How often the destination sends a heartbeat, in ms.
+    #[arg(long, default_value_t = pcft_agent::migration::messages::MigrationOptions::DEFAULT_HEARTBEAT_INTERVAL_MS)]
+    pub heartbeat_interval: u64,
+    /// Silence after which either side declares the other lost (and the destination's lease), in ms.
+    #[arg(long, default_value_t = pcft_agent::migration::messages::MigrationOptions::DEFAULT_HEARTBEAT_TIMEOUT_MS)]
+    pub heartbeat_timeout: u64,
 }
 
 #[derive(Args, Debug)]

@@ -7,6 +7,7 @@ use pcft_agent::client::{AgentClient, ClientError};
 use pcft_agent::daemon::Daemon;
 use pcft_agent::host::{self, format_size, parse_size};
 use pcft_agent::migration::messages::{Message, MigrationOptions, MigrationReport};
+use pcft_agent::output::OutputSink;
 use std::io::Write;
 use std::path::Path;
 
@@ -39,7 +40,15 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         println!("listening on {addr}");
         std::io::stdout().flush().map_err(run_failure)?;
         tracing::info!(agent = %name, %addr, "agent started");
-        let daemon = Daemon::new(name, max_guest_mem);
+        if let Some(point) = args.crash_at {
+            tracing::warn!(?point, "fault injection armed: this agent will SIGKILL itself there");
+            pcft_agent::migration::crash::arm(point);
+        }
+        let sink = match &args.output_sink {
+            Some(addr) => OutputSink::tcp(&name, addr).map_err(run_failure)?,
+            None => OutputSink::log_only(&name),
+        };
+        let daemon = Daemon::new(name, max_guest_mem, sink);
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(run_failure)?;
         tokio::select! {
             served = daemon.serve(listener) => served.map_err(|e| run_failure(anyhow!("the agent stopped accepting connections: {e}"))),
@@ -117,6 +126,9 @@ pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
         max_rounds: args.max_rounds.max(1),
         reply_timeout_ms: args.reply_timeout.max(1) * 1000,
         postcopy_pages_per_sec: args.postcopy_rate,
+        checkpoint_interval_ms: args.ft.checkpoint_interval.max(1),
+        heartbeat_interval_ms: args.ft.heartbeat_interval.max(1),
+        heartbeat_timeout_ms: args.ft.heartbeat_timeout.max(1),
         ..MigrationOptions::default()
     };
     let request = Message::Migrate { name: args.name.clone(), to: args.to.clone(), mode: args.mode.into(), options };
@@ -127,7 +139,16 @@ pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
     } else {
         print_report(&report);
     }
-    Ok(())
+    match &report.failure {
+        // The migration did not happen, even if the VM was recovered: a failed run.
+        Some(failure) => Err(run_failure(anyhow!(
+            "the destination was lost ({}: {}){}",
+            failure.kind,
+            failure.reason,
+            if report.failover.is_some() { "; the VM was recovered and runs at the source" } else { "" }
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The human summary of a migration report.
@@ -148,5 +169,25 @@ pub fn print_report(r: &MigrationReport) {
     if r.mode != "precopy" {
         println!("  post-copy pages        {} pushed, {} on demand", r.pages_pushed, r.pages_faulted);
         println!("  fault latency          p50 {} µs, p99 {} µs", r.fault_latency_us.p50, r.fault_latency_us.p99);
+    }
+    if r.mode == "postcopy-ft" {
+        println!(
+            "  checkpoints            {} committed ({} pages, {})",
+            r.checkpoints_committed,
+            r.checkpoint_pages,
+            format_size(r.checkpoint_bytes)
+        );
+    }
+    if let Some(f) = &r.failure {
+        println!(
+            "  FAILURE                {} at {:.1} ms ({:.1} ms after the last word from the destination): {}",
+            f.kind, f.detected_at_ms, f.detection_ms, f.reason
+        );
+    }
+    if let Some(f) = &r.failover {
+        println!(
+            "  failover               checkpoint {} restored at the source; guest running {:.2} ms after detection ({:.2} ms of it waiting out the lease); {} committed output records",
+            f.restored_epoch, f.failover_ms, f.fence_wait_ms, f.committed_outputs
+        );
     }
 }

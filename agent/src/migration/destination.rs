@@ -2,17 +2,20 @@
 //! userfaultfd for post-copy), rebuild the VM at the switchover, run it on
 //! `Go`, and ask the source for the pages the guest faults on.
 
-use super::messages::{DestinationStats, Message, Mode, Percentiles};
-use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatch, ProtocolError};
+use super::crash::{self, CrashPoint};
+use super::lease::Lease;
+use super::messages::{DestinationStats, Message, MigrationOptions, Mode, Percentiles};
+use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatch, PageBatchWriter, ProtocolError};
 use super::source::MigrationError;
 use crate::machine::{Machine, MachineConfig, MachineState, PreparedMachine};
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::output::OutputSink;
 use crate::page_set::PageSet;
 use crate::uffd::{FaultRegion, Installed};
-use crate::vm_runner::VmRunner;
+use crate::vm_runner::{OutputGate, VmRunner};
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -213,15 +216,189 @@ impl Incoming {
     }
 }
 
+/// PostCopyFT at the destination: the lease, the checkpointer and heartbeat
+/// tasks, and the output of each epoch waiting for the source's ack.
+struct FtDestination {
+    lease: Arc<Mutex<Lease>>,
+    /// Epochs sent and not yet acked, with the output-log length at their pause.
+    unacked: Arc<Mutex<VecDeque<(u64, usize)>>>,
+    acked: u64,
+    checkpointer: tokio::task::JoinHandle<()>,
+    heartbeats: tokio::task::JoinHandle<()>,
+    pause_max_us: Arc<AtomicU64>,
+}
+
+impl FtDestination {
+    /// Starts checkpointing the running VM and heartbeating; `fenced` fires if the lease runs out.
+    fn start(
+        runner: Arc<VmRunner>,
+        memory: Arc<GuestMemory>,
+        out: Outbox,
+        options: &MigrationOptions,
+        lease: Lease,
+        fenced: mpsc::UnboundedSender<String>,
+    ) -> Self {
+        let lease = Arc::new(Mutex::new(lease));
+        let unacked: Arc<Mutex<VecDeque<(u64, usize)>>> = Arc::default();
+        let pause_max_us = Arc::new(AtomicU64::new(0));
+        let interval = Duration::from_millis(options.checkpoint_interval_ms.max(1));
+        let checkpointer = tokio::spawn(checkpoints(
+            runner,
+            memory,
+            out.clone(),
+            interval,
+            Arc::clone(&unacked),
+            Arc::clone(&pause_max_us),
+            fenced.clone(),
+        ));
+        let beat = Duration::from_millis(options.heartbeat_interval_ms.max(1));
+        let heartbeats = tokio::spawn(heartbeats(out, Arc::clone(&lease), beat, fenced));
+        FtDestination { lease, unacked, acked: 0, checkpointer, heartbeats, pause_max_us }
+    }
+
+    /// The source committed `epoch`: the output of every epoch up to it may go out.
+    fn acked(&mut self, epoch: u64, runner: &VmRunner) {
+        let mut unacked = self.unacked.lock().expect("unacked epochs lock");
+        let mut release = None;
+        while unacked.front().is_some_and(|(e, _)| *e <= epoch) {
+            release = unacked.pop_front().map(|(_, outputs)| outputs);
+        }
+        if let Some(outputs) = release {
+            runner.release_outputs(Some(outputs));
+        }
+        self.acked = self.acked.max(epoch);
+    }
+
+    fn stop_checkpoints(&self) {
+        self.checkpointer.abort();
+    }
+}
+
+impl Drop for FtDestination {
+    fn drop(&mut self) {
+        self.checkpointer.abort();
+        self.heartbeats.abort();
+    }
+}
+
+/// Heartbeats to the source, and the lease check: when the lease runs out the
+/// VM must stop here (the source may be about to resume its copy).
+async fn heartbeats(out: Outbox, lease: Arc<Mutex<Lease>>, every: Duration, fenced: mpsc::UnboundedSender<String>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let (seq, expired) = {
+            let mut lease = lease.lock().expect("lease lock");
+            (lease.sent(now), lease.expired(now))
+        };
+        if expired {
+            let _ = fenced.send("the lease expired: the source acked no heartbeat in time".into());
+            return;
+        }
+        if out.message(&Message::Heartbeat { seq }).is_err() {
+            return;
+        }
+    }
+}
+
+/// Reverse incremental checkpoints, one epoch per interval: the pages written
+/// since the last epoch are copied while the VM runs (speculative phase), then
+/// the VM pauses just long enough to take the pages written meanwhile and its
+/// state, and runs on while they and the commit record go out.
+async fn checkpoints(
+    runner: Arc<VmRunner>,
+    memory: Arc<GuestMemory>,
+    out: Outbox,
+    interval: Duration,
+    unacked: Arc<Mutex<VecDeque<(u64, usize)>>>,
+    pause_max_us: Arc<AtomicU64>,
+    failed: mpsc::UnboundedSender<String>,
+) {
+    let mut epoch = 0;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        epoch += 1;
+        match checkpoint(epoch, &runner, &memory, &out).await {
+            Ok((outputs, pause)) => {
+                unacked.lock().expect("unacked epochs lock").push_back((epoch, outputs));
+                pause_max_us.fetch_max(pause.as_micros() as u64, Ordering::Relaxed);
+                crash::at(CrashPoint::Committed(epoch));
+            }
+            Err(e) => {
+                let _ = failed.send(format!("checkpoint {epoch} failed: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// One epoch; returns the output-log length at its pause and how long the pause took.
+async fn checkpoint(
+    epoch: u64,
+    runner: &VmRunner,
+    memory: &GuestMemory,
+    out: &Outbox,
+) -> Result<(usize, Duration), String> {
+    fn closed<E>(_: E) -> String {
+        "the connection closed".to_string()
+    }
+    // Speculative: copy while the guest runs. A page written during the copy is
+    // dirty again and goes again in the pause, so a torn copy never survives.
+    let speculative = runner.take_dirty_pages().await?;
+    let mut batch = PageBatchWriter::new();
+    for (i, chunk) in speculative.chunks(CHECKPOINT_BATCH_PAGES).enumerate() {
+        for &gpa in chunk {
+            batch.push_with(gpa, |buf| memory.read(gpa, buf)).map_err(|e| e.to_string())?;
+        }
+        out.0.send(batch.finish()).map_err(closed)?;
+        if i == 0 {
+            crash::at(CrashPoint::Speculative(epoch));
+        }
+    }
+    let capture = runner.checkpoint(epoch).await?;
+    for (chunk, data) in capture
+        .dirty
+        .chunks(CHECKPOINT_BATCH_PAGES)
+        .zip(capture.data.chunks(CHECKPOINT_BATCH_PAGES * PAGE_SIZE as usize))
+    {
+        for (&gpa, page) in chunk.iter().zip(data.chunks_exact(PAGE_SIZE as usize)) {
+            batch.push(gpa, page);
+        }
+        out.0.send(batch.finish()).map_err(closed)?;
+    }
+    let pages = (speculative.len() + capture.dirty.len()) as u64;
+    let outputs = capture.state.devices.output_log.len();
+    out.message(&Message::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() }).map_err(closed)?;
+    tracing::debug!(
+        epoch,
+        speculative = speculative.len(),
+        paused = capture.dirty.len(),
+        pause_us = capture.pause.as_micros() as u64,
+        "checkpoint sent"
+    );
+    Ok((outputs, capture.pause))
+}
+
+/// Pages per checkpoint page frame.
+const CHECKPOINT_BATCH_PAGES: usize = 64;
+
 /// Receives the VM `name` from the source on the other end of `rd`/`wr`,
 /// after `Begin` was read. `on_running` gets the runner once the VM runs here.
-/// Returns what the destination measured once every page is in place.
+/// Returns what the destination measured once every page is in place (and,
+/// PostCopyFT, the source has let the VM go).
+#[allow(clippy::too_many_arguments)]
 pub async fn migrate_in(
     mut rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     name: &str,
     config: &MachineConfig,
     mode: Mode,
+    options: MigrationOptions,
+    sink: OutputSink,
     on_running: impl FnOnce(Arc<VmRunner>),
 ) -> Result<DestinationStats, MigrationError> {
     let out = Outbox::start(wr);
@@ -254,13 +431,22 @@ pub async fn migrate_in(
     let mut on_running = Some(on_running);
     let mut handler: Option<FaultHandler> = None;
     let mut stats = DestinationStats::default();
+    let mut sink = Some(sink);
+    // PostCopyFT: the lease starts when `Restored` goes out (before the source can send `Go`).
+    let mut lease_from: Option<Instant> = None;
+    let mut ft: Option<FtDestination> = None;
+    let (fence_tx, mut fenced) = mpsc::unbounded_channel::<String>();
+    let mut completed = false;
     let result = loop {
         // With data always waiting, reads never yield; the writer task (page
         // requests, "resumed") must not wait behind the page stream.
         tokio::task::yield_now().await;
-        let frame = match read_frame(&mut rd).await {
-            Ok(frame) => frame,
-            Err(e) => break Err(MigrationError::Protocol(e)),
+        let frame = tokio::select! {
+            frame = read_frame(&mut rd) => match frame {
+                Ok(frame) => frame,
+                Err(e) => break Err(MigrationError::Protocol(e)),
+            },
+            Some(reason) = fenced.recv() => break Err(MigrationError::Fenced(reason)),
         };
         match frame {
             Frame::Pages(batch) => {
@@ -278,14 +464,24 @@ pub async fn migrate_in(
                     Ok(s) => s,
                     Err(e) => break Err(vm(format!("switchover state does not decode: {e}"))),
                 };
+                // The source released the output the VM emitted there.
+                let released = state.devices.output_log.len();
                 let machine = match prepared.take().map(|p| p.restore(state)) {
                     Some(Ok(m)) => m,
                     Some(Err(e)) => break Err(vm(e.to_string())),
                     None => break Err(vm("the VM was already restored".into())),
                 };
-                match VmRunner::spawn(name, machine) {
+                let gate =
+                    OutputGate { sink: sink.take().expect("one switchover"), released, hold: mode.checkpoints() };
+                match VmRunner::spawn(name, machine, gate) {
                     Ok(r) => runner = Some(Arc::new(r)),
                     Err(e) => break Err(vm(e.to_string())),
+                }
+                if mode.checkpoints() {
+                    // Track the guest's writes from its first instruction here.
+                    if let Err(e) = runner.as_ref().expect("just set").set_dirty_logging(true).await {
+                        break Err(vm(e));
+                    }
                 }
                 if let Some(region) = &incoming.region {
                     let (tx, rx) = mpsc::unbounded_channel();
@@ -295,9 +491,10 @@ pub async fn migrate_in(
                     }
                     tokio::spawn(forward_requests(rx, out.clone()));
                 }
+                lease_from = Some(Instant::now());
                 out.message(&Message::Restored)?;
             }
-            Frame::Message(Message::Go) if runner.is_some() => {
+            Frame::Message(Message::Go) if runner.is_some() && on_running.is_some() => {
                 let r = runner.as_ref().expect("checked");
                 let at = Instant::now();
                 if let Err(e) = r.resume().await {
@@ -308,8 +505,26 @@ pub async fn migrate_in(
                 if let Some(f) = on_running.take() {
                     f(Arc::clone(r));
                 }
+                if mode.checkpoints() {
+                    crash::at(CrashPoint::BeforeFirstCheckpoint);
+                    let lease = Lease::new(
+                        Duration::from_millis(options.heartbeat_timeout_ms),
+                        lease_from.expect("set at the switchover"),
+                    );
+                    ft = Some(FtDestination::start(
+                        Arc::clone(r),
+                        Arc::clone(&memory),
+                        out.clone(),
+                        &options,
+                        lease,
+                        fence_tx.clone(),
+                    ));
+                }
             }
-            Frame::Message(Message::AllSent { .. }) if on_running.is_none() => {
+            Frame::Message(Message::AllSent { .. }) if on_running.is_none() && !completed => {
+                if mode.checkpoints() {
+                    crash::at(CrashPoint::AfterLastPage);
+                }
                 // TCP keeps order: every page sent before this is installed.
                 let missing = incoming.received.missing();
                 if missing > 0 {
@@ -318,6 +533,29 @@ pub async fn migrate_in(
                     )));
                 }
                 drop(handler.take());
+                stats.pages_faulted = incoming.latencies_us.len() as u64;
+                stats.fault_latency_us = percentiles(std::mem::take(&mut incoming.latencies_us));
+                if let Some(ft) = &ft {
+                    // The VM's state is no longer split: no more checkpoints.
+                    ft.stop_checkpoints();
+                    stats.checkpoints_acked = ft.acked;
+                    stats.checkpoint_pause_max_us = ft.pause_max_us.load(Ordering::Relaxed);
+                }
+                out.message(&Message::Complete(stats))?;
+                completed = true;
+                if ft.is_none() {
+                    break Ok(());
+                }
+            }
+            Frame::Message(Message::CheckpointAck { epoch }) if ft.is_some() => {
+                ft.as_mut().expect("checked").acked(epoch, runner.as_ref().expect("runs"));
+            }
+            Frame::Message(Message::HeartbeatAck { seq }) if ft.is_some() => {
+                ft.as_ref().expect("checked").lease.lock().expect("lease lock").acked(seq);
+            }
+            Frame::Message(Message::Finish) if completed && ft.is_some() => {
+                // The source let its copy go: the VM is ours alone, and so is its output.
+                runner.as_ref().expect("runs").release_outputs(None);
                 break Ok(());
             }
             // Only under userfaultfd does a dropped page come back (as a fault).
@@ -332,31 +570,35 @@ pub async fn migrate_in(
         }
     };
     drop(handler.take());
+    let checkpointed = ft.is_some();
+    drop(ft.take());
     match result {
         Ok(()) => {
-            stats.pages_faulted = incoming.latencies_us.len() as u64;
-            stats.fault_latency_us = percentiles(std::mem::take(&mut incoming.latencies_us));
             // Every page is here: no fault can come any more.
             drop(incoming);
-            out.message(&Message::Complete(stats))?;
             Ok(stats)
         }
         Err(e) => {
-            if on_running.is_none() && incoming.received.is_full() {
+            if on_running.is_none() && incoming.received.is_full() && !checkpointed {
                 // Every page is here (pre-copy): the VM needs nothing more from the source.
                 tracing::warn!("the source was lost after every page arrived ({e}); the VM keeps running here");
                 stats.pages_faulted = incoming.latencies_us.len() as u64;
                 return Ok(stats);
             }
             if on_running.is_none() {
-                // The VM ran here but cannot get its missing pages: stop it rather than let it hang.
+                // The VM ran here but cannot go on: it lacks pages, or (PostCopyFT) the
+                // source may resume its own copy. Stop it before anything else, and only
+                // then let the connection close.
                 if let Some(r) = &runner {
                     let _ = r.pause().await;
                 }
                 let _ = out.message(&Message::Abort { reason: e.to_string() });
-                return Err(MigrationError::Vm(format!(
-                    "the source was lost during post-copy ({e}); the VM cannot complete here and is stopped"
-                )));
+                let what = if checkpointed {
+                    "the VM is stopped here (fenced); the source recovers it from its last checkpoint"
+                } else {
+                    "the VM cannot complete here and is stopped"
+                };
+                return Err(MigrationError::Vm(format!("the source was lost during post-copy ({e}); {what}")));
             }
             let _ = out.message(&Message::Abort { reason: e.to_string() });
             Err(e)

@@ -11,8 +11,13 @@ pub enum Mode {
     Precopy,
     /// Switch at once; the destination pulls pages on demand while the source pushes the rest.
     Postcopy,
-    /// Pre-copy rounds, then post-copy for what is still dirty.
+    /// One full copy while the VM runs, then post-copy for the pages dirtied since.
     Hybrid,
+    /// Post-copy with PostCopyFT: the destination streams reverse incremental
+    /// checkpoints back to the source, which fails over to the last committed
+    /// one if the destination or the network fails.
+    #[serde(rename = "postcopy-ft")]
+    PostcopyFt,
 }
 
 impl Mode {
@@ -21,7 +26,18 @@ impl Mode {
             Mode::Precopy => "precopy",
             Mode::Postcopy => "postcopy",
             Mode::Hybrid => "hybrid",
+            Mode::PostcopyFt => "postcopy-ft",
         }
+    }
+
+    /// Whether the destination checkpoints back to the source during post-copy.
+    pub fn checkpoints(self) -> bool {
+        self == Mode::PostcopyFt
+    }
+
+    /// Whether pages are copied while the VM still runs at the source.
+    pub fn precopies(self) -> bool {
+        matches!(self, Mode::Precopy | Mode::Hybrid)
     }
 
     pub fn uses_postcopy(self) -> bool {
@@ -42,11 +58,33 @@ pub struct MigrationOptions {
     /// Post-copy: most pages per second the background push sends (0: no limit).
     /// Pages the destination asks for are never held back.
     pub postcopy_pages_per_sec: u64,
+    /// PostCopyFT: how often the destination checkpoints back to the source.
+    pub checkpoint_interval_ms: u64,
+    /// PostCopyFT: how often the destination sends a heartbeat (the source acks each one).
+    pub heartbeat_interval_ms: u64,
+    /// PostCopyFT: silence after which a side declares the other lost; also the
+    /// destination's lease, counted from the heartbeat whose ack renewed it.
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl MigrationOptions {
+    /// See docs/architecture.md ("PostCopyFT") for why these defaults.
+    pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 100;
+    pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 20;
+    pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 200;
 }
 
 impl Default for MigrationOptions {
     fn default() -> Self {
-        MigrationOptions { max_rounds: 30, converge_pages: 256, reply_timeout_ms: 30_000, postcopy_pages_per_sec: 0 }
+        MigrationOptions {
+            max_rounds: 30,
+            converge_pages: 256,
+            reply_timeout_ms: 30_000,
+            postcopy_pages_per_sec: 0,
+            checkpoint_interval_ms: Self::DEFAULT_CHECKPOINT_INTERVAL_MS,
+            heartbeat_interval_ms: Self::DEFAULT_HEARTBEAT_INTERVAL_MS,
+            heartbeat_timeout_ms: Self::DEFAULT_HEARTBEAT_TIMEOUT_MS,
+        }
     }
 }
 
@@ -100,8 +138,39 @@ pub struct DestinationStats {
     /// Distinct pages the guest (or the VMM) faulted on before they arrived.
     pub pages_faulted: u64,
     pub fault_latency_us: Percentiles,
-    /// Microseconds from receiving the switchover to the vCPUs running.
+    /// Microseconds from receiving `Go` to the vCPUs running.
     pub resume_us: u64,
+    /// PostCopyFT: checkpoint epochs the source acked.
+    pub checkpoints_acked: u64,
+    /// PostCopyFT: the longest checkpoint pause, in microseconds.
+    pub checkpoint_pause_max_us: u64,
+}
+
+/// How the source lost the destination during a PostCopyFT migration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailureReport {
+    /// `connection-closed` (the destination's socket closed: it crashed or fenced
+    /// itself), `heartbeat-timeout` (silence: a partition, or a hung host), or `protocol`.
+    pub kind: String,
+    /// Milliseconds from the start of the migration to the detection.
+    pub detected_at_ms: f64,
+    /// Milliseconds from the last word heard from the destination to the detection.
+    pub detection_ms: f64,
+    pub reason: String,
+}
+
+/// How the source recovered the VM after losing the destination.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailoverReport {
+    /// The checkpoint epoch restored (0: the state at the switchover).
+    pub restored_epoch: u64,
+    /// Milliseconds from detection to the guest running again at the source
+    /// (the wait for the destination's lease included).
+    pub failover_ms: f64,
+    /// Of that, milliseconds spent waiting for the destination's lease to expire.
+    pub fence_wait_ms: f64,
+    /// Output records in the restored state: every one of them may be released.
+    pub committed_outputs: u64,
 }
 
 /// The migration report (JSON field names follow QEMU's `query-migrate` where they fit).
@@ -126,6 +195,16 @@ pub struct MigrationReport {
     pub fault_latency_us: Percentiles,
     /// Pages still dirty when the VM stopped (pre-copy: the stop-and-copy set; hybrid: left to post-copy).
     pub final_dirty_pages: u64,
+    /// PostCopyFT: checkpoint epochs committed at the source.
+    pub checkpoints_committed: u64,
+    /// PostCopyFT: checkpoint bytes received (pages and state).
+    pub checkpoint_bytes: u64,
+    /// PostCopyFT: pages received in checkpoints.
+    pub checkpoint_pages: u64,
+    /// PostCopyFT: the destination was lost (None: it was not).
+    pub failure: Option<Box<FailureReport>>,
+    /// PostCopyFT: the VM was recovered at the source (None: no failover).
+    pub failover: Option<Box<FailoverReport>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -184,6 +263,7 @@ pub enum Message {
         name: String,
         config: MachineConfig,
         mode: Mode,
+        options: MigrationOptions,
     },
     Ready,
     /// The VM stopped at the source: its state (a postcard `MachineState`) and,
@@ -220,4 +300,27 @@ pub enum Message {
     },
     /// Destination → source: the pages of the last `Discard` are dropped.
     Discarded,
+    /// Destination → source, PostCopyFT: the commit record of checkpoint
+    /// `epoch`, after its `pages` page records (page frames from the destination
+    /// are always checkpoint pages) and with the VM's state at the epoch's pause.
+    CheckpointCommit {
+        epoch: u64,
+        pages: u64,
+        state: Vec<u8>,
+    },
+    /// Source → destination: checkpoint `epoch` is current at the source; its output may go out.
+    CheckpointAck {
+        epoch: u64,
+    },
+    /// Destination → source, PostCopyFT: still here.
+    Heartbeat {
+        seq: u64,
+    },
+    /// Source → destination: heartbeat `seq` arrived; renews the destination's lease.
+    HeartbeatAck {
+        seq: u64,
+    },
+    /// Source → destination, PostCopyFT, after `Complete`: the source has let
+    /// its copy go; the VM is the destination's alone and its output may all go out.
+    Finish,
 }

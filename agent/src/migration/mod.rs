@@ -1,7 +1,11 @@
 //! Live migration between agents: the wire protocol, the messages, and the
-//! source and destination sides of pre-copy, post-copy and hybrid migration.
+//! source and destination sides of pre-copy, post-copy, hybrid and PostCopyFT
+//! (post-copy with reverse incremental checkpoints and failover).
 
+pub mod checkpoint;
+pub mod crash;
 pub mod destination;
+pub mod lease;
 pub mod messages;
 pub mod protocol;
 pub mod source;

@@ -1,12 +1,15 @@
 //! The source side of a migration: pre-copy rounds, the switchover, and the
 //! post-copy push that answers the destination's page requests first.
 
-use super::messages::{DestinationStats, Message, MigrationOptions, MigrationReport, Mode, Role};
-use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatchWriter, ProtocolError};
-use crate::machine::MachineConfig;
+use super::checkpoint::{CheckpointStore, Committed};
+use super::lease;
+use super::messages::{DestinationStats, FailureReport, Message, MigrationOptions, MigrationReport, Mode, Role};
+use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatch, PageBatchWriter, ProtocolError};
+use crate::machine::{MachineConfig, MachineState};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::page_set::PageSet;
 use crate::vm_runner::VmRunner;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -38,6 +41,8 @@ pub enum MigrationError {
     Timeout { what: String, after: Duration },
     #[error("the destination was lost after the switchover committed: {0}; without PostCopyFT checkpoints the VM cannot be recovered")]
     LostAfterCommit(String),
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// Writes frames and counts what it sent.
@@ -46,13 +51,25 @@ struct Outbox {
     bytes: u64,
     pages: u64,
     zero_pages: u64,
+    /// PostCopyFT: a frame that cannot be written within this long means the destination is lost.
+    write_timeout: Option<Duration>,
 }
 
 impl Outbox {
     async fn message(&mut self, message: &Message) -> Result<(), MigrationError> {
         let frame = encode_message(message);
         self.bytes += frame.len() as u64;
-        Ok(write_frame(&mut self.wr, &frame).await?)
+        self.write(&frame).await
+    }
+
+    async fn write(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
+        match self.write_timeout {
+            None => Ok(write_frame(&mut self.wr, frame).await?),
+            Some(after) => match tokio::time::timeout(after, write_frame(&mut self.wr, frame)).await {
+                Ok(written) => Ok(written?),
+                Err(_) => Err(MigrationError::Timeout { what: "a frame to go out".into(), after }),
+            },
+        }
     }
 
     /// Sends the pages at `gpas` from `memory`, in batches of `per_batch`.
@@ -66,7 +83,7 @@ impl Outbox {
             self.zero_pages += u64::from(batch.zero_pages());
             let frame = batch.finish();
             self.bytes += frame.len() as u64;
-            write_frame(&mut self.wr, &frame).await?;
+            self.write(&frame).await?;
         }
         Ok(())
     }
@@ -87,28 +104,92 @@ async fn expect(rd: &mut OwnedReadHalf, what: &str, timeout: Duration) -> Result
 
 /// What the destination says after the switchover.
 enum Reply {
-    Resumed(Instant),
+    Resumed,
     Requests(Vec<u64>),
     Complete(DestinationStats),
-    Failed(String),
+    /// PostCopyFT: pages of the open checkpoint epoch.
+    CheckpointPages(PageBatch),
+    CheckpointCommit {
+        epoch: u64,
+        pages: u64,
+        state: Vec<u8>,
+    },
+    Heartbeat(u64),
+    /// The destination aborted (it stops its copy first) or closed the connection.
+    Gone(FailureKind, String),
 }
 
-/// Reads the destination's frames after the switchover and forwards them.
-async fn read_replies(mut rd: OwnedReadHalf, tx: mpsc::UnboundedSender<Reply>) {
+/// How the destination was lost after the commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Its socket closed or it aborted: it crashed or stopped its copy first.
+    ConnectionClosed,
+    /// Silence past the heartbeat timeout, or a write that would not go out.
+    HeartbeatTimeout,
+    /// It sent something the protocol does not allow.
+    Protocol,
+}
+
+impl FailureKind {
+    fn name(self) -> &'static str {
+        match self {
+            FailureKind::ConnectionClosed => "connection-closed",
+            FailureKind::HeartbeatTimeout => "heartbeat-timeout",
+            FailureKind::Protocol => "protocol",
+        }
+    }
+
+    /// Whether the destination's copy is known not to run any more: then the
+    /// source need not wait for its lease to run out.
+    fn destination_stopped(self) -> bool {
+        self == FailureKind::ConnectionClosed
+    }
+}
+
+/// Reads the destination's frames after the switchover and forwards them with their arrival time.
+async fn read_replies(mut rd: OwnedReadHalf, tx: mpsc::UnboundedSender<(Instant, Reply)>) {
     loop {
         let reply = match read_frame(&mut rd).await {
-            Ok(Frame::Message(Message::Resumed)) => Reply::Resumed(Instant::now()),
+            Ok(Frame::Message(Message::Resumed)) => Reply::Resumed,
             Ok(Frame::Message(Message::PageRequest { gpas })) => Reply::Requests(gpas),
             Ok(Frame::Message(Message::Complete(stats))) => Reply::Complete(stats),
-            Ok(Frame::Message(Message::Abort { reason })) => Reply::Failed(format!("destination aborted: {reason}")),
-            Ok(other) => Reply::Failed(format!("unexpected frame {other:?}")),
-            Err(e) => Reply::Failed(e.to_string()),
+            Ok(Frame::Pages(batch)) => Reply::CheckpointPages(batch),
+            Ok(Frame::Message(Message::CheckpointCommit { epoch, pages, state })) => {
+                Reply::CheckpointCommit { epoch, pages, state }
+            }
+            Ok(Frame::Message(Message::Heartbeat { seq })) => Reply::Heartbeat(seq),
+            Ok(Frame::Message(Message::Abort { reason })) => {
+                Reply::Gone(FailureKind::ConnectionClosed, format!("destination aborted: {reason}"))
+            }
+            Ok(other) => Reply::Gone(FailureKind::Protocol, format!("unexpected frame {other:?}")),
+            Err(e @ ProtocolError::Closed) | Err(e @ ProtocolError::Truncated) => {
+                Reply::Gone(FailureKind::ConnectionClosed, e.to_string())
+            }
+            // Reset by the peer's kernel: its socket is closed. Any other I/O error proves nothing.
+            Err(ProtocolError::Io(e)) if e.contains("reset") => Reply::Gone(FailureKind::ConnectionClosed, e),
+            Err(ProtocolError::Io(e)) => Reply::Gone(FailureKind::HeartbeatTimeout, e),
+            Err(e) => Reply::Gone(FailureKind::Protocol, e.to_string()),
         };
-        let last = matches!(reply, Reply::Complete(_) | Reply::Failed(_));
-        if tx.send(reply).is_err() || last {
+        let last = matches!(reply, Reply::Gone(..));
+        if tx.send((Instant::now(), reply)).is_err() || last {
             return;
         }
     }
+}
+
+/// How a migration ended at the source.
+pub enum MigrationOutcome {
+    /// The VM runs at the destination and the source let go of it.
+    Completed(MigrationReport),
+    /// PostCopyFT: the destination was lost after the commit. The VM must be
+    /// restored from `committed` over the source's memory, not before `fenced_at`.
+    DestinationLost {
+        report: MigrationReport,
+        committed: Box<Committed>,
+        detected_at: Instant,
+        /// When the destination's lease has surely expired.
+        fenced_at: Instant,
+    },
 }
 
 /// Migrates the VM that `runner` runs to the agent at `to`. On any failure
@@ -121,7 +202,7 @@ pub async fn migrate_out(
     mode: Mode,
     options: MigrationOptions,
     agent: &str,
-) -> Result<MigrationReport, MigrationError> {
+) -> Result<MigrationOutcome, MigrationError> {
     let started = Instant::now();
     let reply_timeout = Duration::from_millis(options.reply_timeout_ms);
     let stream = TcpStream::connect(to)
@@ -129,13 +210,13 @@ pub async fn migrate_out(
         .map_err(|e| MigrationError::Connect { to: to.to_string(), reason: e.to_string() })?;
     stream.set_nodelay(true).map_err(|e| MigrationError::Connect { to: to.to_string(), reason: e.to_string() })?;
     let (mut rd, wr) = stream.into_split();
-    let mut out = Outbox { wr, bytes: 0, pages: 0, zero_pages: 0 };
+    let mut out = Outbox { wr, bytes: 0, pages: 0, zero_pages: 0, write_timeout: None };
     out.message(&Message::Hello { role: Role::Migration, agent: agent.to_string() }).await?;
     match expect(&mut rd, "welcome", reply_timeout).await? {
         Message::Welcome { .. } => {}
         other => return Err(MigrationError::Unexpected(format!("{other:?}"))),
     }
-    out.message(&Message::Begin { name: vm.to_string(), config: config.clone(), mode }).await?;
+    out.message(&Message::Begin { name: vm.to_string(), config: config.clone(), mode, options }).await?;
     match expect(&mut rd, "ready", reply_timeout).await? {
         Message::Ready => {}
         other => return Err(MigrationError::Unexpected(format!("{other:?}"))),
@@ -160,12 +241,31 @@ pub async fn migrate_out(
     };
 
     // Committed from here: the destination runs the VM once it reads `Go`.
-    out.message(&Message::Go).await.map_err(|e| MigrationError::LostAfterCommit(e.to_string()))?;
-    let (tx, mut replies) = mpsc::unbounded_channel();
+    let go_at = Instant::now();
+    let mut ft = if mode.checkpoints() {
+        let switchover = MachineState::from_bytes(&stopped.state)
+            .map_err(|e| MigrationError::Vm(format!("the switchover state does not decode: {e}")))?;
+        let hb_timeout = Duration::from_millis(options.heartbeat_timeout_ms);
+        out.write_timeout = Some(hb_timeout);
+        Some(FtSource {
+            store: CheckpointStore::new(Arc::clone(&memory), switchover),
+            timeout: hb_timeout,
+            last_heard: go_at,
+            last_renewal: go_at,
+        })
+    } else {
+        None
+    };
+    if let Err(e) = out.message(&Message::Go).await {
+        if ft.is_none() {
+            return Err(MigrationError::LostAfterCommit(e.to_string()));
+        }
+    }
+    let (tx, replies) = mpsc::unbounded_channel();
     tokio::spawn(read_replies(rd, tx));
     let unsent = match mode {
         Mode::Precopy => PageSet::empty(config.mem_bytes),
-        Mode::Postcopy => PageSet::full(config.mem_bytes),
+        Mode::Postcopy | Mode::PostcopyFt => PageSet::full(config.mem_bytes),
         Mode::Hybrid => {
             let mut set = PageSet::empty(config.mem_bytes);
             for &gpa in stopped.final_dirty.iter().chain(&stopped.discarded) {
@@ -176,65 +276,221 @@ pub async fn migrate_out(
     };
     report.final_dirty_pages = if mode == Mode::Hybrid { unsent.len() } else { stopped.final_dirty.len() as u64 };
     let paused_at = stopped.paused_at;
-    let lost = |e: MigrationError| MigrationError::LostAfterCommit(e.to_string());
-    let mut push = Push { unsent, demand: Vec::new(), cursor: 0, resumed_at: None };
-    // Pacing of the background push (demand pages are never held back).
-    let pace = (options.postcopy_pages_per_sec > 0)
-        .then(|| Duration::from_secs_f64(PUSH_BATCH_PAGES as f64 / options.postcopy_pages_per_sec as f64));
-    let mut next_push = Instant::now();
-    // Requested pages leave `unsent` when asked for: flush them too before `AllSent`.
-    while !push.unsent.is_empty() || !push.demand.is_empty() {
-        // The reply reader may sit in this worker's queue: let it run, so that
-        // page requests (and "resumed") are seen after at most one batch.
-        tokio::task::yield_now().await;
-        while let Ok(reply) = replies.try_recv() {
-            push.absorb(reply)?;
-        }
-        if !push.demand.is_empty() {
-            out.pages(&memory, &push.demand, PUSH_BATCH_PAGES).await.map_err(lost)?;
-            report.pages_faulted += push.demand.len() as u64;
-            push.demand.clear();
-            continue;
-        }
-        if push.resumed_at.is_none() {
-            // Until the VM runs at the destination nothing needs pages; pushing now
-            // would only compete with its resume for the CPU and stretch the downtime.
-            push.absorb(replies.recv().await.unwrap_or(Reply::Failed("the connection closed".into())))?;
-            continue;
-        }
-        if pace.is_some() && Instant::now() < next_push {
-            tokio::select! {
-                reply = replies.recv() => push.absorb(reply.unwrap_or(Reply::Failed("the connection closed".into())))?,
-                _ = tokio::time::sleep_until(next_push.into()) => {}
-            }
-            continue;
-        }
-        let batch = push.next_batch();
-        out.pages(&memory, &batch, PUSH_BATCH_PAGES).await.map_err(lost)?;
-        report.pages_pushed += batch.len() as u64;
-        if let Some(pace) = pace {
-            next_push = next_push.max(Instant::now() - pace) + pace;
-        }
-    }
-    let mut resumed_at = push.resumed_at;
-    out.message(&Message::AllSent { pages: out.pages }).await.map_err(lost)?;
-    let stats = loop {
-        match replies.recv().await {
-            Some(Reply::Resumed(at)) => resumed_at = Some(at),
-            Some(Reply::Requests(_)) => {} // every page is already on its way
-            Some(Reply::Complete(stats)) => break stats,
-            Some(Reply::Failed(reason)) => return Err(MigrationError::LostAfterCommit(reason)),
-            None => return Err(MigrationError::LostAfterCommit("the connection closed".into())),
-        }
+    let mut post = PostcopySource {
+        out,
+        replies,
+        push: Push { unsent, demand: Vec::new(), cursor: 0 },
+        resumed_at: None,
+        ft: ft.take(),
+        memory,
+        report,
     };
+    let result = post.run(options).await;
+    let PostcopySource { out, resumed_at, ft, mut report, .. } = post;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     report.total_migration_ms = ms(started.elapsed());
     report.downtime_ms = resumed_at.map(|at| ms(at.duration_since(paused_at))).unwrap_or(f64::NAN);
     report.bytes_sent = out.bytes;
     report.pages_sent = out.pages;
     report.zero_pages = out.zero_pages;
-    report.fault_latency_us = stats.fault_latency_us;
-    Ok(report)
+    if let Some(ft) = &ft {
+        report.checkpoints_committed = ft.store.committed_epoch();
+        report.checkpoint_pages = ft.store.pages_committed;
+        report.checkpoint_bytes = ft.store.bytes_received;
+    }
+    match result {
+        Ok(stats) => {
+            report.fault_latency_us = stats.fault_latency_us;
+            Ok(MigrationOutcome::Completed(report))
+        }
+        Err(Lost { kind, reason }) => {
+            let Some(ft) = ft else {
+                return Err(MigrationError::LostAfterCommit(reason));
+            };
+            // Stop renewing the destination's lease at once: the connection goes (with `out`).
+            drop(out);
+            let detected_at = Instant::now();
+            report.total_migration_ms = f64::NAN;
+            report.failure = Some(Box::new(FailureReport {
+                kind: kind.name().to_string(),
+                detected_at_ms: ms(detected_at.duration_since(started)),
+                detection_ms: ms(detected_at.duration_since(ft.last_heard)),
+                reason: reason.clone(),
+            }));
+            let fenced_at =
+                if kind.destination_stopped() { detected_at } else { lease::fenced_after(ft.last_renewal, ft.timeout) };
+            tracing::warn!(vm = %report.vm, kind = kind.name(), epoch = ft.store.committed_epoch(), "destination lost: {reason}");
+            Ok(MigrationOutcome::DestinationLost {
+                report,
+                committed: Box::new(ft.store.into_committed()),
+                detected_at,
+                fenced_at,
+            })
+        }
+    }
+}
+
+/// The destination was lost after the commit.
+struct Lost {
+    kind: FailureKind,
+    reason: String,
+}
+
+impl Lost {
+    fn from_write(e: MigrationError) -> Lost {
+        let kind = match &e {
+            MigrationError::Timeout { .. } => FailureKind::HeartbeatTimeout,
+            _ => FailureKind::ConnectionClosed,
+        };
+        Lost { kind, reason: e.to_string() }
+    }
+}
+
+/// PostCopyFT at the source: the checkpoint store and the liveness of the destination.
+struct FtSource {
+    store: CheckpointStore,
+    timeout: Duration,
+    last_heard: Instant,
+    /// When the source last renewed the destination's lease (`Go` or a heartbeat ack).
+    last_renewal: Instant,
+}
+
+/// The source after the commit: the post-copy push, answers to page requests
+/// first, and (PostCopyFT) checkpoints and heartbeats.
+struct PostcopySource {
+    out: Outbox,
+    replies: mpsc::UnboundedReceiver<(Instant, Reply)>,
+    push: Push,
+    resumed_at: Option<Instant>,
+    ft: Option<FtSource>,
+    memory: Arc<GuestMemory>,
+    report: MigrationReport,
+}
+
+impl PostcopySource {
+    async fn run(&mut self, options: MigrationOptions) -> Result<DestinationStats, Lost> {
+        // Pacing of the background push (demand pages are never held back).
+        let pace = (options.postcopy_pages_per_sec > 0)
+            .then(|| Duration::from_secs_f64(PUSH_BATCH_PAGES as f64 / options.postcopy_pages_per_sec as f64));
+        let mut next_push = Instant::now();
+        // Requested pages leave `unsent` when asked for: flush them too before `AllSent`.
+        while !self.push.unsent.is_empty() || !self.push.demand.is_empty() {
+            // The reply reader may sit in this worker's queue: let it run, so that
+            // page requests (and "resumed") are seen after at most one batch.
+            tokio::task::yield_now().await;
+            while let Ok((at, reply)) = self.replies.try_recv() {
+                if let Some(stats) = self.handle(at, reply).await? {
+                    return Err(Lost { kind: FailureKind::Protocol, reason: premature(stats) });
+                }
+            }
+            self.check_alive()?;
+            if !self.push.demand.is_empty() {
+                let demand = std::mem::take(&mut self.push.demand);
+                self.out.pages(&self.memory, &demand, PUSH_BATCH_PAGES).await.map_err(Lost::from_write)?;
+                self.report.pages_faulted += demand.len() as u64;
+                continue;
+            }
+            // Until the VM runs at the destination nothing needs pages; pushing now
+            // would only compete with its resume for the CPU and stretch the downtime.
+            let wait_until = if self.resumed_at.is_none() {
+                Some(None)
+            } else if pace.is_some() && Instant::now() < next_push {
+                Some(Some(next_push))
+            } else {
+                None
+            };
+            if let Some(until) = wait_until {
+                if let Some(stats) = self.wait(until).await? {
+                    return Err(Lost { kind: FailureKind::Protocol, reason: premature(stats) });
+                }
+                continue;
+            }
+            let batch = self.push.next_batch();
+            self.out.pages(&self.memory, &batch, PUSH_BATCH_PAGES).await.map_err(Lost::from_write)?;
+            self.report.pages_pushed += batch.len() as u64;
+            if let Some(pace) = pace {
+                next_push = next_push.max(Instant::now() - pace) + pace;
+            }
+        }
+        self.out.message(&Message::AllSent { pages: self.out.pages }).await.map_err(Lost::from_write)?;
+        loop {
+            if let Some(stats) = self.wait(None).await? {
+                if self.ft.is_some() {
+                    // The destination has every page: let the VM go. Its output may all go out now.
+                    self.out.message(&Message::Finish).await.map_err(Lost::from_write)?;
+                }
+                return Ok(stats);
+            }
+        }
+    }
+
+    /// Waits for the next reply (at most until `until`) and handles it.
+    async fn wait(&mut self, until: Option<Instant>) -> Result<Option<DestinationStats>, Lost> {
+        let deadline = match (&self.ft, until) {
+            (Some(ft), Some(t)) => Some(t.min(ft.last_heard + ft.timeout)),
+            (Some(ft), None) => Some(ft.last_heard + ft.timeout),
+            (None, t) => t,
+        };
+        let next = match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), self.replies.recv()).await.ok(),
+            None => Some(self.replies.recv().await),
+        };
+        match next {
+            Some(Some((at, reply))) => self.handle(at, reply).await,
+            Some(None) => Err(Lost { kind: FailureKind::ConnectionClosed, reason: "the connection closed".into() }),
+            None => {
+                self.check_alive()?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn check_alive(&self) -> Result<(), Lost> {
+        match &self.ft {
+            Some(ft) if ft.last_heard.elapsed() > ft.timeout => Err(Lost {
+                kind: FailureKind::HeartbeatTimeout,
+                reason: format!("no word from the destination for {} ms", ft.last_heard.elapsed().as_millis()),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Acts on one reply; returns the destination's stats when it completed.
+    async fn handle(&mut self, at: Instant, reply: Reply) -> Result<Option<DestinationStats>, Lost> {
+        if let Some(ft) = &mut self.ft {
+            ft.last_heard = ft.last_heard.max(at);
+        }
+        let protocol = |reason: String| Lost { kind: FailureKind::Protocol, reason };
+        match reply {
+            Reply::Resumed => self.resumed_at = Some(at),
+            Reply::Requests(gpas) => self.push.request(gpas),
+            Reply::Complete(stats) => return Ok(Some(stats)),
+            Reply::Gone(kind, reason) => return Err(Lost { kind, reason }),
+            Reply::CheckpointPages(batch) => {
+                let ft = self.ft.as_mut().ok_or_else(|| protocol("page frames from the destination".into()))?;
+                ft.store.stage(batch).map_err(|e| protocol(e.to_string()))?;
+            }
+            Reply::CheckpointCommit { epoch, pages, state } => {
+                let ft = self.ft.as_mut().ok_or_else(|| protocol("a checkpoint without PostCopyFT".into()))?;
+                ft.store.commit(epoch, pages, &state).map_err(|e| protocol(e.to_string()))?;
+                tracing::debug!(epoch, pages, "checkpoint committed");
+                self.out.message(&Message::CheckpointAck { epoch }).await.map_err(Lost::from_write)?;
+            }
+            Reply::Heartbeat(seq) => {
+                if self.ft.is_some() {
+                    self.out.message(&Message::HeartbeatAck { seq }).await.map_err(Lost::from_write)?;
+                    if let Some(ft) = &mut self.ft {
+                        ft.last_renewal = Instant::now();
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn premature(_: DestinationStats) -> String {
+    "the destination completed before all pages were sent".into()
 }
 
 /// Post-copy at the source: what is still unsent, what the destination asked
@@ -243,28 +499,17 @@ struct Push {
     unsent: PageSet,
     demand: Vec<u64>,
     cursor: u64,
-    resumed_at: Option<Instant>,
 }
 
 impl Push {
-    fn absorb(&mut self, reply: Reply) -> Result<(), MigrationError> {
-        match reply {
-            Reply::Resumed(at) => self.resumed_at = Some(at),
-            Reply::Requests(gpas) => {
-                for gpa in gpas {
-                    if self.unsent.remove(gpa) {
-                        self.demand.push(gpa);
-                    }
-                    // Push on from the latest fault: the guest is likely to touch what follows.
-                    self.cursor = gpa.wrapping_add(PAGE_SIZE);
-                }
+    fn request(&mut self, gpas: Vec<u64>) {
+        for gpa in gpas {
+            if self.unsent.remove(gpa) {
+                self.demand.push(gpa);
             }
-            Reply::Complete(_) => {
-                return Err(MigrationError::LostAfterCommit("completed before all pages were sent".into()))
-            }
-            Reply::Failed(reason) => return Err(MigrationError::LostAfterCommit(reason)),
+            // Push on from the latest fault: the guest is likely to touch what follows.
+            self.cursor = gpa.wrapping_add(PAGE_SIZE);
         }
-        Ok(())
     }
 
     /// The next pages of the background push, in address order from the cursor.
@@ -283,6 +528,8 @@ impl Push {
 /// What the pre-copy phase left for the switchover and post-copy.
 struct Stopped {
     paused_at: Instant,
+    /// The VM's state at the switchover (postcard `MachineState`).
+    state: Vec<u8>,
     /// Dirty at the stop (pre-copy: sent before the switchover; hybrid: dropped at the switchover).
     final_dirty: Vec<u64>,
     /// Hybrid: pages dropped at the destination while the VM still ran here.
@@ -310,7 +557,7 @@ async fn precopy_and_stop(
     let reply_timeout = Duration::from_millis(options.reply_timeout_ms);
     let mut dirty = Vec::new();
     let mut discarded = Vec::new();
-    if mode != Mode::Postcopy {
+    if mode.precopies() {
         runner.set_dirty_logging(true).await.map_err(vm)?;
         let all: Vec<u64> = (0..memory.size()).step_by(PAGE_SIZE as usize).collect();
         out.pages(memory, &all, COPY_BATCH_PAGES).await?;
@@ -335,7 +582,7 @@ async fn precopy_and_stop(
     let paused_at = Instant::now();
     runner.pause().await.map_err(vm)?;
     let paused_ms = paused_at.elapsed().as_secs_f64() * 1e3;
-    if mode != Mode::Postcopy {
+    if mode.precopies() {
         dirty.extend(runner.take_dirty_pages().await.map_err(vm)?);
         dirty.sort_unstable();
         dirty.dedup();
@@ -349,7 +596,7 @@ async fn precopy_and_stop(
     let capture_ms = captured_at.elapsed().as_secs_f64() * 1e3;
     let stale = if mode == Mode::Hybrid { dirty.clone() } else { Vec::new() };
     let (state_bytes, stale_pages) = (state.len(), stale.len());
-    out.message(&Message::Switchover { state, stale }).await?;
+    out.message(&Message::Switchover { state: state.clone(), stale }).await?;
     let sent_at = Instant::now();
     let restored = expect(rd, "restored", reply_timeout).await?;
     tracing::info!(
@@ -362,7 +609,7 @@ async fn precopy_and_stop(
         "switchover"
     );
     match restored {
-        Message::Restored => Ok(Stopped { paused_at, final_dirty: dirty, discarded }),
+        Message::Restored => Ok(Stopped { paused_at, state, final_dirty: dirty, discarded }),
         other => Err(MigrationError::Unexpected(format!("{other:?}"))),
     }
 }

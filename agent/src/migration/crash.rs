@@ -1,0 +1,74 @@
+//! Fault injection for tests and the demo: `pcft agent --crash-at POINT` makes
+//! a destination agent kill itself with SIGKILL (a real crash: no cleanup, no
+//! goodbye on the socket) at a named point of a PostCopyFT migration.
+
+use std::sync::OnceLock;
+
+/// Where a destination agent crashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Right after the VM resumed, before any checkpoint.
+    BeforeFirstCheckpoint,
+    /// In epoch N's speculative phase, after its first page frame went out.
+    Speculative(u64),
+    /// In epoch N's pause: the vCPUs stand still, nothing of the pause was sent.
+    Pause(u64),
+    /// Right after epoch N's commit record went out (between epochs).
+    Committed(u64),
+    /// When the last page has arrived (on `AllSent`), before answering `Complete`.
+    AfterLastPage,
+}
+
+impl std::str::FromStr for CrashPoint {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let epoch = |n: &str| {
+            n.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{n:?} is not an epoch number (1, 2, …)"))
+        };
+        match text.split_once(':') {
+            None if text == "before-first-checkpoint" => Ok(CrashPoint::BeforeFirstCheckpoint),
+            None if text == "after-last-page" => Ok(CrashPoint::AfterLastPage),
+            Some(("speculative", n)) => Ok(CrashPoint::Speculative(epoch(n)?)),
+            Some(("pause", n)) => Ok(CrashPoint::Pause(epoch(n)?)),
+            Some(("committed", n)) => Ok(CrashPoint::Committed(epoch(n)?)),
+            _ => Err(format!(
+                "unknown crash point {text:?}: use before-first-checkpoint, speculative:N, pause:N, committed:N or after-last-page"
+            )),
+        }
+    }
+}
+
+static CRASH_AT: OnceLock<CrashPoint> = OnceLock::new();
+
+/// Arms the crash point for this process (once).
+pub fn arm(point: CrashPoint) {
+    let _ = CRASH_AT.set(point);
+}
+
+/// Kills this process with SIGKILL if `point` is the armed one.
+pub fn at(point: CrashPoint) {
+    if CRASH_AT.get() == Some(&point) {
+        tracing::warn!(?point, "crash point reached: SIGKILL");
+        // SAFETY: kill(2) on our own pid with a valid signal number has no memory effects.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_points_parse() {
+        assert_eq!("pause:3".parse(), Ok(CrashPoint::Pause(3)));
+        assert_eq!("speculative:1".parse(), Ok(CrashPoint::Speculative(1)));
+        assert_eq!("committed:2".parse(), Ok(CrashPoint::Committed(2)));
+        assert_eq!("after-last-page".parse(), Ok(CrashPoint::AfterLastPage));
+        assert_eq!("before-first-checkpoint".parse(), Ok(CrashPoint::BeforeFirstCheckpoint));
+        assert!("pause:0".parse::<CrashPoint>().is_err());
+        assert!("later".parse::<CrashPoint>().unwrap_err().contains("unknown crash point"));
+    }
+}
