@@ -1,6 +1,10 @@
 //! `pcft demo`: the one-command tour. Two agents as separate processes on this
-//! machine, a fixture VM started on one, migrated to the other, verified there
-//! against its oracle, everything stopped, and the report printed.
+//! machine, a fixture VM started on one and migrated to the other; with
+//! PostCopyFT (the default) the destination fails mid post-copy and the
+//! source recovers the VM from its last checkpoint. The guest is verified
+//! against its oracle wherever it finished, and every output record that
+//! reached the outside world against the oracle's; everything is stopped and
+//! the report printed.
 
 use super::remote::{print_report, runtime};
 use super::vm::{machine_config, KVM_PATH};
@@ -9,12 +13,17 @@ use anyhow::{anyhow, Context};
 use pcft_agent::client::{AgentClient, ClientError};
 use pcft_agent::dirty::DirtyTracking;
 use pcft_agent::host;
+use pcft_agent::migration::crash::CrashPoint;
 use pcft_agent::migration::messages::{Message, MigrationOptions, Mode};
+use pcft_agent::output::ReleasedRecord;
 use serde_json::json;
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vm_fixtures::OutputRecord;
 
 const VM: &str = "demo";
 
@@ -23,10 +32,11 @@ struct Agents(Vec<Child>);
 
 impl Agents {
     /// Starts `pcft agent` on a free loopback port and returns its address.
-    fn start(&mut self, name: &str) -> Result<String, Failure> {
+    fn start(&mut self, name: &str, extra: &[&str]) -> Result<String, Failure> {
         let exe = std::env::current_exe().context("cannot find the pcft executable").map_err(run_failure)?;
         let mut child = Command::new(exe)
             .args(["agent", "--listen", "127.0.0.1:0", "--name", name])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -87,34 +97,204 @@ fn client_error(e: ClientError) -> Failure {
     run_failure(anyhow!(e))
 }
 
+/// Where the demo makes the destination fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum FailAt {
+    None,
+    /// SIGKILL from the demo this long after the migration starts.
+    After(Duration),
+    /// The destination agent kills itself there (`pcft agent --crash-at`).
+    Point(CrashPoint),
+}
+
+impl FailAt {
+    fn parse(text: &str) -> Result<FailAt, String> {
+        if text == "none" {
+            return Ok(FailAt::None);
+        }
+        if text == "random" {
+            return Ok(Self::random());
+        }
+        if let Some(ms) = text.strip_suffix("ms") {
+            return ms
+                .parse()
+                .map(|ms| FailAt::After(Duration::from_millis(ms)))
+                .map_err(|_| format!("--fail-at {text:?}: expected a number of milliseconds such as 500ms"));
+        }
+        let point = match text.split_once(':') {
+            Some(("epoch", n)) => format!("committed:{n}"),
+            None if text == "speculative" || text == "pause" => format!("{text}:2"),
+            _ => text.to_string(),
+        };
+        point.parse().map(FailAt::Point).map_err(|e| format!("--fail-at {text:?}: {e}; see pcft demo --help"))
+    }
+
+    /// One of the points, picked from the clock.
+    fn random() -> FailAt {
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        let epoch = u64::from(seed / 7 % 5) + 1;
+        match seed % 6 {
+            0 => FailAt::Point(CrashPoint::BeforeFirstCheckpoint),
+            1 => FailAt::Point(CrashPoint::Speculative(epoch)),
+            2 => FailAt::Point(CrashPoint::Pause(epoch)),
+            3 => FailAt::Point(CrashPoint::Committed(epoch)),
+            4 => FailAt::Point(CrashPoint::AfterLastPage),
+            _ => FailAt::After(Duration::from_millis(u64::from(seed / 11 % 1500) + 50)),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            FailAt::None => "none".into(),
+            FailAt::After(d) => format!("{}ms", d.as_millis()),
+            FailAt::Point(CrashPoint::BeforeFirstCheckpoint) => "before-first-checkpoint".into(),
+            FailAt::Point(CrashPoint::Speculative(n)) => format!("speculative:{n}"),
+            FailAt::Point(CrashPoint::Pause(n)) => format!("pause:{n}"),
+            FailAt::Point(CrashPoint::Committed(n)) => format!("epoch:{n}"),
+            FailAt::Point(CrashPoint::AfterLastPage) => "after-last-page".into(),
+        }
+    }
+}
+
+/// The outside world of the demo's VM: a TCP listener that collects every
+/// output record the agents release (`pcft agent --output-sink`).
+struct Outside {
+    addr: String,
+    records: Arc<Mutex<Vec<ReleasedRecord>>>,
+}
+
+impl Outside {
+    fn start() -> Result<Outside, Failure> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(run_failure)?;
+        let addr = listener.local_addr().map_err(run_failure)?.to_string();
+        let records: Arc<Mutex<Vec<ReleasedRecord>>> = Arc::default();
+        let sink = Arc::clone(&records);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let sink = Arc::clone(&sink);
+                std::thread::spawn(move || {
+                    for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                        if let Ok(record) = serde_json::from_str::<ReleasedRecord>(&line) {
+                            sink.lock().expect("outside lock").push(record);
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Outside { addr, records })
+    }
+
+    fn records(&self) -> Vec<ReleasedRecord> {
+        self.records.lock().expect("outside lock").clone()
+    }
+
+    /// Waits (a little) for records still on their way.
+    fn settle(&self, expected: usize) -> Vec<ReleasedRecord> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let records = self.records();
+            let distinct: HashSet<(u32, u64)> = records.iter().map(|r| (r.vcpu, r.step)).collect();
+            if distinct.len() >= expected || std::time::Instant::now() > deadline {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// What reached the outside, checked against the oracle's records.
+struct OutputAudit {
+    released: usize,
+    duplicates: usize,
+    /// Released records that the verified run does not have (lost or contradicted by the failover).
+    lost: usize,
+    /// Records of the verified run that never reached the outside.
+    never_released: usize,
+}
+
+fn audit(released: &[ReleasedRecord], expected: &[OutputRecord]) -> OutputAudit {
+    let truth: HashSet<OutputRecord> = expected.iter().copied().collect();
+    let mut seen = HashSet::new();
+    let (mut duplicates, mut lost) = (0, 0);
+    for record in released.iter().map(ReleasedRecord::record) {
+        if !seen.insert(record) {
+            duplicates += 1;
+        } else if !truth.contains(&record) {
+            lost += 1;
+        }
+    }
+    let never_released = truth.iter().filter(|r| !seen.contains(*r)).count();
+    OutputAudit { released: seen.len(), duplicates, lost, never_released }
+}
+
 pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let config = machine_config(&workload(&args))?;
     host::check_kvm(Path::new(KVM_PATH)).map_err(usage)?;
     let mode: Mode = args.mode.into();
+    let fail_at =
+        if mode.checkpoints() { FailAt::parse(&args.fail_at).map_err(|e| usage(anyhow!(e)))? } else { FailAt::None };
+    let outside = Outside::start()?;
     let mut agents = Agents(Vec::new());
-    let source = agents.start("source")?;
-    let destination = agents.start("destination")?;
+    let source = agents.start("source", &["--output-sink", &outside.addr])?;
+    let crash = match &fail_at {
+        FailAt::Point(_) => vec!["--crash-at".to_string(), fail_at.name().replace("epoch:", "committed:")],
+        _ => Vec::new(),
+    };
+    let mut dest_args: Vec<&str> = vec!["--output-sink", &outside.addr];
+    dest_args.extend(crash.iter().map(String::as_str));
+    let destination = agents.start("destination", &dest_args)?;
+    let destination_pid = agents.0.last().map(|c| c.id()).expect("just started");
     if !args.json {
         println!("agents: source at {source}, destination at {destination} (separate processes)");
+        println!("outside world (released output) at {}", outside.addr);
+        if mode.checkpoints() {
+            println!("the destination fails at: {} ({:?})", fail_at.name(), args.fail_kind);
+        }
     }
     let (fixture, vcpus, mem_bytes) = (config.fixture.kind.name(), config.fixture.vcpus, config.mem_bytes);
+    let expected: Vec<OutputRecord> =
+        config.fixture.expected_after(config.fixture.steps).outputs().iter().flatten().copied().collect();
+    let options = MigrationOptions {
+        postcopy_pages_per_sec: args.postcopy_rate.unwrap_or(if mode.checkpoints() { 16384 } else { 0 }),
+        checkpoint_interval_ms: args.ft.checkpoint_interval.max(1),
+        heartbeat_interval_ms: args.ft.heartbeat_interval.max(1),
+        heartbeat_timeout_ms: args.ft.heartbeat_timeout.max(1),
+        ..MigrationOptions::default()
+    };
     let outcome = runtime().block_on(async {
         let mut src = AgentClient::connect(&source).await.map_err(client_error)?;
         let start = Message::StartVm { name: VM.into(), config, tracking: DirtyTracking::Bitmap };
         src.request(&start).await.map_err(client_error)?;
         tokio::time::sleep(Duration::from_millis(args.migrate_after_ms)).await;
-        let request =
-            Message::Migrate { name: VM.into(), to: destination.clone(), mode, options: MigrationOptions::default() };
+        if let FailAt::After(after) = fail_at {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                // SAFETY: kill(2) of the destination agent we started (a child process) has no memory effects.
+                unsafe { libc::kill(destination_pid as libc::pid_t, libc::SIGKILL) };
+            });
+        }
+        let request = Message::Migrate { name: VM.into(), to: destination.clone(), mode, options };
         let report = match src.request(&request).await.map_err(client_error)? {
             Message::Migrated(report) => report,
             other => return Err(run_failure(anyhow!("the source answered {other:?}"))),
         };
-        let mut dst = AgentClient::connect(&destination).await.map_err(client_error)?;
-        let verified = dst.request(&Message::WaitFinished { name: VM.into(), timeout_ms: 600_000 }).await;
+        // After a failover the VM runs on at the source; otherwise at the destination.
+        let runs_at = if report.failover.is_some() { &source } else { &destination };
+        let mut client = AgentClient::connect(runs_at).await.map_err(client_error)?;
+        let verified = client.request(&Message::WaitFinished { name: VM.into(), timeout_ms: 600_000 }).await;
         Ok((report, verified))
     });
+    let (report, verified) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            drop(agents);
+            return Err(e);
+        }
+    };
+    let released = outside.settle(expected.len());
     drop(agents);
-    let (report, verified) = outcome?;
+    let outputs = audit(&released, &expected);
     let (verified_ok, records, digest, error) = match &verified {
         Ok(Message::Verified { records, memory_digest, .. }) => {
             (true, Some(*records), Some(format!("{memory_digest:#018x}")), None)
@@ -122,26 +302,52 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         Ok(other) => (false, None, None, Some(format!("unexpected answer {other:?}"))),
         Err(e) => (false, None, None, Some(e.to_string())),
     };
+    let outputs_ok = outputs.lost == 0 && (!verified_ok || outputs.never_released == 0);
+    let recovered = report.failover.is_some();
     if args.json {
         let mut object = serde_json::to_value(&report).map_err(run_failure)?;
+        let total = report.total_migration_ms.is_finite().then_some(report.total_migration_ms);
         let extra = json!({
-            "fixture": fixture, "vcpus": vcpus, "mem_bytes": mem_bytes, "verified": verified_ok,
+            "fixture": fixture, "vcpus": vcpus, "mem_bytes": mem_bytes, "verified": verified_ok && outputs_ok,
             "records": records, "memory_digest": digest, "error": error,
+            "total_migration_ms": total,
+            "fail_at": mode.checkpoints().then(|| fail_at.name()),
+            "recovered": recovered,
+            "failover_ms": report.failover.as_ref().map(|f| f.failover_ms),
+            "restored_epoch": report.failover.as_ref().map(|f| f.restored_epoch),
+            "released_outputs": outputs.released,
+            "duplicate_released_outputs": outputs.duplicates,
+            "lost_released_outputs": outputs.lost,
+            "never_released_outputs": outputs.never_released,
         });
         object.as_object_mut().expect("report is an object").extend(extra.as_object().expect("object").clone());
         println!("{object}");
     } else {
         print_report(&report);
+        let place = if recovered { "at the source after the failover" } else { "at the destination" };
         match (&error, records) {
             (None, Some(records)) => println!(
-                "verified: the {fixture} guest finished at the destination and matches its oracle ({records} output records)"
+                "verified: the {fixture} guest finished {place} and matches its oracle ({records} output records)"
             ),
             _ => println!("NOT verified: {}", error.as_deref().unwrap_or("unknown")),
         }
+        println!(
+            "outside world: {} distinct records released ({} duplicates), {} lost or contradicted, {} never released",
+            outputs.released, outputs.duplicates, outputs.lost, outputs.never_released
+        );
     }
-    if verified_ok {
+    if mode.checkpoints() && fail_at != FailAt::None && !recovered && report.failure.is_none() && !args.json {
+        println!("(the failure point was not reached before the migration completed)");
+    }
+    if verified_ok && outputs_ok {
         Ok(())
+    } else if !verified_ok {
+        Err(run_failure(anyhow!("the VM did not verify: {}", error.unwrap_or_default())))
     } else {
-        Err(run_failure(anyhow!("the migrated VM did not verify at the destination: {}", error.unwrap_or_default())))
+        Err(run_failure(anyhow!(
+            "released output is inconsistent with the recovered run: {} lost or contradicted, {} never released",
+            outputs.lost,
+            outputs.never_released
+        )))
     }
 }

@@ -123,7 +123,7 @@ pub struct FtArgs {
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    #[arg(long, value_enum, default_value_t = ModeArg::Postcopy)]
+    #[arg(long, value_enum, default_value_t = ModeArg::PostcopyFt)]
     pub mode: ModeArg,
     /// Guest memory size.
     #[arg(long, default_value = "256M")]
@@ -138,9 +138,32 @@ pub struct DemoArgs {
     /// How long the VM runs at the source before the migration starts.
     #[arg(long, default_value_t = 300)]
     pub migrate_after_ms: u64,
+    /// postcopy-ft: where the destination fails. `none`; `random` (one of the
+    /// points below, printed); `Nms` (SIGKILL N ms after the migration starts);
+    /// `epoch:N` (right after checkpoint N went out); `speculative:N` (in
+    /// checkpoint N's speculative copy); `pause:N` (in checkpoint N's pause);
+    /// `before-first-checkpoint`; `after-last-page` (when the last page arrived).
+    #[arg(long, default_value = "random")]
+    pub fail_at: String,
+    /// How the destination fails: `crash` (SIGKILL of the destination agent).
+    #[arg(long, value_enum, default_value_t = FailKind::Crash)]
+    pub fail_kind: FailKind,
+    /// Post-copy push rate in pages/s (0: no limit). Default: 16384 for
+    /// postcopy-ft (a 256M guest stays in post-copy for up to 4 s, long enough
+    /// for checkpoints and failures to matter), no limit for the other modes.
+    #[arg(long)]
+    pub postcopy_rate: Option<u64>,
+    #[command(flatten)]
+    pub ft: FtArgs,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FailKind {
+    /// SIGKILL the destination agent.
+    Crash,
 }
 
 #[derive(Subcommand, Debug)]

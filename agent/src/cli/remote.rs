@@ -154,7 +154,8 @@ pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
 /// The human summary of a migration report.
 pub fn print_report(r: &MigrationReport) {
     let ms = |v: f64| if v.is_finite() { format!("{v:.2} ms") } else { "n/a".into() };
-    println!("migrated VM {} ({}, {} of memory)", r.vm, r.mode, format_size(r.mem_bytes));
+    let outcome = if r.failure.is_some() { "migration FAILED for VM" } else { "migrated VM" };
+    println!("{outcome} {} ({}, {} of memory)", r.vm, r.mode, format_size(r.mem_bytes));
     println!("  total migration time   {}", ms(r.total_migration_ms));
     println!("  downtime               {}", ms(r.downtime_ms));
     println!(
@@ -168,7 +169,9 @@ pub fn print_report(r: &MigrationReport) {
     }
     if r.mode != "precopy" {
         println!("  post-copy pages        {} pushed, {} on demand", r.pages_pushed, r.pages_faulted);
-        println!("  fault latency          p50 {} µs, p99 {} µs", r.fault_latency_us.p50, r.fault_latency_us.p99);
+        if r.failure.is_none() {
+            println!("  fault latency          p50 {} µs, p99 {} µs", r.fault_latency_us.p50, r.fault_latency_us.p99);
+        }
     }
     if r.mode == "postcopy-ft" {
         println!(

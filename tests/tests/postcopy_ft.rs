@@ -1,0 +1,105 @@
+//! PostCopyFT on real KVM with real processes: the destination agent is
+//! SIGKILLed at many points of a post-copy migration (by its own hidden
+//! `--crash-at` hook, or by the demo after a delay); every time the source
+//! restores its last committed checkpoint, the guest finishes there and
+//! matches the ledger oracle, and every output record that reached the outside
+//! world is one of the oracle's (none lost, none contradicted). Without a
+//! failure the migration completes and the guest verifies at the destination.
+
+use pcft_tests::pcft_json;
+use serde_json::Value;
+
+fn ft_demo(fail_at: &str) -> Value {
+    let report = pcft_json(&[
+        "demo",
+        "--mode",
+        "postcopy-ft",
+        "--mem",
+        "64M",
+        "--vcpus",
+        "2",
+        "--steps",
+        "40000",
+        "--postcopy-rate",
+        "4096",
+        "--fail-at",
+        fail_at,
+        "--json",
+    ]);
+    let what = format!("--fail-at {fail_at}: {report}");
+    assert_eq!(report["mode"], "postcopy-ft", "{what}");
+    assert_eq!(report["verified"], true, "{what}");
+    assert_eq!(report["lost_released_outputs"], 0, "{what}");
+    assert_eq!(report["never_released_outputs"], 0, "{what}");
+    assert_eq!(report["released_outputs"], report["records"], "every record reached the outside: {what}");
+    report
+}
+
+/// The destination crashed and the source recovered; returns the restored epoch.
+fn recovered(report: &Value) -> u64 {
+    let what = report.to_string();
+    assert_eq!(report["recovered"], true, "{what}");
+    assert!(report["total_migration_ms"].is_null(), "{what}");
+    assert!(report["failure"]["kind"].is_string(), "{what}");
+    assert!(report["failover_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{what}");
+    let epoch = report["restored_epoch"].as_u64().expect("restored_epoch");
+    assert_eq!(
+        epoch,
+        report["checkpoints_committed"].as_u64().unwrap(),
+        "the last committed epoch is restored: {what}"
+    );
+    epoch
+}
+
+#[test]
+fn without_a_failure_the_migration_completes_with_checkpoints() {
+    let report = ft_demo("none");
+    let what = report.to_string();
+    assert_eq!(report["recovered"], false, "{what}");
+    assert!(report["failure"].is_null(), "{what}");
+    assert!(report["total_migration_ms"].as_f64().is_some(), "{what}");
+    assert!(report["checkpoints_committed"].as_u64().unwrap() >= 3, "checkpoints every 100 ms: {what}");
+    assert!(report["checkpoint_pages"].as_u64().unwrap() > 0, "{what}");
+    assert_eq!(report["duplicate_released_outputs"], 0, "{what}");
+}
+
+#[test]
+fn a_crash_before_the_first_checkpoint_restores_the_switchover_state() {
+    let report = ft_demo("before-first-checkpoint");
+    assert_eq!(recovered(&report), 0, "{report}");
+}
+
+#[test]
+fn a_crash_during_a_speculative_phase_never_applies_that_epoch() {
+    let report = ft_demo("speculative:3");
+    assert!(recovered(&report) <= 2, "{report}");
+}
+
+#[test]
+fn a_crash_during_a_checkpoint_pause_restores_an_earlier_epoch() {
+    let report = ft_demo("pause:2");
+    assert!(recovered(&report) <= 1, "{report}");
+}
+
+#[test]
+fn a_crash_between_epochs_restores_the_last_committed_one() {
+    let report = ft_demo("epoch:4");
+    let epoch = recovered(&report);
+    assert!(epoch <= 4, "{report}");
+}
+
+#[test]
+fn a_crash_right_after_the_last_page_still_recovers() {
+    let report = ft_demo("after-last-page");
+    let epoch = recovered(&report);
+    assert!(epoch >= 3, "post-copy ran long enough for several checkpoints: {report}");
+    assert!(report["pages_pushed"].as_u64().unwrap() + report["pages_faulted"].as_u64().unwrap() == 16384, "{report}");
+}
+
+#[test]
+fn a_sigkill_at_a_time_recovers() {
+    // Both land in post-copy: 16384 pages at 4096 pages/s take up to 4 s.
+    for at in ["150ms", "700ms"] {
+        recovered(&ft_demo(at));
+    }
+}
