@@ -249,7 +249,11 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         println!("agents: source at {source}, destination at {destination} (separate processes)");
         println!("outside world (released output) at {}", outside.addr);
         if mode.checkpoints() {
-            println!("the destination fails at: {} ({:?})", fail_at.name(), args.fail_kind);
+            println!(
+                "the destination fails at: {} ({})",
+                fail_at.name(),
+                format!("{:?}", args.fail_kind).to_lowercase()
+            );
         }
     }
     let (fixture, vcpus, mem_bytes) = (config.fixture.kind.name(), config.fixture.vcpus, config.mem_bytes);

@@ -590,7 +590,22 @@ pub async fn migrate_in(
                 // source may resume its own copy. Stop it before anything else, and only
                 // then let the connection close.
                 if let Some(r) = &runner {
-                    let _ = r.pause().await;
+                    let pausing = tokio::spawn({
+                        let r = Arc::clone(r);
+                        async move { r.pause().await }
+                    });
+                    // vCPUs blocked on pages that will never come cannot stop: with the
+                    // pause pending (and its kicks), unregister the memory from
+                    // userfaultfd, which wakes them. Each completes at most the one
+                    // instruction it faulted in (on a fresh zero page) and then stops. This
+                    // copy is dead: it is never resumed and its held output never released.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    incoming.region = None;
+                    match pausing.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(pause)) => tracing::error!("cannot pause the VM after losing the source: {pause}"),
+                        Err(join) => tracing::error!("cannot pause the VM after losing the source: {join}"),
+                    }
                 }
                 let _ = out.message(&Message::Abort { reason: e.to_string() });
                 let what = if checkpointed {
