@@ -5,11 +5,18 @@
 //! matches the ledger oracle, and every output record that reached the outside
 //! world is one of the oracle's (none lost, none contradicted). Without a
 //! failure the migration completes and the guest verifies at the destination.
+//! A destination frozen (SIGSTOP) past its lease is detected by heartbeat
+//! silence; when it wakes (SIGCONT) it finds its lease expired and keeps its
+//! copy stopped, so exactly one VM runs.
 
 use pcft_tests::pcft_json;
 use serde_json::Value;
 
 fn ft_demo(fail_at: &str) -> Value {
+    ft_demo_kind(fail_at, "crash")
+}
+
+fn ft_demo_kind(fail_at: &str, kind: &str) -> Value {
     let report = pcft_json(&[
         "demo",
         "--mode",
@@ -24,6 +31,8 @@ fn ft_demo(fail_at: &str) -> Value {
         "4096",
         "--fail-at",
         fail_at,
+        "--fail-kind",
+        kind,
         "--json",
     ]);
     let what = format!("--fail-at {fail_at}: {report}");
@@ -101,5 +110,17 @@ fn a_sigkill_at_a_time_recovers() {
     // Both land in post-copy: 16384 pages at 4096 pages/s take up to 4 s.
     for at in ["150ms", "700ms"] {
         recovered(&ft_demo(at));
+    }
+}
+
+#[test]
+fn a_frozen_destination_is_fenced_when_it_wakes() {
+    for at in ["600ms", "pause:2"] {
+        let report = ft_demo_kind(at, "freeze");
+        recovered(&report);
+        assert_eq!(report["failure"]["kind"], "heartbeat-timeout", "silence, not a closed socket: {report}");
+        assert!(report["failure"]["detection_ms"].as_f64().unwrap() >= 200.0, "the timeout is 200 ms: {report}");
+        assert!(report["failover"]["fence_wait_ms"].as_f64().is_some(), "{report}");
+        assert_eq!(report["destination_fenced"], true, "exactly one copy runs after the failover: {report}");
     }
 }

@@ -8,7 +8,7 @@
 
 use super::remote::{print_report, runtime};
 use super::vm::{machine_config, KVM_PATH};
-use super::{run_failure, usage, DemoArgs, Failure, Pattern, WorkloadArgs};
+use super::{run_failure, usage, DemoArgs, FailKind, Failure, Pattern, WorkloadArgs};
 use anyhow::{anyhow, Context};
 use pcft_agent::client::{AgentClient, ClientError};
 use pcft_agent::dirty::DirtyTracking;
@@ -228,6 +228,27 @@ fn audit(released: &[ReleasedRecord], expected: &[OutputRecord]) -> OutputAudit 
     OutputAudit { released: seen.len(), duplicates, lost, never_released }
 }
 
+/// Wakes the frozen destination (SIGCONT) and checks that its copy stays
+/// stopped: the VM is marked failed (fenced) and emits nothing more.
+async fn destination_fenced(destination: &str, pid: u32, lease_ms: u64) -> Result<bool, Failure> {
+    // SAFETY: kill(2) of the destination agent we started (a child process) has no memory effects.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+    tokio::time::sleep(Duration::from_millis(lease_ms + 300)).await;
+    let mut client = AgentClient::connect(destination).await.map_err(client_error)?;
+    let records = |answer: Message| match answer {
+        Message::StatusReport { vms, .. } => vms.into_iter().find(|v| v.name == VM),
+        _ => None,
+    };
+    let Some(before) = records(client.request(&Message::Status).await.map_err(client_error)?) else {
+        return Ok(true); // the VM is gone there
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = records(client.request(&Message::Status).await.map_err(client_error)?);
+    let stopped = after.as_ref().is_none_or(|a| a.records == before.records);
+    let marked = before.error.as_deref().is_some_and(|e| e.contains("fenced"));
+    Ok(stopped && marked)
+}
+
 pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let config = machine_config(&workload(&args))?;
     host::check_kvm(Path::new(KVM_PATH)).map_err(usage)?;
@@ -237,10 +258,14 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let outside = Outside::start()?;
     let mut agents = Agents(Vec::new());
     let source = agents.start("source", &["--output-sink", &outside.addr])?;
-    let crash = match &fail_at {
+    let freeze = args.fail_kind == FailKind::Freeze;
+    let mut crash = match &fail_at {
         FailAt::Point(_) => vec!["--crash-at".to_string(), fail_at.name().replace("epoch:", "committed:")],
         _ => Vec::new(),
     };
+    if freeze && !crash.is_empty() {
+        crash.extend(["--crash-signal".to_string(), "stop".to_string()]);
+    }
     let mut dest_args: Vec<&str> = vec!["--output-sink", &outside.addr];
     dest_args.extend(crash.iter().map(String::as_str));
     let destination = agents.start("destination", &dest_args)?;
@@ -274,8 +299,9 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         if let FailAt::After(after) = fail_at {
             tokio::spawn(async move {
                 tokio::time::sleep(after).await;
+                let signal = if freeze { libc::SIGSTOP } else { libc::SIGKILL };
                 // SAFETY: kill(2) of the destination agent we started (a child process) has no memory effects.
-                unsafe { libc::kill(destination_pid as libc::pid_t, libc::SIGKILL) };
+                unsafe { libc::kill(destination_pid as libc::pid_t, signal) };
             });
         }
         let request = Message::Migrate { name: VM.into(), to: destination.clone(), mode, options };
@@ -283,13 +309,18 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             Message::Migrated(report) => report,
             other => return Err(run_failure(anyhow!("the source answered {other:?}"))),
         };
+        let fenced = if freeze && report.failover.is_some() {
+            Some(destination_fenced(&destination, destination_pid, options.heartbeat_timeout_ms).await?)
+        } else {
+            None
+        };
         // After a failover the VM runs on at the source; otherwise at the destination.
         let runs_at = if report.failover.is_some() { &source } else { &destination };
         let mut client = AgentClient::connect(runs_at).await.map_err(client_error)?;
         let verified = client.request(&Message::WaitFinished { name: VM.into(), timeout_ms: 600_000 }).await;
-        Ok((report, verified))
+        Ok((report, verified, fenced))
     });
-    let (report, verified) = match outcome {
+    let (report, verified, fenced) = match outcome {
         Ok(v) => v,
         Err(e) => {
             drop(agents);
@@ -307,6 +338,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         Err(e) => (false, None, None, Some(e.to_string())),
     };
     let outputs_ok = outputs.lost == 0 && (!verified_ok || outputs.never_released == 0);
+    let fenced_ok = fenced.is_none_or(|f| f);
     let recovered = report.failover.is_some();
     if args.json {
         let mut object = serde_json::to_value(&report).map_err(run_failure)?;
@@ -323,6 +355,8 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             "duplicate_released_outputs": outputs.duplicates,
             "lost_released_outputs": outputs.lost,
             "never_released_outputs": outputs.never_released,
+            "fail_kind": format!("{:?}", args.fail_kind).to_lowercase(),
+            "destination_fenced": fenced,
         });
         object.as_object_mut().expect("report is an object").extend(extra.as_object().expect("object").clone());
         println!("{object}");
@@ -339,11 +373,20 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             "outside world: {} distinct records released ({} duplicates), {} lost or contradicted, {} never released",
             outputs.released, outputs.duplicates, outputs.lost, outputs.never_released
         );
+        match fenced {
+            Some(true) => println!(
+                "the frozen destination woke up, found its lease expired and keeps its copy stopped: one VM runs"
+            ),
+            Some(false) => println!("SPLIT BRAIN: the frozen destination's copy runs again after waking up"),
+            None => {}
+        }
     }
     if mode.checkpoints() && fail_at != FailAt::None && !recovered && report.failure.is_none() && !args.json {
         println!("(the failure point was not reached before the migration completed)");
     }
-    if verified_ok && outputs_ok {
+    if !fenced_ok {
+        Err(run_failure(anyhow!("the destination's copy ran again after the failover (not fenced)")))
+    } else if verified_ok && outputs_ok {
         Ok(())
     } else if !verified_ok {
         Err(run_failure(anyhow!("the VM did not verify: {}", error.unwrap_or_default())))

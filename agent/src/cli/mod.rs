@@ -76,6 +76,9 @@ pub struct AgentArgs {
     /// migration (before-first-checkpoint, speculative:N, pause:N, committed:N, after-last-page).
     #[arg(long, hide = true)]
     pub crash_at: Option<pcft_agent::migration::crash::CrashPoint>,
+    /// Fault injection: what happens at --crash-at (kill: SIGKILL; stop: SIGSTOP, a frozen host).
+    #[arg(long, hide = true, default_value = "kill")]
+    pub crash_signal: pcft_agent::migration::crash::CrashSignal,
 }
 
 #[derive(Args, Debug)]
@@ -145,7 +148,9 @@ pub struct DemoArgs {
     /// `before-first-checkpoint`; `after-last-page` (when the last page arrived).
     #[arg(long, default_value = "random")]
     pub fail_at: String,
-    /// How the destination fails: `crash` (SIGKILL of the destination agent).
+    /// How the destination fails: `crash` (SIGKILL of the destination agent) or
+    /// `freeze` (SIGSTOP; SIGCONT once the source has recovered the VM: the
+    /// destination must find its lease expired and stay stopped).
     #[arg(long, value_enum, default_value_t = FailKind::Crash)]
     pub fail_kind: FailKind,
     /// Post-copy push rate in pages/s (0: no limit). Default: 16384 for
@@ -164,6 +169,8 @@ pub struct DemoArgs {
 pub enum FailKind {
     /// SIGKILL the destination agent.
     Crash,
+    /// SIGSTOP the destination agent, and SIGCONT it after the failover.
+    Freeze,
 }
 
 #[derive(Subcommand, Debug)]

@@ -42,7 +42,7 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         tracing::info!(agent = %name, %addr, "agent started");
         if let Some(point) = args.crash_at {
             tracing::warn!(?point, "fault injection armed: this agent will SIGKILL itself there");
-            pcft_agent::migration::crash::arm(point);
+            pcft_agent::migration::crash::arm(point, args.crash_signal);
         }
         let sink = match &args.output_sink {
             Some(addr) => OutputSink::tcp(&name, addr).map_err(run_failure)?,

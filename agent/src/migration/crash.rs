@@ -1,6 +1,8 @@
 //! Fault injection for tests and the demo: `pcft agent --crash-at POINT` makes
 //! a destination agent kill itself with SIGKILL (a real crash: no cleanup, no
-//! goodbye on the socket) at a named point of a PostCopyFT migration.
+//! goodbye on the socket) at a named point of a PostCopyFT migration; with
+//! `--crash-signal stop` it freezes itself with SIGSTOP there instead (a hung
+//! host that may wake up later: what fencing is for).
 
 use std::sync::OnceLock;
 
@@ -39,21 +41,46 @@ impl std::str::FromStr for CrashPoint {
     }
 }
 
-static CRASH_AT: OnceLock<CrashPoint> = OnceLock::new();
-
-/// Arms the crash point for this process (once).
-pub fn arm(point: CrashPoint) {
-    let _ = CRASH_AT.set(point);
+/// What happens at the crash point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashSignal {
+    /// SIGKILL: the process dies.
+    Kill,
+    /// SIGSTOP: the process freezes until someone sends SIGCONT.
+    Stop,
 }
 
-/// Kills this process with SIGKILL if `point` is the armed one.
-pub fn at(point: CrashPoint) {
-    if CRASH_AT.get() == Some(&point) {
-        tracing::warn!(?point, "crash point reached: SIGKILL");
-        // SAFETY: kill(2) on our own pid with a valid signal number has no memory effects.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
+impl std::str::FromStr for CrashSignal {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "kill" => Ok(CrashSignal::Kill),
+            "stop" => Ok(CrashSignal::Stop),
+            _ => Err(format!("unknown crash signal {text:?}: use kill or stop")),
         }
+    }
+}
+
+static CRASH_AT: OnceLock<(CrashPoint, CrashSignal)> = OnceLock::new();
+
+/// Arms the crash point for this process (once).
+pub fn arm(point: CrashPoint, signal: CrashSignal) {
+    let _ = CRASH_AT.set((point, signal));
+}
+
+/// Kills (or freezes) this process if `point` is the armed one.
+pub fn at(point: CrashPoint) {
+    match CRASH_AT.get() {
+        Some(&(armed, signal)) if armed == point => {
+            tracing::warn!(?point, ?signal, "crash point reached");
+            let signal = if signal == CrashSignal::Kill { libc::SIGKILL } else { libc::SIGSTOP };
+            // SAFETY: kill(2) on our own pid with a valid signal number has no memory effects.
+            unsafe {
+                libc::kill(libc::getpid(), signal);
+            }
+        }
+        _ => {}
     }
 }
 
