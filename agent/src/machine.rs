@@ -119,6 +119,12 @@ pub struct PreparedMachine {
 }
 
 impl PreparedMachine {
+    /// Starts dirty logging before the machine runs at all (a PostCopyFT
+    /// destination, so that every guest write there is in some checkpoint).
+    pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), MachineError> {
+        Ok(self.vm.set_dirty_logging(enabled)?)
+    }
+
     /// Applies a captured state; the machine comes up paused exactly where the captured one was.
     pub fn restore(self, state: MachineState) -> Result<Machine, MachineError> {
         let PreparedMachine { config, memory, vm, vcpus } = self;

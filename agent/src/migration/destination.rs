@@ -419,12 +419,21 @@ pub async fn migrate_in(
     };
     // Build the VM now: at the switchover only its state remains to be set.
     let (prep_config, prep_memory) = (config.clone(), Arc::clone(&memory));
-    let mut prepared: Option<PreparedMachine> =
-        Some(match tokio::task::spawn_blocking(move || Machine::prepare(prep_config, prep_memory)).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => return Err(vm(e.to_string())),
-            Err(e) => return Err(vm(e.to_string())),
-        });
+    let track = mode.checkpoints();
+    let prepare = move || {
+        let prepared = Machine::prepare(prep_config, prep_memory)?;
+        if track {
+            // Track the guest's writes from its first instruction here, and do it
+            // now rather than in the downtime (re-registering memslots takes a while).
+            prepared.set_dirty_logging(true)?;
+        }
+        Ok::<_, crate::machine::MachineError>(prepared)
+    };
+    let mut prepared: Option<PreparedMachine> = Some(match tokio::task::spawn_blocking(prepare).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return Err(vm(e.to_string())),
+        Err(e) => return Err(vm(e.to_string())),
+    });
     out.message(&Message::Ready)?;
 
     let mut runner: Option<Arc<VmRunner>> = None;
@@ -476,12 +485,6 @@ pub async fn migrate_in(
                 match VmRunner::spawn(name, machine, gate) {
                     Ok(r) => runner = Some(Arc::new(r)),
                     Err(e) => break Err(vm(e.to_string())),
-                }
-                if mode.checkpoints() {
-                    // Track the guest's writes from its first instruction here.
-                    if let Err(e) = runner.as_ref().expect("just set").set_dirty_logging(true).await {
-                        break Err(vm(e));
-                    }
                 }
                 if let Some(region) = &incoming.region {
                     let (tx, rx) = mpsc::unbounded_channel();
