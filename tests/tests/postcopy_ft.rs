@@ -7,7 +7,8 @@
 //! failure the migration completes and the guest verifies at the destination.
 //! A destination frozen (SIGSTOP) past its lease is detected by heartbeat
 //! silence; when it wakes (SIGCONT) it finds its lease expired and keeps its
-//! copy stopped, so exactly one VM runs.
+//! copy stopped, so exactly one VM runs; so does one cut off by a network
+//! partition between two network namespaces.
 
 use pcft_tests::pcft_json;
 use serde_json::Value;
@@ -123,4 +124,19 @@ fn a_frozen_destination_is_fenced_when_it_wakes() {
         assert!(report["failover"]["fence_wait_ms"].as_f64().is_some(), "{report}");
         assert_eq!(report["destination_fenced"], true, "exactly one copy runs after the failover: {report}");
     }
+}
+
+#[test]
+fn a_network_partition_fences_the_destination_and_the_source_recovers() {
+    // The agents run in network namespaces joined by a veth pair; the demo cuts
+    // the pair mid post-copy, heals it after the failover, and checks that the
+    // destination's copy stays stopped.
+    let report = ft_demo_kind("600ms", "partition");
+    recovered(&report);
+    assert_eq!(report["failure"]["kind"], "heartbeat-timeout", "{report}");
+    let detection = report["failure"]["detection_ms"].as_f64().unwrap();
+    assert!((200.0..400.0).contains(&detection), "detected by 200 ms of silence: {report}");
+    assert_eq!(report["destination_fenced"], true, "exactly one copy runs after the failover: {report}");
+    let namespaces = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&namespaces.stdout).contains("pcft-"), "the demo removes its namespaces");
 }

@@ -22,7 +22,7 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install missing system packages (binutils, util-linux).
+    /// Install missing system packages (binutils, util-linux, iproute2, libclang).
     Setup,
     /// Build pcft (release) and run the main job, `pcft demo`; extra arguments go to it.
     Run {
@@ -48,6 +48,8 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("unshare", "util-linux"),
     ("mount", "mount"),
+    // `pcft demo --fail-kind partition` and its test: network namespaces and veth links.
+    ("ip", "iproute2"),
 ];
 
 fn main() -> std::process::ExitCode {

@@ -6,6 +6,7 @@
 //! reached the outside world against the oracle's; everything is stopped and
 //! the report printed.
 
+use super::netns::Testbed;
 use super::remote::{print_report, runtime};
 use super::vm::{machine_config, KVM_PATH};
 use super::{run_failure, usage, DemoArgs, FailKind, Failure, Pattern, WorkloadArgs};
@@ -32,10 +33,19 @@ struct Agents(Vec<Child>);
 
 impl Agents {
     /// Starts `pcft agent` on a free loopback port and returns its address.
-    fn start(&mut self, name: &str, extra: &[&str]) -> Result<String, Failure> {
+    /// Starts `pcft agent` listening on `listen`, in network namespace `ns` if given.
+    fn start(&mut self, name: &str, ns: Option<&str>, listen: &str, extra: &[&str]) -> Result<String, Failure> {
         let exe = std::env::current_exe().context("cannot find the pcft executable").map_err(run_failure)?;
-        let mut child = Command::new(exe)
-            .args(["agent", "--listen", "127.0.0.1:0", "--name", name])
+        let mut command = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
+            .args(["agent", "--listen", listen, "--name", name])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -165,8 +175,8 @@ struct Outside {
 }
 
 impl Outside {
-    fn start() -> Result<Outside, Failure> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(run_failure)?;
+    fn start(bind: &str) -> Result<Outside, Failure> {
+        let listener = std::net::TcpListener::bind(bind).map_err(run_failure)?;
         let addr = listener.local_addr().map_err(run_failure)?.to_string();
         let records: Arc<Mutex<Vec<ReleasedRecord>>> = Arc::default();
         let sink = Arc::clone(&records);
@@ -255,10 +265,38 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let mode: Mode = args.mode.into();
     let fail_at =
         if mode.checkpoints() { FailAt::parse(&args.fail_at).map_err(|e| usage(anyhow!(e)))? } else { FailAt::None };
-    let outside = Outside::start()?;
-    let mut agents = Agents(Vec::new());
-    let source = agents.start("source", &["--output-sink", &outside.addr])?;
     let freeze = args.fail_kind == FailKind::Freeze;
+    let partition = args.fail_kind == FailKind::Partition && mode.checkpoints();
+    if partition && matches!(fail_at, FailAt::Point(_)) && args.fail_at != "random" {
+        return Err(usage(anyhow!(
+            "--fail-kind partition cuts the network at a time: use --fail-at Nms (or random, none)"
+        )));
+    }
+    let fail_at = match fail_at {
+        // A partition happens at a time; a random one lands in post-copy.
+        FailAt::Point(_) if partition => FailAt::After(Duration::from_millis(400)),
+        other => other,
+    };
+    let testbed = if partition { Some(Arc::new(Testbed::create().map_err(usage)?)) } else { None };
+    let outside = Outside::start(if partition { "0.0.0.0:0" } else { "127.0.0.1:0" })?;
+    let outside_port: u16 = outside.addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    const NS_PORT: u16 = 7401;
+    let mut agents = Agents(Vec::new());
+    let source_sink = match &testbed {
+        Some(bed) => bed.outside_from_source(outside_port),
+        None => outside.addr.clone(),
+    };
+    let listen = if partition { format!("0.0.0.0:{NS_PORT}") } else { "127.0.0.1:0".to_string() };
+    let started = agents.start(
+        "source",
+        testbed.as_ref().map(|b| b.source_ns.as_str()),
+        &listen,
+        &["--output-sink", &source_sink],
+    )?;
+    let source = match &testbed {
+        Some(bed) => bed.source_addr(NS_PORT),
+        None => started,
+    };
     let mut crash = match &fail_at {
         FailAt::Point(_) => vec!["--crash-at".to_string(), fail_at.name().replace("epoch:", "committed:")],
         _ => Vec::new(),
@@ -266,9 +304,20 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     if freeze && !crash.is_empty() {
         crash.extend(["--crash-signal".to_string(), "stop".to_string()]);
     }
-    let mut dest_args: Vec<&str> = vec!["--output-sink", &outside.addr];
+    let destination_sink = match &testbed {
+        Some(bed) => bed.outside_from_destination(outside_port),
+        None => outside.addr.clone(),
+    };
+    let mut dest_args: Vec<&str> = vec!["--output-sink", &destination_sink];
     dest_args.extend(crash.iter().map(String::as_str));
-    let destination = agents.start("destination", &dest_args)?;
+    let started =
+        agents.start("destination", testbed.as_ref().map(|b| b.destination_ns.as_str()), &listen, &dest_args)?;
+    // The CLI reaches the destination's agent here; the source migrates to `migrate_to`
+    // (over the link between the hosts, when they are namespaces).
+    let (destination, migrate_to) = match &testbed {
+        Some(bed) => (bed.destination_addr(NS_PORT), bed.destination_over_pair(NS_PORT)),
+        None => (started.clone(), started),
+    };
     let destination_pid = agents.0.last().map(|c| c.id()).expect("just started");
     if !args.json {
         println!("agents: source at {source}, destination at {destination} (separate processes)");
@@ -297,19 +346,33 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         src.request(&start).await.map_err(client_error)?;
         tokio::time::sleep(Duration::from_millis(args.migrate_after_ms)).await;
         if let FailAt::After(after) = fail_at {
-            tokio::spawn(async move {
-                tokio::time::sleep(after).await;
-                let signal = if freeze { libc::SIGSTOP } else { libc::SIGKILL };
-                // SAFETY: kill(2) of the destination agent we started (a child process) has no memory effects.
-                unsafe { libc::kill(destination_pid as libc::pid_t, signal) };
+            let bed = testbed.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                match &bed {
+                    Some(bed) => {
+                        if let Err(e) = bed.cut() {
+                            eprintln!("pcft demo: cannot cut the link: {e:#}");
+                        }
+                    }
+                    None => {
+                        let signal = if freeze { libc::SIGSTOP } else { libc::SIGKILL };
+                        // SAFETY: kill(2) of the destination agent we started (a child process) has no memory effects.
+                        unsafe { libc::kill(destination_pid as libc::pid_t, signal) };
+                    }
+                }
             });
         }
-        let request = Message::Migrate { name: VM.into(), to: destination.clone(), mode, options };
+        let request = Message::Migrate { name: VM.into(), to: migrate_to.clone(), mode, options };
         let report = match src.request(&request).await.map_err(client_error)? {
             Message::Migrated(report) => report,
             other => return Err(run_failure(anyhow!("the source answered {other:?}"))),
         };
-        let fenced = if freeze && report.failover.is_some() {
+        if let (Some(bed), true) = (&testbed, report.failover.is_some()) {
+            // Heal the network: the destination may hear from the source again, and must stay fenced.
+            bed.heal().map_err(run_failure)?;
+        }
+        let fenced = if (freeze || partition) && report.failover.is_some() {
             Some(destination_fenced(&destination, destination_pid, options.heartbeat_timeout_ms).await?)
         } else {
             None
@@ -374,10 +437,10 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             outputs.released, outputs.duplicates, outputs.lost, outputs.never_released
         );
         match fenced {
-            Some(true) => println!(
-                "the frozen destination woke up, found its lease expired and keeps its copy stopped: one VM runs"
-            ),
-            Some(false) => println!("SPLIT BRAIN: the frozen destination's copy runs again after waking up"),
+            Some(true) => {
+                println!("the cut-off destination found its lease expired and keeps its copy stopped: one VM runs")
+            }
+            Some(false) => println!("SPLIT BRAIN: the destination's copy runs again after the failover"),
             None => {}
         }
     }

@@ -2,6 +2,7 @@
 //! to exit codes (2: bad input or an unusable host; 1: the run itself failed).
 
 pub mod demo;
+pub mod netns;
 pub mod remote;
 pub mod report;
 pub mod vm;
@@ -148,9 +149,11 @@ pub struct DemoArgs {
     /// `before-first-checkpoint`; `after-last-page` (when the last page arrived).
     #[arg(long, default_value = "random")]
     pub fail_at: String,
-    /// How the destination fails: `crash` (SIGKILL of the destination agent) or
+    /// How the destination fails: `crash` (SIGKILL of the destination agent),
     /// `freeze` (SIGSTOP; SIGCONT once the source has recovered the VM: the
-    /// destination must find its lease expired and stay stopped).
+    /// destination must find its lease expired and stay stopped), or
+    /// `partition` (the agents run in network namespaces joined by a veth
+    /// pair, which is cut; healed after the failover).
     #[arg(long, value_enum, default_value_t = FailKind::Crash)]
     pub fail_kind: FailKind,
     /// Post-copy push rate in pages/s (0: no limit). Default: 16384 for
@@ -171,6 +174,9 @@ pub enum FailKind {
     Crash,
     /// SIGSTOP the destination agent, and SIGCONT it after the failover.
     Freeze,
+    /// Run the agents in network namespaces of their own, joined by a veth
+    /// pair, and cut that link (then heal it after the failover).
+    Partition,
 }
 
 #[derive(Subcommand, Debug)]

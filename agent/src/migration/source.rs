@@ -51,8 +51,36 @@ struct Outbox {
     bytes: u64,
     pages: u64,
     zero_pages: u64,
-    /// PostCopyFT: a frame that cannot be written within this long means the destination is lost.
-    write_timeout: Option<Duration>,
+    /// PostCopyFT: a write blocked while the destination is silent for too long means it is lost.
+    liveness: Option<Arc<Liveness>>,
+}
+
+/// When the source last heard from the destination (set by the reply reader
+/// as frames arrive, read by writers blocked on a full socket).
+pub struct Liveness {
+    base: Instant,
+    last_heard_us: std::sync::atomic::AtomicU64,
+    timeout: Duration,
+}
+
+impl Liveness {
+    fn new(now: Instant, timeout: Duration) -> Self {
+        Liveness { base: now, last_heard_us: 0.into(), timeout }
+    }
+
+    fn heard(&self, at: Instant) {
+        let us = at.saturating_duration_since(self.base).as_micros() as u64;
+        self.last_heard_us.fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last_heard(&self) -> Instant {
+        self.base + Duration::from_micros(self.last_heard_us.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The silence deadline: past it the destination is lost.
+    fn deadline(&self) -> Instant {
+        self.last_heard() + self.timeout
+    }
 }
 
 impl Outbox {
@@ -63,12 +91,22 @@ impl Outbox {
     }
 
     async fn write(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
-        match self.write_timeout {
-            None => Ok(write_frame(&mut self.wr, frame).await?),
-            Some(after) => match tokio::time::timeout(after, write_frame(&mut self.wr, frame)).await {
-                Ok(written) => Ok(written?),
-                Err(_) => Err(MigrationError::Timeout { what: "a frame to go out".into(), after }),
-            },
+        let Some(liveness) = self.liveness.clone() else {
+            return Ok(write_frame(&mut self.wr, frame).await?);
+        };
+        // A partition blocks writes rather than failing them: give up once the
+        // destination has been silent too long, however long the write took.
+        let write = write_frame(&mut self.wr, frame);
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                written = &mut write => return Ok(written?),
+                _ = tokio::time::sleep_until(liveness.deadline().into()) => {
+                    if Instant::now() >= liveness.deadline() {
+                        return Err(MigrationError::Timeout { what: "heartbeats while a frame was blocked".into(), after: liveness.timeout });
+                    }
+                }
+            }
         }
     }
 
@@ -147,7 +185,11 @@ impl FailureKind {
 }
 
 /// Reads the destination's frames after the switchover and forwards them with their arrival time.
-async fn read_replies(mut rd: OwnedReadHalf, tx: mpsc::UnboundedSender<(Instant, Reply)>) {
+async fn read_replies(
+    mut rd: OwnedReadHalf,
+    tx: mpsc::UnboundedSender<(Instant, Reply)>,
+    liveness: Option<Arc<Liveness>>,
+) {
     loop {
         let reply = match read_frame(&mut rd).await {
             Ok(Frame::Message(Message::Resumed)) => Reply::Resumed,
@@ -171,7 +213,11 @@ async fn read_replies(mut rd: OwnedReadHalf, tx: mpsc::UnboundedSender<(Instant,
             Err(e) => Reply::Gone(FailureKind::Protocol, e.to_string()),
         };
         let last = matches!(reply, Reply::Gone(..));
-        if tx.send((Instant::now(), reply)).is_err() || last {
+        let now = Instant::now();
+        if let (Some(liveness), false) = (&liveness, last) {
+            liveness.heard(now);
+        }
+        if tx.send((now, reply)).is_err() || last {
             return;
         }
     }
@@ -210,7 +256,7 @@ pub async fn migrate_out(
         .map_err(|e| MigrationError::Connect { to: to.to_string(), reason: e.to_string() })?;
     stream.set_nodelay(true).map_err(|e| MigrationError::Connect { to: to.to_string(), reason: e.to_string() })?;
     let (mut rd, wr) = stream.into_split();
-    let mut out = Outbox { wr, bytes: 0, pages: 0, zero_pages: 0, write_timeout: None };
+    let mut out = Outbox { wr, bytes: 0, pages: 0, zero_pages: 0, liveness: None };
     out.message(&Message::Hello { role: Role::Migration, agent: agent.to_string() }).await?;
     match expect(&mut rd, "welcome", reply_timeout).await? {
         Message::Welcome { .. } => {}
@@ -246,11 +292,10 @@ pub async fn migrate_out(
         let switchover = MachineState::from_bytes(&stopped.state)
             .map_err(|e| MigrationError::Vm(format!("the switchover state does not decode: {e}")))?;
         let hb_timeout = Duration::from_millis(options.heartbeat_timeout_ms);
-        out.write_timeout = Some(hb_timeout);
+        out.liveness = Some(Arc::new(Liveness::new(go_at, hb_timeout)));
         Some(FtSource {
             store: CheckpointStore::new(Arc::clone(&memory), switchover),
             timeout: hb_timeout,
-            last_heard: go_at,
             last_renewal: go_at,
         })
     } else {
@@ -262,7 +307,7 @@ pub async fn migrate_out(
         }
     }
     let (tx, replies) = mpsc::unbounded_channel();
-    tokio::spawn(read_replies(rd, tx));
+    tokio::spawn(read_replies(rd, tx, out.liveness.clone()));
     let unsent = match mode {
         Mode::Precopy => PageSet::empty(config.mem_bytes),
         Mode::Postcopy | Mode::PostcopyFt => PageSet::full(config.mem_bytes),
@@ -307,6 +352,7 @@ pub async fn migrate_out(
             let Some(ft) = ft else {
                 return Err(MigrationError::LostAfterCommit(reason));
             };
+            let last_heard = out.liveness.as_ref().map(|l| l.last_heard()).unwrap_or(go_at);
             // Stop renewing the destination's lease at once: the connection goes (with `out`).
             drop(out);
             let detected_at = Instant::now();
@@ -314,7 +360,7 @@ pub async fn migrate_out(
             report.failure = Some(Box::new(FailureReport {
                 kind: kind.name().to_string(),
                 detected_at_ms: ms(detected_at.duration_since(started)),
-                detection_ms: ms(detected_at.duration_since(ft.last_heard)),
+                detection_ms: ms(detected_at.duration_since(last_heard)),
                 reason: reason.clone(),
             }));
             let fenced_at =
@@ -350,7 +396,6 @@ impl Lost {
 struct FtSource {
     store: CheckpointStore,
     timeout: Duration,
-    last_heard: Instant,
     /// When the source last renewed the destination's lease (`Go` or a heartbeat ack).
     last_renewal: Instant,
 }
@@ -426,9 +471,9 @@ impl PostcopySource {
 
     /// Waits for the next reply (at most until `until`) and handles it.
     async fn wait(&mut self, until: Option<Instant>) -> Result<Option<DestinationStats>, Lost> {
-        let deadline = match (&self.ft, until) {
-            (Some(ft), Some(t)) => Some(t.min(ft.last_heard + ft.timeout)),
-            (Some(ft), None) => Some(ft.last_heard + ft.timeout),
+        let deadline = match (&self.out.liveness, until) {
+            (Some(l), Some(t)) => Some(t.min(l.deadline())),
+            (Some(l), None) => Some(l.deadline()),
             (None, t) => t,
         };
         let next = match deadline {
@@ -446,10 +491,10 @@ impl PostcopySource {
     }
 
     fn check_alive(&self) -> Result<(), Lost> {
-        match &self.ft {
-            Some(ft) if ft.last_heard.elapsed() > ft.timeout => Err(Lost {
+        match &self.out.liveness {
+            Some(l) if Instant::now() >= l.deadline() => Err(Lost {
                 kind: FailureKind::HeartbeatTimeout,
-                reason: format!("no word from the destination for {} ms", ft.last_heard.elapsed().as_millis()),
+                reason: format!("no word from the destination for {} ms", l.last_heard().elapsed().as_millis()),
             }),
             _ => Ok(()),
         }
@@ -457,9 +502,6 @@ impl PostcopySource {
 
     /// Acts on one reply; returns the destination's stats when it completed.
     async fn handle(&mut self, at: Instant, reply: Reply) -> Result<Option<DestinationStats>, Lost> {
-        if let Some(ft) = &mut self.ft {
-            ft.last_heard = ft.last_heard.max(at);
-        }
         let protocol = |reason: String| Lost { kind: FailureKind::Protocol, reason };
         match reply {
             Reply::Resumed => self.resumed_at = Some(at),
