@@ -1,11 +1,13 @@
 //! Dirty-page tracking for a machine: which guest pages were written since the
-//! last take. Two trackers: KVM's dirty bitmap (`KVM_GET_DIRTY_LOG`, on the VM
-//! fd, switched on per memslot) and KVM's dirty ring, drained here by a
-//! harvester thread of its own while the vCPUs run (so that the ring does not
-//! fill: under emulation its soft-full exit can come too late and lose entries,
-//! see ../shared/notes/host-facts.md).
+//! last take, behind the [`DirtyTracker`] interface. Two trackers: KVM's dirty
+//! bitmap (`KVM_GET_DIRTY_LOG`, on the VM fd, switched on per memslot) and
+//! KVM's dirty ring, drained here by a harvester thread of its own while the
+//! vCPUs run (so that the ring does not fill: under emulation its soft-full
+//! exit can come too late and lose entries, see ../shared/notes/host-facts.md).
+//! Pre-copy rounds and PostCopyFT checkpoints take from whichever the machine has.
 
 use crate::kvm::dirty_ring::{reset_rings, DirtyRing};
+use crate::kvm::vm::KvmVm;
 use crate::kvm::KvmError;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::page_set::PageSet;
@@ -26,6 +28,47 @@ pub enum DirtyTracking {
 impl DirtyTracking {
     /// The largest ring KVM offers here (1 MiB: 65,536 entries), the default for `--dirty-tracker ring`.
     pub const DEFAULT_RING_ENTRIES: u32 = 65_536;
+}
+
+/// Which pages the guest wrote, per take. Writes racing a take on a running
+/// machine land in the next take, never nowhere. Logging must be on for the
+/// memslots (`Machine::set_dirty_logging`).
+pub trait DirtyTracker: Send + Sync {
+    /// Its name in logs and reports (`bitmap`, `ring`).
+    fn name(&self) -> &'static str;
+    /// The pages written since the last take, sorted; they are forgotten.
+    fn take(&self) -> Result<Vec<u64>, KvmError>;
+}
+
+/// KVM's dirty bitmap: each take reads and clears it (`KVM_GET_DIRTY_LOG`).
+pub struct BitmapTracker {
+    vm: Arc<KvmVm>,
+}
+
+impl BitmapTracker {
+    pub fn new(vm: Arc<KvmVm>) -> Self {
+        BitmapTracker { vm }
+    }
+}
+
+impl DirtyTracker for BitmapTracker {
+    fn name(&self) -> &'static str {
+        "bitmap"
+    }
+
+    fn take(&self) -> Result<Vec<u64>, KvmError> {
+        self.vm.take_dirty_pages()
+    }
+}
+
+impl DirtyTracker for RingTracker {
+    fn name(&self) -> &'static str {
+        "ring"
+    }
+
+    fn take(&self) -> Result<Vec<u64>, KvmError> {
+        RingTracker::take(self)
+    }
 }
 
 /// How often the harvester drains the rings.

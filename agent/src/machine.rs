@@ -4,7 +4,7 @@
 
 use crate::boot::{self, BootError};
 use crate::devices::{DeviceEvent, DeviceState, VcpuStatus};
-use crate::dirty::{DirtyTracking, RingTracker};
+use crate::dirty::{BitmapTracker, DirtyTracker, DirtyTracking, RingTracker};
 use crate::kvm::kick;
 use crate::kvm::state::{VcpuState, VmKernelState};
 use crate::kvm::vm::KvmVm;
@@ -15,7 +15,7 @@ use crate::vcpu_worker::{Command, VcpuWorker, WorkerEvent};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_fixtures::{FixtureParams, MemoryMismatch, OutputMismatch, OutputRecord, ParamsError};
@@ -114,8 +114,9 @@ pub struct Verified {
 pub struct PreparedMachine {
     config: MachineConfig,
     memory: Arc<GuestMemory>,
-    vm: KvmVm,
+    vm: Arc<KvmVm>,
     vcpus: Vec<crate::kvm::vcpu::KvmVcpu>,
+    ring: Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
 }
 
 impl PreparedMachine {
@@ -126,8 +127,9 @@ impl PreparedMachine {
     }
 
     /// Applies a captured state; the machine comes up paused exactly where the captured one was.
-    pub fn restore(self, state: MachineState) -> Result<Machine, MachineError> {
-        let PreparedMachine { config, memory, vm, vcpus } = self;
+    pub fn restore(mut self, state: MachineState) -> Result<Machine, MachineError> {
+        let (config, memory, vm) = (self.config.clone(), Arc::clone(&self.memory), Arc::clone(&self.vm));
+        let vcpus = std::mem::take(&mut self.vcpus);
         let MachineState { config: captured, vcpus: vcpu_states, kernel, devices } = state;
         if captured != config {
             return Err(MachineError::ConfigMismatch);
@@ -137,11 +139,15 @@ impl PreparedMachine {
         }
         let (tx, events) = mpsc::channel();
         let mut workers = Vec::with_capacity(vcpus.len());
+        let ring = self.ring.take();
+        let ring_tracker = ring.as_ref().map(|(t, _)| Arc::clone(t));
         for ((mut vcpu, vcpu_state), status) in vcpus.into_iter().zip(&vcpu_states).zip(&devices.vcpu_status) {
             vcpu.restore_state(vcpu_state)?;
-            workers.push(Machine::spawn(vcpu, &memory, *status, &tx)?);
+            let worker = VcpuWorker::spawn(vcpu, Arc::clone(&memory), *status, tx.clone(), ring_tracker.clone());
+            workers.push(worker.map_err(MachineError::Thread)?);
         }
         vm.restore_state(&kernel)?;
+        let tracker = Machine::tracker(&vm, &ring);
         Ok(Machine {
             config,
             memory,
@@ -151,8 +157,19 @@ impl PreparedMachine {
             devices,
             pending: VecDeque::new(),
             running: false,
-            ring: None,
+            ring,
+            tracker,
         })
+    }
+}
+
+impl Drop for PreparedMachine {
+    fn drop(&mut self) {
+        // Never restored (a migration that failed before the switchover): end the harvester.
+        if let Some((ring, harvester)) = self.ring.take() {
+            ring.stop();
+            let _ = harvester.join();
+        }
     }
 }
 
@@ -162,7 +179,7 @@ const KICK_INTERVAL: Duration = Duration::from_millis(1);
 pub struct Machine {
     config: MachineConfig,
     memory: Arc<GuestMemory>,
-    vm: KvmVm,
+    vm: Arc<KvmVm>,
     workers: Vec<VcpuWorker>,
     events: Receiver<WorkerEvent>,
     devices: DeviceState,
@@ -171,6 +188,8 @@ pub struct Machine {
     running: bool,
     /// The dirty-ring tracker and its harvester thread, when the machine uses the ring.
     ring: Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
+    /// Where dirty pages are taken from: the ring if the machine has one, else the bitmap.
+    tracker: Arc<dyn DirtyTracker>,
 }
 
 impl Machine {
@@ -184,19 +203,7 @@ impl Machine {
         config.fixture.validate()?;
         let memory = Arc::new(GuestMemory::new(config.mem_bytes, config.slot_bytes)?);
         let vm = Self::create_vm(&memory)?;
-        if let DirtyTracking::Ring { entries } = tracking {
-            vm.enable_dirty_ring(entries)?;
-        }
-        let vcpus = (0..config.vcpus() as u8).map(|id| vm.create_vcpu(id)).collect::<Result<Vec<_>, _>>()?;
-        let ring = match tracking {
-            DirtyTracking::Ring { entries } => {
-                let rings = vcpus.iter().map(|v| v.map_dirty_ring(entries)).collect::<Result<Vec<_>, _>>()?;
-                let tracker = RingTracker::new(rings, &memory, vm.raw_fd());
-                let harvester = tracker.start_harvester().map_err(MachineError::Thread)?;
-                Some((tracker, harvester))
-            }
-            DirtyTracking::Bitmap => None,
-        };
+        let (vcpus, ring) = Self::create_vcpus(&vm, &memory, config.vcpus(), tracking)?;
         if let Some(rate) = config.dirty_rate.filter(|r| *r > 0) {
             let tsc_hz = u64::from(vcpus[0].tsc_khz()?) * 1000;
             config.fixture.ticks_per_write = (tsc_hz / rate).max(1);
@@ -216,7 +223,55 @@ impl Machine {
             workers.push(worker.map_err(MachineError::Thread)?);
         }
         let devices = DeviceState::new(config.vcpus());
-        Ok(Machine { config, memory, vm, workers, events, devices, pending: VecDeque::new(), running: false, ring })
+        let tracker = Self::tracker(&vm, &ring);
+        Ok(Machine {
+            config,
+            memory,
+            vm,
+            workers,
+            events,
+            devices,
+            pending: VecDeque::new(),
+            running: false,
+            ring,
+            tracker,
+        })
+    }
+
+    /// Creates the vCPUs, and with `Ring` tracking first the dirty ring (it must
+    /// exist before any vCPU) and afterwards the tracker with its harvester thread.
+    #[allow(clippy::type_complexity)]
+    fn create_vcpus(
+        vm: &Arc<KvmVm>,
+        memory: &GuestMemory,
+        count: usize,
+        tracking: DirtyTracking,
+    ) -> Result<(Vec<crate::kvm::vcpu::KvmVcpu>, Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>), MachineError>
+    {
+        if let DirtyTracking::Ring { entries } = tracking {
+            vm.enable_dirty_ring(entries)?;
+        }
+        let vcpus = (0..count as u8).map(|id| vm.create_vcpu(id)).collect::<Result<Vec<_>, _>>()?;
+        let ring = match tracking {
+            DirtyTracking::Ring { entries } => {
+                let rings = vcpus.iter().map(|v| v.map_dirty_ring(entries)).collect::<Result<Vec<_>, _>>()?;
+                let tracker = RingTracker::new(rings, memory, vm.raw_fd());
+                let harvester = tracker.start_harvester().map_err(MachineError::Thread)?;
+                Some((tracker, harvester))
+            }
+            DirtyTracking::Bitmap => None,
+        };
+        Ok((vcpus, ring))
+    }
+
+    fn tracker(
+        vm: &Arc<KvmVm>,
+        ring: &Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
+    ) -> Arc<dyn DirtyTracker> {
+        match ring {
+            Some((ring, _)) => Arc::clone(ring) as Arc<dyn DirtyTracker>,
+            None => Arc::new(BitmapTracker::new(Arc::clone(vm))),
+        }
     }
 
     /// Rebuilds a machine from a captured state; `load_memory` fills guest memory.
@@ -240,29 +295,29 @@ impl Machine {
     /// state (the KVM VM, its irqchip, the vCPUs), so that a migration can do
     /// it before the switchover and keep it out of the downtime.
     pub fn prepare(config: MachineConfig, memory: Arc<GuestMemory>) -> Result<PreparedMachine, MachineError> {
+        Self::prepare_with(config, memory, DirtyTracking::Bitmap)
+    }
+
+    /// [`prepare`](Self::prepare) with a choice of dirty tracker (a PostCopyFT destination's).
+    pub fn prepare_with(
+        config: MachineConfig,
+        memory: Arc<GuestMemory>,
+        tracking: DirtyTracking,
+    ) -> Result<PreparedMachine, MachineError> {
         config.fixture.validate()?;
         if memory.size() != config.mem_bytes {
             return Err(MachineError::Memory(MemoryError::Size(memory.size())));
         }
         let vm = Self::create_vm(&memory)?;
-        let vcpus = (0..config.vcpus() as u8).map(|id| vm.create_vcpu(id)).collect::<Result<Vec<_>, _>>()?;
-        Ok(PreparedMachine { config, memory, vm, vcpus })
+        let (vcpus, ring) = Self::create_vcpus(&vm, &memory, config.vcpus(), tracking)?;
+        Ok(PreparedMachine { config, memory, vm, vcpus, ring })
     }
 
-    fn create_vm(memory: &Arc<GuestMemory>) -> Result<KvmVm, MachineError> {
+    fn create_vm(memory: &Arc<GuestMemory>) -> Result<Arc<KvmVm>, MachineError> {
         let mut vm = KvmVm::new()?;
         vm.set_memory(Arc::clone(memory))?;
         vm.create_irqchip()?;
-        Ok(vm)
-    }
-
-    fn spawn(
-        vcpu: crate::kvm::vcpu::KvmVcpu,
-        memory: &Arc<GuestMemory>,
-        status: VcpuStatus,
-        tx: &Sender<WorkerEvent>,
-    ) -> Result<VcpuWorker, MachineError> {
-        VcpuWorker::spawn(vcpu, Arc::clone(memory), status, tx.clone(), None).map_err(MachineError::Thread)
+        Ok(Arc::new(vm))
     }
 
     pub fn config(&self) -> &MachineConfig {
@@ -283,18 +338,21 @@ impl Machine {
     /// is flagged for it. Starting forgets whatever was collected before.
     pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), MachineError> {
         self.vm.set_dirty_logging(enabled)?;
-        if let (Some((ring, _)), true) = (&self.ring, enabled) {
-            ring.take()?;
+        if enabled {
+            // Forget whatever was collected before.
+            self.tracker.take()?;
         }
         Ok(())
     }
 
     /// The pages written since the last call, sorted (dirty logging must be on).
     pub fn take_dirty_pages(&self) -> Result<Vec<u64>, MachineError> {
-        match &self.ring {
-            Some((ring, _)) => Ok(ring.take()?),
-            None => Ok(self.vm.take_dirty_pages()?),
-        }
+        Ok(self.tracker.take()?)
+    }
+
+    /// The tracker dirty pages come from (`bitmap` or `ring`).
+    pub fn dirty_tracker(&self) -> &'static str {
+        self.tracker.name()
     }
 
     /// Dirty-ring entries harvested so far (None: the machine uses the bitmap).

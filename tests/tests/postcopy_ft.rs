@@ -18,7 +18,11 @@ fn ft_demo(fail_at: &str) -> Value {
 }
 
 fn ft_demo_kind(fail_at: &str, kind: &str) -> Value {
-    let report = pcft_json(&[
+    ft_demo_with(fail_at, kind, &[])
+}
+
+fn ft_demo_with(fail_at: &str, kind: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
         "demo",
         "--mode",
         "postcopy-ft",
@@ -35,7 +39,9 @@ fn ft_demo_kind(fail_at: &str, kind: &str) -> Value {
         "--fail-kind",
         kind,
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let report = pcft_json(&args);
     let what = format!("--fail-at {fail_at}: {report}");
     assert_eq!(report["mode"], "postcopy-ft", "{what}");
     assert_eq!(report["verified"], true, "{what}");
@@ -139,4 +145,13 @@ fn a_network_partition_fences_the_destination_and_the_source_recovers() {
     assert_eq!(report["destination_fenced"], true, "exactly one copy runs after the failover: {report}");
     let namespaces = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&namespaces.stdout).contains("pcft-"), "the demo removes its namespaces");
+}
+
+#[test]
+fn the_dirty_ring_tracks_the_destination_too() {
+    let report = ft_demo_with("none", "crash", &["--checkpoint-tracker", "ring"]);
+    assert!(report["checkpoint_pages"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["recovered"], false, "{report}");
+    let report = ft_demo_with("pause:3", "crash", &["--checkpoint-tracker", "ring"]);
+    assert!(recovered(&report) <= 2, "{report}");
 }

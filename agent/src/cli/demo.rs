@@ -333,13 +333,10 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let (fixture, vcpus, mem_bytes) = (config.fixture.kind.name(), config.fixture.vcpus, config.mem_bytes);
     let expected: Vec<OutputRecord> =
         config.fixture.expected_after(config.fixture.steps).outputs().iter().flatten().copied().collect();
-    let options = MigrationOptions {
+    let options = args.ft.options(MigrationOptions {
         postcopy_pages_per_sec: args.postcopy_rate.unwrap_or(if mode.checkpoints() { 16384 } else { 0 }),
-        checkpoint_interval_ms: args.ft.checkpoint_interval.max(1),
-        heartbeat_interval_ms: args.ft.heartbeat_interval.max(1),
-        heartbeat_timeout_ms: args.ft.heartbeat_timeout.max(1),
         ..MigrationOptions::default()
-    };
+    });
     let outcome = runtime().block_on(async {
         let mut src = AgentClient::connect(&source).await.map_err(client_error)?;
         let start = Message::StartVm { name: VM.into(), config, tracking: DirtyTracking::Bitmap };

@@ -123,6 +123,25 @@ pub struct FtArgs {
     /// Silence after which either side declares the other lost (and the destination's lease), in ms.
     #[arg(long, default_value_t = pcft_agent::migration::messages::MigrationOptions::DEFAULT_HEARTBEAT_TIMEOUT_MS)]
     pub heartbeat_timeout: u64,
+    /// How the destination tracks the pages the guest writes there, for checkpoints.
+    #[arg(long, value_enum, default_value_t = TrackerArg::Bitmap)]
+    pub checkpoint_tracker: TrackerArg,
+}
+
+impl FtArgs {
+    /// These settings over `base`.
+    pub fn options(
+        &self,
+        base: pcft_agent::migration::messages::MigrationOptions,
+    ) -> pcft_agent::migration::messages::MigrationOptions {
+        pcft_agent::migration::messages::MigrationOptions {
+            checkpoint_interval_ms: self.checkpoint_interval.max(1),
+            heartbeat_interval_ms: self.heartbeat_interval.max(1),
+            heartbeat_timeout_ms: self.heartbeat_timeout.max(1),
+            checkpoint_tracker: self.checkpoint_tracker.into(),
+            ..base
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -122,15 +122,12 @@ pub fn wait(args: WaitArgs) -> Result<(), Failure> {
 }
 
 pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
-    let options = MigrationOptions {
+    let options = args.ft.options(MigrationOptions {
         max_rounds: args.max_rounds.max(1),
         reply_timeout_ms: args.reply_timeout.max(1) * 1000,
         postcopy_pages_per_sec: args.postcopy_rate,
-        checkpoint_interval_ms: args.ft.checkpoint_interval.max(1),
-        heartbeat_interval_ms: args.ft.heartbeat_interval.max(1),
-        heartbeat_timeout_ms: args.ft.heartbeat_timeout.max(1),
         ..MigrationOptions::default()
-    };
+    });
     let request = Message::Migrate { name: args.name.clone(), to: args.to.clone(), mode: args.mode.into(), options };
     let answer = runtime().block_on(ask(&args.agent, request))?;
     let Message::Migrated(report) = answer else { return Err(unexpected(answer)) };

@@ -7,6 +7,7 @@ use super::lease::Lease;
 use super::messages::{DestinationStats, Message, MigrationOptions, Mode, Percentiles};
 use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatch, PageBatchWriter, ProtocolError};
 use super::source::MigrationError;
+use crate::dirty::DirtyTracking;
 use crate::machine::{Machine, MachineConfig, MachineState, PreparedMachine};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::output::OutputSink;
@@ -420,8 +421,9 @@ pub async fn migrate_in(
     // Build the VM now: at the switchover only its state remains to be set.
     let (prep_config, prep_memory) = (config.clone(), Arc::clone(&memory));
     let track = mode.checkpoints();
+    let tracking = if track { options.checkpoint_tracker } else { DirtyTracking::Bitmap };
     let prepare = move || {
-        let prepared = Machine::prepare(prep_config, prep_memory)?;
+        let prepared = Machine::prepare_with(prep_config, prep_memory, tracking)?;
         if track {
             // Track the guest's writes from its first instruction here, and do it
             // now rather than in the downtime (re-registering memslots takes a while).

@@ -65,6 +65,8 @@ pub struct MigrationOptions {
     /// PostCopyFT: silence after which a side declares the other lost; also the
     /// destination's lease, counted from the heartbeat whose ack renewed it.
     pub heartbeat_timeout_ms: u64,
+    /// PostCopyFT: how the destination tracks the pages the guest writes there.
+    pub checkpoint_tracker: crate::dirty::DirtyTracking,
 }
 
 impl MigrationOptions {
@@ -84,6 +86,7 @@ impl Default for MigrationOptions {
             checkpoint_interval_ms: Self::DEFAULT_CHECKPOINT_INTERVAL_MS,
             heartbeat_interval_ms: Self::DEFAULT_HEARTBEAT_INTERVAL_MS,
             heartbeat_timeout_ms: Self::DEFAULT_HEARTBEAT_TIMEOUT_MS,
+            checkpoint_tracker: crate::dirty::DirtyTracking::Bitmap,
         }
     }
 }
