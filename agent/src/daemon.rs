@@ -76,6 +76,9 @@ impl Daemon {
         let hello = match read_frame(&mut rd).await {
             Ok(Frame::Message(Message::Hello { role, agent })) => (role, agent),
             Ok(other) => return refuse(&mut wr, format!("expected Hello, got {other:?}")).await,
+            Err(e @ ProtocolError::Version { .. }) => {
+                return refuse(&mut wr, format!("refused a peer of another protocol version: {e}")).await
+            }
             Err(e) => return refuse(&mut wr, format!("refused a peer that is not a PostCopyFT agent: {e}")).await,
         };
         send(&mut wr, &Message::Welcome { agent: self.name.clone() }).await?;
@@ -245,7 +248,12 @@ impl Daemon {
             }
             Err(e) => {
                 slot.phase = VmPhase::Running;
-                Err(Denial::Failed(format!("migration of {name:?} to {to} failed, the VM keeps running here: {e}")))
+                let text = format!("migration of {name:?} to {to} failed, the VM keeps running here: {e}");
+                // An unreachable or refusing destination is the operator's to fix (exit 2 at the CLI).
+                match e {
+                    MigrationError::Connect { .. } | MigrationError::Refused(_) => Err(Denial::Refused(text)),
+                    _ => Err(Denial::Failed(text)),
+                }
             }
         }
     }

@@ -263,18 +263,20 @@ fn failed_migrations_leave_the_vm_running_at_the_source() {
     ]);
     assert_eq!(code, Some(0), "{err}");
     let small = Agent::start("small", &["--max-guest-mem", "32M"]);
-    let cases: Vec<(Option<Fake>, &str, &str)> = vec![
-        (Some(Fake::Garbage), "postcopy", "not a PostCopyFT agent"),
-        (Some(Fake::TruncatedWelcome), "postcopy", "truncated"),
-        (Some(Fake::BadChecksum), "postcopy", "checksum mismatch"),
-        (Some(Fake::OtherVersion), "postcopy", "speaks protocol version 9"),
-        (Some(Fake::RefusesNoRoom), "postcopy", "no room for this VM here"),
-        (Some(Fake::DiesDuringCopy), "precopy", "keeps running here"),
-        (Some(Fake::DiesBeforeRestored), "postcopy", "keeps running here"),
-        (None, "postcopy", "has room for 32 MiB of guest memory per VM"),
-        (Some(Fake::SilentAfterWelcome), "postcopy", "did not answer (ready) within 1s"),
+    // Exit 2: the destination refused (the operator's to fix); exit 1: the migration broke.
+    let cases: Vec<(Option<Fake>, &str, &str, i32)> = vec![
+        (Some(Fake::Garbage), "postcopy", "not a PostCopyFT agent", 1),
+        (Some(Fake::TruncatedWelcome), "postcopy", "truncated", 1),
+        (Some(Fake::BadChecksum), "postcopy", "checksum mismatch", 1),
+        (Some(Fake::OtherVersion), "postcopy", "speaks protocol version 9", 1),
+        (Some(Fake::RefusesNoRoom), "postcopy", "no room for this VM here", 2),
+        (Some(Fake::DiesDuringCopy), "precopy", "keeps running here", 1),
+        (Some(Fake::DiesBeforeRestored), "postcopy", "keeps running here", 1),
+        (None, "postcopy", "has room for 32 MiB of guest memory per VM", 2),
+        (Some(Fake::SilentAfterWelcome), "postcopy", "did not answer (ready) within 1s", 1),
+        (Some(Fake::DiesBeforeRestored), "postcopy-ft", "keeps running here", 1),
     ];
-    for (fake, mode, needle) in cases {
+    for (fake, mode, needle, exit) in cases {
         let (to, server) = match fake {
             Some(f) => {
                 let (addr, t) = fake_destination(f);
@@ -294,7 +296,7 @@ fn failed_migrations_leave_the_vm_running_at_the_source() {
             "--reply-timeout",
             "1",
         ]);
-        assert_eq!(code, Some(1), "{fake:?}: {err}");
+        assert_eq!(code, Some(exit), "{fake:?}: {err}");
         assert!(err.contains(needle), "{fake:?}: expected {needle:?} in {err}");
         assert!(err.contains("the VM keeps running here"), "{fake:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{fake:?}: one line: {err}");
@@ -306,7 +308,7 @@ fn failed_migrations_leave_the_vm_running_at_the_source() {
         assert!(phase == "running" || phase == "finished", "{fake:?}: VM is {phase}");
     }
     let (code, _, err) = pcft_output(&["migrate", "vm1", "--agent", &source.addr, "--to", "127.0.0.1:1"]);
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("cannot connect to the destination agent at 127.0.0.1:1"), "{err}");
 
     // After all that, the VM finishes at the source exactly as its oracle says.

@@ -384,6 +384,48 @@ async fn checkpoint(
     Ok((outputs, capture.pause))
 }
 
+/// Before `Ready`: guest memory, its userfaultfd registration (post-copy), and
+/// the VM built up to its state, so that the switchover only has to restore.
+async fn prepare_incoming(
+    config: &MachineConfig,
+    mode: Mode,
+    options: &MigrationOptions,
+) -> Result<(Arc<GuestMemory>, Incoming, PreparedMachine), MigrationError> {
+    let vm = |e: String| MigrationError::Vm(e);
+    let memory = Arc::new(GuestMemory::new(config.mem_bytes, config.slot_bytes).map_err(|e| vm(e.to_string()))?);
+    let region = if mode.uses_postcopy() {
+        Some(Arc::new(FaultRegion::register(Arc::clone(&memory)).map_err(|e| vm(e.to_string()))?))
+    } else {
+        None
+    };
+    let incoming = Incoming {
+        memory: Arc::clone(&memory),
+        region,
+        received: PageSet::empty(config.mem_bytes),
+        pending: Arc::default(),
+        latencies_us: Vec::new(),
+        switched_over: false,
+    };
+    let (prep_config, prep_memory) = (config.clone(), Arc::clone(&memory));
+    let track = mode.checkpoints();
+    let tracking = if track { options.checkpoint_tracker } else { DirtyTracking::Bitmap };
+    let prepare = move || {
+        let prepared = Machine::prepare_with(prep_config, prep_memory, tracking)?;
+        if track {
+            // Track the guest's writes from its first instruction here, and do it
+            // now rather than in the downtime (re-registering memslots takes a while).
+            prepared.set_dirty_logging(true)?;
+        }
+        Ok::<_, crate::machine::MachineError>(prepared)
+    };
+    let prepared = match tokio::task::spawn_blocking(prepare).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return Err(vm(e.to_string())),
+        Err(e) => return Err(vm(e.to_string())),
+    };
+    Ok((memory, incoming, prepared))
+}
+
 /// Pages per checkpoint page frame.
 const CHECKPOINT_BATCH_PAGES: usize = 64;
 
@@ -404,38 +446,15 @@ pub async fn migrate_in(
 ) -> Result<DestinationStats, MigrationError> {
     let out = Outbox::start(wr);
     let vm = |e: String| MigrationError::Vm(e);
-    let memory = Arc::new(GuestMemory::new(config.mem_bytes, config.slot_bytes).map_err(|e| vm(e.to_string()))?);
-    let region = if mode.uses_postcopy() {
-        Some(Arc::new(FaultRegion::register(Arc::clone(&memory)).map_err(|e| vm(e.to_string()))?))
-    } else {
-        None
-    };
-    let mut incoming = Incoming {
-        memory: Arc::clone(&memory),
-        region,
-        received: PageSet::empty(config.mem_bytes),
-        pending: Arc::default(),
-        latencies_us: Vec::new(),
-        switched_over: false,
-    };
-    // Build the VM now: at the switchover only its state remains to be set.
-    let (prep_config, prep_memory) = (config.clone(), Arc::clone(&memory));
-    let track = mode.checkpoints();
-    let tracking = if track { options.checkpoint_tracker } else { DirtyTracking::Bitmap };
-    let prepare = move || {
-        let prepared = Machine::prepare_with(prep_config, prep_memory, tracking)?;
-        if track {
-            // Track the guest's writes from its first instruction here, and do it
-            // now rather than in the downtime (re-registering memslots takes a while).
-            prepared.set_dirty_logging(true)?;
+    let (memory, mut incoming, prepared) = match prepare_incoming(config, mode, &options).await {
+        Ok(v) => v,
+        Err(e) => {
+            // Tell the source why: the VM keeps running there.
+            let _ = out.message(&Message::Refuse { reason: format!("the destination cannot take the VM: {e}") });
+            return Err(e);
         }
-        Ok::<_, crate::machine::MachineError>(prepared)
     };
-    let mut prepared: Option<PreparedMachine> = Some(match tokio::task::spawn_blocking(prepare).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => return Err(vm(e.to_string())),
-        Err(e) => return Err(vm(e.to_string())),
-    });
+    let mut prepared = Some(prepared);
     out.message(&Message::Ready)?;
 
     let mut runner: Option<Arc<VmRunner>> = None;

@@ -176,7 +176,8 @@ pub struct FailoverReport {
     pub committed_outputs: u64,
 }
 
-/// The migration report (JSON field names follow QEMU's `query-migrate` where they fit).
+/// The migration report. docs/protocol.md ("The migration report") gives each
+/// field's unit and its nearest QEMU `query-migrate` / KubeVirt counterpart.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationReport {
     pub vm: String,
