@@ -13,8 +13,8 @@ pub enum ClientError {
     Refused(String),
     #[error("{0}")]
     Failed(String),
-    #[error("agent at {addr}: {source}")]
-    Protocol { addr: String, source: ProtocolError },
+    #[error("agent at {addr}: {error}{hint}", hint = if matches!(error, ProtocolError::Closed | ProtocolError::Truncated) { " before answering (did it stop or crash? see its log)" } else { "" })]
+    Protocol { addr: String, error: ProtocolError },
     #[error("agent at {addr} answered {what}, which this pcft does not expect")]
     Unexpected { addr: String, what: String },
 }
@@ -41,11 +41,11 @@ impl AgentClient {
 
     /// Sends `message` and returns the answer; `Refuse` and `Failed` become errors.
     pub async fn request(&mut self, message: &Message) -> Result<Message, ClientError> {
-        let protocol = |source| ClientError::Protocol { addr: self.addr.clone(), source };
+        let protocol = |error| ClientError::Protocol { addr: self.addr.clone(), error };
         write_frame(&mut self.wr, &encode_message(message)).await.map_err(protocol)?;
         match read_frame(&mut self.rd)
             .await
-            .map_err(|source| ClientError::Protocol { addr: self.addr.clone(), source })?
+            .map_err(|error| ClientError::Protocol { addr: self.addr.clone(), error })?
         {
             Frame::Message(Message::Refuse { reason }) => Err(ClientError::Refused(reason)),
             Frame::Message(Message::Failed { reason }) => Err(ClientError::Failed(reason)),

@@ -633,7 +633,7 @@ pub async fn migrate_in(
                 }
                 let _ = out.message(&Message::Abort { reason: e.to_string() });
                 let what = if checkpointed {
-                    "the VM is stopped here (fenced); the source recovers it from its last checkpoint"
+                    "the VM is stopped here (fenced); the source, if it is alive, recovers it from its last checkpoint (a dead source loses the VM: PostCopyFT covers the destination and the network, not the source)"
                 } else {
                     "the VM cannot complete here and is stopped"
                 };
