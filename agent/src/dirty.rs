@@ -23,6 +23,11 @@ pub enum DirtyTracking {
     Bitmap,
     /// KVM's dirty ring of `entries` per vCPU (a power of two), on from boot.
     Ring { entries: u32 },
+    /// The eBPF program on `kvm:kvm_dirty_ring_push` (which needs the ring of
+    /// `entries` too, drained but not read); an error if it cannot be loaded.
+    Ebpf { entries: u32 },
+    /// eBPF if it can be loaded here, else the ring, with a warning.
+    Auto { entries: u32 },
 }
 
 impl DirtyTracking {
@@ -84,12 +89,15 @@ pub struct RingTracker {
     vm_fd: RawFd,
     stop: AtomicBool,
     harvested: AtomicU64,
+    /// Keep the harvested pages (false: only drain the ring, for the eBPF tracker).
+    keep: bool,
 }
 
 impl RingTracker {
     /// `vm_fd` must stay open until [`stop`](Self::stop) has returned.
-    pub fn new(rings: Vec<DirtyRing>, memory: &GuestMemory, vm_fd: RawFd) -> Arc<Self> {
+    pub fn new(rings: Vec<DirtyRing>, memory: &GuestMemory, vm_fd: RawFd, keep: bool) -> Arc<Self> {
         Arc::new(RingTracker {
+            keep,
             rings: rings.into_iter().map(Mutex::new).collect(),
             slot_base: memory.slots().iter().map(|s| s.gpa).collect(),
             dirty: Mutex::new(PageSet::empty(memory.size())),
@@ -113,7 +121,7 @@ impl RingTracker {
         if entries.is_empty() {
             return Ok(0);
         }
-        {
+        if self.keep {
             let mut dirty = self.dirty.lock().expect("dirty set lock");
             for &(slot, offset) in &entries {
                 // Address space 0 only (slot = as_id << 16 | id).

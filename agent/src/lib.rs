@@ -10,6 +10,7 @@ pub mod client;
 pub mod daemon;
 pub mod devices;
 pub mod dirty;
+pub mod ebpf;
 pub mod host;
 pub mod kvm;
 pub mod machine;

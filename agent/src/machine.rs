@@ -5,6 +5,7 @@
 use crate::boot::{self, BootError};
 use crate::devices::{DeviceEvent, DeviceState, VcpuStatus};
 use crate::dirty::{BitmapTracker, DirtyTracker, DirtyTracking, RingTracker};
+use crate::ebpf::{EbpfError, EbpfTracker};
 use crate::kvm::kick;
 use crate::kvm::state::{VcpuState, VmKernelState};
 use crate::kvm::vm::KvmVm;
@@ -81,6 +82,8 @@ pub enum MachineError {
     ConfigMismatch,
     #[error("snapshot has {found} vCPU states for a {expected}-vCPU machine")]
     VcpuCount { expected: usize, found: usize },
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
 }
 
 /// Something that happened in the machine, for the caller to act on.
@@ -117,6 +120,7 @@ pub struct PreparedMachine {
     vm: Arc<KvmVm>,
     vcpus: Vec<crate::kvm::vcpu::KvmVcpu>,
     ring: Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
+    ebpf: Option<Arc<EbpfTracker>>,
 }
 
 impl PreparedMachine {
@@ -147,7 +151,9 @@ impl PreparedMachine {
             workers.push(worker.map_err(MachineError::Thread)?);
         }
         vm.restore_state(&kernel)?;
-        let tracker = Machine::tracker(&vm, &ring);
+        let ebpf = self.ebpf.take();
+        Machine::follow_threads(&ebpf, &workers)?;
+        let tracker = Machine::tracker(&vm, &ring, &ebpf);
         Ok(Machine {
             config,
             memory,
@@ -158,6 +164,7 @@ impl PreparedMachine {
             pending: VecDeque::new(),
             running: false,
             ring,
+            ebpf,
             tracker,
         })
     }
@@ -188,7 +195,10 @@ pub struct Machine {
     running: bool,
     /// The dirty-ring tracker and its harvester thread, when the machine uses the ring.
     ring: Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
-    /// Where dirty pages are taken from: the ring if the machine has one, else the bitmap.
+    /// The eBPF tracker, when the machine uses it (it needs the ring too: its
+    /// tracepoint fires on ring pushes).
+    ebpf: Option<Arc<EbpfTracker>>,
+    /// Where dirty pages are taken from: eBPF, else the ring if the machine has one, else the bitmap.
     tracker: Arc<dyn DirtyTracker>,
 }
 
@@ -203,7 +213,7 @@ impl Machine {
         config.fixture.validate()?;
         let memory = Arc::new(GuestMemory::new(config.mem_bytes, config.slot_bytes)?);
         let vm = Self::create_vm(&memory)?;
-        let (vcpus, ring) = Self::create_vcpus(&vm, &memory, config.vcpus(), tracking)?;
+        let (vcpus, ring, ebpf) = Self::create_vcpus(&vm, &memory, config.vcpus(), tracking)?;
         if let Some(rate) = config.dirty_rate.filter(|r| *r > 0) {
             let tsc_hz = u64::from(vcpus[0].tsc_khz()?) * 1000;
             config.fixture.ticks_per_write = (tsc_hz / rate).max(1);
@@ -223,7 +233,8 @@ impl Machine {
             workers.push(worker.map_err(MachineError::Thread)?);
         }
         let devices = DeviceState::new(config.vcpus());
-        let tracker = Self::tracker(&vm, &ring);
+        Self::follow_threads(&ebpf, &workers)?;
+        let tracker = Self::tracker(&vm, &ring, &ebpf);
         Ok(Machine {
             config,
             memory,
@@ -234,43 +245,81 @@ impl Machine {
             pending: VecDeque::new(),
             running: false,
             ring,
+            ebpf,
             tracker,
         })
     }
 
-    /// Creates the vCPUs, and with `Ring` tracking first the dirty ring (it must
-    /// exist before any vCPU) and afterwards the tracker with its harvester thread.
+    /// Creates the vCPUs, and with ring-based tracking first the dirty ring (it
+    /// must exist before any vCPU) and afterwards its tracker with its harvester
+    /// thread; with eBPF, also the eBPF tracker (which follows the vCPU threads
+    /// once they run, see `follow_threads`).
     #[allow(clippy::type_complexity)]
     fn create_vcpus(
         vm: &Arc<KvmVm>,
         memory: &GuestMemory,
         count: usize,
         tracking: DirtyTracking,
-    ) -> Result<(Vec<crate::kvm::vcpu::KvmVcpu>, Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>), MachineError>
-    {
-        if let DirtyTracking::Ring { entries } = tracking {
+    ) -> Result<
+        (
+            Vec<crate::kvm::vcpu::KvmVcpu>,
+            Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
+            Option<Arc<EbpfTracker>>,
+        ),
+        MachineError,
+    > {
+        let ebpf = match tracking {
+            DirtyTracking::Ebpf { .. } => Some(Arc::new(EbpfTracker::new(memory)?)),
+            DirtyTracking::Auto { .. } => match EbpfTracker::new(memory) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    tracing::warn!("dirty tracker auto: {e}; using the dirty ring");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let ring_entries = match tracking {
+            DirtyTracking::Bitmap => None,
+            DirtyTracking::Ring { entries } | DirtyTracking::Ebpf { entries } | DirtyTracking::Auto { entries } => {
+                Some(entries)
+            }
+        };
+        if let Some(entries) = ring_entries {
             vm.enable_dirty_ring(entries)?;
         }
         let vcpus = (0..count as u8).map(|id| vm.create_vcpu(id)).collect::<Result<Vec<_>, _>>()?;
-        let ring = match tracking {
-            DirtyTracking::Ring { entries } => {
+        let ring = match ring_entries {
+            Some(entries) => {
                 let rings = vcpus.iter().map(|v| v.map_dirty_ring(entries)).collect::<Result<Vec<_>, _>>()?;
-                let tracker = RingTracker::new(rings, memory, vm.raw_fd());
+                // With eBPF the ring is only drained (its pushes are what the program sees).
+                let tracker = RingTracker::new(rings, memory, vm.raw_fd(), ebpf.is_none());
                 let harvester = tracker.start_harvester().map_err(MachineError::Thread)?;
                 Some((tracker, harvester))
             }
-            DirtyTracking::Bitmap => None,
+            None => None,
         };
-        Ok((vcpus, ring))
+        Ok((vcpus, ring, ebpf))
+    }
+
+    fn follow_threads(ebpf: &Option<Arc<EbpfTracker>>, workers: &[VcpuWorker]) -> Result<(), MachineError> {
+        if let Some(ebpf) = ebpf {
+            for worker in workers {
+                ebpf.follow_thread(worker.tid)?;
+            }
+        }
+        Ok(())
     }
 
     fn tracker(
         vm: &Arc<KvmVm>,
         ring: &Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
+        ebpf: &Option<Arc<EbpfTracker>>,
     ) -> Arc<dyn DirtyTracker> {
-        match ring {
-            Some((ring, _)) => Arc::clone(ring) as Arc<dyn DirtyTracker>,
-            None => Arc::new(BitmapTracker::new(Arc::clone(vm))),
+        match (ebpf, ring) {
+            (Some(ebpf), _) => Arc::clone(ebpf) as Arc<dyn DirtyTracker>,
+            (None, Some((ring, _))) => Arc::clone(ring) as Arc<dyn DirtyTracker>,
+            (None, None) => Arc::new(BitmapTracker::new(Arc::clone(vm))),
         }
     }
 
@@ -309,8 +358,8 @@ impl Machine {
             return Err(MachineError::Memory(MemoryError::Size(memory.size())));
         }
         let vm = Self::create_vm(&memory)?;
-        let (vcpus, ring) = Self::create_vcpus(&vm, &memory, config.vcpus(), tracking)?;
-        Ok(PreparedMachine { config, memory, vm, vcpus, ring })
+        let (vcpus, ring, ebpf) = Self::create_vcpus(&vm, &memory, config.vcpus(), tracking)?;
+        Ok(PreparedMachine { config, memory, vm, vcpus, ring, ebpf })
     }
 
     fn create_vm(memory: &Arc<GuestMemory>) -> Result<Arc<KvmVm>, MachineError> {
@@ -350,9 +399,14 @@ impl Machine {
         Ok(self.tracker.take()?)
     }
 
-    /// The tracker dirty pages come from (`bitmap` or `ring`).
+    /// The tracker dirty pages come from (`bitmap`, `ring` or `ebpf`).
     pub fn dirty_tracker(&self) -> &'static str {
         self.tracker.name()
+    }
+
+    /// The eBPF tracker's counts: (dirty-ring pushes it saw from this VM, pushes it could not place).
+    pub fn ebpf_counts(&self) -> Option<(u64, u64)> {
+        self.ebpf.as_ref().map(|e| (e.pushes(), e.misses()))
     }
 
     /// Dirty-ring entries harvested so far (None: the machine uses the bitmap).
@@ -659,6 +713,68 @@ pub(crate) mod tests {
             assert_eq!(missing, 0, "{entries}-entry ring lost {missing} of 150000 written pages");
             eprintln!("{entries}-entry ring: {} entries harvested for {} dirty pages", harvested.unwrap(), dirty.len());
         }
+    }
+
+    // The eBPF tracker's tests need the program built in (`cargo xtask build-ebpf`,
+    // which `cargo xtask test` and CI run first).
+    #[cfg(pcft_ebpf)]
+    #[test]
+    fn ebpf_sees_exactly_the_pages_the_ring_sees() {
+        let (ebpf, _) = dirtied_by_one_pass(DirtyTracking::Ebpf { entries: 4096 }, 3_000);
+        let (ring, _) = dirtied_by_one_pass(DirtyTracking::Ring { entries: 4096 }, 3_000);
+        assert_eq!(ebpf.len(), ring.len(), "eBPF and ring disagree");
+        assert_eq!(ebpf, ring);
+    }
+
+    #[cfg(pcft_ebpf)]
+    #[test]
+    fn ebpf_takes_while_the_guest_runs_lose_no_page_of_a_150k_page_pass() {
+        // Takes race the guest's writes all along; their union must still hold every page.
+        let ws = vm_fixtures::abi::WORKING_SET_GPA;
+        let pages = 150_000u64;
+        let mem_bytes = (ws + pages * 4096).div_ceil(2 << 20) * (2 << 20);
+        let mut fixture = FixtureParams::new(FixtureKind::Dirty, 1, pages);
+        fixture.pattern = vm_fixtures::DirtyPattern::Sequential;
+        fixture.steps = pages;
+        fixture.record_every = pages;
+        let config = MachineConfig { mem_bytes, slot_bytes: 128 << 20, fixture, dirty_rate: None };
+        let mut machine = Machine::boot_with(config, DirtyTracking::Ebpf { entries: 4096 }).unwrap();
+        assert_eq!(machine.dirty_tracker(), "ebpf");
+        machine.set_dirty_logging(true).unwrap();
+        machine.resume().unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut takes = 0;
+        while !machine.is_finished() {
+            seen.extend(machine.take_dirty_pages().unwrap());
+            takes += 1;
+            let _ = machine.next_event(Duration::from_millis(2)).unwrap();
+        }
+        seen.extend(machine.take_dirty_pages().unwrap());
+        let missing = (0..pages).filter(|j| !seen.contains(&(ws + j * 4096))).count();
+        let (pushes, misses) = machine.ebpf_counts().unwrap();
+        assert_eq!(missing, 0, "{missing} of {pages} pages lost over {takes} takes");
+        assert_eq!(misses, 0);
+        assert!(pushes >= pages, "{pushes} pushes for {pages} pages");
+        eprintln!("eBPF: {takes} takes while running, {pushes} pushes, {} pages", seen.len());
+    }
+
+    #[cfg(pcft_ebpf)]
+    #[test]
+    fn ebpf_tracks_two_vms_apart() {
+        let mut writer_config = config(FixtureKind::Dirty, 1, 500);
+        writer_config.fixture.pattern = vm_fixtures::DirtyPattern::Sequential;
+        let mut writer = Machine::boot_with(writer_config, DirtyTracking::Ebpf { entries: 4096 }).unwrap();
+        let mut idle =
+            Machine::boot_with(config(FixtureKind::Idle, 1, 1), DirtyTracking::Ebpf { entries: 4096 }).unwrap();
+        writer.set_dirty_logging(true).unwrap();
+        idle.set_dirty_logging(true).unwrap();
+        run_to_end(&mut writer);
+        let written = writer.take_dirty_pages().unwrap();
+        let ws = vm_fixtures::abi::WORKING_SET_GPA;
+        assert!((0..500).all(|j| written.contains(&(ws + j * 4096))));
+        assert_eq!(idle.take_dirty_pages().unwrap(), Vec::<u64>::new(), "the other VM's writes are not this one's");
+        run_to_end(&mut idle);
+        assert!(writer.take_dirty_pages().unwrap().is_empty(), "and the other way round");
     }
 
     #[test]

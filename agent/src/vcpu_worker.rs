@@ -32,6 +32,8 @@ pub(crate) enum WorkerEvent {
 pub(crate) struct VcpuWorker {
     pub(crate) commands: Sender<Command>,
     pub(crate) thread: JoinHandle<()>,
+    /// The thread's kernel id (what BPF programs see as the current pid).
+    pub(crate) tid: u32,
 }
 
 impl VcpuWorker {
@@ -46,10 +48,14 @@ impl VcpuWorker {
     ) -> std::io::Result<Self> {
         kick::install();
         let (commands, rx) = std::sync::mpsc::channel();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name(format!("vcpu{}", vcpu.id())).spawn(move || {
+            // SAFETY: gettid(2) has no preconditions.
+            let _ = tid_tx.send(unsafe { libc::gettid() } as u32);
             Worker { vcpu, memory, events, ring, parked: true, finished: status != VcpuStatus::Running }.run(rx)
         })?;
-        Ok(VcpuWorker { commands, thread })
+        let tid = tid_rx.recv().map_err(|_| std::io::Error::other("the vCPU thread died at its start"))?;
+        Ok(VcpuWorker { commands, thread, tid })
     }
 }
 

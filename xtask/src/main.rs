@@ -7,6 +7,7 @@
 //! - `ci`:    what `.ci/run` runs: setup, format and lint checks, tests.
 
 mod bench;
+mod ebpf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -39,6 +40,9 @@ enum Task {
     },
     /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then the tests.
     Ci,
+    /// Build the eBPF programs (installing the pinned nightly and bpf-linker if
+    /// missing) into target/bpf/pcft-ebpf.o, which pcft then embeds.
+    BuildEbpf,
 }
 
 /// Commands the build and the tests need, and the Debian package that has each.
@@ -64,14 +68,25 @@ fn main() -> std::process::ExitCode {
 
 fn task(task: Task) -> Result<()> {
     match task {
-        Task::Setup => setup(),
+        Task::Setup => {
+            setup()?;
+            ebpf::setup()
+        }
+        Task::BuildEbpf => {
+            setup()?;
+            let object = ebpf::build()?;
+            eprintln!("xtask: eBPF object at {}; cargo build now embeds it in pcft", object.display());
+            Ok(())
+        }
         Task::Run { args } => run(&args),
         Task::Test => {
             setup()?;
+            ebpf::build()?;
             test()
         }
         Task::Bench { quick } => {
             setup()?;
+            ebpf::build()?;
             require_kvm()?;
             let pcft = build_release()?;
             bench::run(&workspace_root(), &pcft, quick)?;
@@ -83,6 +98,7 @@ fn task(task: Task) -> Result<()> {
         }
         Task::Ci => {
             setup()?;
+            ebpf::build()?;
             cargo(&["fmt", "--all", "--", "--check"]).context("code is not formatted: run cargo fmt --all")?;
             cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
             test()
@@ -161,6 +177,7 @@ fn require_kvm() -> Result<()> {
 
 fn run(args: &[String]) -> Result<()> {
     setup()?;
+    ebpf::build()?;
     require_kvm()?;
     let mut cmd = Command::new(build_release()?);
     // The main job: two agents on this machine, a 2-vCPU ledger VM migrated in

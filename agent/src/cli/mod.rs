@@ -316,8 +316,14 @@ pub struct WorkloadArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TrackerArg {
+    /// KVM's dirty bitmap.
     Bitmap,
+    /// KVM's dirty ring, drained by a thread of its own.
     Ring,
+    /// The eBPF program on kvm:kvm_dirty_ring_push (needs root and a pcft built after `cargo xtask build-ebpf`).
+    Ebpf,
+    /// eBPF if it loads here, else the ring (with a warning).
+    Auto,
 }
 
 impl From<TrackerArg> for pcft_agent::dirty::DirtyTracking {
@@ -326,6 +332,8 @@ impl From<TrackerArg> for pcft_agent::dirty::DirtyTracking {
         match t {
             TrackerArg::Bitmap => DirtyTracking::Bitmap,
             TrackerArg::Ring => DirtyTracking::Ring { entries: DirtyTracking::DEFAULT_RING_ENTRIES },
+            TrackerArg::Ebpf => DirtyTracking::Ebpf { entries: DirtyTracking::DEFAULT_RING_ENTRIES },
+            TrackerArg::Auto => DirtyTracking::Auto { entries: DirtyTracking::DEFAULT_RING_ENTRIES },
         }
     }
 }
