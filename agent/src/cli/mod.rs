@@ -353,6 +353,11 @@ pub struct RunControl {
     /// Give up (exit 1) if the VM has not finished after this many seconds.
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Track the pages the guest writes (with --dirty-tracker) and take them every
+    /// this many milliseconds, as checkpoint epochs would; the result reports the
+    /// takes (for dirty-tracking benchmarks).
+    #[arg(long)]
+    pub take_dirty_every: Option<u64>,
     /// Print JSON lines instead of text: one object per output record, then the result.
     #[arg(long)]
     pub json: bool,

@@ -57,6 +57,20 @@ impl Reporter {
         );
     }
 
+    pub fn dirty_takes(&self, tracker: &str, t: &super::vm::TakeStats, elapsed_ms: u128) {
+        self.line(
+            json!({"event": "dirty-takes", "tracker": tracker, "takes": t.takes, "pages": t.pages,
+                   "take_us_total": t.total_us, "take_us_max": t.max_us, "elapsed_ms": elapsed_ms}),
+            format!(
+                "dirty tracking ({tracker}): {} takes found {} pages; a take cost {} µs on average, {} µs at most",
+                t.takes,
+                t.pages,
+                t.total_us / t.takes.max(1),
+                t.max_us
+            ),
+        );
+    }
+
     pub fn failed(&self, error: &str) {
         if self.json {
             println!("{}", json!({"event": "finished", "verified": false, "error": error}));

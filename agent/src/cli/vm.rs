@@ -113,8 +113,20 @@ fn drive(mut machine: Machine, control: &RunControl, reporter: &Reporter) -> Res
     let started = Instant::now();
     let timeout = control.timeout.map(Duration::from_secs);
     let snapshot_after = control.snapshot_after_ms.map(Duration::from_millis);
+    let take_every = control.take_dirty_every.map(|ms| Duration::from_millis(ms.max(1)));
+    let mut takes = TakeStats::default();
+    if take_every.is_some() {
+        machine.set_dirty_logging(true).map_err(run_failure)?;
+    }
+    let mut next_take = take_every.map(|every| started + every);
     machine.resume().map_err(run_failure)?;
     loop {
+        if let (Some(at), Some(every)) = (next_take, take_every) {
+            if Instant::now() >= at {
+                takes.take(&machine).map_err(run_failure)?;
+                next_take = Some(at.max(Instant::now() - every) + every);
+            }
+        }
         let records = machine.devices().output_log.len();
         let snapshot_due = control.snapshot_at_record.is_some_and(|n| records >= n)
             || snapshot_after.is_some_and(|d| started.elapsed() >= d);
@@ -136,6 +148,9 @@ fn drive(mut machine: Machine, control: &RunControl, reporter: &Reporter) -> Res
         if let Some(d) = snapshot_after {
             wait = wait.min(d.saturating_sub(started.elapsed()));
         }
+        if let Some(at) = next_take {
+            wait = wait.min(at.saturating_duration_since(Instant::now()));
+        }
         match machine.next_event(wait) {
             Ok(Some(MachineEvent::Output(record))) => reporter.output(&record),
             Ok(_) => {}
@@ -148,11 +163,16 @@ fn drive(mut machine: Machine, control: &RunControl, reporter: &Reporter) -> Res
     }
     // Records emitted in the last moments are already in the log; print any not yet shown.
     drain_events(&mut machine, reporter)?;
+    let elapsed_ms = started.elapsed().as_millis();
+    if take_every.is_some() {
+        takes.take(&machine).map_err(run_failure)?;
+        reporter.dirty_takes(machine.dirty_tracker(), &takes, elapsed_ms);
+    }
     let fixture = &machine.config().fixture;
     let steps = fixture.steps;
     match machine.verify() {
         Ok(v) => {
-            reporter.verified(v.records, v.memory_digest, steps, started.elapsed().as_millis());
+            reporter.verified(v.records, v.memory_digest, steps, elapsed_ms);
             Ok(())
         }
         Err(e) => {
@@ -160,6 +180,28 @@ fn drive(mut machine: Machine, control: &RunControl, reporter: &Reporter) -> Res
             reporter.failed(&format!("{err:#}"));
             Err(run_failure(err))
         }
+    }
+}
+
+/// What the dirty takes of a run cost and found.
+#[derive(Default)]
+pub struct TakeStats {
+    pub takes: u64,
+    pub pages: u64,
+    pub total_us: u64,
+    pub max_us: u64,
+}
+
+impl TakeStats {
+    fn take(&mut self, machine: &Machine) -> Result<(), MachineError> {
+        let at = Instant::now();
+        let pages = machine.take_dirty_pages()?;
+        let us = at.elapsed().as_micros() as u64;
+        self.takes += 1;
+        self.pages += pages.len() as u64;
+        self.total_us += us;
+        self.max_us = self.max_us.max(us);
+        Ok(())
     }
 }
 
