@@ -7,6 +7,7 @@
 //! - `ci`:    what `.ci/run` runs: setup, format and lint checks, tests.
 
 mod bench;
+mod bench_dirty;
 mod ebpf;
 
 use anyhow::{bail, Context, Result};
@@ -90,6 +91,7 @@ fn task(task: Task) -> Result<()> {
             require_kvm()?;
             let pcft = build_release()?;
             bench::run(&workspace_root(), &pcft, quick)?;
+            bench_dirty::run(&workspace_root(), &pcft, quick)?;
             if !quick {
                 // The page path's small parts, each beside a baseline from the same run.
                 cargo(&["bench", "-p", "pcft-agent", "--bench", "page_path"])?;
