@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod devices;
 pub mod dirty;
 pub mod ebpf;
+pub mod fence;
 pub mod host;
 pub mod kvm;
 pub mod machine;

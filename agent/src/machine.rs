@@ -6,6 +6,7 @@ use crate::boot::{self, BootError};
 use crate::devices::{DeviceEvent, DeviceState, VcpuStatus};
 use crate::dirty::{BitmapTracker, DirtyTracker, DirtyTracking, RingTracker};
 use crate::ebpf::{EbpfError, EbpfTracker};
+use crate::fence::{Fence, Watchdog};
 use crate::kvm::kick;
 use crate::kvm::state::{VcpuState, VmKernelState};
 use crate::kvm::vm::KvmVm;
@@ -121,9 +122,16 @@ pub struct PreparedMachine {
     vcpus: Vec<crate::kvm::vcpu::KvmVcpu>,
     ring: Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
     ebpf: Option<Arc<EbpfTracker>>,
+    fence: Option<Arc<Fence>>,
 }
 
 impl PreparedMachine {
+    /// The restored machine's vCPUs will never run past `fence`'s deadline (a
+    /// PostCopyFT destination's lease); a watchdog kicks them out at the deadline.
+    pub fn set_fence(&mut self, fence: Arc<Fence>) {
+        self.fence = Some(fence);
+    }
+
     /// Starts dirty logging before the machine runs at all (a PostCopyFT
     /// destination, so that every guest write there is in some checkpoint).
     pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), MachineError> {
@@ -147,12 +155,25 @@ impl PreparedMachine {
         let ring_tracker = ring.as_ref().map(|(t, _)| Arc::clone(t));
         for ((mut vcpu, vcpu_state), status) in vcpus.into_iter().zip(&vcpu_states).zip(&devices.vcpu_status) {
             vcpu.restore_state(vcpu_state)?;
-            let worker = VcpuWorker::spawn(vcpu, Arc::clone(&memory), *status, tx.clone(), ring_tracker.clone());
+            let worker = VcpuWorker::spawn(
+                vcpu,
+                Arc::clone(&memory),
+                *status,
+                tx.clone(),
+                ring_tracker.clone(),
+                self.fence.clone(),
+            );
             workers.push(worker.map_err(MachineError::Thread)?);
         }
         vm.restore_state(&kernel)?;
         let ebpf = self.ebpf.take();
         Machine::follow_threads(&ebpf, &workers)?;
+        let watchdog = match self.fence.take() {
+            Some(fence) => {
+                Some(Watchdog::start(fence, workers.iter().map(|w| w.tid).collect()).map_err(MachineError::Thread)?)
+            }
+            None => None,
+        };
         let tracker = Machine::tracker(&vm, &ring, &ebpf);
         Ok(Machine {
             config,
@@ -166,6 +187,7 @@ impl PreparedMachine {
             ring,
             ebpf,
             tracker,
+            watchdog,
         })
     }
 }
@@ -200,6 +222,8 @@ pub struct Machine {
     ebpf: Option<Arc<EbpfTracker>>,
     /// Where dirty pages are taken from: eBPF, else the ring if the machine has one, else the bitmap.
     tracker: Arc<dyn DirtyTracker>,
+    /// PostCopyFT destination: kicks the vCPUs out when the lease runs out.
+    watchdog: Option<Watchdog>,
 }
 
 impl Machine {
@@ -229,7 +253,8 @@ impl Machine {
         let tracker = ring.as_ref().map(|(t, _)| Arc::clone(t));
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             vcpu.set_boot_state(&boot::entry_regs(id as u8), &boot::long_mode_sregs(vcpu.sregs()?))?;
-            let worker = VcpuWorker::spawn(vcpu, Arc::clone(&memory), VcpuStatus::Running, tx.clone(), tracker.clone());
+            let worker =
+                VcpuWorker::spawn(vcpu, Arc::clone(&memory), VcpuStatus::Running, tx.clone(), tracker.clone(), None);
             workers.push(worker.map_err(MachineError::Thread)?);
         }
         let devices = DeviceState::new(config.vcpus());
@@ -247,6 +272,7 @@ impl Machine {
             ring,
             ebpf,
             tracker,
+            watchdog: None,
         })
     }
 
@@ -359,7 +385,7 @@ impl Machine {
         }
         let vm = Self::create_vm(&memory)?;
         let (vcpus, ring, ebpf) = Self::create_vcpus(&vm, &memory, config.vcpus(), tracking)?;
-        Ok(PreparedMachine { config, memory, vm, vcpus, ring, ebpf })
+        Ok(PreparedMachine { config, memory, vm, vcpus, ring, ebpf, fence: None })
     }
 
     fn create_vm(memory: &Arc<GuestMemory>) -> Result<Arc<KvmVm>, MachineError> {
@@ -565,6 +591,8 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
+        // First: the watchdog kicks threads by id, which must not outlive the vCPU threads.
+        drop(self.watchdog.take());
         for worker in &self.workers {
             let _ = worker.commands.send(Command::Stop);
         }

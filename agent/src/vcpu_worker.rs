@@ -3,6 +3,7 @@
 
 use crate::devices::{decode_port_write, DeviceEvent, VcpuStatus};
 use crate::dirty::RingTracker;
+use crate::fence::Fence;
 use crate::kvm::kick;
 use crate::kvm::state::VcpuState;
 use crate::kvm::vcpu::{KvmVcpu, VcpuExit};
@@ -45,6 +46,7 @@ impl VcpuWorker {
         status: VcpuStatus,
         events: Sender<WorkerEvent>,
         ring: Option<Arc<RingTracker>>,
+        fence: Option<Arc<Fence>>,
     ) -> std::io::Result<Self> {
         kick::install();
         let (commands, rx) = std::sync::mpsc::channel();
@@ -52,7 +54,7 @@ impl VcpuWorker {
         let thread = std::thread::Builder::new().name(format!("vcpu{}", vcpu.id())).spawn(move || {
             // SAFETY: gettid(2) has no preconditions.
             let _ = tid_tx.send(unsafe { libc::gettid() } as u32);
-            Worker { vcpu, memory, events, ring, parked: true, finished: status != VcpuStatus::Running }.run(rx)
+            Worker { vcpu, memory, events, ring, fence, parked: true, finished: status != VcpuStatus::Running }.run(rx)
         })?;
         let tid = tid_rx.recv().map_err(|_| std::io::Error::other("the vCPU thread died at its start"))?;
         Ok(VcpuWorker { commands, thread, tid })
@@ -65,6 +67,8 @@ struct Worker {
     events: Sender<WorkerEvent>,
     /// The machine's dirty-ring tracker, if it uses one: drained here when this vCPU's ring fills.
     ring: Option<Arc<RingTracker>>,
+    /// PostCopyFT destination: past the lease's deadline this vCPU never enters the guest again.
+    fence: Option<Arc<Fence>>,
     /// Paused by the machine.
     parked: bool,
     /// Done, or failed: never enters the guest again.
@@ -95,6 +99,13 @@ impl Worker {
                     }
                     Command::Stop => return,
                 }
+                continue;
+            }
+            if self.fence.as_ref().is_some_and(|f| !f.allows_running()) {
+                self.finished = true;
+                let _ = self
+                    .events
+                    .send(WorkerEvent::Failed(id, "fenced: the lease expired; this copy never runs again".into()));
                 continue;
             }
             if let Err(reason) = self.step() {

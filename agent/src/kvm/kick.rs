@@ -19,6 +19,14 @@ pub fn install() {
     });
 }
 
+/// Sends the kick signal to thread `tid` of this process (a thread that exited is not an error).
+pub fn kick_tid(tid: u32) {
+    // SAFETY: tgkill(2) on our own thread group with the kick signal, whose handler is empty.
+    unsafe {
+        libc::syscall(libc::SYS_tgkill, libc::getpid(), tid as libc::pid_t, kick_signal());
+    }
+}
+
 /// Sends the kick signal to `thread`. A thread that already exited is not an error.
 pub fn kick<T>(thread: &std::thread::JoinHandle<T>) {
     if !thread.is_finished() {

@@ -8,6 +8,7 @@ use super::messages::{DestinationStats, Message, MigrationOptions, Mode, Percent
 use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatch, PageBatchWriter, ProtocolError};
 use super::source::MigrationError;
 use crate::dirty::DirtyTracking;
+use crate::fence::Fence;
 use crate::machine::{Machine, MachineConfig, MachineState, PreparedMachine};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::output::OutputSink;
@@ -464,6 +465,7 @@ pub async fn migrate_in(
     let mut sink = Some(sink);
     // PostCopyFT: the lease starts when `Restored` goes out (before the source can send `Go`).
     let mut lease_from: Option<Instant> = None;
+    let mut vm_fence: Option<Arc<Fence>> = None;
     let mut ft: Option<FtDestination> = None;
     let (fence_tx, mut fenced) = mpsc::unbounded_channel::<String>();
     let mut completed = false;
@@ -496,6 +498,17 @@ pub async fn migrate_in(
                 };
                 // The source released the output the VM emitted there.
                 let released = state.devices.output_log.len();
+                // PostCopyFT: the lease counts from now, before `Restored` goes out (so
+                // before the source can send `Go`), and the vCPUs enforce it themselves.
+                let from = Instant::now();
+                lease_from = Some(from);
+                if mode.checkpoints() {
+                    let fence = Fence::new(from + Duration::from_millis(options.heartbeat_timeout_ms));
+                    if let Some(p) = prepared.as_mut() {
+                        p.set_fence(Arc::clone(&fence));
+                    }
+                    vm_fence = Some(fence);
+                }
                 let machine = match prepared.take().map(|p| p.restore(state)) {
                     Some(Ok(m)) => m,
                     Some(Err(e)) => break Err(vm(e.to_string())),
@@ -515,7 +528,6 @@ pub async fn migrate_in(
                     }
                     tokio::spawn(forward_requests(rx, out.clone()));
                 }
-                lease_from = Some(Instant::now());
                 out.message(&Message::Restored)?;
             }
             Frame::Message(Message::Go) if runner.is_some() && on_running.is_some() => {
@@ -575,10 +587,18 @@ pub async fn migrate_in(
                 ft.as_mut().expect("checked").acked(epoch, runner.as_ref().expect("runs"));
             }
             Frame::Message(Message::HeartbeatAck { seq }) if ft.is_some() => {
-                ft.as_ref().expect("checked").lease.lock().expect("lease lock").acked(seq);
+                let ft = ft.as_ref().expect("checked");
+                let mut lease = ft.lease.lock().expect("lease lock");
+                lease.acked(seq);
+                if let Some(fence) = &vm_fence {
+                    fence.extend(lease.expires());
+                }
             }
             Frame::Message(Message::Finish) if completed && ft.is_some() => {
                 // The source let its copy go: the VM is ours alone, and so is its output.
+                if let Some(fence) = &vm_fence {
+                    fence.disarm();
+                }
                 runner.as_ref().expect("runs").release_outputs(None);
                 break Ok(());
             }

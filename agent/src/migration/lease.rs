@@ -67,8 +67,10 @@ impl Lease {
 /// The source's side: when the destination's lease has surely run out, given
 /// the last moment the source renewed it (sent `Go` or a `HeartbeatAck`).
 pub fn fenced_after(last_renewal: Instant, length: Duration) -> Instant {
-    // 10% for clock rate differences between the hosts, plus 5 ms for scheduling.
-    last_renewal + length + length / 10 + Duration::from_millis(5)
+    // 10% for clock rate differences between the hosts, plus 10 ms for the
+    // destination's watchdog to kick its vCPUs out (they check the deadline
+    // themselves before every entry into the guest).
+    last_renewal + length + length / 10 + Duration::from_millis(10)
 }
 
 #[cfg(test)]
