@@ -5,6 +5,7 @@
 use crate::dirty::DirtyTracking;
 use crate::host::format_size;
 use crate::machine::{Machine, MachineConfig};
+use crate::metrics::MigrationLabels;
 use crate::migration::checkpoint::Committed;
 use crate::migration::destination::migrate_in;
 use crate::migration::messages::{FailoverReport, Message, MigrationOptions, Mode, Role, VmPhase, VmStatus};
@@ -203,6 +204,18 @@ impl Daemon {
         };
         tracing::info!(vm = %name, %to, mode = mode.name(), "migrating out");
         let result = migrate_out(&runner, &name, &config, &to, mode, options, &self.name).await;
+        let outcome = match &result {
+            Ok(MigrationOutcome::Completed(_)) => "completed",
+            Ok(MigrationOutcome::DestinationLost { .. }) => "recovered",
+            Err(MigrationError::LostAfterCommit(_)) => "lost",
+            Err(_) => "failed",
+        };
+        let m = crate::metrics::get();
+        m.migrations.get_or_create(&MigrationLabels { mode: mode.name().into(), result: outcome.into() }).inc();
+        m.set_phase(&name, if outcome == "completed" { "completed" } else { outcome });
+        if outcome == "recovered" {
+            m.vm(&m.failovers, &name, 1);
+        }
         let result = match result {
             Ok(MigrationOutcome::DestinationLost { mut report, committed, detected_at, fenced_at }) => {
                 let epoch = committed.epoch;

@@ -16,6 +16,7 @@ pub mod host;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod metrics;
 pub mod migration;
 pub mod output;
 pub mod page_set;

@@ -158,9 +158,12 @@ fn checkpoint(machine: &mut Machine, epoch: u64) -> Result<CheckpointCapture, Ma
 fn release(name: &str, machine: &Machine, gate: &mut OutputGate, upto: usize, status: &Mutex<RunnerStatus>) {
     let log = &machine.devices().output_log;
     let upto = upto.min(log.len());
-    for record in log.get(gate.released..upto).unwrap_or_default() {
+    let records = log.get(gate.released..upto).unwrap_or_default();
+    for record in records {
         gate.sink.release(name, record);
     }
+    let m = crate::metrics::get();
+    m.vm(&m.output_released, name, records.len() as u64);
     gate.released = gate.released.max(upto);
     status.lock().expect("runner status lock").released = gate.released as u64;
 }
@@ -194,9 +197,21 @@ fn run(
                 Command::Resume(r) => drop(r.send(machine.resume().map_err(text))),
                 Command::Capture(r) => drop(r.send(machine.capture().map_err(text))),
                 Command::DirtyLogging(on, r) => drop(r.send(machine.set_dirty_logging(on).map_err(text))),
-                Command::TakeDirty(r) => drop(r.send(machine.take_dirty_pages().map_err(text))),
+                Command::TakeDirty(r) => {
+                    let taken = machine.take_dirty_pages().map_err(text);
+                    if let Ok(pages) = &taken {
+                        crate::metrics::get().dirty_taken(&name, machine.dirty_tracker(), pages.len());
+                    }
+                    drop(r.send(taken))
+                }
                 Command::Verify(r) => drop(r.send(machine.verify().map_err(|e| e.to_string()))),
-                Command::Checkpoint(epoch, r) => drop(r.send(checkpoint(&mut machine, epoch).map_err(text))),
+                Command::Checkpoint(epoch, r) => {
+                    let capture = checkpoint(&mut machine, epoch).map_err(text);
+                    if let Ok(c) = &capture {
+                        crate::metrics::get().dirty_taken(&name, machine.dirty_tracker(), c.dirty.len());
+                    }
+                    drop(r.send(capture))
+                }
                 Command::Release(upto) => {
                     if upto.is_none() {
                         gate.hold = false;

@@ -121,6 +121,8 @@ pub fn per_vcpu(records: &[OutputRecord], vcpus: usize) -> Vec<Vec<OutputRecord>
 /// A `pcft agent` process on a free loopback port; killed when dropped.
 pub struct Agent {
     pub addr: String,
+    /// `http://…/metrics` when started with `--metrics`.
+    pub metrics: Option<String>,
     child: std::process::Child,
 }
 
@@ -132,11 +134,17 @@ impl Agent {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("spawn pcft agent");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("agent stdout");
+        stdout.read_line(&mut line).expect("agent stdout");
         let addr =
             line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("agent said {line:?}")).to_string();
-        Agent { addr, child }
+        let metrics = extra.contains(&"--metrics").then(|| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("agent stdout");
+            line.trim().strip_prefix("metrics on ").unwrap_or_else(|| panic!("agent said {line:?}")).to_string()
+        });
+        Agent { addr, metrics, child }
     }
 
     /// Whether the process is still alive.
@@ -150,6 +158,25 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// GETs an `http://host:port/path` URL (HTTP/1.1, no keep-alive) and returns the body.
+pub fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut stream = std::net::TcpStream::connect(host).expect("connect");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of the first sample line of `text` that starts with `series` (name and labels).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
 /// Runs `pcft args…` and returns (exit code, stdout, stderr).

@@ -73,6 +73,10 @@ pub struct AgentArgs {
     /// at this address: the outside world of the VMs on this agent.
     #[arg(long)]
     pub output_sink: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port;
+    /// the bound address is printed on the second line of stdout).
+    #[arg(long)]
+    pub metrics: Option<String>,
     /// Fault injection: SIGKILL this agent at a point of an incoming PostCopyFT
     /// migration (before-first-checkpoint, speculative:N, pause:N, committed:N, after-last-page).
     #[arg(long, hide = true)]

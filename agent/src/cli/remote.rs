@@ -38,6 +38,13 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         let name = args.name.clone().unwrap_or_else(|| addr.to_string());
         // The first line on stdout is the bound address: scripts (and `pcft demo`) read it.
         println!("listening on {addr}");
+        if let Some(metrics_addr) = &args.metrics {
+            let listener = tokio::net::TcpListener::bind(metrics_addr).await.map_err(|e| {
+                usage(anyhow!("cannot serve metrics on {metrics_addr}: {e}; choose another --metrics address"))
+            })?;
+            println!("metrics on http://{}/metrics", listener.local_addr().map_err(run_failure)?);
+            tokio::spawn(serve_metrics(listener));
+        }
         std::io::stdout().flush().map_err(run_failure)?;
         tracing::info!(agent = %name, %addr, "agent started");
         if let Some(point) = args.crash_at {
@@ -56,6 +63,23 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
             _ = terminate.recv() => Ok(()),
         }
     })
+}
+
+/// Serves `/metrics` (Prometheus text format) until the agent stops.
+async fn serve_metrics(listener: tokio::net::TcpListener) {
+    use axum::http::header::CONTENT_TYPE;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                pcft_agent::metrics::get().encode(),
+            )
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("the metrics server stopped: {e}");
+    }
 }
 
 async fn ask(addr: &str, message: Message) -> Result<Message, Failure> {

@@ -166,7 +166,9 @@ impl Incoming {
             if !pending.is_empty() {
                 for i in 0..run.pages as u64 {
                     if let Some(at) = pending.remove(&(run.gpa + i * PAGE_SIZE)) {
-                        self.latencies_us.push(at.elapsed().as_micros() as u64);
+                        let latency = at.elapsed();
+                        self.latencies_us.push(latency.as_micros() as u64);
+                        crate::metrics::get().fault_latency.observe(latency.as_secs_f64());
                     }
                 }
             }
@@ -328,6 +330,7 @@ async fn checkpoints(
             Ok((outputs, pause)) => {
                 unacked.lock().expect("unacked epochs lock").push_back((epoch, outputs));
                 pause_max_us.fetch_max(pause.as_micros() as u64, Ordering::Relaxed);
+                crate::metrics::get().checkpoint_pause.observe(pause.as_secs_f64());
                 crash::at(CrashPoint::Committed(epoch));
             }
             Err(e) => {
@@ -589,7 +592,9 @@ pub async fn migrate_in(
             Frame::Message(Message::HeartbeatAck { seq }) if ft.is_some() => {
                 let ft = ft.as_ref().expect("checked");
                 let mut lease = ft.lease.lock().expect("lease lock");
-                lease.acked(seq);
+                if let Some(sent) = lease.acked(seq) {
+                    crate::metrics::get().heartbeat_rtt.observe(sent.elapsed().as_secs_f64());
+                }
                 if let Some(fence) = &vm_fence {
                     fence.extend(lease.expires());
                 }

@@ -42,8 +42,9 @@ impl Lease {
         seq
     }
 
-    /// The source acked heartbeat `seq`: the lease runs to its send time plus the length.
-    pub fn acked(&mut self, seq: u64) {
+    /// The source acked heartbeat `seq`: the lease runs to its send time plus
+    /// the length. Returns that send time (None: an unknown or old heartbeat).
+    pub fn acked(&mut self, seq: u64) -> Option<Instant> {
         while let Some(&(s, at)) = self.unacked.front() {
             if s > seq {
                 break;
@@ -51,8 +52,10 @@ impl Lease {
             self.unacked.pop_front();
             if s == seq {
                 self.expires = self.expires.max(at + self.length);
+                return Some(at);
             }
         }
+        None
     }
 
     pub fn expired(&self, now: Instant) -> bool {

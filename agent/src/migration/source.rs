@@ -7,6 +7,7 @@ use super::messages::{DestinationStats, FailureReport, Message, MigrationOptions
 use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatch, PageBatchWriter, ProtocolError};
 use crate::machine::{MachineConfig, MachineState};
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::metrics::{self, PageReason};
 use crate::page_set::PageSet;
 use crate::vm_runner::VmRunner;
 use std::sync::Arc;
@@ -275,6 +276,7 @@ pub async fn migrate_out(
         ..Default::default()
     };
     let memory = runner.memory();
+    metrics::get().set_phase(vm, if mode.precopies() { "precopy" } else { "switchover" });
     let stopped = match precopy_and_stop(runner, &memory, &mut out, &mut rd, mode, options, &mut report).await {
         Ok(v) => v,
         Err(e) => {
@@ -288,6 +290,7 @@ pub async fn migrate_out(
 
     // Committed from here: the destination runs the VM once it reads `Go`.
     let go_at = Instant::now();
+    metrics::get().set_phase(vm, "postcopy");
     let mut ft = if mode.checkpoints() {
         let switchover = MachineState::from_bytes(&stopped.state)
             .map_err(|e| MigrationError::Vm(format!("the switchover state does not decode: {e}")))?;
@@ -433,6 +436,7 @@ impl PostcopySource {
                 let demand = std::mem::take(&mut self.push.demand);
                 self.out.pages(&self.memory, &demand, PUSH_BATCH_PAGES).await.map_err(Lost::from_write)?;
                 self.report.pages_faulted += demand.len() as u64;
+                metrics::get().pages_sent(&self.report.vm, PageReason::faulted, demand.len() as u64);
                 continue;
             }
             // Until the VM runs at the destination nothing needs pages; pushing now
@@ -453,6 +457,7 @@ impl PostcopySource {
             let batch = self.push.next_batch();
             self.out.pages(&self.memory, &batch, PUSH_BATCH_PAGES).await.map_err(Lost::from_write)?;
             self.report.pages_pushed += batch.len() as u64;
+            metrics::get().pages_sent(&self.report.vm, PageReason::pushed, batch.len() as u64);
             if let Some(pace) = pace {
                 next_push = next_push.max(Instant::now() - pace) + pace;
             }
@@ -510,11 +515,18 @@ impl PostcopySource {
             Reply::Gone(kind, reason) => return Err(Lost { kind, reason }),
             Reply::CheckpointPages(batch) => {
                 let ft = self.ft.as_mut().ok_or_else(|| protocol("page frames from the destination".into()))?;
+                let bytes = batch.payload_len() as u64;
                 ft.store.stage(batch).map_err(|e| protocol(e.to_string()))?;
+                let m = metrics::get();
+                m.vm(&m.checkpoint_bytes, &self.report.vm, bytes);
             }
             Reply::CheckpointCommit { epoch, pages, state } => {
                 let ft = self.ft.as_mut().ok_or_else(|| protocol("a checkpoint without PostCopyFT".into()))?;
+                let bytes_before = ft.store.bytes_received;
                 ft.store.commit(epoch, pages, &state).map_err(|e| protocol(e.to_string()))?;
+                let m = metrics::get();
+                m.vm(&m.checkpoints, &self.report.vm, 1);
+                m.vm(&m.checkpoint_bytes, &self.report.vm, ft.store.bytes_received.saturating_sub(bytes_before));
                 tracing::debug!(epoch, pages, "checkpoint committed");
                 self.out.message(&Message::CheckpointAck { epoch }).await.map_err(Lost::from_write)?;
             }
@@ -603,6 +615,7 @@ async fn precopy_and_stop(
         runner.set_dirty_logging(true).await.map_err(vm)?;
         let all: Vec<u64> = (0..memory.size()).step_by(PAGE_SIZE as usize).collect();
         out.pages(memory, &all, COPY_BATCH_PAGES).await?;
+        metrics::get().pages_sent(&report.vm, PageReason::precopy, all.len() as u64);
         report.rounds = 1;
         loop {
             dirty = runner.take_dirty_pages().await.map_err(vm)?;
@@ -617,6 +630,7 @@ async fn precopy_and_stop(
                 }
             } else {
                 out.pages(memory, &dirty, COPY_BATCH_PAGES).await?;
+                metrics::get().pages_sent(&report.vm, PageReason::precopy, dirty.len() as u64);
             }
             report.rounds += 1;
         }

@@ -1,0 +1,60 @@
+//! The agents' Prometheus metrics after a real PostCopyFT migration between
+//! two agent processes: the source counts the migration, its pages and the
+//! committed checkpoints; the destination its fault latencies, checkpoint
+//! pauses, heartbeat round trips, dirty rate and released output.
+
+use pcft_tests::{http_get, metric, pcft_output, Agent};
+
+#[test]
+fn a_postcopy_ft_migration_shows_in_both_agents_metrics() {
+    let source = Agent::start("source", &["--metrics", "127.0.0.1:0"]);
+    let destination = Agent::start("destination", &["--metrics", "127.0.0.1:0"]);
+    let (code, _, err) = pcft_output(&[
+        "vm",
+        "start",
+        "--agent",
+        &source.addr,
+        "--name",
+        "m1",
+        "--mem",
+        "64M",
+        "--vcpus",
+        "2",
+        "--steps",
+        "100000",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = pcft_output(&[
+        "migrate",
+        "m1",
+        "--agent",
+        &source.addr,
+        "--to",
+        &destination.addr,
+        "--mode",
+        "postcopy-ft",
+        "--postcopy-rate",
+        "8000",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+
+    let src = http_get(source.metrics.as_deref().unwrap());
+    assert_eq!(metric(&src, r#"pcft_migrations_total{mode="postcopy-ft",result="completed"}"#), Some(1.0), "{src}");
+    assert_eq!(metric(&src, r#"pcft_migration_phase{vm="m1",phase="completed"}"#), Some(1.0), "{src}");
+    let pushed = metric(&src, r#"pcft_migration_pages_total{vm="m1",reason="pushed"}"#).unwrap_or(0.0);
+    let faulted = metric(&src, r#"pcft_migration_pages_total{vm="m1",reason="faulted"}"#).unwrap_or(0.0);
+    assert_eq!(pushed + faulted, 16384.0, "every page of 64M moved once: {src}");
+    assert!(metric(&src, r#"pcft_checkpoint_epochs_total{vm="m1"}"#).unwrap_or(0.0) >= 1.0, "{src}");
+    assert!(metric(&src, r#"pcft_checkpoint_bytes_total{vm="m1"}"#).unwrap_or(0.0) > 4096.0, "{src}");
+    assert!(src.ends_with("# EOF\n"));
+
+    let dst = http_get(destination.metrics.as_deref().unwrap());
+    assert!(metric(&dst, "pcft_migration_fault_latency_seconds_count").unwrap_or(0.0) > 0.0, "{dst}");
+    assert!(metric(&dst, "pcft_checkpoint_pause_seconds_count").unwrap_or(0.0) >= 1.0, "{dst}");
+    assert!(metric(&dst, "pcft_heartbeat_round_trip_seconds_count").unwrap_or(0.0) >= 1.0, "{dst}");
+    assert!(
+        metric(&dst, r#"pcft_vm_dirty_rate_bytes_per_second{vm="m1",tracker="bitmap"}"#).unwrap_or(0.0) > 0.0,
+        "{dst}"
+    );
+    assert!(metric(&dst, r#"pcft_output_released_records_total{vm="m1"}"#).unwrap_or(0.0) >= 1.0, "{dst}");
+}
