@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
 
 struct VmSlot {
     phase: VmPhase,
@@ -203,7 +204,8 @@ impl Daemon {
             (Arc::clone(slot.runner.as_ref().expect("checked")), slot.config.clone())
         };
         tracing::info!(vm = %name, %to, mode = mode.name(), "migrating out");
-        let result = migrate_out(&runner, &name, &config, &to, mode, options, &self.name).await;
+        let span = tracing::info_span!("migration", vm = %name, to = %to, mode = mode.name(), side = "source");
+        let result = migrate_out(&runner, &name, &config, &to, mode, options, &self.name).instrument(span).await;
         let outcome = match &result {
             Ok(MigrationOutcome::Completed(_)) => "completed",
             Ok(MigrationOutcome::DestinationLost { .. }) => "recovered",
@@ -377,11 +379,13 @@ impl Daemon {
         );
         let table = Arc::clone(&self);
         let vm = name.clone();
+        let span = tracing::info_span!("migration", vm = %name, from = %from, mode = mode.name(), side = "destination");
         let result = migrate_in(rd, wr, &name, &config, mode, options, self.sink.clone(), move |runner| {
             if let Some(slot) = table.vms().get_mut(&vm) {
                 slot.runner = Some(runner);
             }
         })
+        .instrument(span)
         .await;
         let mut vms = self.vms();
         match result {

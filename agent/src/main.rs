@@ -13,7 +13,12 @@ fn main() -> ExitCode {
         Some(level) => EnvFilter::new(level),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        cli::LogFormat::Text => logs.init(),
+        // One JSON object per event, with the spans it happened in (migration, checkpoint epoch).
+        cli::LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
+    }
 
     let result = match args.command {
         Command::Vm(vm) => match *vm {

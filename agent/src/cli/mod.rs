@@ -16,8 +16,17 @@ pub struct Cli {
     /// Log level filter (overrides RUST_LOG), e.g. debug or pcft_agent=trace.
     #[arg(long, global = true)]
     pub log: Option<String>,
+    /// Log lines as text, or as one JSON object per event (with its spans).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Where an agent listens unless told otherwise.

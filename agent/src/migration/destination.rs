@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 const ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
@@ -246,17 +247,20 @@ impl FtDestination {
         let unacked: Arc<Mutex<VecDeque<(u64, usize)>>> = Arc::default();
         let pause_max_us = Arc::new(AtomicU64::new(0));
         let interval = Duration::from_millis(options.checkpoint_interval_ms.max(1));
-        let checkpointer = tokio::spawn(checkpoints(
-            runner,
-            memory,
-            out.clone(),
-            interval,
-            Arc::clone(&unacked),
-            Arc::clone(&pause_max_us),
-            fenced.clone(),
-        ));
+        let checkpointer = tokio::spawn(
+            checkpoints(
+                runner,
+                memory,
+                out.clone(),
+                interval,
+                Arc::clone(&unacked),
+                Arc::clone(&pause_max_us),
+                fenced.clone(),
+            )
+            .in_current_span(),
+        );
         let beat = Duration::from_millis(options.heartbeat_interval_ms.max(1));
-        let heartbeats = tokio::spawn(heartbeats(out, Arc::clone(&lease), beat, fenced));
+        let heartbeats = tokio::spawn(heartbeats(out, Arc::clone(&lease), beat, fenced).in_current_span());
         FtDestination { lease, unacked, acked: 0, checkpointer, heartbeats, pause_max_us }
     }
 
@@ -326,7 +330,7 @@ async fn checkpoints(
     loop {
         tick.tick().await;
         epoch += 1;
-        match checkpoint(epoch, &runner, &memory, &out).await {
+        match checkpoint(epoch, &runner, &memory, &out).instrument(tracing::info_span!("checkpoint", epoch)).await {
             Ok((outputs, pause)) => {
                 unacked.lock().expect("unacked epochs lock").push_back((epoch, outputs));
                 pause_max_us.fetch_max(pause.as_micros() as u64, Ordering::Relaxed);
