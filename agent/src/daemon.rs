@@ -127,6 +127,7 @@ impl Daemon {
                     phase = VmPhase::Finished;
                 }
                 let error = slot.error.clone().or_else(|| runner.as_ref().and_then(|s| s.error.clone()));
+                let dirty = crate::metrics::get().dirty_rate_of(name);
                 VmStatus {
                     name: name.clone(),
                     phase: if error.is_some() { VmPhase::Failed } else { phase },
@@ -135,6 +136,8 @@ impl Daemon {
                     mem_bytes: slot.config.mem_bytes,
                     records: runner.map(|s| s.records).unwrap_or(0),
                     error,
+                    dirty_rate_bytes_per_second: dirty.as_ref().map(|(rate, _)| *rate),
+                    dirty_tracker: dirty.map(|(_, tracker)| tracker),
                 }
             })
             .collect();
@@ -172,6 +175,11 @@ impl Daemon {
         let config = machine.config().clone();
         let gate = OutputGate { sink: self.sink.clone(), released: 0, hold: false };
         let runner = Arc::new(VmRunner::spawn(&name, machine, gate).map_err(|e| Denial::Failed(e.to_string()))?);
+        if tracking != DirtyTracking::Bitmap {
+            // The ring (and eBPF, which reads its pushes) logs only with logging on: on from
+            // the start, it gives the VM a live dirty rate (`pcft vm status`, metrics).
+            runner.set_dirty_logging(true).await.map_err(Denial::Failed)?;
+        }
         runner.resume().await.map_err(Denial::Failed)?;
         tracing::info!(vm = %name, fixture = %config.fixture.kind, "started");
         self.vms().insert(name, VmSlot { phase: VmPhase::Running, config, runner: Some(runner), error: None });

@@ -163,6 +163,22 @@ impl Metrics {
         }
     }
 
+    /// A dirty rate of `vm` sampled from a continuous count (ring entries or eBPF pushes).
+    pub fn dirty_rate_sampled(&self, vm: &str, tracker: &str, bytes_per_second: f64) {
+        let labels = TrackerLabels { vm: vm.to_string(), tracker: tracker.to_string() };
+        self.dirty_rate.get_or_create(&labels).set(bytes_per_second);
+        self.last_take.lock().expect("last take lock").insert(labels, Instant::now());
+    }
+
+    /// The latest dirty rate of `vm` and the tracker it came from, if any was measured.
+    pub fn dirty_rate_of(&self, vm: &str) -> Option<(f64, String)> {
+        let takes = self.last_take.lock().expect("last take lock");
+        let latest = takes.iter().filter(|(l, _)| l.vm == vm).max_by_key(|(_, at)| **at).map(|(l, _)| l.clone())?;
+        drop(takes);
+        let rate = self.dirty_rate.get_or_create(&latest).get();
+        Some((rate, latest.tracker))
+    }
+
     /// `vm` is now in `phase` (one of [`PHASES`]).
     pub fn set_phase(&self, vm: &str, phase: &str) {
         for p in PHASES {

@@ -183,6 +183,14 @@ fn text(e: MachineError) -> String {
     e.to_string()
 }
 
+/// How often a VM with a ring or eBPF tracker samples its dirty rate.
+const RATE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Writes the tracker logged so far (ring entries, or eBPF pushes), if it counts continuously.
+fn write_count(machine: &Machine) -> Option<u64> {
+    machine.ebpf_counts().map(|(pushes, _)| pushes).or_else(|| machine.dirty_ring_harvested())
+}
+
 fn run(
     name: String,
     mut machine: Machine,
@@ -190,7 +198,17 @@ fn run(
     status: Arc<Mutex<RunnerStatus>>,
     mut gate: OutputGate,
 ) {
+    let mut last_sample = (Instant::now(), write_count(&machine).unwrap_or(0));
     loop {
+        if last_sample.0.elapsed() >= RATE_INTERVAL {
+            if let Some(count) = write_count(&machine) {
+                let now = Instant::now();
+                let seconds = now.duration_since(last_sample.0).as_secs_f64();
+                let rate = count.saturating_sub(last_sample.1) as f64 * PAGE_SIZE as f64 / seconds;
+                crate::metrics::get().dirty_rate_sampled(&name, machine.dirty_tracker(), rate);
+                last_sample = (now, count);
+            }
+        }
         match commands.recv_timeout(PUMP_INTERVAL) {
             Ok(command) => match command {
                 Command::Pause(r) => drop(r.send(machine.pause().map_err(text))),

@@ -113,8 +113,12 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
     }
     println!("agent {agent}: {} VM(s)", vms.len());
     for vm in vms {
+        let dirty = match (vm.dirty_rate_bytes_per_second, &vm.dirty_tracker) {
+            (Some(rate), Some(tracker)) => format!(", dirtying {}/s ({tracker})", format_size(rate as u64)),
+            _ => String::new(),
+        };
         println!(
-            "  {:<12} {:<14} {} on {} vCPU(s), {}, {} records{}",
+            "  {:<12} {:<14} {} on {} vCPU(s), {}, {} records{dirty}{}",
             vm.name,
             format!("{:?}", vm.phase).to_lowercase(),
             vm.fixture,

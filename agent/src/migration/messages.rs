@@ -117,7 +117,7 @@ pub enum VmPhase {
 }
 
 /// One VM as `pcft vm status` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmStatus {
     pub name: String,
     pub phase: VmPhase,
@@ -126,6 +126,10 @@ pub struct VmStatus {
     pub mem_bytes: u64,
     pub records: u64,
     pub error: Option<String>,
+    /// The latest dirty rate measured from the VM's tracker (None: never tracked here).
+    pub dirty_rate_bytes_per_second: Option<f64>,
+    /// The tracker that rate came from.
+    pub dirty_tracker: Option<String>,
 }
 
 /// Median and 99th percentile, in microseconds.
