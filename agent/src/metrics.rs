@@ -15,6 +15,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
+use crate::timeline::{EventKind, Timeline};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VmLabels {
     pub vm: String,
@@ -73,6 +75,8 @@ pub struct Metrics {
     pub output_released: Family<VmLabels, Counter>,
     /// Last take per (vm, tracker), for the dirty rate.
     last_take: Mutex<HashMap<TrackerLabels, Instant>>,
+    /// What the dashboard plots.
+    pub timeline: Timeline,
 }
 
 fn seconds_buckets() -> Histogram {
@@ -97,6 +101,7 @@ impl Metrics {
             migrations: Family::default(),
             output_released: Family::default(),
             last_take: Mutex::new(HashMap::new()),
+            timeline: Timeline::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -158,7 +163,9 @@ impl Metrics {
         if let Some(previous) = previous {
             let seconds = now.duration_since(previous).as_secs_f64();
             if seconds > 0.0 {
-                self.dirty_rate.get_or_create(&labels).set(pages as f64 * 4096.0 / seconds);
+                let rate = pages as f64 * 4096.0 / seconds;
+                self.dirty_rate.get_or_create(&labels).set(rate);
+                self.timeline.sample(vm, tracker, rate);
             }
         }
     }
@@ -168,6 +175,7 @@ impl Metrics {
         let labels = TrackerLabels { vm: vm.to_string(), tracker: tracker.to_string() };
         self.dirty_rate.get_or_create(&labels).set(bytes_per_second);
         self.last_take.lock().expect("last take lock").insert(labels, Instant::now());
+        self.timeline.sample(vm, tracker, bytes_per_second);
     }
 
     /// The latest dirty rate of `vm` and the tracker it came from, if any was measured.
@@ -181,6 +189,7 @@ impl Metrics {
 
     /// `vm` is now in `phase` (one of [`PHASES`]).
     pub fn set_phase(&self, vm: &str, phase: &str) {
+        self.timeline.event(vm, EventKind::Phase, phase.to_string());
         for p in PHASES {
             let labels = PhaseLabels { vm: vm.to_string(), phase: p.to_string() };
             self.phase.get_or_create(&labels).set(i64::from(*p == phase));
@@ -225,5 +234,46 @@ mod tests {
         assert!(value > 0.0 && value < 10.0 * 4096.0 / 0.009, "{rate}");
         assert!(text.contains("pcft_migration_fault_latency_seconds_count 1"), "{text}");
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// Every series the shipped Grafana dashboard queries is one the agent exports.
+    #[test]
+    fn the_grafana_dashboard_queries_only_exported_series() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/grafana/pcft-agents.json")).expect("valid JSON");
+        // A family shows once it has a series: give each one.
+        let m = Metrics::new();
+        m.set_phase("vm1", "postcopy");
+        m.pages_sent("vm1", PageReason::pushed, 1);
+        m.dirty_taken("vm1", "bitmap", 1);
+        m.dirty_rate_sampled("vm1", "ring", 1.0);
+        for family in [&m.checkpoints, &m.checkpoint_bytes, &m.failovers, &m.output_released] {
+            m.vm(family, "vm1", 1);
+        }
+        m.migrations.get_or_create(&MigrationLabels { mode: "postcopy-ft".into(), result: "completed".into() }).inc();
+        let text = m.encode();
+        // "# TYPE pcft_checkpoint_epochs counter": the family names.
+        let exported: Vec<&str> =
+            text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|rest| rest.split(' ').next()).collect();
+        assert!(exported.len() >= 10, "{exported:?}");
+        let mut queried = Vec::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                queried.extend(
+                    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .filter(|word| word.starts_with("pcft_"))
+                        .map(str::to_string),
+                );
+            }
+        }
+        assert!(queried.len() >= 10, "{queried:?}");
+        for series in &queried {
+            let family = ["_total", "_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| series.strip_suffix(suffix).filter(|f| exported.contains(f)))
+                .unwrap_or(series);
+            assert!(exported.contains(&family), "the dashboard queries {series}, not exported: {exported:?}");
+        }
     }
 }

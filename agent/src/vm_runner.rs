@@ -57,6 +57,7 @@ pub struct RunnerStatus {
 }
 
 pub struct VmRunner {
+    name: String,
     commands: mpsc::Sender<Command>,
     status: Arc<Mutex<RunnerStatus>>,
     memory: Arc<GuestMemory>,
@@ -82,7 +83,11 @@ impl VmRunner {
         let thread = std::thread::Builder::new()
             .name(format!("vm-{name}"))
             .spawn(move || run(vm, machine, rx, thread_status, outputs))?;
-        Ok(VmRunner { commands, status, memory, thread: Some(thread) })
+        Ok(VmRunner { name: name.to_string(), commands, status, memory, thread: Some(thread) })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn status(&self) -> RunnerStatus {

@@ -121,7 +121,7 @@ pub fn per_vcpu(records: &[OutputRecord], vcpus: usize) -> Vec<Vec<OutputRecord>
 /// A `pcft agent` process on a free loopback port; killed when dropped.
 pub struct Agent {
     pub addr: String,
-    /// `http://…/metrics` when started with `--metrics`.
+    /// `http://…/metrics` when started with `--metrics` (the dashboard is at `http://…/`).
     pub metrics: Option<String>,
     child: std::process::Child,
 }
@@ -142,7 +142,9 @@ impl Agent {
         let metrics = extra.contains(&"--metrics").then(|| {
             let mut line = String::new();
             stdout.read_line(&mut line).expect("agent stdout");
-            line.trim().strip_prefix("metrics on ").unwrap_or_else(|| panic!("agent said {line:?}")).to_string()
+            // "metrics on http://ADDR/metrics, dashboard on http://ADDR/"
+            let rest = line.trim().strip_prefix("metrics on ").unwrap_or_else(|| panic!("agent said {line:?}"));
+            rest.split(',').next().expect("a URL").to_string()
         });
         Agent { addr, metrics, child }
     }

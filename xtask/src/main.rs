@@ -5,6 +5,7 @@
 //! - `test`:  the README's test command: setup, then every test on real KVM.
 //! - `bench`: migration benchmarks against a TCP baseline (target/bench/).
 //! - `ci`:    what `.ci/run` runs: setup, format and lint checks, tests.
+//! - `dashboard-assets`: re-vendor the dashboard's plotting library from npm.
 
 mod bench;
 mod bench_dirty;
@@ -24,7 +25,7 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install missing system packages (binutils, util-linux, iproute2, libclang).
+    /// Install missing system packages (binutils, util-linux, iproute2, libclang, chromium).
     Setup,
     /// Build pcft (release) and run the main job, `pcft demo`; extra arguments go to it.
     Run {
@@ -44,6 +45,9 @@ enum Task {
     /// Build the eBPF programs (installing the pinned nightly and bpf-linker if
     /// missing) into target/bpf/pcft-ebpf.o, which pcft then embeds.
     BuildEbpf,
+    /// Vendor the dashboard's plotting library (uPlot, the version and checksum
+    /// pinned in agent/dashboard/package-lock.json) into agent/dashboard/vendor/.
+    DashboardAssets,
 }
 
 /// Commands the build and the tests need, and the Debian package that has each.
@@ -55,6 +59,8 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("mount", "mount"),
     // `pcft demo --fail-kind partition` and its test: network namespaces and veth links.
     ("ip", "iproute2"),
+    // The dashboard's end-to-end test loads it in headless Chromium.
+    ("chromium", "chromium"),
 ];
 
 fn main() -> std::process::ExitCode {
@@ -80,6 +86,7 @@ fn task(task: Task) -> Result<()> {
             Ok(())
         }
         Task::Run { args } => run(&args),
+        Task::DashboardAssets => dashboard_assets(),
         Task::Test => {
             setup()?;
             ebpf::build()?;
@@ -165,6 +172,35 @@ fn setup() -> Result<()> {
     status(
         Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// `npm ci` of agent/dashboard's lockfile (which pins uPlot's version and
+/// integrity hash) in a scratch directory, then copies the built files pcft
+/// embeds into agent/dashboard/vendor/. The vendored files are committed, so
+/// building pcft needs neither npm nor the network.
+fn dashboard_assets() -> Result<()> {
+    let dashboard = workspace_root().join("agent/dashboard");
+    let scratch = workspace_root().join("target/dashboard-npm");
+    std::fs::create_dir_all(&scratch)?;
+    for file in ["package.json", "package-lock.json"] {
+        std::fs::copy(dashboard.join(file), scratch.join(file)).with_context(|| format!("copying {file}"))?;
+    }
+    if !on_path("npm") {
+        bail!("npm is missing: apt-get install npm");
+    }
+    status(Command::new("npm").args(["ci", "--ignore-scripts", "--no-audit", "--no-fund"]).current_dir(&scratch))?;
+    let uplot = scratch.join("node_modules/uplot");
+    let vendor = dashboard.join("vendor");
+    std::fs::create_dir_all(&vendor)?;
+    for (from, to) in [
+        ("dist/uPlot.iife.min.js", "uPlot.iife.min.js"),
+        ("dist/uPlot.min.css", "uPlot.min.css"),
+        ("LICENSE", "LICENSE-uPlot"),
+    ] {
+        std::fs::copy(uplot.join(from), vendor.join(to)).with_context(|| format!("copying uplot/{from}"))?;
+    }
+    eprintln!("xtask: vendored uPlot into {}; rebuild pcft to embed it", vendor.display());
+    Ok(())
 }
 
 fn require_kvm() -> Result<()> {

@@ -9,10 +9,9 @@
 use super::netns::Testbed;
 use super::remote::{print_report, runtime};
 use super::vm::{machine_config, KVM_PATH};
-use super::{run_failure, usage, DemoArgs, FailKind, Failure, Pattern, WorkloadArgs};
+use super::{run_failure, usage, DemoArgs, FailKind, Failure, Pattern, TrackerArg, WorkloadArgs};
 use anyhow::{anyhow, Context};
 use pcft_agent::client::{AgentClient, ClientError};
-use pcft_agent::dirty::DirtyTracking;
 use pcft_agent::host;
 use pcft_agent::migration::crash::CrashPoint;
 use pcft_agent::migration::messages::{Message, MigrationOptions, Mode};
@@ -31,10 +30,17 @@ const VM: &str = "demo";
 /// The agent processes the demo started; killed when dropped, whatever happened.
 struct Agents(Vec<Child>);
 
+/// Where a started agent listens.
+struct Started {
+    /// Its control and migration address.
+    addr: String,
+    /// Its metrics and dashboard address (HOST:PORT), when started with `--metrics`.
+    http: Option<String>,
+}
+
 impl Agents {
-    /// Starts `pcft agent` on a free loopback port and returns its address.
     /// Starts `pcft agent` listening on `listen`, in network namespace `ns` if given.
-    fn start(&mut self, name: &str, ns: Option<&str>, listen: &str, extra: &[&str]) -> Result<String, Failure> {
+    fn start(&mut self, name: &str, ns: Option<&str>, listen: &str, extra: &[&str]) -> Result<Started, Failure> {
         let exe = std::env::current_exe().context("cannot find the pcft executable").map_err(run_failure)?;
         let mut command = match ns {
             Some(ns) => {
@@ -52,14 +58,23 @@ impl Agents {
             .spawn()
             .with_context(|| format!("cannot start the {name} agent"))
             .map_err(run_failure)?;
-        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         self.0.push(child);
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map_err(run_failure)?;
-        line.trim()
-            .strip_prefix("listening on ")
-            .map(str::to_string)
-            .ok_or_else(|| run_failure(anyhow!("the {name} agent did not start (it printed {line:?})")))
+        let mut read_after = |prefix: &str| -> Result<String, Failure> {
+            let mut line = String::new();
+            stdout.read_line(&mut line).map_err(run_failure)?;
+            line.trim()
+                .strip_prefix(prefix)
+                .map(str::to_string)
+                .ok_or_else(|| run_failure(anyhow!("the {name} agent did not start (it printed {line:?})")))
+        };
+        let addr = read_after("listening on ")?;
+        // "metrics on http://HOST:PORT/metrics, dashboard on …"
+        let http = match extra.contains(&"--metrics") {
+            true => Some(read_after("metrics on http://")?.split('/').next().unwrap_or_default().to_string()),
+            false => None,
+        };
+        Ok(Started { addr, http })
     }
 }
 
@@ -82,12 +97,19 @@ fn default_steps(fixture: &str) -> Option<u64> {
     }
 }
 
+/// How the VM's writes are tracked (see `--dirty-tracker`).
+fn dirty_tracker(args: &DemoArgs) -> TrackerArg {
+    args.dirty_tracker.unwrap_or(if args.dashboard.is_some() { TrackerArg::Auto } else { TrackerArg::Bitmap })
+}
+
 fn workload(args: &DemoArgs) -> WorkloadArgs {
+    // With a dashboard, a run long enough to watch.
+    let scale = if args.dashboard.is_some() { 10 } else { 1 };
     WorkloadArgs {
         fixture: args.fixture.clone(),
         mem: args.mem.clone(),
         vcpus: args.vcpus,
-        steps: args.steps.or_else(|| default_steps(&args.fixture)),
+        steps: args.steps.or_else(|| default_steps(&args.fixture).map(|steps| steps * scale)),
         forever: false,
         working_set: None,
         record_every: None,
@@ -99,7 +121,7 @@ fn workload(args: &DemoArgs) -> WorkloadArgs {
         rate: None,
         spin: None,
         slot_size: "128M".into(),
-        dirty_tracker: super::TrackerArg::Bitmap,
+        dirty_tracker: dirty_tracker(args),
     }
 }
 
@@ -277,25 +299,32 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         FailAt::Point(_) if partition => FailAt::After(Duration::from_millis(400)),
         other => other,
     };
+    let migrate_after =
+        Duration::from_millis(args.migrate_after_ms.unwrap_or(if args.dashboard.is_some() { 5000 } else { 300 }));
     let testbed = if partition { Some(Arc::new(Testbed::create().map_err(usage)?)) } else { None };
     let outside = Outside::start(if partition { "0.0.0.0:0" } else { "127.0.0.1:0" })?;
     let outside_port: u16 = outside.addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
     const NS_PORT: u16 = 7401;
+    const NS_HTTP_PORT: u16 = 7480;
     let mut agents = Agents(Vec::new());
+    // `--metrics` for each agent when there is a dashboard: the source's where asked, the destination's anywhere.
+    let http_listen = |asked: &str| match (&args.dashboard, partition) {
+        (None, _) => Vec::new(),
+        (Some(_), true) => vec!["--metrics".to_string(), format!("0.0.0.0:{NS_HTTP_PORT}")],
+        (Some(_), false) => vec!["--metrics".to_string(), asked.to_string()],
+    };
+    let source_http = http_listen(args.dashboard.as_deref().unwrap_or_default());
     let source_sink = match &testbed {
         Some(bed) => bed.outside_from_source(outside_port),
         None => outside.addr.clone(),
     };
     let listen = if partition { format!("0.0.0.0:{NS_PORT}") } else { "127.0.0.1:0".to_string() };
-    let started = agents.start(
-        "source",
-        testbed.as_ref().map(|b| b.source_ns.as_str()),
-        &listen,
-        &["--output-sink", &source_sink],
-    )?;
-    let source = match &testbed {
-        Some(bed) => bed.source_addr(NS_PORT),
-        None => started,
+    let mut source_args = vec!["--output-sink", &source_sink];
+    source_args.extend(source_http.iter().map(String::as_str));
+    let started = agents.start("source", testbed.as_ref().map(|b| b.source_ns.as_str()), &listen, &source_args)?;
+    let (source, source_dashboard) = match &testbed {
+        Some(bed) => (bed.source_addr(NS_PORT), started.http.map(|_| bed.source_addr(NS_HTTP_PORT))),
+        None => (started.addr, started.http),
     };
     let mut crash = match &fail_at {
         FailAt::Point(_) => vec!["--crash-at".to_string(), fail_at.name().replace("epoch:", "committed:")],
@@ -308,20 +337,34 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         Some(bed) => bed.outside_from_destination(outside_port),
         None => outside.addr.clone(),
     };
+    let destination_http = http_listen("127.0.0.1:0");
     let mut dest_args: Vec<&str> = vec!["--output-sink", &destination_sink];
     dest_args.extend(crash.iter().map(String::as_str));
+    dest_args.extend(destination_http.iter().map(String::as_str));
     let started =
         agents.start("destination", testbed.as_ref().map(|b| b.destination_ns.as_str()), &listen, &dest_args)?;
     // The CLI reaches the destination's agent here; the source migrates to `migrate_to`
     // (over the link between the hosts, when they are namespaces).
-    let (destination, migrate_to) = match &testbed {
-        Some(bed) => (bed.destination_addr(NS_PORT), bed.destination_over_pair(NS_PORT)),
-        None => (started.clone(), started),
+    let (destination, migrate_to, destination_dashboard) = match &testbed {
+        Some(bed) => (
+            bed.destination_addr(NS_PORT),
+            bed.destination_over_pair(NS_PORT),
+            started.http.map(|_| bed.destination_addr(NS_HTTP_PORT)),
+        ),
+        None => (started.addr.clone(), started.addr, started.http),
+    };
+    // One page plots both agents: the source's serves it, the destination is its peer.
+    let dashboard_url = match (&source_dashboard, &destination_dashboard) {
+        (Some(source), Some(destination)) => Some(format!("http://{source}/?peers={destination}")),
+        _ => None,
     };
     let destination_pid = agents.0.last().map(|c| c.id()).expect("just started");
     if !args.json {
         println!("agents: source at {source}, destination at {destination} (separate processes)");
         println!("outside world (released output) at {}", outside.addr);
+        if let Some(url) = &dashboard_url {
+            println!("dashboard: {url} (migrating in {} s)", migrate_after.as_secs_f64());
+        }
         if mode.checkpoints() {
             println!(
                 "the destination fails at: {} ({})",
@@ -333,15 +376,18 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let (fixture, vcpus, mem_bytes) = (config.fixture.kind.name(), config.fixture.vcpus, config.mem_bytes);
     let expected: Vec<OutputRecord> =
         config.fixture.expected_after(config.fixture.steps).outputs().iter().flatten().copied().collect();
-    let options = args.ft.options(MigrationOptions {
-        postcopy_pages_per_sec: args.postcopy_rate.unwrap_or(if mode.checkpoints() { 16384 } else { 0 }),
-        ..MigrationOptions::default()
-    });
+    let options = args.ft.options(
+        MigrationOptions {
+            postcopy_pages_per_sec: args.postcopy_rate.unwrap_or(if mode.checkpoints() { 16384 } else { 0 }),
+            ..MigrationOptions::default()
+        },
+        dirty_tracker(&args),
+    );
     let outcome = runtime().block_on(async {
         let mut src = AgentClient::connect(&source).await.map_err(client_error)?;
-        let start = Message::StartVm { name: VM.into(), config, tracking: DirtyTracking::Bitmap };
+        let start = Message::StartVm { name: VM.into(), config, tracking: dirty_tracker(&args).into() };
         src.request(&start).await.map_err(client_error)?;
-        tokio::time::sleep(Duration::from_millis(args.migrate_after_ms)).await;
+        tokio::time::sleep(migrate_after).await;
         if let FailAt::After(after) = fail_at {
             let bed = testbed.clone();
             std::thread::spawn(move || {
@@ -388,7 +434,6 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         }
     };
     let released = outside.settle(expected.len());
-    drop(agents);
     let outputs = audit(&released, &expected);
     let (verified_ok, records, digest, error) = match &verified {
         Ok(Message::Verified { records, memory_digest, .. }) => {
@@ -444,6 +489,13 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     if mode.checkpoints() && fail_at != FailAt::None && !recovered && report.failure.is_none() && !args.json {
         println!("(the failure point was not reached before the migration completed)");
     }
+    if let Some(url) = &dashboard_url {
+        if !args.json {
+            println!("the dashboard stays up at {url}: press Ctrl-C to stop the agents");
+        }
+        let _ = runtime().block_on(tokio::signal::ctrl_c());
+    }
+    drop(agents);
     if !fenced_ok {
         Err(run_failure(anyhow!("the destination's copy ran again after the failover (not fenced)")))
     } else if verified_ok && outputs_ok {

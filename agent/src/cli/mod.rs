@@ -136,22 +136,24 @@ pub struct FtArgs {
     /// Silence after which either side declares the other lost (and the destination's lease), in ms.
     #[arg(long, default_value_t = pcft_agent::migration::messages::MigrationOptions::DEFAULT_HEARTBEAT_TIMEOUT_MS)]
     pub heartbeat_timeout: u64,
-    /// How the destination tracks the pages the guest writes there, for checkpoints.
-    #[arg(long, value_enum, default_value_t = TrackerArg::Bitmap)]
-    pub checkpoint_tracker: TrackerArg,
+    /// How the destination tracks the pages the guest writes there, for
+    /// checkpoints [default: bitmap; for `pcft demo`, its --dirty-tracker].
+    #[arg(long, value_enum)]
+    pub checkpoint_tracker: Option<TrackerArg>,
 }
 
 impl FtArgs {
-    /// These settings over `base`.
+    /// These settings over `base`; the checkpoint tracker is `default_tracker` unless given.
     pub fn options(
         &self,
         base: pcft_agent::migration::messages::MigrationOptions,
+        default_tracker: TrackerArg,
     ) -> pcft_agent::migration::messages::MigrationOptions {
         pcft_agent::migration::messages::MigrationOptions {
             checkpoint_interval_ms: self.checkpoint_interval.max(1),
             heartbeat_interval_ms: self.heartbeat_interval.max(1),
             heartbeat_timeout_ms: self.heartbeat_timeout.max(1),
-            checkpoint_tracker: self.checkpoint_tracker.into(),
+            checkpoint_tracker: self.checkpoint_tracker.unwrap_or(default_tracker).into(),
             ..base
         }
     }
@@ -171,9 +173,9 @@ pub struct DemoArgs {
     /// Steps each vCPU runs (default: enough to still be running when the migration starts).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// How long the VM runs at the source before the migration starts.
-    #[arg(long, default_value_t = 300)]
-    pub migrate_after_ms: u64,
+    /// How long the VM runs at the source before the migration starts [default: 300; with --dashboard, 5000].
+    #[arg(long)]
+    pub migrate_after_ms: Option<u64>,
     /// postcopy-ft: where the destination fails. `none`; `random` (one of the
     /// points below, printed); `Nms` (SIGKILL N ms after the migration starts);
     /// `epoch:N` (right after checkpoint N went out); `speculative:N` (in
@@ -193,6 +195,18 @@ pub struct DemoArgs {
     /// for checkpoints and failures to matter), no limit for the other modes.
     #[arg(long)]
     pub postcopy_rate: Option<u64>,
+    /// How the VM's written pages are tracked: at the source (its dirty rate)
+    /// and, unless --checkpoint-tracker says otherwise, at the destination for
+    /// checkpoints [default: bitmap; with --dashboard, auto].
+    #[arg(long, value_enum)]
+    pub dirty_tracker: Option<TrackerArg>,
+    /// Serve each agent's live dashboard (and metrics): the source's at this
+    /// address (port 0: a free one), the destination's on a free port; print
+    /// the URL, and keep the agents up after the report until Ctrl-C. Also
+    /// makes the run long enough to watch: unless given, --migrate-after-ms
+    /// 5000, ten times the default --steps, and --dirty-tracker auto.
+    #[arg(long)]
+    pub dashboard: Option<String>,
     #[command(flatten)]
     pub ft: FtArgs,
     /// Print the report as one JSON object.

@@ -42,8 +42,10 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
             let listener = tokio::net::TcpListener::bind(metrics_addr).await.map_err(|e| {
                 usage(anyhow!("cannot serve metrics on {metrics_addr}: {e}; choose another --metrics address"))
             })?;
-            println!("metrics on http://{}/metrics", listener.local_addr().map_err(run_failure)?);
-            tokio::spawn(serve_metrics(listener));
+            // The second line: scripts (and `pcft demo --dashboard`) read it.
+            let bound = listener.local_addr().map_err(run_failure)?;
+            println!("metrics on http://{bound}/metrics, dashboard on http://{bound}/");
+            tokio::spawn(pcft_agent::http::serve(listener, name.clone()));
         }
         std::io::stdout().flush().map_err(run_failure)?;
         tracing::info!(agent = %name, %addr, "agent started");
@@ -63,23 +65,6 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
             _ = terminate.recv() => Ok(()),
         }
     })
-}
-
-/// Serves `/metrics` (Prometheus text format) until the agent stops.
-async fn serve_metrics(listener: tokio::net::TcpListener) {
-    use axum::http::header::CONTENT_TYPE;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(|| async {
-            (
-                [(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                pcft_agent::metrics::get().encode(),
-            )
-        }),
-    );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!("the metrics server stopped: {e}");
-    }
 }
 
 async fn ask(addr: &str, message: Message) -> Result<Message, Failure> {
@@ -150,12 +135,15 @@ pub fn wait(args: WaitArgs) -> Result<(), Failure> {
 }
 
 pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
-    let options = args.ft.options(MigrationOptions {
-        max_rounds: args.max_rounds.max(1),
-        reply_timeout_ms: args.reply_timeout.max(1) * 1000,
-        postcopy_pages_per_sec: args.postcopy_rate,
-        ..MigrationOptions::default()
-    });
+    let options = args.ft.options(
+        MigrationOptions {
+            max_rounds: args.max_rounds.max(1),
+            reply_timeout_ms: args.reply_timeout.max(1) * 1000,
+            postcopy_pages_per_sec: args.postcopy_rate,
+            ..MigrationOptions::default()
+        },
+        super::TrackerArg::Bitmap,
+    );
     let request = Message::Migrate { name: args.name.clone(), to: args.to.clone(), mode: args.mode.into(), options };
     let answer = runtime().block_on(ask(&args.agent, request))?;
     let Message::Migrated(report) = answer else { return Err(unexpected(answer)) };

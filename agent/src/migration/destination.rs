@@ -13,6 +13,7 @@ use crate::machine::{Machine, MachineConfig, MachineState, PreparedMachine};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::output::OutputSink;
 use crate::page_set::PageSet;
+use crate::timeline::EventKind;
 use crate::uffd::{FaultRegion, Installed};
 use crate::vm_runner::{OutputGate, VmRunner};
 use std::collections::hash_map::Entry;
@@ -333,6 +334,8 @@ async fn checkpoints(
         match checkpoint(epoch, &runner, &memory, &out).instrument(tracing::info_span!("checkpoint", epoch)).await {
             Ok((outputs, pause)) => {
                 unacked.lock().expect("unacked epochs lock").push_back((epoch, outputs));
+                let detail = format!("epoch {epoch}: paused the guest {} µs", pause.as_micros());
+                crate::metrics::get().timeline.event(runner.name(), EventKind::CheckpointSent, detail);
                 pause_max_us.fetch_max(pause.as_micros() as u64, Ordering::Relaxed);
                 crate::metrics::get().checkpoint_pause.observe(pause.as_secs_f64());
                 crash::at(CrashPoint::Committed(epoch));
@@ -548,6 +551,7 @@ pub async fn migrate_in(
                 if let Some(f) = on_running.take() {
                     f(Arc::clone(r));
                 }
+                crate::metrics::get().set_phase(name, "postcopy");
                 if mode.checkpoints() {
                     crash::at(CrashPoint::BeforeFirstCheckpoint);
                     let lease = Lease::new(
@@ -587,6 +591,7 @@ pub async fn migrate_in(
                 out.message(&Message::Complete(stats))?;
                 completed = true;
                 if ft.is_none() {
+                    crate::metrics::get().set_phase(name, "completed");
                     break Ok(());
                 }
             }
@@ -609,6 +614,7 @@ pub async fn migrate_in(
                     fence.disarm();
                 }
                 runner.as_ref().expect("runs").release_outputs(None);
+                crate::metrics::get().set_phase(name, "completed");
                 break Ok(());
             }
             // Only under userfaultfd does a dropped page come back (as a fault).

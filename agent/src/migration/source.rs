@@ -9,6 +9,7 @@ use crate::machine::{MachineConfig, MachineState};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::metrics::{self, PageReason};
 use crate::page_set::PageSet;
+use crate::timeline::EventKind;
 use crate::vm_runner::VmRunner;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -526,6 +527,11 @@ impl PostcopySource {
                 ft.store.commit(epoch, pages, &state).map_err(|e| protocol(e.to_string()))?;
                 let m = metrics::get();
                 m.vm(&m.checkpoints, &self.report.vm, 1);
+                m.timeline.event(
+                    &self.report.vm,
+                    EventKind::CheckpointCommitted,
+                    format!("epoch {epoch}: {pages} pages"),
+                );
                 m.vm(&m.checkpoint_bytes, &self.report.vm, ft.store.bytes_received.saturating_sub(bytes_before));
                 tracing::debug!(epoch, pages, "checkpoint committed");
                 self.out.message(&Message::CheckpointAck { epoch }).await.map_err(Lost::from_write)?;

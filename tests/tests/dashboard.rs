@@ -1,0 +1,159 @@
+//! The agents' live dashboard, loaded in headless Chromium (Debian's
+//! `chromium`, installed by `cargo xtask setup`) against real agents: the
+//! plot of a running VM shows its dirty rate at the rate the guest really
+//! writes (and the agent exports), the data moves as time passes, and a PostCopyFT migration's
+//! checkpoints show on both agents, as many as the source committed.
+
+use pcft_tests::{http_get, metric, pcft_json, pcft_output, Agent};
+use std::collections::HashMap;
+use std::process::Command;
+
+/// Pages per second the guest writes, and so the dirty rate the plot must show.
+const GUEST_PAGES_PER_SECOND: f64 = 10_000.0;
+
+/// The page at `url` after Chromium ran its scripts for `budget_ms` of virtual time, as HTML.
+fn rendered_dom(url: &str, budget_ms: u64) -> String {
+    let profile = tempfile::tempdir().expect("a profile directory");
+    let out = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--virtual-time-budget={budget_ms}"))
+        .args(["--dump-dom", url])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run chromium ({e}): install it with `cargo xtask setup` (Debian's chromium)")
+        });
+    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("UTF-8 HTML")
+}
+
+/// The attributes of every start tag in `html` that contains `marker`.
+fn tags_with(html: &str, marker: &str) -> Vec<HashMap<String, String>> {
+    html.split('<')
+        .filter_map(|tag| tag.split_once('>').map(|(inside, _)| inside))
+        .filter(|inside| inside.contains(marker))
+        .map(|inside| {
+            inside
+                .split('"')
+                .collect::<Vec<_>>()
+                .chunks(2)
+                .filter_map(|pair| match pair {
+                    [name, value] => Some((name.trim().trim_end_matches('=').to_string(), value.to_string())),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// What the dashboard showed, from its data attributes.
+struct Shown {
+    samples: u64,
+    last_ms: f64,
+    /// Per (agent, VM): the attributes of its plot.
+    plots: HashMap<(String, String), HashMap<String, String>>,
+}
+
+fn shown(url: &str) -> Shown {
+    let html = rendered_dom(url, 2_000);
+    let status = tags_with(&html, r#"id="status""#).pop().unwrap_or_else(|| panic!("no status line: {html}"));
+    let number = |attrs: &HashMap<String, String>, name: &str| -> f64 {
+        attrs.get(name).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {name} in {attrs:?}"))
+    };
+    let plots = tags_with(&html, r#"class="vm""#)
+        .into_iter()
+        .map(|attrs| ((attrs["data-agent"].clone(), attrs["data-vm"].clone()), attrs))
+        .collect();
+    Shown { samples: number(&status, "data-samples") as u64, last_ms: number(&status, "data-last-ms"), plots }
+}
+
+fn attr(plot: &HashMap<String, String>, name: &str) -> f64 {
+    plot.get(name).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {name} in {plot:?}"))
+}
+
+#[test]
+fn the_dashboard_plots_live_dirty_rates_and_checkpoints() {
+    let source = Agent::start("hostA", &["--metrics", "127.0.0.1:0"]);
+    let destination = Agent::start("hostB", &["--metrics", "127.0.0.1:0"]);
+    let (code, _, err) = pcft_output(&[
+        "vm",
+        "start",
+        "--agent",
+        &source.addr,
+        "--name",
+        "web",
+        "--fixture",
+        "dirty",
+        "--mem",
+        "64M",
+        "--forever",
+        "--rate",
+        &GUEST_PAGES_PER_SECOND.to_string(),
+        "--dirty-tracker",
+        "ring",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    // http://HOST:PORT/metrics → HOST:PORT
+    let host_port = |agent: &Agent| {
+        let metrics = agent.metrics.clone().expect("--metrics");
+        metrics.trim_start_matches("http://").trim_end_matches("/metrics").to_string()
+    };
+    // The source's page, plotting the destination's timeline too.
+    let url = format!("http://{}/?peers={}", host_port(&source), host_port(&destination));
+
+    // The ring is sampled once a second: wait for a few samples.
+    std::thread::sleep(std::time::Duration::from_millis(3_500));
+    let before = shown(&url);
+    let web = &before.plots[&("hostA".to_string(), "web".to_string())];
+    assert!(attr(web, "data-points") >= 2.0, "{web:?}");
+    // The guest writes its data pages at the paced rate and, each step, its
+    // progress word in one more page. The ring pushes that page once per reset
+    // (the harvester resets every millisecond) on hardware, and once per write
+    // under PVM's emulation: the ring sees 1.1x to 2x the data rate.
+    let data_mib_s = GUEST_PAGES_PER_SECOND * 4096.0 / f64::from(1 << 20);
+    let rate = attr(web, "data-last-rate");
+    assert!(
+        (0.9 * data_mib_s..2.2 * data_mib_s).contains(&rate),
+        "the plot shows {rate} MiB/s, the guest writes {data_mib_s} MiB/s of data pages"
+    );
+    // And it is the rate the agent exports.
+    let exported = metric(
+        &http_get(source.metrics.as_deref().expect("--metrics")),
+        r#"pcft_vm_dirty_rate_bytes_per_second{vm="web",tracker="ring"}"#,
+    )
+    .expect("the exported dirty rate")
+        / f64::from(1 << 20);
+    assert!(
+        (rate - exported).abs() < 0.15 * exported,
+        "the plot shows {rate} MiB/s, the agent exports {exported} MiB/s"
+    );
+
+    let report = pcft_json(&[
+        "migrate",
+        "web",
+        "--agent",
+        &source.addr,
+        "--to",
+        &destination.addr,
+        "--mode",
+        "postcopy-ft",
+        "--postcopy-rate",
+        "8000",
+        "--json",
+    ]);
+    let committed = report["checkpoints_committed"].as_f64().expect("checkpoints_committed");
+    assert!(committed >= 2.0, "{report}");
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+
+    let after = shown(&url);
+    assert!(after.samples > before.samples, "no new samples: {} then {}", before.samples, after.samples);
+    assert!(after.last_ms > before.last_ms, "the timeline did not move");
+    let at_source = &after.plots[&("hostA".to_string(), "web".to_string())];
+    assert_eq!(attr(at_source, "data-checkpoints"), committed, "committed checkpoints plotted at the source");
+    let at_destination = after
+        .plots
+        .get(&("hostB".to_string(), "web".to_string()))
+        .unwrap_or_else(|| panic!("the peer agent's plot is missing: {:?}", after.plots.keys()));
+    assert!(attr(at_destination, "data-checkpoints") >= committed, "{at_destination:?}");
+    assert!(attr(at_destination, "data-points") >= 1.0, "the destination's dirty rate: {at_destination:?}");
+}
