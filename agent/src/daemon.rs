@@ -5,10 +5,12 @@
 use crate::dirty::DirtyTracking;
 use crate::host::format_size;
 use crate::machine::{Machine, MachineConfig};
-use crate::metrics::MigrationLabels;
+use crate::metrics::{MigrationCounts, MigrationLabels};
 use crate::migration::checkpoint::Committed;
 use crate::migration::destination::migrate_in;
-use crate::migration::messages::{FailoverReport, Message, MigrationOptions, Mode, Role, VmPhase, VmStatus};
+use crate::migration::messages::{
+    FailoverReport, Message, MigrationOptions, MigrationProgress, Mode, Role, VmPhase, VmStatus,
+};
 use crate::migration::protocol::{encode_message, read_frame, write_frame, Frame, ProtocolError};
 use crate::migration::source::{migrate_out, MigrationError, MigrationOutcome};
 use crate::output::OutputSink;
@@ -25,6 +27,8 @@ struct VmSlot {
     config: MachineConfig,
     runner: Option<Arc<VmRunner>>,
     error: Option<String>,
+    /// While it migrates out: when it started and the VM's counts then.
+    migrating_since: Option<(Instant, MigrationCounts)>,
 }
 
 pub struct Daemon {
@@ -128,6 +132,10 @@ impl Daemon {
                 }
                 let error = slot.error.clone().or_else(|| runner.as_ref().and_then(|s| s.error.clone()));
                 let dirty = crate::metrics::get().dirty_rate_of(name);
+                let migration = slot
+                    .migrating_since
+                    .filter(|_| phase == VmPhase::MigratingOut)
+                    .map(|since| migration_progress(name, slot.config.mem_bytes, since));
                 VmStatus {
                     name: name.clone(),
                     phase: if error.is_some() { VmPhase::Failed } else { phase },
@@ -138,6 +146,7 @@ impl Daemon {
                     error,
                     dirty_rate_bytes_per_second: dirty.as_ref().map(|(rate, _)| *rate),
                     dirty_tracker: dirty.map(|(_, tracker)| tracker),
+                    migration,
                 }
             })
             .collect();
@@ -182,7 +191,8 @@ impl Daemon {
         }
         runner.resume().await.map_err(Denial::Failed)?;
         tracing::info!(vm = %name, fixture = %config.fixture.kind, "started");
-        self.vms().insert(name, VmSlot { phase: VmPhase::Running, config, runner: Some(runner), error: None });
+        let slot = VmSlot { phase: VmPhase::Running, config, runner: Some(runner), error: None, migrating_since: None };
+        self.vms().insert(name, slot);
         Ok(Message::Ok)
     }
 
@@ -209,6 +219,7 @@ impl Daemon {
                 .into());
             };
             slot.phase = VmPhase::MigratingOut;
+            slot.migrating_since = Some((Instant::now(), crate::metrics::get().migration_counts(&name)));
             (Arc::clone(slot.runner.as_ref().expect("checked")), slot.config.clone())
         };
         tracing::info!(vm = %name, %to, mode = mode.name(), "migrating out");
@@ -383,7 +394,13 @@ impl Daemon {
         tracing::info!(vm = %name, %from, mode = mode.name(), "migrating in");
         self.vms().insert(
             name.clone(),
-            VmSlot { phase: VmPhase::MigratingIn, config: config.clone(), runner: None, error: None },
+            VmSlot {
+                phase: VmPhase::MigratingIn,
+                config: config.clone(),
+                runner: None,
+                error: None,
+                migrating_since: None,
+            },
         );
         let table = Arc::clone(&self);
         let vm = name.clone();
@@ -427,4 +444,17 @@ async fn send(wr: &mut OwnedWriteHalf, message: &Message) -> Result<(), String> 
 async fn refuse(wr: &mut OwnedWriteHalf, reason: String) -> Result<(), String> {
     let _ = send(wr, &Message::Refuse { reason: reason.clone() }).await;
     Err(reason)
+}
+
+/// How far `vm`'s outgoing migration has got, from the agent's metrics since it started.
+fn migration_progress(vm: &str, mem_bytes: u64, (started, at_start): (Instant, MigrationCounts)) -> MigrationProgress {
+    let m = crate::metrics::get();
+    let now = m.migration_counts(vm);
+    MigrationProgress {
+        phase: m.phase_of(vm).unwrap_or("precopy").to_string(),
+        pages_sent: now.pages_sent.saturating_sub(at_start.pages_sent),
+        pages_total: mem_bytes / crate::memory::PAGE_SIZE,
+        checkpoints_committed: now.checkpoints.saturating_sub(at_start.checkpoints),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    }
 }

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         },
         Command::Agent(a) => cli::remote::agent(a),
         Command::Migrate(a) => cli::remote::migrate(a),
+        Command::Status(a) => cli::remote::status(a),
         Command::Demo(a) => cli::demo::demo(a),
     };
     match result {

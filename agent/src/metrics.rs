@@ -56,6 +56,13 @@ pub struct MigrationLabels {
     pub result: String,
 }
 
+/// Running totals of a VM's migrations (see [`Metrics::migration_counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrationCounts {
+    pub pages_sent: u64,
+    pub checkpoints: u64,
+}
+
 /// Migration phases, as the `phase` label of `pcft_migration_phase` (one is 1, the rest 0).
 pub const PHASES: &[&str] = &["precopy", "switchover", "postcopy", "completed", "failed", "lost", "recovered"];
 
@@ -194,6 +201,23 @@ impl Metrics {
             let labels = PhaseLabels { vm: vm.to_string(), phase: p.to_string() };
             self.phase.get_or_create(&labels).set(i64::from(*p == phase));
         }
+    }
+
+    /// Pages sent for `vm` in migrations and checkpoint epochs it committed, since this agent started.
+    pub fn migration_counts(&self, vm: &str) -> MigrationCounts {
+        let pages = |reason| self.pages.get_or_create(&PageLabels { vm: vm.to_string(), reason }).get();
+        MigrationCounts {
+            pages_sent: pages(PageReason::precopy) + pages(PageReason::pushed) + pages(PageReason::faulted),
+            checkpoints: self.checkpoints.get_or_create(&VmLabels { vm: vm.to_string() }).get(),
+        }
+    }
+
+    /// The migration phase `vm` is in, if it has been in one here.
+    pub fn phase_of(&self, vm: &str) -> Option<&'static str> {
+        PHASES
+            .iter()
+            .copied()
+            .find(|p| self.phase.get_or_create(&PhaseLabels { vm: vm.to_string(), phase: p.to_string() }).get() == 1)
     }
 
     pub fn pages_sent(&self, vm: &str, reason: PageReason, pages: u64) {

@@ -75,7 +75,7 @@ fn attr(plot: &HashMap<String, String>, name: &str) -> f64 {
 fn the_dashboard_plots_live_dirty_rates_and_checkpoints() {
     let source = Agent::start("hostA", &["--metrics", "127.0.0.1:0"]);
     let destination = Agent::start("hostB", &["--metrics", "127.0.0.1:0"]);
-    let (code, _, err) = pcft_output(&[
+    let started = pcft_json(&[
         "vm",
         "start",
         "--agent",
@@ -91,8 +91,9 @@ fn the_dashboard_plots_live_dirty_rates_and_checkpoints() {
         &GUEST_PAGES_PER_SECOND.to_string(),
         "--dirty-tracker",
         "ring",
+        "--json",
     ]);
-    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(started["started"], true, "{started}");
     // http://HOST:PORT/metrics → HOST:PORT
     let host_port = |agent: &Agent| {
         let metrics = agent.metrics.clone().expect("--metrics");
@@ -128,19 +129,38 @@ fn the_dashboard_plots_live_dirty_rates_and_checkpoints() {
         "the plot shows {rate} MiB/s, the agent exports {exported} MiB/s"
     );
 
-    let report = pcft_json(&[
-        "migrate",
-        "web",
-        "--agent",
-        &source.addr,
-        "--to",
-        &destination.addr,
-        "--mode",
-        "postcopy-ft",
-        "--postcopy-rate",
-        "8000",
-        "--json",
-    ]);
+    // While it migrates, `pcft status` shows how far it has got.
+    let (source_addr, destination_addr) = (source.addr.clone(), destination.addr.clone());
+    let migration = std::thread::spawn(move || {
+        pcft_json(&[
+            "migrate",
+            "web",
+            "--agent",
+            &source_addr,
+            "--to",
+            &destination_addr,
+            "--mode",
+            "postcopy-ft",
+            "--postcopy-rate",
+            "8000",
+            "--json",
+        ])
+    });
+    let mut progress = Vec::new();
+    while !migration.is_finished() {
+        let status = pcft_json(&["status", "--agent", &source.addr, "--json"]);
+        if let Some(m) = status["vms"][0]["migration"].as_object() {
+            progress.push(m.clone());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let report = migration.join().expect("the migration thread");
+    let postcopy: Vec<_> = progress.iter().filter(|m| m["phase"] == "postcopy").collect();
+    assert!(postcopy.len() >= 2, "status showed no post-copy progress: {progress:?}");
+    let sent: Vec<u64> = postcopy.iter().map(|m| m["pages_sent"].as_u64().expect("pages_sent")).collect();
+    assert!(sent.windows(2).all(|w| w[0] <= w[1]) && sent.last() > sent.first(), "pages sent: {sent:?}");
+    assert!(postcopy.iter().all(|m| m["pages_total"] == 16384), "64M is 16384 pages: {postcopy:?}");
+    assert!(sent.iter().all(|&n| n <= 16384), "{sent:?}");
     let committed = report["checkpoints_committed"].as_f64().expect("checkpoints_committed");
     assert!(committed >= 2.0, "{report}");
     std::thread::sleep(std::time::Duration::from_millis(1_500));
@@ -156,4 +176,26 @@ fn the_dashboard_plots_live_dirty_rates_and_checkpoints() {
         .unwrap_or_else(|| panic!("the peer agent's plot is missing: {:?}", after.plots.keys()));
     assert!(attr(at_destination, "data-checkpoints") >= committed, "{at_destination:?}");
     assert!(attr(at_destination, "data-points") >= 1.0, "the destination's dirty rate: {at_destination:?}");
+}
+
+#[test]
+fn an_agent_says_where_its_dashboard_is_and_serves_it() {
+    use std::io::BufRead;
+    let mut child = pcft_tests::pcft(&["agent", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pcft agent");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("agent stdout");
+    let started: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    let dashboard = started["dashboard"].as_str().unwrap_or_else(|| panic!("no dashboard URL: {started}")).to_string();
+    let page = http_get(&dashboard);
+    let script = http_get(&format!("{dashboard}dashboard.js"));
+    let plotting = http_get(&format!("{dashboard}vendor/uPlot.iife.min.js"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(started["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{started}");
+    assert!(page.contains(r#"<script src="/dashboard.js">"#), "{page}");
+    assert!(script.contains("/api/timeline"), "{script}");
+    assert!(plotting.starts_with("/*! https://github.com/leeoniya/uPlot"), "the vendored uPlot");
 }

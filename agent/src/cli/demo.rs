@@ -407,7 +407,8 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             });
         }
         let request = Message::Migrate { name: VM.into(), to: migrate_to.clone(), mode, options };
-        let report = match src.request(&request).await.map_err(client_error)? {
+        let migration = super::remote::with_progress(&source, VM, !args.json, src.request(&request));
+        let report = match migration.await.map_err(client_error)? {
             Message::Migrated(report) => report,
             other => return Err(run_failure(anyhow!("the source answered {other:?}"))),
         };

@@ -41,6 +41,8 @@ pub enum Command {
     Vm(Box<VmCommand>),
     /// Migrate a VM from the agent that runs it to another agent.
     Migrate(MigrateArgs),
+    /// List an agent's VMs: their state, live dirty rate and migration progress.
+    Status(StatusArgs),
     /// One command: start two agents on this machine, run a VM on one, migrate it, verify it on the other.
     Demo(DemoArgs),
 }
@@ -86,6 +88,9 @@ pub struct AgentArgs {
     /// the bound address is printed on the second line of stdout).
     #[arg(long)]
     pub metrics: Option<String>,
+    /// Print the listening addresses as one JSON object (the first line of stdout).
+    #[arg(long)]
+    pub json: bool,
     /// Fault injection: SIGKILL this agent at a point of an incoming PostCopyFT
     /// migration (before-first-checkpoint, speculative:N, pause:N, committed:N, after-last-page).
     #[arg(long, hide = true)]
@@ -235,7 +240,7 @@ pub enum VmCommand {
     Inspect(InspectArgs),
     /// Start a fixture VM on an agent.
     Start(StartArgs),
-    /// List an agent's VMs.
+    /// List an agent's VMs (the same as `pcft status`).
     Status(StatusArgs),
     /// Wait until a VM's workload finishes on an agent, and verify it against the oracle there.
     Wait(WaitArgs),
@@ -250,6 +255,8 @@ pub struct StartArgs {
     pub agent: String,
     #[command(flatten)]
     pub workload: WorkloadArgs,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

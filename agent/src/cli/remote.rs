@@ -36,15 +36,29 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
             .map_err(|e| usage(anyhow!("cannot listen on {}: {e}; choose another --listen address", args.listen)))?;
         let addr = listener.local_addr().map_err(run_failure)?;
         let name = args.name.clone().unwrap_or_else(|| addr.to_string());
-        // The first line on stdout is the bound address: scripts (and `pcft demo`) read it.
-        println!("listening on {addr}");
-        if let Some(metrics_addr) = &args.metrics {
-            let listener = tokio::net::TcpListener::bind(metrics_addr).await.map_err(|e| {
+        let http = match &args.metrics {
+            Some(metrics_addr) => Some(tokio::net::TcpListener::bind(metrics_addr).await.map_err(|e| {
                 usage(anyhow!("cannot serve metrics on {metrics_addr}: {e}; choose another --metrics address"))
-            })?;
-            // The second line: scripts (and `pcft demo --dashboard`) read it.
-            let bound = listener.local_addr().map_err(run_failure)?;
-            println!("metrics on http://{bound}/metrics, dashboard on http://{bound}/");
+            })?),
+            None => None,
+        };
+        let http_addr = http.as_ref().map(|l| l.local_addr()).transpose().map_err(run_failure)?;
+        if args.json {
+            let url = |path: &str| http_addr.map(|a| format!("http://{a}/{path}"));
+            let started = serde_json::json!({
+                "event": "listening", "agent": name, "addr": addr.to_string(),
+                "metrics": url("metrics"), "dashboard": url(""),
+            });
+            println!("{started}");
+        } else {
+            // The first line on stdout is the bound address, the second (with
+            // --metrics) the HTTP one: scripts (and `pcft demo`) read them.
+            println!("listening on {addr}");
+            if let Some(bound) = http_addr {
+                println!("metrics on http://{bound}/metrics, dashboard on http://{bound}/");
+            }
+        }
+        if let Some(listener) = http {
             tokio::spawn(pcft_agent::http::serve(listener, name.clone()));
         }
         std::io::stdout().flush().map_err(run_failure)?;
@@ -81,7 +95,11 @@ pub fn start(args: StartArgs) -> Result<(), Failure> {
     let start = Message::StartVm { name: args.name.clone(), config, tracking: args.workload.dirty_tracker.into() };
     match runtime().block_on(ask(&args.agent, start))? {
         Message::Ok => {
-            println!("started VM {} on {}", args.name, args.agent);
+            if args.json {
+                println!("{}", serde_json::json!({ "vm": args.name, "agent": args.agent, "started": true }));
+            } else {
+                println!("started VM {} on {}", args.name, args.agent);
+            }
             Ok(())
         }
         other => Err(unexpected(other)),
@@ -102,8 +120,19 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
             (Some(rate), Some(tracker)) => format!(", dirtying {}/s ({tracker})", format_size(rate as u64)),
             _ => String::new(),
         };
+        let migration = match &vm.migration {
+            Some(m) => format!(
+                ", migrating ({}, {} of {} pages sent, {} checkpoints, {:.1} s)",
+                m.phase,
+                m.pages_sent,
+                m.pages_total,
+                m.checkpoints_committed,
+                m.elapsed_ms as f64 / 1e3
+            ),
+            None => String::new(),
+        };
         println!(
-            "  {:<12} {:<14} {} on {} vCPU(s), {}, {} records{dirty}{}",
+            "  {:<12} {:<14} {} on {} vCPU(s), {}, {} records{dirty}{migration}{}",
             vm.name,
             format!("{:?}", vm.phase).to_lowercase(),
             vm.fixture,
@@ -145,7 +174,7 @@ pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
         super::TrackerArg::Bitmap,
     );
     let request = Message::Migrate { name: args.name.clone(), to: args.to.clone(), mode: args.mode.into(), options };
-    let answer = runtime().block_on(ask(&args.agent, request))?;
+    let answer = runtime().block_on(with_progress(&args.agent, &args.name, !args.json, ask(&args.agent, request)))?;
     let Message::Migrated(report) = answer else { return Err(unexpected(answer)) };
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(run_failure)?);
@@ -162,6 +191,50 @@ pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
         ))),
         None => Ok(()),
     }
+}
+
+/// Runs `migration` (a request that migrates VM `vm` away from agent `agent`)
+/// under a progress bar on stderr fed by the agent's status (when `shown` and
+/// stderr is a terminal).
+pub async fn with_progress<T>(
+    agent: &str,
+    vm: &str,
+    shown: bool,
+    migration: impl std::future::Future<Output = T>,
+) -> T {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let bar = ProgressBar::with_draw_target(
+        None,
+        if shown { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} pages {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let watch = async {
+        let Ok(mut client) = AgentClient::connect(agent).await else { return std::future::pending().await };
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let Ok(Message::StatusReport { vms, .. }) = client.request(&Message::Status).await else { break };
+            if let Some(m) = vms.into_iter().find(|v| v.name == vm).and_then(|v| v.migration) {
+                bar.set_length(m.pages_total);
+                bar.set_position(m.pages_sent.min(m.pages_total));
+                let checkpoints = match m.checkpoints_committed {
+                    0 => String::new(),
+                    n => format!(", {n} checkpoints committed"),
+                };
+                bar.set_message(format!("({}{checkpoints})", m.phase));
+            }
+        }
+        std::future::pending().await
+    };
+    let result = tokio::select! {
+        result = migration => result,
+        never = watch => never,
+    };
+    bar.finish_and_clear();
+    result
 }
 
 /// The human summary of a migration report.

@@ -130,6 +130,22 @@ pub struct VmStatus {
     pub dirty_rate_bytes_per_second: Option<f64>,
     /// The tracker that rate came from.
     pub dirty_tracker: Option<String>,
+    /// How far the VM's outgoing migration has got, while it runs.
+    pub migration: Option<MigrationProgress>,
+}
+
+/// An outgoing migration in progress, as the source sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    /// precopy, switchover or postcopy (the names of `pcft_migration_phase`).
+    pub phase: String,
+    /// Guest pages sent so far: pre-copy rounds, post-copy push and demand (a page may go more than once).
+    pub pages_sent: u64,
+    /// Pages of guest memory.
+    pub pages_total: u64,
+    /// PostCopyFT checkpoint epochs committed so far.
+    pub checkpoints_committed: u64,
+    pub elapsed_ms: u64,
 }
 
 /// Median and 99th percentile, in microseconds.

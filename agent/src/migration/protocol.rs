@@ -21,7 +21,7 @@ use crate::memory::{is_zero, PAGE_SIZE};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 4] = *b"PCFT";
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const HEADER_BYTES: usize = 16;
 /// No frame carries more: a larger length field is corruption, not a reason to allocate.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
