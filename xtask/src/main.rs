@@ -10,6 +10,7 @@
 mod bench;
 mod bench_dirty;
 mod ebpf;
+mod plots;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -35,7 +36,7 @@ enum Task {
     /// Run every test on real KVM (needs root and /dev/kvm).
     Test,
     /// Benchmark the migration modes (release build) and the page path (criterion);
-    /// `--quick` for a 64 MiB migration smoke run only.
+    /// `--quick` for a 64 MiB migration smoke run only. Results: target/bench/*.{md,json,svg}.
     Bench {
         #[arg(long)]
         quick: bool,
@@ -102,6 +103,9 @@ fn task(task: Task) -> Result<()> {
             if !quick {
                 // The page path's small parts, each beside a baseline from the same run.
                 cargo(&["bench", "-p", "pcft-agent", "--bench", "page_path"])?;
+            }
+            for plot in plots::all(&workspace_root().join("target/bench"))? {
+                eprintln!("bench: plotted {}", plot.display());
             }
             Ok(())
         }

@@ -1,0 +1,185 @@
+//! Benchmark plots: grouped bar charts (SVG, plotters) of the results that
+//! `cargo xtask bench` writes to target/bench/*.json, for a person to look at.
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// One group of bars: its name and (series name, value) per bar.
+pub type Group = (String, Vec<(String, f64)>);
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(0xc0, 0x39, 0x2b),
+    RGBColor(0x24, 0x71, 0xa3),
+    RGBColor(0x22, 0x99, 0x54),
+    RGBColor(0xd6, 0x89, 0x10),
+    RGBColor(0x7d, 0x3c, 0x98),
+    RGBColor(0x5d, 0x6d, 0x7e),
+];
+
+/// A grouped bar chart of `groups` into `path`; bars of the same series name share a colour.
+pub fn bar_chart(path: &Path, title: &str, y_label: &str, groups: &[Group]) -> Result<()> {
+    let series: Vec<String> =
+        groups.iter().flat_map(|(_, bars)| bars.iter().map(|(s, _)| s.clone())).fold(Vec::new(), |mut names, name| {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+            names
+        });
+    let top =
+        groups.iter().flat_map(|(_, bars)| bars.iter().map(|(_, v)| *v)).filter(|v| v.is_finite()).fold(0.0, f64::max);
+    let error = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
+    let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| error(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..groups.len() as f64, 0.0..(top * 1.15).max(1e-9))
+        .map_err(|e| error(&e))?;
+    let names: Vec<String> = groups.iter().map(|(name, _)| name.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_desc(y_label)
+        .x_labels(groups.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            // Name each group at its centre.
+            let centre = x - x.floor();
+            match (names.get(*x as usize), (centre - 0.5).abs() < 1e-6) {
+                (Some(name), true) => name.clone(),
+                _ => String::new(),
+            }
+        })
+        .draw()
+        .map_err(|e| error(&e))?;
+    let width = 0.8 / series.len().max(1) as f64;
+    for (s, name) in series.iter().enumerate() {
+        let colour = PALETTE[s % PALETTE.len()];
+        let bars = groups.iter().enumerate().filter_map(|(g, (_, bars))| {
+            let value = bars.iter().find(|(n, _)| n == name).map(|(_, v)| *v).filter(|v| v.is_finite())?;
+            let left = g as f64 + 0.1 + s as f64 * width;
+            Some(Rectangle::new([(left, 0.0), (left + width * 0.9, value)], colour.filled()))
+        });
+        chart
+            .draw_series(bars)
+            .map_err(|e| error(&e))?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| error(&e))?;
+    root.present().map_err(|e| error(&e))?;
+    Ok(())
+}
+
+/// Groups `runs` by `group_key` (in first-seen order), one bar per `series_key`, valued by `value`.
+pub fn group_runs(
+    runs: &[Value],
+    group_key: impl Fn(&Value) -> String,
+    series_key: impl Fn(&Value) -> String,
+    value: impl Fn(&Value) -> Option<f64>,
+) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    for run in runs {
+        let Some(v) = value(run) else { continue };
+        let group = group_key(run);
+        match groups.iter_mut().find(|(name, _)| *name == group) {
+            Some((_, bars)) => bars.push((series_key(run), v)),
+            None => groups.push((group, vec![(series_key(run), v)])),
+        }
+    }
+    groups
+}
+
+/// Plots of target/bench/migration.json: total migration time and downtime by mode.
+pub fn migration(dir: &Path, results: &Value) -> Result<Vec<PathBuf>> {
+    let runs = results["runs"].as_array().cloned().unwrap_or_default();
+    let cell = |r: &Value| format!("{}, {}", r["mem"].as_str().unwrap_or("?"), r["dirty_rate"].as_str().unwrap_or("?"));
+    let mode = |r: &Value| r["mode"].as_str().unwrap_or("?").to_string();
+    let mut written = Vec::new();
+    for (file, title, label, field) in [
+        (
+            "migration-total.svg",
+            "Total migration time by mode (guest memory, guest dirty rate)",
+            "ms",
+            "total_migration_ms",
+        ),
+        ("migration-downtime.svg", "Downtime by mode (guest memory, guest dirty rate)", "ms", "downtime_ms"),
+    ] {
+        let groups = group_runs(&runs, cell, mode, |r| r["report"][field].as_f64());
+        let path = dir.join(file);
+        bar_chart(&path, title, label, &groups)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Plot of target/bench/dirty.json: guest write throughput with each tracker, over none.
+pub fn dirty(dir: &Path, results: &Value) -> Result<Vec<PathBuf>> {
+    let runs: Vec<Value> = results["runs"]
+        .as_array()
+        .map(|runs| runs.iter().filter(|r| r["kind"] == "throughput").cloned().collect())
+        .unwrap_or_default();
+    let groups = group_runs(
+        &runs,
+        |r| format!("{} writes", r["pattern"].as_str().unwrap_or("?")),
+        |r| r["tracker"].as_str().unwrap_or("?").to_string(),
+        |r| r["vs_none"].as_f64(),
+    );
+    let path = dir.join("dirty-throughput.svg");
+    bar_chart(&path, "Guest write throughput with dirty tracking, over no tracking", "throughput / none", &groups)?;
+    Ok(vec![path])
+}
+
+/// Plots every result file in `dir` that has a plot; returns the files written.
+pub fn all(dir: &Path) -> Result<Vec<PathBuf>> {
+    type Plotter = fn(&Path, &Value) -> Result<Vec<PathBuf>>;
+    let plotters: [(&str, Plotter); 2] = [("migration.json", migration), ("dirty.json", dirty)];
+    let mut written = Vec::new();
+    for (file, plot) in plotters {
+        let Ok(text) = std::fs::read_to_string(dir.join(file)) else { continue };
+        let results: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", dir.join(file).display()))?;
+        written.extend(plot(dir, &results)?);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_bar_chart_draws_one_bar_per_value_with_its_legend() {
+        let dir = std::env::temp_dir().join(format!("pcft-plots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let runs = vec![
+            json!({"kind": "throughput", "pattern": "random", "tracker": "none", "vs_none": 1.0}),
+            json!({"kind": "throughput", "pattern": "random", "tracker": "ebpf", "vs_none": 0.93}),
+            json!({"kind": "throughput", "pattern": "sequential", "tracker": "none", "vs_none": 1.0}),
+            json!({"kind": "throughput", "pattern": "sequential", "tracker": "ebpf", "vs_none": 0.91}),
+            json!({"kind": "take_cost", "tracker": "ebpf"}),
+        ];
+        let written = dirty(&dir, &json!({ "runs": runs })).unwrap();
+        let svg = std::fs::read_to_string(&written[0]).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let texts: Vec<&str> =
+            svg.split("</text>").filter_map(|t| t.rsplit_once('>').map(|(_, text)| text.trim())).collect();
+        assert!(texts.iter().any(|t| t.starts_with("Guest write throughput")), "the title: {texts:?}");
+        assert!(texts.contains(&"ebpf") && texts.contains(&"none"), "the legend: {texts:?}");
+        assert!(texts.contains(&"random writes") && texts.contains(&"sequential writes"), "the groups: {texts:?}");
+        // Four bars and two legend swatches, filled with the series' colours.
+        let filled = |colour: RGBColor| {
+            svg.matches(&format!("fill=\"#{:02X}{:02X}{:02X}\"", colour.0, colour.1, colour.2)).count()
+        };
+        assert_eq!(filled(PALETTE[0]) + filled(PALETTE[1]), 6, "{svg}");
+    }
+}
