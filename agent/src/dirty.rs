@@ -6,6 +6,7 @@
 //! exit can come too late and lose entries, see ../shared/notes/host-facts.md).
 //! Pre-copy rounds and PostCopyFT checkpoints take from whichever the machine has.
 
+use crate::ebpf::EbpfTracker;
 use crate::kvm::dirty_ring::{reset_rings, DirtyRing};
 use crate::kvm::vm::KvmVm;
 use crate::kvm::KvmError;
@@ -73,6 +74,31 @@ impl DirtyTracker for RingTracker {
 
     fn take(&self) -> Result<Vec<u64>, KvmError> {
         RingTracker::take(self)
+    }
+}
+
+/// The eBPF tracker over the dirty ring whose pushes its program sees. A take
+/// swaps the program's bits out, then drains and resets the ring before it
+/// returns. The reset matters on hardware KVM: a page whose ring entry has not
+/// been reset stays writable and is not pushed again, so without it a write
+/// that follows the reading of a taken page, before the harvester's next
+/// reset, would reach neither this take nor the next. After the reset, every
+/// write pushes (and sets its bit) again. (Under PVM every emulated write
+/// pushes, so this host cannot show the difference.)
+pub struct EbpfRingTracker {
+    pub ebpf: Arc<EbpfTracker>,
+    pub ring: Arc<RingTracker>,
+}
+
+impl DirtyTracker for EbpfRingTracker {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn take(&self) -> Result<Vec<u64>, KvmError> {
+        let pages = self.ebpf.take();
+        self.ring.drain()?;
+        Ok(pages)
     }
 }
 

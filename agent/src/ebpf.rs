@@ -11,8 +11,8 @@
 //! by the kernel thread ids of their vCPU threads (the push runs on the vCPU's
 //! thread), the one key the tracepoint's context gives that no other VM shares.
 
+#[cfg(doc)]
 use crate::dirty::DirtyTracker;
-use crate::kvm::KvmError;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -71,12 +71,11 @@ impl EbpfTracker {
     }
 }
 
-impl DirtyTracker for EbpfTracker {
-    fn name(&self) -> &'static str {
-        "ebpf"
-    }
-
-    fn take(&self) -> Result<Vec<u64>, KvmError> {
+impl EbpfTracker {
+    /// The pages the program marked since the last take, sorted; their bits
+    /// are swapped out word by word. (The [`DirtyTracker`] is
+    /// [`EbpfRingTracker`](crate::dirty::EbpfRingTracker), which also resets the ring.)
+    pub fn take(&self) -> Vec<u64> {
         let mut pages = Vec::new();
         for slot in &self.slots {
             let words = slot.pages.div_ceil(64);
@@ -92,7 +91,7 @@ impl DirtyTracker for EbpfTracker {
                 }
             }
         }
-        Ok(pages)
+        pages
     }
 }
 

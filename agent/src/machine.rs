@@ -4,7 +4,7 @@
 
 use crate::boot::{self, BootError};
 use crate::devices::{DeviceEvent, DeviceState, VcpuStatus};
-use crate::dirty::{BitmapTracker, DirtyTracker, DirtyTracking, RingTracker};
+use crate::dirty::{BitmapTracker, DirtyTracker, DirtyTracking, EbpfRingTracker, RingTracker};
 use crate::ebpf::{EbpfError, EbpfTracker};
 use crate::fence::{Fence, Watchdog};
 use crate::kvm::kick;
@@ -342,10 +342,13 @@ impl Machine {
         ring: &Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
         ebpf: &Option<Arc<EbpfTracker>>,
     ) -> Arc<dyn DirtyTracker> {
+        // eBPF comes with the ring it reads (create_vcpus makes both).
         match (ebpf, ring) {
-            (Some(ebpf), _) => Arc::clone(ebpf) as Arc<dyn DirtyTracker>,
-            (None, Some((ring, _))) => Arc::clone(ring) as Arc<dyn DirtyTracker>,
-            (None, None) => Arc::new(BitmapTracker::new(Arc::clone(vm))),
+            (Some(ebpf), Some((ring, _))) => {
+                Arc::new(EbpfRingTracker { ebpf: Arc::clone(ebpf), ring: Arc::clone(ring) })
+            }
+            (_, Some((ring, _))) => Arc::clone(ring) as Arc<dyn DirtyTracker>,
+            (_, None) => Arc::new(BitmapTracker::new(Arc::clone(vm))),
         }
     }
 
@@ -803,6 +806,69 @@ pub(crate) mod tests {
         assert_eq!(idle.take_dirty_pages().unwrap(), Vec::<u64>::new(), "the other VM's writes are not this one's");
         run_to_end(&mut idle);
         assert!(writer.take_dirty_pages().unwrap().is_empty(), "and the other way round");
+    }
+
+    /// The checkpoint invariant over `tracking`: a shadow copy of guest memory,
+    /// updated only with the pages each take names (read while the guest runs,
+    /// as a speculative checkpoint phase does), equals guest memory after a
+    /// last take once the guest has stopped. A write that no take reports
+    /// (lost in a race with a take, or with the tracker's reset) shows as a
+    /// differing page.
+    fn shadow_of_takes_matches_memory(tracking: DirtyTracking) {
+        let mut config = config(FixtureKind::Ledger, 2, 20_000);
+        config.mem_bytes = 32 << 20;
+        config.fixture.ws_pages = (config.mem_bytes - vm_fixtures::abi::WORKING_SET_GPA) / 4096;
+        let mut machine = Machine::boot_with(config, tracking).unwrap();
+        machine.set_dirty_logging(true).unwrap();
+        machine.take_dirty_pages().unwrap();
+        let size = machine.memory().size() as usize;
+        let mut shadow = vec![0u8; size];
+        machine.memory().read(0, &mut shadow).unwrap();
+        let copy_in = |machine: &Machine, shadow: &mut [u8], pages: Vec<u64>| {
+            for gpa in pages {
+                let page = &mut shadow[gpa as usize..gpa as usize + 4096];
+                machine.memory().read(gpa, page).unwrap();
+            }
+        };
+        machine.resume().unwrap();
+        let mut takes = 0;
+        while !machine.is_finished() {
+            let pages = machine.take_dirty_pages().unwrap();
+            copy_in(&machine, &mut shadow, pages);
+            takes += 1;
+            let _ = machine.next_event(Duration::from_millis(3)).unwrap();
+        }
+        let pages = machine.take_dirty_pages().unwrap();
+        copy_in(&machine, &mut shadow, pages);
+        machine.verify().unwrap();
+        let mut memory = vec![0u8; size];
+        machine.memory().read(0, &mut memory).unwrap();
+        let differing: Vec<usize> =
+            (0..size / 4096).filter(|p| shadow[p * 4096..(p + 1) * 4096] != memory[p * 4096..(p + 1) * 4096]).collect();
+        assert!(takes >= 5, "only {takes} takes ran while the guest ran");
+        assert!(
+            differing.is_empty(),
+            "{}: {} pages written but in no take, e.g. {:x?}",
+            machine.dirty_tracker(),
+            differing.len(),
+            differing.iter().take(5).map(|p| p * 4096).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn takes_while_the_guest_runs_reproduce_memory_with_the_bitmap() {
+        shadow_of_takes_matches_memory(DirtyTracking::Bitmap);
+    }
+
+    #[test]
+    fn takes_while_the_guest_runs_reproduce_memory_with_the_ring() {
+        shadow_of_takes_matches_memory(DirtyTracking::Ring { entries: 4096 });
+    }
+
+    #[cfg(pcft_ebpf)]
+    #[test]
+    fn takes_while_the_guest_runs_reproduce_memory_with_ebpf() {
+        shadow_of_takes_matches_memory(DirtyTracking::Ebpf { entries: 4096 });
     }
 
     #[test]
