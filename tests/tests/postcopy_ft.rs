@@ -160,3 +160,21 @@ fn the_dirty_ring_and_ebpf_track_the_destination_too() {
         }
     }
 }
+
+#[test]
+fn with_ebpf_tracking_on_both_hosts_every_kind_of_failure_recovers() {
+    // `--dirty-tracker ebpf`: the VM is tracked by the eBPF program at the
+    // source and the destination's checkpoints come from it too.
+    let ebpf = ["--dirty-tracker", "ebpf"];
+    assert_eq!(recovered(&ft_demo_with("before-first-checkpoint", "crash", &ebpf)), 0);
+    for at in ["epoch:3", "400ms"] {
+        let report = ft_demo_with(at, "crash", &ebpf);
+        assert!(recovered(&report) >= 1, "{at}: {report}");
+        assert!(report["checkpoint_pages"].as_u64().unwrap() > 0, "{at}: {report}");
+    }
+    let report = ft_demo_with("after-last-page", "crash", &ebpf);
+    assert!(recovered(&report) >= 3, "{report}");
+    let report = ft_demo_with("600ms", "freeze", &ebpf);
+    recovered(&report);
+    assert_eq!(report["destination_fenced"], true, "{report}");
+}

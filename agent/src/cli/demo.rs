@@ -133,7 +133,7 @@ fn client_error(e: ClientError) -> Failure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum FailAt {
     None,
-    /// SIGKILL from the demo this long after the migration starts.
+    /// SIGKILL (or SIGSTOP, or a cut) from the demo this long after the switchover.
     After(Duration),
     /// The destination agent kills itself there (`pcft agent --crash-at`).
     Point(CrashPoint),
@@ -185,6 +185,25 @@ impl FailAt {
             FailAt::Point(CrashPoint::Pause(n)) => format!("pause:{n}"),
             FailAt::Point(CrashPoint::Committed(n)) => format!("epoch:{n}"),
             FailAt::Point(CrashPoint::AfterLastPage) => "after-last-page".into(),
+        }
+    }
+}
+
+/// Waits until the source reports the demo VM's migration in post-copy (the
+/// VM runs at the destination); false if the migration ended before that or
+/// the source cannot be asked.
+async fn postcopy_started(source: &str) -> bool {
+    let Ok(mut client) = AgentClient::connect(source).await else { return false };
+    loop {
+        let Ok(Message::StatusReport { vms, .. }) = client.request(&Message::Status).await else { return false };
+        let Some(vm) = vms.into_iter().find(|v| v.name == VM) else { return false };
+        match vm.migration {
+            Some(m) if m.phase == "postcopy" => return true,
+            Some(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            None if vm.phase == pcft_agent::migration::messages::VmPhase::MigratingOut => {
+                tokio::time::sleep(Duration::from_millis(2)).await
+            }
+            None => return false,
         }
     }
 }
@@ -390,8 +409,13 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         tokio::time::sleep(migrate_after).await;
         if let FailAt::After(after) = fail_at {
             let bed = testbed.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(after);
+            let source = source.clone();
+            tokio::spawn(async move {
+                // N ms after the switchover: the VM runs at the destination by then.
+                if !postcopy_started(&source).await {
+                    return;
+                }
+                tokio::time::sleep(after).await;
                 match &bed {
                     Some(bed) => {
                         if let Err(e) = bed.cut() {

@@ -182,7 +182,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub migrate_after_ms: Option<u64>,
     /// postcopy-ft: where the destination fails. `none`; `random` (one of the
-    /// points below, printed); `Nms` (SIGKILL N ms after the migration starts);
+    /// points below, printed); `Nms` (SIGKILL N ms after the switchover);
     /// `epoch:N` (right after checkpoint N went out); `speculative:N` (in
     /// checkpoint N's speculative copy); `pause:N` (in checkpoint N's pause);
     /// `before-first-checkpoint`; `after-last-page` (when the last page arrived).
