@@ -4,7 +4,7 @@
 //! writes (and the agent exports), the data moves as time passes, and a PostCopyFT migration's
 //! checkpoints show on both agents, as many as the source committed.
 
-use pcft_tests::{http_get, metric, pcft_json, pcft_output, Agent};
+use pcft_tests::{http_get, metric, pcft_json, Agent};
 use std::collections::HashMap;
 use std::process::Command;
 
