@@ -205,19 +205,19 @@ impl Metrics {
 
     /// Pages sent for `vm` in migrations and checkpoint epochs it committed, since this agent started.
     pub fn migration_counts(&self, vm: &str) -> MigrationCounts {
-        let pages = |reason| self.pages.get_or_create(&PageLabels { vm: vm.to_string(), reason }).get();
+        // Read without creating series: a VM that never checkpointed exports none.
+        let pages = |reason| self.pages.get(&PageLabels { vm: vm.to_string(), reason }).map_or(0, |c| c.get());
         MigrationCounts {
             pages_sent: pages(PageReason::precopy) + pages(PageReason::pushed) + pages(PageReason::faulted),
-            checkpoints: self.checkpoints.get_or_create(&VmLabels { vm: vm.to_string() }).get(),
+            checkpoints: self.checkpoints.get(&VmLabels { vm: vm.to_string() }).map_or(0, |c| c.get()),
         }
     }
 
     /// The migration phase `vm` is in, if it has been in one here.
     pub fn phase_of(&self, vm: &str) -> Option<&'static str> {
-        PHASES
-            .iter()
-            .copied()
-            .find(|p| self.phase.get_or_create(&PhaseLabels { vm: vm.to_string(), phase: p.to_string() }).get() == 1)
+        PHASES.iter().copied().find(|p| {
+            self.phase.get(&PhaseLabels { vm: vm.to_string(), phase: p.to_string() }).is_some_and(|g| g.get() == 1)
+        })
     }
 
     pub fn pages_sent(&self, vm: &str, reason: PageReason, pages: u64) {

@@ -58,3 +58,40 @@ fn a_postcopy_ft_migration_shows_in_both_agents_metrics() {
     );
     assert!(metric(&dst, r#"pcft_output_released_records_total{vm="m1"}"#).unwrap_or(0.0) >= 1.0, "{dst}");
 }
+
+/// FT off costs nothing: a plain post-copy migration sends no checkpoint and
+/// no heartbeat, and holds no output back.
+#[test]
+fn a_plain_postcopy_migration_sends_no_checkpoints_or_heartbeats() {
+    let source = Agent::start("source", &["--metrics", "127.0.0.1:0"]);
+    let destination = Agent::start("destination", &["--metrics", "127.0.0.1:0"]);
+    let (code, _, err) =
+        pcft_output(&["vm", "start", "--agent", &source.addr, "--name", "plain", "--mem", "64M", "--steps", "60000"]);
+    assert_eq!(code, Some(0), "{err}");
+    let report = pcft_tests::pcft_json(&[
+        "migrate",
+        "plain",
+        "--agent",
+        &source.addr,
+        "--to",
+        &destination.addr,
+        "--mode",
+        "postcopy",
+        "--json",
+    ]);
+    assert_eq!(report["checkpoints_committed"], 0, "{report}");
+    assert_eq!(report["checkpoint_bytes"], 0, "{report}");
+    assert!(report["pages_faulted"].as_u64().unwrap() > 0, "the guest ran during post-copy: {report}");
+    let verified = pcft_tests::pcft_json(&["vm", "wait", "plain", "--agent", &destination.addr, "--json"]);
+    assert_eq!(verified["verified"], true, "{verified}");
+
+    let src = http_get(source.metrics.as_deref().unwrap());
+    assert_eq!(metric(&src, r#"pcft_migrations_total{mode="postcopy",result="completed"}"#), Some(1.0), "{src}");
+    assert_eq!(metric(&src, r#"pcft_checkpoint_epochs_total{vm="plain"}"#), None, "{src}");
+    let dst = http_get(destination.metrics.as_deref().unwrap());
+    assert_eq!(metric(&dst, "pcft_checkpoint_pause_seconds_count"), Some(0.0), "{dst}");
+    assert_eq!(metric(&dst, "pcft_heartbeat_round_trip_seconds_count"), Some(0.0), "{dst}");
+    // Output is released as it comes, not held for checkpoints.
+    let released = metric(&dst, r#"pcft_output_released_records_total{vm="plain"}"#).unwrap_or(0.0);
+    assert_eq!(released, verified["records"].as_f64().unwrap(), "{dst}");
+}
