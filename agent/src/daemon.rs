@@ -29,6 +29,8 @@ struct VmSlot {
     error: Option<String>,
     /// While it migrates out: when it started and the VM's counts then.
     migrating_since: Option<(Instant, MigrationCounts)>,
+    /// How the VM's writes are tracked here (a failover restores it with the same).
+    tracking: DirtyTracking,
 }
 
 pub struct Daemon {
@@ -191,7 +193,14 @@ impl Daemon {
         }
         runner.resume().await.map_err(Denial::Failed)?;
         tracing::info!(vm = %name, fixture = %config.fixture.kind, "started");
-        let slot = VmSlot { phase: VmPhase::Running, config, runner: Some(runner), error: None, migrating_since: None };
+        let slot = VmSlot {
+            phase: VmPhase::Running,
+            config,
+            runner: Some(runner),
+            error: None,
+            migrating_since: None,
+            tracking,
+        };
         self.vms().insert(name, slot);
         Ok(Message::Ok)
     }
@@ -309,21 +318,29 @@ impl Daemon {
         // Everything up to the switchover was released here; the restored state
         // holds it and whatever the checkpoints committed after it.
         let released = runner.status().released as usize;
-        if let Some(slot) = self.vms().get_mut(name) {
-            slot.runner = None;
-        }
+        let tracking = match self.vms().get_mut(name) {
+            Some(slot) => {
+                slot.runner = None;
+                slot.tracking
+            }
+            None => DirtyTracking::Bitmap,
+        };
         let Committed { epoch, state } = *committed;
         let committed_outputs = state.devices.output_log.len() as u64;
         // The old copy's threads are joined, and the new VM built, off the async workers.
+        // The restored VM keeps its tracker (and so its live dirty rate).
         let machine = tokio::task::spawn_blocking(move || {
             drop(runner);
-            Machine::restore_into(state, memory)
+            Machine::prepare_with(state.config.clone(), memory, tracking)?.restore(state)
         })
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot restore checkpoint {epoch}: {e}"))?;
         let gate = OutputGate { sink: self.sink.clone(), released, hold: false };
         let runner = Arc::new(VmRunner::spawn(name, machine, gate).map_err(|e| e.to_string())?);
+        if tracking != DirtyTracking::Bitmap {
+            runner.set_dirty_logging(true).await?;
+        }
         runner.resume().await?;
         // Output of the committed epochs that the destination may not have released goes out now.
         runner.release_outputs(None);
@@ -400,6 +417,7 @@ impl Daemon {
                 runner: None,
                 error: None,
                 migrating_since: None,
+                tracking: if mode.checkpoints() { options.checkpoint_tracker } else { DirtyTracking::Bitmap },
             },
         );
         let table = Arc::clone(&self);

@@ -178,3 +178,54 @@ fn with_ebpf_tracking_on_both_hosts_every_kind_of_failure_recovers() {
     recovered(&report);
     assert_eq!(report["destination_fenced"], true, "{report}");
 }
+
+#[test]
+fn a_recovered_vm_keeps_its_dirty_tracker_and_live_dirty_rate() {
+    use pcft_tests::{http_get, pcft_output, Agent};
+    let source = Agent::start("source", &["--metrics", "127.0.0.1:0"]);
+    let destination = Agent::start("destination", &["--crash-at", "committed:2"]);
+    let (code, _, err) = pcft_output(&[
+        "vm",
+        "start",
+        "--agent",
+        &source.addr,
+        "--name",
+        "web",
+        "--fixture",
+        "dirty",
+        "--mem",
+        "64M",
+        "--forever",
+        "--rate",
+        "5000",
+        "--dirty-tracker",
+        "ring",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = pcft_output(&[
+        "migrate",
+        "web",
+        "--agent",
+        &source.addr,
+        "--to",
+        &destination.addr,
+        "--mode",
+        "postcopy-ft",
+        "--postcopy-rate",
+        "4096",
+    ]);
+    assert_eq!(code, Some(1), "the destination crashed: the migration failed: {err}");
+    assert!(err.contains("recovered and runs at the source"), "{err}");
+    let timeline = source.metrics.as_deref().expect("--metrics").replace("/metrics", "/api/timeline");
+    let after: Value = serde_json::from_str(&http_get(&timeline)).expect("timeline JSON");
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    let later: Value =
+        serde_json::from_str(&http_get(&format!("{timeline}?since={}", after["now_ms"]))).expect("timeline JSON");
+    let samples: Vec<&Value> =
+        later["samples"].as_array().expect("samples").iter().filter(|s| s["vm"] == "web").collect();
+    assert!(samples.len() >= 2, "no dirty-rate samples after the failover: {later}");
+    assert!(samples.iter().all(|s| s["tracker"] == "ring" && s["bytes_per_second"].as_f64().unwrap() > 0.0), "{later}");
+    let status = pcft_json(&["status", "--agent", &source.addr, "--json"]);
+    assert_eq!(status["vms"][0]["phase"], "running", "{status}");
+    assert_eq!(status["vms"][0]["dirty_tracker"], "ring", "{status}");
+}
