@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Plain TCP bulk copy of `bytes` over loopback, in bytes per second.
@@ -45,53 +46,159 @@ pub fn tcp_baseline(bytes: u64) -> Result<f64> {
     Ok(sent as f64 / secs)
 }
 
-struct Agent(Child, String);
+/// A `pcft agent` on a free loopback port, killed when dropped.
+pub(crate) struct Agent {
+    child: Child,
+    addr: String,
+    /// Where it serves Prometheus metrics (`--metrics`), if it does.
+    metrics: Option<String>,
+}
 
 impl Agent {
-    fn start(pcft: &Path, name: &str) -> Result<Agent> {
-        let mut child = Command::new(pcft)
-            .args(["agent", "--listen", "127.0.0.1:0", "--name", name])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting pcft agent")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
-        let addr = line.trim().strip_prefix("listening on ").context("agent did not start")?.to_string();
-        Ok(Agent(child, addr))
+    pub(crate) fn start(pcft: &Path, name: &str) -> Result<Agent> {
+        Agent::spawn(pcft, name, false)
+    }
+
+    /// An agent that also serves its Prometheus metrics (see [`Agent::metrics_addr`]).
+    pub(crate) fn start_with_metrics(pcft: &Path, name: &str) -> Result<Agent> {
+        Agent::spawn(pcft, name, true)
+    }
+
+    fn spawn(pcft: &Path, name: &str, metrics: bool) -> Result<Agent> {
+        let mut cmd = Command::new(pcft);
+        cmd.args(["agent", "--listen", "127.0.0.1:0", "--name", name]);
+        if metrics {
+            cmd.args(["--metrics", "127.0.0.1:0"]);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("starting pcft agent")?;
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        // Killed on drop from here on, should it not come up.
+        let mut agent = Agent { child, addr: String::new(), metrics: None };
+        agent.addr =
+            read_line_after(&mut stdout, "listening on ").with_context(|| format!("the {name} agent did not start"))?;
+        if metrics {
+            let url = read_line_after(&mut stdout, "metrics on http://")
+                .with_context(|| format!("the {name} agent serves no metrics"))?;
+            agent.metrics = Some(url.trim_end_matches("/metrics").to_string());
+        }
+        Ok(agent)
+    }
+
+    /// The address it listens on.
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The address of its metrics server (`GET /metrics`), if started with them.
+    pub(crate) fn metrics_addr(&self) -> Option<&str> {
+        self.metrics.as_deref()
+    }
+}
+
+/// The next line of `out`, which must start with `prefix`; the rest of it.
+fn read_line_after(out: &mut impl BufRead, prefix: &str) -> Result<String> {
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    match line.trim().strip_prefix(prefix) {
+        Some(rest) => Ok(rest.to_string()),
+        None => bail!("expected a line starting {prefix:?}, read {line:?}"),
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-fn pcft_json(pcft: &Path, args: &[&str]) -> Result<Value> {
-    let out = Command::new(pcft).args(args).output()?;
+/// The longest any one pcft command of the benchmarks may take.
+pub(crate) const PCFT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Runs `cmd` to its end and collects its output; kills it, and fails saying
+/// which command it was, if it takes longer than `timeout`.
+pub(crate) fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {shown}"))?;
+    let deadline = Instant::now() + timeout;
+    // Read on threads of their own, so that a full pipe cannot stall the child.
+    let (stdout, stderr) = (read_on_thread(child.stdout.take()), read_on_thread(child.stderr.take()));
+    let left = || deadline.saturating_duration_since(Instant::now());
+    // Its stdout closes when it exits (as a rule): that wakes this at once, with no polling.
+    let stdout = stdout.recv_timeout(left());
+    let status = loop {
+        if let Some(status) = child.try_wait().with_context(|| format!("waiting for {shown}"))? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{shown} did not finish within {} s and was killed", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.unwrap_or_default(),
+        // Children of the command may hold its stderr open: take what came by the deadline.
+        stderr: stderr.recv_timeout(left()).unwrap_or_default(),
+    })
+}
+
+/// Reads `pipe` to its end on a thread; the bytes come on the channel.
+fn read_on_thread(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        let _ = tx.send(bytes);
+    });
+    rx
+}
+
+/// `pcft ARGS` that must succeed within `timeout`; its stdout.
+pub(crate) fn pcft_ok(pcft: &Path, args: &[&str], timeout: Duration) -> Result<Vec<u8>> {
+    let out = output_within(Command::new(pcft).args(args), timeout)?;
     if !out.status.success() {
-        bail!("pcft {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!("pcft {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    Ok(out.stdout)
 }
 
-/// One migration of a `dirty` VM that writes `rate` pages/s (None: as fast as it can).
-fn migrate_once(pcft: &Path, mode: &str, mem: &str, rate: Option<u64>) -> Result<Value> {
+/// `pcft ARGS` that must succeed within `timeout` and print one JSON object.
+pub(crate) fn pcft_json(pcft: &Path, args: &[&str], timeout: Duration) -> Result<Value> {
+    let stdout = pcft_ok(pcft, args, timeout)?;
+    serde_json::from_slice(&stdout)
+        .with_context(|| format!("pcft {}: the output is not one JSON object", args.join(" ")))
+}
+
+/// One migration of a `dirty` VM that writes `rate` pages/s (None: as fast as it can);
+/// `migrate_args` go to `pcft migrate`.
+pub(crate) fn migrate_once(
+    pcft: &Path,
+    mode: &str,
+    mem: &str,
+    rate: Option<u64>,
+    migrate_args: &[&str],
+) -> Result<Value> {
     let (src, dst) = (Agent::start(pcft, "source")?, Agent::start(pcft, "destination")?);
     let mut start =
-        vec!["vm", "start", "--agent", &src.1, "--name", "bench", "--fixture", "dirty", "--mem", mem, "--forever"];
+        vec!["vm", "start", "--agent", src.addr(), "--name", "bench", "--fixture", "dirty", "--mem", mem, "--forever"];
     let rate_text = rate.map(|r| r.to_string());
     if let Some(r) = &rate_text {
         start.extend(["--rate", r]);
     }
-    let out = Command::new(pcft).args(&start).output()?;
-    if !out.status.success() {
-        bail!("pcft vm start: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
+    pcft_ok(pcft, &start, PCFT_TIMEOUT)?;
     std::thread::sleep(Duration::from_millis(300));
-    pcft_json(pcft, &["migrate", "bench", "--agent", &src.1, "--to", &dst.1, "--mode", mode, "--json"])
+    let migrate = ["migrate", "bench", "--agent", src.addr(), "--to", dst.addr(), "--mode", mode, "--json"];
+    pcft_json(pcft, &[&migrate[..], migrate_args].concat(), PCFT_TIMEOUT)
 }
 
 pub fn run(root: &Path, pcft: &Path, quick: bool) -> Result<()> {
@@ -111,7 +218,7 @@ pub fn run(root: &Path, pcft: &Path, quick: bool) -> Result<()> {
         for (rate_name, rate) in rates {
             for mode in modes {
                 eprintln!("bench [{}/{total}]: {mode}, {mem}, dirty {rate_name}", rows.len() + 1);
-                let report = migrate_once(pcft, mode, mem, *rate)?;
+                let report = migrate_once(pcft, mode, mem, *rate, &[])?;
                 let mem_bytes = report["mem_bytes"].as_f64().unwrap_or(0.0);
                 let total_ms = report["total_migration_ms"].as_f64().unwrap_or(f64::NAN);
                 let bytes = report["bytes_sent"].as_f64().unwrap_or(0.0);

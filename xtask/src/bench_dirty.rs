@@ -46,7 +46,7 @@ fn run_once(
     Ok((elapsed.context("the run did not verify")?, takes))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }

@@ -9,6 +9,7 @@
 
 mod bench;
 mod bench_dirty;
+mod bench_ft;
 mod ebpf;
 mod plots;
 
@@ -40,6 +41,9 @@ enum Task {
     Bench {
         #[arg(long)]
         quick: bool,
+        /// Run only this part: migration, dirty or ft (PostCopyFT).
+        #[arg(long, value_parser = ["migration", "dirty", "ft"])]
+        only: Option<String>,
     },
     /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then the tests.
     Ci,
@@ -93,14 +97,22 @@ fn task(task: Task) -> Result<()> {
             ebpf::build()?;
             test()
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             setup()?;
             ebpf::build()?;
             require_kvm()?;
             let pcft = build_release()?;
-            bench::run(&workspace_root(), &pcft, quick)?;
-            bench_dirty::run(&workspace_root(), &pcft, quick)?;
-            if !quick {
+            let part = |name: &str| only.as_deref().is_none_or(|only| only == name);
+            if part("migration") {
+                bench::run(&workspace_root(), &pcft, quick)?;
+            }
+            if part("dirty") {
+                bench_dirty::run(&workspace_root(), &pcft, quick)?;
+            }
+            if part("ft") {
+                bench_ft::run(&workspace_root(), &pcft, quick)?;
+            }
+            if !quick && only.is_none() {
                 // The page path's small parts, each beside a baseline from the same run.
                 cargo(&["bench", "-p", "pcft-agent", "--bench", "page_path"])?;
             }
