@@ -6,19 +6,21 @@ use crate::dirty::DirtyTracking;
 use crate::host::format_size;
 use crate::machine::{Machine, MachineConfig};
 use crate::metrics::{MigrationCounts, MigrationLabels};
+use crate::migration::auth::Psk;
 use crate::migration::checkpoint::Committed;
 use crate::migration::destination::migrate_in;
+use crate::migration::handshake::{self, Greeted};
 use crate::migration::messages::{
     FailoverReport, Message, MigrationOptions, MigrationProgress, Mode, Role, VmPhase, VmStatus,
 };
-use crate::migration::protocol::{encode_message, read_frame, write_frame, Frame, ProtocolError};
+use crate::migration::protocol::{encode_message, Frame, FrameReader, FrameWriter, ProtocolError};
 use crate::migration::source::{migrate_out, MigrationError, MigrationOutcome};
 use crate::output::OutputSink;
 use crate::vm_runner::{OutputGate, VmRunner};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
@@ -40,6 +42,8 @@ pub struct Daemon {
     vms: Mutex<HashMap<String, VmSlot>>,
     /// Where released guest output goes (the outside world).
     sink: OutputSink,
+    /// With a key, every peer (agents, the CLI) must authenticate with it.
+    psk: Option<Psk>,
 }
 
 /// Why a request got no answer: refused (exit 2 at the CLI) or failed (exit 1).
@@ -57,8 +61,9 @@ impl From<String> for Denial {
 type Reply = Result<Message, Denial>;
 
 impl Daemon {
-    pub fn new(name: String, max_guest_mem: u64, sink: OutputSink) -> Arc<Self> {
-        Arc::new(Daemon { name, max_guest_mem, vms: Mutex::new(HashMap::new()), sink })
+    /// An agent named `name`; with `psk`, it talks only to peers that hold that key.
+    pub fn new(name: String, max_guest_mem: u64, sink: OutputSink, psk: Option<Psk>) -> Arc<Self> {
+        Arc::new(Daemon { name, max_guest_mem, vms: Mutex::new(HashMap::new()), sink, psk })
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmSlot>> {
@@ -71,34 +76,37 @@ impl Daemon {
             let (stream, peer) = listener.accept().await?;
             let daemon = Arc::clone(&self);
             tokio::spawn(async move {
-                if let Err(e) = daemon.connection(stream).await {
+                if let Err(e) = daemon.connection(stream, peer).await {
                     tracing::warn!(%peer, "connection ended: {e}");
                 }
             });
         }
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream) -> Result<(), String> {
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<(), String> {
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let (mut rd, mut wr) = stream.into_split();
-        let hello = match read_frame(&mut rd).await {
-            Ok(Frame::Message(Message::Hello { role, agent })) => (role, agent),
-            Ok(other) => return refuse(&mut wr, format!("expected Hello, got {other:?}")).await,
-            Err(e @ ProtocolError::Version { .. }) => {
-                return refuse(&mut wr, format!("refused a peer of another protocol version: {e}")).await
+        let (greeted, role) = match handshake::accept(stream, &self.name, self.psk.as_ref()).await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                if let Some(reason) = e.auth_refusal() {
+                    crate::metrics::get().auth_refused(reason);
+                }
+                return Err(e.to_string());
             }
-            Err(e) => return refuse(&mut wr, format!("refused a peer that is not a PostCopyFT agent: {e}")).await,
         };
-        send(&mut wr, &Message::Welcome { agent: self.name.clone() }).await?;
-        match hello.0 {
+        let Greeted { mut rd, mut wr, peer: from } = greeted;
+        match role {
             Role::Control => loop {
-                let request = match read_frame(&mut rd).await {
+                let request = match rd.read().await {
                     Ok(Frame::Message(m)) => m,
                     Ok(Frame::Pages(_)) => {
                         return refuse(&mut wr, "the control connection carries no pages".into()).await
                     }
                     Err(ProtocolError::Closed) => return Ok(()),
-                    Err(e) => return refuse(&mut wr, e.to_string()).await,
+                    Err(e) => {
+                        note_unauthenticated(&e, peer);
+                        return refuse(&mut wr, e.to_string()).await;
+                    }
                 };
                 let reply = match self.control(request).await {
                     Ok(answer) => answer,
@@ -107,7 +115,7 @@ impl Daemon {
                 };
                 send(&mut wr, &reply).await?;
             },
-            Role::Migration => self.incoming(rd, wr, &hello.1).await,
+            Role::Migration => self.incoming(rd, wr, &from, peer).await,
         }
     }
 
@@ -233,7 +241,9 @@ impl Daemon {
         };
         tracing::info!(vm = %name, %to, mode = mode.name(), "migrating out");
         let span = tracing::info_span!("migration", vm = %name, to = %to, mode = mode.name(), side = "source");
-        let result = migrate_out(&runner, &name, &config, &to, mode, options, &self.name).instrument(span).await;
+        let result = migrate_out(&runner, &name, &config, &to, mode, options, &self.name, self.psk.as_ref())
+            .instrument(span)
+            .await;
         let outcome = match &result {
             Ok(MigrationOutcome::Completed(_)) => "completed",
             Ok(MigrationOutcome::DestinationLost { .. }) => "recovered",
@@ -393,14 +403,18 @@ impl Daemon {
 
     async fn incoming(
         self: Arc<Self>,
-        mut rd: OwnedReadHalf,
-        mut wr: OwnedWriteHalf,
+        mut rd: FrameReader,
+        mut wr: FrameWriter,
         from: &str,
+        peer: SocketAddr,
     ) -> Result<(), String> {
-        let (name, config, mode, options) = match read_frame(&mut rd).await {
+        let (name, config, mode, options) = match rd.read().await {
             Ok(Frame::Message(Message::Begin { name, config, mode, options })) => (name, config, mode, options),
             Ok(other) => return refuse(&mut wr, format!("expected Begin, got {other:?}")).await,
-            Err(e) => return refuse(&mut wr, e.to_string()).await,
+            Err(e) => {
+                note_unauthenticated(&e, peer);
+                return refuse(&mut wr, e.to_string()).await;
+            }
         };
         if let Err(reason) =
             self.check_room(&name, &config).and_then(|_| config.fixture.validate().map_err(|e| e.to_string()))
@@ -454,12 +468,20 @@ impl Daemon {
     }
 }
 
-async fn send(wr: &mut OwnedWriteHalf, message: &Message) -> Result<(), String> {
-    write_frame(wr, &encode_message(message)).await.map_err(|e| e.to_string())
+async fn send(wr: &mut FrameWriter, message: &Message) -> Result<(), String> {
+    wr.write(&encode_message(message)).await.map_err(|e| e.to_string())
+}
+
+/// Logs and counts a frame that failed its authentication check.
+fn note_unauthenticated(error: &ProtocolError, peer: SocketAddr) {
+    if *error == ProtocolError::Unauthenticated {
+        tracing::warn!(%peer, "refused a peer: its frame failed the HMAC check (wrong --psk-file, or tampering)");
+        crate::metrics::get().auth_refused("bad-mac");
+    }
 }
 
 /// Tells the peer why, then ends the connection with that reason as the error.
-async fn refuse(wr: &mut OwnedWriteHalf, reason: String) -> Result<(), String> {
+async fn refuse(wr: &mut FrameWriter, reason: String) -> Result<(), String> {
     let _ = send(wr, &Message::Refuse { reason: reason.clone() }).await;
     Err(reason)
 }

@@ -20,6 +20,17 @@ fn main() -> ExitCode {
         cli::LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
     }
 
+    let key = match cli::load_key(args.psk_file.as_deref()) {
+        Ok(key) => key,
+        Err(failure) => {
+            eprintln!("pcft: error: {:#}", failure.error());
+            return ExitCode::from(failure.exit_code());
+        }
+    };
+    if key.is_some() {
+        pcft_agent::client::set_key(key);
+    }
+
     let result = match args.command {
         Command::Vm(vm) => match *vm {
             VmCommand::Run(a) => cli::vm::run(a),
@@ -33,6 +44,7 @@ fn main() -> ExitCode {
         Command::Migrate(a) => cli::remote::migrate(a),
         Command::Status(a) => cli::remote::status(a),
         Command::Demo(a) => cli::demo::demo(a),
+        Command::Keygen(a) => cli::keygen(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

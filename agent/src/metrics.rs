@@ -51,6 +51,11 @@ pub struct PhaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MigrationLabels {
     pub mode: String,
     pub result: String,
@@ -80,6 +85,7 @@ pub struct Metrics {
     pub failovers: Family<VmLabels, Counter>,
     pub migrations: Family<MigrationLabels, Counter>,
     pub output_released: Family<VmLabels, Counter>,
+    pub auth_refusals: Family<AuthLabels, Counter>,
     /// Last take per (vm, tracker), for the dirty rate.
     last_take: Mutex<HashMap<TrackerLabels, Instant>>,
     /// What the dashboard plots.
@@ -107,6 +113,7 @@ impl Metrics {
             failovers: Family::default(),
             migrations: Family::default(),
             output_released: Family::default(),
+            auth_refusals: Family::default(),
             last_take: Mutex::new(HashMap::new()),
             timeline: Timeline::default(),
             registry: Registry::default(),
@@ -150,6 +157,11 @@ impl Metrics {
             "output_released_records",
             "Guest output records released to the outside",
             m.output_released.clone(),
+        );
+        registry.register(
+            "auth_refusals",
+            "Peers refused by authentication, by reason (no-key, unexpected-key, bad-mac; wrong-key: a destination this agent migrated to)",
+            m.auth_refusals.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -218,6 +230,11 @@ impl Metrics {
         PHASES.iter().copied().find(|p| {
             self.phase.get(&PhaseLabels { vm: vm.to_string(), phase: p.to_string() }).is_some_and(|g| g.get() == 1)
         })
+    }
+
+    /// A peer refused by authentication (`no-key`, `unexpected-key`, `bad-mac`, `wrong-key`).
+    pub fn auth_refused(&self, reason: &str) {
+        self.auth_refusals.get_or_create(&AuthLabels { reason: reason.to_string() }).inc();
     }
 
     pub fn pages_sent(&self, vm: &str, reason: PageReason, pages: u64) {

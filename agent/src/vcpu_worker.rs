@@ -54,7 +54,8 @@ impl VcpuWorker {
         let thread = std::thread::Builder::new().name(format!("vcpu{}", vcpu.id())).spawn(move || {
             // SAFETY: gettid(2) has no preconditions.
             let _ = tid_tx.send(unsafe { libc::gettid() } as u32);
-            Worker { vcpu, memory, events, ring, fence, parked: true, finished: status != VcpuStatus::Running }.run(rx)
+            let finished = status != VcpuStatus::Running;
+            Worker { vcpu, memory, events, ring, fence, parked: true, finished, stuck_ring_exits: 0 }.run(rx)
         })?;
         let tid = tid_rx.recv().map_err(|_| std::io::Error::other("the vCPU thread died at its start"))?;
         Ok(VcpuWorker { commands, thread, tid })
@@ -73,7 +74,14 @@ struct Worker {
     parked: bool,
     /// Done, or failed: never enters the guest again.
     finished: bool,
+    /// Ring-full exits in a row whose drain found nothing to hand back.
+    stuck_ring_exits: u32,
 }
+
+/// Ring-full exits in a row that drain nothing, after which the ring is
+/// taken as broken: KVM lost entries when it overflowed (it prints a WARN
+/// from dirty_ring.c) and will report it full forever.
+const STUCK_RING_EXITS: u32 = 1000;
 
 impl Worker {
     fn run(mut self, commands: Receiver<Command>) {
@@ -127,11 +135,21 @@ impl Worker {
         if matches!(exit, VcpuExit::IoOut { .. } | VcpuExit::IoIn { .. }) {
             self.vcpu.complete_pending_io().map_err(|e| e.to_string())?;
         }
+        if !matches!(exit, VcpuExit::DirtyRingFull) {
+            self.stuck_ring_exits = 0;
+        }
         match exit {
             VcpuExit::Interrupted => {}
             VcpuExit::DirtyRingFull => match &self.ring {
                 Some(ring) => {
-                    ring.drain().map_err(|e| e.to_string())?;
+                    let drained = ring.drain().map_err(|e| e.to_string())?;
+                    self.stuck_ring_exits = if drained == 0 { self.stuck_ring_exits + 1 } else { 0 };
+                    if self.stuck_ring_exits >= STUCK_RING_EXITS {
+                        return Err(format!(
+                            "vCPU {id}: the dirty ring overflowed and KVM lost entries (see the kernel log): \
+                             its drain thread fell behind; use a larger ring or the bitmap tracker"
+                        ));
+                    }
                 }
                 None => return Err("dirty ring full, but this machine has no dirty ring".into()),
             },

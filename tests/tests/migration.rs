@@ -200,7 +200,7 @@ fn fake_destination(fake: Fake) -> (String, std::thread::JoinHandle<()>) {
     let thread = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         let _hello = read_frame(&mut s);
-        let welcome = encode_message(&Message::Welcome { agent: "fake".into() });
+        let welcome = encode_message(&Message::Welcome { agent: "fake".into(), nonce: None });
         match fake {
             Fake::Garbage => drop(s.write_all(b"HTTP/1.1 200 OK\r\n\r\nnot an agent")),
             Fake::TruncatedWelcome => drop(s.write_all(&welcome[..HEADER_BYTES + 1])),

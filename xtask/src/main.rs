@@ -50,6 +50,8 @@ enum Task {
     /// Build the eBPF programs (installing the pinned nightly and bpf-linker if
     /// missing) into target/bpf/pcft-ebpf.o, which pcft then embeds.
     BuildEbpf,
+    /// Plot the results in target/bench/*.json again (SVG), without running anything.
+    Plots,
     /// Vendor the dashboard's plotting library (uPlot, the version and checksum
     /// pinned in agent/dashboard/package-lock.json) into agent/dashboard/vendor/.
     DashboardAssets,
@@ -92,6 +94,7 @@ fn task(task: Task) -> Result<()> {
         }
         Task::Run { args } => run(&args),
         Task::DashboardAssets => dashboard_assets(),
+        Task::Plots => plot_results(),
         Task::Test => {
             setup()?;
             ebpf::build()?;
@@ -116,10 +119,7 @@ fn task(task: Task) -> Result<()> {
                 // The page path's small parts, each beside a baseline from the same run.
                 cargo(&["bench", "-p", "pcft-agent", "--bench", "page_path"])?;
             }
-            for plot in plots::all(&workspace_root().join("target/bench"))? {
-                eprintln!("bench: plotted {}", plot.display());
-            }
-            Ok(())
+            plot_results()
         }
         Task::Ci => {
             setup()?;
@@ -216,6 +216,13 @@ fn dashboard_assets() -> Result<()> {
         std::fs::copy(uplot.join(from), vendor.join(to)).with_context(|| format!("copying uplot/{from}"))?;
     }
     eprintln!("xtask: vendored uPlot into {}; rebuild pcft to embed it", vendor.display());
+    Ok(())
+}
+
+fn plot_results() -> Result<()> {
+    for plot in plots::all(&workspace_root().join("target/bench"))? {
+        eprintln!("bench: plotted {}", plot.display());
+    }
     Ok(())
 }
 

@@ -30,7 +30,9 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, groups: &[Group]) -> R
     let top =
         groups.iter().flat_map(|(_, bars)| bars.iter().map(|(_, v)| *v)).filter(|v| v.is_finite()).fold(0.0, f64::max);
     let error = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
-    let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
+    // Room for every group's name under its bars.
+    let width = (groups.len() as u32 * 150).max(960);
+    let root = SVGBackend::new(path, (width, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| error(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
@@ -43,7 +45,9 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, groups: &[Group]) -> R
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .max_light_lines(0)
         .y_desc(y_label)
+        .y_label_formatter(&|v| format!("{v}"))
         .x_labels(groups.len() * 2 + 1)
         .x_label_formatter(&|x| {
             // Name each group at its centre.
@@ -139,10 +143,73 @@ pub fn dirty(dir: &Path, results: &Value) -> Result<Vec<PathBuf>> {
     Ok(vec![path])
 }
 
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.retain(|v| v.is_finite());
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
+/// Plots of target/bench/ft.json: total time with and without FT, guest
+/// progress by checkpoint interval, failover time by guest memory.
+pub fn ft(dir: &Path, results: &Value) -> Result<Vec<PathBuf>> {
+    let rows = |part: &str, key: &str| results[part][key].as_array().cloned().unwrap_or_default();
+    let mut written = Vec::new();
+
+    let cells = rows("total_time", "cells");
+    let total: Vec<Group> = cells
+        .iter()
+        .map(|c| {
+            let name = format!(
+                "{} {} push {}",
+                c["mem"].as_str().unwrap_or("?"),
+                c["dirty_rate"].as_str().unwrap_or("?").replace(" pages/s", "/s"),
+                c["push"].as_str().unwrap_or("?").replace(" pages/s", "/s")
+            );
+            let bars = [("postcopy", "postcopy_ms"), ("postcopy-ft", "postcopy_ft_ms")]
+                .iter()
+                .filter_map(|(series, field)| c[*field].as_f64().map(|v| (series.to_string(), v)))
+                .collect();
+            (name, bars)
+        })
+        .collect();
+    let path = dir.join("ft-total.svg");
+    bar_chart(&path, "Total migration time with and without PostCopyFT (median)", "ms", &total)?;
+    written.push(path);
+
+    let slowdown = group_runs(
+        &rows("guest_slowdown", "rows"),
+        |r| match r["checkpoint_interval_ms"].as_u64() {
+            Some(ms) => format!("every {ms} ms"),
+            None => "plain post-copy".into(),
+        },
+        |_| "guest progress vs plain post-copy".into(),
+        |r| r["vs_postcopy"].as_f64(),
+    );
+    let path = dir.join("ft-guest-progress.svg");
+    bar_chart(
+        &path,
+        "Guest progress during post-copy by checkpoint interval",
+        "writes/s over plain post-copy",
+        &slowdown,
+    )?;
+    written.push(path);
+
+    let failover = group_runs(
+        &rows("failover", "rows"),
+        |r| r["mem"].as_str().unwrap_or("?").to_string(),
+        |_| "failover (median)".into(),
+        |r| median(r["runs"].as_array()?.iter().filter_map(|run| run["failover_ms"].as_f64()).collect()),
+    );
+    let path = dir.join("ft-failover.svg");
+    bar_chart(&path, "Failover time (detection to guest running) by guest memory", "ms", &failover)?;
+    written.push(path);
+    Ok(written)
+}
+
 /// Plots every result file in `dir` that has a plot; returns the files written.
 pub fn all(dir: &Path) -> Result<Vec<PathBuf>> {
     type Plotter = fn(&Path, &Value) -> Result<Vec<PathBuf>>;
-    let plotters: [(&str, Plotter); 2] = [("migration.json", migration), ("dirty.json", dirty)];
+    let plotters: [(&str, Plotter); 3] = [("migration.json", migration), ("dirty.json", dirty), ("ft.json", ft)];
     let mut written = Vec::new();
     for (file, plot) in plotters {
         let Ok(text) = std::fs::read_to_string(dir.join(file)) else { continue };

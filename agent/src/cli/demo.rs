@@ -13,6 +13,7 @@ use super::{run_failure, usage, DemoArgs, FailKind, Failure, Pattern, TrackerArg
 use anyhow::{anyhow, Context};
 use pcft_agent::client::{AgentClient, ClientError};
 use pcft_agent::host;
+use pcft_agent::migration::auth::Psk;
 use pcft_agent::migration::crash::CrashPoint;
 use pcft_agent::migration::messages::{Message, MigrationOptions, Mode};
 use pcft_agent::output::ReleasedRecord;
@@ -27,8 +28,44 @@ use vm_fixtures::OutputRecord;
 
 const VM: &str = "demo";
 
+/// The demo's pre-shared key, in a file of its own (removed when dropped):
+/// the agents and the demo's own requests authenticate with it.
+struct DemoKey {
+    dir: std::path::PathBuf,
+    file: std::path::PathBuf,
+}
+
+impl DemoKey {
+    /// The key given with --psk-file, or a new one.
+    fn new() -> Result<DemoKey, Failure> {
+        let dir = std::env::temp_dir().join(format!("pcft-demo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))
+            .map_err(run_failure)?;
+        let file = dir.join("psk");
+        let key = match pcft_agent::client::key() {
+            Some(key) => key.clone(),
+            None => Psk::generate().map_err(run_failure)?,
+        };
+        key.write_new(&file).map_err(run_failure)?;
+        pcft_agent::client::set_key(Some(key));
+        Ok(DemoKey { dir, file })
+    }
+}
+
+impl Drop for DemoKey {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The agent processes the demo started; killed when dropped, whatever happened.
-struct Agents(Vec<Child>);
+struct Agents {
+    children: Vec<Child>,
+    /// The key they all hold (None: `--no-auth`).
+    key: Option<DemoKey>,
+}
 
 /// Where a started agent listens.
 struct Started {
@@ -52,6 +89,7 @@ impl Agents {
         };
         let mut child = command
             .args(["agent", "--listen", listen, "--name", name])
+            .args(self.key.iter().flat_map(|key| [std::ffi::OsStr::new("--psk-file"), key.file.as_os_str()]))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -59,7 +97,7 @@ impl Agents {
             .with_context(|| format!("cannot start the {name} agent"))
             .map_err(run_failure)?;
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        self.0.push(child);
+        self.children.push(child);
         let mut read_after = |prefix: &str| -> Result<String, Failure> {
             let mut line = String::new();
             stdout.read_line(&mut line).map_err(run_failure)?;
@@ -80,7 +118,7 @@ impl Agents {
 
 impl Drop for Agents {
     fn drop(&mut self) {
-        for child in &mut self.0 {
+        for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -325,7 +363,8 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let outside_port: u16 = outside.addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
     const NS_PORT: u16 = 7401;
     const NS_HTTP_PORT: u16 = 7480;
-    let mut agents = Agents(Vec::new());
+    let key = if args.no_auth { None } else { Some(DemoKey::new()?) };
+    let mut agents = Agents { children: Vec::new(), key };
     // `--metrics` for each agent when there is a dashboard: the source's where asked, the destination's anywhere.
     let http_listen = |asked: &str| match (&args.dashboard, partition) {
         (None, _) => Vec::new(),
@@ -377,7 +416,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         (Some(source), Some(destination)) => Some(format!("http://{source}/?peers={destination}")),
         _ => None,
     };
-    let destination_pid = agents.0.last().map(|c| c.id()).expect("just started");
+    let destination_pid = agents.children.last().map(|c| c.id()).expect("just started");
     if !args.json {
         println!("agents: source at {source}, destination at {destination} (separate processes)");
         println!("outside world (released output) at {}", outside.addr);

@@ -8,6 +8,7 @@ pub mod report;
 pub mod vm;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pcft_agent::migration::auth::Psk;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -19,6 +20,11 @@ pub struct Cli {
     /// Log lines as text, or as one JSON object per event (with its spans).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Pre-shared key file (hex, mode 600; `pcft keygen` makes one): an agent
+    /// then talks only to peers that hold the same key, and the CLI
+    /// authenticates to agents with it. Every frame carries an HMAC-SHA256 tag.
+    #[arg(long, global = true, env = "PCFT_PSK_FILE")]
+    pub psk_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -45,6 +51,8 @@ pub enum Command {
     Status(StatusArgs),
     /// One command: start two agents on this machine, run a VM on one, migrate it, verify it on the other.
     Demo(DemoArgs),
+    /// Write a new random pre-shared key (for --psk-file) to a file readable by its owner only.
+    Keygen(KeygenArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -212,11 +220,44 @@ pub struct DemoArgs {
     /// 5000, ten times the default --steps, and --dirty-tracker auto.
     #[arg(long)]
     pub dashboard: Option<String>,
+    /// Run the agents without authentication (by default they and the demo
+    /// share a fresh pre-shared key, or the one given with --psk-file).
+    #[arg(long)]
+    pub no_auth: bool,
     #[command(flatten)]
     pub ft: FtArgs,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// The key file to create (never overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The key `--psk-file` names, if any (a bad key file is bad input: exit 2).
+pub fn load_key(path: Option<&std::path::Path>) -> Result<Option<Psk>, Failure> {
+    path.map(Psk::load).transpose().map_err(usage)
+}
+
+/// `pcft keygen`.
+pub fn keygen(args: KeygenArgs) -> Result<(), Failure> {
+    let key = Psk::generate().map_err(run_failure)?;
+    key.write_new(&args.out).map_err(usage)?;
+    if args.json {
+        println!("{}", serde_json::json!({ "psk_file": args.out }));
+    } else {
+        println!(
+            "wrote a new pre-shared key to {}: give it to every agent and CLI with --psk-file",
+            args.out.display()
+        );
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

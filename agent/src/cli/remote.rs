@@ -71,7 +71,14 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
             Some(addr) => OutputSink::tcp(&name, addr).map_err(run_failure)?,
             None => OutputSink::log_only(&name),
         };
-        let daemon = Daemon::new(name, max_guest_mem, sink);
+        let key = pcft_agent::client::key().cloned();
+        if key.is_none() {
+            tracing::warn!(
+                agent = %name,
+                "no --psk-file: any peer that reaches {addr} can start, stop and migrate VMs here; run agents with a key (pcft keygen) outside a test bench"
+            );
+        }
+        let daemon = Daemon::new(name, max_guest_mem, sink, key);
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(run_failure)?;
         tokio::select! {
             served = daemon.serve(listener) => served.map_err(|e| run_failure(anyhow!("the agent stopped accepting connections: {e}"))),

@@ -5,7 +5,7 @@
 use super::crash::{self, CrashPoint};
 use super::lease::Lease;
 use super::messages::{DestinationStats, Message, MigrationOptions, Mode, Percentiles};
-use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatch, PageBatchWriter, ProtocolError};
+use super::protocol::{encode_message, Frame, FrameReader, FrameWriter, PageBatch, PageBatchWriter, ProtocolError};
 use super::source::MigrationError;
 use crate::dirty::DirtyTracking;
 use crate::fence::Fence;
@@ -21,7 +21,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -35,11 +34,11 @@ type PendingFaults = Arc<Mutex<HashMap<u64, Instant>>>;
 struct Outbox(mpsc::UnboundedSender<Vec<u8>>);
 
 impl Outbox {
-    fn start(mut wr: OwnedWriteHalf) -> Self {
+    fn start(mut wr: FrameWriter) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
         tokio::spawn(async move {
             while let Some(frame) = rx.recv().await {
-                if write_frame(&mut wr, &frame).await.is_err() {
+                if wr.write(&frame).await.is_err() {
                     return;
                 }
             }
@@ -446,8 +445,8 @@ const CHECKPOINT_BATCH_PAGES: usize = 64;
 /// PostCopyFT, the source has let the VM go).
 #[allow(clippy::too_many_arguments)]
 pub async fn migrate_in(
-    mut rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    mut rd: FrameReader,
+    wr: FrameWriter,
     name: &str,
     config: &MachineConfig,
     mode: Mode,
@@ -484,7 +483,7 @@ pub async fn migrate_in(
         // requests, "resumed") must not wait behind the page stream.
         tokio::task::yield_now().await;
         let frame = tokio::select! {
-            frame = read_frame(&mut rd) => match frame {
+            frame = rd.read() => match frame {
                 Ok(frame) => frame,
                 Err(e) => break Err(MigrationError::Protocol(e)),
             },

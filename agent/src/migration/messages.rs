@@ -235,13 +235,18 @@ pub struct MigrationReport {
 pub enum Message {
     Ping,
     Pong,
-    /// First frame on every connection.
+    /// First frame on every connection. `nonce`: the client authenticates
+    /// with a pre-shared key (see `auth`), and this is its greeting nonce.
     Hello {
         role: Role,
         agent: String,
+        nonce: Option<super::auth::Nonce>,
     },
+    /// The answer to `Hello`; with a key, the server's nonce, and this frame
+    /// is the first one tagged.
     Welcome {
         agent: String,
+        nonce: Option<super::auth::Nonce>,
     },
     /// The request cannot be served as asked (no such VM, no room, bad peer); says why.
     Refuse {

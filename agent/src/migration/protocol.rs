@@ -13,15 +13,18 @@
 //! A page batch is `count u32`, then `count` entries of `gpa u64, flags u8`,
 //! then the 4096 bytes of every entry without the ZERO flag, in entry order.
 //!
-//! The codec here is pure (bytes in, values out); [`read_frame`] and
-//! [`write_frame`] move frames over any tokio stream.
+//! The codec here is pure (bytes in, values out); [`FrameReader`] and
+//! [`FrameWriter`] move frames over any tokio stream, with their tags once a
+//! connection is authenticated (see `auth`).
 
+use super::auth::{FrameMac, TAG_BYTES};
 use super::messages::Message;
 use crate::memory::{is_zero, PAGE_SIZE};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 pub const MAGIC: [u8; 4] = *b"PCFT";
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 pub const HEADER_BYTES: usize = 16;
 /// No frame carries more: a larger length field is corruption, not a reason to allocate.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -49,6 +52,8 @@ pub enum ProtocolError {
     Truncated,
     #[error("the peer closed the connection")]
     Closed,
+    #[error("frame authentication failed (HMAC mismatch): the peer does not hold this agent's pre-shared key (--psk-file), or the stream was tampered with")]
+    Unauthenticated,
     #[error("connection error: {0}")]
     Io(String),
 }
@@ -310,10 +315,20 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, ProtocolError
 
 /// Checks the payload's checksum and decodes it (a page batch keeps the payload).
 pub fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
-    let computed = crc32c::crc32c_append(header.prefix_crc, &payload);
+    check_crc(&header, &payload)?;
+    decode_checked(header, payload)
+}
+
+fn check_crc(header: &Header, payload: &[u8]) -> Result<(), ProtocolError> {
+    let computed = crc32c::crc32c_append(header.prefix_crc, payload);
     if computed != header.crc {
         return Err(ProtocolError::Checksum { computed, stored: header.crc });
     }
+    Ok(())
+}
+
+/// Decodes a payload whose checksum has been checked.
+fn decode_checked(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
     match header.kind {
         KIND_MESSAGE => postcard::from_bytes(&payload)
             .map(Frame::Message)
@@ -357,31 +372,119 @@ fn decode_pages(payload: Vec<u8>) -> Result<PageBatch, ProtocolError> {
     Ok(PageBatch { entries, bytes: payload })
 }
 
-/// Reads one whole frame. A clean end of stream before a header is `Closed`;
-/// an end inside a frame is `Truncated`.
-pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, ProtocolError> {
-    let mut header = [0u8; HEADER_BYTES];
+/// Reads one frame's header and payload and checks its checksum. A clean end
+/// of stream before a header is `Closed`; an end inside a frame is `Truncated`.
+async fn read_checked<R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<([u8; HEADER_BYTES], Header, Vec<u8>), ProtocolError> {
+    let mut header_bytes = [0u8; HEADER_BYTES];
     let mut filled = 0;
     while filled < HEADER_BYTES {
-        match reader.read(&mut header[filled..]).await {
+        match reader.read(&mut header_bytes[filled..]).await {
             Ok(0) if filled == 0 => return Err(ProtocolError::Closed),
             Ok(0) => return Err(ProtocolError::Truncated),
             Ok(n) => filled += n,
             Err(e) => return Err(ProtocolError::Io(e.to_string())),
         }
     }
-    let header = decode_header(&header)?;
+    let header = decode_header(&header_bytes)?;
     let mut payload = vec![0u8; header.payload_len()];
-    reader.read_exact(&mut payload).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
-        _ => ProtocolError::Io(e.to_string()),
-    })?;
-    decode_payload(header, payload)
+    read_exactly(reader, &mut payload).await?;
+    check_crc(&header, &payload)?;
+    Ok((header_bytes, header, payload))
 }
 
-/// Writes already-encoded frame bytes.
-pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &[u8]) -> Result<(), ProtocolError> {
-    writer.write_all(frame).await.map_err(|e| ProtocolError::Io(e.to_string()))
+async fn read_exactly<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> Result<(), ProtocolError> {
+    reader.read_exact(buf).await.map(drop).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
+        _ => ProtocolError::Io(e.to_string()),
+    })
+}
+
+/// The receiving half of a connection: frames in order, each followed by
+/// its tag (checked) once the connection is authenticated.
+pub struct FrameReader<R = OwnedReadHalf> {
+    inner: R,
+    mac: Option<FrameMac>,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// A reader of untagged frames (until [`authenticate`](Self::authenticate)).
+    pub fn new(inner: R) -> Self {
+        FrameReader { inner, mac: None }
+    }
+
+    /// From now on every frame must carry a tag that `mac` accepts.
+    pub fn authenticate(&mut self, mac: FrameMac) {
+        self.mac = Some(mac);
+    }
+
+    /// The next frame (checked: checksum, then tag).
+    pub async fn read(&mut self) -> Result<Frame, ProtocolError> {
+        let (header_bytes, header, payload) = read_checked(&mut self.inner).await?;
+        if let Some(mac) = &mut self.mac {
+            let mut tag = [0u8; TAG_BYTES];
+            read_exactly(&mut self.inner, &mut tag).await?;
+            if !mac.verify(&header_bytes, &payload, &tag) {
+                return Err(ProtocolError::Unauthenticated);
+            }
+        }
+        decode_checked(header, payload)
+    }
+
+    /// The greeting's answer, read before the connection is authenticated,
+    /// with its raw bytes so that its tag can be checked once the keys are known.
+    pub(crate) async fn read_untagged(&mut self) -> Result<(Frame, [u8; HEADER_BYTES], Vec<u8>), ProtocolError> {
+        let (header_bytes, header, payload) = read_checked(&mut self.inner).await?;
+        let frame = decode_checked(header, payload.clone())?;
+        Ok((frame, header_bytes, payload))
+    }
+
+    /// Reads the tag that follows a frame read by [`read_untagged`](Self::read_untagged)
+    /// and checks it with `mac`, which then checks every later frame.
+    pub(crate) async fn verify_greeting(
+        &mut self,
+        mut mac: FrameMac,
+        header: &[u8; HEADER_BYTES],
+        payload: &[u8],
+    ) -> Result<(), ProtocolError> {
+        let mut tag = [0u8; TAG_BYTES];
+        read_exactly(&mut self.inner, &mut tag).await?;
+        if !mac.verify(header, payload, &tag) {
+            return Err(ProtocolError::Unauthenticated);
+        }
+        self.mac = Some(mac);
+        Ok(())
+    }
+}
+
+/// The sending half of a connection: frames, each followed by its tag once
+/// the connection is authenticated.
+pub struct FrameWriter<W = OwnedWriteHalf> {
+    inner: W,
+    mac: Option<FrameMac>,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(inner: W) -> Self {
+        FrameWriter { inner, mac: None }
+    }
+
+    /// From now on every frame is followed by its tag from `mac`.
+    pub fn authenticate(&mut self, mac: FrameMac) {
+        self.mac = Some(mac);
+    }
+
+    /// Writes one encoded frame (header and payload), and its tag.
+    pub async fn write(&mut self, frame: &[u8]) -> Result<(), ProtocolError> {
+        let io = |e: std::io::Error| ProtocolError::Io(e.to_string());
+        self.inner.write_all(frame).await.map_err(io)?;
+        if let Some(mac) = &mut self.mac {
+            let tag = mac.tag(&frame[..HEADER_BYTES], &frame[HEADER_BYTES..]);
+            self.inner.write_all(&tag).await.map_err(io)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -478,12 +581,12 @@ mod tests {
     async fn stream_ends_are_closed_or_truncated() {
         let bytes = encode_message(&Message::Ping);
         let mut empty: &[u8] = &[];
-        assert_eq!(read_frame(&mut empty).await, Err(ProtocolError::Closed));
+        assert_eq!(FrameReader::new(&mut empty).read().await, Err(ProtocolError::Closed));
         for cut in [3, HEADER_BYTES, bytes.len() - 1] {
             let mut short = &bytes[..cut];
-            assert_eq!(read_frame(&mut short).await, Err(ProtocolError::Truncated), "cut at {cut}");
+            assert_eq!(FrameReader::new(&mut short).read().await, Err(ProtocolError::Truncated), "cut at {cut}");
         }
         let mut whole = &bytes[..];
-        assert_eq!(read_frame(&mut whole).await, Ok(Frame::Message(Message::Ping)));
+        assert_eq!(FrameReader::new(&mut whole).read().await, Ok(Frame::Message(Message::Ping)));
     }
 }

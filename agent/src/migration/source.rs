@@ -1,10 +1,12 @@
 //! The source side of a migration: pre-copy rounds, the switchover, and the
 //! post-copy push that answers the destination's page requests first.
 
+use super::auth::Psk;
 use super::checkpoint::{CheckpointStore, Committed};
+use super::handshake::{self, HandshakeError};
 use super::lease;
 use super::messages::{DestinationStats, FailureReport, Message, MigrationOptions, MigrationReport, Mode, Role};
-use super::protocol::{encode_message, read_frame, write_frame, Frame, PageBatch, PageBatchWriter, ProtocolError};
+use super::protocol::{encode_message, Frame, FrameReader, FrameWriter, PageBatch, PageBatchWriter, ProtocolError};
 use crate::machine::{MachineConfig, MachineState};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::metrics::{self, PageReason};
@@ -13,7 +15,6 @@ use crate::timeline::EventKind;
 use crate::vm_runner::VmRunner;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -49,7 +50,7 @@ pub enum MigrationError {
 
 /// Writes frames and counts what it sent.
 struct Outbox {
-    wr: OwnedWriteHalf,
+    wr: FrameWriter,
     bytes: u64,
     pages: u64,
     zero_pages: u64,
@@ -94,11 +95,11 @@ impl Outbox {
 
     async fn write(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
         let Some(liveness) = self.liveness.clone() else {
-            return Ok(write_frame(&mut self.wr, frame).await?);
+            return Ok(self.wr.write(frame).await?);
         };
         // A partition blocks writes rather than failing them: give up once the
         // destination has been silent too long, however long the write took.
-        let write = write_frame(&mut self.wr, frame);
+        let write = self.wr.write(frame);
         tokio::pin!(write);
         loop {
             tokio::select! {
@@ -130,8 +131,8 @@ impl Outbox {
 }
 
 /// Reads the destination's next answer (before the switchover commits), waiting at most `timeout`.
-async fn expect(rd: &mut OwnedReadHalf, what: &str, timeout: Duration) -> Result<Message, MigrationError> {
-    let frame = tokio::time::timeout(timeout, read_frame(rd))
+async fn expect(rd: &mut FrameReader, what: &str, timeout: Duration) -> Result<Message, MigrationError> {
+    let frame = tokio::time::timeout(timeout, rd.read())
         .await
         .map_err(|_| MigrationError::Timeout { what: what.to_string(), after: timeout })??;
     match frame {
@@ -188,12 +189,12 @@ impl FailureKind {
 
 /// Reads the destination's frames after the switchover and forwards them with their arrival time.
 async fn read_replies(
-    mut rd: OwnedReadHalf,
+    mut rd: FrameReader,
     tx: mpsc::UnboundedSender<(Instant, Reply)>,
     liveness: Option<Arc<Liveness>>,
 ) {
     loop {
-        let reply = match read_frame(&mut rd).await {
+        let reply = match rd.read().await {
             Ok(Frame::Message(Message::Resumed)) => Reply::Resumed,
             Ok(Frame::Message(Message::PageRequest { gpas })) => Reply::Requests(gpas),
             Ok(Frame::Message(Message::Complete(stats))) => Reply::Complete(stats),
@@ -241,7 +242,9 @@ pub enum MigrationOutcome {
 }
 
 /// Migrates the VM that `runner` runs to the agent at `to`. On any failure
-/// before the switchover commits, the VM is left running here.
+/// before the switchover commits, the VM is left running here. `agent` is this
+/// agent's name, and `psk` its key, which the destination must hold too.
+#[allow(clippy::too_many_arguments)]
 pub async fn migrate_out(
     runner: &VmRunner,
     vm: &str,
@@ -250,6 +253,7 @@ pub async fn migrate_out(
     mode: Mode,
     options: MigrationOptions,
     agent: &str,
+    psk: Option<&Psk>,
 ) -> Result<MigrationOutcome, MigrationError> {
     let started = Instant::now();
     let reply_timeout = Duration::from_millis(options.reply_timeout_ms);
@@ -257,13 +261,21 @@ pub async fn migrate_out(
         .await
         .map_err(|e| MigrationError::Connect { to: to.to_string(), reason: e.to_string() })?;
     stream.set_nodelay(true).map_err(|e| MigrationError::Connect { to: to.to_string(), reason: e.to_string() })?;
-    let (mut rd, wr) = stream.into_split();
-    let mut out = Outbox { wr, bytes: 0, pages: 0, zero_pages: 0, liveness: None };
-    out.message(&Message::Hello { role: Role::Migration, agent: agent.to_string() }).await?;
-    match expect(&mut rd, "welcome", reply_timeout).await? {
-        Message::Welcome { .. } => {}
-        other => return Err(MigrationError::Unexpected(format!("{other:?}"))),
-    }
+    let greeting = handshake::connect(stream, Role::Migration, agent, psk);
+    let greeted = tokio::time::timeout(reply_timeout, greeting)
+        .await
+        .map_err(|_| MigrationError::Timeout { what: "welcome".into(), after: reply_timeout })?
+        .map_err(|e| match e {
+            HandshakeError::WrongKey => {
+                metrics::get().auth_refused("wrong-key");
+                MigrationError::Refused(format!("agent {to}: {}", HandshakeError::WrongKey))
+            }
+            HandshakeError::Protocol(e) => MigrationError::Protocol(e),
+            HandshakeError::Unexpected(what) => MigrationError::Unexpected(what),
+            e => MigrationError::Refused(e.to_string()),
+        })?;
+    let mut rd = greeted.rd;
+    let mut out = Outbox { wr: greeted.wr, bytes: 0, pages: 0, zero_pages: 0, liveness: None };
     out.message(&Message::Begin { name: vm.to_string(), config: config.clone(), mode, options }).await?;
     match expect(&mut rd, "ready", reply_timeout).await? {
         Message::Ready => {}
@@ -608,7 +620,7 @@ async fn precopy_and_stop(
     runner: &VmRunner,
     memory: &GuestMemory,
     out: &mut Outbox,
-    rd: &mut OwnedReadHalf,
+    rd: &mut FrameReader,
     mode: Mode,
     options: MigrationOptions,
     report: &mut MigrationReport,

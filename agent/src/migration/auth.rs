@@ -1,0 +1,234 @@
+//! Pre-shared-key authentication of connections between agents and from the
+//! CLI: both ends prove they hold the same key before any VM state moves, and
+//! every frame after the greeting carries an HMAC-SHA256 tag (see
+//! docs/protocol.md, "Authentication").
+//!
+//! The greeting trades two fresh nonces in the clear (`Hello`, `Welcome`).
+//! Each direction then has a key of its own, HMAC(psk, label, both nonces), so
+//! no frame of one connection or direction is accepted on another; and each
+//! frame's tag covers a per-direction sequence number, so a frame cannot be
+//! replayed, dropped or reordered without the next check failing. The frame's
+//! CRC-32C stays: it tells corruption from forgery.
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Bytes of a greeting nonce.
+pub const NONCE_BYTES: usize = 16;
+/// Bytes of a frame's tag (HMAC-SHA256, truncated on the left).
+pub const TAG_BYTES: usize = 16;
+/// The shortest key accepted.
+pub const MIN_KEY_BYTES: usize = 32;
+
+pub type Nonce = [u8; NONCE_BYTES];
+type HmacSha256 = Hmac<Sha256>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read the pre-shared key file {path}: {reason}; create one with `pcft keygen --out {path}`")]
+    Read { path: String, reason: String },
+    #[error("the pre-shared key file {path} is readable by others (mode {mode:o}): run chmod 600 {path}")]
+    Exposed { path: String, mode: u32 },
+    #[error("the pre-shared key file {path} does not hold a key: expected at least {MIN_KEY_BYTES} bytes as hex ({} hex digits); create one with `pcft keygen --out {path}`", MIN_KEY_BYTES * 2)]
+    NotAKey { path: String },
+    #[error("cannot write the key file {path}: {reason}")]
+    Write { path: String, reason: String },
+    #[error("no randomness from the kernel: {0}")]
+    Random(String),
+}
+
+/// A pre-shared key (its bytes never appear in logs).
+#[derive(Clone)]
+pub struct Psk(Arc<[u8]>);
+
+impl std::fmt::Debug for Psk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Psk({} bytes)", self.0.len())
+    }
+}
+
+fn random<const N: usize>() -> Result<[u8; N], AuthError> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(|e| AuthError::Random(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// A fresh greeting nonce.
+pub fn nonce() -> Result<Nonce, AuthError> {
+    random()
+}
+
+impl Psk {
+    /// A key from its bytes (at least [`MIN_KEY_BYTES`]).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Psk> {
+        (bytes.len() >= MIN_KEY_BYTES).then(|| Psk(bytes.into()))
+    }
+
+    /// A fresh random key of 32 bytes.
+    pub fn generate() -> Result<Psk, AuthError> {
+        Ok(Psk(random::<32>()?.as_slice().into()))
+    }
+
+    /// Reads a key file: hex digits (white space ignored), readable by its owner only.
+    pub fn load(path: &Path) -> Result<Psk, AuthError> {
+        use std::os::unix::fs::PermissionsExt;
+        let shown = path.display().to_string();
+        let read = |e: std::io::Error| AuthError::Read { path: shown.clone(), reason: e.to_string() };
+        let mode = std::fs::metadata(path).map_err(read)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(AuthError::Exposed { path: shown, mode });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        let digits: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+        let bytes = digits
+            .len()
+            .is_multiple_of(2)
+            .then(|| {
+                (0..digits.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(digits.get(i..i + 2)?, 16).ok())
+                    .collect::<Option<Vec<u8>>>()
+            })
+            .flatten();
+        bytes.as_deref().and_then(Psk::from_bytes).ok_or(AuthError::NotAKey { path: shown })
+    }
+
+    /// Writes the key as hex to a new file readable by its owner only.
+    pub fn write_new(&self, path: &Path) -> Result<(), AuthError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let failed = |e: std::io::Error| AuthError::Write { path: path.display().to_string(), reason: e.to_string() };
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(failed)?;
+        let hex: String = self.0.iter().map(|b| format!("{b:02x}")).collect();
+        writeln!(file, "{hex}").map_err(failed)
+    }
+
+    /// The MAC state of one direction of a connection.
+    fn direction(&self, label: &[u8], client: &Nonce, server: &Nonce) -> FrameMac {
+        let mut derive = HmacSha256::new_from_slice(&self.0).expect("HMAC takes a key of any length");
+        derive.update(b"pcft frame key v1 ");
+        derive.update(label);
+        derive.update(client);
+        derive.update(server);
+        let key = derive.finalize().into_bytes();
+        FrameMac { keyed: HmacSha256::new_from_slice(&key).expect("HMAC takes a key of any length"), seq: 0 }
+    }
+
+    /// The keys of a connection whose greeting traded `client` and `server`
+    /// nonces, for the side that is the client (`is_client`) or the server.
+    pub fn session(&self, is_client: bool, client: &Nonce, server: &Nonce) -> Session {
+        let to_server = self.direction(b"client-to-server", client, server);
+        let to_client = self.direction(b"server-to-client", client, server);
+        match is_client {
+            true => Session { send: to_server, recv: to_client },
+            false => Session { send: to_client, recv: to_server },
+        }
+    }
+}
+
+/// The two directions of an authenticated connection.
+pub struct Session {
+    pub send: FrameMac,
+    pub recv: FrameMac,
+}
+
+/// Tags (sending) or checks (receiving) the frames of one direction, in order.
+#[derive(Clone)]
+pub struct FrameMac {
+    /// HMAC keyed with the direction's key, before any input.
+    keyed: HmacSha256,
+    /// Frames of this direction so far.
+    seq: u64,
+}
+
+impl FrameMac {
+    fn mac(&self, header: &[u8], payload: &[u8]) -> HmacSha256 {
+        let mut mac = self.keyed.clone();
+        mac.update(&self.seq.to_le_bytes());
+        mac.update(header);
+        mac.update(payload);
+        mac
+    }
+
+    /// The tag of the next frame (its header and payload).
+    pub fn tag(&mut self, header: &[u8], payload: &[u8]) -> [u8; TAG_BYTES] {
+        let full = self.mac(header, payload).finalize().into_bytes();
+        self.seq += 1;
+        full[..TAG_BYTES].try_into().expect("SHA-256 is longer than a tag")
+    }
+
+    /// Checks the next frame's tag (in constant time).
+    pub fn verify(&mut self, header: &[u8], payload: &[u8], tag: &[u8; TAG_BYTES]) -> bool {
+        let ok = self.mac(header, payload).verify_truncated_left(tag).is_ok();
+        self.seq += 1;
+        ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(a: &Psk, b: &Psk) -> (Session, Session) {
+        let (c, s) = ([1u8; NONCE_BYTES], [2u8; NONCE_BYTES]);
+        (a.session(true, &c, &s), b.session(false, &c, &s))
+    }
+
+    #[test]
+    fn frames_verify_in_order_with_the_same_key_only() {
+        let key = Psk::generate().unwrap();
+        let (mut client, mut server) = pair(&key, &key);
+        let tag0 = client.send.tag(b"header0", b"payload0");
+        let tag1 = client.send.tag(b"header1", b"payload1");
+        assert!(server.recv.verify(b"header0", b"payload0", &tag0));
+        assert!(server.recv.verify(b"header1", b"payload1", &tag1));
+        let back = server.send.tag(b"h", b"p");
+        assert!(client.recv.verify(b"h", b"p", &back));
+
+        // A replayed frame (sequence number 2 now), a changed payload, another key, the other direction.
+        assert!(!server.recv.verify(b"header1", b"payload1", &tag1));
+        let tag3 = client.send.tag(b"header3", b"payload3");
+        let mut tampered = server.recv.clone();
+        assert!(!tampered.verify(b"header3", b"payload4", &tag3));
+        let (_, mut stranger) = pair(&Psk::generate().unwrap(), &Psk::generate().unwrap());
+        let (mut fresh_client, _) = pair(&key, &key);
+        assert!(!stranger.recv.verify(b"h", b"p", &fresh_client.send.tag(b"h", b"p")));
+        let (_, mut fresh_server) = pair(&key, &key);
+        assert!(!fresh_server.recv.verify(b"h", b"p", &fresh_server.send.clone().tag(b"h", b"p")));
+    }
+
+    #[test]
+    fn another_connections_nonces_give_other_keys() {
+        let key = Psk::generate().unwrap();
+        let mut first = key.session(true, &[1; NONCE_BYTES], &[2; NONCE_BYTES]);
+        let mut second = key.session(false, &[1; NONCE_BYTES], &[3; NONCE_BYTES]);
+        assert!(!second.recv.verify(b"h", b"p", &first.send.tag(b"h", b"p")));
+    }
+
+    #[test]
+    fn key_files_must_be_private_hex_of_32_bytes_or_more() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("psk");
+        let key = Psk::generate().unwrap();
+        key.write_new(&path).unwrap();
+        let loaded = Psk::load(&path).unwrap();
+        assert_eq!(loaded.0, key.0);
+        assert!(key.write_new(&path).is_err(), "an existing key file is never overwritten");
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Psk::load(&path).unwrap_err().to_string();
+        assert!(err.contains("readable by others") && err.contains("chmod 600"), "{err}");
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&path, "abcd\n").unwrap();
+        assert!(Psk::load(&path).unwrap_err().to_string().contains("at least 32 bytes"));
+        std::fs::write(&path, "zz".repeat(32)).unwrap();
+        assert!(matches!(Psk::load(&path), Err(AuthError::NotAKey { .. })));
+        let missing = Psk::load(&dir.path().join("nope")).unwrap_err().to_string();
+        assert!(missing.contains("pcft keygen"), "{missing}");
+    }
+}
