@@ -66,6 +66,24 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// Authentication's cost on the page path: tagging (sender) and checking
+/// (receiver) a 64-page frame, beside the CRC-32C every frame already has.
+fn authenticate(c: &mut Criterion) {
+    use pcft_agent::migration::auth::Psk;
+    let memory = memory();
+    let frame = batch(&memory, 0);
+    let (header, payload) = frame.split_at(pcft_agent::migration::protocol::HEADER_BYTES);
+    let key = Psk::from_bytes(&[7u8; 32]).expect("32 bytes");
+    let mut sender = key.session(true, &[1; 16], &[2; 16]).send;
+    let mut group = c.benchmark_group("authenticate 64 pages");
+    group.throughput(Throughput::Bytes(BYTES));
+    group.bench_function("baseline: CRC-32C of the frame", |b| b.iter(|| crc32c::crc32c(black_box(&frame))));
+    group.bench_function("HMAC-SHA256 tag of the frame", |b| {
+        b.iter(|| sender.tag(black_box(header), black_box(payload)))
+    });
+    group.finish();
+}
+
 fn zero_check(c: &mut Criterion) {
     let page = vec![0u8; PAGE_SIZE as usize];
     let mut group = c.benchmark_group("zero check of a 4 KiB page");
@@ -109,5 +127,5 @@ fn page_set(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, encode, decode, zero_check, page_set);
+criterion_group!(benches, encode, decode, authenticate, zero_check, page_set);
 criterion_main!(benches);
