@@ -197,3 +197,19 @@ pub fn pcft_json(args: &[&str]) -> Value {
     assert_eq!(code, Some(0), "pcft {args:?} failed: {stderr}");
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("pcft {args:?} printed no JSON ({e}): {stdout}"))
 }
+
+/// Starts VM `name` on the agent at `agent` (`pcft vm start`) with `workload`'s
+/// arguments (fixture, size, tracker…); fails the test with pcft's error otherwise.
+pub fn start_vm(agent: &str, name: &str, workload: &[&str]) {
+    let mut args = vec!["vm", "start", "--agent", agent, "--name", name];
+    args.extend_from_slice(workload);
+    let (code, _, err) = pcft_output(&args);
+    assert_eq!(code, Some(0), "pcft vm start {name}: {err}");
+}
+
+/// `pcft migrate VM --agent FROM --to TO --mode MODE` plus `extra`: (exit code, stdout, stderr).
+pub fn migrate(vm: &str, from: &str, to: &str, mode: &str, extra: &[&str]) -> (Option<i32>, String, String) {
+    let mut args = vec!["migrate", vm, "--agent", from, "--to", to, "--mode", mode];
+    args.extend_from_slice(extra);
+    pcft_output(&args)
+}

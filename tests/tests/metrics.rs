@@ -65,20 +65,10 @@ fn a_postcopy_ft_migration_shows_in_both_agents_metrics() {
 fn a_plain_postcopy_migration_sends_no_checkpoints_or_heartbeats() {
     let source = Agent::start("source", &["--metrics", "127.0.0.1:0"]);
     let destination = Agent::start("destination", &["--metrics", "127.0.0.1:0"]);
-    let (code, _, err) =
-        pcft_output(&["vm", "start", "--agent", &source.addr, "--name", "plain", "--mem", "64M", "--steps", "60000"]);
+    pcft_tests::start_vm(&source.addr, "plain", &["--mem", "64M", "--steps", "60000"]);
+    let (code, out, err) = pcft_tests::migrate("plain", &source.addr, &destination.addr, "postcopy", &["--json"]);
     assert_eq!(code, Some(0), "{err}");
-    let report = pcft_tests::pcft_json(&[
-        "migrate",
-        "plain",
-        "--agent",
-        &source.addr,
-        "--to",
-        &destination.addr,
-        "--mode",
-        "postcopy",
-        "--json",
-    ]);
+    let report: serde_json::Value = serde_json::from_str(&out).expect("the report");
     assert_eq!(report["checkpoints_committed"], 0, "{report}");
     assert_eq!(report["checkpoint_bytes"], 0, "{report}");
     assert!(report["pages_faulted"].as_u64().unwrap() > 0, "the guest ran during post-copy: {report}");

@@ -181,39 +181,12 @@ fn with_ebpf_tracking_on_both_hosts_every_kind_of_failure_recovers() {
 
 #[test]
 fn a_recovered_vm_keeps_its_dirty_tracker_and_live_dirty_rate() {
-    use pcft_tests::{http_get, pcft_output, Agent};
+    use pcft_tests::{http_get, migrate, start_vm, Agent};
     let source = Agent::start("source", &["--metrics", "127.0.0.1:0"]);
     let destination = Agent::start("destination", &["--crash-at", "committed:2"]);
-    let (code, _, err) = pcft_output(&[
-        "vm",
-        "start",
-        "--agent",
-        &source.addr,
-        "--name",
-        "web",
-        "--fixture",
-        "dirty",
-        "--mem",
-        "64M",
-        "--forever",
-        "--rate",
-        "5000",
-        "--dirty-tracker",
-        "ring",
-    ]);
-    assert_eq!(code, Some(0), "{err}");
-    let (code, _, err) = pcft_output(&[
-        "migrate",
-        "web",
-        "--agent",
-        &source.addr,
-        "--to",
-        &destination.addr,
-        "--mode",
-        "postcopy-ft",
-        "--postcopy-rate",
-        "4096",
-    ]);
+    let workload = ["--fixture", "dirty", "--mem", "64M", "--forever", "--rate", "5000", "--dirty-tracker", "ring"];
+    start_vm(&source.addr, "web", &workload);
+    let (code, _, err) = migrate("web", &source.addr, &destination.addr, "postcopy-ft", &["--postcopy-rate", "4096"]);
     assert_eq!(code, Some(1), "the destination crashed: the migration failed: {err}");
     assert!(err.contains("recovered and runs at the source"), "{err}");
     let timeline = source.metrics.as_deref().expect("--metrics").replace("/metrics", "/api/timeline");
