@@ -213,11 +213,11 @@ pub fn run(root: &Path, pcft: &Path, quick: bool) -> Result<()> {
     eprintln!("bench: TCP baseline (1 GiB over loopback)...");
     let tcp = tcp_baseline(if quick { 256 << 20 } else { 1 << 30 })?;
     let mut rows = Vec::new();
-    let total = mems.len() * rates.len() * modes.len();
+    let mut progress = crate::progress::Progress::new((mems.len() * rates.len() * modes.len()) as u64);
     for mem in mems {
         for (rate_name, rate) in rates {
             for mode in modes {
-                eprintln!("bench [{}/{total}]: {mode}, {mem}, dirty {rate_name}", rows.len() + 1);
+                progress.step(format!("migration: {mode}, {mem}, dirty {rate_name}"));
                 let report = migrate_once(pcft, mode, mem, *rate, &[])?;
                 let mem_bytes = report["mem_bytes"].as_f64().unwrap_or(0.0);
                 let total_ms = report["total_migration_ms"].as_f64().unwrap_or(f64::NAN);

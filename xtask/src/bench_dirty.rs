@@ -61,12 +61,17 @@ pub fn run(root: &Path, pcft: &Path, quick: bool) -> Result<()> {
          `vs none` is throughput over the untracked run's in the same bench run.\n\n\
          | pattern | tracker | pages/s | vs none | takes | mean take µs | max take µs |\n|---|---|---:|---:|---:|---:|---:|\n",
     );
-    for pattern in ["sequential", "random"] {
+    let sizes: &[(&str, &str)] =
+        if quick { &[("64M", "256M")] } else { &[("16M", "256M"), ("64M", "256M"), ("256M", "512M")] };
+    let patterns = ["sequential", "random"];
+    let mut progress =
+        crate::progress::Progress::new((patterns.len() * reps * trackers.len() + sizes.len() * 3) as u64);
+    for pattern in patterns {
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); trackers.len()];
         let mut last_takes: Vec<Value> = vec![Value::Null; trackers.len()];
         for rep in 0..reps {
             for (i, tracker) in trackers.iter().enumerate() {
-                eprintln!("bench dirty: {pattern}, {}, run {}/{reps}", tracker.unwrap_or("none"), rep + 1);
+                progress.step(format!("dirty: {pattern}, {}, run {}/{reps}", tracker.unwrap_or("none"), rep + 1));
                 let (ms, takes) = run_once(pcft, "256M", "64M", steps, pattern, *tracker)?;
                 times[i].push(ms);
                 last_takes[i] = takes;
@@ -93,11 +98,9 @@ pub fn run(root: &Path, pcft: &Path, quick: bool) -> Result<()> {
         "\nCost of one take-and-clear by working-set size (random writes, 1 vCPU; mean over the run's takes).\n\n\
          | working set | tracker | takes | pages per take | mean take µs | max take µs |\n|---|---|---:|---:|---:|---:|\n",
     );
-    let sizes: &[(&str, &str)] =
-        if quick { &[("64M", "256M")] } else { &[("16M", "256M"), ("64M", "256M"), ("256M", "512M")] };
     for (ws, mem) in sizes {
         for tracker in ["bitmap", "ring", "ebpf"] {
-            eprintln!("bench dirty: take cost, {ws} working set, {tracker}");
+            progress.step(format!("dirty: take cost, {ws} working set, {tracker}"));
             let (_, t) = run_once(pcft, mem, ws, steps / 2, "random", Some(tracker))?;
             let n = t["takes"].as_f64().unwrap_or(0.0).max(1.0);
             let per_take = t["pages"].as_f64().unwrap_or(0.0) / n;

@@ -182,6 +182,8 @@ fn demo(pcft: &Path, args: &[&str]) -> Result<Value> {
 
 fn total_time(pcft: &Path, plan: &Plan) -> Result<Part> {
     let mut cells = Vec::new();
+    let steps = plan.total_push_rates.len() * plan.total_mems.len() * plan.total_rates.len() * plan.reps * 2;
+    let mut progress = crate::progress::Progress::new(steps as u64);
     for (push_name, push_rate) in plan.total_push_rates {
         let push_text = push_rate.map(|r| r.to_string());
         let migrate_args: Vec<&str> = push_text.iter().flat_map(|r| ["--postcopy-rate", r.as_str()]).collect();
@@ -190,10 +192,10 @@ fn total_time(pcft: &Path, plan: &Plan) -> Result<Part> {
                 let (mut plain, mut ft) = (Vec::new(), Vec::new());
                 for rep in 1..=plan.reps {
                     for (mode, runs) in [("postcopy", &mut plain), ("postcopy-ft", &mut ft)] {
-                        eprintln!(
-                            "bench ft: total time, {mode}, {mem}, dirty {rate_name}, push {push_name}, run {rep}/{}",
+                        progress.step(format!(
+                            "ft: total time, {mode}, {mem}, dirty {rate_name}, push {push_name}, run {rep}/{}",
                             plan.reps
-                        );
+                        ));
                         let what = format!("{mode} migration of a {mem} guest dirtying {rate_name}, push {push_name}");
                         runs.push(run_or_error(&what, || migrate_once(pcft, mode, mem, *rate, &migrate_args)));
                     }
@@ -271,9 +273,10 @@ fn guest_slowdown(pcft: &Path, plan: &Plan) -> Result<Part> {
     let configs: Vec<Option<u64>> = std::iter::once(None).chain(plan.intervals.iter().copied().map(Some)).collect();
     let reps = plan.slowdown_reps;
     let mut runs: Vec<Vec<Value>> = vec![Vec::new(); configs.len()];
+    let mut progress = crate::progress::Progress::new((reps * configs.len()) as u64);
     for rep in 1..=reps {
         for (config, runs) in configs.iter().zip(&mut runs) {
-            eprintln!("bench ft: guest slowdown, {}, run {rep}/{reps}", config_name(*config));
+            progress.step(format!("ft: guest slowdown, {}, run {rep}/{reps}", config_name(*config)));
             let what = format!("guest progress during {}", config_name(*config));
             runs.push(run_or_error(&what, || {
                 progress_during_postcopy(pcft, plan.slowdown_mem, plan.slowdown_push_rate, *config)
@@ -494,10 +497,11 @@ fn failover_by_mem(pcft: &Path, plan: &Plan) -> Result<Part> {
          |---|---:|---:|---:|---:|---:|---:|---|---:|---|\n",
         plan.reps
     );
+    let mut progress = crate::progress::Progress::new((plan.failover_mems.len() * plan.reps) as u64);
     for mem in plan.failover_mems {
         let mut runs = Vec::new();
         for rep in 1..=plan.reps {
-            eprintln!("bench ft: failover, {mem}, run {rep}/{}", plan.reps);
+            progress.step(format!("ft: failover, {mem}, run {rep}/{}", plan.reps));
             runs.push(demo(pcft, &["--mem", mem, "--fail-at", "epoch:2"])?);
         }
         md.push_str(&failover_line(mem, &runs));
@@ -551,6 +555,7 @@ fn detection_by_heartbeat(pcft: &Path, plan: &Plan) -> Result<Part> {
         plan.detection_mem, plan.reps
     );
     let mut rows = Vec::new();
+    let mut progress = crate::progress::Progress::new((cases.len() * plan.reps) as u64);
     for (kind, heartbeats) in cases {
         let mut args = vec!["--mem", plan.detection_mem, "--fail-at", "epoch:2", "--fail-kind", kind];
         let (interval, timeout) = heartbeats.unwrap_or((DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_HEARTBEAT_TIMEOUT_MS));
@@ -558,7 +563,7 @@ fn detection_by_heartbeat(pcft: &Path, plan: &Plan) -> Result<Part> {
         args.extend(["--heartbeat-interval", &interval_text, "--heartbeat-timeout", &timeout_text]);
         let mut runs = Vec::new();
         for rep in 1..=plan.reps {
-            eprintln!("bench ft: detection, {kind}, heartbeat {interval}/{timeout} ms, run {rep}/{}", plan.reps);
+            progress.step(format!("ft: detection, {kind}, heartbeat {interval}/{timeout} ms, run {rep}/{}", plan.reps));
             runs.push(demo(pcft, &args)?);
         }
         md.push_str(&detection_line(kind, interval, timeout, &runs));

@@ -12,6 +12,7 @@ mod bench_dirty;
 mod bench_ft;
 mod ebpf;
 mod plots;
+mod progress;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
