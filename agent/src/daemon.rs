@@ -35,10 +35,21 @@ struct VmSlot {
     tracking: DirtyTracking,
 }
 
+/// How long a new connection may take to greet (`Hello`) before it is dropped.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What an agent takes on at most.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Guest memory for one VM.
+    pub max_guest_mem: u64,
+    /// Migrations in or out at the same time.
+    pub max_migrations: usize,
+}
+
 pub struct Daemon {
     name: String,
-    /// The most guest memory this agent accepts for one VM.
-    max_guest_mem: u64,
+    limits: Limits,
     vms: Mutex<HashMap<String, VmSlot>>,
     /// Where released guest output goes (the outside world).
     sink: OutputSink,
@@ -62,8 +73,20 @@ type Reply = Result<Message, Denial>;
 
 impl Daemon {
     /// An agent named `name`; with `psk`, it talks only to peers that hold that key.
-    pub fn new(name: String, max_guest_mem: u64, sink: OutputSink, psk: Option<Psk>) -> Arc<Self> {
-        Arc::new(Daemon { name, max_guest_mem, vms: Mutex::new(HashMap::new()), sink, psk })
+    pub fn new(name: String, limits: Limits, sink: OutputSink, psk: Option<Psk>) -> Arc<Self> {
+        Arc::new(Daemon { name, limits, vms: Mutex::new(HashMap::new()), sink, psk })
+    }
+
+    /// Refuses one more migration when `vms` (the locked VM table) already has the most this agent runs.
+    fn check_migrations(&self, vms: &HashMap<String, VmSlot>) -> Result<(), String> {
+        let running = vms.values().filter(|s| matches!(s.phase, VmPhase::MigratingOut | VmPhase::MigratingIn)).count();
+        if running >= self.limits.max_migrations {
+            return Err(format!(
+                "agent {} already runs {running} migration(s), its limit (--max-migrations {}): try again when one ends",
+                self.name, self.limits.max_migrations
+            ));
+        }
+        Ok(())
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmSlot>> {
@@ -85,7 +108,11 @@ impl Daemon {
 
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<(), String> {
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let (greeted, role) = match handshake::accept(stream, &self.name, self.psk.as_ref()).await {
+        let greeting = handshake::accept(stream, &self.name, self.psk.as_ref());
+        let Ok(accepted) = tokio::time::timeout(GREETING_TIMEOUT, greeting).await else {
+            return Err(format!("no greeting within {GREETING_TIMEOUT:?}: dropped the connection"));
+        };
+        let (greeted, role) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 if let Some(reason) = e.auth_refusal() {
@@ -170,11 +197,11 @@ impl Daemon {
                 return Err(format!("a VM named {name:?} already exists on agent {} ({:?})", self.name, slot.phase));
             }
         }
-        if config.mem_bytes > self.max_guest_mem {
+        if config.mem_bytes > self.limits.max_guest_mem {
             return Err(format!(
                 "agent {} has room for {} of guest memory per VM (--max-guest-mem) and VM {name:?} needs {}",
                 self.name,
-                format_size(self.max_guest_mem),
+                format_size(self.limits.max_guest_mem),
                 format_size(config.mem_bytes)
             ));
         }
@@ -225,8 +252,8 @@ impl Daemon {
     async fn migrate(self: &Arc<Self>, name: String, to: String, mode: Mode, options: MigrationOptions) -> Reply {
         let (runner, config) = {
             let mut vms = self.vms();
-            let slot = vms.get_mut(&name).filter(|s| s.phase == VmPhase::Running && s.runner.is_some());
-            let Some(slot) = slot else {
+            let running = vms.get(&name).is_some_and(|s| s.phase == VmPhase::Running && s.runner.is_some());
+            if !running {
                 drop(vms);
                 return Err(format!(
                     "no running VM named {name:?} on agent {} (VMs here: {})",
@@ -234,7 +261,9 @@ impl Daemon {
                     self.known()
                 )
                 .into());
-            };
+            }
+            self.check_migrations(&vms)?;
+            let slot = vms.get_mut(&name).expect("checked");
             slot.phase = VmPhase::MigratingOut;
             slot.migrating_since = Some((Instant::now(), crate::metrics::get().migration_counts(&name)));
             (Arc::clone(slot.runner.as_ref().expect("checked")), slot.config.clone())
@@ -416,24 +445,28 @@ impl Daemon {
                 return refuse(&mut wr, e.to_string()).await;
             }
         };
-        if let Err(reason) =
-            self.check_room(&name, &config).and_then(|_| config.fixture.validate().map_err(|e| e.to_string()))
-        {
-            tracing::warn!(vm = %name, %from, "refused an incoming migration: {reason}");
-            return refuse(&mut wr, reason).await;
-        }
-        tracing::info!(vm = %name, %from, mode = mode.name(), "migrating in");
-        self.vms().insert(
-            name.clone(),
-            VmSlot {
+        let admitted =
+            self.check_room(&name, &config).and_then(|_| config.fixture.validate().map_err(|e| e.to_string()));
+        // Counted and taken under one lock, so two incoming migrations cannot both take the last place.
+        let admitted = admitted.and_then(|_| {
+            let mut vms = self.vms();
+            self.check_migrations(&vms)?;
+            let slot = VmSlot {
                 phase: VmPhase::MigratingIn,
                 config: config.clone(),
                 runner: None,
                 error: None,
                 migrating_since: None,
                 tracking: if mode.checkpoints() { options.checkpoint_tracker } else { DirtyTracking::Bitmap },
-            },
-        );
+            };
+            vms.insert(name.clone(), slot);
+            Ok(())
+        });
+        if let Err(reason) = admitted {
+            tracing::warn!(vm = %name, %from, "refused an incoming migration: {reason}");
+            return refuse(&mut wr, reason).await;
+        }
+        tracing::info!(vm = %name, %from, mode = mode.name(), "migrating in");
         let table = Arc::clone(&self);
         let vm = name.clone();
         let span = tracing::info_span!("migration", vm = %name, from = %from, mode = mode.name(), side = "destination");

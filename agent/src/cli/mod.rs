@@ -88,6 +88,9 @@ pub struct AgentArgs {
     /// The most guest memory this agent accepts for one VM (default: all of this host's memory).
     #[arg(long)]
     pub max_guest_mem: Option<String>,
+    /// The most migrations (in and out together) this agent runs at once; more are refused.
+    #[arg(long, default_value_t = 4)]
+    pub max_migrations: usize,
     /// Send released guest output (one JSON line per record) to the TCP listener
     /// at this address: the outside world of the VMs on this agent.
     #[arg(long)]

@@ -4,7 +4,7 @@ use super::vm::{machine_config, KVM_PATH};
 use super::{run_failure, usage, AgentArgs, Failure, MigrateArgs, StartArgs, StatusArgs, WaitArgs};
 use anyhow::anyhow;
 use pcft_agent::client::{AgentClient, ClientError};
-use pcft_agent::daemon::Daemon;
+use pcft_agent::daemon::{Daemon, Limits};
 use pcft_agent::host::{self, format_size, parse_size};
 use pcft_agent::migration::messages::{Message, MigrationOptions, MigrationReport};
 use pcft_agent::output::OutputSink;
@@ -78,7 +78,8 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
                 "no --psk-file: any peer that reaches {addr} can start, stop and migrate VMs here; run agents with a key (pcft keygen) outside a test bench"
             );
         }
-        let daemon = Daemon::new(name, max_guest_mem, sink, key);
+        let limits = Limits { max_guest_mem, max_migrations: args.max_migrations.max(1) };
+        let daemon = Daemon::new(name, limits, sink, key);
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(run_failure)?;
         tokio::select! {
             served = daemon.serve(listener) => served.map_err(|e| run_failure(anyhow!("the agent stopped accepting connections: {e}"))),
