@@ -6,10 +6,12 @@
 //! - `bench`: migration benchmarks against a TCP baseline (target/bench/).
 //! - `ci`:    what `.ci/run` runs: setup, format and lint checks, tests.
 //! - `dashboard-assets`: re-vendor the dashboard's plotting library from npm.
+//! - `chaos`: the fault-injection suite (random failures over many demo runs).
 
 mod bench;
 mod bench_dirty;
 mod bench_ft;
+mod chaos;
 mod ebpf;
 mod plots;
 mod progress;
@@ -53,6 +55,13 @@ enum Task {
     BuildEbpf,
     /// Plot the results in target/bench/*.json again (SVG), without running anything.
     Plots,
+    /// The fault-injection suite: many PostCopyFT demos, each failing the destination
+    /// at a random point by crash, freeze or network partition; every one must recover
+    /// and verify (target/chaos/).
+    Chaos {
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+    },
     /// Vendor the dashboard's plotting library (uPlot, the version and checksum
     /// pinned in agent/dashboard/package-lock.json) into agent/dashboard/vendor/.
     DashboardAssets,
@@ -96,6 +105,13 @@ fn task(task: Task) -> Result<()> {
         Task::Run { args } => run(&args),
         Task::DashboardAssets => dashboard_assets(),
         Task::Plots => plot_results(),
+        Task::Chaos { runs } => {
+            setup()?;
+            ebpf::build()?;
+            require_kvm()?;
+            let pcft = build_release()?;
+            chaos::run(&workspace_root(), &pcft, runs.max(1))
+        }
         Task::Test => {
             setup()?;
             ebpf::build()?;
