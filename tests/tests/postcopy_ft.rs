@@ -122,7 +122,7 @@ fn a_sigkill_at_a_time_recovers() {
 
 #[test]
 fn a_frozen_destination_is_fenced_when_it_wakes() {
-    for at in ["600ms", "pause:2"] {
+    for at in ["600ms", "pause:2", "after-last-page"] {
         let report = ft_demo_kind(at, "freeze");
         recovered(&report);
         assert_eq!(report["failure"]["kind"], "heartbeat-timeout", "silence, not a closed socket: {report}");

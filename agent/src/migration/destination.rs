@@ -478,6 +478,8 @@ pub async fn migrate_in(
     let mut ft: Option<FtDestination> = None;
     let (fence_tx, mut fenced) = mpsc::unbounded_channel::<String>();
     let mut completed = false;
+    // Every way out of the loop is a `break`, never `?`: a VM that ran here
+    // must be stopped (and, PostCopyFT, marked fenced) on the way out.
     let result = loop {
         // With data always waiting, reads never yield; the writer task (page
         // requests, "resumed") must not wait behind the page stream.
@@ -537,7 +539,9 @@ pub async fn migrate_in(
                     }
                     tokio::spawn(forward_requests(rx, out.clone()));
                 }
-                out.message(&Message::Restored)?;
+                if let Err(e) = out.message(&Message::Restored) {
+                    break Err(e);
+                }
             }
             Frame::Message(Message::Go) if runner.is_some() && on_running.is_some() => {
                 let r = runner.as_ref().expect("checked");
@@ -546,7 +550,9 @@ pub async fn migrate_in(
                     break Err(vm(e));
                 }
                 stats.resume_us = at.elapsed().as_micros() as u64;
-                out.message(&Message::Resumed)?;
+                if let Err(e) = out.message(&Message::Resumed) {
+                    break Err(e);
+                }
                 if let Some(f) = on_running.take() {
                     f(Arc::clone(r));
                 }
@@ -587,7 +593,9 @@ pub async fn migrate_in(
                     stats.checkpoints_acked = ft.acked;
                     stats.checkpoint_pause_max_us = ft.pause_max_us.load(Ordering::Relaxed);
                 }
-                out.message(&Message::Complete(stats))?;
+                if let Err(e) = out.message(&Message::Complete(stats)) {
+                    break Err(e);
+                }
                 completed = true;
                 if ft.is_none() {
                     crate::metrics::get().set_phase(name, "completed");
@@ -621,7 +629,9 @@ pub async fn migrate_in(
                 if let Err(e) = incoming.discard(&gpas) {
                     break Err(e);
                 }
-                out.message(&Message::Discarded)?;
+                if let Err(e) = out.message(&Message::Discarded) {
+                    break Err(e);
+                }
             }
             Frame::Message(Message::Abort { reason }) => break Err(MigrationError::Aborted(reason)),
             Frame::Message(other) => break Err(MigrationError::Unexpected(format!("{other:?}"))),
