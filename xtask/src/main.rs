@@ -11,6 +11,7 @@ mod bench;
 mod bench_dirty;
 mod bench_ft;
 mod ebpf;
+mod fuzz;
 mod plots;
 
 use anyhow::{bail, Context, Result};
@@ -52,6 +53,16 @@ enum Task {
     BuildEbpf,
     /// Plot the results in target/bench/*.json again (SVG), without running anything.
     Plots,
+    /// Run the cargo-fuzz targets (fuzz/: frame, checkpoint) with the pinned nightly,
+    /// installing cargo-fuzz if missing; `cargo test` runs the same properties briefly.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long, value_parser = fuzz::TARGETS)]
+        target: Option<String>,
+    },
     /// Vendor the dashboard's plotting library (uPlot, the version and checksum
     /// pinned in agent/dashboard/package-lock.json) into agent/dashboard/vendor/.
     DashboardAssets,
@@ -95,6 +106,7 @@ fn task(task: Task) -> Result<()> {
         Task::Run { args } => run(&args),
         Task::DashboardAssets => dashboard_assets(),
         Task::Plots => plot_results(),
+        Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
         Task::Test => {
             setup()?;
             ebpf::build()?;
