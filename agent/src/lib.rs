@@ -12,6 +12,9 @@ pub mod devices;
 pub mod dirty;
 pub mod ebpf;
 pub mod fence;
+/// Property checks for the fuzzers (tests and `fuzz/`); see docs/protocol.md, "Fuzzing".
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod host;
 pub mod http;
 pub mod kvm;

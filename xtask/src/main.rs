@@ -7,12 +7,14 @@
 //! - `ci`:    what `.ci/run` runs: setup, format and lint checks, tests.
 //! - `dashboard-assets`: re-vendor the dashboard's plotting library from npm.
 //! - `chaos`: the fault-injection suite (random failures over many demo runs).
+//! - `fuzz`:  the cargo-fuzz targets (frame decoder, checkpoint store), bounded in time.
 
 mod bench;
 mod bench_dirty;
 mod bench_ft;
 mod chaos;
 mod ebpf;
+mod fuzz;
 mod plots;
 mod progress;
 
@@ -61,6 +63,16 @@ enum Task {
     Chaos {
         #[arg(long, default_value_t = 50)]
         runs: usize,
+    },
+    /// Run the cargo-fuzz targets (fuzz/: frame, checkpoint) with the pinned nightly,
+    /// installing cargo-fuzz if missing; `cargo test` runs the same properties briefly.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long, value_parser = fuzz::TARGETS)]
+        target: Option<String>,
     },
     /// Vendor the dashboard's plotting library (uPlot, the version and checksum
     /// pinned in agent/dashboard/package-lock.json) into agent/dashboard/vendor/.
@@ -112,6 +124,7 @@ fn task(task: Task) -> Result<()> {
             let pcft = build_release()?;
             chaos::run(&workspace_root(), &pcft, runs.max(1))
         }
+        Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
         Task::Test => {
             setup()?;
             ebpf::build()?;

@@ -76,7 +76,8 @@ impl CheckpointStore {
     }
 
     /// Applies the staged epoch if its commit record says it is whole, and makes it current.
-    /// On an error nothing of the epoch was applied.
+    /// On an error nothing of the epoch was applied, and its pages stay staged (the
+    /// source then drops the connection, and the store's open epoch with it).
     pub fn commit(&mut self, epoch: u64, pages: u64, state: &[u8]) -> Result<u64, CheckpointError> {
         let expected = self.committed.epoch + 1;
         if epoch != expected {

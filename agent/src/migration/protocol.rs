@@ -142,13 +142,14 @@ impl PageBatch {
         let mut start: Option<(u64, Option<usize>, usize)> = None;
         for &(gpa, at) in &self.entries {
             if let Some((run_gpa, run_at, n)) = start.as_mut() {
-                let next_gpa = *run_gpa + *n as u64 * PAGE_SIZE;
+                // None past the top of the address space: a peer's addresses may be anything.
+                let next_gpa = run_gpa.checked_add(*n as u64 * PAGE_SIZE);
                 let continues = match (*run_at, at) {
                     (None, None) => true,
                     (Some(a), Some(b)) => b == a + *n * PAGE,
                     _ => false,
                 };
-                if gpa == next_gpa && continues {
+                if next_gpa == Some(gpa) && continues {
                     *n += 1;
                     continue;
                 }
@@ -537,6 +538,14 @@ mod tests {
         assert_eq!((runs[3].0, runs[3].1), (0x7000, 1), "a gap ends a run");
         assert_eq!(runs.len(), 4);
         assert_eq!(decoded.runs()[0].data.unwrap().len(), 2 * PAGE);
+    }
+
+    #[test]
+    fn runs_never_wrap_past_the_top_of_the_address_space() {
+        let top = !(PAGE_SIZE - 1); // the last page below 2^64
+        let batch = PageBatch::from_pages(vec![(top, PageData::Zero), (0, PageData::Zero)]);
+        let runs: Vec<(u64, usize)> = batch.runs().iter().map(|r| (r.gpa, r.pages)).collect();
+        assert_eq!(runs, vec![(top, 1), (0, 1)]);
     }
 
     #[test]
