@@ -292,6 +292,7 @@ mod tests {
             m.vm(family, "vm1", 1);
         }
         m.migrations.get_or_create(&MigrationLabels { mode: "postcopy-ft".into(), result: "completed".into() }).inc();
+        m.auth_refused("no-key");
         let text = m.encode();
         // "# TYPE pcft_checkpoint_epochs counter": the family names.
         let exported: Vec<&str> =

@@ -229,20 +229,21 @@ impl FailAt {
 
 /// Waits until the source reports the demo VM's migration in post-copy (the
 /// VM runs at the destination); false if the migration ended before that or
-/// the source cannot be asked.
+/// the source cannot be asked. (It may start before the source has the
+/// request: a VM still `running` there is waited for too.)
 async fn postcopy_started(source: &str) -> bool {
+    use pcft_agent::migration::messages::VmPhase;
     let Ok(mut client) = AgentClient::connect(source).await else { return false };
     loop {
         let Ok(Message::StatusReport { vms, .. }) = client.request(&Message::Status).await else { return false };
         let Some(vm) = vms.into_iter().find(|v| v.name == VM) else { return false };
-        match vm.migration {
-            Some(m) if m.phase == "postcopy" => return true,
-            Some(_) => tokio::time::sleep(Duration::from_millis(2)).await,
-            None if vm.phase == pcft_agent::migration::messages::VmPhase::MigratingOut => {
-                tokio::time::sleep(Duration::from_millis(2)).await
-            }
-            None => return false,
+        if vm.migration.is_some_and(|m| m.phase == "postcopy") {
+            return true;
         }
+        if !matches!(vm.phase, VmPhase::Running | VmPhase::MigratingOut) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
