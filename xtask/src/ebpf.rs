@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The nightly whose LLVM matches bpf-linker's (also in agent-ebpf/rust-toolchain.toml).
-const NIGHTLY: &str = "nightly-2026-05-20";
+pub(crate) const NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER: &str = "bpf-linker@0.13.0";
 const LLVM_PACKAGES: &[&str] =
     &["llvm-22-dev", "libpolly-22-dev", "libclang-22-dev", "clang-22", "libzstd-dev", "zlib1g-dev"];
@@ -76,9 +76,25 @@ pub fn build() -> Result<PathBuf> {
     let root = workspace_root();
     let crate_dir = root.join("agent-ebpf");
     let path = format!("{}:{}", cargo_bin("").display(), std::env::var("PATH").unwrap_or_default());
+    let mut cmd = rustup_cargo(NIGHTLY);
+    cmd.args(["build", "--release", "--quiet"]).current_dir(&crate_dir).env("PATH", path);
+    status(&mut cmd).context("building the eBPF programs (agent-ebpf)")?;
+    let built = crate_dir.join("target/bpfel-unknown-none/release/pcft-ebpf");
+    let object = root.join("target/bpf/pcft-ebpf.o");
+    std::fs::create_dir_all(object.parent().expect("has a parent"))?;
+    // Rewrite only when it changed, so that pcft is not rebuilt for nothing.
+    let new = std::fs::read(&built).with_context(|| format!("no eBPF object at {}", built.display()))?;
+    if std::fs::read(&object).ok().as_deref() != Some(&new[..]) {
+        std::fs::write(&object, &new)?;
+    }
+    Ok(object)
+}
+
+/// `cargo` of the rustup toolchain `toolchain`. `cargo xtask` runs under the
+/// stable toolchain: none of its settings may leak into that cargo.
+pub(crate) fn rustup_cargo(toolchain: &str) -> Command {
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", NIGHTLY, "cargo", "build", "--release", "--quiet"]).current_dir(&crate_dir).env("PATH", path);
-    // `cargo xtask` runs under the stable toolchain: none of its settings may leak into this build.
+    cmd.args(["run", toolchain, "cargo"]);
     for var in [
         "RUSTUP_TOOLCHAIN",
         "RUSTC",
@@ -90,14 +106,5 @@ pub fn build() -> Result<PathBuf> {
     ] {
         cmd.env_remove(var);
     }
-    status(&mut cmd).context("building the eBPF programs (agent-ebpf)")?;
-    let built = crate_dir.join("target/bpfel-unknown-none/release/pcft-ebpf");
-    let object = root.join("target/bpf/pcft-ebpf.o");
-    std::fs::create_dir_all(object.parent().expect("has a parent"))?;
-    // Rewrite only when it changed, so that pcft is not rebuilt for nothing.
-    let new = std::fs::read(&built).with_context(|| format!("no eBPF object at {}", built.display()))?;
-    if std::fs::read(&object).ok().as_deref() != Some(&new[..]) {
-        std::fs::write(&object, &new)?;
-    }
-    Ok(object)
+    cmd
 }

@@ -10,30 +10,15 @@
 //! replays every file there.
 
 use super::{status, workspace_root};
+use crate::ebpf::NIGHTLY;
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 
-/// The nightly cargo-fuzz builds with (the eBPF programs' pinned one).
-const NIGHTLY: &str = "nightly-2026-05-20";
 pub const TARGETS: [&str; 2] = ["frame", "checkpoint"];
 
-/// `cargo` of the rustup toolchain `toolchain`, with none of the settings of
-/// the stable cargo that runs xtask.
+/// cargo-fuzz builds with the eBPF programs' pinned nightly.
 fn cargo(toolchain: &str) -> Command {
-    let mut cmd = Command::new("rustup");
-    cmd.args(["run", toolchain, "cargo"]);
-    for var in [
-        "RUSTUP_TOOLCHAIN",
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
+    crate::ebpf::rustup_cargo(toolchain)
 }
 
 fn has_cargo_fuzz() -> bool {
