@@ -215,6 +215,10 @@ pub async fn with_progress<T>(
         None,
         if shown { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
+    if bar.is_hidden() {
+        // No terminal to draw on (or --json): no status polling either.
+        return migration.await;
+    }
     bar.set_style(
         ProgressStyle::with_template("{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} pages {msg}")
             .expect("a valid template")
