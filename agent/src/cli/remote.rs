@@ -7,6 +7,7 @@ use pcft_agent::client::{AgentClient, ClientError};
 use pcft_agent::daemon::{Daemon, Limits};
 use pcft_agent::host::{self, format_size, parse_size};
 use pcft_agent::migration::messages::{Message, MigrationOptions, MigrationReport};
+use pcft_agent::migration::staging::StagingLimits;
 use pcft_agent::output::OutputSink;
 use std::io::Write;
 use std::path::Path;
@@ -30,6 +31,17 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         Some(text) => parse_size(text).map_err(usage)?,
         None => u64::MAX,
     };
+    let staging = StagingLimits {
+        memory_bytes: parse_size(&args.staging_memory)
+            .map_err(|e| usage(anyhow!("--staging-memory {}: {e}", args.staging_memory)))?,
+        dir: args.staging_dir.clone().unwrap_or_else(std::env::temp_dir),
+    };
+    if !staging.dir.is_dir() {
+        return Err(usage(anyhow!(
+            "--staging-dir {}: not a directory; give a directory with room for one checkpoint",
+            staging.dir.display()
+        )));
+    }
     runtime().block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
@@ -64,8 +76,8 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         std::io::stdout().flush().map_err(run_failure)?;
         tracing::info!(agent = %name, %addr, "agent started");
         if let Some(point) = args.crash_at {
-            tracing::warn!(?point, "fault injection armed: this agent will SIGKILL itself there");
-            pcft_agent::migration::crash::arm(point, args.crash_signal);
+            tracing::warn!(?point, signal = ?args.crash_signal, "fault injection armed: this agent fails there");
+            pcft_agent::migration::crash::arm(point, args.crash_signal).map_err(|e| usage(anyhow!(e)))?;
         }
         let sink = match &args.output_sink {
             Some(addr) => OutputSink::tcp(&name, addr).map_err(run_failure)?,
@@ -78,7 +90,7 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
                 "no --psk-file: any peer that reaches {addr} can start, stop and migrate VMs here; run agents with a key (pcft keygen) outside a test bench"
             );
         }
-        let limits = Limits { max_guest_mem, max_migrations: args.max_migrations.max(1) };
+        let limits = Limits { max_guest_mem, max_migrations: args.max_migrations.max(1), staging };
         let daemon = Daemon::new(name, limits, sink, key);
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(run_failure)?;
         tokio::select! {
