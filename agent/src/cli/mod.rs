@@ -100,6 +100,9 @@ pub struct AgentArgs {
     /// (an unlinked file; room for one checkpoint: up to the VM's memory) [default: the temp dir, e.g. /tmp].
     #[arg(long)]
     pub staging_dir: Option<std::path::PathBuf>,
+    /// Fault injection: every write to the checkpoint staging file takes this many ms more (a slow disk).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub staging_delay_ms: u64,
     /// Send released guest output (one JSON line per record) to the TCP listener
     /// at this address: the outside world of the VMs on this agent.
     #[arg(long)]

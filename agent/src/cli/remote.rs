@@ -35,6 +35,7 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         memory_bytes: parse_size(&args.staging_memory)
             .map_err(|e| usage(anyhow!("--staging-memory {}: {e}", args.staging_memory)))?,
         dir: args.staging_dir.clone().unwrap_or_else(std::env::temp_dir),
+        write_delay: std::time::Duration::from_millis(args.staging_delay_ms),
     };
     if !staging.dir.is_dir() {
         return Err(usage(anyhow!(

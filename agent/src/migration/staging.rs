@@ -35,11 +35,18 @@ pub struct StagingLimits {
     pub memory_bytes: u64,
     /// Where the overflow file is created.
     pub dir: PathBuf,
+    /// Fault injection (`pcft agent --staging-delay-ms`): every write to the
+    /// file takes this much longer, a slow disk.
+    pub write_delay: std::time::Duration,
 }
 
 impl Default for StagingLimits {
     fn default() -> Self {
-        StagingLimits { memory_bytes: DEFAULT_STAGING_MEMORY, dir: std::env::temp_dir() }
+        StagingLimits {
+            memory_bytes: DEFAULT_STAGING_MEMORY,
+            dir: std::env::temp_dir(),
+            write_delay: std::time::Duration::ZERO,
+        }
     }
 }
 
@@ -94,6 +101,10 @@ impl Staging {
         let frame = encode_pages(&batch);
         spill.file.write_all(&frame).map_err(|e| StagingError::Write { dir: dir.clone(), reason: e.to_string() })?;
         spill.bytes += frame.len() as u64;
+        if !self.limits.write_delay.is_zero() {
+            // Blocks as a slow disk's write would.
+            std::thread::sleep(self.limits.write_delay);
+        }
         Ok(())
     }
 
@@ -208,7 +219,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Room for two batches in memory.
         let budget = 2 * batch(0, 0).payload_len() as u64;
-        let mut staging = Staging::new(StagingLimits { memory_bytes: budget, dir: dir.path().into() });
+        let mut staging =
+            Staging::new(StagingLimits { memory_bytes: budget, dir: dir.path().into(), ..Default::default() });
         for i in 0..5u8 {
             staging.push(batch(u64::from(i) * 0x2000, i + 1)).unwrap();
         }
@@ -228,7 +240,7 @@ mod tests {
     #[test]
     fn a_corrupted_file_hands_out_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut staging = Staging::new(StagingLimits { memory_bytes: 0, dir: dir.path().into() });
+        let mut staging = Staging::new(StagingLimits { memory_bytes: 0, dir: dir.path().into(), ..Default::default() });
         staging.push(batch(0, 1)).unwrap();
         staging.push(batch(0x2000, 2)).unwrap();
         // Flip a byte of the second frame's page data on "disk".
@@ -248,8 +260,11 @@ mod tests {
 
     #[test]
     fn an_unwritable_directory_is_named() {
-        let mut staging =
-            Staging::new(StagingLimits { memory_bytes: 0, dir: PathBuf::from("/nonexistent/pcft-staging") });
+        let mut staging = Staging::new(StagingLimits {
+            memory_bytes: 0,
+            dir: PathBuf::from("/nonexistent/pcft-staging"),
+            ..Default::default()
+        });
         let e = staging.push(batch(0, 1)).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/pcft-staging") && e.contains("--staging-dir"), "{e}");
     }
