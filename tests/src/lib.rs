@@ -129,7 +129,10 @@ pub struct Agent {
 impl Agent {
     pub fn start(name: &str, extra: &[&str]) -> Agent {
         use std::io::BufRead;
+        // Without a key of its own, an agent must be told it may run open.
+        let open = (!extra.contains(&"--psk-file")).then_some("--insecure");
         let mut child = pcft(&["agent", "--listen", "127.0.0.1:0", "--name", name])
+            .args(open)
             .args(extra)
             .stdout(std::process::Stdio::piped())
             .spawn()

@@ -91,6 +91,11 @@ pub struct AgentArgs {
     /// The most migrations (in and out together) this agent runs at once; more are refused.
     #[arg(long, default_value_t = 4)]
     pub max_migrations: usize,
+    /// Run without a pre-shared key: any peer that reaches --listen may start,
+    /// stop and migrate VMs here (test benches only). Without it an agent
+    /// needs --psk-file (or PCFT_PSK_FILE).
+    #[arg(long)]
+    pub insecure: bool,
     /// Memory for the pages of a PostCopyFT checkpoint that has not committed
     /// yet, per outgoing migration; the rest of a larger checkpoint waits in a
     /// file in --staging-dir.

@@ -31,6 +31,19 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         Some(text) => parse_size(text).map_err(usage)?,
         None => u64::MAX,
     };
+    match (pcft_agent::client::key().is_some(), args.insecure) {
+        (false, false) => {
+            return Err(usage(anyhow!(
+                "an agent needs a pre-shared key: --psk-file FILE (or PCFT_PSK_FILE; make one with `pcft keygen --out FILE` and give every agent and CLI the same), or --insecure to let any peer in (test benches only)"
+            )))
+        }
+        (true, true) => {
+            return Err(usage(anyhow!(
+                "--insecure and a key (--psk-file or PCFT_PSK_FILE) contradict each other: drop one"
+            )))
+        }
+        _ => {}
+    }
     let staging = StagingLimits {
         memory_bytes: parse_size(&args.staging_memory)
             .map_err(|e| usage(anyhow!("--staging-memory {}: {e}", args.staging_memory)))?,
@@ -88,7 +101,7 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         if key.is_none() {
             tracing::warn!(
                 agent = %name,
-                "no --psk-file: any peer that reaches {addr} can start, stop and migrate VMs here; run agents with a key (pcft keygen) outside a test bench"
+                "--insecure: any peer that reaches {addr} can start, stop and migrate VMs here; run agents with a key (pcft keygen) outside a test bench"
             );
         }
         let limits = Limits { max_guest_mem, max_migrations: args.max_migrations.max(1), staging };
