@@ -687,7 +687,9 @@ impl PostcopySource {
                 ft.checkpoint_progress = ft.checkpoint_progress.max(at);
                 let bytes = batch.payload_len() as u64;
                 let in_file = ft.store.staged_bytes().1;
-                ft.store.stage(batch).map_err(|e| protocol(e.to_string()))?;
+                // Staging may write to disk: off the async worker, so that the reply
+                // reader (heartbeats) and the rest of the agent run on meanwhile.
+                tokio::task::block_in_place(|| ft.store.stage(batch)).map_err(|e| protocol(e.to_string()))?;
                 let m = metrics::get();
                 m.vm(&m.checkpoint_bytes, &self.report.vm, bytes);
                 let spilled = ft.store.staged_bytes().1.saturating_sub(in_file);
@@ -698,7 +700,8 @@ impl PostcopySource {
             Reply::CheckpointCommit { epoch, pages, state } => {
                 let ft = self.ft.as_mut().ok_or_else(|| protocol("a checkpoint without PostCopyFT".into()))?;
                 let bytes_before = ft.store.bytes_received;
-                ft.store.commit(epoch, pages, &state).map_err(|e| protocol(e.to_string()))?;
+                tokio::task::block_in_place(|| ft.store.commit(epoch, pages, &state))
+                    .map_err(|e| protocol(e.to_string()))?;
                 let m = metrics::get();
                 m.vm(&m.checkpoints, &self.report.vm, 1);
                 m.timeline.event(
@@ -844,5 +847,34 @@ async fn precopy_and_stop(
     match restored {
         Message::Restored => Ok(Stopped { paused_at, state, final_dirty: dirty, discarded }),
         other => Err(MigrationError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_time_spent_waiting_for_the_destination_is_silence() {
+        let start = Instant::now();
+        let liveness = Liveness::new(start, Duration::from_millis(200));
+        liveness.waiting(start + Duration::from_millis(10));
+        assert_eq!(liveness.deadline(), Some(start + Duration::from_millis(210)));
+        // A frame came: whatever the source then does with it (stage to a slow
+        // disk, wait for room in its queue) is not the destination's silence.
+        liveness.busy();
+        assert_eq!((liveness.silent_since(), liveness.deadline()), (None, None));
+        liveness.waiting(start + Duration::from_secs(5));
+        assert_eq!(liveness.silent_since(), Some(start + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn queued_replies_cost_what_they_hold() {
+        let pages = PageBatch::from_pages(vec![(0, super::super::protocol::PageData::Bytes(vec![1; 4096]))]);
+        let cost = Reply::CheckpointPages(pages).queued_bytes();
+        assert!((4096..4096 + 64).contains(&cost), "{cost}");
+        assert_eq!(Reply::Resumed.queued_bytes(), 1, "nothing is free: every reply holds a permit");
+        let huge = Reply::CheckpointCommit { epoch: 1, pages: 0, state: vec![0; REPLY_QUEUE_BYTES as usize * 2] };
+        assert_eq!(huge.queued_bytes(), REPLY_QUEUE_BYTES, "one reply never needs more than the whole queue");
     }
 }
