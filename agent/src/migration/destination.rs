@@ -530,6 +530,7 @@ pub async fn migrate_in(
     let mut lease_from: Option<Instant> = None;
     let mut vm_fence: Option<Arc<Fence>> = None;
     let mut ft: Option<FtDestination> = None;
+    // At most one word from each of the lease and checkpoint tasks: they end after sending.
     let (fence_tx, mut fenced) = mpsc::unbounded_channel::<String>();
     let mut completed = false;
     // Every way out of the loop is a `break`, never `?`: a VM that ran here
@@ -586,6 +587,7 @@ pub async fn migrate_in(
                     Err(e) => break Err(vm(e.to_string())),
                 }
                 if let Some(region) = &incoming.region {
+                    // Bounded by the guest's pages: a page is queued once, when its first fault is pending.
                     let (tx, rx) = mpsc::unbounded_channel();
                     match FaultHandler::start(Arc::clone(region), Arc::clone(&incoming.pending), tx) {
                         Ok(h) => handler = Some(h),
