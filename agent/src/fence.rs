@@ -41,9 +41,15 @@ impl Fence {
         self.base + Duration::from_micros(self.deadline_us.load(Ordering::SeqCst))
     }
 
-    /// The VM is this host's alone now: no deadline any more (unless it already tripped).
-    pub fn disarm(&self) {
+    /// The VM is this host's alone now: no deadline any more. Refused (false)
+    /// once the deadline has passed: the lease ran out first, and the source
+    /// may be restoring its copy.
+    pub fn disarm(&self) -> bool {
+        if !self.allows_running() {
+            return false;
+        }
         self.disarmed.store(true, Ordering::SeqCst);
+        true
     }
 
     fn disarmed(&self) -> bool {
@@ -125,11 +131,11 @@ mod tests {
         fence.extend(Instant::now() + Duration::from_secs(10));
         assert!(!fence.allows_running(), "a tripped fence stays tripped");
         assert!(fence.tripped());
-        fence.disarm();
+        assert!(!fence.disarm(), "too late to disarm");
         assert!(!fence.allows_running(), "too late to disarm");
 
         let fence = Fence::new(Instant::now() + Duration::from_millis(10));
-        fence.disarm();
+        assert!(fence.disarm());
         std::thread::sleep(Duration::from_millis(20));
         assert!(fence.allows_running(), "disarmed before its deadline: no deadline");
     }

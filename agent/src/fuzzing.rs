@@ -208,7 +208,7 @@ fn sample_gpas(src: &mut impl Source) -> Vec<u64> {
 
 /// One of the protocol's messages, with small sampled fields.
 pub fn sample_message(src: &mut impl Source) -> Message {
-    match src.below(16) {
+    match src.below(17) {
         0 => Message::Ping,
         1 => Message::Pong,
         2 => Message::Refuse { reason: sample_text(src) },
@@ -237,6 +237,7 @@ pub fn sample_message(src: &mut impl Source) -> Message {
         12 => Message::Discard { gpas: sample_gpas(src) },
         13 => Message::Finish,
         14 => Message::Status,
+        15 => Message::Finished,
         _ => Message::Abort { reason: sample_text(src) },
     }
 }

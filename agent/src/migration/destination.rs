@@ -671,12 +671,23 @@ pub async fn migrate_in(
                 }
             }
             Frame::Message(Message::Finish) if completed && ft.is_some() => {
-                // The source let its copy go: the VM is ours alone, and so is its output.
-                if let Some(fence) = &vm_fence {
-                    fence.disarm();
+                // The source lets its copy go, if we take the VM while our lease holds.
+                if let Some(fence) = vm_fence.as_ref().filter(|f| !f.disarm()) {
+                    let late = fence.deadline().elapsed().as_millis();
+                    break Err(MigrationError::Fenced(format!("Finish came {late} ms after the lease ran out")));
                 }
+                // The VM is ours alone, and so is its output. Nothing goes out after
+                // `Finished`: no heartbeats, no checkpoints (it follows the queued ones).
+                drop(ft.take());
                 runner.as_ref().expect("runs").release_outputs(None);
                 crate::metrics::get().set_phase(name, "completed");
+                let finished = out.checkpoint_frame(encode_message(&Message::Finished)).await;
+                if finished.is_ok() {
+                    // Let the source close first, so that our close never resets a
+                    // connection it still reads (which could lose `Finished`).
+                    let closed = async { while rd.read().await.is_ok() {} };
+                    let _ = tokio::time::timeout(Duration::from_millis(options.heartbeat_timeout_ms * 5), closed).await;
+                }
                 break Ok(());
             }
             // Only under userfaultfd does a dropped page come back (as a fault).

@@ -179,11 +179,13 @@ pub struct DestinationStats {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FailureReport {
     /// `connection-closed` (the destination's socket closed: it crashed or fenced
-    /// itself), `heartbeat-timeout` (silence: a partition, or a hung host), or `protocol`.
+    /// itself), `heartbeat-timeout` (silence: a partition, or a hung host),
+    /// `checkpoint-stalled` (heartbeats but no checkpoints), or `protocol`.
     pub kind: String,
     /// Milliseconds from the start of the migration to the detection.
     pub detected_at_ms: f64,
-    /// Milliseconds from the last word heard from the destination to the detection.
+    /// Milliseconds from the last word heard from the destination (for
+    /// `checkpoint-stalled`: its last checkpoint progress) to the detection.
     pub detection_ms: f64,
     pub reason: String,
 }
@@ -355,7 +357,11 @@ pub enum Message {
     HeartbeatAck {
         seq: u64,
     },
-    /// Source → destination, PostCopyFT, after `Complete`: the source has let
-    /// its copy go; the VM is the destination's alone and its output may all go out.
+    /// Source → destination, PostCopyFT, after `Complete`: the source will not
+    /// restore its copy unless the destination says it did not take this
+    /// (`Abort`); the VM is the destination's alone and its output may all go out.
     Finish,
+    /// Destination → source, PostCopyFT: `Finish` arrived while the lease held;
+    /// the VM runs here for good. Nothing follows it on the connection.
+    Finished,
 }

@@ -186,6 +186,8 @@ enum Reply {
         state: Vec<u8>,
     },
     Heartbeat(u64),
+    /// PostCopyFT: the destination took `Finish`; the VM is its own.
+    Finished,
     /// The destination aborted (it stops its copy first) or closed the connection.
     Gone(FailureKind, String),
 }
@@ -201,6 +203,9 @@ pub enum FailureKind {
     Protocol,
     /// Its heartbeats went on but its checkpoints stopped (a gray failure).
     CheckpointStalled,
+    /// After `Finish`: silence, so the source cannot know whether the
+    /// destination took the VM. It must not restore its copy.
+    FinishUnconfirmed,
 }
 
 impl FailureKind {
@@ -210,6 +215,7 @@ impl FailureKind {
             FailureKind::HeartbeatTimeout => "heartbeat-timeout",
             FailureKind::Protocol => "protocol",
             FailureKind::CheckpointStalled => "checkpoint-stalled",
+            FailureKind::FinishUnconfirmed => "finish-unconfirmed",
         }
     }
 
@@ -264,6 +270,7 @@ async fn read_replies(
                 Reply::CheckpointCommit { epoch, pages, state }
             }
             Ok(Frame::Message(Message::Heartbeat { seq })) => Reply::Heartbeat(seq),
+            Ok(Frame::Message(Message::Finished)) => Reply::Finished,
             Ok(Frame::Message(Message::Abort { reason })) => {
                 Reply::Gone(FailureKind::ConnectionClosed, format!("destination aborted: {reason}"))
             }
@@ -416,6 +423,8 @@ pub async fn migrate_out(
         ft: ft.take(),
         memory,
         report,
+        finishing: false,
+        finished: false,
     };
     let mut result = post.run(options).await;
     if let Err(lost) = &mut result {
@@ -438,11 +447,17 @@ pub async fn migrate_out(
             report.fault_latency_us = stats.fault_latency_us;
             Ok(MigrationOutcome::Completed(report))
         }
+        Err(Lost { kind: FailureKind::FinishUnconfirmed, reason }) => Err(MigrationError::LostAfterCommit(format!(
+            "{reason}; it runs the VM if Finish reached it, or it stopped its copy: check `pcft status` on {to}"
+        ))),
         Err(Lost { kind, reason }) => {
             let Some(ft) = ft else {
                 return Err(MigrationError::LostAfterCommit(reason));
             };
-            let last_heard = out.liveness.as_ref().and_then(|l| l.silent_since()).unwrap_or_else(Instant::now);
+            let last_heard = match kind {
+                FailureKind::CheckpointStalled => ft.checkpoint_progress,
+                _ => out.liveness.as_ref().and_then(|l| l.silent_since()).unwrap_or_else(Instant::now),
+            };
             // Stop renewing the destination's lease at once: the connection goes (with `out`).
             drop(out);
             let detected_at = Instant::now();
@@ -510,6 +525,10 @@ struct PostcopySource {
     ft: Option<FtSource>,
     memory: Arc<GuestMemory>,
     report: MigrationReport,
+    /// PostCopyFT: `Finish` went out (checkpoints have stopped: no stall check).
+    finishing: bool,
+    /// PostCopyFT: the destination answered `Finished`.
+    finished: bool,
 }
 
 impl PostcopySource {
@@ -566,11 +585,36 @@ impl PostcopySource {
             if let Some(stats) = self.wait(None).await? {
                 if self.ft.is_some() {
                     // The destination has every page: let the VM go. Its output may all go out now.
-                    self.out.message(&Message::Finish).await.map_err(Lost::from_write)?;
+                    self.finish().await?;
                 }
                 return Ok(stats);
             }
         }
+    }
+
+    /// PostCopyFT's hand-over: `Finish`, then wait for `Finished`, acking
+    /// heartbeats meanwhile so that the destination's lease holds while `Finish`
+    /// travels. If the destination says it did not take the VM (`Abort`: its
+    /// lease ran out first, and it stopped its copy) or its connection closes
+    /// without `Finished` (it died, or stopped its copy before closing), the
+    /// source fails over as before. If it goes silent, the source cannot know
+    /// whether `Finish` arrived: it must not restore (the VM may run there).
+    async fn finish(&mut self) -> Result<(), Lost> {
+        self.finishing = true;
+        self.out.message(&Message::Finish).await.map_err(Lost::from_write)?;
+        while !self.finished {
+            match self.wait(None).await {
+                Ok(_) => {}
+                Err(Lost { kind: FailureKind::HeartbeatTimeout, reason }) => {
+                    return Err(Lost {
+                        kind: FailureKind::FinishUnconfirmed,
+                        reason: format!("the destination went silent after Finish ({reason})"),
+                    })
+                }
+                Err(lost) => return Err(lost),
+            }
+        }
+        Ok(())
     }
 
     /// Waits for the next reply (at most until `until`) and handles it.
@@ -581,7 +625,7 @@ impl PostcopySource {
             let silent = l.deadline().unwrap_or_else(|| Instant::now() + l.timeout);
             deadline = Some(deadline.map_or(silent, |d| d.min(silent)));
         }
-        if let Some(ft) = &self.ft {
+        if let Some(ft) = self.ft.as_ref().filter(|_| !self.finishing) {
             deadline = Some(deadline.map_or(ft.stall_deadline(), |d| d.min(ft.stall_deadline())));
         }
         let sleep = async {
@@ -658,7 +702,7 @@ impl PostcopySource {
         }
         // A stall: the destination is heard (heartbeats) but sends no checkpoint, though
         // nothing of it waits here to be handled and every commit was acked.
-        if let Some(ft) = &self.ft {
+        if let Some(ft) = self.ft.as_ref().filter(|_| !self.finishing) {
             let waiting_on_destination = self.out.liveness.as_ref().is_some_and(|l| l.silent_since().is_some());
             if now >= ft.stall_deadline() && self.replies.is_empty() && waiting_on_destination {
                 return Err(Lost {
@@ -718,6 +762,8 @@ impl PostcopySource {
             }
             // Heartbeats come through `heartbeats`, not the queue.
             Reply::Heartbeat(_) => {}
+            Reply::Finished if self.finishing => self.finished = true,
+            Reply::Finished => return Err(protocol("Finished before Finish".into())),
         }
         Ok(None)
     }
