@@ -387,10 +387,16 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             kind.name()
         )));
     }
-    if mode.checkpoints() && kind == FailKind::Stall && chosen && matches!(fail_at, FailAt::After(_)) {
+    // The checkpointer's own points: in a pause or after the last page it does not run.
+    let stall_point = matches!(
+        fail_at,
+        FailAt::Point(CrashPoint::BeforeFirstCheckpoint | CrashPoint::Speculative(_) | CrashPoint::Committed(_))
+    );
+    if mode.checkpoints() && kind == FailKind::Stall && chosen && !stall_point && fail_at != FailAt::None {
         return Err(usage(anyhow!(
-            "--fail-kind stall hangs the destination's checkpointer at a point of its work, not at a time: \
-             use --fail-at epoch:N, speculative:N, pause:N, before-first-checkpoint, after-last-page (or random, none)"
+            "--fail-kind stall hangs the destination's checkpointer at a point of its work: \
+             use --fail-at epoch:N, speculative:N or before-first-checkpoint (or random, none), not {}",
+            args.fail_at
         )));
     }
     let fail_at = match fail_at {

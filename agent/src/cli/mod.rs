@@ -200,7 +200,8 @@ pub struct DemoArgs {
     /// checkpoint N went out); `speculative:N` (in checkpoint N's speculative
     /// copy); `pause:N` (in checkpoint N's pause); `before-first-checkpoint`;
     /// `after-last-page` (when the last page arrived). The points are for
-    /// crash, freeze and stall.
+    /// crash and freeze; stall takes epoch:N, speculative:N and
+    /// before-first-checkpoint.
     #[arg(long, default_value = "random")]
     pub fail_at: String,
     /// How the destination fails: `crash` (SIGKILL of the destination agent),
