@@ -155,7 +155,9 @@ fn outcome(report: &Value) -> &'static str {
 /// The failure as the demo applied it: its point or time, and for lossy and
 /// slow-source what was done to the link or the source.
 fn severity(plan: &Plan, report: &Value) -> String {
-    let at = report["fail_at"].as_str().unwrap_or("?");
+    let Some(at) = report["fail_at"].as_str() else {
+        return if plan.severity.is_empty() { "no report".into() } else { format!("{}, no report", plan.severity) };
+    };
     let applied = report["network"].as_str().or(report["source_throttle"].as_str());
     match (plan.severity.is_empty(), applied) {
         (true, _) => at.to_string(),
@@ -279,7 +281,8 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
     }
     let failed: Vec<&Value> = results.iter().filter(|r| r["held"] != true).collect();
     for r in &failed {
-        md.push_str(&format!("\nFAILED ({}, {}): {}\n", r["kind"], r["severity"], r["report"]));
+        let (kind, severity) = (r["kind"].as_str().unwrap_or_default(), r["severity"].as_str().unwrap_or_default());
+        md.push_str(&format!("\nFAILED ({kind}, {severity}): {}\n", r["report"]));
     }
     let dir = root.join("target/chaos");
     std::fs::create_dir_all(&dir)?;

@@ -486,7 +486,12 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
                 FailKind::SlowSource => format!("slow-source: {}% of a CPU", args.source_cpu_pct),
                 other => other.name(),
             };
-            println!("the destination fails at: {} ({how})", fail_at.name());
+            let who = match kind {
+                FailKind::Lossy => "the link between the hosts degrades",
+                FailKind::SlowSource => "the source slows down",
+                _ => "the destination fails",
+            };
+            println!("{who} at: {} ({how})", fail_at.name());
         }
     }
     let (fixture, vcpus, mem_bytes) = (config.fixture.kind.name(), config.fixture.vcpus, config.mem_bytes);

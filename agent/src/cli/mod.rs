@@ -204,7 +204,7 @@ pub struct DemoArgs {
     /// before-first-checkpoint.
     #[arg(long, default_value = "random")]
     pub fail_at: String,
-    /// How the destination fails: `crash` (SIGKILL of the destination agent),
+    /// How the migration fails: `crash` (SIGKILL of the destination agent),
     /// `freeze` (SIGSTOP; SIGCONT once the source has recovered the VM: the
     /// destination must find its lease expired and stay stopped),
     /// `partition` (the agents run in network namespaces joined by a veth

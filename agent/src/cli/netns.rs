@@ -206,7 +206,7 @@ impl Testbed {
                 // numgen's `mod 100` gives 0 to 99: `< 100` is out of its range.
                 let drop = match loss_pct {
                     100.. => "drop".to_string(),
-                    pct => format!("numgen random mod 100 < {pct} drop"),
+                    pct => format!("numgen random mod 100 < {pct} counter drop"),
                 };
                 let rules = format!(
                     "add table inet pcft; \
