@@ -472,7 +472,7 @@ pub fn check_codec(bytes: &[u8]) {
                 }
             }
         }
-        Err(ProtocolError::TooLarge(n)) => {
+        Err(ProtocolError::TooLarge(n, _)) => {
             assert!(sound && n == length && length > MAX_PAYLOAD, "TooLarge({n}) for {header:02x?}")
         }
         Err(e) => assert!(!sound, "decode_header refused the sound header {header:02x?}: {e}"),

@@ -60,7 +60,7 @@ pub struct Greeted {
 
 fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
     let (rd, wr) = stream.into_split();
-    (FrameReader::new(rd), FrameWriter::new(wr))
+    (FrameReader::for_greeting(rd), FrameWriter::new(wr))
 }
 
 /// The client's side: sends `Hello` as `agent` in `role`; with `psk`, the
@@ -84,7 +84,7 @@ pub async fn connect(stream: TcpStream, role: Role, agent: &str, psk: Option<&Ps
             })?;
             wr.authenticate(session.send);
         }
-        (None, _, None) => {}
+        (None, _, None) => rd.greeted(),
         // A server that answers otherwise does not follow the protocol.
         _ => return Err(HandshakeError::Unexpected("a Welcome that does not match our authentication".into())),
     }
@@ -133,6 +133,7 @@ pub async fn accept(stream: TcpStream, agent: &str, psk: Option<&Psk>) -> Result
         }
     };
     wr.write(&encode_message(&Message::Welcome { agent: agent.to_string(), nonce: server_nonce })).await?;
+    rd.greeted();
     Ok((Greeted { rd, wr, peer }, role))
 }
 

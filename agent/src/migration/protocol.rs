@@ -28,6 +28,12 @@ pub const PROTOCOL_VERSION: u16 = 4;
 pub const HEADER_BYTES: usize = 16;
 /// No frame carries more: a larger length field is corruption, not a reason to allocate.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// No greeting frame (`Hello`, `Welcome`, a refusal) carries more: before a
+/// peer has authenticated, a length field may claim at most this.
+pub const GREETING_MAX_PAYLOAD: u32 = 16 << 10;
+/// A payload is read in pieces of at most this, so memory grows with the
+/// bytes that really arrive, not with what a length field claims.
+const READ_CHUNK: usize = 256 << 10;
 const KIND_MESSAGE: u16 = 1;
 const KIND_PAGES: u16 = 2;
 const FLAG_ZERO: u8 = 1;
@@ -40,8 +46,8 @@ pub enum ProtocolError {
     BadMagic([u8; 4]),
     #[error("the peer speaks protocol version {peer}, this agent speaks version {PROTOCOL_VERSION}: run the same pcft version on both hosts")]
     Version { peer: u16 },
-    #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
-    TooLarge(u32),
+    #[error("frame of {0} bytes exceeds the {1}-byte limit")]
+    TooLarge(u32, u32),
     #[error("frame checksum mismatch (computed {computed:#010x}, frame says {stored:#010x}): the stream is corrupt")]
     Checksum { computed: u32, stored: u32 },
     #[error("unknown frame kind {0}")]
@@ -308,7 +314,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, ProtocolError
     }
     let length = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if length > MAX_PAYLOAD {
-        return Err(ProtocolError::TooLarge(length));
+        return Err(ProtocolError::TooLarge(length, MAX_PAYLOAD));
     }
     let crc = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
     Ok(Header { kind, length, crc, prefix_crc: crc32c::crc32c(&bytes[..12]) })
@@ -377,6 +383,7 @@ fn decode_pages(payload: Vec<u8>) -> Result<PageBatch, ProtocolError> {
 /// of stream before a header is `Closed`; an end inside a frame is `Truncated`.
 async fn read_checked<R: AsyncRead + Unpin>(
     reader: &mut R,
+    max_payload: u32,
 ) -> Result<([u8; HEADER_BYTES], Header, Vec<u8>), ProtocolError> {
     let mut header_bytes = [0u8; HEADER_BYTES];
     let mut filled = 0;
@@ -389,10 +396,25 @@ async fn read_checked<R: AsyncRead + Unpin>(
         }
     }
     let header = decode_header(&header_bytes)?;
-    let mut payload = vec![0u8; header.payload_len()];
-    read_exactly(reader, &mut payload).await?;
+    if header.length > max_payload {
+        return Err(ProtocolError::TooLarge(header.length, max_payload));
+    }
+    let payload = read_payload(reader, header.payload_len()).await?;
     check_crc(&header, &payload)?;
     Ok((header_bytes, header, payload))
+}
+
+/// Reads `len` payload bytes, growing the buffer as they arrive: a peer that
+/// claims a large frame and sends little costs little.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> Result<Vec<u8>, ProtocolError> {
+    let mut payload = Vec::new();
+    while payload.len() < len {
+        let at = payload.len();
+        let piece = (len - at).min(READ_CHUNK);
+        payload.resize(at + piece, 0);
+        read_exactly(reader, &mut payload[at..]).await?;
+    }
+    Ok(payload)
 }
 
 async fn read_exactly<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> Result<(), ProtocolError> {
@@ -407,22 +429,36 @@ async fn read_exactly<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> R
 pub struct FrameReader<R = OwnedReadHalf> {
     inner: R,
     mac: Option<FrameMac>,
+    /// The largest payload a frame may claim now (small until the greeting is done).
+    max_payload: u32,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader of untagged frames (until [`authenticate`](Self::authenticate)).
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, mac: None }
+        FrameReader { inner, mac: None, max_payload: MAX_PAYLOAD }
+    }
+
+    /// A reader for a connection's greeting: frames larger than a greeting
+    /// are refused until [`greeted`](Self::greeted) or an authentication.
+    pub fn for_greeting(inner: R) -> Self {
+        FrameReader { inner, mac: None, max_payload: GREETING_MAX_PAYLOAD }
+    }
+
+    /// The greeting is done (without a key): frames up to [`MAX_PAYLOAD`] from now on.
+    pub fn greeted(&mut self) {
+        self.max_payload = MAX_PAYLOAD;
     }
 
     /// From now on every frame must carry a tag that `mac` accepts.
     pub fn authenticate(&mut self, mac: FrameMac) {
         self.mac = Some(mac);
+        self.max_payload = MAX_PAYLOAD;
     }
 
     /// The next frame (checked: checksum, then tag).
     pub async fn read(&mut self) -> Result<Frame, ProtocolError> {
-        let (header_bytes, header, payload) = read_checked(&mut self.inner).await?;
+        let (header_bytes, header, payload) = read_checked(&mut self.inner, self.max_payload).await?;
         if let Some(mac) = &mut self.mac {
             let mut tag = [0u8; TAG_BYTES];
             read_exactly(&mut self.inner, &mut tag).await?;
@@ -436,7 +472,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The greeting's answer, read before the connection is authenticated,
     /// with its raw bytes so that its tag can be checked once the keys are known.
     pub(crate) async fn read_untagged(&mut self) -> Result<(Frame, [u8; HEADER_BYTES], Vec<u8>), ProtocolError> {
-        let (header_bytes, header, payload) = read_checked(&mut self.inner).await?;
+        let (header_bytes, header, payload) = read_checked(&mut self.inner, self.max_payload).await?;
         let frame = decode_checked(header, payload.clone())?;
         Ok((frame, header_bytes, payload))
     }
@@ -454,7 +490,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if !mac.verify(header, payload, &tag) {
             return Err(ProtocolError::Unauthenticated);
         }
-        self.mac = Some(mac);
+        self.authenticate(mac);
         Ok(())
     }
 }
@@ -566,7 +602,7 @@ mod tests {
         assert_eq!(decode(&bytes), Err(ProtocolError::Version { peer: 9 }));
         let mut huge = encode_message(&Message::Ping);
         huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(decode(&huge), Err(ProtocolError::TooLarge(u32::MAX)));
+        assert_eq!(decode(&huge), Err(ProtocolError::TooLarge(u32::MAX, MAX_PAYLOAD)));
     }
 
     #[test]
@@ -597,5 +633,25 @@ mod tests {
         }
         let mut whole = &bytes[..];
         assert_eq!(FrameReader::new(&mut whole).read().await, Ok(Frame::Message(Message::Ping)));
+    }
+
+    #[tokio::test]
+    async fn a_length_field_is_only_a_claim() {
+        // A header that claims the largest frame, followed by a few bytes: truncated, not an allocation of 32 MiB.
+        let mut claim = encode_message(&Message::Ping);
+        claim[8..12].copy_from_slice(&MAX_PAYLOAD.to_le_bytes());
+        let mut short = &claim[..];
+        assert_eq!(FrameReader::new(&mut short).read().await, Err(ProtocolError::Truncated));
+        // Before the greeting is done, a frame may not claim more than a greeting needs.
+        let big = frame(KIND_PAGES, &vec![0u8; GREETING_MAX_PAYLOAD as usize + 1]);
+        let mut stream = &big[..];
+        assert_eq!(
+            FrameReader::for_greeting(&mut stream).read().await,
+            Err(ProtocolError::TooLarge(GREETING_MAX_PAYLOAD + 1, GREETING_MAX_PAYLOAD))
+        );
+        let mut stream = &big[..];
+        let mut reader = FrameReader::for_greeting(&mut stream);
+        reader.greeted();
+        assert!(matches!(reader.read().await, Err(ProtocolError::Malformed { .. })), "read whole once greeted");
     }
 }
