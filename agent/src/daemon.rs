@@ -15,6 +15,7 @@ use crate::migration::messages::{
 };
 use crate::migration::protocol::{encode_message, Frame, FrameReader, FrameWriter, ProtocolError};
 use crate::migration::source::{migrate_out, MigrationError, MigrationOutcome};
+use crate::migration::staging::StagingLimits;
 use crate::output::OutputSink;
 use crate::vm_runner::{OutputGate, VmRunner};
 use std::collections::HashMap;
@@ -39,12 +40,14 @@ struct VmSlot {
 const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What an agent takes on at most.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Limits {
     /// Guest memory for one VM.
     pub max_guest_mem: u64,
     /// Migrations in or out at the same time.
     pub max_migrations: usize,
+    /// Memory (and the file beyond it) for each outgoing migration's open checkpoint.
+    pub staging: StagingLimits,
 }
 
 pub struct Daemon {
@@ -270,9 +273,19 @@ impl Daemon {
         };
         tracing::info!(vm = %name, %to, mode = mode.name(), "migrating out");
         let span = tracing::info_span!("migration", vm = %name, to = %to, mode = mode.name(), side = "source");
-        let result = migrate_out(&runner, &name, &config, &to, mode, options, &self.name, self.psk.as_ref())
-            .instrument(span)
-            .await;
+        let result = migrate_out(
+            &runner,
+            &name,
+            &config,
+            &to,
+            mode,
+            options,
+            &self.name,
+            self.psk.as_ref(),
+            &self.limits.staging,
+        )
+        .instrument(span)
+        .await;
         let outcome = match &result {
             Ok(MigrationOutcome::Completed(_)) => "completed",
             Ok(MigrationOutcome::DestinationLost { .. }) => "recovered",

@@ -570,7 +570,10 @@ impl StoreModel {
         }
         let switchover = sample_state(src, machine_config());
         let state = switchover.to_bytes();
-        let store = CheckpointStore::new(Arc::clone(&memory), switchover);
+        // Half the time every staged page goes through the staging file.
+        let budget = if src.one_in(2) { 0 } else { crate::migration::staging::DEFAULT_STAGING_MEMORY };
+        let limits = crate::migration::staging::StagingLimits { memory_bytes: budget, ..Default::default() };
+        let store = CheckpointStore::new(Arc::clone(&memory), switchover, limits);
         let model = StoreModel { memory, store, image, staged: Vec::new(), epoch: 0, state };
         model.check("new");
         model
@@ -654,7 +657,7 @@ impl StoreModel {
     /// Ends the store: its last committed checkpoint is the model's, and the staged pages never reached memory.
     pub fn finish(self) {
         let StoreModel { memory, store, image, epoch, state, .. } = self;
-        let committed = store.into_committed();
+        let committed = store.into_committed().expect("no commit fails half-way");
         assert_eq!(committed.epoch, epoch, "the last committed epoch");
         assert!(committed.state.to_bytes() == state, "the last committed state is not the model's");
         let mut now = vec![0u8; MEM_BYTES as usize];

@@ -80,6 +80,7 @@ pub struct Metrics {
     pub fault_latency: Histogram,
     pub checkpoints: Family<VmLabels, Counter>,
     pub checkpoint_bytes: Family<VmLabels, Counter>,
+    pub checkpoint_staged_file_bytes: Family<VmLabels, Counter>,
     pub checkpoint_pause: Histogram,
     pub heartbeat_rtt: Histogram,
     pub failovers: Family<VmLabels, Counter>,
@@ -108,6 +109,7 @@ impl Metrics {
             fault_latency: seconds_buckets(),
             checkpoints: Family::default(),
             checkpoint_bytes: Family::default(),
+            checkpoint_staged_file_bytes: Family::default(),
             checkpoint_pause: seconds_buckets(),
             heartbeat_rtt: seconds_buckets(),
             failovers: Family::default(),
@@ -140,6 +142,11 @@ impl Metrics {
             "checkpoint_bytes",
             "PostCopyFT checkpoint bytes received, page data and state (source)",
             m.checkpoint_bytes.clone(),
+        );
+        registry.register(
+            "checkpoint_staged_file_bytes",
+            "PostCopyFT checkpoint bytes that waited for their commit in the staging file, past --staging-memory (source)",
+            m.checkpoint_staged_file_bytes.clone(),
         );
         registry.register(
             "checkpoint_pause_seconds",
@@ -288,7 +295,9 @@ mod tests {
         m.pages_sent("vm1", PageReason::pushed, 1);
         m.dirty_taken("vm1", "bitmap", 1);
         m.dirty_rate_sampled("vm1", "ring", 1.0);
-        for family in [&m.checkpoints, &m.checkpoint_bytes, &m.failovers, &m.output_released] {
+        for family in
+            [&m.checkpoints, &m.checkpoint_bytes, &m.checkpoint_staged_file_bytes, &m.failovers, &m.output_released]
+        {
             m.vm(family, "vm1", 1);
         }
         m.migrations.get_or_create(&MigrationLabels { mode: "postcopy-ft".into(), result: "completed".into() }).inc();

@@ -129,7 +129,10 @@ pub struct Agent {
 impl Agent {
     pub fn start(name: &str, extra: &[&str]) -> Agent {
         use std::io::BufRead;
+        // Without a key of its own, an agent must be told it may run open.
+        let open = (!extra.contains(&"--psk-file")).then_some("--insecure");
         let mut child = pcft(&["agent", "--listen", "127.0.0.1:0", "--name", name])
+            .args(open)
             .args(extra)
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -212,4 +215,15 @@ pub fn migrate(vm: &str, from: &str, to: &str, mode: &str, extra: &[&str]) -> (O
     let mut args = vec!["migrate", vm, "--agent", from, "--to", to, "--mode", mode];
     args.extend_from_slice(extra);
     pcft_output(&args)
+}
+
+/// The oracle's memory digest for a ledger VM of `mem_mib` with the given steps (other parameters at their defaults).
+pub fn ledger_digest(mem_mib: u64, vcpus: u64, steps: u64) -> (String, u64) {
+    let ws_pages = ((mem_mib << 20) - vm_fixtures::abi::WORKING_SET_GPA) / vm_fixtures::abi::PAGE_SIZE;
+    let params = vm_fixtures::FixtureParams {
+        steps,
+        ..vm_fixtures::FixtureParams::new(vm_fixtures::FixtureKind::Ledger, vcpus, ws_pages)
+    };
+    let expected = params.expected_after(steps);
+    (format!("{:#018x}", expected.memory_digest()), expected.outputs().iter().map(|o| o.len() as u64).sum())
 }

@@ -116,3 +116,23 @@ fn an_agent_with_another_key_cannot_take_a_migration() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains(r#""verified":true"#), "{out}");
 }
+
+#[test]
+fn an_agent_without_a_key_starts_only_when_told_it_may_run_open() {
+    let (code, _, err) = pcft_tests::pcft_output(&["agent", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--psk-file") && err.contains("pcft keygen") && err.contains("--insecure"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    pcft_tests::pcft_json(&["keygen", "--out", key.to_str().unwrap(), "--json"]);
+    let (code, _, err) = pcft_tests::pcft_output(&[
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure",
+        "--psk-file",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("contradict"), "{err}");
+}

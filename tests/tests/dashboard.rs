@@ -181,10 +181,11 @@ fn the_dashboard_plots_live_dirty_rates_and_checkpoints() {
 #[test]
 fn an_agent_says_where_its_dashboard_is_and_serves_it() {
     use std::io::BufRead;
-    let mut child = pcft_tests::pcft(&["agent", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn pcft agent");
+    let mut child =
+        pcft_tests::pcft(&["agent", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--json", "--insecure"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn pcft agent");
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("agent stdout");
     let started: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));

@@ -4,18 +4,9 @@
 
 use pcft_agent::migration::messages::Message;
 use pcft_agent::migration::protocol::{decode_header, decode_payload, encode_message, Frame, HEADER_BYTES};
-use pcft_tests::{pcft_json, pcft_output, Agent};
+use pcft_tests::{ledger_digest, pcft_json, pcft_output, Agent};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use vm_fixtures::{abi, FixtureKind, FixtureParams};
-
-/// The oracle's memory digest for a ledger VM of `mem_mib` with the given steps (other parameters at their defaults).
-fn ledger_digest(mem_mib: u64, vcpus: u64, steps: u64) -> (String, u64) {
-    let ws_pages = ((mem_mib << 20) - abi::WORKING_SET_GPA) / abi::PAGE_SIZE;
-    let params = FixtureParams { steps, ..FixtureParams::new(FixtureKind::Ledger, vcpus, ws_pages) };
-    let expected = params.expected_after(steps);
-    (format!("{:#018x}", expected.memory_digest()), expected.outputs().iter().map(|o| o.len() as u64).sum())
-}
 
 fn demo(mode: &str, mem_mib: u64, vcpus: u64) {
     let (mem, v) = (format!("{mem_mib}M"), vcpus.to_string());

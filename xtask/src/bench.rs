@@ -66,7 +66,7 @@ impl Agent {
 
     fn spawn(pcft: &Path, name: &str, metrics: bool) -> Result<Agent> {
         let mut cmd = Command::new(pcft);
-        cmd.args(["agent", "--listen", "127.0.0.1:0", "--name", name]);
+        cmd.args(["agent", "--listen", "127.0.0.1:0", "--name", name, "--insecure"]);
         if metrics {
             cmd.args(["--metrics", "127.0.0.1:0"]);
         }

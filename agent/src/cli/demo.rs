@@ -96,6 +96,7 @@ impl Agents {
         let mut child = command
             .args(["agent", "--listen", listen, "--name", name])
             .args(self.key.iter().flat_map(|key| [std::ffi::OsStr::new("--psk-file"), key.file.as_os_str()]))
+            .args(self.key.is_none().then_some("--insecure"))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -92,6 +92,23 @@ pub struct AgentArgs {
     /// The most migrations (in and out together) this agent runs at once; more are refused.
     #[arg(long, default_value_t = 4)]
     pub max_migrations: usize,
+    /// Run without a pre-shared key: any peer that reaches --listen may start,
+    /// stop and migrate VMs here (test benches only). Without it an agent
+    /// needs --psk-file (or PCFT_PSK_FILE).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Memory for the pages of a PostCopyFT checkpoint that has not committed
+    /// yet, per outgoing migration; the rest of a larger checkpoint waits in a
+    /// file in --staging-dir.
+    #[arg(long, default_value = "64M")]
+    pub staging_memory: String,
+    /// Where a checkpoint larger than --staging-memory waits for its commit
+    /// (an unlinked file; room for one checkpoint: up to the VM's memory) [default: the temp dir, e.g. /tmp].
+    #[arg(long)]
+    pub staging_dir: Option<std::path::PathBuf>,
+    /// Fault injection: every write to the checkpoint staging file takes this many ms more (a slow disk).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub staging_delay_ms: u64,
     /// Send released guest output (one JSON line per record) to the TCP listener
     /// at this address: the outside world of the VMs on this agent.
     #[arg(long)]
@@ -107,7 +124,8 @@ pub struct AgentArgs {
     /// migration (before-first-checkpoint, speculative:N, pause:N, committed:N, after-last-page).
     #[arg(long, hide = true)]
     pub crash_at: Option<pcft_agent::migration::crash::CrashPoint>,
-    /// Fault injection: what happens at --crash-at (kill: SIGKILL; stop: SIGSTOP, a frozen host).
+    /// Fault injection: what happens at --crash-at (kill: SIGKILL; stop: SIGSTOP, a frozen host;
+    /// stall: the checkpointer hangs while heartbeats go on).
     #[arg(long, hide = true, default_value = "kill")]
     pub crash_signal: pcft_agent::migration::crash::CrashSignal,
 }
@@ -153,6 +171,11 @@ pub struct FtArgs {
     /// Silence after which either side declares the other lost (and the destination's lease), in ms.
     #[arg(long, default_value_t = pcft_agent::migration::messages::MigrationOptions::DEFAULT_HEARTBEAT_TIMEOUT_MS)]
     pub heartbeat_timeout: u64,
+    /// How long the source waits for the destination's next checkpoint, in ms:
+    /// past it a destination whose heartbeats go on but whose checkpoints
+    /// stopped is declared failed (and the VM recovered at the source).
+    #[arg(long, default_value_t = pcft_agent::migration::messages::MigrationOptions::DEFAULT_CHECKPOINT_TIMEOUT_MS)]
+    pub checkpoint_timeout: u64,
     /// How the destination tracks the pages the guest writes there, for
     /// checkpoints [default: bitmap; for `pcft demo`, its --dirty-tracker].
     #[arg(long, value_enum)]
@@ -170,6 +193,7 @@ impl FtArgs {
             checkpoint_interval_ms: self.checkpoint_interval.max(1),
             heartbeat_interval_ms: self.heartbeat_interval.max(1),
             heartbeat_timeout_ms: self.heartbeat_timeout.max(1),
+            checkpoint_timeout_ms: self.checkpoint_timeout.max(1),
             checkpoint_tracker: self.checkpoint_tracker.unwrap_or(default_tracker).into(),
             ..base
         }

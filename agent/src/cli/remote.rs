@@ -7,6 +7,7 @@ use pcft_agent::client::{AgentClient, ClientError};
 use pcft_agent::daemon::{Daemon, Limits};
 use pcft_agent::host::{self, format_size, parse_size};
 use pcft_agent::migration::messages::{Message, MigrationOptions, MigrationReport};
+use pcft_agent::migration::staging::StagingLimits;
 use pcft_agent::output::OutputSink;
 use std::io::Write;
 use std::path::Path;
@@ -30,6 +31,31 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         Some(text) => parse_size(text).map_err(usage)?,
         None => u64::MAX,
     };
+    match (pcft_agent::client::key().is_some(), args.insecure) {
+        (false, false) => {
+            return Err(usage(anyhow!(
+                "an agent needs a pre-shared key: --psk-file FILE (or PCFT_PSK_FILE; make one with `pcft keygen --out FILE` and give every agent and CLI the same), or --insecure to let any peer in (test benches only)"
+            )))
+        }
+        (true, true) => {
+            return Err(usage(anyhow!(
+                "--insecure and a key (--psk-file or PCFT_PSK_FILE) contradict each other: drop one"
+            )))
+        }
+        _ => {}
+    }
+    let staging = StagingLimits {
+        memory_bytes: parse_size(&args.staging_memory)
+            .map_err(|e| usage(anyhow!("--staging-memory {}: {e}", args.staging_memory)))?,
+        dir: args.staging_dir.clone().unwrap_or_else(std::env::temp_dir),
+        write_delay: std::time::Duration::from_millis(args.staging_delay_ms),
+    };
+    if !staging.dir.is_dir() {
+        return Err(usage(anyhow!(
+            "--staging-dir {}: not a directory; give a directory with room for one checkpoint",
+            staging.dir.display()
+        )));
+    }
     runtime().block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
@@ -64,8 +90,8 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         std::io::stdout().flush().map_err(run_failure)?;
         tracing::info!(agent = %name, %addr, "agent started");
         if let Some(point) = args.crash_at {
-            tracing::warn!(?point, "fault injection armed: this agent will SIGKILL itself there");
-            pcft_agent::migration::crash::arm(point, args.crash_signal);
+            tracing::warn!(?point, signal = ?args.crash_signal, "fault injection armed: this agent fails there");
+            pcft_agent::migration::crash::arm(point, args.crash_signal).map_err(|e| usage(anyhow!(e)))?;
         }
         let sink = match &args.output_sink {
             Some(addr) => OutputSink::tcp(&name, addr).map_err(run_failure)?,
@@ -75,10 +101,10 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         if key.is_none() {
             tracing::warn!(
                 agent = %name,
-                "no --psk-file: any peer that reaches {addr} can start, stop and migrate VMs here; run agents with a key (pcft keygen) outside a test bench"
+                "--insecure: any peer that reaches {addr} can start, stop and migrate VMs here; run agents with a key (pcft keygen) outside a test bench"
             );
         }
-        let limits = Limits { max_guest_mem, max_migrations: args.max_migrations.max(1) };
+        let limits = Limits { max_guest_mem, max_migrations: args.max_migrations.max(1), staging };
         let daemon = Daemon::new(name, limits, sink, key);
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(run_failure)?;
         tokio::select! {

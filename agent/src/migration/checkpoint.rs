@@ -8,9 +8,12 @@
 //! they arrive and touch guest memory only once the whole epoch is there: the
 //! commit record's page count matches, its epoch is the next one, its state
 //! decodes. So memory plus the committed state is always one consistent VM
-//! state, and a half-received epoch is never applied.
+//! state, and a half-received epoch is never applied. Staged pages take at
+//! most the staging budget of memory; the rest of an epoch waits in a file
+//! (see [`super::staging`]).
 
 use super::protocol::PageBatch;
+use super::staging::{Staging, StagingLimits};
 use crate::machine::MachineState;
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 use std::sync::Arc;
@@ -27,6 +30,8 @@ pub enum CheckpointError {
     State { epoch: u64, reason: String },
     #[error("cannot write checkpoint {epoch} into guest memory: {reason}")]
     Apply { epoch: u64, reason: String },
+    #[error("cannot stage checkpoint pages: {0}")]
+    Staging(String),
 }
 
 /// The last committed checkpoint: the VM state to restore over guest memory.
@@ -39,9 +44,12 @@ pub struct Committed {
 /// Stages incoming epochs and commits them into guest memory.
 pub struct CheckpointStore {
     memory: Arc<GuestMemory>,
-    staged: Vec<PageBatch>,
+    staging: Staging,
     staged_pages: u64,
     committed: Committed,
+    /// A commit failed after writing part of its epoch into guest memory:
+    /// memory is no longer any committed state.
+    torn: Option<String>,
     /// Pages and bytes of every committed epoch, for the report.
     pub pages_committed: u64,
     pub bytes_received: u64,
@@ -49,12 +57,13 @@ pub struct CheckpointStore {
 
 impl CheckpointStore {
     /// A store over `memory`, whose committed state is `switchover` (epoch 0).
-    pub fn new(memory: Arc<GuestMemory>, switchover: MachineState) -> Self {
+    pub fn new(memory: Arc<GuestMemory>, switchover: MachineState, limits: StagingLimits) -> Self {
         CheckpointStore {
             memory,
-            staged: Vec::new(),
+            staging: Staging::new(limits),
             staged_pages: 0,
             committed: Committed { epoch: 0, state: switchover },
+            torn: None,
             pages_committed: 0,
             bytes_received: 0,
         }
@@ -71,8 +80,12 @@ impl CheckpointStore {
         }
         self.staged_pages += batch.len() as u64;
         self.bytes_received += batch.payload_len() as u64;
-        self.staged.push(batch);
-        Ok(())
+        self.staging.push(batch).map_err(|e| CheckpointError::Staging(e.to_string()))
+    }
+
+    /// Bytes of the open epoch staged in memory and in the staging file.
+    pub fn staged_bytes(&self) -> (u64, u64) {
+        (self.staging.memory_bytes(), self.staging.file_bytes())
     }
 
     /// Applies the staged epoch if its commit record says it is whole, and makes it current.
@@ -91,18 +104,28 @@ impl CheckpointStore {
         if state.config != self.committed.state.config {
             return Err(CheckpointError::State { epoch, reason: "it is of another machine configuration".into() });
         }
-        let apply = |e: MemoryError| CheckpointError::Apply { epoch, reason: e.to_string() };
-        for batch in std::mem::take(&mut self.staged) {
+        let memory = &self.memory;
+        let applied = self.staging.drain(|batch| {
             for run in batch.runs() {
                 match run.data {
-                    Some(data) => self.memory.write(run.gpa, data).map_err(apply)?,
+                    Some(data) => memory.write(run.gpa, data).map_err(|e: MemoryError| e.to_string())?,
                     None => {
                         for i in 0..run.pages as u64 {
-                            self.memory.write(run.gpa + i * PAGE_SIZE, &[0u8; PAGE_SIZE as usize]).map_err(apply)?;
+                            memory
+                                .write(run.gpa + i * PAGE_SIZE, &[0u8; PAGE_SIZE as usize])
+                                .map_err(|e: MemoryError| e.to_string())?;
                         }
                     }
                 }
             }
+            Ok(())
+        });
+        if let Err(e) = applied {
+            let error = CheckpointError::Apply { epoch, reason: e.to_string() };
+            if self.staging.torn() {
+                self.torn = Some(error.to_string());
+            }
+            return Err(error);
         }
         self.bytes_received += state_len(&state);
         self.pages_committed += self.staged_pages;
@@ -120,9 +143,13 @@ impl CheckpointStore {
         self.committed.epoch
     }
 
-    /// Ends the store: the last committed checkpoint. The staged epoch is dropped.
-    pub fn into_committed(self) -> Committed {
-        self.committed
+    /// Ends the store: the last committed checkpoint (the staged epoch is
+    /// dropped), or why guest memory holds none (a commit failed half-way).
+    pub fn into_committed(self) -> Result<Committed, String> {
+        match self.torn {
+            None => Ok(self.committed),
+            Some(reason) => Err(reason),
+        }
     }
 }
 
@@ -158,7 +185,7 @@ mod tests {
     fn store() -> (Arc<GuestMemory>, CheckpointStore) {
         let memory = Arc::new(GuestMemory::new(4 << 20, 4 << 20).unwrap());
         memory.write(0x1000, &[7; PAGE_SIZE as usize]).unwrap();
-        (Arc::clone(&memory), CheckpointStore::new(memory, state(0)))
+        (Arc::clone(&memory), CheckpointStore::new(memory, state(0), StagingLimits::default()))
     }
 
     fn byte_at(memory: &GuestMemory, gpa: u64) -> u8 {
@@ -177,7 +204,7 @@ mod tests {
         assert_eq!(store.commit(1, 3, &state(4).to_bytes()), Ok(1));
         assert_eq!((byte_at(&memory, 0x1000), byte_at(&memory, 0x2000), byte_at(&memory, 0x3000)), (0, 1, 3));
         assert_eq!(store.committed_epoch(), 1);
-        assert_eq!(store.into_committed().state.devices.output_log.len(), 4);
+        assert_eq!(store.into_committed().unwrap().state.devices.output_log.len(), 4);
     }
 
     #[test]
@@ -188,7 +215,7 @@ mod tests {
         // Epoch 2: two pages staged, then the destination dies before the commit record.
         store.stage(PageBatch::from_pages(vec![(0x1000, page(2)), (0x2000, page(2))])).unwrap();
         assert_eq!(store.staged_pages(), 2);
-        let committed = store.into_committed();
+        let committed = store.into_committed().unwrap();
         assert_eq!(committed.epoch, 1);
         assert_eq!((byte_at(&memory, 0x1000), byte_at(&memory, 0x2000)), (1, 0));
     }

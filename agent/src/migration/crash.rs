@@ -2,7 +2,9 @@
 //! a destination agent kill itself with SIGKILL (a real crash: no cleanup, no
 //! goodbye on the socket) at a named point of a PostCopyFT migration; with
 //! `--crash-signal stop` it freezes itself with SIGSTOP there instead (a hung
-//! host that may wake up later: what fencing is for).
+//! host that may wake up later: what fencing is for); with `stall` only its
+//! checkpointer hangs there while the rest of it (heartbeats, page requests)
+//! goes on: a gray failure that only a progress check finds.
 
 use std::sync::OnceLock;
 
@@ -48,6 +50,9 @@ pub enum CrashSignal {
     Kill,
     /// SIGSTOP: the process freezes until someone sends SIGCONT.
     Stop,
+    /// The checkpointer hangs at the point (at `speculative:N`, `committed:N`
+    /// or `before-first-checkpoint`); heartbeats go on.
+    Stall,
 }
 
 impl std::str::FromStr for CrashSignal {
@@ -57,22 +62,32 @@ impl std::str::FromStr for CrashSignal {
         match text {
             "kill" => Ok(CrashSignal::Kill),
             "stop" => Ok(CrashSignal::Stop),
-            _ => Err(format!("unknown crash signal {text:?}: use kill or stop")),
+            "stall" => Ok(CrashSignal::Stall),
+            _ => Err(format!("unknown crash signal {text:?}: use kill, stop or stall")),
         }
     }
 }
 
 static CRASH_AT: OnceLock<(CrashPoint, CrashSignal)> = OnceLock::new();
 
-/// Arms the crash point for this process (once).
-pub fn arm(point: CrashPoint, signal: CrashSignal) {
+/// Arms the crash point for this process (once). A stall can only be armed
+/// where the checkpointer passes.
+pub fn arm(point: CrashPoint, signal: CrashSignal) -> Result<(), String> {
+    let in_checkpointer =
+        matches!(point, CrashPoint::BeforeFirstCheckpoint | CrashPoint::Speculative(_) | CrashPoint::Committed(_));
+    if signal == CrashSignal::Stall && !in_checkpointer {
+        return Err(format!(
+            "--crash-signal stall hangs the checkpointer: use it with speculative:N, committed:N or before-first-checkpoint, not {point:?}"
+        ));
+    }
     let _ = CRASH_AT.set((point, signal));
+    Ok(())
 }
 
 /// Kills (or freezes) this process if `point` is the armed one.
 pub fn at(point: CrashPoint) {
     match CRASH_AT.get() {
-        Some(&(armed, signal)) if armed == point => {
+        Some(&(armed, signal)) if armed == point && signal != CrashSignal::Stall => {
             tracing::warn!(?point, ?signal, "crash point reached");
             let signal = if signal == CrashSignal::Kill { libc::SIGKILL } else { libc::SIGSTOP };
             // SAFETY: kill(2) on our own pid with a valid signal number has no memory effects.
@@ -81,6 +96,16 @@ pub fn at(point: CrashPoint) {
             }
         }
         _ => {}
+    }
+}
+
+/// The checkpointer's crash points: crashes as [`at`] does, and if a stall is
+/// armed here, never returns (the rest of the agent goes on).
+pub async fn checkpointer_at(point: CrashPoint) {
+    at(point);
+    if CRASH_AT.get() == Some(&(point, CrashSignal::Stall)) {
+        tracing::warn!(?point, "stall point reached: no more checkpoints (heartbeats go on)");
+        std::future::pending::<()>().await;
     }
 }
 

@@ -21,7 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 const ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
@@ -29,25 +29,59 @@ const ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 /// Faults seen and not yet served: page → when the fault was read.
 type PendingFaults = Arc<Mutex<HashMap<u64, Instant>>>;
 
-/// Sends frames from several places in order, through one writer task.
+/// Control frames (heartbeats, page requests, replies) queued for the source at most.
+/// They are small and few; a full queue means the connection is stuck.
+const CONTROL_QUEUE_FRAMES: usize = 1024;
+/// Checkpoint frames (at most 64 pages each) queued for the source at most:
+/// beyond this the checkpointer waits (back-pressure; the guest runs on).
+const CHECKPOINT_QUEUE_FRAMES: usize = 16;
+/// Checkpoint epochs sent and not yet acked at most: the next epoch starts
+/// only once the source has committed all but one of them.
+const EPOCHS_IN_FLIGHT: u64 = 2;
+
+/// Frames to the source from several tasks, through one writer task, in two
+/// bounded lanes: control frames go out before queued checkpoint frames, so a
+/// slow checkpoint stream never holds up heartbeats or page requests.
 #[derive(Clone)]
-struct Outbox(mpsc::UnboundedSender<Vec<u8>>);
+struct Outbox {
+    control: mpsc::Sender<Vec<u8>>,
+    checkpoints: mpsc::Sender<Vec<u8>>,
+}
 
 impl Outbox {
     fn start(mut wr: FrameWriter) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (control, mut control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE_FRAMES);
+        let (checkpoints, mut checkpoints_rx) = mpsc::channel::<Vec<u8>>(CHECKPOINT_QUEUE_FRAMES);
         tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
+            loop {
+                let frame = tokio::select! {
+                    biased;
+                    Some(frame) = control_rx.recv() => frame,
+                    Some(frame) = checkpoints_rx.recv() => frame,
+                    else => return,
+                };
                 if wr.write(&frame).await.is_err() {
                     return;
                 }
             }
         });
-        Outbox(tx)
+        Outbox { control, checkpoints }
     }
 
+    /// Queues a control message; never waits (a full lane is a stuck connection).
     fn message(&self, message: &Message) -> Result<(), MigrationError> {
-        self.0.send(encode_message(message)).map_err(|_| MigrationError::Protocol(ProtocolError::Closed))
+        self.control.try_send(encode_message(message)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => MigrationError::Timeout {
+                what: format!("the connection to the source: {CONTROL_QUEUE_FRAMES} control frames wait to go out"),
+                after: Duration::ZERO,
+            },
+            mpsc::error::TrySendError::Closed(_) => MigrationError::Protocol(ProtocolError::Closed),
+        })
+    }
+
+    /// Queues a checkpoint frame, waiting while the lane is full.
+    async fn checkpoint_frame(&self, frame: Vec<u8>) -> Result<(), String> {
+        self.checkpoints.send(frame).await.map_err(|_| "the connection closed".to_string())
     }
 }
 
@@ -228,6 +262,8 @@ struct FtDestination {
     /// Epochs sent and not yet acked, with the output-log length at their pause.
     unacked: Arc<Mutex<VecDeque<(u64, usize)>>>,
     acked: u64,
+    /// The last acked epoch, for the checkpointer's window of epochs in flight.
+    acked_tx: watch::Sender<u64>,
     checkpointer: tokio::task::JoinHandle<()>,
     heartbeats: tokio::task::JoinHandle<()>,
     pause_max_us: Arc<AtomicU64>,
@@ -247,21 +283,25 @@ impl FtDestination {
         let unacked: Arc<Mutex<VecDeque<(u64, usize)>>> = Arc::default();
         let pause_max_us = Arc::new(AtomicU64::new(0));
         let interval = Duration::from_millis(options.checkpoint_interval_ms.max(1));
+        let (acked_tx, acked_rx) = watch::channel(0);
         let checkpointer = tokio::spawn(
             checkpoints(
-                runner,
-                memory,
-                out.clone(),
-                interval,
-                Arc::clone(&unacked),
-                Arc::clone(&pause_max_us),
+                Checkpointer {
+                    runner,
+                    memory,
+                    out: out.clone(),
+                    interval,
+                    unacked: Arc::clone(&unacked),
+                    acked: acked_rx,
+                    pause_max_us: Arc::clone(&pause_max_us),
+                },
                 fenced.clone(),
             )
             .in_current_span(),
         );
         let beat = Duration::from_millis(options.heartbeat_interval_ms.max(1));
         let heartbeats = tokio::spawn(heartbeats(out, Arc::clone(&lease), beat, fenced).in_current_span());
-        FtDestination { lease, unacked, acked: 0, checkpointer, heartbeats, pause_max_us }
+        FtDestination { lease, unacked, acked: 0, acked_tx, checkpointer, heartbeats, pause_max_us }
     }
 
     /// The source committed `epoch`: the output of every epoch up to it may go out.
@@ -275,6 +315,7 @@ impl FtDestination {
             runner.release_outputs(Some(outputs));
         }
         self.acked = self.acked.max(epoch);
+        self.acked_tx.send_replace(self.acked);
     }
 
     fn stop_checkpoints(&self) {
@@ -311,33 +352,48 @@ async fn heartbeats(out: Outbox, lease: Arc<Mutex<Lease>>, every: Duration, fenc
     }
 }
 
-/// Reverse incremental checkpoints, one epoch per interval: the pages written
-/// since the last epoch are copied while the VM runs (speculative phase), then
-/// the VM pauses just long enough to take the pages written meanwhile and its
-/// state, and runs on while they and the commit record go out.
-async fn checkpoints(
+/// What the checkpointer task works with.
+struct Checkpointer {
     runner: Arc<VmRunner>,
     memory: Arc<GuestMemory>,
     out: Outbox,
     interval: Duration,
     unacked: Arc<Mutex<VecDeque<(u64, usize)>>>,
+    /// The last epoch the source acked.
+    acked: watch::Receiver<u64>,
     pause_max_us: Arc<AtomicU64>,
-    failed: mpsc::UnboundedSender<String>,
-) {
+}
+
+/// Reverse incremental checkpoints, one epoch per interval: the pages written
+/// since the last epoch are copied while the VM runs (speculative phase), then
+/// the VM pauses just long enough to take the pages written meanwhile and its
+/// state, and runs on while they and the commit record go out. An epoch starts
+/// only while fewer than [`EPOCHS_IN_FLIGHT`] are unacked: a source that falls
+/// behind slows the checkpoints (the guest runs on and its output waits), it
+/// does not make them pile up.
+async fn checkpoints(mut c: Checkpointer, failed: mpsc::UnboundedSender<String>) {
+    crash::checkpointer_at(CrashPoint::BeforeFirstCheckpoint).await;
     let mut epoch = 0;
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + c.interval, c.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         epoch += 1;
-        match checkpoint(epoch, &runner, &memory, &out).instrument(tracing::info_span!("checkpoint", epoch)).await {
+        if *c.acked.borrow() + EPOCHS_IN_FLIGHT < epoch {
+            tracing::debug!(epoch, acked = *c.acked.borrow(), "waiting for the source to commit before the next epoch");
+            if c.acked.wait_for(|&acked| acked + EPOCHS_IN_FLIGHT >= epoch).await.is_err() {
+                return;
+            }
+        }
+        let span = tracing::info_span!("checkpoint", epoch);
+        match checkpoint(epoch, &c.runner, &c.memory, &c.out).instrument(span).await {
             Ok((outputs, pause)) => {
-                unacked.lock().expect("unacked epochs lock").push_back((epoch, outputs));
+                c.unacked.lock().expect("unacked epochs lock").push_back((epoch, outputs));
                 let detail = format!("epoch {epoch}: paused the guest {} µs", pause.as_micros());
-                crate::metrics::get().timeline.event(runner.name(), EventKind::CheckpointSent, detail);
-                pause_max_us.fetch_max(pause.as_micros() as u64, Ordering::Relaxed);
+                crate::metrics::get().timeline.event(c.runner.name(), EventKind::CheckpointSent, detail);
+                c.pause_max_us.fetch_max(pause.as_micros() as u64, Ordering::Relaxed);
                 crate::metrics::get().checkpoint_pause.observe(pause.as_secs_f64());
-                crash::at(CrashPoint::Committed(epoch));
+                crash::checkpointer_at(CrashPoint::Committed(epoch)).await;
             }
             Err(e) => {
                 let _ = failed.send(format!("checkpoint {epoch} failed: {e}"));
@@ -354,9 +410,6 @@ async fn checkpoint(
     memory: &GuestMemory,
     out: &Outbox,
 ) -> Result<(usize, Duration), String> {
-    fn closed<E>(_: E) -> String {
-        "the connection closed".to_string()
-    }
     // Speculative: copy while the guest runs. A page written during the copy is
     // dirty again and goes again in the pause, so a torn copy never survives.
     let speculative = runner.take_dirty_pages().await?;
@@ -365,9 +418,9 @@ async fn checkpoint(
         for &gpa in chunk {
             batch.push_with(gpa, |buf| memory.read(gpa, buf)).map_err(|e| e.to_string())?;
         }
-        out.0.send(batch.finish()).map_err(closed)?;
+        out.checkpoint_frame(batch.finish()).await?;
         if i == 0 {
-            crash::at(CrashPoint::Speculative(epoch));
+            crash::checkpointer_at(CrashPoint::Speculative(epoch)).await;
         }
     }
     let capture = runner.checkpoint(epoch).await?;
@@ -379,11 +432,12 @@ async fn checkpoint(
         for (&gpa, page) in chunk.iter().zip(data.chunks_exact(PAGE_SIZE as usize)) {
             batch.push(gpa, page);
         }
-        out.0.send(batch.finish()).map_err(closed)?;
+        out.checkpoint_frame(batch.finish()).await?;
     }
     let pages = (speculative.len() + capture.dirty.len()) as u64;
     let outputs = capture.state.devices.output_log.len();
-    out.message(&Message::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() }).map_err(closed)?;
+    out.checkpoint_frame(encode_message(&Message::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() }))
+        .await?;
     tracing::debug!(
         epoch,
         speculative = speculative.len(),
@@ -558,7 +612,6 @@ pub async fn migrate_in(
                 }
                 crate::metrics::get().set_phase(name, "postcopy");
                 if mode.checkpoints() {
-                    crash::at(CrashPoint::BeforeFirstCheckpoint);
                     let lease = Lease::new(
                         Duration::from_millis(options.heartbeat_timeout_ms),
                         lease_from.expect("set at the switchover"),

@@ -67,6 +67,10 @@ pub struct MigrationOptions {
     pub heartbeat_timeout_ms: u64,
     /// PostCopyFT: how the destination tracks the pages the guest writes there.
     pub checkpoint_tracker: crate::dirty::DirtyTracking,
+    /// PostCopyFT: how long the source waits for the destination's next
+    /// checkpoint frame (once it has acked all it got) before it declares the
+    /// destination failed even though its heartbeats go on.
+    pub checkpoint_timeout_ms: u64,
 }
 
 impl MigrationOptions {
@@ -74,6 +78,7 @@ impl MigrationOptions {
     pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 100;
     pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 20;
     pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 200;
+    pub const DEFAULT_CHECKPOINT_TIMEOUT_MS: u64 = 3000;
 }
 
 impl Default for MigrationOptions {
@@ -87,6 +92,7 @@ impl Default for MigrationOptions {
             heartbeat_interval_ms: Self::DEFAULT_HEARTBEAT_INTERVAL_MS,
             heartbeat_timeout_ms: Self::DEFAULT_HEARTBEAT_TIMEOUT_MS,
             checkpoint_tracker: crate::dirty::DirtyTracking::Bitmap,
+            checkpoint_timeout_ms: Self::DEFAULT_CHECKPOINT_TIMEOUT_MS,
         }
     }
 }

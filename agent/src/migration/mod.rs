@@ -11,3 +11,4 @@ pub mod lease;
 pub mod messages;
 pub mod protocol;
 pub mod source;
+pub mod staging;

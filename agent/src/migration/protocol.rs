@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 pub const MAGIC: [u8; 4] = *b"PCFT";
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 pub const HEADER_BYTES: usize = 16;
 /// No frame carries more: a larger length field is corruption, not a reason to allocate.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -33,7 +33,7 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 pub const GREETING_MAX_PAYLOAD: u32 = 16 << 10;
 /// A payload is read in pieces of at most this, so memory grows with the
 /// bytes that really arrive, not with what a length field claims.
-const READ_CHUNK: usize = 256 << 10;
+pub const READ_CHUNK: usize = 256 << 10;
 const KIND_MESSAGE: u16 = 1;
 const KIND_PAGES: u16 = 2;
 const FLAG_ZERO: u8 = 1;

@@ -7,22 +7,27 @@ use super::handshake::{self, HandshakeError};
 use super::lease;
 use super::messages::{DestinationStats, FailureReport, Message, MigrationOptions, MigrationReport, Mode, Role};
 use super::protocol::{encode_message, Frame, FrameReader, FrameWriter, PageBatch, PageBatchWriter, ProtocolError};
+use super::staging::StagingLimits;
 use crate::machine::{MachineConfig, MachineState};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::metrics::{self, PageReason};
 use crate::page_set::PageSet;
 use crate::timeline::EventKind;
 use crate::vm_runner::VmRunner;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 /// Pages per batch frame of the background push: small enough that a demand
 /// request waits for at most one batch on the wire.
 const PUSH_BATCH_PAGES: usize = 64;
 /// Pages per batch frame of the pre-copy rounds.
 const COPY_BATCH_PAGES: usize = 256;
+/// Payload bytes read from the destination and not yet handled, at most:
+/// past it the reader stops reading, and TCP slows the destination down.
+const REPLY_QUEUE_BYTES: u32 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -58,31 +63,49 @@ struct Outbox {
     liveness: Option<Arc<Liveness>>,
 }
 
-/// When the source last heard from the destination (set by the reply reader
-/// as frames arrive, read by writers blocked on a full socket).
+/// Whether the destination is silent: how long the reply reader has been
+/// waiting for its next frame. Time the reader spends on a frame or waiting
+/// for room in the reply queue is the source's own, not the destination's
+/// silence, so a slow source does not take a live destination for dead.
 pub struct Liveness {
     base: Instant,
-    last_heard_us: std::sync::atomic::AtomicU64,
+    /// When the reader began waiting for the next frame (µs from `base`), or `NOT_WAITING`.
+    waiting_since_us: AtomicU64,
     timeout: Duration,
 }
 
+const NOT_WAITING: u64 = u64::MAX;
+
 impl Liveness {
     fn new(now: Instant, timeout: Duration) -> Self {
-        Liveness { base: now, last_heard_us: 0.into(), timeout }
+        Liveness { base: now, waiting_since_us: 0.into(), timeout }
     }
 
-    fn heard(&self, at: Instant) {
-        let us = at.saturating_duration_since(self.base).as_micros() as u64;
-        self.last_heard_us.fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+    fn us(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_micros() as u64
     }
 
-    fn last_heard(&self) -> Instant {
-        self.base + Duration::from_micros(self.last_heard_us.load(std::sync::atomic::Ordering::Relaxed))
+    /// The reader waits for the destination's next frame from `now` on.
+    fn waiting(&self, now: Instant) {
+        self.waiting_since_us.store(self.us(now), Ordering::Relaxed);
     }
 
-    /// The silence deadline: past it the destination is lost.
-    fn deadline(&self) -> Instant {
-        self.last_heard() + self.timeout
+    /// The reader has a frame to deliver (the destination is not silent).
+    fn busy(&self) {
+        self.waiting_since_us.store(NOT_WAITING, Ordering::Relaxed);
+    }
+
+    /// Since when the destination has been silent (None: the reader is not waiting for it).
+    fn silent_since(&self) -> Option<Instant> {
+        match self.waiting_since_us.load(Ordering::Relaxed) {
+            NOT_WAITING => None,
+            us => Some(self.base + Duration::from_micros(us)),
+        }
+    }
+
+    /// Past this the destination is lost (None: it is not silent now).
+    fn deadline(&self) -> Option<Instant> {
+        self.silent_since().map(|since| since + self.timeout)
     }
 }
 
@@ -98,14 +121,21 @@ impl Outbox {
             return Ok(self.wr.write(frame).await?);
         };
         // A partition blocks writes rather than failing them: give up once the
-        // destination has been silent too long, however long the write took.
+        // write has been blocked for the timeout and the destination is silent
+        // as long. (While this write blocks, nothing drains the reply queue:
+        // a reader stuck on a full queue cannot tell, and counts as silence.)
+        let started = Instant::now();
         let write = self.wr.write(frame);
         tokio::pin!(write);
         loop {
+            let silent_until = liveness.deadline().unwrap_or(started);
+            let wake = (started + liveness.timeout).max(silent_until).max(Instant::now() + Duration::from_millis(1));
             tokio::select! {
                 written = &mut write => return Ok(written?),
-                _ = tokio::time::sleep_until(liveness.deadline().into()) => {
-                    if Instant::now() >= liveness.deadline() {
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    let now = Instant::now();
+                    let silent = liveness.deadline().is_none_or(|deadline| now >= deadline);
+                    if now >= started + liveness.timeout && silent {
                         return Err(MigrationError::Timeout { what: "heartbeats while a frame was blocked".into(), after: liveness.timeout });
                     }
                 }
@@ -169,6 +199,8 @@ pub enum FailureKind {
     HeartbeatTimeout,
     /// It sent something the protocol does not allow.
     Protocol,
+    /// Its heartbeats went on but its checkpoints stopped (a gray failure).
+    CheckpointStalled,
 }
 
 impl FailureKind {
@@ -177,6 +209,7 @@ impl FailureKind {
             FailureKind::ConnectionClosed => "connection-closed",
             FailureKind::HeartbeatTimeout => "heartbeat-timeout",
             FailureKind::Protocol => "protocol",
+            FailureKind::CheckpointStalled => "checkpoint-stalled",
         }
     }
 
@@ -187,13 +220,41 @@ impl FailureKind {
     }
 }
 
-/// Reads the destination's frames after the switchover and forwards them with their arrival time.
+/// A reply waiting to be handled, holding its share of the reply queue's budget.
+struct Queued {
+    at: Instant,
+    reply: Reply,
+    _room: OwnedSemaphorePermit,
+}
+
+impl Reply {
+    /// What the reply holds in memory, for the queue's budget.
+    fn queued_bytes(&self) -> u32 {
+        let bytes = match self {
+            Reply::CheckpointPages(batch) => batch.payload_len(),
+            Reply::CheckpointCommit { state, .. } => state.len(),
+            Reply::Requests(gpas) => gpas.len() * 8,
+            _ => 0,
+        };
+        (bytes as u32).clamp(1, REPLY_QUEUE_BYTES)
+    }
+}
+
+/// Reads the destination's frames after the switchover and queues them with
+/// their arrival time, within the queue's byte budget (waiting for room stops
+/// the reading: back-pressure to the destination). Heartbeats skip the queue:
+/// the latest one waits in `heartbeats`, to be acked before anything queued.
 async fn read_replies(
     mut rd: FrameReader,
-    tx: mpsc::UnboundedSender<(Instant, Reply)>,
+    tx: mpsc::UnboundedSender<Queued>,
+    heartbeats: watch::Sender<u64>,
     liveness: Option<Arc<Liveness>>,
 ) {
+    let room = Arc::new(Semaphore::new(REPLY_QUEUE_BYTES as usize));
     loop {
+        if let Some(liveness) = &liveness {
+            liveness.waiting(Instant::now());
+        }
         let reply = match rd.read().await {
             Ok(Frame::Message(Message::Resumed)) => Reply::Resumed,
             Ok(Frame::Message(Message::PageRequest { gpas })) => Reply::Requests(gpas),
@@ -215,12 +276,17 @@ async fn read_replies(
             Err(ProtocolError::Io(e)) => Reply::Gone(FailureKind::HeartbeatTimeout, e),
             Err(e) => Reply::Gone(FailureKind::Protocol, e.to_string()),
         };
+        let at = Instant::now();
         let last = matches!(reply, Reply::Gone(..));
-        let now = Instant::now();
         if let (Some(liveness), false) = (&liveness, last) {
-            liveness.heard(now);
+            liveness.busy();
         }
-        if tx.send((now, reply)).is_err() || last {
+        if let Reply::Heartbeat(seq) = reply {
+            heartbeats.send_replace(seq);
+            continue;
+        }
+        let Ok(room) = Arc::clone(&room).acquire_many_owned(reply.queued_bytes()).await else { return };
+        if tx.send(Queued { at, reply, _room: room }).is_err() || last {
             return;
         }
     }
@@ -254,6 +320,7 @@ pub async fn migrate_out(
     options: MigrationOptions,
     agent: &str,
     psk: Option<&Psk>,
+    staging: &StagingLimits,
 ) -> Result<MigrationOutcome, MigrationError> {
     let started = Instant::now();
     let reply_timeout = Duration::from_millis(options.reply_timeout_ms);
@@ -310,9 +377,11 @@ pub async fn migrate_out(
         let hb_timeout = Duration::from_millis(options.heartbeat_timeout_ms);
         out.liveness = Some(Arc::new(Liveness::new(go_at, hb_timeout)));
         Some(FtSource {
-            store: CheckpointStore::new(Arc::clone(&memory), switchover),
+            store: CheckpointStore::new(Arc::clone(&memory), switchover, staging.clone()),
             timeout: hb_timeout,
             last_renewal: go_at,
+            checkpoint_timeout: Duration::from_millis(options.checkpoint_timeout_ms),
+            checkpoint_progress: go_at,
         })
     } else {
         None
@@ -323,7 +392,8 @@ pub async fn migrate_out(
         }
     }
     let (tx, replies) = mpsc::unbounded_channel();
-    tokio::spawn(read_replies(rd, tx, out.liveness.clone()));
+    let (heartbeat_tx, heartbeats) = watch::channel(0);
+    tokio::spawn(read_replies(rd, tx, heartbeat_tx, out.liveness.clone()));
     let unsent = match mode {
         Mode::Precopy => PageSet::empty(config.mem_bytes),
         Mode::Postcopy | Mode::PostcopyFt => PageSet::full(config.mem_bytes),
@@ -340,13 +410,17 @@ pub async fn migrate_out(
     let mut post = PostcopySource {
         out,
         replies,
+        heartbeats,
         push: Push { unsent, demand: Vec::new(), cursor: 0 },
         resumed_at: None,
         ft: ft.take(),
         memory,
         report,
     };
-    let result = post.run(options).await;
+    let mut result = post.run(options).await;
+    if let Err(lost) = &mut result {
+        post.explain(lost).await;
+    }
     let PostcopySource { out, resumed_at, ft, mut report, .. } = post;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     report.total_migration_ms = ms(started.elapsed());
@@ -368,7 +442,7 @@ pub async fn migrate_out(
             let Some(ft) = ft else {
                 return Err(MigrationError::LostAfterCommit(reason));
             };
-            let last_heard = out.liveness.as_ref().map(|l| l.last_heard()).unwrap_or(go_at);
+            let last_heard = out.liveness.as_ref().and_then(|l| l.silent_since()).unwrap_or_else(Instant::now);
             // Stop renewing the destination's lease at once: the connection goes (with `out`).
             drop(out);
             let detected_at = Instant::now();
@@ -382,12 +456,10 @@ pub async fn migrate_out(
             let fenced_at =
                 if kind.destination_stopped() { detected_at } else { lease::fenced_after(ft.last_renewal, ft.timeout) };
             tracing::warn!(vm = %report.vm, kind = kind.name(), epoch = ft.store.committed_epoch(), "destination lost: {reason}");
-            Ok(MigrationOutcome::DestinationLost {
-                report,
-                committed: Box::new(ft.store.into_committed()),
-                detected_at,
-                fenced_at,
-            })
+            let committed = ft.store.into_committed().map_err(|torn| {
+                MigrationError::LostAfterCommit(format!("{reason}; and the source's image is not consistent: {torn}"))
+            })?;
+            Ok(MigrationOutcome::DestinationLost { report, committed: Box::new(committed), detected_at, fenced_at })
         }
     }
 }
@@ -414,13 +486,25 @@ struct FtSource {
     timeout: Duration,
     /// When the source last renewed the destination's lease (`Go` or a heartbeat ack).
     last_renewal: Instant,
+    /// No checkpoint frame for this long, with every commit acked: the destination stalled.
+    checkpoint_timeout: Duration,
+    /// When the last checkpoint frame arrived or the source last acked a commit.
+    checkpoint_progress: Instant,
+}
+
+impl FtSource {
+    fn stall_deadline(&self) -> Instant {
+        self.checkpoint_progress + self.checkpoint_timeout
+    }
 }
 
 /// The source after the commit: the post-copy push, answers to page requests
 /// first, and (PostCopyFT) checkpoints and heartbeats.
 struct PostcopySource {
     out: Outbox,
-    replies: mpsc::UnboundedReceiver<(Instant, Reply)>,
+    replies: mpsc::UnboundedReceiver<Queued>,
+    /// The latest heartbeat's sequence number (acked before anything queued).
+    heartbeats: watch::Receiver<u64>,
     push: Push,
     resumed_at: Option<Instant>,
     ft: Option<FtSource>,
@@ -439,10 +523,12 @@ impl PostcopySource {
             // The reply reader may sit in this worker's queue: let it run, so that
             // page requests (and "resumed") are seen after at most one batch.
             tokio::task::yield_now().await;
-            while let Ok((at, reply)) = self.replies.try_recv() {
-                if let Some(stats) = self.handle(at, reply).await? {
+            self.ack_heartbeat().await?;
+            while let Ok(queued) = self.replies.try_recv() {
+                if let Some(stats) = self.handle(queued.at, queued.reply).await? {
                     return Err(Lost { kind: FailureKind::Protocol, reason: premature(stats) });
                 }
+                self.ack_heartbeat().await?;
             }
             self.check_alive()?;
             if !self.push.demand.is_empty() {
@@ -489,33 +575,103 @@ impl PostcopySource {
 
     /// Waits for the next reply (at most until `until`) and handles it.
     async fn wait(&mut self, until: Option<Instant>) -> Result<Option<DestinationStats>, Lost> {
-        let deadline = match (&self.out.liveness, until) {
-            (Some(l), Some(t)) => Some(t.min(l.deadline())),
-            (Some(l), None) => Some(l.deadline()),
-            (None, t) => t,
+        let mut deadline = until;
+        if let Some(l) = &self.out.liveness {
+            // Not waiting on the destination now: look again within the timeout.
+            let silent = l.deadline().unwrap_or_else(|| Instant::now() + l.timeout);
+            deadline = Some(deadline.map_or(silent, |d| d.min(silent)));
+        }
+        if let Some(ft) = &self.ft {
+            deadline = Some(deadline.map_or(ft.stall_deadline(), |d| d.min(ft.stall_deadline())));
+        }
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
         };
-        let next = match deadline {
-            Some(d) => tokio::time::timeout_at(d.into(), self.replies.recv()).await.ok(),
-            None => Some(self.replies.recv().await),
-        };
-        match next {
-            Some(Some((at, reply))) => self.handle(at, reply).await,
-            Some(None) => Err(Lost { kind: FailureKind::ConnectionClosed, reason: "the connection closed".into() }),
-            None => {
+        // Once the reader is gone, only the queue (its last word) matters.
+        let reader_alive = self.heartbeats.has_changed().is_ok();
+        tokio::select! {
+            biased;
+            Ok(()) = self.heartbeats.changed(), if reader_alive => {
+                // `changed` marked it seen: ack it here.
+                let seq = *self.heartbeats.borrow_and_update();
+                self.send_heartbeat_ack(seq).await?;
+                Ok(None)
+            }
+            queued = self.replies.recv() => match queued {
+                Some(queued) => self.handle(queued.at, queued.reply).await,
+                None => Err(Lost { kind: FailureKind::ConnectionClosed, reason: "the connection closed".into() }),
+            },
+            _ = sleep => {
                 self.check_alive()?;
                 Ok(None)
             }
         }
     }
 
-    fn check_alive(&self) -> Result<(), Lost> {
-        match &self.out.liveness {
-            Some(l) if Instant::now() >= l.deadline() => Err(Lost {
-                kind: FailureKind::HeartbeatTimeout,
-                reason: format!("no word from the destination for {} ms", l.last_heard().elapsed().as_millis()),
-            }),
-            _ => Ok(()),
+    /// A write found the connection closed: the destination may have said why
+    /// (an `Abort` still in the queue, or about to be). Use its words.
+    async fn explain(&mut self, lost: &mut Lost) {
+        if lost.kind != FailureKind::ConnectionClosed || lost.reason.starts_with("destination aborted") {
+            return;
         }
+        let until = Instant::now() + Duration::from_millis(50);
+        while let Ok(Some(queued)) = tokio::time::timeout_at(until.into(), self.replies.recv()).await {
+            if let Reply::Gone(kind, reason) = queued.reply {
+                *lost = Lost { kind, reason: format!("{reason} ({})", lost.reason) };
+                return;
+            }
+        }
+    }
+
+    /// Acks the latest heartbeat if it is new, renewing the destination's lease.
+    async fn ack_heartbeat(&mut self) -> Result<(), Lost> {
+        if self.ft.is_none() || !self.heartbeats.has_changed().unwrap_or(false) {
+            return Ok(());
+        }
+        let seq = *self.heartbeats.borrow_and_update();
+        self.send_heartbeat_ack(seq).await
+    }
+
+    async fn send_heartbeat_ack(&mut self, seq: u64) -> Result<(), Lost> {
+        if self.ft.is_none() {
+            return Ok(());
+        }
+        self.out.message(&Message::HeartbeatAck { seq }).await.map_err(Lost::from_write)?;
+        if let Some(ft) = &mut self.ft {
+            ft.last_renewal = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn check_alive(&self) -> Result<(), Lost> {
+        let now = Instant::now();
+        if let Some(l) = &self.out.liveness {
+            if let Some(since) = l.silent_since().filter(|_| l.deadline().is_some_and(|d| now >= d)) {
+                return Err(Lost {
+                    kind: FailureKind::HeartbeatTimeout,
+                    reason: format!("no word from the destination for {} ms", since.elapsed().as_millis()),
+                });
+            }
+        }
+        // A stall: the destination is heard (heartbeats) but sends no checkpoint, though
+        // nothing of it waits here to be handled and every commit was acked.
+        if let Some(ft) = &self.ft {
+            let waiting_on_destination = self.out.liveness.as_ref().is_some_and(|l| l.silent_since().is_some());
+            if now >= ft.stall_deadline() && self.replies.is_empty() && waiting_on_destination {
+                return Err(Lost {
+                    kind: FailureKind::CheckpointStalled,
+                    reason: format!(
+                        "no checkpoint from the destination for {} ms while its heartbeats go on (checkpoint {} was the last committed)",
+                        ft.checkpoint_progress.elapsed().as_millis(),
+                        ft.store.committed_epoch()
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Acts on one reply; returns the destination's stats when it completed.
@@ -528,10 +684,16 @@ impl PostcopySource {
             Reply::Gone(kind, reason) => return Err(Lost { kind, reason }),
             Reply::CheckpointPages(batch) => {
                 let ft = self.ft.as_mut().ok_or_else(|| protocol("page frames from the destination".into()))?;
+                ft.checkpoint_progress = ft.checkpoint_progress.max(at);
                 let bytes = batch.payload_len() as u64;
+                let in_file = ft.store.staged_bytes().1;
                 ft.store.stage(batch).map_err(|e| protocol(e.to_string()))?;
                 let m = metrics::get();
                 m.vm(&m.checkpoint_bytes, &self.report.vm, bytes);
+                let spilled = ft.store.staged_bytes().1.saturating_sub(in_file);
+                if spilled > 0 {
+                    m.vm(&m.checkpoint_staged_file_bytes, &self.report.vm, spilled);
+                }
             }
             Reply::CheckpointCommit { epoch, pages, state } => {
                 let ft = self.ft.as_mut().ok_or_else(|| protocol("a checkpoint without PostCopyFT".into()))?;
@@ -547,15 +709,12 @@ impl PostcopySource {
                 m.vm(&m.checkpoint_bytes, &self.report.vm, ft.store.bytes_received.saturating_sub(bytes_before));
                 tracing::debug!(epoch, pages, "checkpoint committed");
                 self.out.message(&Message::CheckpointAck { epoch }).await.map_err(Lost::from_write)?;
-            }
-            Reply::Heartbeat(seq) => {
-                if self.ft.is_some() {
-                    self.out.message(&Message::HeartbeatAck { seq }).await.map_err(Lost::from_write)?;
-                    if let Some(ft) = &mut self.ft {
-                        ft.last_renewal = Instant::now();
-                    }
+                if let Some(ft) = &mut self.ft {
+                    ft.checkpoint_progress = Instant::now();
                 }
             }
+            // Heartbeats come through `heartbeats`, not the queue.
+            Reply::Heartbeat(_) => {}
         }
         Ok(None)
     }
