@@ -1,7 +1,9 @@
 //! Gray failures in `pcft demo`: the link between the hosts made lossy and
 //! slow (`--fail-kind lossy`: two network namespaces; `tc netem`, or where
-//! the kernel lacks netem, nftables loss and a `tbf` queue), and a source
-//! starved of CPU (`--fail-kind slow-source`: a cgroup CPU quota). Whether the
+//! the kernel lacks netem, nftables loss and a `tbf` queue), a source
+//! starved of CPU (`--fail-kind slow-source`: a cgroup CPU quota), and a
+//! destination whose checkpoints stop while it heartbeats (`--fail-kind
+//! stall`, which the source must fail over). Whether the
 //! migration completes or the source fails over, the guest verifies against
 //! its oracle, no released output is lost, and a destination whose VM was
 //! recovered at the source stays fenced. The demo removes its namespaces,
@@ -92,4 +94,15 @@ fn a_source_starved_of_cpu_completes_or_fails_over_safely() {
     let report = demo("slow-source", &["--fail-at", "300ms", "--source-cpu-pct", "2"]);
     let what = report.to_string();
     assert!(report["source_throttle"].as_str().is_some_and(|t| t.contains("2% of a CPU")), "{what}");
+}
+
+#[test]
+fn a_destination_whose_checkpoints_stall_is_failed_over_and_fenced() {
+    // The checkpoint timeout (3 s by default) would outlast this short post-copy.
+    let report = demo("stall", &["--fail-at", "epoch:2", "--checkpoint-timeout", "500"]);
+    let what = report.to_string();
+    assert_eq!(report["recovered"], true, "{what}");
+    assert_eq!(report["failure"]["kind"], "checkpoint-stalled", "heartbeats went on: {what}");
+    assert_eq!(report["restored_epoch"], 2, "{what}");
+    assert_eq!(report["destination_fenced"], true, "{what}");
 }

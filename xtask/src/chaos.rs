@@ -59,6 +59,8 @@ const LOSS_PCT: [u32; 4] = [2, 10, 30, 60];
 const DELAY_MS: [u64; 3] = [10, 40, 100];
 /// slow-source: the source agent's CPU quota, in % of one CPU.
 const SOURCE_CPU_PCT: [u32; 4] = [2, 5, 10, 25];
+/// stall: the source's --checkpoint-timeout, in ms (5 checkpoint intervals).
+const STALL_CHECKPOINT_TIMEOUT_MS: u64 = 500;
 
 /// A small pseudo-random generator (splitmix64) seeded from the clock: the
 /// severities need variety, not quality. The seed goes into chaos.json.
@@ -105,6 +107,13 @@ fn plan(kind: &'static str, rng: &mut Rng) -> Plan {
             let cpu = rng.pick(&SOURCE_CPU_PCT);
             Plan { kind, args: vec!["--source-cpu-pct".into(), cpu.to_string()], severity: format!("{cpu}% CPU") }
         }
+        // The source's checkpoint timeout (3 s by default) outlasts this guest's
+        // post-copy: shorter, so that a stall is detected before the migration ends.
+        "stall" => Plan {
+            kind,
+            args: vec!["--checkpoint-timeout".into(), STALL_CHECKPOINT_TIMEOUT_MS.to_string()],
+            severity: String::new(),
+        },
         _ => Plan { kind, args: Vec::new(), severity: String::new() },
     }
 }
@@ -227,7 +236,8 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
         "# Fault-injection suite\n\n{runs} `pcft demo` runs (64M ledger guest, 2 vCPUs, post-copy push 4096 pages/s, \
          checkpoints every 100 ms), each failing at a random point (`--fail-at random`; lossy and slow-source \
          at a random severity: loss {LOSS_PCT:?} % each way with delay {DELAY_MS:?} ms, or a source CPU quota \
-         of {SOURCE_CPU_PCT:?} % of one CPU). Lossy and slow-source may complete (slowly) or fail over. \
+         of {SOURCE_CPU_PCT:?} % of one CPU; stall with `--checkpoint-timeout {STALL_CHECKPOINT_TIMEOUT_MS}`). \
+         Lossy and slow-source may complete (slowly) or fail over. \
          `held`: the guest verified against its oracle wherever it finished, no released output lost or \
          contradicted, and, for every kind but crash, the destination fenced if the source recovered the VM.\n\n\
          | failure | runs | completed | recovered at the source | held | released outputs | lost | duplicates | degradation |\n\

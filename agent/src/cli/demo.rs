@@ -658,7 +658,16 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         }
     }
     if mode.checkpoints() && fail_at != FailAt::None && !recovered && report.failure.is_none() && !args.json {
-        println!("(the failure point was not reached before the migration completed)");
+        match kind {
+            FailKind::Stall => println!(
+                "(the migration completed before the stall point, or before --checkpoint-timeout ({} ms) ran out after it)",
+                options.checkpoint_timeout_ms
+            ),
+            FailKind::Lossy | FailKind::SlowSource => {
+                println!("(the migration completed: with the link degraded or the source slowed, or before that)")
+            }
+            _ => println!("(the failure point was not reached before the migration completed)"),
+        }
     }
     if let Some(url) = &dashboard_url {
         if !args.json {

@@ -238,7 +238,7 @@ pub struct DemoArgs {
     /// agent is held to --source-cpu-pct of a CPU by a cgroup until the
     /// migration ends), or `stall` (the destination's checkpointer hangs at the
     /// point while its heartbeats go on: a gray failure the source must
-    /// detect from the missing checkpoints). Lossy and slow-source may complete
+    /// detect from the missing checkpoints, by --checkpoint-timeout). Lossy and slow-source may complete
     /// (slowly) or fail over; every kind but crash must leave the destination
     /// fenced if the source recovered the VM.
     #[arg(long, value_enum, default_value_t = FailKind::Crash)]
