@@ -1,10 +1,14 @@
 //! `cargo xtask chaos`: the fault-injection suite. Many PostCopyFT demos in a
-//! row, each failing the destination at a random point in a random way:
-//! SIGKILL (`crash`), SIGSTOP past its lease (`freeze`), or a network cut
-//! between two network namespaces (`partition`). Every run must end with the
-//! guest verified against its oracle wherever it finished, no released output
-//! lost or contradicted, and, for freeze and partition, the destination's copy
-//! fenced. Results: target/chaos/chaos.{md,json}, and stdout.
+//! row, each failing at a random point in a random way: the destination is
+//! SIGKILLed (`crash`), SIGSTOPped past its lease (`freeze`), cut off by a
+//! network partition between two network namespaces (`partition`), reached
+//! over a lossy, slow link (`lossy`), or stalls its checkpoints while it still
+//! heartbeats (`stall`); or the source is starved of CPU (`slow-source`).
+//! Lossy and slow-source runs get a random severity. Every run must end with
+//! the guest verified against its oracle wherever it finished, no released
+//! output lost or contradicted, and, for every kind but crash, the
+//! destination's copy fenced if the source recovered the VM. Results:
+//! target/chaos/chaos.{md,json}, and stdout.
 
 use crate::bench::output_within;
 use crate::progress::Progress;
@@ -17,11 +21,105 @@ use std::time::Duration;
 /// Longest a single demo may take.
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// The kinds of failure, in the order runs cycle through them (crashes most).
-const KINDS: [&str; 5] = ["crash", "crash", "freeze", "crash", "partition"];
+/// The kinds of failure, in the order runs cycle through them: per 25 runs,
+/// 10 crashes, 4 freezes, 4 partitions, 3 lossy links, 2 slow sources, 2 stalls.
+const KINDS: [&str; 25] = [
+    "crash",
+    "freeze",
+    "crash",
+    "partition",
+    "lossy",
+    "crash",
+    "slow-source",
+    "crash",
+    "stall",
+    "freeze",
+    "crash",
+    "partition",
+    "crash",
+    "lossy",
+    "crash",
+    "freeze",
+    "partition",
+    "crash",
+    "slow-source",
+    "crash",
+    "lossy",
+    "freeze",
+    "partition",
+    "crash",
+    "stall",
+];
+
+/// All the kinds, in the order of the results table.
+const TABLE: [&str; 6] = ["crash", "freeze", "partition", "lossy", "slow-source", "stall"];
+
+/// lossy: packet loss each way, in %, and delay, in ms (picked at random).
+const LOSS_PCT: [u32; 4] = [2, 10, 30, 60];
+const DELAY_MS: [u64; 3] = [10, 40, 100];
+/// slow-source: the source agent's CPU quota, in % of one CPU.
+const SOURCE_CPU_PCT: [u32; 4] = [2, 5, 10, 25];
+/// stall: the source's --checkpoint-timeout, in ms (5 checkpoint intervals).
+const STALL_CHECKPOINT_TIMEOUT_MS: u64 = 500;
+
+/// A small pseudo-random generator (splitmix64) seeded from the clock: the
+/// severities need variety, not quality. The seed goes into chaos.json.
+struct Rng(u64);
+
+impl Rng {
+    fn from_clock() -> Rng {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        Rng(nanos as u64)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[(self.next() % from.len() as u64) as usize]
+    }
+}
+
+/// A run's failure: its kind, and the demo arguments of its severity.
+struct Plan {
+    kind: &'static str,
+    args: Vec<String>,
+    /// For the table, e.g. "10% / 40 ms" (lossy) or "5% CPU" (slow-source); empty otherwise.
+    severity: String,
+}
+
+fn plan(kind: &'static str, rng: &mut Rng) -> Plan {
+    match kind {
+        "lossy" => {
+            let (loss, delay) = (rng.pick(&LOSS_PCT), rng.pick(&DELAY_MS));
+            Plan {
+                kind,
+                args: vec!["--loss".into(), loss.to_string(), "--delay-ms".into(), delay.to_string()],
+                severity: format!("{loss}% / {delay} ms"),
+            }
+        }
+        "slow-source" => {
+            let cpu = rng.pick(&SOURCE_CPU_PCT);
+            Plan { kind, args: vec!["--source-cpu-pct".into(), cpu.to_string()], severity: format!("{cpu}% CPU") }
+        }
+        // The source's checkpoint timeout (3 s by default) outlasts this guest's
+        // post-copy: shorter, so that a stall is detected before the migration ends.
+        "stall" => Plan {
+            kind,
+            args: vec!["--checkpoint-timeout".into(), STALL_CHECKPOINT_TIMEOUT_MS.to_string()],
+            severity: String::new(),
+        },
+        _ => Plan { kind, args: Vec::new(), severity: String::new() },
+    }
+}
 
 /// One demo run: its report, or why it produced none.
-fn run_once(pcft: &Path, kind: &str) -> Value {
+fn run_once(pcft: &Path, plan: &Plan) -> Value {
     let args = [
         "demo",
         "--mem",
@@ -35,10 +133,10 @@ fn run_once(pcft: &Path, kind: &str) -> Value {
         "--fail-at",
         "random",
         "--fail-kind",
-        kind,
+        plan.kind,
         "--json",
     ];
-    match output_within(Command::new(pcft).args(args), RUN_TIMEOUT) {
+    match output_within(Command::new(pcft).args(args).args(&plan.args), RUN_TIMEOUT) {
         Ok(out) => serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
             json!({ "error": format!("no report ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()) })
         }),
@@ -46,53 +144,160 @@ fn run_once(pcft: &Path, kind: &str) -> Value {
     }
 }
 
-/// Whether a run came out right: verified, nothing lost, fenced where it must be.
+/// Whether a run came out right: verified, nothing lost, and (but for a crash,
+/// which leaves nothing to fence) the destination fenced if the source recovered.
 fn held(kind: &str, report: &Value) -> bool {
     let verified = report["verified"] == true && report["lost_released_outputs"] == 0;
     let fenced = kind == "crash" || report["recovered"] != true || report["destination_fenced"] == true;
     verified && fenced
 }
 
+/// How a run ended: the migration completed, or the source recovered the VM.
+fn outcome(report: &Value) -> &'static str {
+    match &report["recovered"] {
+        Value::Bool(true) => "recovered",
+        Value::Bool(false) => "completed",
+        _ => "no report",
+    }
+}
+
+/// The failure as the demo applied it: its point or time, and for lossy and
+/// slow-source what was done to the link or the source.
+fn severity(plan: &Plan, report: &Value) -> String {
+    let Some(at) = report["fail_at"].as_str() else {
+        return if plan.severity.is_empty() { "no report".into() } else { format!("{}, no report", plan.severity) };
+    };
+    let applied = report["network"].as_str().or(report["source_throttle"].as_str());
+    match (plan.severity.is_empty(), applied) {
+        (true, _) => at.to_string(),
+        (false, Some(applied)) => format!("{} at {at}: {applied}", plan.severity),
+        (false, None) => format!("{} at {at}: not applied (the migration ended first)", plan.severity),
+    }
+}
+
+/// What degraded the link or slowed the source in these runs (netem, or nft and
+/// tbf; the cgroup version), e.g. "nft loss + tbf 200mbit".
+fn mechanisms(runs: &[&Value]) -> String {
+    let mut used: Vec<String> = runs
+        .iter()
+        .filter_map(|r| r["report"]["network"].as_str().or(r["report"]["source_throttle"].as_str()))
+        .map(|applied| {
+            // "nft loss 10% + tbf 200mbit/40ms" → "nft loss + tbf 200mbit"; "netem loss 2% delay 10ms" → "netem";
+            // "cgroup v1 cfs_quota_us 5000/100000 (5% of a CPU)" → "cgroup v1 cfs_quota_us".
+            applied
+                .split(" + ")
+                .map(|part| {
+                    let words: Vec<&str> = part.split_whitespace().collect();
+                    match words.as_slice() {
+                        ["netem", ..] => "netem".to_string(),
+                        ["nft", "loss", ..] => "nft loss".to_string(),
+                        ["tbf", rate] => format!("tbf {}", rate.split('/').next().unwrap_or(rate)),
+                        ["cgroup", version, knob, ..] => format!("cgroup {version} {knob}"),
+                        _ => part.to_string(),
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" + ")
+        })
+        .collect();
+    used.sort();
+    used.dedup();
+    if used.is_empty() {
+        "—".into()
+    } else {
+        used.join("; ")
+    }
+}
+
 pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
     let mut progress = Progress::new(runs as u64);
+    let mut rng = Rng::from_clock();
+    let seed = rng.0;
     let mut results = Vec::new();
     for i in 0..runs {
-        let kind = KINDS[i % KINDS.len()];
-        progress.step(format!("chaos: run {}/{runs}, {kind}", i + 1));
-        let report = run_once(pcft, kind);
-        results.push(json!({ "kind": kind, "held": held(kind, &report), "report": report }));
+        let plan = plan(KINDS[i % KINDS.len()], &mut rng);
+        let what = if plan.severity.is_empty() { String::new() } else { format!(" ({})", plan.severity) };
+        progress.step(format!("chaos: run {}/{runs}, {}{what}", i + 1, plan.kind));
+        let started = std::time::Instant::now();
+        let report = run_once(pcft, &plan);
+        results.push(json!({
+            "kind": plan.kind,
+            "severity": severity(&plan, &report),
+            "outcome": outcome(&report),
+            "failure_kind": report["failure"]["kind"],
+            "detection_ms": report["failure"]["detection_ms"],
+            "held": held(plan.kind, &report),
+            "seconds": started.elapsed().as_secs_f64(),
+            "report": report,
+        }));
     }
     drop(progress);
     let mut md = format!(
         "# Fault-injection suite\n\n{runs} `pcft demo` runs (64M ledger guest, 2 vCPUs, post-copy push 4096 pages/s, \
-         checkpoints every 100 ms), each failing the destination at a random point (`--fail-at random`). \
+         checkpoints every 100 ms), each failing at a random point (`--fail-at random`; lossy and slow-source \
+         at a random severity: loss {LOSS_PCT:?} % each way with delay {DELAY_MS:?} ms, or a source CPU quota \
+         of {SOURCE_CPU_PCT:?} % of one CPU; stall with `--checkpoint-timeout {STALL_CHECKPOINT_TIMEOUT_MS}`). \
+         Lossy and slow-source may complete (slowly) or fail over. \
          `held`: the guest verified against its oracle wherever it finished, no released output lost or \
-         contradicted, and a frozen or cut-off destination fenced.\n\n\
-         | failure | runs | recovered at the source | completed before the failure | held | released outputs | lost | duplicates |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n"
+         contradicted, and, for every kind but crash, the destination fenced if the source recovered the VM.\n\n\
+         | failure | runs | completed | recovered at the source | held | released outputs | lost | duplicates | degradation |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---|\n"
     );
-    for kind in ["crash", "freeze", "partition"] {
+    let label = |kind: &'static str| match kind {
+        "crash" => "crash (SIGKILL)",
+        "freeze" => "freeze (SIGSTOP)",
+        "lossy" => "lossy link",
+        "slow-source" => "slow source (CPU quota)",
+        "stall" => "stall (checkpoints stop, heartbeats go on)",
+        other => other,
+    };
+    for kind in TABLE {
         let of_kind: Vec<&Value> = results.iter().filter(|r| r["kind"] == kind).collect();
+        if of_kind.is_empty() {
+            continue;
+        }
         let count = |f: &dyn Fn(&Value) -> bool| of_kind.iter().filter(|r| f(r)).count();
         let sum = |field: &str| of_kind.iter().filter_map(|r| r["report"][field].as_u64()).sum::<u64>();
         md.push_str(&format!(
-            "| {kind} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            label(kind),
             of_kind.len(),
-            count(&|r| r["report"]["recovered"] == true),
-            count(&|r| r["report"]["recovered"] == false && r["report"]["failure"].is_null()),
+            count(&|r| r["outcome"] == "completed"),
+            count(&|r| r["outcome"] == "recovered"),
             count(&|r| r["held"] == true),
             sum("released_outputs"),
             sum("lost_released_outputs"),
             sum("duplicate_released_outputs"),
+            mechanisms(&of_kind),
         ));
+    }
+    // The graded kinds, by severity: which ones completed and which failed over (and how it was detected).
+    let graded: Vec<&Value> = results.iter().filter(|r| r["kind"] == "lossy" || r["kind"] == "slow-source").collect();
+    if !graded.is_empty() {
+        md.push_str(
+            "\n| failure | severity | outcome | detected by | detection ms | held |\n|---|---|---|---|---:|---|\n",
+        );
+        for r in graded {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                r["kind"].as_str().unwrap_or_default(),
+                r["severity"].as_str().unwrap_or_default(),
+                r["outcome"].as_str().unwrap_or_default(),
+                r["failure_kind"].as_str().unwrap_or("—"),
+                r["detection_ms"].as_f64().map_or("—".into(), |ms| format!("{ms:.0}")),
+                if r["held"] == true { "yes" } else { "NO" },
+            ));
+        }
     }
     let failed: Vec<&Value> = results.iter().filter(|r| r["held"] != true).collect();
     for r in &failed {
-        md.push_str(&format!("\nFAILED ({}): {}\n", r["kind"], r["report"]));
+        let (kind, severity) = (r["kind"].as_str().unwrap_or_default(), r["severity"].as_str().unwrap_or_default());
+        md.push_str(&format!("\nFAILED ({kind}, {severity}): {}\n", r["report"]));
     }
     let dir = root.join("target/chaos");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("chaos.json"), serde_json::to_string_pretty(&json!({ "runs": results }))?)?;
+    let json = json!({ "seed": seed, "runs": results });
+    std::fs::write(dir.join("chaos.json"), serde_json::to_string_pretty(&json)?)?;
     std::fs::write(dir.join("chaos.md"), &md).context("writing chaos.md")?;
     println!("{md}");
     eprintln!("chaos: wrote {}", dir.join("chaos.md").display());

@@ -32,7 +32,7 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install missing system packages (binutils, util-linux, iproute2, libclang, chromium).
+    /// Install missing system packages (binutils, util-linux, iproute2, nftables, libclang, chromium).
     Setup,
     /// Build pcft (release) and run the main job, `pcft demo`; extra arguments go to it.
     Run {
@@ -57,9 +57,10 @@ enum Task {
     BuildEbpf,
     /// Plot the results in target/bench/*.json again (SVG), without running anything.
     Plots,
-    /// The fault-injection suite: many PostCopyFT demos, each failing the destination
-    /// at a random point by crash, freeze or network partition; every one must recover
-    /// and verify (target/chaos/).
+    /// The fault-injection suite: many PostCopyFT demos, each failing at a random point
+    /// by crash, freeze, network partition, a lossy link, a slow source or stalled
+    /// checkpoints; every one must verify wherever it finished, lose no released output,
+    /// and leave the destination fenced if it failed over (target/chaos/).
     Chaos {
         #[arg(long, default_value_t = 50)]
         runs: usize,
@@ -86,8 +87,12 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("unshare", "util-linux"),
     ("mount", "mount"),
-    // `pcft demo --fail-kind partition` and its test: network namespaces and veth links.
+    // `pcft demo --fail-kind partition|lossy` and their tests: network namespaces and
+    // veth links; lossy degrades the link with `tc` (iproute2) and, where the kernel
+    // has no netem, drops packets with an nftables rule.
     ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("nft", "nftables"),
     // The dashboard's end-to-end test loads it in headless Chromium.
     ("chromium", "chromium"),
 ];

@@ -5,7 +5,13 @@
 //! against its oracle wherever it finished, and every output record that
 //! reached the outside world against the oracle's; everything is stopped and
 //! the report printed.
+//!
+//! The failure kinds (`--fail-kind`): the destination crashes, freezes or
+//! stalls its checkpoints, the network between the hosts is cut or degraded
+//! (the agents then run in network namespaces, see `netns`), or the source is
+//! starved of CPU (see `cgroup`).
 
+use super::cgroup::CpuThrottle;
 use super::netns::Testbed;
 use super::remote::{print_report, runtime};
 use super::vm::{machine_config, KVM_PATH};
@@ -202,8 +208,7 @@ impl FailAt {
 
     /// One of the points, picked from the clock.
     fn random() -> FailAt {
-        let seed =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        let seed = clock_seed();
         let epoch = u64::from(seed / 7 % 5) + 1;
         match seed % 6 {
             0 => FailAt::Point(CrashPoint::BeforeFirstCheckpoint),
@@ -213,6 +218,11 @@ impl FailAt {
             4 => FailAt::Point(CrashPoint::AfterLastPage),
             _ => FailAt::After(Duration::from_millis(u64::from(seed / 11 % 1500) + 50)),
         }
+    }
+
+    /// Right after a checkpoint epoch from 1 to 5, picked from the clock.
+    fn random_epoch() -> FailAt {
+        FailAt::Point(CrashPoint::Committed(u64::from(clock_seed() / 7 % 5) + 1))
     }
 
     fn name(&self) -> String {
@@ -226,6 +236,23 @@ impl FailAt {
             FailAt::Point(CrashPoint::AfterLastPage) => "after-last-page".into(),
         }
     }
+}
+
+fn clock_seed() -> u32 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos()
+}
+
+/// A failure applied at a time (`--fail-at Nms`) by the demo's timer, and
+/// what it applied; once the migration is `over` nothing more is applied.
+#[derive(Default)]
+struct Injected {
+    over: bool,
+    /// lossy: how the link between the hosts was degraded.
+    network: Option<String>,
+    /// slow-source: the source agent's CPU throttle (released when the migration ends).
+    throttle: Option<CpuThrottle>,
+    /// slow-source: what the throttle was.
+    source_throttle: Option<String>,
 }
 
 /// Waits until the source reports the demo VM's migration in post-copy (the
@@ -346,29 +373,51 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let mode: Mode = args.mode.into();
     let fail_at =
         if mode.checkpoints() { FailAt::parse(&args.fail_at).map_err(|e| usage(anyhow!(e)))? } else { FailAt::None };
-    let freeze = args.fail_kind == FailKind::Freeze;
-    let partition = args.fail_kind == FailKind::Partition && mode.checkpoints();
-    if partition && matches!(fail_at, FailAt::Point(_)) && args.fail_at != "random" {
+    let kind = args.fail_kind;
+    let freeze = kind == FailKind::Freeze;
+    let partition = kind == FailKind::Partition && mode.checkpoints();
+    let lossy = kind == FailKind::Lossy && mode.checkpoints();
+    // The agents run in network namespaces of their own (two hosts).
+    let netns = partition || lossy;
+    // Failures that happen at a time, not at a point of the destination's work.
+    let timed = matches!(kind, FailKind::Partition | FailKind::Lossy | FailKind::SlowSource);
+    let chosen = args.fail_at != "random";
+    if mode.checkpoints() && timed && chosen && matches!(fail_at, FailAt::Point(_)) {
         return Err(usage(anyhow!(
-            "--fail-kind partition cuts the network at a time: use --fail-at Nms (or random, none)"
+            "--fail-kind {} happens at a time: use --fail-at Nms (or random, none)",
+            kind.name()
+        )));
+    }
+    // The checkpointer's own points: in a pause or after the last page it does not run.
+    let stall_point = matches!(
+        fail_at,
+        FailAt::Point(CrashPoint::BeforeFirstCheckpoint | CrashPoint::Speculative(_) | CrashPoint::Committed(_))
+    );
+    if mode.checkpoints() && kind == FailKind::Stall && chosen && !stall_point && fail_at != FailAt::None {
+        return Err(usage(anyhow!(
+            "--fail-kind stall hangs the destination's checkpointer at a point of its work: \
+             use --fail-at epoch:N, speculative:N or before-first-checkpoint (or random, none), not {}",
+            args.fail_at
         )));
     }
     let fail_at = match fail_at {
-        // A partition happens at a time; a random one lands in post-copy.
-        FailAt::Point(_) if partition => FailAt::After(Duration::from_millis(400)),
+        // These happen at a time; a random one lands in post-copy.
+        FailAt::Point(_) if timed => FailAt::After(Duration::from_millis(400)),
+        // A random stall: right after one of the first checkpoints.
+        FailAt::After(_) | FailAt::Point(_) if kind == FailKind::Stall && !chosen => FailAt::random_epoch(),
         other => other,
     };
     let migrate_after =
         Duration::from_millis(args.migrate_after_ms.unwrap_or(if args.dashboard.is_some() { 5000 } else { 300 }));
-    let testbed = if partition { Some(Arc::new(Testbed::create().map_err(usage)?)) } else { None };
-    let outside = Outside::start(if partition { "0.0.0.0:0" } else { "127.0.0.1:0" })?;
+    let testbed = if netns { Some(Arc::new(Testbed::create().map_err(usage)?)) } else { None };
+    let outside = Outside::start(if netns { "0.0.0.0:0" } else { "127.0.0.1:0" })?;
     let outside_port: u16 = outside.addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
     const NS_PORT: u16 = 7401;
     const NS_HTTP_PORT: u16 = 7480;
     let key = if args.no_auth { None } else { Some(DemoKey::new()?) };
     let mut agents = Agents { children: Vec::new(), key };
     // `--metrics` for each agent when there is a dashboard: the source's where asked, the destination's anywhere.
-    let http_listen = |asked: &str| match (&args.dashboard, partition) {
+    let http_listen = |asked: &str| match (&args.dashboard, netns) {
         (None, _) => Vec::new(),
         (Some(_), true) => vec!["--metrics".to_string(), format!("0.0.0.0:{NS_HTTP_PORT}")],
         (Some(_), false) => vec!["--metrics".to_string(), asked.to_string()],
@@ -378,7 +427,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         Some(bed) => bed.outside_from_source(outside_port),
         None => outside.addr.clone(),
     };
-    let listen = if partition { format!("0.0.0.0:{NS_PORT}") } else { "127.0.0.1:0".to_string() };
+    let listen = if netns { format!("0.0.0.0:{NS_PORT}") } else { "127.0.0.1:0".to_string() };
     let mut source_args = vec!["--output-sink", &source_sink];
     source_args.extend(source_http.iter().map(String::as_str));
     let started = agents.start("source", testbed.as_ref().map(|b| b.source_ns.as_str()), &listen, &source_args)?;
@@ -390,8 +439,14 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         FailAt::Point(_) => vec!["--crash-at".to_string(), fail_at.name().replace("epoch:", "committed:")],
         _ => Vec::new(),
     };
-    if freeze && !crash.is_empty() {
-        crash.extend(["--crash-signal".to_string(), "stop".to_string()]);
+    let crash_signal = match kind {
+        FailKind::Freeze => Some("stop"),
+        // The destination's checkpointer hangs there; its heartbeats go on.
+        FailKind::Stall => Some("stall"),
+        _ => None,
+    };
+    if let (Some(signal), false) = (crash_signal, crash.is_empty()) {
+        crash.extend(["--crash-signal".to_string(), signal.to_string()]);
     }
     let destination_sink = match &testbed {
         Some(bed) => bed.outside_from_destination(outside_port),
@@ -419,6 +474,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         _ => None,
     };
     let destination_pid = agents.children.last().map(|c| c.id()).expect("just started");
+    let source_pid = agents.children.first().map(|c| c.id()).expect("started first");
     if !args.json {
         println!("agents: source at {source}, destination at {destination} (separate processes)");
         println!("outside world (released output) at {}", outside.addr);
@@ -426,11 +482,17 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             println!("dashboard: {url} (migrating in {} s)", migrate_after.as_secs_f64());
         }
         if mode.checkpoints() {
-            println!(
-                "the destination fails at: {} ({})",
-                fail_at.name(),
-                format!("{:?}", args.fail_kind).to_lowercase()
-            );
+            let how = match kind {
+                FailKind::Lossy => format!("lossy: loss {}%, delay {} ms", args.loss, args.delay_ms),
+                FailKind::SlowSource => format!("slow-source: {}% of a CPU", args.source_cpu_pct),
+                other => other.name(),
+            };
+            let who = match kind {
+                FailKind::Lossy => "the link between the hosts degrades",
+                FailKind::SlowSource => "the source slows down",
+                _ => "the destination fails",
+            };
+            println!("{who} at: {} ({how})", fail_at.name());
         }
     }
     let (fixture, vcpus, mem_bytes) = (config.fixture.kind.name(), config.fixture.vcpus, config.mem_bytes);
@@ -443,6 +505,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         },
         dirty_tracker(&args),
     );
+    let injected: Arc<Mutex<Injected>> = Arc::default();
     let outcome = runtime().block_on(async {
         let mut src = AgentClient::connect(&source).await.map_err(client_error)?;
         let start = Message::StartVm { name: VM.into(), config, tracking: dirty_tracker(&args).into() };
@@ -451,19 +514,36 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         if let FailAt::After(after) = fail_at {
             let bed = testbed.clone();
             let source = source.clone();
+            let injected = Arc::clone(&injected);
+            let (loss, delay_ms, link_mbit, cpu_pct) = (args.loss, args.delay_ms, args.link_mbit, args.source_cpu_pct);
             tokio::spawn(async move {
                 // N ms after the switchover: the VM runs at the destination by then.
                 if !postcopy_started(&source).await {
                     return;
                 }
                 tokio::time::sleep(after).await;
-                match &bed {
-                    Some(bed) => {
+                let mut injected = injected.lock().expect("injection lock");
+                if injected.over {
+                    return;
+                }
+                match (kind, &bed) {
+                    (FailKind::Partition, Some(bed)) => {
                         if let Err(e) = bed.cut() {
                             eprintln!("pcft demo: cannot cut the link: {e:#}");
                         }
                     }
-                    None => {
+                    (FailKind::Lossy, Some(bed)) => match bed.degrade(loss, delay_ms, link_mbit) {
+                        Ok(applied) => injected.network = Some(applied.to_string()),
+                        Err(e) => eprintln!("pcft demo: cannot degrade the link: {e:#}"),
+                    },
+                    (FailKind::SlowSource, _) => match CpuThrottle::apply(source_pid, cpu_pct) {
+                        Ok(throttle) => {
+                            injected.source_throttle = Some(throttle.description().to_string());
+                            injected.throttle = Some(throttle);
+                        }
+                        Err(e) => eprintln!("pcft demo: cannot throttle the source agent: {e:#}"),
+                    },
+                    _ => {
                         let signal = if freeze { libc::SIGSTOP } else { libc::SIGKILL };
                         // SAFETY: kill(2) of the destination agent we started (a child process) has no memory effects.
                         unsafe { libc::kill(destination_pid as libc::pid_t, signal) };
@@ -477,11 +557,26 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             Message::Migrated(report) => report,
             other => return Err(run_failure(anyhow!("the source answered {other:?}"))),
         };
-        if let (Some(bed), true) = (&testbed, report.failover.is_some()) {
+        // The migration is over: undo what the timer applied (and apply nothing more).
+        let throttle = {
+            let mut injected = injected.lock().expect("injection lock");
+            injected.over = true;
+            injected.throttle.take()
+        };
+        if let Some(throttle) = throttle {
+            throttle.release().context("cannot release the source agent's CPU throttle").map_err(run_failure)?;
+        }
+        if let (Some(bed), true) = (&testbed, lossy) {
+            // Restore the link before the fencing check, as a partition heals.
+            bed.restore().context("cannot restore the link between the hosts").map_err(run_failure)?;
+        }
+        if let (Some(bed), true) = (&testbed, partition && report.failover.is_some()) {
             // Heal the network: the destination may hear from the source again, and must stay fenced.
             bed.heal().map_err(run_failure)?;
         }
-        let fenced = if (freeze || partition) && report.failover.is_some() {
+        // Whatever failed (but a crash: nothing is left to fence), a destination
+        // whose VM the source recovered must keep its copy stopped.
+        let fenced = if mode.checkpoints() && kind != FailKind::Crash && report.failover.is_some() {
             Some(destination_fenced(&destination, destination_pid, options.heartbeat_timeout_ms).await?)
         } else {
             None
@@ -511,6 +606,10 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let outputs_ok = outputs.lost == 0 && (!verified_ok || outputs.never_released == 0);
     let fenced_ok = fenced.is_none_or(|f| f);
     let recovered = report.failover.is_some();
+    let (network, source_throttle) = {
+        let injected = injected.lock().expect("injection lock");
+        (injected.network.clone(), injected.source_throttle.clone())
+    };
     if args.json {
         let mut object = serde_json::to_value(&report).map_err(run_failure)?;
         let total = report.total_migration_ms.is_finite().then_some(report.total_migration_ms);
@@ -526,8 +625,10 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             "duplicate_released_outputs": outputs.duplicates,
             "lost_released_outputs": outputs.lost,
             "never_released_outputs": outputs.never_released,
-            "fail_kind": format!("{:?}", args.fail_kind).to_lowercase(),
+            "fail_kind": kind.name(),
             "destination_fenced": fenced,
+            "network": network,
+            "source_throttle": source_throttle,
         });
         object.as_object_mut().expect("report is an object").extend(extra.as_object().expect("object").clone());
         println!("{object}");
@@ -544,16 +645,29 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             "outside world: {} distinct records released ({} duplicates), {} lost or contradicted, {} never released",
             outputs.released, outputs.duplicates, outputs.lost, outputs.never_released
         );
+        if let Some(network) = &network {
+            println!("the link between the hosts was degraded ({network}) until the migration ended");
+        }
+        if let Some(throttle) = &source_throttle {
+            println!("the source agent was held to a CPU quota ({throttle}) until the migration ended");
+        }
         match fenced {
-            Some(true) => {
-                println!("the cut-off destination found its lease expired and keeps its copy stopped: one VM runs")
-            }
+            Some(true) => println!("the destination keeps its copy stopped (fenced) after the failover: one VM runs"),
             Some(false) => println!("SPLIT BRAIN: the destination's copy runs again after the failover"),
             None => {}
         }
     }
     if mode.checkpoints() && fail_at != FailAt::None && !recovered && report.failure.is_none() && !args.json {
-        println!("(the failure point was not reached before the migration completed)");
+        match kind {
+            FailKind::Stall => println!(
+                "(the migration completed before the stall point, or before --checkpoint-timeout ({} ms) ran out after it)",
+                options.checkpoint_timeout_ms
+            ),
+            FailKind::Lossy | FailKind::SlowSource => {
+                println!("(the migration completed: with the link degraded or the source slowed, or before that)")
+            }
+            _ => println!("(the failure point was not reached before the migration completed)"),
+        }
     }
     if let Some(url) = &dashboard_url {
         if !args.json {

@@ -1,6 +1,7 @@
 //! `pcft`'s command line: argument definitions and the mapping from failures
 //! to exit codes (2: bad input or an unusable host; 1: the run itself failed).
 
+pub mod cgroup;
 pub mod demo;
 pub mod netns;
 pub mod remote;
@@ -217,19 +218,49 @@ pub struct DemoArgs {
     #[arg(long)]
     pub migrate_after_ms: Option<u64>,
     /// postcopy-ft: where the destination fails. `none`; `random` (one of the
-    /// points below, printed); `Nms` (SIGKILL N ms after the switchover);
-    /// `epoch:N` (right after checkpoint N went out); `speculative:N` (in
-    /// checkpoint N's speculative copy); `pause:N` (in checkpoint N's pause);
-    /// `before-first-checkpoint`; `after-last-page` (when the last page arrived).
+    /// points below, printed; for partition, lossy and slow-source: 400ms; for
+    /// stall: epoch:N, N from 1 to 5); `Nms` (N ms after the switchover: crash,
+    /// freeze, partition, lossy, slow-source); `epoch:N` (right after
+    /// checkpoint N went out); `speculative:N` (in checkpoint N's speculative
+    /// copy); `pause:N` (in checkpoint N's pause); `before-first-checkpoint`;
+    /// `after-last-page` (when the last page arrived). The points are for
+    /// crash and freeze; stall takes epoch:N, speculative:N and
+    /// before-first-checkpoint.
     #[arg(long, default_value = "random")]
     pub fail_at: String,
-    /// How the destination fails: `crash` (SIGKILL of the destination agent),
+    /// How the migration fails: `crash` (SIGKILL of the destination agent),
     /// `freeze` (SIGSTOP; SIGCONT once the source has recovered the VM: the
-    /// destination must find its lease expired and stay stopped), or
+    /// destination must find its lease expired and stay stopped),
     /// `partition` (the agents run in network namespaces joined by a veth
-    /// pair, which is cut; healed after the failover).
+    /// pair, which is cut; healed after the failover), `lossy` (the same
+    /// namespaces; the pair is made lossy and slow, see --loss and
+    /// --delay-ms; restored after the migration), `slow-source` (the SOURCE
+    /// agent is held to --source-cpu-pct of a CPU by a cgroup until the
+    /// migration ends), or `stall` (the destination's checkpointer hangs at the
+    /// point while its heartbeats go on: a gray failure the source must
+    /// detect from the missing checkpoints, by --checkpoint-timeout). Lossy and slow-source may complete
+    /// (slowly) or fail over; every kind but crash must leave the destination
+    /// fenced if the source recovered the VM.
     #[arg(long, value_enum, default_value_t = FailKind::Crash)]
     pub fail_kind: FailKind,
+    /// lossy: packets lost on the link between the hosts, in % each way (100: a cut).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub loss: u32,
+    /// lossy: delay added on the link between the hosts, in ms each way (0:
+    /// none). With `tc netem` a fixed delay; on a kernel without netem, a
+    /// `tbf` queue of this many ms at --link-mbit (a delay while the link is
+    /// busy, as it is during post-copy's push).
+    #[arg(long, default_value_t = 40)]
+    pub delay_ms: u64,
+    /// lossy, without netem: the rate of the `tbf` queue that makes the delay,
+    /// in Mbit/s (the default is above the push of --postcopy-rate 4096, about
+    /// 140; the link then queues in bursts, such as checkpoints).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    pub link_mbit: u64,
+    /// slow-source: the source agent's CPU quota, in % of one CPU (cgroup cpu
+    /// controller, 100 ms period).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub source_cpu_pct: u32,
     /// Post-copy push rate in pages/s (0: no limit). Default: 16384 for
     /// postcopy-ft (a 256M guest stays in post-copy for up to 4 s, long enough
     /// for checkpoints and failures to matter), no limit for the other modes.
@@ -296,6 +327,20 @@ pub enum FailKind {
     /// Run the agents in network namespaces of their own, joined by a veth
     /// pair, and cut that link (then heal it after the failover).
     Partition,
+    /// The same namespaces; make the link lossy and slow (netem, or nftables
+    /// loss and tbf queueing), then restore it.
+    Lossy,
+    /// Hold the source agent to a small CPU quota (cgroup cpu controller).
+    SlowSource,
+    /// The destination's checkpointer hangs while its heartbeats go on.
+    Stall,
+}
+
+impl FailKind {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> String {
+        self.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -1,15 +1,19 @@
-//! Two "hosts" on one machine for `pcft demo --fail-kind partition`: the
+//! Two "hosts" on one machine for `pcft demo --fail-kind partition|lossy`: the
 //! source and destination agents each run in a network namespace of their
 //! own, joined by a veth pair that carries the migration; each namespace also
 //! has a veth to the root namespace (where the demo and its outside world
 //! live). Cutting the pair partitions the two hosts while both stay alive and
 //! both still reach the outside, which is what fencing must handle.
+//! Degrading it instead (`degrade`) makes the link lossy and slow: `tc netem`
+//! loss and delay where the kernel has netem, else loss from an nftables rule
+//! and queueing delay from a `tbf` rate limit (see `degrade`).
 //!
 //! Addresses (N = a per-run number): source 10.N.1.2 (root side 10.N.1.1),
 //! destination 10.N.2.2 (root side 10.N.2.1), the pair 10.N.3.1 ↔ 10.N.3.2.
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
+use std::sync::Mutex;
 
 /// The namespaces and links of one demo run; removed when dropped.
 pub struct Testbed {
@@ -18,6 +22,53 @@ pub struct Testbed {
     net: u8,
     /// The source's end of the pair (in the source namespace).
     pair_source_end: String,
+    /// The destination's end of the pair (in the destination namespace).
+    pair_destination_end: String,
+    /// What undoes the degradation of the pair now in place (see `restore`).
+    undo: Mutex<Vec<Undo>>,
+}
+
+/// How the pair link is made lossy and slow; both ends, so each direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Degradation {
+    /// `tc netem delay D loss L%` on each end (a kernel with sch_netem).
+    Netem { loss_pct: u32, delay_ms: u64 },
+    /// Without netem: an nftables rule in each namespace drops L% of the
+    /// packets leaving on the pair (`numgen random mod 100 < L drop`), and a
+    /// `tbf` of `rate_mbit` on each end queues up to `delay_ms` of traffic: a
+    /// delay when the link is busy (as it is during post-copy's push), not a
+    /// fixed one. 0 leaves that half out.
+    NftTbf { loss_pct: u32, delay_ms: u64, rate_mbit: u64 },
+}
+
+impl std::fmt::Display for Degradation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Degradation::Netem { loss_pct, delay_ms } => write!(f, "netem loss {loss_pct}% delay {delay_ms}ms"),
+            Degradation::NftTbf { loss_pct, delay_ms, rate_mbit } => {
+                let loss = (loss_pct > 0).then(|| format!("nft loss {loss_pct}%"));
+                let delay = (delay_ms > 0).then(|| format!("tbf {rate_mbit}mbit/{delay_ms}ms"));
+                match (loss, delay) {
+                    (Some(loss), Some(delay)) => write!(f, "{loss} + {delay}"),
+                    (Some(one), None) | (None, Some(one)) => f.write_str(&one),
+                    (None, None) => f.write_str("none"),
+                }
+            }
+        }
+    }
+}
+
+/// Runs `program args…` in namespace `ns`; the error says what it printed.
+fn exec_in(ns: &str, program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run `{program}` in namespace {ns}"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -45,6 +96,8 @@ impl Testbed {
             destination_ns: format!("pcft-dst-{tag}"),
             net,
             pair_source_end: format!("pcp{tag}s"),
+            pair_destination_end: format!("pcp{tag}d"),
+            undo: Mutex::default(),
         };
         bed.build(&tag)
             .with_context(|| "cannot build the partition testbed (network namespaces and veth links; needs root)")?;
@@ -65,14 +118,14 @@ impl Testbed {
             in_ns(ns, &["link", "set", &ns_end, "up"])?;
             in_ns(ns, &["link", "set", "lo", "up"])?;
         }
-        let pair_destination_end = format!("pcp{tag}d");
-        ip(&["link", "add", &self.pair_source_end, "type", "veth", "peer", "name", &pair_destination_end])?;
+        let pair_destination_end = &self.pair_destination_end;
+        ip(&["link", "add", &self.pair_source_end, "type", "veth", "peer", "name", pair_destination_end])?;
         ip(&["link", "set", &self.pair_source_end, "netns", &self.source_ns])?;
-        ip(&["link", "set", &pair_destination_end, "netns", &self.destination_ns])?;
+        ip(&["link", "set", pair_destination_end, "netns", &self.destination_ns])?;
         in_ns(&self.source_ns, &["addr", "add", &format!("10.{n}.3.1/24"), "dev", &self.pair_source_end])?;
-        in_ns(&self.destination_ns, &["addr", "add", &format!("10.{n}.3.2/24"), "dev", &pair_destination_end])?;
+        in_ns(&self.destination_ns, &["addr", "add", &format!("10.{n}.3.2/24"), "dev", pair_destination_end])?;
         in_ns(&self.source_ns, &["link", "set", &self.pair_source_end, "up"])?;
-        in_ns(&self.destination_ns, &["link", "set", &pair_destination_end, "up"])?;
+        in_ns(&self.destination_ns, &["link", "set", pair_destination_end, "up"])?;
         Ok(())
     }
 
@@ -107,6 +160,105 @@ impl Testbed {
     pub fn heal(&self) -> Result<()> {
         in_ns(&self.source_ns, &["link", "set", &self.pair_source_end, "up"])
     }
+
+    /// Both ends of the pair, each with its namespace.
+    fn pair_ends(&self) -> [(&str, &str); 2] {
+        [(&self.source_ns, &self.pair_source_end), (&self.destination_ns, &self.pair_destination_end)]
+    }
+
+    /// Makes the link between the hosts lossy (`loss_pct` % of the packets
+    /// each way) and slow (`delay_ms`): with `tc netem` where the kernel has
+    /// it, else with nftables and `tbf` at `rate_mbit` (see `Degradation`).
+    /// Returns what was applied; `restore` undoes it (and a failure here
+    /// undoes what was applied before it).
+    pub fn degrade(&self, loss_pct: u32, delay_ms: u64, rate_mbit: u64) -> Result<Degradation> {
+        let mut undo = self.undo.lock().expect("degradation lock");
+        if !undo.is_empty() {
+            bail!("the link is already degraded");
+        }
+        let applied = self.apply(loss_pct, delay_ms, rate_mbit, &mut undo);
+        if applied.is_err() {
+            let _ = run_undo(std::mem::take(&mut *undo));
+        }
+        applied
+    }
+
+    fn apply(&self, loss_pct: u32, delay_ms: u64, rate_mbit: u64, undo: &mut Vec<Undo>) -> Result<Degradation> {
+        let (delay, loss) = (format!("{delay_ms}ms"), format!("{loss_pct}%"));
+        let del_qdisc = |ns: &str, dev: &str| Undo::new(ns, "tc", &["qdisc", "del", "dev", dev, "root"]);
+        let mut netem = true;
+        for (ns, dev) in self.pair_ends() {
+            match exec_in(ns, "tc", &["qdisc", "add", "dev", dev, "root", "netem", "delay", &delay, "loss", &loss]) {
+                Ok(()) => undo.push(del_qdisc(ns, dev)),
+                // This kernel has no sch_netem (CONFIG_NET_SCH_NETEM): fall back.
+                Err(e) if e.to_string().contains("unknown") && undo.is_empty() => {
+                    netem = false;
+                    break;
+                }
+                Err(e) => return Err(e.context("cannot add a netem qdisc (tc, iproute2)")),
+            }
+        }
+        if netem {
+            return Ok(Degradation::Netem { loss_pct, delay_ms });
+        }
+        for (ns, dev) in self.pair_ends() {
+            if loss_pct > 0 {
+                // numgen's `mod 100` gives 0 to 99: `< 100` is out of its range.
+                let drop = match loss_pct {
+                    100.. => "drop".to_string(),
+                    pct => format!("numgen random mod 100 < {pct} counter drop"),
+                };
+                let rules = format!(
+                    "add table inet pcft; \
+                     add chain inet pcft out {{ type filter hook output priority 0; }}; \
+                     add rule inet pcft out oifname \"{dev}\" {drop}"
+                );
+                exec_in(ns, "nft", &[&rules]).context("cannot add the packet-loss rule (apt-get install nftables)")?;
+                undo.push(Undo::new(ns, "nft", &["delete", "table", "inet", "pcft"]));
+            }
+            if delay_ms > 0 {
+                // The queue holds `delay_ms` of traffic at the rate; the burst must
+                // hold at least one tick's worth (rate / HZ) and a full-size segment.
+                let burst = format!("{}kb", (rate_mbit * 1000 / 8 / 100).max(64));
+                let rate = format!("{rate_mbit}mbit");
+                let tbf =
+                    ["qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst", &burst, "latency", &delay];
+                exec_in(ns, "tc", &tbf).context("cannot add the tbf qdisc (tc, iproute2)")?;
+                undo.push(del_qdisc(ns, dev));
+            }
+        }
+        Ok(Degradation::NftTbf { loss_pct, delay_ms, rate_mbit })
+    }
+
+    /// Undoes `degrade` (nothing if the link is not degraded).
+    pub fn restore(&self) -> Result<()> {
+        run_undo(std::mem::take(&mut *self.undo.lock().expect("degradation lock")))
+    }
+}
+
+/// One command that undoes a step of `degrade`.
+struct Undo {
+    ns: String,
+    program: &'static str,
+    args: Vec<String>,
+}
+
+impl Undo {
+    fn new(ns: &str, program: &'static str, args: &[&str]) -> Undo {
+        Undo { ns: ns.to_string(), program, args: args.iter().map(|a| a.to_string()).collect() }
+    }
+}
+
+/// Runs every undo step (the last first); the first error, if any.
+fn run_undo(steps: Vec<Undo>) -> Result<()> {
+    let mut first_error = None;
+    for step in steps.into_iter().rev() {
+        let args: Vec<&str> = step.args.iter().map(String::as_str).collect();
+        if let Err(e) = exec_in(&step.ns, step.program, &args) {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 impl Drop for Testbed {

@@ -1,0 +1,108 @@
+//! Gray failures in `pcft demo`: the link between the hosts made lossy and
+//! slow (`--fail-kind lossy`: two network namespaces; `tc netem`, or where
+//! the kernel lacks netem, nftables loss and a `tbf` queue), a source
+//! starved of CPU (`--fail-kind slow-source`: a cgroup CPU quota), and a
+//! destination whose checkpoints stop while it heartbeats (`--fail-kind
+//! stall`, which the source must fail over). Whether the
+//! migration completes or the source fails over, the guest verifies against
+//! its oracle, no released output is lost, and a destination whose VM was
+//! recovered at the source stays fenced. The demo removes its namespaces,
+//! rules and cgroups.
+
+use pcft_tests::pcft_json;
+use serde_json::Value;
+use std::sync::Mutex;
+
+/// One demo at a time: they are heavy on this 2-core machine, and each test
+/// checks that no namespace or cgroup of a demo is left behind.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn demo(kind: &str, extra: &[&str]) -> Value {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut args = vec![
+        "demo",
+        "--mem",
+        "64M",
+        "--vcpus",
+        "2",
+        "--steps",
+        "40000",
+        "--postcopy-rate",
+        "4096",
+        "--fail-kind",
+        kind,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let report = pcft_json(&args);
+    let what = format!("{kind} {extra:?}: {report}");
+    assert_eq!(report["fail_kind"], kind, "{what}");
+    assert_eq!(report["verified"], true, "{what}");
+    assert_eq!(report["lost_released_outputs"], 0, "{what}");
+    assert_eq!(report["never_released_outputs"], 0, "{what}");
+    if report["recovered"] == true {
+        assert_eq!(report["destination_fenced"], true, "exactly one copy runs after the failover: {what}");
+    }
+    namespaces_removed();
+    cgroups_removed();
+    report
+}
+
+fn namespaces_removed() {
+    let list = std::process::Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    assert!(!String::from_utf8_lossy(&list.stdout).contains("pcft-"), "the demo removes its namespaces");
+}
+
+fn cgroups_removed() {
+    let leftover = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup"]
+        .into_iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flatten()
+        .flatten()
+        .any(|entry| entry.file_name().to_string_lossy().starts_with("pcft-src-"));
+    assert!(!leftover, "the demo removes its cgroup");
+}
+
+#[test]
+fn a_link_losing_every_packet_fails_over_like_a_cut() {
+    let report = demo("lossy", &["--fail-at", "300ms", "--loss", "100"]);
+    let what = report.to_string();
+    assert_eq!(report["recovered"], true, "{what}");
+    assert_eq!(report["failure"]["kind"], "heartbeat-timeout", "only silence tells: {what}");
+    let network = report["network"].as_str().expect("the degradation applied");
+    assert!(
+        network.starts_with("netem loss 100%") || network.starts_with("nft loss 100%"),
+        "netem where the kernel has it, else nftables: {what}"
+    );
+}
+
+#[test]
+fn a_mildly_lossy_link_slows_the_migration_but_it_completes() {
+    let report = demo("lossy", &["--fail-at", "200ms", "--loss", "1", "--delay-ms", "5", "--link-mbit", "1000"]);
+    let what = report.to_string();
+    assert_eq!(report["recovered"], false, "{what}");
+    assert!(report["failure"].is_null(), "{what}");
+    assert!(report["total_migration_ms"].as_f64().is_some(), "{what}");
+    assert!(report["network"].as_str().is_some_and(|n| n.contains("loss 1%")), "{what}");
+}
+
+#[test]
+fn a_source_starved_of_cpu_completes_or_fails_over_safely() {
+    // 2% of a CPU: the source may ack heartbeats too late for the destination's
+    // lease (it then stops its copy and the source fails over), or the migration
+    // completes slowly; either way nothing is lost.
+    let report = demo("slow-source", &["--fail-at", "300ms", "--source-cpu-pct", "2"]);
+    let what = report.to_string();
+    assert!(report["source_throttle"].as_str().is_some_and(|t| t.contains("2% of a CPU")), "{what}");
+}
+
+#[test]
+fn a_destination_whose_checkpoints_stall_is_failed_over_and_fenced() {
+    // The checkpoint timeout (3 s by default) would outlast this short post-copy.
+    let report = demo("stall", &["--fail-at", "epoch:2", "--checkpoint-timeout", "500"]);
+    let what = report.to_string();
+    assert_eq!(report["recovered"], true, "{what}");
+    assert_eq!(report["failure"]["kind"], "checkpoint-stalled", "heartbeats went on: {what}");
+    assert_eq!(report["restored_epoch"], 2, "{what}");
+    assert_eq!(report["destination_fenced"], true, "{what}");
+}
