@@ -683,10 +683,14 @@ pub async fn migrate_in(
                 crate::metrics::get().set_phase(name, "completed");
                 let finished = out.checkpoint_frame(encode_message(&Message::Finished)).await;
                 if finished.is_ok() {
-                    // Let the source close first, so that our close never resets a
-                    // connection it still reads (which could lose `Finished`).
+                    // Read on until the source closes: closing with its frames unread
+                    // would reset the connection, and a reset can throw away a
+                    // `Finished` not yet delivered.
                     let closed = async { while rd.read().await.is_ok() {} };
-                    let _ = tokio::time::timeout(Duration::from_millis(options.heartbeat_timeout_ms * 5), closed).await;
+                    let patience = Duration::from_millis(options.reply_timeout_ms);
+                    if tokio::time::timeout(patience, closed).await.is_err() {
+                        tracing::warn!("the source did not close the connection after Finished");
+                    }
                 }
                 break Ok(());
             }

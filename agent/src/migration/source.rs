@@ -188,6 +188,8 @@ enum Reply {
     Heartbeat(u64),
     /// PostCopyFT: the destination took `Finish`; the VM is its own.
     Finished,
+    /// The destination aborted: it stopped its copy first (or never ran it).
+    Aborted(String),
     /// The destination aborted (it stops its copy first) or closed the connection.
     Gone(FailureKind, String),
 }
@@ -271,9 +273,7 @@ async fn read_replies(
             }
             Ok(Frame::Message(Message::Heartbeat { seq })) => Reply::Heartbeat(seq),
             Ok(Frame::Message(Message::Finished)) => Reply::Finished,
-            Ok(Frame::Message(Message::Abort { reason })) => {
-                Reply::Gone(FailureKind::ConnectionClosed, format!("destination aborted: {reason}"))
-            }
+            Ok(Frame::Message(Message::Abort { reason })) => Reply::Aborted(reason),
             Ok(other) => Reply::Gone(FailureKind::Protocol, format!("unexpected frame {other:?}")),
             Err(e @ ProtocolError::Closed) | Err(e @ ProtocolError::Truncated) => {
                 Reply::Gone(FailureKind::ConnectionClosed, e.to_string())
@@ -284,7 +284,7 @@ async fn read_replies(
             Err(e) => Reply::Gone(FailureKind::Protocol, e.to_string()),
         };
         let at = Instant::now();
-        let last = matches!(reply, Reply::Gone(..));
+        let last = matches!(reply, Reply::Gone(..) | Reply::Aborted(_));
         if let (Some(liveness), false) = (&liveness, last) {
             liveness.busy();
         }
@@ -425,6 +425,7 @@ pub async fn migrate_out(
         report,
         finishing: false,
         finished: false,
+        aborted: false,
     };
     let mut result = post.run(options).await;
     if let Err(lost) = &mut result {
@@ -529,6 +530,8 @@ struct PostcopySource {
     finishing: bool,
     /// PostCopyFT: the destination answered `Finished`.
     finished: bool,
+    /// The destination sent `Abort`.
+    aborted: bool,
 }
 
 impl PostcopySource {
@@ -585,7 +588,7 @@ impl PostcopySource {
             if let Some(stats) = self.wait(None).await? {
                 if self.ft.is_some() {
                     // The destination has every page: let the VM go. Its output may all go out now.
-                    self.finish().await?;
+                    self.finish(Duration::from_millis(options.reply_timeout_ms)).await?;
                 }
                 return Ok(stats);
             }
@@ -594,24 +597,29 @@ impl PostcopySource {
 
     /// PostCopyFT's hand-over: `Finish`, then wait for `Finished`, acking
     /// heartbeats meanwhile so that the destination's lease holds while `Finish`
-    /// travels. If the destination says it did not take the VM (`Abort`: its
-    /// lease ran out first, and it stopped its copy) or its connection closes
-    /// without `Finished` (it died, or stopped its copy before closing), the
-    /// source fails over as before. If it goes silent, the source cannot know
-    /// whether `Finish` arrived: it must not restore (the VM may run there).
-    async fn finish(&mut self) -> Result<(), Lost> {
+    /// travels. Only the destination's own words settle it: `Finished` (the VM
+    /// is its own) or `Abort` (its lease ran out first and it stopped its copy:
+    /// fail over as before). Silence is no answer on a lossy link (TCP delivers
+    /// late), so the source waits up to `patience`; and a connection that ends
+    /// without either word cannot tell a crash from a lost `Finished`. In both
+    /// cases the source must not restore its copy: the VM may run there.
+    async fn finish(&mut self, patience: Duration) -> Result<(), Lost> {
         self.finishing = true;
+        // A write that fails or times out did not deliver a whole `Finish`: fail over as usual.
         self.out.message(&Message::Finish).await.map_err(Lost::from_write)?;
+        let deadline = Instant::now() + patience;
+        let unconfirmed = |why: String| Lost {
+            kind: FailureKind::FinishUnconfirmed,
+            reason: format!("the destination did not confirm Finish ({why})"),
+        };
         while !self.finished {
-            match self.wait(None).await {
+            if Instant::now() >= deadline {
+                return Err(unconfirmed(format!("no answer within {} ms", patience.as_millis())));
+            }
+            match self.wait(Some(deadline)).await {
                 Ok(_) => {}
-                Err(Lost { kind: FailureKind::HeartbeatTimeout, reason }) => {
-                    return Err(Lost {
-                        kind: FailureKind::FinishUnconfirmed,
-                        reason: format!("the destination went silent after Finish ({reason})"),
-                    })
-                }
-                Err(lost) => return Err(lost),
+                Err(lost) if self.aborted => return Err(lost),
+                Err(lost) => return Err(unconfirmed(lost.reason)),
             }
         }
         Ok(())
@@ -620,7 +628,7 @@ impl PostcopySource {
     /// Waits for the next reply (at most until `until`) and handles it.
     async fn wait(&mut self, until: Option<Instant>) -> Result<Option<DestinationStats>, Lost> {
         let mut deadline = until;
-        if let Some(l) = &self.out.liveness {
+        if let Some(l) = self.out.liveness.as_ref().filter(|_| !self.finishing) {
             // Not waiting on the destination now: look again within the timeout.
             let silent = l.deadline().unwrap_or_else(|| Instant::now() + l.timeout);
             deadline = Some(deadline.map_or(silent, |d| d.min(silent)));
@@ -663,9 +671,17 @@ impl PostcopySource {
         }
         let until = Instant::now() + Duration::from_millis(50);
         while let Ok(Some(queued)) = tokio::time::timeout_at(until.into(), self.replies.recv()).await {
-            if let Reply::Gone(kind, reason) = queued.reply {
-                *lost = Lost { kind, reason: format!("{reason} ({})", lost.reason) };
-                return;
+            match queued.reply {
+                Reply::Gone(kind, reason) => {
+                    *lost = Lost { kind, reason: format!("{reason} ({})", lost.reason) };
+                    return;
+                }
+                Reply::Aborted(reason) => {
+                    *lost =
+                        Lost { kind: lost.kind, reason: format!("destination aborted: {reason} ({})", lost.reason) };
+                    return;
+                }
+                _ => {}
             }
         }
     }
@@ -692,7 +708,8 @@ impl PostcopySource {
 
     fn check_alive(&self) -> Result<(), Lost> {
         let now = Instant::now();
-        if let Some(l) = &self.out.liveness {
+        // After `Finish`, silence settles nothing (see `finish`).
+        if let Some(l) = self.out.liveness.as_ref().filter(|_| !self.finishing) {
             if let Some(since) = l.silent_since().filter(|_| l.deadline().is_some_and(|d| now >= d)) {
                 return Err(Lost {
                     kind: FailureKind::HeartbeatTimeout,
@@ -726,6 +743,13 @@ impl PostcopySource {
             Reply::Requests(gpas) => self.push.request(gpas),
             Reply::Complete(stats) => return Ok(Some(stats)),
             Reply::Gone(kind, reason) => return Err(Lost { kind, reason }),
+            Reply::Aborted(reason) => {
+                self.aborted = true;
+                return Err(Lost {
+                    kind: FailureKind::ConnectionClosed,
+                    reason: format!("destination aborted: {reason}"),
+                });
+            }
             Reply::CheckpointPages(batch) => {
                 let ft = self.ft.as_mut().ok_or_else(|| protocol("page frames from the destination".into()))?;
                 ft.checkpoint_progress = ft.checkpoint_progress.max(at);
