@@ -208,7 +208,7 @@ fn sample_gpas(src: &mut impl Source) -> Vec<u64> {
 
 /// One of the protocol's messages, with small sampled fields.
 pub fn sample_message(src: &mut impl Source) -> Message {
-    match src.below(17) {
+    match src.below(18) {
         0 => Message::Ping,
         1 => Message::Pong,
         2 => Message::Refuse { reason: sample_text(src) },
@@ -238,6 +238,7 @@ pub fn sample_message(src: &mut impl Source) -> Message {
         13 => Message::Finish,
         14 => Message::Status,
         15 => Message::Finished,
+        16 => Message::CheckpointCredit { bytes: src.next_u64() },
         _ => Message::Abort { reason: sample_text(src) },
     }
 }

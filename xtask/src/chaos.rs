@@ -3,8 +3,9 @@
 //! SIGKILLed (`crash`), SIGSTOPped past its lease (`freeze`), cut off by a
 //! network partition between two network namespaces (`partition`), reached
 //! over a lossy, slow link (`lossy`), or stalls its checkpoints while it still
-//! heartbeats (`stall`); or the source is starved of CPU (`slow-source`).
-//! Lossy and slow-source runs get a random severity. Every run must end with
+//! heartbeats (`stall`); or the source is starved of CPU (`slow-source`) or
+//! stages its checkpoints on a slow disk (`slow-disk`, from the start).
+//! Lossy, slow-source and slow-disk runs get a random severity. Every run must end with
 //! the guest verified against its oracle wherever it finished, no released
 //! output lost or contradicted, and, for every kind but crash, the
 //! destination's copy fenced if the source recovered the VM. Results:
@@ -22,7 +23,7 @@ use std::time::Duration;
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The kinds of failure, in the order runs cycle through them: per 25 runs,
-/// 10 crashes, 4 freezes, 4 partitions, 3 lossy links, 2 slow sources, 2 stalls.
+/// 9 crashes, 4 freezes, 4 partitions, 3 lossy links, 2 slow sources, 2 stalls, 1 slow disk.
 const KINDS: [&str; 25] = [
     "crash",
     "freeze",
@@ -36,7 +37,7 @@ const KINDS: [&str; 25] = [
     "freeze",
     "crash",
     "partition",
-    "crash",
+    "slow-disk",
     "lossy",
     "crash",
     "freeze",
@@ -52,13 +53,15 @@ const KINDS: [&str; 25] = [
 ];
 
 /// All the kinds, in the order of the results table.
-const TABLE: [&str; 6] = ["crash", "freeze", "partition", "lossy", "slow-source", "stall"];
+const TABLE: [&str; 7] = ["crash", "freeze", "partition", "lossy", "slow-source", "stall", "slow-disk"];
 
 /// lossy: packet loss each way, in %, and delay, in ms (picked at random).
 const LOSS_PCT: [u32; 4] = [2, 10, 30, 60];
 const DELAY_MS: [u64; 3] = [10, 40, 100];
 /// slow-source: the source agent's CPU quota, in % of one CPU.
 const SOURCE_CPU_PCT: [u32; 4] = [2, 5, 10, 25];
+/// slow-disk: how much longer each write to the source's staging file takes, in ms.
+const DISK_DELAY_MS: [u64; 3] = [5, 20, 50];
 /// stall: the source's --checkpoint-timeout, in ms (5 checkpoint intervals).
 const STALL_CHECKPOINT_TIMEOUT_MS: u64 = 500;
 
@@ -106,6 +109,14 @@ fn plan(kind: &'static str, rng: &mut Rng) -> Plan {
         "slow-source" => {
             let cpu = rng.pick(&SOURCE_CPU_PCT);
             Plan { kind, args: vec!["--source-cpu-pct".into(), cpu.to_string()], severity: format!("{cpu}% CPU") }
+        }
+        "slow-disk" => {
+            let delay = rng.pick(&DISK_DELAY_MS);
+            Plan {
+                kind,
+                args: vec!["--disk-delay-ms".into(), delay.to_string()],
+                severity: format!("{delay} ms a write"),
+            }
         }
         // The source's checkpoint timeout (3 s by default) outlasts this guest's
         // post-copy: shorter, so that a stall is detected before the migration ends.
@@ -167,7 +178,8 @@ fn severity(plan: &Plan, report: &Value) -> String {
     let Some(at) = report["fail_at"].as_str() else {
         return if plan.severity.is_empty() { "no report".into() } else { format!("{}, no report", plan.severity) };
     };
-    let applied = report["network"].as_str().or(report["source_throttle"].as_str());
+    let applied =
+        report["network"].as_str().or(report["source_throttle"].as_str()).or(report["source_staging"].as_str());
     match (plan.severity.is_empty(), applied) {
         (true, _) => at.to_string(),
         (false, Some(applied)) => format!("{} at {at}: {applied}", plan.severity),
@@ -180,7 +192,10 @@ fn severity(plan: &Plan, report: &Value) -> String {
 fn mechanisms(runs: &[&Value]) -> String {
     let mut used: Vec<String> = runs
         .iter()
-        .filter_map(|r| r["report"]["network"].as_str().or(r["report"]["source_throttle"].as_str()))
+        .filter_map(|r| {
+            let report = &r["report"];
+            report["network"].as_str().or(report["source_throttle"].as_str()).or(report["source_staging"].as_str())
+        })
         .map(|applied| {
             // "nft loss 10% + tbf 200mbit/40ms" → "nft loss + tbf 200mbit"; "netem loss 2% delay 10ms" → "netem";
             // "cgroup v1 cfs_quota_us 5000/100000 (5% of a CPU)" → "cgroup v1 cfs_quota_us".
@@ -193,6 +208,7 @@ fn mechanisms(runs: &[&Value]) -> String {
                         ["nft", "loss", ..] => "nft loss".to_string(),
                         ["tbf", rate] => format!("tbf {}", rate.split('/').next().unwrap_or(rate)),
                         ["cgroup", version, knob, ..] => format!("cgroup {version} {knob}"),
+                        ["every", "checkpoint", "page", "staged", ..] => "staging file, slow writes".to_string(),
                         _ => part.to_string(),
                     }
                 })
@@ -236,8 +252,10 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
         "# Fault-injection suite\n\n{runs} `pcft demo` runs (64M ledger guest, 2 vCPUs, post-copy push 4096 pages/s, \
          checkpoints every 100 ms), each failing at a random point (`--fail-at random`; lossy and slow-source \
          at a random severity: loss {LOSS_PCT:?} % each way with delay {DELAY_MS:?} ms, or a source CPU quota \
-         of {SOURCE_CPU_PCT:?} % of one CPU; stall with `--checkpoint-timeout {STALL_CHECKPOINT_TIMEOUT_MS}`). \
-         Lossy and slow-source may complete (slowly) or fail over. \
+         of {SOURCE_CPU_PCT:?} % of one CPU, or every write to the source's checkpoint staging file \
+         {DISK_DELAY_MS:?} ms slower with all checkpoint pages staged there; stall with \
+         `--checkpoint-timeout {STALL_CHECKPOINT_TIMEOUT_MS}`). \
+         Lossy, slow-source and slow-disk may complete (slowly) or fail over. \
          `held`: the guest verified against its oracle wherever it finished, no released output lost or \
          contradicted, and, for every kind but crash, the destination fenced if the source recovered the VM.\n\n\
          | failure | runs | completed | recovered at the source | held | released outputs | lost | duplicates | degradation |\n\
@@ -249,6 +267,7 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
         "lossy" => "lossy link",
         "slow-source" => "slow source (CPU quota)",
         "stall" => "stall (checkpoints stop, heartbeats go on)",
+        "slow-disk" => "slow disk (source staging)",
         other => other,
     };
     for kind in TABLE {
@@ -272,7 +291,10 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
         ));
     }
     // The graded kinds, by severity: which ones completed and which failed over (and how it was detected).
-    let graded: Vec<&Value> = results.iter().filter(|r| r["kind"] == "lossy" || r["kind"] == "slow-source").collect();
+    let graded: Vec<&Value> = results
+        .iter()
+        .filter(|r| ["lossy", "slow-source", "slow-disk"].contains(&r["kind"].as_str().unwrap_or("")))
+        .collect();
     if !graded.is_empty() {
         md.push_str(
             "\n| failure | severity | outcome | detected by | detection ms | held |\n|---|---|---|---|---:|---|\n",

@@ -400,7 +400,10 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             args.fail_at
         )));
     }
+    let slow_disk = kind == FailKind::SlowDisk && mode.checkpoints();
     let fail_at = match fail_at {
+        // The slow disk is there from the start: nothing else fails.
+        _ if slow_disk => FailAt::None,
         // These happen at a time; a random one lands in post-copy.
         FailAt::Point(_) if timed => FailAt::After(Duration::from_millis(400)),
         // A random stall: right after one of the first checkpoints.
@@ -430,6 +433,12 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let listen = if netns { format!("0.0.0.0:{NS_PORT}") } else { "127.0.0.1:0".to_string() };
     let mut source_args = vec!["--output-sink", &source_sink];
     source_args.extend(source_http.iter().map(String::as_str));
+    let disk_delay = args.disk_delay_ms.to_string();
+    if slow_disk {
+        source_args.extend(["--staging-memory", "0", "--staging-delay-ms", &disk_delay]);
+    }
+    let source_staging = slow_disk
+        .then(|| format!("every checkpoint page staged in a file, each write {} ms slower", args.disk_delay_ms));
     let started = agents.start("source", testbed.as_ref().map(|b| b.source_ns.as_str()), &listen, &source_args)?;
     let (source, source_dashboard) = match &testbed {
         Some(bed) => (bed.source_addr(NS_PORT), started.http.map(|_| bed.source_addr(NS_HTTP_PORT))),
@@ -485,14 +494,20 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             let how = match kind {
                 FailKind::Lossy => format!("lossy: loss {}%, delay {} ms", args.loss, args.delay_ms),
                 FailKind::SlowSource => format!("slow-source: {}% of a CPU", args.source_cpu_pct),
+                FailKind::SlowDisk => format!("slow-disk: {} ms a staging write", args.disk_delay_ms),
                 other => other.name(),
             };
             let who = match kind {
                 FailKind::Lossy => "the link between the hosts degrades",
                 FailKind::SlowSource => "the source slows down",
+                FailKind::SlowDisk => "the source's checkpoint staging disk is slow from the start, and nothing fails",
                 _ => "the destination fails",
             };
-            println!("{who} at: {} ({how})", fail_at.name());
+            if slow_disk {
+                println!("{who} ({how})");
+            } else {
+                println!("{who} at: {} ({how})", fail_at.name());
+            }
         }
     }
     let (fixture, vcpus, mem_bytes) = (config.fixture.kind.name(), config.fixture.vcpus, config.mem_bytes);
@@ -629,6 +644,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             "destination_fenced": fenced,
             "network": network,
             "source_throttle": source_throttle,
+            "source_staging": source_staging,
         });
         object.as_object_mut().expect("report is an object").extend(extra.as_object().expect("object").clone());
         println!("{object}");
@@ -650,6 +666,9 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         }
         if let Some(throttle) = &source_throttle {
             println!("the source agent was held to a CPU quota ({throttle}) until the migration ended");
+        }
+        if let Some(staging) = &source_staging {
+            println!("the source had a slow staging disk: {staging}");
         }
         match fenced {
             Some(true) => println!("the destination keeps its copy stopped (fenced) after the failover: one VM runs"),

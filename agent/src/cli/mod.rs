@@ -261,6 +261,10 @@ pub struct DemoArgs {
     /// controller, 100 ms period).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub source_cpu_pct: u32,
+    /// slow-disk: how much longer each write to the source's checkpoint staging
+    /// file takes, in ms (every checkpoint page goes through that file).
+    #[arg(long, default_value_t = 20)]
+    pub disk_delay_ms: u64,
     /// Post-copy push rate in pages/s (0: no limit). Default: 16384 for
     /// postcopy-ft (a 256M guest stays in post-copy for up to 4 s, long enough
     /// for checkpoints and failures to matter), no limit for the other modes.
@@ -334,6 +338,9 @@ pub enum FailKind {
     SlowSource,
     /// The destination's checkpointer hangs while its heartbeats go on.
     Stall,
+    /// From the start, the source stages every checkpoint page in a file whose
+    /// every write is slow (--disk-delay-ms): a slow disk at the source.
+    SlowDisk,
 }
 
 impl FailKind {

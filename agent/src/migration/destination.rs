@@ -5,7 +5,10 @@
 use super::crash::{self, CrashPoint};
 use super::lease::Lease;
 use super::messages::{DestinationStats, Message, MigrationOptions, Mode, Percentiles};
-use super::protocol::{encode_message, Frame, FrameReader, FrameWriter, PageBatch, PageBatchWriter, ProtocolError};
+use super::protocol::{
+    encode_message, Frame, FrameReader, FrameWriter, PageBatch, PageBatchWriter, ProtocolError, CHECKPOINT_WINDOW,
+    HEADER_BYTES,
+};
 use super::source::MigrationError;
 use crate::dirty::DirtyTracking;
 use crate::fence::Fence;
@@ -46,6 +49,43 @@ const EPOCHS_IN_FLIGHT: u64 = 2;
 struct Outbox {
     control: mpsc::Sender<Vec<u8>>,
     checkpoints: mpsc::Sender<Vec<u8>>,
+    /// Checkpoint payload bytes the source has room for (see `CHECKPOINT_WINDOW`).
+    credit: Arc<Credit>,
+}
+
+/// The destination's side of checkpoint flow control: it sends a checkpoint
+/// frame only with credit for its payload, and the source gives credit back
+/// as it handles frames. So the source never stops reading the connection,
+/// and heartbeats and page requests never wait behind checkpoint data.
+struct Credit {
+    available: tokio::sync::Semaphore,
+    /// Charged and not yet given back (credit never grows past the window).
+    outstanding: AtomicU64,
+}
+
+impl Credit {
+    fn new() -> Self {
+        Credit { available: tokio::sync::Semaphore::new(CHECKPOINT_WINDOW as usize), outstanding: AtomicU64::new(0) }
+    }
+
+    /// Waits for credit for a frame of `payload` bytes, and takes it.
+    async fn take(&self, payload: usize) -> Result<(), String> {
+        let cost = (payload as u64).min(CHECKPOINT_WINDOW) as u32;
+        let permits = self.available.acquire_many(cost).await.map_err(|_| "the connection closed".to_string())?;
+        permits.forget();
+        self.outstanding.fetch_add(u64::from(cost), Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The source handled `bytes` more.
+    fn give_back(&self, bytes: u64) {
+        let mut returned = 0;
+        let _ = self.outstanding.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |outstanding| {
+            returned = bytes.min(outstanding);
+            Some(outstanding - returned)
+        });
+        self.available.add_permits(returned as usize);
+    }
 }
 
 impl Outbox {
@@ -65,7 +105,7 @@ impl Outbox {
                 }
             }
         });
-        Outbox { control, checkpoints }
+        Outbox { control, checkpoints, credit: Arc::new(Credit::new()) }
     }
 
     /// Queues a control message; never waits (a full lane is a stuck connection).
@@ -79,8 +119,15 @@ impl Outbox {
         })
     }
 
-    /// Queues a checkpoint frame, waiting while the lane is full.
+    /// Queues a checkpoint frame once the source has credit for it, waiting
+    /// while it has none or the lane is full.
     async fn checkpoint_frame(&self, frame: Vec<u8>) -> Result<(), String> {
+        self.credit.take(frame.len() - HEADER_BYTES).await?;
+        self.after_checkpoints(frame).await
+    }
+
+    /// Queues a frame behind every checkpoint frame queued so far (no credit needed).
+    async fn after_checkpoints(&self, frame: Vec<u8>) -> Result<(), String> {
         self.checkpoints.send(frame).await.map_err(|_| "the connection closed".to_string())
     }
 }
@@ -657,6 +704,9 @@ pub async fn migrate_in(
                     break Ok(());
                 }
             }
+            Frame::Message(Message::CheckpointCredit { bytes }) if ft.is_some() || completed => {
+                out.credit.give_back(bytes);
+            }
             Frame::Message(Message::CheckpointAck { epoch }) if ft.is_some() => {
                 ft.as_mut().expect("checked").acked(epoch, runner.as_ref().expect("runs"));
             }
@@ -681,7 +731,7 @@ pub async fn migrate_in(
                 drop(ft.take());
                 runner.as_ref().expect("runs").release_outputs(None);
                 crate::metrics::get().set_phase(name, "completed");
-                let finished = out.checkpoint_frame(encode_message(&Message::Finished)).await;
+                let finished = out.after_checkpoints(encode_message(&Message::Finished)).await;
                 if finished.is_ok() {
                     // Read on until the source closes: closing with its frames unread
                     // would reset the connection, and a reset can throw away a

@@ -364,4 +364,10 @@ pub enum Message {
     /// Destination → source, PostCopyFT: `Finish` arrived while the lease held;
     /// the VM runs here for good. Nothing follows it on the connection.
     Finished,
+    /// Source → destination, PostCopyFT: the source has handled this many more
+    /// payload bytes of checkpoint frames; the destination may send as many more
+    /// (see `CHECKPOINT_WINDOW`).
+    CheckpointCredit {
+        bytes: u64,
+    },
 }

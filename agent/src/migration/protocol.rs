@@ -34,6 +34,12 @@ pub const GREETING_MAX_PAYLOAD: u32 = 16 << 10;
 /// A payload is read in pieces of at most this, so memory grows with the
 /// bytes that really arrive, not with what a length field claims.
 pub const READ_CHUNK: usize = 256 << 10;
+/// PostCopyFT flow control: payload bytes of checkpoint frames (pages and
+/// commit records) the destination may have sent and the source not yet
+/// handled. The source returns credit (`CheckpointCredit`) as it handles them,
+/// so it never has to stop reading the connection, which also carries
+/// heartbeats and page requests.
+pub const CHECKPOINT_WINDOW: u64 = 8 << 20;
 const KIND_MESSAGE: u16 = 1;
 const KIND_PAGES: u16 = 2;
 const FLAG_ZERO: u8 = 1;
@@ -431,18 +437,20 @@ pub struct FrameReader<R = OwnedReadHalf> {
     mac: Option<FrameMac>,
     /// The largest payload a frame may claim now (small until the greeting is done).
     max_payload: u32,
+    /// The payload bytes of the last frame read (for flow control).
+    last_payload: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader of untagged frames (until [`authenticate`](Self::authenticate)).
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, mac: None, max_payload: MAX_PAYLOAD }
+        FrameReader { inner, mac: None, max_payload: MAX_PAYLOAD, last_payload: 0 }
     }
 
     /// A reader for a connection's greeting: frames larger than a greeting
     /// are refused until [`greeted`](Self::greeted) or an authentication.
     pub fn for_greeting(inner: R) -> Self {
-        FrameReader { inner, mac: None, max_payload: GREETING_MAX_PAYLOAD }
+        FrameReader { inner, mac: None, max_payload: GREETING_MAX_PAYLOAD, last_payload: 0 }
     }
 
     /// The greeting is done (without a key): frames up to [`MAX_PAYLOAD`] from now on.
@@ -456,9 +464,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.max_payload = MAX_PAYLOAD;
     }
 
+    /// The payload bytes of the frame [`read`](Self::read) returned last.
+    pub fn last_payload_len(&self) -> usize {
+        self.last_payload
+    }
+
     /// The next frame (checked: checksum, then tag).
     pub async fn read(&mut self) -> Result<Frame, ProtocolError> {
         let (header_bytes, header, payload) = read_checked(&mut self.inner, self.max_payload).await?;
+        self.last_payload = payload.len();
         if let Some(mac) = &mut self.mac {
             let mut tag = [0u8; TAG_BYTES];
             read_exactly(&mut self.inner, &mut tag).await?;

@@ -6,7 +6,9 @@ use super::checkpoint::{CheckpointStore, Committed};
 use super::handshake::{self, HandshakeError};
 use super::lease;
 use super::messages::{DestinationStats, FailureReport, Message, MigrationOptions, MigrationReport, Mode, Role};
-use super::protocol::{encode_message, Frame, FrameReader, FrameWriter, PageBatch, PageBatchWriter, ProtocolError};
+use super::protocol::{
+    encode_message, Frame, FrameReader, FrameWriter, PageBatch, PageBatchWriter, ProtocolError, CHECKPOINT_WINDOW,
+};
 use super::staging::StagingLimits;
 use crate::machine::{MachineConfig, MachineState};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -232,6 +234,8 @@ impl FailureKind {
 struct Queued {
     at: Instant,
     reply: Reply,
+    /// Checkpoint frames: their payload bytes, credit to return once handled.
+    credit: u64,
     _room: OwnedSemaphorePermit,
 }
 
@@ -248,16 +252,21 @@ impl Reply {
     }
 }
 
+/// Where the reply reader puts what it reads.
+struct Lanes {
+    /// Everything else, in order, within the queue's byte budget.
+    queue: mpsc::UnboundedSender<Queued>,
+    /// The latest heartbeat, acked before anything queued.
+    heartbeats: watch::Sender<u64>,
+    /// Page requests, served before anything queued.
+    requests: mpsc::UnboundedSender<Vec<u64>>,
+}
+
 /// Reads the destination's frames after the switchover and queues them with
 /// their arrival time, within the queue's byte budget (waiting for room stops
-/// the reading: back-pressure to the destination). Heartbeats skip the queue:
-/// the latest one waits in `heartbeats`, to be acked before anything queued.
-async fn read_replies(
-    mut rd: FrameReader,
-    tx: mpsc::UnboundedSender<Queued>,
-    heartbeats: watch::Sender<u64>,
-    liveness: Option<Arc<Liveness>>,
-) {
+/// the reading: back-pressure to the destination; with checkpoint credit it
+/// does not come to that). Heartbeats and page requests skip the queue.
+async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Option<Arc<Liveness>>) {
     let room = Arc::new(Semaphore::new(REPLY_QUEUE_BYTES as usize));
     loop {
         if let Some(liveness) = &liveness {
@@ -288,12 +297,23 @@ async fn read_replies(
         if let (Some(liveness), false) = (&liveness, last) {
             liveness.busy();
         }
-        if let Reply::Heartbeat(seq) = reply {
-            heartbeats.send_replace(seq);
-            continue;
-        }
+        let reply = match reply {
+            Reply::Heartbeat(seq) => {
+                lanes.heartbeats.send_replace(seq);
+                continue;
+            }
+            Reply::Requests(gpas) => {
+                let _ = lanes.requests.send(gpas);
+                continue;
+            }
+            other => other,
+        };
+        let credit = match reply {
+            Reply::CheckpointPages(_) | Reply::CheckpointCommit { .. } => rd.last_payload_len() as u64,
+            _ => 0,
+        };
         let Ok(room) = Arc::clone(&room).acquire_many_owned(reply.queued_bytes()).await else { return };
-        if tx.send(Queued { at, reply, _room: room }).is_err() || last {
+        if lanes.queue.send(Queued { at, reply, credit, _room: room }).is_err() || last {
             return;
         }
     }
@@ -400,7 +420,12 @@ pub async fn migrate_out(
     }
     let (tx, replies) = mpsc::unbounded_channel();
     let (heartbeat_tx, heartbeats) = watch::channel(0);
-    tokio::spawn(read_replies(rd, tx, heartbeat_tx, out.liveness.clone()));
+    let (requests_tx, requests) = mpsc::unbounded_channel();
+    tokio::spawn(read_replies(
+        rd,
+        Lanes { queue: tx, heartbeats: heartbeat_tx, requests: requests_tx },
+        out.liveness.clone(),
+    ));
     let unsent = match mode {
         Mode::Precopy => PageSet::empty(config.mem_bytes),
         Mode::Postcopy | Mode::PostcopyFt => PageSet::full(config.mem_bytes),
@@ -418,6 +443,7 @@ pub async fn migrate_out(
         out,
         replies,
         heartbeats,
+        requests,
         push: Push { unsent, demand: Vec::new(), cursor: 0 },
         resumed_at: None,
         ft: ft.take(),
@@ -426,6 +452,7 @@ pub async fn migrate_out(
         finishing: false,
         finished: false,
         aborted: false,
+        credit_owed: 0,
     };
     let mut result = post.run(options).await;
     if let Err(lost) = &mut result {
@@ -521,6 +548,9 @@ struct PostcopySource {
     replies: mpsc::UnboundedReceiver<Queued>,
     /// The latest heartbeat's sequence number (acked before anything queued).
     heartbeats: watch::Receiver<u64>,
+    /// Page requests, served before anything queued (bounded by the guest's
+    /// pages: the destination asks for a page once).
+    requests: mpsc::UnboundedReceiver<Vec<u64>>,
     push: Push,
     resumed_at: Option<Instant>,
     ft: Option<FtSource>,
@@ -532,6 +562,8 @@ struct PostcopySource {
     finished: bool,
     /// The destination sent `Abort`.
     aborted: bool,
+    /// Checkpoint payload bytes handled and not yet returned as credit.
+    credit_owed: u64,
 }
 
 impl PostcopySource {
@@ -546,11 +578,16 @@ impl PostcopySource {
             // page requests (and "resumed") are seen after at most one batch.
             tokio::task::yield_now().await;
             self.ack_heartbeat().await?;
-            while let Ok(queued) = self.replies.try_recv() {
-                if let Some(stats) = self.handle(queued.at, queued.reply).await? {
-                    return Err(Lost { kind: FailureKind::Protocol, reason: premature(stats) });
+            self.take_requests();
+            // Page requests first, then one queued reply (a checkpoint frame may
+            // take a slow disk's write), then one push batch: none starves another.
+            if self.push.demand.is_empty() {
+                if let Ok(queued) = self.replies.try_recv() {
+                    if let Some(stats) = self.handle(queued).await? {
+                        return Err(Lost { kind: FailureKind::Protocol, reason: premature(stats) });
+                    }
+                    self.take_requests();
                 }
-                self.ack_heartbeat().await?;
             }
             self.check_alive()?;
             if !self.push.demand.is_empty() {
@@ -652,8 +689,13 @@ impl PostcopySource {
                 self.send_heartbeat_ack(seq).await?;
                 Ok(None)
             }
+            Some(gpas) = self.requests.recv() => {
+                self.push.request(gpas);
+                self.take_requests();
+                Ok(None)
+            }
             queued = self.replies.recv() => match queued {
-                Some(queued) => self.handle(queued.at, queued.reply).await,
+                Some(queued) => self.handle(queued).await,
                 None => Err(Lost { kind: FailureKind::ConnectionClosed, reason: "the connection closed".into() }),
             },
             _ = sleep => {
@@ -683,6 +725,13 @@ impl PostcopySource {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Moves the page requests that came meanwhile to the demand queue.
+    fn take_requests(&mut self) {
+        while let Ok(gpas) = self.requests.try_recv() {
+            self.push.request(gpas);
         }
     }
 
@@ -736,10 +785,25 @@ impl PostcopySource {
     }
 
     /// Acts on one reply; returns the destination's stats when it completed.
-    async fn handle(&mut self, at: Instant, reply: Reply) -> Result<Option<DestinationStats>, Lost> {
+    /// Acts on one queued reply, then returns its checkpoint credit to the destination.
+    async fn handle(&mut self, queued: Queued) -> Result<Option<DestinationStats>, Lost> {
+        let Queued { at, reply, credit, _room } = queued;
+        let commit = matches!(reply, Reply::CheckpointCommit { .. });
+        let handled = self.handle_reply(at, reply).await?;
+        self.credit_owed += credit;
+        // In pieces of a window's eighth (or at a commit): few frames, and the destination never waits long.
+        if self.credit_owed >= CHECKPOINT_WINDOW / 8 || (commit && self.credit_owed > 0) {
+            let bytes = std::mem::take(&mut self.credit_owed);
+            self.out.message(&Message::CheckpointCredit { bytes }).await.map_err(Lost::from_write)?;
+        }
+        Ok(handled)
+    }
+
+    async fn handle_reply(&mut self, at: Instant, reply: Reply) -> Result<Option<DestinationStats>, Lost> {
         let protocol = |reason: String| Lost { kind: FailureKind::Protocol, reason };
         match reply {
             Reply::Resumed => self.resumed_at = Some(at),
+            // Page requests come through `requests`, not the queue.
             Reply::Requests(gpas) => self.push.request(gpas),
             Reply::Complete(stats) => return Ok(Some(stats)),
             Reply::Gone(kind, reason) => return Err(Lost { kind, reason }),
