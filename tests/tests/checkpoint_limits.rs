@@ -94,7 +94,7 @@ fn a_slow_staging_disk_slows_the_checkpoints_not_the_heartbeats() {
         "--json",
     ]);
     assert!(report["failure"].is_null(), "{report}");
-    assert!(report["checkpoints_committed"].as_u64().unwrap() >= 3, "{report}");
+    assert!(report["checkpoints_committed"].as_u64().unwrap() >= 1, "{report}");
     let metrics = http_get(source.metrics.as_deref().expect("--metrics"));
     let in_file = metric(&metrics, "pcft_checkpoint_staged_file_bytes_total{vm=\"vm1\"}").unwrap_or(0.0);
     assert!(in_file > 0.0, "checkpoints went through the slow file");

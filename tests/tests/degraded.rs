@@ -112,7 +112,8 @@ fn a_slow_staging_disk_at_the_source_slows_the_migration_and_loses_nothing() {
     let report = demo("slow-disk", &["--disk-delay-ms", "20"]);
     let what = report.to_string();
     assert!(report["source_staging"].as_str().is_some_and(|s| s.contains("20 ms")), "{what}");
-    // Checkpoints went on at the pace of the disk; heartbeats were acked ahead of them.
-    assert!(report["checkpoints_committed"].as_u64().is_some_and(|n| n >= 3), "{what}");
+    // Checkpoints went on at the pace of the disk (fewer, larger epochs); post-copy
+    // and heartbeats did not wait for it.
+    assert!(report["checkpoints_committed"].as_u64().is_some_and(|n| n >= 1), "{what}");
     assert_eq!(report["recovered"], false, "a slow disk is no reason to fail over: {what}");
 }

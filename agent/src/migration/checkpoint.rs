@@ -158,14 +158,14 @@ fn state_len(state: &MachineState) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::devices::DeviceState;
     use crate::kvm::state::VmKernelState;
     use crate::migration::protocol::PageData;
     use vm_fixtures::{FixtureKind, OutputRecord};
 
-    fn state(records: u64) -> MachineState {
+    pub(crate) fn state(records: u64) -> MachineState {
         let mut devices = DeviceState::new(1);
         for step in 0..records {
             devices.output_log.push(OutputRecord { vcpu: 0, step, digest: step });

@@ -11,4 +11,5 @@ pub mod lease;
 pub mod messages;
 pub mod protocol;
 pub mod source;
+pub mod stager;
 pub mod staging;

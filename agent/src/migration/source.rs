@@ -9,12 +9,12 @@ use super::messages::{DestinationStats, FailureReport, Message, MigrationOptions
 use super::protocol::{
     encode_message, Frame, FrameReader, FrameWriter, PageBatch, PageBatchWriter, ProtocolError, CHECKPOINT_WINDOW,
 };
+use super::stager::{self, Stager};
 use super::staging::StagingLimits;
 use crate::machine::{MachineConfig, MachineState};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::metrics::{self, PageReason};
 use crate::page_set::PageSet;
-use crate::timeline::EventKind;
 use crate::vm_runner::VmRunner;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -234,8 +234,6 @@ impl FailureKind {
 struct Queued {
     at: Instant,
     reply: Reply,
-    /// Checkpoint frames: their payload bytes, credit to return once handled.
-    credit: u64,
     _room: OwnedSemaphorePermit,
 }
 
@@ -260,6 +258,8 @@ struct Lanes {
     heartbeats: watch::Sender<u64>,
     /// Page requests, served before anything queued.
     requests: mpsc::UnboundedSender<Vec<u64>>,
+    /// PostCopyFT: checkpoint frames, to the stager thread (None: not expected).
+    checkpoints: Option<stager::Inbox>,
 }
 
 /// Reads the destination's frames after the switchover and queues them with
@@ -306,14 +306,21 @@ async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Option<Arc<Li
                 let _ = lanes.requests.send(gpas);
                 continue;
             }
+            Reply::CheckpointPages(batch) if lanes.checkpoints.is_some() => {
+                let credit = rd.last_payload_len() as u64;
+                lanes.checkpoints.as_ref().expect("checked").send(stager::Input::Pages { batch, credit });
+                continue;
+            }
+            Reply::CheckpointCommit { epoch, pages, state } if lanes.checkpoints.is_some() => {
+                let credit = rd.last_payload_len() as u64;
+                let commit = stager::Input::Commit { epoch, pages, state, credit };
+                lanes.checkpoints.as_ref().expect("checked").send(commit);
+                continue;
+            }
             other => other,
         };
-        let credit = match reply {
-            Reply::CheckpointPages(_) | Reply::CheckpointCommit { .. } => rd.last_payload_len() as u64,
-            _ => 0,
-        };
         let Ok(room) = Arc::clone(&room).acquire_many_owned(reply.queued_bytes()).await else { return };
-        if lanes.queue.send(Queued { at, reply, credit, _room: room }).is_err() || last {
+        if lanes.queue.send(Queued { at, reply, _room: room }).is_err() || last {
             return;
         }
     }
@@ -403,15 +410,27 @@ pub async fn migrate_out(
             .map_err(|e| MigrationError::Vm(format!("the switchover state does not decode: {e}")))?;
         let hb_timeout = Duration::from_millis(options.heartbeat_timeout_ms);
         out.liveness = Some(Arc::new(Liveness::new(go_at, hb_timeout)));
-        Some(FtSource {
-            store: CheckpointStore::new(Arc::clone(&memory), switchover, staging.clone()),
-            timeout: hb_timeout,
-            last_renewal: go_at,
-            checkpoint_timeout: Duration::from_millis(options.checkpoint_timeout_ms),
-            checkpoint_progress: go_at,
-        })
+        let store = CheckpointStore::new(Arc::clone(&memory), switchover, staging.clone());
+        let (stager, inbox, events) = Stager::start(store, vm.to_string())
+            .map_err(|e| MigrationError::Vm(format!("cannot start the checkpoint stager thread: {e}")))?;
+        Some((
+            FtSource {
+                stager,
+                timeout: hb_timeout,
+                last_renewal: go_at,
+                checkpoint_timeout: Duration::from_millis(options.checkpoint_timeout_ms),
+                checkpoint_progress: go_at,
+            },
+            inbox,
+            events,
+        ))
     } else {
         None
+    };
+    let (mut ft, stager_inbox, checkpoint_events) = match ft.take() {
+        Some((ft, inbox, events)) => (Some(ft), Some(inbox), events),
+        // No checkpoints: a channel that stays empty.
+        None => (None, None, mpsc::unbounded_channel().1),
     };
     if let Err(e) = out.message(&Message::Go).await {
         if ft.is_none() {
@@ -423,7 +442,7 @@ pub async fn migrate_out(
     let (requests_tx, requests) = mpsc::unbounded_channel();
     tokio::spawn(read_replies(
         rd,
-        Lanes { queue: tx, heartbeats: heartbeat_tx, requests: requests_tx },
+        Lanes { queue: tx, heartbeats: heartbeat_tx, requests: requests_tx, checkpoints: stager_inbox },
         out.liveness.clone(),
     ));
     let unsent = match mode {
@@ -444,6 +463,7 @@ pub async fn migrate_out(
         replies,
         heartbeats,
         requests,
+        checkpoint_events,
         push: Push { unsent, demand: Vec::new(), cursor: 0 },
         resumed_at: None,
         ft: ft.take(),
@@ -453,12 +473,21 @@ pub async fn migrate_out(
         finished: false,
         aborted: false,
         credit_owed: 0,
+        committed_epoch: 0,
     };
     let mut result = post.run(options).await;
     if let Err(lost) = &mut result {
         post.explain(lost).await;
     }
     let PostcopySource { out, resumed_at, ft, mut report, .. } = post;
+    // Whatever arrived before the end is handled (a whole last epoch too): then the store is final.
+    let ft = match ft {
+        Some(ft) => {
+            let FtSource { stager, timeout, last_renewal, checkpoint_progress, .. } = ft;
+            Some(FtEnd { store: stager.stop().await, timeout, last_renewal, checkpoint_progress })
+        }
+        None => None,
+    };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     report.total_migration_ms = ms(started.elapsed());
     report.downtime_ms = resumed_at.map(|at| ms(at.duration_since(paused_at))).unwrap_or(f64::NAN);
@@ -523,15 +552,23 @@ impl Lost {
     }
 }
 
-/// PostCopyFT at the source: the checkpoint store and the liveness of the destination.
-struct FtSource {
+/// PostCopyFT at the source after the migration loop: the final store.
+struct FtEnd {
     store: CheckpointStore,
+    timeout: Duration,
+    last_renewal: Instant,
+    checkpoint_progress: Instant,
+}
+
+/// PostCopyFT at the source: the checkpoint stager and the liveness of the destination.
+struct FtSource {
+    stager: Stager,
     timeout: Duration,
     /// When the source last renewed the destination's lease (`Go` or a heartbeat ack).
     last_renewal: Instant,
     /// No checkpoint frame for this long, with every commit acked: the destination stalled.
     checkpoint_timeout: Duration,
-    /// When the last checkpoint frame arrived or the source last acked a commit.
+    /// When the stager last handled a checkpoint frame or the source last acked a commit.
     checkpoint_progress: Instant,
 }
 
@@ -551,6 +588,8 @@ struct PostcopySource {
     /// Page requests, served before anything queued (bounded by the guest's
     /// pages: the destination asks for a page once).
     requests: mpsc::UnboundedReceiver<Vec<u64>>,
+    /// PostCopyFT: what the checkpoint stager did.
+    checkpoint_events: mpsc::UnboundedReceiver<stager::Event>,
     push: Push,
     resumed_at: Option<Instant>,
     ft: Option<FtSource>,
@@ -564,6 +603,8 @@ struct PostcopySource {
     aborted: bool,
     /// Checkpoint payload bytes handled and not yet returned as credit.
     credit_owed: u64,
+    /// The last epoch the stager committed.
+    committed_epoch: u64,
 }
 
 impl PostcopySource {
@@ -578,6 +619,7 @@ impl PostcopySource {
             // page requests (and "resumed") are seen after at most one batch.
             tokio::task::yield_now().await;
             self.ack_heartbeat().await?;
+            self.take_checkpoint_events().await?;
             self.take_requests();
             // Page requests first, then one queued reply (a checkpoint frame may
             // take a slow disk's write), then one push batch: none starves another.
@@ -694,6 +736,10 @@ impl PostcopySource {
                 self.take_requests();
                 Ok(None)
             }
+            Some(event) = self.checkpoint_events.recv() => {
+                self.on_checkpoint(event).await?;
+                Ok(None)
+            }
             queued = self.replies.recv() => match queued {
                 Some(queued) => self.handle(queued).await,
                 None => Err(Lost { kind: FailureKind::ConnectionClosed, reason: "the connection closed".into() }),
@@ -770,13 +816,13 @@ impl PostcopySource {
         // nothing of it waits here to be handled and every commit was acked.
         if let Some(ft) = self.ft.as_ref().filter(|_| !self.finishing) {
             let waiting_on_destination = self.out.liveness.as_ref().is_some_and(|l| l.silent_since().is_some());
-            if now >= ft.stall_deadline() && self.replies.is_empty() && waiting_on_destination {
+            if now >= ft.stall_deadline() && ft.stager.idle() && waiting_on_destination {
                 return Err(Lost {
                     kind: FailureKind::CheckpointStalled,
                     reason: format!(
                         "no checkpoint from the destination for {} ms while its heartbeats go on (checkpoint {} was the last committed)",
                         ft.checkpoint_progress.elapsed().as_millis(),
-                        ft.store.committed_epoch()
+                        self.committed_epoch
                     ),
                 });
             }
@@ -785,18 +831,49 @@ impl PostcopySource {
     }
 
     /// Acts on one reply; returns the destination's stats when it completed.
-    /// Acts on one queued reply, then returns its checkpoint credit to the destination.
+    /// Acts on one queued reply.
     async fn handle(&mut self, queued: Queued) -> Result<Option<DestinationStats>, Lost> {
-        let Queued { at, reply, credit, _room } = queued;
-        let commit = matches!(reply, Reply::CheckpointCommit { .. });
-        let handled = self.handle_reply(at, reply).await?;
-        self.credit_owed += credit;
-        // In pieces of a window's eighth (or at a commit): few frames, and the destination never waits long.
-        if self.credit_owed >= CHECKPOINT_WINDOW / 8 || (commit && self.credit_owed > 0) {
+        let Queued { at, reply, _room } = queued;
+        self.handle_reply(at, reply).await
+    }
+
+    /// Acts on what the checkpoint stager did: ack commits, give credit back.
+    async fn on_checkpoint(&mut self, event: stager::Event) -> Result<(), Lost> {
+        if let Some(ft) = &mut self.ft {
+            ft.checkpoint_progress = Instant::now();
+        }
+        match event {
+            stager::Event::Credit(bytes) => {
+                self.credit_owed += bytes;
+                // In pieces of a window's eighth: few frames, and the destination never waits long.
+                if self.credit_owed >= CHECKPOINT_WINDOW / 8 {
+                    self.give_credit().await?;
+                }
+            }
+            stager::Event::Committed { epoch, .. } => {
+                self.committed_epoch = epoch;
+                self.give_credit().await?;
+                self.out.message(&Message::CheckpointAck { epoch }).await.map_err(Lost::from_write)?;
+            }
+            stager::Event::Refused(reason) => return Err(Lost { kind: FailureKind::Protocol, reason }),
+        }
+        Ok(())
+    }
+
+    async fn give_credit(&mut self) -> Result<(), Lost> {
+        if self.credit_owed > 0 {
             let bytes = std::mem::take(&mut self.credit_owed);
             self.out.message(&Message::CheckpointCredit { bytes }).await.map_err(Lost::from_write)?;
         }
-        Ok(handled)
+        Ok(())
+    }
+
+    /// Acts on the stager's events that came meanwhile.
+    async fn take_checkpoint_events(&mut self) -> Result<(), Lost> {
+        while let Ok(event) = self.checkpoint_events.try_recv() {
+            self.on_checkpoint(event).await?;
+        }
+        Ok(())
     }
 
     async fn handle_reply(&mut self, at: Instant, reply: Reply) -> Result<Option<DestinationStats>, Lost> {
@@ -814,40 +891,9 @@ impl PostcopySource {
                     reason: format!("destination aborted: {reason}"),
                 });
             }
-            Reply::CheckpointPages(batch) => {
-                let ft = self.ft.as_mut().ok_or_else(|| protocol("page frames from the destination".into()))?;
-                ft.checkpoint_progress = ft.checkpoint_progress.max(at);
-                let bytes = batch.payload_len() as u64;
-                let in_file = ft.store.staged_bytes().1;
-                // Staging may write to disk: off the async worker, so that the reply
-                // reader (heartbeats) and the rest of the agent run on meanwhile.
-                tokio::task::block_in_place(|| ft.store.stage(batch)).map_err(|e| protocol(e.to_string()))?;
-                let m = metrics::get();
-                m.vm(&m.checkpoint_bytes, &self.report.vm, bytes);
-                let spilled = ft.store.staged_bytes().1.saturating_sub(in_file);
-                if spilled > 0 {
-                    m.vm(&m.checkpoint_staged_file_bytes, &self.report.vm, spilled);
-                }
-            }
-            Reply::CheckpointCommit { epoch, pages, state } => {
-                let ft = self.ft.as_mut().ok_or_else(|| protocol("a checkpoint without PostCopyFT".into()))?;
-                let bytes_before = ft.store.bytes_received;
-                tokio::task::block_in_place(|| ft.store.commit(epoch, pages, &state))
-                    .map_err(|e| protocol(e.to_string()))?;
-                let m = metrics::get();
-                m.vm(&m.checkpoints, &self.report.vm, 1);
-                m.timeline.event(
-                    &self.report.vm,
-                    EventKind::CheckpointCommitted,
-                    format!("epoch {epoch}: {pages} pages"),
-                );
-                m.vm(&m.checkpoint_bytes, &self.report.vm, ft.store.bytes_received.saturating_sub(bytes_before));
-                tracing::debug!(epoch, pages, "checkpoint committed");
-                self.out.message(&Message::CheckpointAck { epoch }).await.map_err(Lost::from_write)?;
-                if let Some(ft) = &mut self.ft {
-                    ft.checkpoint_progress = Instant::now();
-                }
-            }
+            // With PostCopyFT these go to the stager; without, they are not allowed.
+            Reply::CheckpointPages(_) => return Err(protocol("page frames from the destination".into())),
+            Reply::CheckpointCommit { .. } => return Err(protocol("a checkpoint without PostCopyFT".into())),
             // Heartbeats come through `heartbeats`, not the queue.
             Reply::Heartbeat(_) => {}
             Reply::Finished if self.finishing => self.finished = true,
