@@ -182,6 +182,8 @@ fn severity(plan: &Plan, report: &Value) -> String {
         report["network"].as_str().or(report["source_throttle"].as_str()).or(report["source_staging"].as_str());
     match (plan.severity.is_empty(), applied) {
         (true, _) => at.to_string(),
+        // slow-disk: from the start, at no point.
+        (false, Some(applied)) if at == "none" => format!("{}: {applied}", plan.severity),
         (false, Some(applied)) => format!("{} at {at}: {applied}", plan.severity),
         (false, None) => format!("{} at {at}: not applied (the migration ended first)", plan.severity),
     }
