@@ -79,6 +79,8 @@ impl Agent {
         if metrics {
             let url = read_line_after(&mut stdout, "metrics on http://")
                 .with_context(|| format!("the {name} agent serves no metrics"))?;
+            // "ADDR/metrics, dashboard on http://ADDR/"
+            let url = url.split(',').next().unwrap_or_default();
             agent.metrics = Some(url.trim_end_matches("/metrics").to_string());
         }
         Ok(agent)

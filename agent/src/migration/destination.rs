@@ -808,3 +808,24 @@ pub async fn migrate_in(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn checkpoint_frames_wait_for_credit_and_credit_never_grows_past_the_window() {
+        let credit = Credit::new();
+        credit.take(CHECKPOINT_WINDOW as usize - 100).await.unwrap();
+        // 200 more bytes do not fit until the source gives some back.
+        let waiting = tokio::time::timeout(Duration::from_millis(20), credit.take(200)).await;
+        assert!(waiting.is_err(), "sent past the window");
+        credit.give_back(150);
+        tokio::time::timeout(Duration::from_millis(200), credit.take(200)).await.expect("credit came back").unwrap();
+        // A source that gives back more than was charged (a bug, or a forged
+        // frame) does not widen the window.
+        credit.give_back(u64::MAX);
+        assert_eq!(credit.available.available_permits(), CHECKPOINT_WINDOW as usize);
+        assert_eq!(credit.outstanding.load(Ordering::SeqCst), 0);
+    }
+}

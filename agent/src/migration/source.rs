@@ -476,6 +476,7 @@ pub async fn migrate_out(
         committed_epoch: 0,
     };
     let mut result = post.run(options).await;
+    let ended_at = Instant::now();
     if let Err(lost) = &mut result {
         post.explain(lost).await;
     }
@@ -515,9 +516,9 @@ pub async fn migrate_out(
                 FailureKind::CheckpointStalled => ft.checkpoint_progress,
                 _ => out.liveness.as_ref().and_then(|l| l.silent_since()).unwrap_or_else(Instant::now),
             };
-            // Stop renewing the destination's lease at once: the connection goes (with `out`).
+            // The lease was last renewed before the loop ended; the connection goes (with `out`).
             drop(out);
-            let detected_at = Instant::now();
+            let detected_at = ended_at;
             report.total_migration_ms = f64::NAN;
             report.failure = Some(Box::new(FailureReport {
                 kind: kind.name().to_string(),
