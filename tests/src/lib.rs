@@ -227,3 +227,22 @@ pub fn ledger_digest(mem_mib: u64, vcpus: u64, steps: u64) -> (String, u64) {
     let expected = params.expected_after(steps);
     (format!("{:#018x}", expected.memory_digest()), expected.outputs().iter().map(|o| o.len() as u64).sum())
 }
+
+/// `pcft demo` of the small PostCopyFT run most tests use: a 64M ledger guest
+/// with 2 vCPUs and 40000 steps, the post-copy push capped at 4096 pages/s (so
+/// post-copy lasts up to 4 s, long enough for checkpoints and failures), and
+/// the report as JSON. Add `--fail-at`, `--fail-kind` and the like.
+pub const SMALL_FT_DEMO: [&str; 12] = [
+    "demo",
+    "--mode",
+    "postcopy-ft",
+    "--mem",
+    "64M",
+    "--vcpus",
+    "2",
+    "--steps",
+    "40000",
+    "--postcopy-rate",
+    "4096",
+    "--json",
+];

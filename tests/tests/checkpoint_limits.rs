@@ -80,19 +80,10 @@ fn a_slow_staging_disk_slows_the_checkpoints_not_the_heartbeats() {
     let source = Agent::start("source", &[&slow[..], &["--metrics", "127.0.0.1:0"]].concat());
     let destination = Agent::start("destination", &[]);
     start_vm(&source.addr, "vm1", &LEDGER);
-    let report = pcft_json(&[
-        "migrate",
-        "vm1",
-        "--agent",
-        &source.addr,
-        "--to",
-        &destination.addr,
-        "--mode",
-        "postcopy-ft",
-        "--postcopy-rate",
-        "4096",
-        "--json",
-    ]);
+    let (code, out, err) =
+        migrate("vm1", &source.addr, &destination.addr, "postcopy-ft", &["--postcopy-rate", "4096", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let report: Value = serde_json::from_str(out.trim()).expect("a JSON report");
     assert!(report["failure"].is_null(), "{report}");
     assert!(report["checkpoints_committed"].as_u64().unwrap() >= 1, "{report}");
     let metrics = http_get(source.metrics.as_deref().expect("--metrics"));

@@ -9,7 +9,7 @@
 //! recovered at the source stays fenced. The demo removes its namespaces,
 //! rules and cgroups.
 
-use pcft_tests::pcft_json;
+use pcft_tests::{pcft_json, SMALL_FT_DEMO};
 use serde_json::Value;
 use std::sync::Mutex;
 
@@ -19,21 +19,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn demo(kind: &str, extra: &[&str]) -> Value {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let mut args = vec![
-        "demo",
-        "--mem",
-        "64M",
-        "--vcpus",
-        "2",
-        "--steps",
-        "40000",
-        "--postcopy-rate",
-        "4096",
-        "--fail-kind",
-        kind,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
+    let args = [&SMALL_FT_DEMO[..], &["--fail-kind", kind], extra].concat();
     let report = pcft_json(&args);
     let what = format!("{kind} {extra:?}: {report}");
     assert_eq!(report["fail_kind"], kind, "{what}");

@@ -10,7 +10,7 @@
 //! copy stopped, so exactly one VM runs; so does one cut off by a network
 //! partition between two network namespaces.
 
-use pcft_tests::pcft_json;
+use pcft_tests::{pcft_json, SMALL_FT_DEMO};
 use serde_json::Value;
 
 fn ft_demo(fail_at: &str) -> Value {
@@ -22,25 +22,7 @@ fn ft_demo_kind(fail_at: &str, kind: &str) -> Value {
 }
 
 fn ft_demo_with(fail_at: &str, kind: &str, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "demo",
-        "--mode",
-        "postcopy-ft",
-        "--mem",
-        "64M",
-        "--vcpus",
-        "2",
-        "--steps",
-        "40000",
-        "--postcopy-rate",
-        "4096",
-        "--fail-at",
-        fail_at,
-        "--fail-kind",
-        kind,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
+    let args = [&SMALL_FT_DEMO[..], &["--fail-at", fail_at, "--fail-kind", kind], extra].concat();
     let report = pcft_json(&args);
     let what = format!("--fail-at {fail_at}: {report}");
     assert_eq!(report["mode"], "postcopy-ft", "{what}");
