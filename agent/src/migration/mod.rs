@@ -10,6 +10,7 @@ pub mod handshake;
 pub mod lease;
 pub mod messages;
 pub mod protocol;
+mod replies;
 pub mod source;
 pub mod stager;
 pub mod staging;

@@ -7,8 +7,9 @@ use super::handshake::{self, HandshakeError};
 use super::lease;
 use super::messages::{DestinationStats, FailureReport, Message, MigrationOptions, MigrationReport, Mode, Role};
 use super::protocol::{
-    encode_message, Frame, FrameReader, FrameWriter, PageBatch, PageBatchWriter, ProtocolError, CHECKPOINT_WINDOW,
+    encode_message, Frame, FrameReader, FrameWriter, PageBatchWriter, ProtocolError, CHECKPOINT_WINDOW,
 };
+use super::replies::{read_replies, Lanes, Liveness, Queued, Reply};
 use super::stager::{self, Stager};
 use super::staging::StagingLimits;
 use crate::machine::{MachineConfig, MachineState};
@@ -16,21 +17,16 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::metrics::{self, PageReason};
 use crate::page_set::PageSet;
 use crate::vm_runner::VmRunner;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch};
 
 /// Pages per batch frame of the background push: small enough that a demand
 /// request waits for at most one batch on the wire.
 const PUSH_BATCH_PAGES: usize = 64;
 /// Pages per batch frame of the pre-copy rounds.
 const COPY_BATCH_PAGES: usize = 256;
-/// Payload bytes read from the destination and not yet handled, at most:
-/// past it the reader stops reading, and TCP slows the destination down.
-const REPLY_QUEUE_BYTES: u32 = 16 << 20;
-
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error(
@@ -63,52 +59,6 @@ struct Outbox {
     zero_pages: u64,
     /// PostCopyFT: a write blocked while the destination is silent for too long means it is lost.
     liveness: Option<Arc<Liveness>>,
-}
-
-/// Whether the destination is silent: how long the reply reader has been
-/// waiting for its next frame. Time the reader spends on a frame or waiting
-/// for room in the reply queue is the source's own, not the destination's
-/// silence, so a slow source does not take a live destination for dead.
-pub struct Liveness {
-    base: Instant,
-    /// When the reader began waiting for the next frame (µs from `base`), or `NOT_WAITING`.
-    waiting_since_us: AtomicU64,
-    timeout: Duration,
-}
-
-const NOT_WAITING: u64 = u64::MAX;
-
-impl Liveness {
-    fn new(now: Instant, timeout: Duration) -> Self {
-        Liveness { base: now, waiting_since_us: 0.into(), timeout }
-    }
-
-    fn us(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.base).as_micros() as u64
-    }
-
-    /// The reader waits for the destination's next frame from `now` on.
-    fn waiting(&self, now: Instant) {
-        self.waiting_since_us.store(self.us(now), Ordering::Relaxed);
-    }
-
-    /// The reader has a frame to deliver (the destination is not silent).
-    fn busy(&self) {
-        self.waiting_since_us.store(NOT_WAITING, Ordering::Relaxed);
-    }
-
-    /// Since when the destination has been silent (None: the reader is not waiting for it).
-    fn silent_since(&self) -> Option<Instant> {
-        match self.waiting_since_us.load(Ordering::Relaxed) {
-            NOT_WAITING => None,
-            us => Some(self.base + Duration::from_micros(us)),
-        }
-    }
-
-    /// Past this the destination is lost (None: it is not silent now).
-    fn deadline(&self) -> Option<Instant> {
-        self.silent_since().map(|since| since + self.timeout)
-    }
 }
 
 impl Outbox {
@@ -171,27 +121,6 @@ async fn expect(rd: &mut FrameReader, what: &str, timeout: Duration) -> Result<M
     }
 }
 
-/// What the destination says after the switchover.
-enum Reply {
-    Resumed,
-    Requests(Vec<u64>),
-    Complete(DestinationStats),
-    /// PostCopyFT: pages of the open checkpoint epoch.
-    CheckpointPages(PageBatch),
-    CheckpointCommit {
-        epoch: u64,
-        pages: u64,
-        state: Vec<u8>,
-    },
-    Heartbeat(u64),
-    /// PostCopyFT: the destination took `Finish`; the VM is its own.
-    Finished,
-    /// The destination aborted: it stopped its copy first (or never ran it).
-    Aborted(String),
-    /// The destination aborted (it stops its copy first) or closed the connection.
-    Gone(FailureKind, String),
-}
-
 /// How the destination was lost after the commit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureKind {
@@ -223,102 +152,6 @@ impl FailureKind {
     /// source need not wait for its lease to run out.
     fn destination_stopped(self) -> bool {
         self == FailureKind::ConnectionClosed
-    }
-}
-
-/// A reply waiting to be handled, holding its share of the reply queue's budget.
-struct Queued {
-    at: Instant,
-    reply: Reply,
-    _room: OwnedSemaphorePermit,
-}
-
-impl Reply {
-    /// What the reply holds in memory, for the queue's budget.
-    fn queued_bytes(&self) -> u32 {
-        let bytes = match self {
-            Reply::CheckpointPages(batch) => batch.payload_len(),
-            Reply::CheckpointCommit { state, .. } => state.len(),
-            Reply::Requests(gpas) => gpas.len() * 8,
-            _ => 0,
-        };
-        (bytes as u32).clamp(1, REPLY_QUEUE_BYTES)
-    }
-}
-
-/// Where the reply reader puts what it reads.
-struct Lanes {
-    /// Everything else, in order, within the queue's byte budget.
-    queue: mpsc::UnboundedSender<Queued>,
-    /// The latest heartbeat, acked before anything queued.
-    heartbeats: watch::Sender<u64>,
-    /// Page requests, served before anything queued.
-    requests: mpsc::UnboundedSender<Vec<u64>>,
-    /// PostCopyFT: checkpoint frames, to the stager thread (None: not expected).
-    checkpoints: Option<stager::Inbox>,
-}
-
-/// Reads the destination's frames after the switchover and queues them with
-/// their arrival time, within the queue's byte budget (waiting for room stops
-/// the reading: back-pressure to the destination; with checkpoint credit it
-/// does not come to that). Heartbeats and page requests skip the queue.
-async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Option<Arc<Liveness>>) {
-    let room = Arc::new(Semaphore::new(REPLY_QUEUE_BYTES as usize));
-    loop {
-        if let Some(liveness) = &liveness {
-            liveness.waiting(Instant::now());
-        }
-        let reply = match rd.read().await {
-            Ok(Frame::Message(Message::Resumed)) => Reply::Resumed,
-            Ok(Frame::Message(Message::PageRequest { gpas })) => Reply::Requests(gpas),
-            Ok(Frame::Message(Message::Complete(stats))) => Reply::Complete(stats),
-            Ok(Frame::Pages(batch)) => Reply::CheckpointPages(batch),
-            Ok(Frame::Message(Message::CheckpointCommit { epoch, pages, state })) => {
-                Reply::CheckpointCommit { epoch, pages, state }
-            }
-            Ok(Frame::Message(Message::Heartbeat { seq })) => Reply::Heartbeat(seq),
-            Ok(Frame::Message(Message::Finished)) => Reply::Finished,
-            Ok(Frame::Message(Message::Abort { reason })) => Reply::Aborted(reason),
-            Ok(other) => Reply::Gone(FailureKind::Protocol, format!("unexpected frame {other:?}")),
-            Err(e @ ProtocolError::Closed) | Err(e @ ProtocolError::Truncated) => {
-                Reply::Gone(FailureKind::ConnectionClosed, e.to_string())
-            }
-            // Reset by the peer's kernel: its socket is closed. Any other I/O error proves nothing.
-            Err(ProtocolError::Io(e)) if e.contains("reset") => Reply::Gone(FailureKind::ConnectionClosed, e),
-            Err(ProtocolError::Io(e)) => Reply::Gone(FailureKind::HeartbeatTimeout, e),
-            Err(e) => Reply::Gone(FailureKind::Protocol, e.to_string()),
-        };
-        let at = Instant::now();
-        let last = matches!(reply, Reply::Gone(..) | Reply::Aborted(_));
-        if let (Some(liveness), false) = (&liveness, last) {
-            liveness.busy();
-        }
-        let reply = match reply {
-            Reply::Heartbeat(seq) => {
-                lanes.heartbeats.send_replace(seq);
-                continue;
-            }
-            Reply::Requests(gpas) => {
-                let _ = lanes.requests.send(gpas);
-                continue;
-            }
-            Reply::CheckpointPages(batch) if lanes.checkpoints.is_some() => {
-                let credit = rd.last_payload_len() as u64;
-                lanes.checkpoints.as_ref().expect("checked").send(stager::Input::Pages { batch, credit });
-                continue;
-            }
-            Reply::CheckpointCommit { epoch, pages, state } if lanes.checkpoints.is_some() => {
-                let credit = rd.last_payload_len() as u64;
-                let commit = stager::Input::Commit { epoch, pages, state, credit };
-                lanes.checkpoints.as_ref().expect("checked").send(commit);
-                continue;
-            }
-            other => other,
-        };
-        let Ok(room) = Arc::clone(&room).acquire_many_owned(reply.queued_bytes()).await else { return };
-        if lanes.queue.send(Queued { at, reply, _room: room }).is_err() || last {
-            return;
-        }
     }
 }
 
@@ -1024,34 +857,5 @@ async fn precopy_and_stop(
     match restored {
         Message::Restored => Ok(Stopped { paused_at, state, final_dirty: dirty, discarded }),
         other => Err(MigrationError::Unexpected(format!("{other:?}"))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_time_spent_waiting_for_the_destination_is_silence() {
-        let start = Instant::now();
-        let liveness = Liveness::new(start, Duration::from_millis(200));
-        liveness.waiting(start + Duration::from_millis(10));
-        assert_eq!(liveness.deadline(), Some(start + Duration::from_millis(210)));
-        // A frame came: whatever the source then does with it (stage to a slow
-        // disk, wait for room in its queue) is not the destination's silence.
-        liveness.busy();
-        assert_eq!((liveness.silent_since(), liveness.deadline()), (None, None));
-        liveness.waiting(start + Duration::from_secs(5));
-        assert_eq!(liveness.silent_since(), Some(start + Duration::from_secs(5)));
-    }
-
-    #[test]
-    fn queued_replies_cost_what_they_hold() {
-        let pages = PageBatch::from_pages(vec![(0, super::super::protocol::PageData::Bytes(vec![1; 4096]))]);
-        let cost = Reply::CheckpointPages(pages).queued_bytes();
-        assert!((4096..4096 + 64).contains(&cost), "{cost}");
-        assert_eq!(Reply::Resumed.queued_bytes(), 1, "nothing is free: every reply holds a permit");
-        let huge = Reply::CheckpointCommit { epoch: 1, pages: 0, state: vec![0; REPLY_QUEUE_BYTES as usize * 2] };
-        assert_eq!(huge.queued_bytes(), REPLY_QUEUE_BYTES, "one reply never needs more than the whole queue");
     }
 }

@@ -1,0 +1,210 @@
+//! The source's side of the connection after the switchover: a reader task
+//! that sorts the destination's frames into lanes (heartbeats and page
+//! requests ahead of everything, checkpoint frames to the stager, the rest in
+//! a bounded queue), and keeps the time it has waited for the destination,
+//! which is what "silence" means for failure detection.
+
+use super::messages::{DestinationStats, Message};
+use super::protocol::{Frame, FrameReader, PageBatch, ProtocolError};
+use super::source::FailureKind;
+use super::stager;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+/// Payload bytes read from the destination and not yet handled, at most:
+/// past it the reader stops reading, and TCP slows the destination down.
+pub(super) const REPLY_QUEUE_BYTES: u32 = 16 << 20;
+
+/// Whether the destination is silent: how long the reply reader has been
+/// waiting for its next frame. Time the reader spends on a frame or waiting
+/// for room in the reply queue is the source's own, not the destination's
+/// silence, so a slow source does not take a live destination for dead.
+pub(super) struct Liveness {
+    base: Instant,
+    /// When the reader began waiting for the next frame (µs from `base`), or `NOT_WAITING`.
+    waiting_since_us: AtomicU64,
+    pub(super) timeout: Duration,
+}
+
+const NOT_WAITING: u64 = u64::MAX;
+
+impl Liveness {
+    pub(super) fn new(now: Instant, timeout: Duration) -> Self {
+        Liveness { base: now, waiting_since_us: 0.into(), timeout }
+    }
+
+    fn us(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_micros() as u64
+    }
+
+    /// The reader waits for the destination's next frame from `now` on.
+    fn waiting(&self, now: Instant) {
+        self.waiting_since_us.store(self.us(now), Ordering::Relaxed);
+    }
+
+    /// The reader has a frame to deliver (the destination is not silent).
+    fn busy(&self) {
+        self.waiting_since_us.store(NOT_WAITING, Ordering::Relaxed);
+    }
+
+    /// Since when the destination has been silent (None: the reader is not waiting for it).
+    pub(super) fn silent_since(&self) -> Option<Instant> {
+        match self.waiting_since_us.load(Ordering::Relaxed) {
+            NOT_WAITING => None,
+            us => Some(self.base + Duration::from_micros(us)),
+        }
+    }
+
+    /// Past this the destination is lost (None: it is not silent now).
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.silent_since().map(|since| since + self.timeout)
+    }
+}
+
+/// What the destination says after the switchover.
+pub(super) enum Reply {
+    Resumed,
+    Requests(Vec<u64>),
+    Complete(DestinationStats),
+    /// PostCopyFT: pages of the open checkpoint epoch.
+    CheckpointPages(PageBatch),
+    CheckpointCommit {
+        epoch: u64,
+        pages: u64,
+        state: Vec<u8>,
+    },
+    Heartbeat(u64),
+    /// PostCopyFT: the destination took `Finish`; the VM is its own.
+    Finished,
+    /// The destination aborted: it stopped its copy first (or never ran it).
+    Aborted(String),
+    /// The destination aborted (it stops its copy first) or closed the connection.
+    Gone(FailureKind, String),
+}
+
+/// A reply waiting to be handled, holding its share of the reply queue's budget.
+pub(super) struct Queued {
+    pub(super) at: Instant,
+    pub(super) reply: Reply,
+    pub(super) _room: OwnedSemaphorePermit,
+}
+
+impl Reply {
+    /// What the reply holds in memory, for the queue's budget.
+    fn queued_bytes(&self) -> u32 {
+        let bytes = match self {
+            Reply::CheckpointPages(batch) => batch.payload_len(),
+            Reply::CheckpointCommit { state, .. } => state.len(),
+            Reply::Requests(gpas) => gpas.len() * 8,
+            _ => 0,
+        };
+        (bytes as u32).clamp(1, REPLY_QUEUE_BYTES)
+    }
+}
+
+/// Where the reply reader puts what it reads.
+pub(super) struct Lanes {
+    /// Everything else, in order, within the queue's byte budget.
+    pub(super) queue: mpsc::UnboundedSender<Queued>,
+    /// The latest heartbeat, acked before anything queued.
+    pub(super) heartbeats: watch::Sender<u64>,
+    /// Page requests, served before anything queued.
+    pub(super) requests: mpsc::UnboundedSender<Vec<u64>>,
+    /// PostCopyFT: checkpoint frames, to the stager thread (None: not expected).
+    pub(super) checkpoints: Option<stager::Inbox>,
+}
+
+/// Reads the destination's frames after the switchover and queues them with
+/// their arrival time, within the queue's byte budget (waiting for room stops
+/// the reading: back-pressure to the destination; with checkpoint credit it
+/// does not come to that). Heartbeats and page requests skip the queue.
+pub(super) async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Option<Arc<Liveness>>) {
+    let room = Arc::new(Semaphore::new(REPLY_QUEUE_BYTES as usize));
+    loop {
+        if let Some(liveness) = &liveness {
+            liveness.waiting(Instant::now());
+        }
+        let reply = match rd.read().await {
+            Ok(Frame::Message(Message::Resumed)) => Reply::Resumed,
+            Ok(Frame::Message(Message::PageRequest { gpas })) => Reply::Requests(gpas),
+            Ok(Frame::Message(Message::Complete(stats))) => Reply::Complete(stats),
+            Ok(Frame::Pages(batch)) => Reply::CheckpointPages(batch),
+            Ok(Frame::Message(Message::CheckpointCommit { epoch, pages, state })) => {
+                Reply::CheckpointCommit { epoch, pages, state }
+            }
+            Ok(Frame::Message(Message::Heartbeat { seq })) => Reply::Heartbeat(seq),
+            Ok(Frame::Message(Message::Finished)) => Reply::Finished,
+            Ok(Frame::Message(Message::Abort { reason })) => Reply::Aborted(reason),
+            Ok(other) => Reply::Gone(FailureKind::Protocol, format!("unexpected frame {other:?}")),
+            Err(e @ ProtocolError::Closed) | Err(e @ ProtocolError::Truncated) => {
+                Reply::Gone(FailureKind::ConnectionClosed, e.to_string())
+            }
+            // Reset by the peer's kernel: its socket is closed. Any other I/O error proves nothing.
+            Err(ProtocolError::Io(e)) if e.contains("reset") => Reply::Gone(FailureKind::ConnectionClosed, e),
+            Err(ProtocolError::Io(e)) => Reply::Gone(FailureKind::HeartbeatTimeout, e),
+            Err(e) => Reply::Gone(FailureKind::Protocol, e.to_string()),
+        };
+        let at = Instant::now();
+        let last = matches!(reply, Reply::Gone(..) | Reply::Aborted(_));
+        if let (Some(liveness), false) = (&liveness, last) {
+            liveness.busy();
+        }
+        let reply = match reply {
+            Reply::Heartbeat(seq) => {
+                lanes.heartbeats.send_replace(seq);
+                continue;
+            }
+            Reply::Requests(gpas) => {
+                let _ = lanes.requests.send(gpas);
+                continue;
+            }
+            Reply::CheckpointPages(batch) if lanes.checkpoints.is_some() => {
+                let credit = rd.last_payload_len() as u64;
+                lanes.checkpoints.as_ref().expect("checked").send(stager::Input::Pages { batch, credit });
+                continue;
+            }
+            Reply::CheckpointCommit { epoch, pages, state } if lanes.checkpoints.is_some() => {
+                let credit = rd.last_payload_len() as u64;
+                let commit = stager::Input::Commit { epoch, pages, state, credit };
+                lanes.checkpoints.as_ref().expect("checked").send(commit);
+                continue;
+            }
+            other => other,
+        };
+        let Ok(room) = Arc::clone(&room).acquire_many_owned(reply.queued_bytes()).await else { return };
+        if lanes.queue.send(Queued { at, reply, _room: room }).is_err() || last {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_time_spent_waiting_for_the_destination_is_silence() {
+        let start = Instant::now();
+        let liveness = Liveness::new(start, Duration::from_millis(200));
+        liveness.waiting(start + Duration::from_millis(10));
+        assert_eq!(liveness.deadline(), Some(start + Duration::from_millis(210)));
+        // A frame came: whatever the source then does with it (stage to a slow
+        // disk, wait for room in its queue) is not the destination's silence.
+        liveness.busy();
+        assert_eq!((liveness.silent_since(), liveness.deadline()), (None, None));
+        liveness.waiting(start + Duration::from_secs(5));
+        assert_eq!(liveness.silent_since(), Some(start + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn queued_replies_cost_what_they_hold() {
+        let pages = PageBatch::from_pages(vec![(0, super::super::protocol::PageData::Bytes(vec![1; 4096]))]);
+        let cost = Reply::CheckpointPages(pages).queued_bytes();
+        assert!((4096..4096 + 64).contains(&cost), "{cost}");
+        assert_eq!(Reply::Resumed.queued_bytes(), 1, "nothing is free: every reply holds a permit");
+        let huge = Reply::CheckpointCommit { epoch: 1, pages: 0, state: vec![0; REPLY_QUEUE_BYTES as usize * 2] };
+        assert_eq!(huge.queued_bytes(), REPLY_QUEUE_BYTES, "one reply never needs more than the whole queue");
+    }
+}
