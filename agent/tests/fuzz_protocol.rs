@@ -37,20 +37,24 @@ fn note(size: usize) {
 unsafe impl GlobalAlloc for Largest {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
+        // SAFETY: the caller's `layout` contract is passed to `System` unchanged.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
+        // SAFETY: the caller's `layout` contract is passed to `System` unchanged.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         note(new_size);
+        // SAFETY: `ptr` came from `System` (every allocation here does), with this `layout`.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` (every allocation here does), with this `layout`.
         unsafe { System.dealloc(ptr, layout) }
     }
 }
@@ -223,24 +227,24 @@ fn corpus_seeds_are_current() {
     assert!(total < 256 << 10, "the seed corpus is {total} bytes: keep it small");
 }
 
-#[test]
-fn the_frame_corpus_replays() {
-    for (name, bytes) in corpus("frame") {
-        let mut round = Round { test: "frame-corpus", seed: 0, input: Some(bytes.clone()) };
-        fuzzing::fuzz_frame(&bytes);
+/// Replays every input of the corpus `kind` through `fuzz` (a failing one is named by `Round`).
+fn replay(kind: &'static str, test: &'static str, fuzz: fn(&[u8])) {
+    for (name, bytes) in corpus(kind) {
+        let mut round = Round { test, seed: 0, input: Some(bytes.clone()) };
+        fuzz(&bytes);
         round.input = None;
-        eprintln!("replayed frame/{name}");
+        eprintln!("replayed {kind}/{name}");
     }
 }
 
 #[test]
+fn the_frame_corpus_replays() {
+    replay("frame", "frame-corpus", fuzzing::fuzz_frame);
+}
+
+#[test]
 fn the_checkpoint_corpus_replays() {
-    for (name, bytes) in corpus("checkpoint") {
-        let mut round = Round { test: "checkpoint-corpus", seed: 0, input: Some(bytes.clone()) };
-        fuzzing::fuzz_checkpoint(&bytes);
-        round.input = None;
-        eprintln!("replayed checkpoint/{name}");
-    }
+    replay("checkpoint", "checkpoint-corpus", fuzzing::fuzz_checkpoint);
 }
 
 // ---- frames ----------------------------------------------------------------
