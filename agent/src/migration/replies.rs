@@ -64,9 +64,10 @@ impl Liveness {
 }
 
 /// What the destination says after the switchover.
+/// (Heartbeats and page requests, and with PostCopyFT checkpoint frames, skip
+/// the queue: see [`Lanes`].)
 pub(super) enum Reply {
     Resumed,
-    Requests(Vec<u64>),
     Complete(DestinationStats),
     /// PostCopyFT: pages of the open checkpoint epoch.
     CheckpointPages(PageBatch),
@@ -75,7 +76,6 @@ pub(super) enum Reply {
         pages: u64,
         state: Vec<u8>,
     },
-    Heartbeat(u64),
     /// PostCopyFT: the destination took `Finish`; the VM is its own.
     Finished,
     /// The destination aborted: it stopped its copy first (or never ran it).
@@ -97,7 +97,6 @@ impl Reply {
         let bytes = match self {
             Reply::CheckpointPages(batch) => batch.payload_len(),
             Reply::CheckpointCommit { state, .. } => state.len(),
-            Reply::Requests(gpas) => gpas.len() * 8,
             _ => 0,
         };
         (bytes as u32).clamp(1, REPLY_QUEUE_BYTES)
@@ -126,15 +125,38 @@ pub(super) async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Op
         if let Some(liveness) = &liveness {
             liveness.waiting(Instant::now());
         }
-        let reply = match rd.read().await {
-            Ok(Frame::Message(Message::Resumed)) => Reply::Resumed,
-            Ok(Frame::Message(Message::PageRequest { gpas })) => Reply::Requests(gpas),
-            Ok(Frame::Message(Message::Complete(stats))) => Reply::Complete(stats),
-            Ok(Frame::Pages(batch)) => Reply::CheckpointPages(batch),
-            Ok(Frame::Message(Message::CheckpointCommit { epoch, pages, state })) => {
-                Reply::CheckpointCommit { epoch, pages, state }
+        let frame = rd.read().await;
+        let at = Instant::now();
+        if let (Some(liveness), true) = (&liveness, frame.is_ok()) {
+            // A frame came: the destination is not silent.
+            liveness.busy();
+        }
+        let reply = match frame {
+            Ok(Frame::Message(Message::Heartbeat { seq })) => {
+                lanes.heartbeats.send_replace(seq);
+                continue;
             }
-            Ok(Frame::Message(Message::Heartbeat { seq })) => Reply::Heartbeat(seq),
+            Ok(Frame::Message(Message::PageRequest { gpas })) => {
+                let _ = lanes.requests.send(gpas);
+                continue;
+            }
+            Ok(Frame::Pages(batch)) => match &lanes.checkpoints {
+                Some(stager) => {
+                    stager.send(stager::Input::Pages { batch, credit: rd.last_payload_len() as u64 });
+                    continue;
+                }
+                None => Reply::CheckpointPages(batch),
+            },
+            Ok(Frame::Message(Message::CheckpointCommit { epoch, pages, state })) => match &lanes.checkpoints {
+                Some(stager) => {
+                    let credit = rd.last_payload_len() as u64;
+                    stager.send(stager::Input::Commit { epoch, pages, state, credit });
+                    continue;
+                }
+                None => Reply::CheckpointCommit { epoch, pages, state },
+            },
+            Ok(Frame::Message(Message::Resumed)) => Reply::Resumed,
+            Ok(Frame::Message(Message::Complete(stats))) => Reply::Complete(stats),
             Ok(Frame::Message(Message::Finished)) => Reply::Finished,
             Ok(Frame::Message(Message::Abort { reason })) => Reply::Aborted(reason),
             Ok(other) => Reply::Gone(FailureKind::Protocol, format!("unexpected frame {other:?}")),
@@ -146,33 +168,7 @@ pub(super) async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Op
             Err(ProtocolError::Io(e)) => Reply::Gone(FailureKind::HeartbeatTimeout, e),
             Err(e) => Reply::Gone(FailureKind::Protocol, e.to_string()),
         };
-        let at = Instant::now();
         let last = matches!(reply, Reply::Gone(..) | Reply::Aborted(_));
-        if let (Some(liveness), false) = (&liveness, last) {
-            liveness.busy();
-        }
-        let reply = match reply {
-            Reply::Heartbeat(seq) => {
-                lanes.heartbeats.send_replace(seq);
-                continue;
-            }
-            Reply::Requests(gpas) => {
-                let _ = lanes.requests.send(gpas);
-                continue;
-            }
-            Reply::CheckpointPages(batch) if lanes.checkpoints.is_some() => {
-                let credit = rd.last_payload_len() as u64;
-                lanes.checkpoints.as_ref().expect("checked").send(stager::Input::Pages { batch, credit });
-                continue;
-            }
-            Reply::CheckpointCommit { epoch, pages, state } if lanes.checkpoints.is_some() => {
-                let credit = rd.last_payload_len() as u64;
-                let commit = stager::Input::Commit { epoch, pages, state, credit };
-                lanes.checkpoints.as_ref().expect("checked").send(commit);
-                continue;
-            }
-            other => other,
-        };
         let Ok(room) = Arc::clone(&room).acquire_many_owned(reply.queued_bytes()).await else { return };
         if lanes.queue.send(Queued { at, reply, _room: room }).is_err() || last {
             return;

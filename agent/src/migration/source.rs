@@ -710,8 +710,6 @@ impl PostcopySource {
         let protocol = |reason: String| Lost { kind: FailureKind::Protocol, reason };
         match reply {
             Reply::Resumed => self.resumed_at = Some(at),
-            // Page requests come through `requests`, not the queue.
-            Reply::Requests(gpas) => self.push.request(gpas),
             Reply::Complete(stats) => return Ok(Some(stats)),
             Reply::Gone(kind, reason) => return Err(Lost { kind, reason }),
             Reply::Aborted(reason) => {
@@ -723,9 +721,9 @@ impl PostcopySource {
             }
             // With PostCopyFT these go to the stager; without, they are not allowed.
             Reply::CheckpointPages(_) => return Err(protocol("page frames from the destination".into())),
-            Reply::CheckpointCommit { .. } => return Err(protocol("a checkpoint without PostCopyFT".into())),
-            // Heartbeats come through `heartbeats`, not the queue.
-            Reply::Heartbeat(_) => {}
+            Reply::CheckpointCommit { epoch, pages, .. } => {
+                return Err(protocol(format!("a checkpoint (epoch {epoch}, {pages} pages) without PostCopyFT")))
+            }
             Reply::Finished if self.finishing => self.finished = true,
             Reply::Finished => return Err(protocol("Finished before Finish".into())),
         }
