@@ -17,6 +17,7 @@ use crate::migration::protocol::{encode_message, Frame, FrameReader, FrameWriter
 use crate::migration::source::{migrate_out, MigrationError, MigrationOutcome};
 use crate::migration::staging::StagingLimits;
 use crate::output::OutputSink;
+use crate::run_log::{RunLog, RunLogSnapshot};
 use crate::vm_runner::{OutputGate, VmRunner};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,6 +35,29 @@ struct VmSlot {
     migrating_since: Option<(Instant, MigrationCounts)>,
     /// How the VM's writes are tracked here (a failover restores it with the same).
     tracking: DirtyTracking,
+    /// When the vCPUs of each copy of the VM that ran here were in the guest.
+    runs: Vec<Arc<RunLog>>,
+}
+
+impl VmSlot {
+    /// The VM now runs in `runner` (its first copy here, or the one a failover restored).
+    fn attach(&mut self, runner: Arc<VmRunner>) {
+        let log = runner.run_log();
+        if !self.runs.iter().any(|known| Arc::ptr_eq(known, &log)) {
+            self.runs.push(log);
+        }
+        self.runner = Some(runner);
+    }
+
+    fn run_log(&self) -> RunLogSnapshot {
+        let mut all = RunLogSnapshot::default();
+        for log in &self.runs {
+            let snapshot = log.snapshot();
+            all.intervals.extend(snapshot.intervals);
+            all.dropped += snapshot.dropped;
+        }
+        all
+    }
 }
 
 /// How long a new connection may take to greet (`Hello`) before it is dropped.
@@ -156,6 +180,10 @@ impl Daemon {
             Message::StartVm { name, config, tracking } => self.start_vm(name, config, tracking).await,
             Message::Migrate { name, to, mode, options } => self.migrate(name, to, mode, options).await,
             Message::WaitFinished { name, timeout_ms } => self.wait_finished(&name, timeout_ms).await,
+            Message::RunLog { name } => match self.vms().get(&name) {
+                Some(slot) => Ok(Message::RunLogReport { vm: name, runs: slot.run_log() }),
+                None => Err(format!("no VM named {name:?} on agent {} (VMs here: {})", self.name, self.known()).into()),
+            },
             other => Err(format!("{other:?} is not a request an agent answers").into()),
         }
     }
@@ -231,14 +259,16 @@ impl Daemon {
         }
         runner.resume().await.map_err(Denial::Failed)?;
         tracing::info!(vm = %name, fixture = %config.fixture.kind, "started");
-        let slot = VmSlot {
+        let mut slot = VmSlot {
             phase: VmPhase::Running,
             config,
-            runner: Some(runner),
+            runner: None,
             error: None,
             migrating_since: None,
             tracking,
+            runs: Vec::new(),
         };
+        slot.attach(runner);
         self.vms().insert(name, slot);
         Ok(Message::Ok)
     }
@@ -253,6 +283,7 @@ impl Daemon {
     }
 
     async fn migrate(self: &Arc<Self>, name: String, to: String, mode: Mode, options: MigrationOptions) -> Reply {
+        options.validate(mode).map_err(|e| format!("migration of {name:?} refused: {e}"))?;
         let (runner, config) = {
             let mut vms = self.vms();
             let running = vms.get(&name).is_some_and(|s| s.phase == VmPhase::Running && s.runner.is_some());
@@ -399,7 +430,7 @@ impl Daemon {
         let mut vms = self.vms();
         let slot = vms.get_mut(name).ok_or("the VM left the table")?;
         slot.phase = VmPhase::Running;
-        slot.runner = Some(runner);
+        slot.attach(runner);
         Ok(FailoverReport { restored_epoch: epoch, failover_ms: 0.0, fence_wait_ms, committed_outputs })
     }
 
@@ -458,8 +489,10 @@ impl Daemon {
                 return refuse(&mut wr, e.to_string()).await;
             }
         };
-        let admitted =
-            self.check_room(&name, &config).and_then(|_| config.fixture.validate().map_err(|e| e.to_string()));
+        let admitted = self
+            .check_room(&name, &config)
+            .and_then(|_| config.fixture.validate().map_err(|e| e.to_string()))
+            .and_then(|_| options.validate(mode).map_err(|e| e.to_string()));
         // Counted and taken under one lock, so two incoming migrations cannot both take the last place.
         let admitted = admitted.and_then(|_| {
             let mut vms = self.vms();
@@ -471,6 +504,7 @@ impl Daemon {
                 error: None,
                 migrating_since: None,
                 tracking: if mode.checkpoints() { options.checkpoint_tracker } else { DirtyTracking::Bitmap },
+                runs: Vec::new(),
             };
             vms.insert(name.clone(), slot);
             Ok(())
@@ -485,7 +519,7 @@ impl Daemon {
         let span = tracing::info_span!("migration", vm = %name, from = %from, mode = mode.name(), side = "destination");
         let result = migrate_in(rd, wr, &name, &config, mode, options, self.sink.clone(), move |runner| {
             if let Some(slot) = table.vms().get_mut(&vm) {
-                slot.runner = Some(runner);
+                slot.attach(runner);
             }
         })
         .instrument(span)

@@ -208,7 +208,7 @@ fn sample_gpas(src: &mut impl Source) -> Vec<u64> {
 
 /// One of the protocol's messages, with small sampled fields.
 pub fn sample_message(src: &mut impl Source) -> Message {
-    match src.below(18) {
+    match src.below(19) {
         0 => Message::Ping,
         1 => Message::Pong,
         2 => Message::Refuse { reason: sample_text(src) },
@@ -239,7 +239,8 @@ pub fn sample_message(src: &mut impl Source) -> Message {
         14 => Message::Status,
         15 => Message::Finished,
         16 => Message::CheckpointCredit { bytes: src.next_u64() },
-        _ => Message::Abort { reason: sample_text(src) },
+        17 => Message::RunLog { name: sample_text(src) },
+        _ => Message::Abort { reason: sample_text(src), paused: src.one_in(2) },
     }
 }
 

@@ -7,10 +7,12 @@
 
 pub mod boot;
 pub mod client;
+pub mod clock;
 pub mod daemon;
 pub mod devices;
 pub mod dirty;
 pub mod ebpf;
+pub mod fault;
 pub mod fence;
 /// Property checks for the fuzzers (tests and `fuzz/`); see docs/protocol.md, "Fuzzing".
 #[cfg(feature = "fuzzing")]
@@ -24,6 +26,7 @@ pub mod metrics;
 pub mod migration;
 pub mod output;
 pub mod page_set;
+pub mod run_log;
 pub mod snapshot;
 pub mod timeline;
 pub mod uffd;

@@ -12,6 +12,7 @@ use crate::kvm::state::{VcpuState, VmKernelState};
 use crate::kvm::vm::KvmVm;
 use crate::kvm::KvmError;
 use crate::memory::{GuestMemory, MemoryError};
+use crate::run_log::RunLog;
 use crate::snapshot::{self, SnapshotError, SnapshotReader, SnapshotStats};
 use crate::vcpu_worker::{Command, VcpuWorker, WorkerEvent};
 use serde::{Deserialize, Serialize};
@@ -151,6 +152,7 @@ impl PreparedMachine {
         }
         let (tx, events) = mpsc::channel();
         let mut workers = Vec::with_capacity(vcpus.len());
+        let run_log = Arc::new(RunLog::new(vcpus.len()));
         let ring = self.ring.take();
         let ring_tracker = ring.as_ref().map(|(t, _)| Arc::clone(t));
         for ((mut vcpu, vcpu_state), status) in vcpus.into_iter().zip(&vcpu_states).zip(&devices.vcpu_status) {
@@ -162,6 +164,7 @@ impl PreparedMachine {
                 tx.clone(),
                 ring_tracker.clone(),
                 self.fence.clone(),
+                Arc::clone(&run_log),
             );
             workers.push(worker.map_err(MachineError::Thread)?);
         }
@@ -183,11 +186,13 @@ impl PreparedMachine {
             events,
             devices,
             pending: VecDeque::new(),
+            failures: VecDeque::new(),
             running: false,
             ring,
             ebpf,
             tracker,
             watchdog,
+            run_log,
         })
     }
 }
@@ -214,6 +219,8 @@ pub struct Machine {
     devices: DeviceState,
     /// Events taken off the channel (while pausing) that the caller has not seen yet.
     pending: VecDeque<MachineEvent>,
+    /// vCPU failures seen while pausing, for the caller's next [`next_event`](Self::next_event)s.
+    failures: VecDeque<MachineError>,
     running: bool,
     /// The dirty-ring tracker and its harvester thread, when the machine uses the ring.
     ring: Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
@@ -224,6 +231,8 @@ pub struct Machine {
     tracker: Arc<dyn DirtyTracker>,
     /// PostCopyFT destination: kicks the vCPUs out when the lease runs out.
     watchdog: Option<Watchdog>,
+    /// When each vCPU was in the guest (the "one copy at a time" check).
+    run_log: Arc<RunLog>,
 }
 
 impl Machine {
@@ -251,10 +260,18 @@ impl Machine {
         let (tx, events) = mpsc::channel();
         let mut workers = Vec::with_capacity(config.vcpus());
         let tracker = ring.as_ref().map(|(t, _)| Arc::clone(t));
+        let run_log = Arc::new(RunLog::new(config.vcpus()));
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             vcpu.set_boot_state(&boot::entry_regs(id as u8), &boot::long_mode_sregs(vcpu.sregs()?))?;
-            let worker =
-                VcpuWorker::spawn(vcpu, Arc::clone(&memory), VcpuStatus::Running, tx.clone(), tracker.clone(), None);
+            let worker = VcpuWorker::spawn(
+                vcpu,
+                Arc::clone(&memory),
+                VcpuStatus::Running,
+                tx.clone(),
+                tracker.clone(),
+                None,
+                Arc::clone(&run_log),
+            );
             workers.push(worker.map_err(MachineError::Thread)?);
         }
         let devices = DeviceState::new(config.vcpus());
@@ -268,11 +285,13 @@ impl Machine {
             events,
             devices,
             pending: VecDeque::new(),
+            failures: VecDeque::new(),
             running: false,
             ring,
             ebpf,
             tracker,
             watchdog: None,
+            run_log,
         })
     }
 
@@ -447,6 +466,16 @@ impl Machine {
         &self.devices
     }
 
+    /// The vCPU threads' kernel ids, by vCPU.
+    pub fn vcpu_threads(&self) -> Vec<u32> {
+        self.workers.iter().map(|w| w.tid).collect()
+    }
+
+    /// When each vCPU was in the guest.
+    pub fn run_log(&self) -> Arc<RunLog> {
+        Arc::clone(&self.run_log)
+    }
+
     pub fn is_running(&self) -> bool {
         self.running
     }
@@ -487,6 +516,9 @@ impl Machine {
 
     /// Waits up to `timeout` for the next event. `Ok(None)`: nothing happened in time.
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<MachineEvent>, MachineError> {
+        if let Some(failure) = self.failures.pop_front() {
+            return Err(failure);
+        }
         if let Some(event) = self.pending.pop_front() {
             return Ok(Some(event));
         }
@@ -506,7 +538,10 @@ impl Machine {
     }
 
     /// Stops every vCPU out of `KVM_RUN` with no I/O pending. Events that
-    /// arrive meanwhile are kept for [`next_event`](Self::next_event).
+    /// arrive meanwhile are kept for [`next_event`](Self::next_event), and so is
+    /// a vCPU's failure: a failed (or fenced) vCPU still answers the pause, and
+    /// the others are kicked until they answer too. `Ok` means every vCPU
+    /// acknowledged it is parked out of the guest.
     pub fn pause(&mut self) -> Result<(), MachineError> {
         for id in 0..self.workers.len() {
             self.send(id, Command::Pause)?;
@@ -521,11 +556,11 @@ impl Machine {
             }
             match self.events.recv_timeout(KICK_INTERVAL) {
                 Ok(WorkerEvent::Paused(id)) => acked[usize::from(id)] = true,
-                Ok(event) => {
-                    if let Some(event) = self.absorb(event)? {
-                        self.pending.push_back(event);
-                    }
-                }
+                Ok(event) => match self.absorb(event) {
+                    Ok(Some(event)) => self.pending.push_back(event),
+                    Ok(None) => {}
+                    Err(failure) => self.failures.push_back(failure),
+                },
                 Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => {
                     return Err(MachineError::PauseTimeout(PAUSE_TIMEOUT))
                 }
@@ -624,6 +659,31 @@ pub(crate) mod tests {
         let ws_pages = (mem_bytes - vm_fixtures::abi::WORKING_SET_GPA) / 4096;
         let fixture = FixtureParams { steps, ..FixtureParams::new(kind, vcpus, ws_pages) };
         MachineConfig { mem_bytes, slot_bytes: 4 << 20, fixture, dirty_rate: None }
+    }
+
+    #[test]
+    fn a_pause_waits_for_every_vcpu_even_after_one_failed() {
+        // Two vCPUs whose lease runs out while they run: each reports itself
+        // fenced (a failure). A pause then still gets every vCPU's answer (it
+        // used to return at the first failure, leaving the others unconfirmed),
+        // and the failure comes after it, as the next event.
+        let mut first = Machine::boot(config(FixtureKind::Ledger, 2, 50_000_000)).unwrap();
+        first.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let state = first.capture().unwrap();
+        let memory = first.memory_handle();
+        drop(first);
+        let fence = Fence::new(crate::clock::BootTime::now() + Duration::from_millis(60));
+        let mut prepared = Machine::prepare(state.config.clone(), memory).unwrap();
+        prepared.set_fence(Arc::clone(&fence));
+        let mut machine = prepared.restore(state).unwrap();
+        machine.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(fence.tripped());
+        machine.pause().expect("every vCPU answers the pause, fenced or not");
+        assert!(!machine.is_running());
+        let failure = machine.next_event(Duration::from_millis(100)).expect_err("the failure is not lost");
+        assert!(failure.to_string().contains("fenced"), "{failure}");
     }
 
     fn run_to_end(machine: &mut Machine) -> Vec<OutputRecord> {

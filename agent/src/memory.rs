@@ -7,6 +7,8 @@
 
 use memmap2::{MmapOptions, MmapRaw};
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 pub const PAGE_SIZE: u64 = vm_fixtures::abi::PAGE_SIZE;
 
@@ -28,12 +30,20 @@ pub enum MemoryError {
     Map { size: u64, source: std::io::Error },
     #[error("guest access of {len} bytes at {gpa:#x} is outside guest memory (0..{size:#x})")]
     OutOfRange { gpa: u64, len: u64, size: u64 },
+    #[error("guest memory at {gpa:#x} was revoked (a dead post-copy copy's page that never came)")]
+    Revoked { gpa: u64 },
+    #[error("cannot revoke the guest page at {gpa:#x}: {source}")]
+    Revoke { gpa: u64, source: std::io::Error },
 }
 
 pub struct GuestMemory {
     map: MmapRaw,
     size: u64,
     slots: Vec<MemSlot>,
+    /// Whether any page was revoked (the fast path of every access checks only this).
+    any_revoked: AtomicBool,
+    /// Revoked pages (sorted guest-physical addresses), inaccessible for good.
+    revoked: Mutex<Vec<u64>>,
 }
 
 impl std::fmt::Debug for GuestMemory {
@@ -57,7 +67,13 @@ impl GuestMemory {
         let slots = (0..size.div_ceil(slot_size))
             .map(|i| MemSlot { id: i as u32, gpa: i * slot_size, size: slot_size.min(size - i * slot_size) })
             .collect();
-        Ok(GuestMemory { map: MmapRaw::from(map), size, slots })
+        Ok(GuestMemory {
+            map: MmapRaw::from(map),
+            size,
+            slots,
+            any_revoked: AtomicBool::new(false),
+            revoked: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -69,10 +85,42 @@ impl GuestMemory {
     }
 
     fn check(&self, gpa: u64, len: u64) -> Result<usize, MemoryError> {
-        match gpa.checked_add(len) {
-            Some(end) if end <= self.size => Ok(gpa as usize),
-            _ => Err(MemoryError::OutOfRange { gpa, len, size: self.size }),
+        let end = match gpa.checked_add(len) {
+            Some(end) if end <= self.size => end,
+            _ => return Err(MemoryError::OutOfRange { gpa, len, size: self.size }),
+        };
+        if self.any_revoked.load(Ordering::Acquire) && len > 0 {
+            let revoked = self.revoked.lock().expect("revoked pages lock");
+            let first = revoked.partition_point(|&page| page + PAGE_SIZE <= gpa);
+            if let Some(&page) = revoked.get(first).filter(|&&page| page < end) {
+                return Err(MemoryError::Revoked { gpa: page });
+            }
         }
+        Ok(gpa as usize)
+    }
+
+    /// Makes the pages at `gpas` inaccessible for good (`PROT_NONE`). For a
+    /// dead post-copy copy: a vCPU blocked on a page that will never come then
+    /// faults out of `KVM_RUN` when the memory leaves userfaultfd, instead of
+    /// completing its instruction on a zero page after the lease ran out. The
+    /// agent's own accesses to these pages fail with [`MemoryError::Revoked`].
+    pub fn revoke_pages(&self, gpas: &[u64]) -> Result<(), MemoryError> {
+        let mut revoked = self.revoked.lock().expect("revoked pages lock");
+        for &gpa in gpas {
+            let off = self.check(gpa & !(PAGE_SIZE - 1), PAGE_SIZE)?;
+            // SAFETY: one whole page inside the live mapping; PROT_NONE changes only
+            // its protection, and every access of the agent's checks `revoked` first.
+            let rc =
+                unsafe { libc::mprotect(self.map.as_mut_ptr().add(off).cast(), PAGE_SIZE as usize, libc::PROT_NONE) };
+            if rc != 0 {
+                return Err(MemoryError::Revoke { gpa, source: std::io::Error::last_os_error() });
+            }
+            if let Err(at) = revoked.binary_search(&(off as u64)) {
+                revoked.insert(at, off as u64);
+            }
+        }
+        self.any_revoked.store(!revoked.is_empty(), Ordering::Release);
+        Ok(())
     }
 
     /// Host address of guest-physical `gpa` (for registering memslots).

@@ -6,7 +6,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
-use userfaultfd::{Error as RawError, Event, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{Error as RawError, Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
@@ -20,6 +20,14 @@ pub enum UffdError {
     Install { gpa: u64, reason: String },
     #[error("page address {0:#x} is outside guest memory or not page aligned")]
     BadAddress(u64),
+}
+
+/// A missing-page fault: the page, and the thread blocked on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub gpa: u64,
+    /// The faulting thread's kernel id (a vCPU thread, or the VMM's own).
+    pub thread: u32,
 }
 
 /// What installing a page did.
@@ -48,6 +56,8 @@ impl FaultRegion {
             .non_blocking(true)
             // Faults raised inside the kernel (KVM's accesses for a vCPU) must reach us too.
             .user_mode_only(false)
+            // Which thread is blocked on which page: a dead copy's vCPUs are cut off by it.
+            .require_features(FeatureFlags::THREAD_ID)
             .create()
             .map_err(|e| UffdError::Create(e.to_string()))?;
         let base = memory.host_address(0).map_err(|_| UffdError::BadAddress(0))?;
@@ -65,8 +75,8 @@ impl FaultRegion {
         Ok((self.base + gpa) as *mut libc::c_void)
     }
 
-    /// Waits up to `timeout` for a missing-page fault and returns the faulting page's address.
-    pub fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, UffdError> {
+    /// Waits up to `timeout` for a missing-page fault.
+    pub fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UffdError> {
         let mut pollfd = libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call.
         let ready = unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
@@ -82,14 +92,23 @@ impl FaultRegion {
             return Ok(None);
         }
         match self.uffd.read_event() {
-            Ok(Some(Event::Pagefault { addr, .. })) => {
+            Ok(Some(Event::Pagefault { addr, thread_id, .. })) => {
                 let offset = (addr as u64).wrapping_sub(self.base);
-                Ok(Some(offset & !(PAGE_SIZE - 1)))
+                Ok(Some(Fault { gpa: offset & !(PAGE_SIZE - 1), thread: thread_id.as_raw() as u32 }))
             }
             Ok(_) => Ok(None),
             Err(RawError::SystemError(e)) if e as i32 == libc::EAGAIN => Ok(None),
             Err(e) => Err(UffdError::Read(e.to_string())),
         }
+    }
+
+    /// The faults queued now (without waiting): pages that threads are blocked on.
+    pub fn queued_faults(&self) -> Result<Vec<Fault>, UffdError> {
+        let mut pages = Vec::new();
+        while let Some(gpa) = self.next_fault(Duration::ZERO)? {
+            pages.push(gpa);
+        }
+        Ok(pages)
     }
 
     /// Installs `data` (whole pages) at `gpa` in one call, if every page is missing.
@@ -161,8 +180,9 @@ mod tests {
             let memory = Arc::clone(&memory);
             std::thread::spawn(move || memory.read_u64(0x5008).unwrap())
         };
-        let fault = region.next_fault(Duration::from_secs(10)).unwrap();
-        assert_eq!(fault, Some(0x5000), "the read faults on its page");
+        let fault = region.next_fault(Duration::from_secs(10)).unwrap().expect("a fault");
+        assert_eq!(fault.gpa, 0x5000, "the read faults on its page");
+        assert_ne!(fault.thread, std::process::id(), "the reader thread, not the main one");
         let mut page = vec![0u8; 4096];
         page[8..16].copy_from_slice(&0xfeed_u64.to_le_bytes());
         assert_eq!(region.install_page(0x5000, Some(&page)).unwrap(), Installed::Now);

@@ -1,14 +1,23 @@
 //! One thread per vCPU: it owns the vCPU fd, runs `KVM_RUN`, decodes exits into
 //! device events, and obeys commands (pause, resume, save, stop) between exits.
+//!
+//! Each pass of its loop, in this order: clear `immediate_exit`, take a
+//! command, (with a fence) mark itself entering, arm its deadline timer and
+//! check the fence, then enter the guest. Every kick (pause, watchdog, timer)
+//! is sent after the condition it signals was set, so a kick that lands before
+//! the clear is answered by the checks after it, and one that lands after the
+//! clear makes `KVM_RUN` return at once (docs/architecture.md, "Fencing").
 
+use crate::clock::BootTime;
 use crate::devices::{decode_port_write, DeviceEvent, VcpuStatus};
 use crate::dirty::RingTracker;
 use crate::fence::Fence;
-use crate::kvm::kick;
+use crate::kvm::kick::{self, DeadlineTimer};
 use crate::kvm::state::VcpuState;
 use crate::kvm::vcpu::{KvmVcpu, VcpuExit};
 use crate::kvm::KvmError;
 use crate::memory::GuestMemory;
+use crate::run_log::RunLog;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -47,29 +56,59 @@ impl VcpuWorker {
         events: Sender<WorkerEvent>,
         ring: Option<Arc<RingTracker>>,
         fence: Option<Arc<Fence>>,
+        run_log: Arc<RunLog>,
     ) -> std::io::Result<Self> {
         kick::install();
         let (commands, rx) = std::sync::mpsc::channel();
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name(format!("vcpu{}", vcpu.id())).spawn(move || {
             // SAFETY: gettid(2) has no preconditions.
-            let _ = tid_tx.send(unsafe { libc::gettid() } as u32);
+            let tid = unsafe { libc::gettid() } as u32;
+            let timer = match fence.as_ref().map(|_| DeadlineTimer::for_thread(tid)).transpose() {
+                Ok(timer) => timer,
+                Err(e) => {
+                    let _ = tid_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = tid_tx.send(Ok(tid));
+            let mut vcpu = vcpu;
+            // Kicks to this thread now set its vCPU's immediate_exit (unbound before the vCPU closes).
+            let kicks = vcpu.bind_kicks_to_this_thread();
             let finished = status != VcpuStatus::Running;
-            Worker { vcpu, memory, events, ring, fence, parked: true, finished, stuck_ring_exits: 0 }.run(rx)
+            let fence = fence.map(|fence| Fenced { fence, timer: timer.expect("made with the fence") });
+            let worker = Worker {
+                _kicks: kicks,
+                vcpu,
+                memory,
+                events,
+                ring,
+                fence,
+                run_log,
+                parked: true,
+                finished,
+                stuck_ring_exits: 0,
+            };
+            worker.run(rx)
         })?;
-        let tid = tid_rx.recv().map_err(|_| std::io::Error::other("the vCPU thread died at its start"))?;
+        let tid = tid_rx.recv().map_err(|_| std::io::Error::other("the vCPU thread died at its start"))??;
         Ok(VcpuWorker { commands, thread, tid })
     }
 }
 
 struct Worker {
+    /// Declared first, so dropped first: the kick handler lets go of the vCPU's
+    /// `immediate_exit` before the vCPU (and its kvm_run mapping) goes.
+    _kicks: kick::ImmediateExitBinding,
     vcpu: KvmVcpu,
     memory: Arc<GuestMemory>,
     events: Sender<WorkerEvent>,
     /// The machine's dirty-ring tracker, if it uses one: drained here when this vCPU's ring fills.
     ring: Option<Arc<RingTracker>>,
     /// PostCopyFT destination: past the lease's deadline this vCPU never enters the guest again.
-    fence: Option<Arc<Fence>>,
+    fence: Option<Fenced>,
+    /// When this vCPU was in the guest.
+    run_log: Arc<RunLog>,
     /// Paused by the machine.
     parked: bool,
     /// Done, or failed: never enters the guest again.
@@ -83,10 +122,19 @@ struct Worker {
 /// from dirty_ring.c) and will report it full forever.
 const STUCK_RING_EXITS: u32 = 1000;
 
+/// A fenced vCPU's lease: the fence, and a kernel timer that kicks this thread at its deadline.
+struct Fenced {
+    fence: Arc<Fence>,
+    timer: DeadlineTimer,
+}
+
 impl Worker {
     fn run(mut self, commands: Receiver<Command>) {
         let id = self.vcpu.id();
         loop {
+            // Before the command and fence checks: a kick that lands after this
+            // makes the next KVM_RUN return at once.
+            self.vcpu.clear_immediate_exit();
             let command = if self.parked || self.finished {
                 match commands.recv() {
                     Ok(c) => Some(c),
@@ -109,18 +157,41 @@ impl Worker {
                 }
                 continue;
             }
-            if self.fence.as_ref().is_some_and(|f| !f.allows_running()) {
+            if !self.may_enter() {
                 self.finished = true;
                 let _ = self
                     .events
                     .send(WorkerEvent::Failed(id, "fenced: the lease expired; this copy never runs again".into()));
                 continue;
             }
-            if let Err(reason) = self.step() {
+            let stepped = self.step();
+            if let Some(fenced) = &self.fence {
+                fenced.fence.left(id);
+            }
+            if let Err(reason) = stepped {
                 self.finished = true;
                 let _ = self.events.send(WorkerEvent::Failed(id, reason));
             }
         }
+    }
+
+    /// With a fence: marks this vCPU entering (the watchdog kicks marked vCPUs
+    /// once it trips the fence), arms the deadline timer, and checks the fence.
+    /// False: fenced, never enter again.
+    fn may_enter(&mut self) -> bool {
+        let id = self.vcpu.id();
+        let Some(fenced) = &mut self.fence else { return true };
+        fenced.fence.entering(id);
+        if let Err(e) = fenced.timer.arm(fenced.fence.deadline()) {
+            // The watchdog still kicks; the timer only covers a frozen process.
+            tracing::warn!(vcpu = id, "cannot arm the lease timer: {e}");
+        }
+        if !fenced.fence.allows_running() {
+            fenced.fence.left(id);
+            return false;
+        }
+        crate::fault::between_fence_check_and_entry();
+        true
     }
 
     /// Runs the guest to its next exit and handles it.
@@ -131,7 +202,15 @@ impl Worker {
     /// saved while parked is therefore always the state after that instruction.
     fn step(&mut self) -> Result<(), String> {
         let id = self.vcpu.id();
-        let exit = self.vcpu.run().map_err(|e| e.to_string())?;
+        let entered = BootTime::now();
+        self.run_log.entering(id, entered);
+        // Read after `entered`: if set now, KVM returns before running the guest.
+        let kicked_before_entry = self.vcpu.immediate_exit_set();
+        let exit = self.vcpu.run();
+        if !(kicked_before_entry && matches!(exit, Ok(VcpuExit::Interrupted))) {
+            self.run_log.record_exit(id, entered, BootTime::now());
+        }
+        let exit = exit.map_err(|e| e.to_string())?;
         if matches!(exit, VcpuExit::IoOut { .. } | VcpuExit::IoIn { .. }) {
             self.vcpu.complete_pending_io().map_err(|e| e.to_string())?;
         }
@@ -168,6 +247,9 @@ impl Worker {
                 }
             }
             VcpuExit::IoIn { port } => tracing::debug!(vcpu = id, port, "read of an unclaimed port"),
+            VcpuExit::UnbackedAccess { gpa } => return Err(self.describe(&format!(
+                "the guest accessed {gpa:#x}, which no memory backs (a page revoked from a dead copy, or a guest bug)"
+            ))),
             VcpuExit::Shutdown => return Err(self.describe("the guest shut down (triple fault)")),
             VcpuExit::Unexpected(what) => return Err(self.describe(&format!("unexpected exit {what}"))),
         }

@@ -7,6 +7,7 @@
 use crate::machine::{Machine, MachineError, MachineEvent, MachineState, Verified};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::output::OutputSink;
+use crate::run_log::RunLog;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,6 +62,9 @@ pub struct VmRunner {
     commands: mpsc::Sender<Command>,
     status: Arc<Mutex<RunnerStatus>>,
     memory: Arc<GuestMemory>,
+    run_log: Arc<RunLog>,
+    /// The vCPU threads' kernel ids, by vCPU.
+    vcpu_threads: Vec<u32>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -78,12 +82,14 @@ impl VmRunner {
             error: None,
         }));
         let memory = machine.memory_handle();
+        let run_log = machine.run_log();
+        let vcpu_threads = machine.vcpu_threads();
         let thread_status = Arc::clone(&status);
         let vm = name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("vm-{name}"))
             .spawn(move || run(vm, machine, rx, thread_status, outputs))?;
-        Ok(VmRunner { name: name.to_string(), commands, status, memory, thread: Some(thread) })
+        Ok(VmRunner { name: name.to_string(), commands, status, memory, run_log, vcpu_threads, thread: Some(thread) })
     }
 
     pub fn name(&self) -> &str {
@@ -96,6 +102,16 @@ impl VmRunner {
 
     pub fn memory(&self) -> Arc<GuestMemory> {
         Arc::clone(&self.memory)
+    }
+
+    /// When the VM's vCPUs were in the guest.
+    pub fn run_log(&self) -> Arc<RunLog> {
+        Arc::clone(&self.run_log)
+    }
+
+    /// The vCPU threads' kernel ids, by vCPU.
+    pub fn vcpu_threads(&self) -> &[u32] {
+        &self.vcpu_threads
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, String> {

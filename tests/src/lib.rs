@@ -246,3 +246,16 @@ pub const SMALL_FT_DEMO: [&str; 12] = [
     "4096",
     "--json",
 ];
+
+/// Asserts the demo's independent "one copy at a time" check on a `pcft demo
+/// --json` report: no run interval of the VM's copies at the source overlapped
+/// one at the destination (`copies_overlap_ms`, from both agents' KVM_RUN run
+/// logs), and at the end the VM runs (or finished) at exactly one agent
+/// (`copies_at_end`; the documented exception is a `finish-unconfirmed` failure).
+pub fn assert_one_copy_at_a_time(report: &Value) {
+    let what = report.to_string();
+    assert_eq!(report["copies_overlap_ms"].as_f64(), Some(0.0), "the two copies ran at once: {what}");
+    if report["failure"]["kind"] != "finish-unconfirmed" {
+        assert_eq!(report["copies_at_end"], 1, "exactly one copy at the end: {what}");
+    }
+}

@@ -3,13 +3,18 @@
 //! SIGKILLed (`crash`), SIGSTOPped past its lease (`freeze`), cut off by a
 //! network partition between two network namespaces (`partition`), reached
 //! over a lossy, slow link (`lossy`), or stalls its checkpoints while it still
-//! heartbeats (`stall`); or the source is starved of CPU (`slow-source`) or
+//! heartbeats (`stall`), has its migration connection reset while both agents
+//! live (`reset`, on the source's side, the destination's or both, at random),
+//! or goes silent while its vCPU threads and lease watchdog stall past its
+//! lease (`stall-fence`); or the source is starved of CPU (`slow-source`) or
 //! stages its checkpoints on a slow disk (`slow-disk`, from the start).
 //! Lossy, slow-source and slow-disk runs get a random severity. Every run must end with
 //! the guest verified against its oracle wherever it finished, no released
-//! output lost or contradicted, and, for every kind but crash, the
-//! destination's copy fenced if the source recovered the VM. Results:
-//! target/chaos/chaos.{md,json}, and stdout.
+//! output lost or contradicted, for every kind but crash the destination's
+//! copy fenced if the source recovered the VM, the two copies never in the
+//! guest at once (`copies_overlap_ms` 0, from both agents' KVM_RUN run logs),
+//! and exactly one copy at the end (`copies_at_end` 1, or the documented
+//! `finish-unconfirmed`). Results: target/chaos/chaos.{md,json}, and stdout.
 
 use crate::bench::output_within;
 use crate::progress::Progress;
@@ -22,12 +27,15 @@ use std::time::Duration;
 /// Longest a single demo may take.
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// The kinds of failure, in the order runs cycle through them: per 25 runs,
-/// 9 crashes, 4 freezes, 4 partitions, 3 lossy links, 2 slow sources, 2 stalls, 1 slow disk.
-const KINDS: [&str; 25] = [
+/// The kinds of failure, in the order runs cycle through them: per 30 runs,
+/// 9 crashes, 4 freezes, 4 partitions, 3 lossy links, 3 resets, 2 slow
+/// sources, 2 stalls, 2 stall-fences, 1 slow disk (a short run of 8 has every
+/// kind but stall and slow-disk).
+const KINDS: [&str; 30] = [
     "crash",
+    "reset",
     "freeze",
-    "crash",
+    "stall-fence",
     "partition",
     "lossy",
     "crash",
@@ -35,25 +43,30 @@ const KINDS: [&str; 25] = [
     "crash",
     "stall",
     "freeze",
+    "reset",
     "crash",
     "partition",
     "slow-disk",
     "lossy",
     "crash",
+    "stall-fence",
     "freeze",
     "partition",
     "crash",
     "slow-source",
+    "reset",
     "crash",
     "lossy",
     "freeze",
     "partition",
     "crash",
     "stall",
+    "crash",
 ];
 
 /// All the kinds, in the order of the results table.
-const TABLE: [&str; 7] = ["crash", "freeze", "partition", "lossy", "slow-source", "stall", "slow-disk"];
+const TABLE: [&str; 9] =
+    ["crash", "freeze", "partition", "lossy", "reset", "slow-source", "stall", "stall-fence", "slow-disk"];
 
 /// lossy: packet loss each way, in %, and delay, in ms (picked at random).
 const LOSS_PCT: [u32; 4] = [2, 10, 30, 60];
@@ -64,6 +77,8 @@ const SOURCE_CPU_PCT: [u32; 4] = [2, 5, 10, 25];
 const DISK_DELAY_MS: [u64; 3] = [5, 20, 50];
 /// stall: the source's --checkpoint-timeout, in ms (5 checkpoint intervals).
 const STALL_CHECKPOINT_TIMEOUT_MS: u64 = 500;
+/// reset: whose packets are answered with TCP resets (picked at random).
+const RESET_SIDES: [&str; 3] = ["source", "destination", "both"];
 
 /// A small pseudo-random generator (splitmix64) seeded from the clock: the
 /// severities need variety, not quality. The seed goes into chaos.json.
@@ -118,6 +133,10 @@ fn plan(kind: &'static str, rng: &mut Rng) -> Plan {
                 severity: format!("{delay} ms a write"),
             }
         }
+        "reset" => {
+            let side = rng.pick(&RESET_SIDES);
+            Plan { kind, args: vec!["--reset-side".into(), side.into()], severity: format!("{side} side") }
+        }
         // The source's checkpoint timeout (3 s by default) outlasts this guest's
         // post-copy: shorter, so that a stall is detected before the migration ends.
         "stall" => Plan {
@@ -155,12 +174,36 @@ fn run_once(pcft: &Path, plan: &Plan) -> Value {
     }
 }
 
-/// Whether a run came out right: verified, nothing lost, and (but for a crash,
-/// which leaves nothing to fence) the destination fenced if the source recovered.
-fn held(kind: &str, report: &Value) -> bool {
-    let verified = report["verified"] == true && report["lost_released_outputs"] == 0;
-    let fenced = kind == "crash" || report["recovered"] != true || report["destination_fenced"] == true;
-    verified && fenced
+/// What went wrong in a run (nothing: it held): not verified, output lost,
+/// (but for a crash, which leaves nothing to fence) the destination not fenced
+/// though the source recovered, the two copies in the guest at once, or not
+/// exactly one copy at the end (unless the failure is `finish-unconfirmed`).
+fn violations(kind: &str, report: &Value) -> Vec<String> {
+    if report.get("verified").is_none() {
+        return vec![report["error"].as_str().unwrap_or("no report").to_string()];
+    }
+    let mut wrong = Vec::new();
+    if report["verified"] != true {
+        wrong.push(format!("not verified ({})", report["error"].as_str().unwrap_or("see the report")));
+    }
+    if report["lost_released_outputs"] != 0 {
+        wrong.push(format!("{} released outputs lost or contradicted", report["lost_released_outputs"]));
+    }
+    if kind != "crash" && report["recovered"] == true && report["destination_fenced"] != true {
+        wrong.push("the destination's copy ran again after the failover (not fenced)".into());
+    }
+    match report["copies_overlap_ms"].as_f64() {
+        Some(0.0) => {}
+        Some(ms) => {
+            wrong.push(format!("the two copies ran at once for {ms:.3} ms (first: {})", report["copies_first_overlap"]))
+        }
+        None => wrong.push("no copies_overlap_ms in the report".into()),
+    }
+    let unconfirmed = report["failure"]["kind"] == "finish-unconfirmed";
+    if report["copies_at_end"] != 1 && !unconfirmed {
+        wrong.push(format!("{} copies at the end, not 1", report["copies_at_end"]));
+    }
+    wrong
 }
 
 /// How a run ended: the migration completed, or the source recovered the VM.
@@ -211,6 +254,8 @@ fn mechanisms(runs: &[&Value]) -> String {
                         ["tbf", rate] => format!("tbf {}", rate.split('/').next().unwrap_or(rate)),
                         ["cgroup", version, knob, ..] => format!("cgroup {version} {knob}"),
                         ["every", "checkpoint", "page", "staged", ..] => "staging file, slow writes".to_string(),
+                        // "nft reject with tcp reset, source side: the source's packets to port 40123"
+                        ["nft", "reject", ..] => "nft reject with tcp reset".to_string(),
                         _ => part.to_string(),
                     }
                 })
@@ -238,13 +283,17 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
         progress.step(format!("chaos: run {}/{runs}, {}{what}", i + 1, plan.kind));
         let started = std::time::Instant::now();
         let report = run_once(pcft, &plan);
+        let violations = violations(plan.kind, &report);
         results.push(json!({
             "kind": plan.kind,
             "severity": severity(&plan, &report),
             "outcome": outcome(&report),
             "failure_kind": report["failure"]["kind"],
             "detection_ms": report["failure"]["detection_ms"],
-            "held": held(plan.kind, &report),
+            "copies_overlap_ms": report["copies_overlap_ms"],
+            "copies_at_end": report["copies_at_end"],
+            "held": violations.is_empty(),
+            "violations": violations,
             "seconds": started.elapsed().as_secs_f64(),
             "report": report,
         }));
@@ -256,12 +305,15 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
          at a random severity: loss {LOSS_PCT:?} % each way with delay {DELAY_MS:?} ms, or a source CPU quota \
          of {SOURCE_CPU_PCT:?} % of one CPU, or every write to the source's checkpoint staging file \
          {DISK_DELAY_MS:?} ms slower with all checkpoint pages staged there; stall with \
-         `--checkpoint-timeout {STALL_CHECKPOINT_TIMEOUT_MS}`). \
+         `--checkpoint-timeout {STALL_CHECKPOINT_TIMEOUT_MS}`; reset on a random side of {RESET_SIDES:?}). \
          Lossy, slow-source and slow-disk may complete (slowly) or fail over. \
          `held`: the guest verified against its oracle wherever it finished, no released output lost or \
-         contradicted, and, for every kind but crash, the destination fenced if the source recovered the VM.\n\n\
-         | failure | runs | completed | recovered at the source | held | released outputs | lost | duplicates | degradation |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---|\n"
+         contradicted, for every kind but crash the destination fenced if the source recovered the VM, \
+         the two copies never in the guest at once (from both agents' KVM_RUN run logs) and exactly one \
+         copy at the end. `overlap`: the longest time, in ms, that the two copies of a run were in the \
+         guest at once (must be 0).\n\n\
+         | failure | runs | completed | recovered at the source | held | overlap ms | released outputs | lost | duplicates | degradation |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
     );
     let label = |kind: &'static str| match kind {
         "crash" => "crash (SIGKILL)",
@@ -270,6 +322,8 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
         "slow-source" => "slow source (CPU quota)",
         "stall" => "stall (checkpoints stop, heartbeats go on)",
         "slow-disk" => "slow disk (source staging)",
+        "reset" => "reset (TCP resets, both agents alive)",
+        "stall-fence" => "stall-fence (silent; vCPUs and watchdog stall)",
         other => other,
     };
     for kind in TABLE {
@@ -279,23 +333,25 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
         }
         let count = |f: &dyn Fn(&Value) -> bool| of_kind.iter().filter(|r| f(r)).count();
         let sum = |field: &str| of_kind.iter().filter_map(|r| r["report"][field].as_u64()).sum::<u64>();
+        let overlap = of_kind.iter().filter_map(|r| r["copies_overlap_ms"].as_f64()).reduce(f64::max);
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             label(kind),
             of_kind.len(),
             count(&|r| r["outcome"] == "completed"),
             count(&|r| r["outcome"] == "recovered"),
             count(&|r| r["held"] == true),
+            overlap.map_or("—".into(), |ms| if ms == 0.0 { "0".into() } else { format!("**{ms:.3}**") }),
             sum("released_outputs"),
             sum("lost_released_outputs"),
             sum("duplicate_released_outputs"),
             mechanisms(&of_kind),
         ));
     }
-    // The graded kinds, by severity: which ones completed and which failed over (and how it was detected).
+    // The graded kinds (and resets, by side): which ones completed and which failed over (and how it was detected).
     let graded: Vec<&Value> = results
         .iter()
-        .filter(|r| ["lossy", "slow-source", "slow-disk"].contains(&r["kind"].as_str().unwrap_or("")))
+        .filter(|r| ["lossy", "slow-source", "slow-disk", "reset"].contains(&r["kind"].as_str().unwrap_or("")))
         .collect();
     if !graded.is_empty() {
         md.push_str(
@@ -316,7 +372,8 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
     let failed: Vec<&Value> = results.iter().filter(|r| r["held"] != true).collect();
     for r in &failed {
         let (kind, severity) = (r["kind"].as_str().unwrap_or_default(), r["severity"].as_str().unwrap_or_default());
-        md.push_str(&format!("\nFAILED ({kind}, {severity}): {}\n", r["report"]));
+        let wrong: Vec<&str> = r["violations"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        md.push_str(&format!("\nFAILED ({kind}, {severity}): {}. Report: {}\n", wrong.join("; "), r["report"]));
     }
     let dir = root.join("target/chaos");
     std::fs::create_dir_all(&dir)?;

@@ -8,12 +8,23 @@
 //!
 //! The failure kinds (`--fail-kind`): the destination crashes, freezes or
 //! stalls its checkpoints, the network between the hosts is cut or degraded
-//! (the agents then run in network namespaces, see `netns`), or the source is
+//! (the agents then run in network namespaces, see `netns`), the migration
+//! connection is reset while both agents live (an nftables rule, see
+//! `netns::ResetRule`), the destination goes silent while its vCPUs and lease
+//! watchdog stall at their worst moments (`stall-fence`), or the source is
 //! starved of CPU (see `cgroup`).
+//!
+//! Whatever happened, the demo then checks independently that one copy ran
+//! at a time: each agent records when the vCPUs of every copy of the VM it ran
+//! were inside `KVM_RUN` (`pcft_agent::run_log`, on `CLOCK_BOOTTIME`, which
+//! both agents share on this one host), and no interval of the source's
+//! copies may overlap one of the destination's; and at the end the VM must run
+//! (or have finished) at exactly one agent.
 
 use super::cgroup::CpuThrottle;
-use super::netns::Testbed;
+use super::netns::{ResetRule, Testbed};
 use super::remote::{print_report, runtime};
+use super::stopwatch::{cut_at_stops, StopWatch};
 use super::vm::{machine_config, KVM_PATH};
 use super::{run_failure, usage, DemoArgs, FailKind, Failure, Pattern, TrackerArg, WorkloadArgs};
 use anyhow::{anyhow, Context};
@@ -21,8 +32,9 @@ use pcft_agent::client::{AgentClient, ClientError};
 use pcft_agent::host;
 use pcft_agent::migration::auth::Psk;
 use pcft_agent::migration::crash::CrashPoint;
-use pcft_agent::migration::messages::{Message, MigrationOptions, Mode};
+use pcft_agent::migration::messages::{Message, MigrationOptions, Mode, VmPhase};
 use pcft_agent::output::ReleasedRecord;
+use pcft_agent::run_log::{RunInterval, RunLogSnapshot};
 use serde_json::json;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -225,6 +237,24 @@ impl FailAt {
         FailAt::Point(CrashPoint::Committed(u64::from(clock_seed() / 7 % 5) + 1))
     }
 
+    /// One of the points while the guest runs at the destination (any but
+    /// after-last-page), picked from the clock.
+    fn random_point() -> FailAt {
+        let seed = clock_seed();
+        let epoch = u64::from(seed / 7 % 5) + 1;
+        match seed % 4 {
+            0 => FailAt::Point(CrashPoint::BeforeFirstCheckpoint),
+            1 => FailAt::Point(CrashPoint::Speculative(epoch)),
+            2 => FailAt::Point(CrashPoint::Pause(epoch)),
+            _ => FailAt::Point(CrashPoint::Committed(epoch)),
+        }
+    }
+
+    /// From `low` to `high` ms after the switchover, picked from the clock.
+    fn random_after(low: u64, high: u64) -> FailAt {
+        FailAt::After(Duration::from_millis(low + u64::from(clock_seed() / 13) % (high - low + 1)))
+    }
+
     fn name(&self) -> String {
         match self {
             FailAt::None => "none".into(),
@@ -236,6 +266,11 @@ impl FailAt {
             FailAt::Point(CrashPoint::AfterLastPage) => "after-last-page".into(),
         }
     }
+}
+
+/// The port of a HOST:PORT address (0 if it has none).
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0)
 }
 
 fn clock_seed() -> u32 {
@@ -253,6 +288,8 @@ struct Injected {
     throttle: Option<CpuThrottle>,
     /// slow-source: what the throttle was.
     source_throttle: Option<String>,
+    /// reset: the nftables rule in place (removed when the migration ends, or dropped).
+    reset: Option<ResetRule>,
 }
 
 /// Waits until the source reports the demo VM's migration in post-copy (the
@@ -346,12 +383,13 @@ fn audit(released: &[ReleasedRecord], expected: &[OutputRecord]) -> OutputAudit 
     OutputAudit { released: seen.len(), duplicates, lost, never_released }
 }
 
-/// Wakes the frozen destination (SIGCONT) and checks that its copy stays
-/// stopped: the VM is marked failed (fenced) and emits nothing more.
-async fn destination_fenced(destination: &str, pid: u32, lease_ms: u64) -> Result<bool, Failure> {
+/// Wakes the frozen destination (SIGCONT) and checks, `settle_ms` + 300 ms
+/// later, that its copy stays stopped: the VM is marked failed (fenced) and
+/// emits nothing more.
+async fn destination_fenced(destination: &str, pid: u32, settle_ms: u64) -> Result<bool, Failure> {
     // SAFETY: kill(2) of the destination agent we started (a child process) has no memory effects.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
-    tokio::time::sleep(Duration::from_millis(lease_ms + 300)).await;
+    tokio::time::sleep(Duration::from_millis(settle_ms + 300)).await;
     let mut client = AgentClient::connect(destination).await.map_err(client_error)?;
     let records = |answer: Message| match answer {
         Message::StatusReport { vms, .. } => vms.into_iter().find(|v| v.name == VM),
@@ -367,6 +405,151 @@ async fn destination_fenced(destination: &str, pid: u32, lease_ms: u64) -> Resul
     Ok(stopped && marked)
 }
 
+/// What one agent said about the demo's VM at the end of the run.
+#[derive(Clone, Debug, Default)]
+struct CopyAt {
+    /// When the vCPUs of the VM's copies there were inside `KVM_RUN` (None:
+    /// the agent could not be asked, e.g. it was killed: its intervals died with it).
+    runs: Option<RunLogSnapshot>,
+    /// The VM's phase there (None: no such VM there, or the agent could not be asked).
+    phase: Option<VmPhase>,
+}
+
+impl CopyAt {
+    /// Whether the VM runs there, or finished there (the copy that took the workload to its end).
+    fn live(&self) -> bool {
+        matches!(self.phase, Some(VmPhase::Running | VmPhase::MigratingIn | VmPhase::MigratingOut | VmPhase::Finished))
+    }
+
+    fn intervals(&self) -> &[RunInterval] {
+        self.runs.as_ref().map_or(&[], |r| r.intervals.as_slice())
+    }
+}
+
+/// Asks the agent at `addr` for the demo VM's run log and phase. An agent that
+/// cannot be reached within a few seconds (killed, or frozen) counts as
+/// having no copy and no intervals; a VM it does not know, as no intervals.
+async fn copy_at(addr: &str) -> CopyAt {
+    let ask = async {
+        let mut client = AgentClient::connect(addr).await.ok()?;
+        let runs = match client.request(&Message::RunLog { name: VM.into() }).await {
+            Ok(Message::RunLogReport { runs, .. }) => runs,
+            // `Refuse`: no such VM there.
+            Err(ClientError::Refused(_)) => RunLogSnapshot::default(),
+            _ => return None,
+        };
+        let phase = match client.request(&Message::Status).await {
+            Ok(Message::StatusReport { vms, .. }) => vms.into_iter().find(|v| v.name == VM).map(|v| v.phase),
+            _ => None,
+        };
+        Some(CopyAt { runs: Some(runs), phase })
+    };
+    tokio::time::timeout(Duration::from_secs(5), ask).await.ok().flatten().unwrap_or_default()
+}
+
+/// The independent "one copy at a time" check: whether the VM's copies at the
+/// source and at the destination ever ran at once, and how many run at the end.
+#[derive(Clone, Debug)]
+struct OneCopy {
+    source: CopyAt,
+    destination: CopyAt,
+    /// The time in which some vCPU of a source copy and some vCPU of a destination copy were both in the guest.
+    overlap: Duration,
+    /// The first (earliest) pair of intervals that overlap: (source's, destination's).
+    first: Option<(RunInterval, RunInterval)>,
+}
+
+impl OneCopy {
+    fn new(source: CopyAt, destination: CopyAt) -> OneCopy {
+        let (overlap, first) = copies_overlap(source.intervals(), destination.intervals());
+        OneCopy { source, destination, overlap, first }
+    }
+
+    /// Agents where the VM runs or finished at the end.
+    fn copies_at_end(&self) -> usize {
+        usize::from(self.source.live()) + usize::from(self.destination.live())
+    }
+
+    fn dropped(&self) -> u64 {
+        [&self.source, &self.destination].iter().filter_map(|c| c.runs.as_ref()).map(|r| r.dropped).sum()
+    }
+
+    fn overlap_ms(&self) -> f64 {
+        self.overlap.as_secs_f64() * 1e3
+    }
+
+    /// The human report's line.
+    fn line(&self) -> String {
+        let count = |copy: &CopyAt, at: &str| match &copy.runs {
+            Some(runs) => format!("{} run intervals at the {at}", runs.intervals.len()),
+            None => format!("none from the {at}, whose agent is gone (its intervals with it)"),
+        };
+        let counts = format!("{}, {}", count(&self.source, "source"), count(&self.destination, "destination"));
+        let dropped = match self.dropped() {
+            0 => String::new(),
+            n => format!("; {n} older intervals were dropped for room, so only the newest were compared"),
+        };
+        let running: Vec<&str> = [(&self.source, "the source"), (&self.destination, "the destination")]
+            .into_iter()
+            .filter(|(copy, _)| copy.live())
+            .map(|(_, at)| at)
+            .collect();
+        let end = match running.as_slice() {
+            [one] => format!("one copy at the end, at {one}"),
+            [] => "NO copy at the end".to_string(),
+            _ => "BOTH copies at the end".to_string(),
+        };
+        match self.first {
+            None => format!("one copy at a time: the two copies never ran at once ({counts}{dropped}); {end}"),
+            Some((s, d)) => format!(
+                "one copy at a time: VIOLATED: the two copies ran at once for {:.3} ms in all; first: source vCPU {} \
+                 in the guest {}..{} µs and destination vCPU {} {}..{} µs (CLOCK_BOOTTIME) ({counts}{dropped}); {end}",
+                self.overlap_ms(),
+                s.vcpu,
+                s.start_us,
+                s.end_us,
+                d.vcpu,
+                d.start_us,
+                d.end_us
+            ),
+        }
+    }
+}
+
+/// How long the two copies ran at once ([`pcft_agent::run_log::overlap`]), and
+/// the earliest pair of intervals, one of each, that overlap (None: no overlap).
+fn copies_overlap(
+    source: &[RunInterval],
+    destination: &[RunInterval],
+) -> (Duration, Option<(RunInterval, RunInterval)>) {
+    let overlap = pcft_agent::run_log::overlap(source, destination);
+    if overlap.is_zero() {
+        return (overlap, None);
+    }
+    let by_start = |intervals: &[RunInterval]| {
+        let mut sorted = intervals.to_vec();
+        sorted.sort_by_key(|i| (i.start_us, i.end_us));
+        sorted
+    };
+    let (source, destination) = (by_start(source), by_start(destination));
+    // The earliest moment both ran: the smallest max(start) over overlapping pairs.
+    let mut first: Option<(RunInterval, RunInterval)> = None;
+    for s in &source {
+        for d in &destination {
+            if d.start_us >= s.end_us {
+                break;
+            }
+            if s.start_us < d.end_us {
+                let at = s.start_us.max(d.start_us);
+                if first.is_none_or(|(fs, fd)| at < fs.start_us.max(fd.start_us)) {
+                    first = Some((*s, *d));
+                }
+            }
+        }
+    }
+    (overlap, first)
+}
+
 pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let config = machine_config(&workload(&args))?;
     host::check_kvm(Path::new(KVM_PATH)).map_err(usage)?;
@@ -379,9 +562,18 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let lossy = kind == FailKind::Lossy && mode.checkpoints();
     // The agents run in network namespaces of their own (two hosts).
     let netns = partition || lossy;
+    let reset = kind == FailKind::Reset && mode.checkpoints();
+    let stall_fence = kind == FailKind::StallFence && mode.checkpoints();
     // Failures that happen at a time, not at a point of the destination's work.
-    let timed = matches!(kind, FailKind::Partition | FailKind::Lossy | FailKind::SlowSource);
+    let timed = matches!(kind, FailKind::Partition | FailKind::Lossy | FailKind::SlowSource | FailKind::Reset);
     let chosen = args.fail_at != "random";
+    if stall_fence && chosen && matches!(fail_at, FailAt::After(_)) {
+        return Err(usage(anyhow!(
+            "--fail-kind stall-fence happens at a point of the destination's work: use --fail-at \
+             before-first-checkpoint, speculative:N, pause:N, epoch:N or after-last-page (or random, none), not {}",
+            args.fail_at
+        )));
+    }
     if mode.checkpoints() && timed && chosen && matches!(fail_at, FailAt::Point(_)) {
         return Err(usage(anyhow!(
             "--fail-kind {} happens at a time: use --fail-at Nms (or random, none)",
@@ -404,6 +596,10 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let fail_at = match fail_at {
         // The slow disk is there from the start: nothing else fails.
         _ if slow_disk => FailAt::None,
+        // A random reset: 300 to 600 ms into post-copy.
+        FailAt::After(_) | FailAt::Point(_) if reset && !chosen => FailAt::random_after(300, 600),
+        // A random stall-fence: at a point while the guest runs at the destination.
+        FailAt::After(_) | FailAt::Point(_) if stall_fence && !chosen => FailAt::random_point(),
         // These happen at a time; a random one lands in post-copy.
         FailAt::Point(_) if timed => FailAt::After(Duration::from_millis(400)),
         // A random stall: right after one of the first checkpoints.
@@ -414,7 +610,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         Duration::from_millis(args.migrate_after_ms.unwrap_or(if args.dashboard.is_some() { 5000 } else { 300 }));
     let testbed = if netns { Some(Arc::new(Testbed::create().map_err(usage)?)) } else { None };
     let outside = Outside::start(if netns { "0.0.0.0:0" } else { "127.0.0.1:0" })?;
-    let outside_port: u16 = outside.addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let outside_port = port_of(&outside.addr);
     const NS_PORT: u16 = 7401;
     const NS_HTTP_PORT: u16 = 7480;
     let key = if args.no_auth { None } else { Some(DemoKey::new()?) };
@@ -452,10 +648,18 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         FailKind::Freeze => Some("stop"),
         // The destination's checkpointer hangs there; its heartbeats go on.
         FailKind::Stall => Some("stall"),
+        // The destination goes silent there; its vCPUs and watchdog stall.
+        FailKind::StallFence => Some("stall-fence"),
         _ => None,
     };
+    // Each stall of stall-fence lasts well past the source's failover (which
+    // comes a heartbeat timeout and a lease after the destination goes silent).
+    let stall_fence_ms = 3 * args.ft.heartbeat_timeout.max(1) + 300;
     if let (Some(signal), false) = (crash_signal, crash.is_empty()) {
         crash.extend(["--crash-signal".to_string(), signal.to_string()]);
+        if stall_fence {
+            crash.extend(["--stall-fence-ms".to_string(), stall_fence_ms.to_string()]);
+        }
     }
     let destination_sink = match &testbed {
         Some(bed) => bed.outside_from_destination(outside_port),
@@ -483,6 +687,9 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         _ => None,
     };
     let destination_pid = agents.children.last().map(|c| c.id()).expect("just started");
+    // A frozen destination's vCPU threads stop on their way out of KVM_RUN and
+    // read the clock only when continued: watch when they were stopped.
+    let stop_watch = (kind == FailKind::Freeze).then(|| StopWatch::start(destination_pid));
     let source_pid = agents.children.first().map(|c| c.id()).expect("started first");
     if !args.json {
         println!("agents: source at {source}, destination at {destination} (separate processes)");
@@ -495,12 +702,21 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
                 FailKind::Lossy => format!("lossy: loss {}%, delay {} ms", args.loss, args.delay_ms),
                 FailKind::SlowSource => format!("slow-source: {}% of a CPU", args.source_cpu_pct),
                 FailKind::SlowDisk => format!("slow-disk: {} ms a staging write", args.disk_delay_ms),
+                FailKind::Reset => format!(
+                    "reset: {} side, TCP resets from an nftables rule, both agents alive",
+                    args.reset_side.name()
+                ),
+                FailKind::StallFence => format!(
+                    "stall-fence: it goes silent, and its vCPU threads and lease watchdog stall {stall_fence_ms} ms \
+                     between their fence check and the guest"
+                ),
                 other => other.name(),
             };
             let who = match kind {
                 FailKind::Lossy => "the link between the hosts degrades",
                 FailKind::SlowSource => "the source slows down",
                 FailKind::SlowDisk => "the source's checkpoint staging disk is slow from the start, and nothing fails",
+                FailKind::Reset => "the migration connection is reset",
                 _ => "the destination fails",
             };
             if slow_disk {
@@ -531,6 +747,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             let source = source.clone();
             let injected = Arc::clone(&injected);
             let (loss, delay_ms, link_mbit, cpu_pct) = (args.loss, args.delay_ms, args.link_mbit, args.source_cpu_pct);
+            let (reset_side, destination_port) = (args.reset_side, port_of(&migrate_to));
             tokio::spawn(async move {
                 // N ms after the switchover: the VM runs at the destination by then.
                 if !postcopy_started(&source).await {
@@ -550,6 +767,13 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
                     (FailKind::Lossy, Some(bed)) => match bed.degrade(loss, delay_ms, link_mbit) {
                         Ok(applied) => injected.network = Some(applied.to_string()),
                         Err(e) => eprintln!("pcft demo: cannot degrade the link: {e:#}"),
+                    },
+                    (FailKind::Reset, _) => match ResetRule::apply(reset_side, destination_port) {
+                        Ok(rule) => {
+                            injected.network = Some(rule.description().to_string());
+                            injected.reset = Some(rule);
+                        }
+                        Err(e) => eprintln!("pcft demo: cannot reset the migration connection: {e:#}"),
                     },
                     (FailKind::SlowSource, _) => match CpuThrottle::apply(source_pid, cpu_pct) {
                         Ok(throttle) => {
@@ -573,11 +797,13 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             other => return Err(run_failure(anyhow!("the source answered {other:?}"))),
         };
         // The migration is over: undo what the timer applied (and apply nothing more).
-        let throttle = {
+        let (throttle, reset_rule) = {
             let mut injected = injected.lock().expect("injection lock");
             injected.over = true;
-            injected.throttle.take()
+            (injected.throttle.take(), injected.reset.take())
         };
+        // The agents may talk again (and the demo reach the destination): the destination must stay fenced.
+        drop(reset_rule);
         if let Some(throttle) = throttle {
             throttle.release().context("cannot release the source agent's CPU throttle").map_err(run_failure)?;
         }
@@ -589,10 +815,14 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             // Heal the network: the destination may hear from the source again, and must stay fenced.
             bed.heal().map_err(run_failure)?;
         }
+        // The check waits a lease, and with stall-fence the stalls too: the destination
+        // marks its copy fenced when it stops it, which its stalled vCPU threads hold up
+        // (they do not run the guest meanwhile: the run logs show that).
+        let settle_ms = options.heartbeat_timeout_ms + if stall_fence { stall_fence_ms } else { 0 };
         // Whatever failed (but a crash: nothing is left to fence), a destination
         // whose VM the source recovered must keep its copy stopped.
         let fenced = if mode.checkpoints() && kind != FailKind::Crash && report.failover.is_some() {
-            Some(destination_fenced(&destination, destination_pid, options.heartbeat_timeout_ms).await?)
+            Some(destination_fenced(&destination, destination_pid, settle_ms).await?)
         } else {
             None
         };
@@ -602,10 +832,27 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         let verified = client.request(&Message::WaitFinished { name: VM.into(), timeout_ms: 600_000 }).await;
         Ok((report, verified, fenced))
     });
+    // Whatever happened: nothing more is injected, and the reset rule goes.
+    let reset_rule = {
+        let mut injected = injected.lock().expect("injection lock");
+        injected.over = true;
+        injected.reset.take()
+    };
+    drop(reset_rule);
+    // One copy at a time, checked from both agents' run logs (before they stop).
+    let stopped = stop_watch.map(StopWatch::finish).unwrap_or_default();
+    let one_copy = runtime().block_on(async {
+        let (source, mut destination) = tokio::join!(copy_at(&source), copy_at(&destination));
+        if let Some(runs) = destination.runs.as_mut() {
+            runs.intervals = cut_at_stops(&runs.intervals, &stopped);
+        }
+        OneCopy::new(source, destination)
+    });
     let (report, verified, fenced) = match outcome {
         Ok(v) => v,
         Err(e) => {
             drop(agents);
+            eprintln!("pcft demo: {}", one_copy.line());
             return Err(e);
         }
     };
@@ -625,6 +872,11 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         let injected = injected.lock().expect("injection lock");
         (injected.network.clone(), injected.source_throttle.clone())
     };
+    // The one documented outcome without exactly one copy: the source cannot
+    // know whether the destination took the VM (it must not restore its own).
+    let finish_unconfirmed = report.failure.as_ref().is_some_and(|f| f.kind == "finish-unconfirmed");
+    let copies_at_end = one_copy.copies_at_end();
+    let one_copy_ok = one_copy.overlap.is_zero() && (copies_at_end == 1 || finish_unconfirmed);
     if args.json {
         let mut object = serde_json::to_value(&report).map_err(run_failure)?;
         let total = report.total_migration_ms.is_finite().then_some(report.total_migration_ms);
@@ -645,6 +897,13 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             "network": network,
             "source_throttle": source_throttle,
             "source_staging": source_staging,
+            "reset_side": reset.then(|| args.reset_side.name()),
+            "copies_overlap_ms": one_copy.overlap_ms(),
+            "copies_first_overlap": one_copy.first.map(|(s, d)| json!({ "source": s, "destination": d })),
+            "source_run_intervals": one_copy.source.runs.as_ref().map(|r| r.intervals.len()),
+            "destination_run_intervals": one_copy.destination.runs.as_ref().map(|r| r.intervals.len()),
+            "run_log_dropped": one_copy.dropped(),
+            "copies_at_end": copies_at_end,
         });
         object.as_object_mut().expect("report is an object").extend(extra.as_object().expect("object").clone());
         println!("{object}");
@@ -661,8 +920,10 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             "outside world: {} distinct records released ({} duplicates), {} lost or contradicted, {} never released",
             outputs.released, outputs.duplicates, outputs.lost, outputs.never_released
         );
-        if let Some(network) = &network {
-            println!("the link between the hosts was degraded ({network}) until the migration ended");
+        match &network {
+            Some(rule) if reset => println!("the migration connection was reset ({rule}) until the migration ended"),
+            Some(network) => println!("the link between the hosts was degraded ({network}) until the migration ended"),
+            None => {}
         }
         if let Some(throttle) = &source_throttle {
             println!("the source agent was held to a CPU quota ({throttle}) until the migration ended");
@@ -675,6 +936,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             Some(false) => println!("SPLIT BRAIN: the destination's copy runs again after the failover"),
             None => {}
         }
+        println!("{}", one_copy.line());
     }
     if mode.checkpoints() && fail_at != FailAt::None && !recovered && report.failure.is_none() && !args.json {
         match kind {
@@ -685,6 +947,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             FailKind::Lossy | FailKind::SlowSource => {
                 println!("(the migration completed: with the link degraded or the source slowed, or before that)")
             }
+            FailKind::Reset => println!("(the migration completed before the reset)"),
             _ => println!("(the failure point was not reached before the migration completed)"),
         }
     }
@@ -697,6 +960,8 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     drop(agents);
     if !fenced_ok {
         Err(run_failure(anyhow!("the destination's copy ran again after the failover (not fenced)")))
+    } else if !one_copy_ok {
+        Err(run_failure(anyhow!("{}", one_copy.line())))
     } else if verified_ok && outputs_ok {
         Ok(())
     } else if !verified_ok {
@@ -707,5 +972,66 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
             outputs.lost,
             outputs.never_released
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(vcpu: u8, start_us: u64, end_us: u64) -> RunInterval {
+        RunInterval { vcpu, start_us, end_us }
+    }
+
+    fn at(intervals: &[RunInterval], phase: Option<VmPhase>) -> CopyAt {
+        CopyAt { runs: Some(RunLogSnapshot { intervals: intervals.to_vec(), dropped: 0 }), phase }
+    }
+
+    #[test]
+    fn copies_that_take_turns_pass_the_check() {
+        // The source runs until the switchover; the destination from then until it is
+        // fenced; the source's restored copy after the lease.
+        let source = [span(0, 0, 1_000), span(1, 10, 990), span(0, 5_000, 9_000), span(1, 5_001, 8_000)];
+        let destination = [span(0, 1_000, 3_000), span(1, 1_200, 2_900)];
+        let check = OneCopy::new(at(&source, Some(VmPhase::Finished)), at(&destination, Some(VmPhase::Failed)));
+        assert_eq!((check.overlap, check.first), (Duration::ZERO, None));
+        assert_eq!(check.copies_at_end(), 1);
+        assert_eq!(
+            check.line(),
+            "one copy at a time: the two copies never ran at once (4 run intervals at the source, 2 run intervals \
+             at the destination); one copy at the end, at the source"
+        );
+    }
+
+    #[test]
+    fn copies_that_ran_at_once_fail_the_check_and_name_the_first_pair() {
+        // A destination vCPU that entered the guest after its lease ran out, while the
+        // source's restored copy already ran: what a broken fence looks like.
+        let source = [span(0, 0, 1_000), span(0, 5_000, 9_000), span(1, 5_500, 9_000)];
+        let destination = [span(0, 1_000, 3_000), span(1, 5_200, 5_700), span(0, 8_000, 8_100)];
+        let check = OneCopy::new(at(&source, Some(VmPhase::Finished)), at(&destination, Some(VmPhase::Failed)));
+        assert_eq!(check.overlap, Duration::from_micros(600));
+        assert_eq!(check.overlap_ms(), 0.6);
+        assert_eq!(check.first, Some((span(0, 5_000, 9_000), span(1, 5_200, 5_700))));
+        let line = check.line();
+        assert!(line.starts_with("one copy at a time: VIOLATED: the two copies ran at once for 0.600 ms"), "{line}");
+        assert!(
+            line.contains("source vCPU 0 in the guest 5000..9000 µs and destination vCPU 1 5200..5700 µs"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn the_copies_at_the_end_count_where_the_vm_runs_or_finished() {
+        let none = CopyAt::default();
+        let check = |s: Option<VmPhase>, d: Option<VmPhase>| OneCopy::new(at(&[], s), at(&[], d)).copies_at_end();
+        assert_eq!(check(Some(VmPhase::MigratedAway), Some(VmPhase::Finished)), 1);
+        assert_eq!(check(Some(VmPhase::Running), Some(VmPhase::Failed)), 1);
+        assert_eq!(check(Some(VmPhase::Finished), Some(VmPhase::Running)), 2);
+        assert_eq!(check(Some(VmPhase::Failed), None), 0);
+        // A killed destination agent: no copy and no intervals there.
+        let crashed = OneCopy::new(at(&[span(0, 0, 10)], Some(VmPhase::Finished)), none);
+        assert_eq!(crashed.copies_at_end(), 1);
+        assert!(crashed.line().contains("none from the destination, whose agent is gone"), "{}", crashed.line());
     }
 }

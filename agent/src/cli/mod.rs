@@ -6,6 +6,7 @@ pub mod demo;
 pub mod netns;
 pub mod remote;
 pub mod report;
+pub mod stopwatch;
 pub mod vm;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -125,9 +126,13 @@ pub struct AgentArgs {
     #[arg(long, hide = true)]
     pub crash_at: Option<pcft_agent::migration::crash::CrashPoint>,
     /// Fault injection: what happens at --crash-at (kill: SIGKILL; stop: SIGSTOP, a frozen host;
-    /// stall: the checkpointer hangs while heartbeats go on).
+    /// stall: the checkpointer hangs while heartbeats go on; stall-fence: the agent goes
+    /// silent and its vCPU threads and lease watchdog stall for --stall-fence-ms at their worst moments).
     #[arg(long, hide = true, default_value = "kill")]
     pub crash_signal: pcft_agent::migration::crash::CrashSignal,
+    /// Fault injection: how long each stall of --crash-signal stall-fence lasts, in ms.
+    #[arg(long, hide = true, default_value_t = 1000)]
+    pub stall_fence_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -190,10 +195,10 @@ impl FtArgs {
         default_tracker: TrackerArg,
     ) -> pcft_agent::migration::messages::MigrationOptions {
         pcft_agent::migration::messages::MigrationOptions {
-            checkpoint_interval_ms: self.checkpoint_interval.max(1),
-            heartbeat_interval_ms: self.heartbeat_interval.max(1),
-            heartbeat_timeout_ms: self.heartbeat_timeout.max(1),
-            checkpoint_timeout_ms: self.checkpoint_timeout.max(1),
+            checkpoint_interval_ms: self.checkpoint_interval,
+            heartbeat_interval_ms: self.heartbeat_interval,
+            heartbeat_timeout_ms: self.heartbeat_timeout,
+            checkpoint_timeout_ms: self.checkpoint_timeout,
             checkpoint_tracker: self.checkpoint_tracker.unwrap_or(default_tracker).into(),
             ..base
         }
@@ -219,13 +224,14 @@ pub struct DemoArgs {
     pub migrate_after_ms: Option<u64>,
     /// postcopy-ft: where the destination fails. `none`; `random` (one of the
     /// points below, printed; for partition, lossy and slow-source: 400ms; for
-    /// stall: epoch:N, N from 1 to 5); `Nms` (N ms after the switchover: crash,
-    /// freeze, partition, lossy, slow-source); `epoch:N` (right after
-    /// checkpoint N went out); `speculative:N` (in checkpoint N's speculative
-    /// copy); `pause:N` (in checkpoint N's pause); `before-first-checkpoint`;
-    /// `after-last-page` (when the last page arrived). The points are for
-    /// crash and freeze; stall takes epoch:N, speculative:N and
-    /// before-first-checkpoint.
+    /// reset: 300ms to 600ms; for stall: epoch:N, N from 1 to 5; for
+    /// stall-fence: any point but after-last-page); `Nms` (N ms after the
+    /// switchover: crash, freeze, partition, lossy, slow-source, reset);
+    /// `epoch:N` (right after checkpoint N went out); `speculative:N` (in
+    /// checkpoint N's speculative copy); `pause:N` (in checkpoint N's pause);
+    /// `before-first-checkpoint`; `after-last-page` (when the last page
+    /// arrived). The points are for crash, freeze and stall-fence; stall takes
+    /// epoch:N, speculative:N and before-first-checkpoint.
     #[arg(long, default_value = "random")]
     pub fail_at: String,
     /// How the migration fails: `crash` (SIGKILL of the destination agent),
@@ -236,13 +242,25 @@ pub struct DemoArgs {
     /// namespaces; the pair is made lossy and slow, see --loss and
     /// --delay-ms; restored after the migration), `slow-source` (the SOURCE
     /// agent is held to --source-cpu-pct of a CPU by a cgroup until the
-    /// migration ends), or `stall` (the destination's checkpointer hangs at the
+    /// migration ends), `stall` (the destination's checkpointer hangs at the
     /// point while its heartbeats go on: a gray failure the source must
-    /// detect from the missing checkpoints, by --checkpoint-timeout). Lossy and slow-source may complete
-    /// (slowly) or fail over; every kind but crash must leave the destination
-    /// fenced if the source recovered the VM.
+    /// detect from the missing checkpoints, by --checkpoint-timeout), `reset`
+    /// (both agents stay alive on loopback; an nftables rule answers the
+    /// migration connection's packets with TCP resets, see --reset-side;
+    /// removed after the migration), or `stall-fence` (the destination goes
+    /// silent at the point, and its vCPU threads and lease watchdog each
+    /// stall once, for 3 heartbeat timeouts + 300 ms, at their worst moments:
+    /// its fence must stop the guest on time anyway). Lossy and slow-source
+    /// may complete (slowly) or fail over; every kind but crash must leave
+    /// the destination fenced if the source recovered the VM.
     #[arg(long, value_enum, default_value_t = FailKind::Crash)]
     pub fail_kind: FailKind,
+    /// reset: whose packets are answered with a reset: the source's to the
+    /// destination (the source sees the reset), the destination's back to the
+    /// source (the destination sees it; the source, only the reset its next
+    /// write draws from the destination's closed socket), or both.
+    #[arg(long, value_enum, default_value_t = netns::ResetSide::Source)]
+    pub reset_side: netns::ResetSide,
     /// lossy: packets lost on the link between the hosts, in % each way (100: a cut).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub loss: u32,
@@ -341,6 +359,12 @@ pub enum FailKind {
     /// From the start, the source stages every checkpoint page in a file whose
     /// every write is slow (--disk-delay-ms): a slow disk at the source.
     SlowDisk,
+    /// Both agents stay alive; TCP resets are injected into the migration
+    /// connection (an nftables rule on loopback, see --reset-side).
+    Reset,
+    /// The destination goes silent at a point, and its vCPU threads and lease
+    /// watchdog stall right where a weak fence would let the guest run on.
+    StallFence,
 }
 
 impl FailKind {

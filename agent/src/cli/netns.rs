@@ -10,6 +10,11 @@
 //!
 //! Addresses (N = a per-run number): source 10.N.1.2 (root side 10.N.1.1),
 //! destination 10.N.2.2 (root side 10.N.2.1), the pair 10.N.3.1 ↔ 10.N.3.2.
+//!
+//! `--fail-kind reset` needs no namespaces: both agents listen on loopback,
+//! and a `ResetRule` (an nftables table in the host's output path) answers
+//! the migration connection's packets with TCP resets while both agents stay
+//! alive.
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
@@ -60,15 +65,108 @@ impl std::fmt::Display for Degradation {
 
 /// Runs `program args…` in namespace `ns`; the error says what it printed.
 fn exec_in(ns: &str, program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, program])
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run `{program}` in namespace {ns}"))?;
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", ns, program]).args(args);
+    // No context here: `apply` looks at the message itself (netem "unknown").
+    exec(command, program, args)
+}
+
+/// Runs `command` (`program args…`); the error says what it printed.
+fn exec(mut command: Command, program: &str, args: &[&str]) -> Result<()> {
+    let out = command.output().with_context(|| format!("cannot run `{program}`"))?;
     if !out.status.success() {
         bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
+}
+
+/// Runs `nft args…` in this (the host's) network namespace.
+fn nft(args: &[&str]) -> Result<()> {
+    let mut command = Command::new("nft");
+    command.args(args);
+    exec(command, "nft", args)
+}
+
+/// Which packets of the migration connection `--fail-kind reset` answers with a TCP reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResetSide {
+    /// The source's packets to the destination: the source sees the reset
+    /// (and the destination's packets still reach the source).
+    Source,
+    /// The destination's packets back to the source: the destination sees the reset.
+    Destination,
+    /// Both directions: each side sees a reset.
+    Both,
+}
+
+impl ResetSide {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ResetSide::Source => "source",
+            ResetSide::Destination => "destination",
+            ResetSide::Both => "both",
+        }
+    }
+}
+
+/// The nftables table of a `--fail-kind reset` (its name starts with
+/// [`ResetRule::TABLE_PREFIX`]); removed when dropped, whatever happened.
+pub struct ResetRule {
+    table: String,
+    description: String,
+}
+
+impl ResetRule {
+    pub const TABLE_PREFIX: &'static str = "pcft-reset";
+
+    /// Rejects, `with tcp reset`, the loopback packets of `side` of every
+    /// connection to the destination agent's `port`, in an output chain of a
+    /// table of this process's own (`inet pcft-reset-PID`). By hand:
+    /// `nft add table inet pcft-reset; nft add chain inet pcft-reset out
+    /// '{ type filter hook output priority 0; }'; nft add rule inet pcft-reset
+    /// out tcp dport PORT reject with tcp reset`. Resets themselves pass: the
+    /// rule's own go through the output hook too (with `both`, each direction's
+    /// rule would otherwise swallow the other's resets, a silent partition),
+    /// and so does the reset a kernel sends back for a socket a reset closed.
+    pub fn apply(side: ResetSide, port: u16) -> Result<ResetRule> {
+        let table = format!("{}-{}", Self::TABLE_PREFIX, std::process::id());
+        let matches: &[&str] = match side {
+            ResetSide::Source => &["dport"],
+            ResetSide::Destination => &["sport"],
+            ResetSide::Both => &["dport", "sport"],
+        };
+        let mut rules =
+            format!("add table inet {table}; add chain inet {table} out {{ type filter hook output priority 0; }}; ");
+        for direction in matches {
+            rules.push_str(&format!(
+                "add rule inet {table} out oifname \"lo\" tcp {direction} {port} tcp flags & rst == 0 \
+                 counter reject with tcp reset; "
+            ));
+        }
+        // One nft script is one transaction: the whole table, or nothing.
+        nft(&[&rules]).context("cannot add the TCP reset rule (apt-get install nftables)")?;
+        let what = match side {
+            ResetSide::Source => format!("the source's packets to port {port}"),
+            ResetSide::Destination => format!("the destination's packets from port {port}"),
+            ResetSide::Both => format!("both directions of port {port}"),
+        };
+        let description = format!("nft reject with tcp reset, {} side: {what}", side.name());
+        Ok(ResetRule { table, description })
+    }
+
+    /// What was applied, e.g. "nft reject with tcp reset, source side: the source's packets to port 40123".
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+}
+
+impl Drop for ResetRule {
+    fn drop(&mut self) {
+        if let Err(e) = nft(&["delete", "table", "inet", &self.table]) {
+            eprintln!("pcft demo: cannot remove the nftables table inet {}: {e:#}", self.table);
+        }
+    }
 }
 
 fn ip(args: &[&str]) -> Result<()> {

@@ -92,6 +92,9 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         if let Some(point) = args.crash_at {
             tracing::warn!(?point, signal = ?args.crash_signal, "fault injection armed: this agent fails there");
             pcft_agent::migration::crash::arm(point, args.crash_signal).map_err(|e| usage(anyhow!(e)))?;
+            if args.crash_signal == pcft_agent::migration::crash::CrashSignal::StallFence {
+                pcft_agent::fault::arm_stall_fence(std::time::Duration::from_millis(args.stall_fence_ms));
+            }
         }
         let sink = match &args.output_sink {
             Some(addr) => OutputSink::tcp(&name, addr).map_err(run_failure)?,
@@ -207,7 +210,9 @@ pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
         },
         super::TrackerArg::Bitmap,
     );
-    let request = Message::Migrate { name: args.name.clone(), to: args.to.clone(), mode: args.mode.into(), options };
+    let mode = args.mode.into();
+    options.validate(mode).map_err(usage)?;
+    let request = Message::Migrate { name: args.name.clone(), to: args.to.clone(), mode, options };
     let answer = runtime().block_on(with_progress(&args.agent, &args.name, !args.json, ask(&args.agent, request)))?;
     let Message::Migrated(report) = answer else { return Err(unexpected(answer)) };
     if args.json {

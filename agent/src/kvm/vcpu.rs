@@ -19,6 +19,10 @@ pub enum VcpuExit {
     Interrupted,
     /// The vCPU's dirty ring is (nearly) full: harvest and reset before running again.
     DirtyRingFull,
+    /// The guest accessed guest-physical `gpa`, which no memory backs (this
+    /// VMM has no MMIO devices: a revoked page of a dead copy, or a guest bug).
+    /// The instruction did not complete.
+    UnbackedAccess { gpa: u64 },
     /// The guest triple-faulted or otherwise shut down.
     Shutdown,
     /// Anything else: a bug in the guest or an unsupported exit.
@@ -96,6 +100,9 @@ impl KvmVcpu {
                 Ok(VcpuExit::IoIn { port })
             }
             Ok(kvm_ioctls::VcpuExit::Shutdown) => Ok(VcpuExit::Shutdown),
+            Ok(kvm_ioctls::VcpuExit::MmioRead(gpa, _) | kvm_ioctls::VcpuExit::MmioWrite(gpa, _)) => {
+                Ok(VcpuExit::UnbackedAccess { gpa })
+            }
             Ok(kvm_ioctls::VcpuExit::Intr) => Ok(VcpuExit::Interrupted),
             Ok(kvm_ioctls::VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
                 Ok(VcpuExit::DirtyRingFull)
@@ -111,14 +118,51 @@ impl KvmVcpu {
     /// state read afterwards is the state after that instruction. Call it before
     /// saving state or parking the vCPU.
     pub fn complete_pending_io(&mut self) -> Result<(), KvmError> {
-        self.fd.set_kvm_immediate_exit(1);
+        self.write_immediate_exit(1);
         let result = match self.fd.run() {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
             Err(e) => Err(KvmError::Ioctl { op: "KVM_RUN (immediate exit)", source: e }),
             Ok(exit) => Err(KvmError::Unsupported(format!("KVM_RUN with immediate_exit ran the guest: {exit:?}"))),
         };
-        self.fd.set_kvm_immediate_exit(0);
+        self.write_immediate_exit(0);
         result
+    }
+
+    /// `kvm_run.immediate_exit`, which the kick signal handler also writes (on this thread).
+    fn immediate_exit_byte(&mut self) -> *mut u8 {
+        &mut self.fd.get_kvm_run().immediate_exit as *mut u8
+    }
+
+    fn write_immediate_exit(&mut self, value: u8) {
+        let byte = self.immediate_exit_byte();
+        // SAFETY: the byte is in this vCPU's kvm_run mapping, alive while `self` is;
+        // volatile because the kick handler writes it asynchronously on this thread.
+        unsafe { byte.write_volatile(value) };
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Forgets kicks that came before now; a kick after this makes the next `KVM_RUN` return at once.
+    pub fn clear_immediate_exit(&mut self) {
+        self.write_immediate_exit(0);
+    }
+
+    /// Whether a kick came since the last [`clear_immediate_exit`](Self::clear_immediate_exit):
+    /// the next `KVM_RUN` then returns `EINTR` without running the guest.
+    pub fn immediate_exit_set(&mut self) -> bool {
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+        let byte = self.immediate_exit_byte();
+        // SAFETY: as in `write_immediate_exit`.
+        unsafe { byte.read_volatile() != 0 }
+    }
+
+    /// Makes kicks to the calling thread (see [`super::kick`]) set this vCPU's
+    /// `immediate_exit`, until the binding is dropped. Call it on the thread
+    /// that runs the vCPU, and drop the binding before the vCPU.
+    pub(crate) fn bind_kicks_to_this_thread(&mut self) -> super::kick::ImmediateExitBinding {
+        let byte = self.immediate_exit_byte();
+        // SAFETY: `byte` points into this vCPU's kvm_run mapping; the caller keeps the
+        // vCPU alive for as long as the binding (the worker drops the binding first).
+        unsafe { super::kick::bind_immediate_exit(byte) }
     }
 
     /// Reads the MSRs in `indices`, skipping the ones this KVM refuses to read.

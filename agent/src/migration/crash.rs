@@ -4,7 +4,10 @@
 //! `--crash-signal stop` it freezes itself with SIGSTOP there instead (a hung
 //! host that may wake up later: what fencing is for); with `stall` only its
 //! checkpointer hangs there while the rest of it (heartbeats, page requests)
-//! goes on: a gray failure that only a progress check finds.
+//! goes on: a gray failure that only a progress check finds; with
+//! `stall-fence` it goes silent there (writes nothing more to the source) and
+//! its vCPU threads and lease watchdog stall at their worst moments (see
+//! `crate::fault`): the fence must stop the guest on time all the same.
 
 use std::sync::OnceLock;
 
@@ -53,6 +56,10 @@ pub enum CrashSignal {
     /// The checkpointer hangs at the point (at `speculative:N`, `committed:N`
     /// or `before-first-checkpoint`); heartbeats go on.
     Stall,
+    /// The agent goes silent at the point, and each vCPU thread stalls once
+    /// between its fence check and `KVM_RUN`, the lease watchdog once too
+    /// (for `pcft agent --stall-fence-ms`).
+    StallFence,
 }
 
 impl std::str::FromStr for CrashSignal {
@@ -63,7 +70,8 @@ impl std::str::FromStr for CrashSignal {
             "kill" => Ok(CrashSignal::Kill),
             "stop" => Ok(CrashSignal::Stop),
             "stall" => Ok(CrashSignal::Stall),
-            _ => Err(format!("unknown crash signal {text:?}: use kill, stop or stall")),
+            "stall-fence" => Ok(CrashSignal::StallFence),
+            _ => Err(format!("unknown crash signal {text:?}: use kill, stop, stall or stall-fence")),
         }
     }
 }
@@ -87,6 +95,7 @@ pub fn arm(point: CrashPoint, signal: CrashSignal) -> Result<(), String> {
 /// Kills (or freezes) this process if `point` is the armed one.
 pub fn at(point: CrashPoint) {
     match CRASH_AT.get() {
+        Some(&(armed, CrashSignal::StallFence)) if armed == point => crate::fault::trigger_stall_fence(),
         Some(&(armed, signal)) if armed == point && signal != CrashSignal::Stall => {
             tracing::warn!(?point, ?signal, "crash point reached");
             let signal = if signal == CrashSignal::Kill { libc::SIGKILL } else { libc::SIGSTOP };

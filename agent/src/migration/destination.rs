@@ -10,6 +10,7 @@ use super::protocol::{
     HEADER_BYTES,
 };
 use super::source::MigrationError;
+use crate::clock::BootTime;
 use crate::dirty::DirtyTracking;
 use crate::fence::Fence;
 use crate::machine::{Machine, MachineConfig, MachineState, PreparedMachine};
@@ -17,7 +18,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::output::OutputSink;
 use crate::page_set::PageSet;
 use crate::timeline::EventKind;
-use crate::uffd::{FaultRegion, Installed};
+use crate::uffd::{Fault, FaultRegion, Installed};
 use crate::vm_runner::{OutputGate, VmRunner};
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -94,6 +95,10 @@ impl Outbox {
         let (checkpoints, mut checkpoints_rx) = mpsc::channel::<Vec<u8>>(CHECKPOINT_QUEUE_FRAMES);
         tokio::spawn(async move {
             loop {
+                if crate::fault::silenced() {
+                    // Fault injection (stall-fence): this destination goes silent.
+                    std::future::pending::<()>().await;
+                }
                 let frame = tokio::select! {
                     biased;
                     Some(frame) = control_rx.recv() => frame,
@@ -132,6 +137,24 @@ impl Outbox {
     }
 }
 
+/// Tells a VM's run log which page each of its vCPUs faulted on, and when the
+/// fault was read (see `RunLog::fault_read`): the "one copy at a time" check
+/// then knows a vCPU blocked in userfaultfd retired nothing since.
+#[derive(Clone)]
+struct BlockedVcpus {
+    run_log: Arc<crate::run_log::RunLog>,
+    /// The vCPU threads' kernel ids, by vCPU.
+    threads: Vec<u32>,
+}
+
+impl BlockedVcpus {
+    fn note(&self, fault: &Fault) {
+        if let Some(vcpu) = self.threads.iter().position(|&tid| tid == fault.thread) {
+            self.run_log.fault_read(vcpu as u8, fault.gpa, BootTime::now());
+        }
+    }
+}
+
 /// The fault-handler thread: reads missing-page faults and asks the source for them.
 struct FaultHandler {
     stop: Arc<AtomicBool>,
@@ -142,6 +165,7 @@ impl FaultHandler {
     fn start(
         region: Arc<FaultRegion>,
         pending: PendingFaults,
+        vcpus: BlockedVcpus,
         requests: mpsc::UnboundedSender<u64>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -149,7 +173,9 @@ impl FaultHandler {
         let thread = std::thread::Builder::new().name("uffd-faults".into()).spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 match region.next_fault(Duration::from_millis(20)) {
-                    Ok(Some(gpa)) => {
+                    Ok(Some(fault)) => {
+                        vcpus.note(&fault);
+                        let gpa = fault.gpa;
                         // A repeated fault on a pending page keeps the first fault's time.
                         let first = match pending.lock().expect("pending faults lock").entry(gpa) {
                             Entry::Occupied(_) => false,
@@ -209,6 +235,8 @@ fn percentiles(mut samples: Vec<u64>) -> Percentiles {
 struct Incoming {
     memory: Arc<GuestMemory>,
     region: Option<Arc<FaultRegion>>,
+    /// Once the VM runs here: which page its vCPUs are blocked on.
+    vcpus: Option<BlockedVcpus>,
     received: PageSet,
     pending: PendingFaults,
     latencies_us: Vec<u64>,
@@ -227,6 +255,9 @@ impl Incoming {
                     what: "page batch",
                     detail: format!("page {:#x} is outside the VM's {} bytes", run.gpa, self.memory.size()),
                 }));
+            }
+            if let Some(vcpus) = &self.vcpus {
+                vcpus.run_log.pages_installing(run.gpa, len);
             }
             let whole_run = match (&self.region, run.data) {
                 (Some(region), Some(data)) => region.copy(run.gpa, data).map_err(|e| vm(e.to_string()))?,
@@ -307,7 +338,7 @@ impl Incoming {
 struct FtDestination {
     lease: Arc<Mutex<Lease>>,
     /// Epochs sent and not yet acked, with the output-log length at their pause.
-    unacked: Arc<Mutex<VecDeque<(u64, usize)>>>,
+    unacked: UnackedEpochs,
     acked: u64,
     /// The last acked epoch, for the checkpointer's window of epochs in flight.
     acked_tx: watch::Sender<u64>,
@@ -323,9 +354,10 @@ impl FtDestination {
         memory: Arc<GuestMemory>,
         out: Outbox,
         options: &MigrationOptions,
-        lease: Lease,
+        leased: Leased,
         fenced: mpsc::UnboundedSender<String>,
     ) -> Self {
+        let Leased { lease, fence } = leased;
         let lease = Arc::new(Mutex::new(lease));
         let unacked: Arc<Mutex<VecDeque<(u64, usize)>>> = Arc::default();
         let pause_max_us = Arc::new(AtomicU64::new(0));
@@ -347,7 +379,7 @@ impl FtDestination {
             .in_current_span(),
         );
         let beat = Duration::from_millis(options.heartbeat_interval_ms.max(1));
-        let heartbeats = tokio::spawn(heartbeats(out, Arc::clone(&lease), beat, fenced).in_current_span());
+        let heartbeats = tokio::spawn(heartbeats(out, Arc::clone(&lease), fence, beat, fenced).in_current_span());
         FtDestination { lease, unacked, acked: 0, acked_tx, checkpointer, heartbeats, pause_max_us }
     }
 
@@ -377,17 +409,32 @@ impl Drop for FtDestination {
     }
 }
 
-/// Heartbeats to the source, and the lease check: when the lease runs out the
-/// VM must stop here (the source may be about to resume its copy).
-async fn heartbeats(out: Outbox, lease: Arc<Mutex<Lease>>, every: Duration, fenced: mpsc::UnboundedSender<String>) {
+/// The destination's lease as its async side keeps it, and the fence that
+/// enforces it on the vCPUs (the fence is what counts: once it has tripped,
+/// a late ack that extends the lease changes nothing).
+struct Leased {
+    lease: Lease,
+    fence: Arc<Fence>,
+}
+
+/// Heartbeats to the source, and the lease check: when the lease runs out (or
+/// the fence tripped on its own, at the deadline) the VM must stop here for
+/// good and the source be told; no heartbeat goes out after that.
+async fn heartbeats(
+    out: Outbox,
+    lease: Arc<Mutex<Lease>>,
+    fence: Arc<Fence>,
+    every: Duration,
+    fenced: mpsc::UnboundedSender<String>,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = Instant::now();
+        let now = BootTime::now();
         let (seq, expired) = {
             let mut lease = lease.lock().expect("lease lock");
-            (lease.sent(now), lease.expired(now))
+            (lease.sent(now), lease.expired(now) || !fence.allows_running())
         };
         if expired {
             let _ = fenced.send("the lease expired: the source acked no heartbeat in time".into());
@@ -433,9 +480,8 @@ async fn checkpoints(mut c: Checkpointer, failed: mpsc::UnboundedSender<String>)
             }
         }
         let span = tracing::info_span!("checkpoint", epoch);
-        match checkpoint(epoch, &c.runner, &c.memory, &c.out).instrument(span).await {
-            Ok((outputs, pause)) => {
-                c.unacked.lock().expect("unacked epochs lock").push_back((epoch, outputs));
+        match checkpoint(epoch, &c.runner, &c.memory, &c.out, &c.unacked).instrument(span).await {
+            Ok(pause) => {
                 let detail = format!("epoch {epoch}: paused the guest {} µs", pause.as_micros());
                 crate::metrics::get().timeline.event(c.runner.name(), EventKind::CheckpointSent, detail);
                 c.pause_max_us.fetch_max(pause.as_micros() as u64, Ordering::Relaxed);
@@ -450,13 +496,17 @@ async fn checkpoints(mut c: Checkpointer, failed: mpsc::UnboundedSender<String>)
     }
 }
 
-/// One epoch; returns the output-log length at its pause and how long the pause took.
+/// Epochs sent and not yet acked, with the output-log length at their pause.
+type UnackedEpochs = Arc<Mutex<VecDeque<(u64, usize)>>>;
+
+/// One epoch; returns how long the pause took.
 async fn checkpoint(
     epoch: u64,
     runner: &VmRunner,
     memory: &GuestMemory,
     out: &Outbox,
-) -> Result<(usize, Duration), String> {
+    unacked: &UnackedEpochs,
+) -> Result<Duration, String> {
     // Speculative: copy while the guest runs. A page written during the copy is
     // dirty again and goes again in the pause, so a torn copy never survives.
     let speculative = runner.take_dirty_pages().await?;
@@ -483,8 +533,8 @@ async fn checkpoint(
     }
     let pages = (speculative.len() + capture.dirty.len()) as u64;
     let outputs = capture.state.devices.output_log.len();
-    out.checkpoint_frame(encode_message(&Message::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() }))
-        .await?;
+    let commit = encode_message(&Message::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() });
+    queue_commit(epoch, outputs, commit, out, unacked).await?;
     tracing::debug!(
         epoch,
         speculative = speculative.len(),
@@ -492,7 +542,21 @@ async fn checkpoint(
         pause_us = capture.pause.as_micros() as u64,
         "checkpoint sent"
     );
-    Ok((outputs, capture.pause))
+    Ok(capture.pause)
+}
+
+/// Queues an epoch's commit record, having first noted the epoch as unacked
+/// with its output: the source's ack may arrive as soon as the record leaves,
+/// and it must find the epoch whose output it releases.
+async fn queue_commit(
+    epoch: u64,
+    outputs: usize,
+    commit: Vec<u8>,
+    out: &Outbox,
+    unacked: &UnackedEpochs,
+) -> Result<(), String> {
+    unacked.lock().expect("unacked epochs lock").push_back((epoch, outputs));
+    out.checkpoint_frame(commit).await
 }
 
 /// Before `Ready`: guest memory, its userfaultfd registration (post-copy), and
@@ -513,6 +577,7 @@ async fn prepare_incoming(
         memory: Arc::clone(&memory),
         region,
         received: PageSet::empty(config.mem_bytes),
+        vcpus: None,
         pending: Arc::default(),
         latencies_us: Vec::new(),
         switched_over: false,
@@ -574,7 +639,7 @@ pub async fn migrate_in(
     let mut stats = DestinationStats::default();
     let mut sink = Some(sink);
     // PostCopyFT: the lease starts when `Restored` goes out (before the source can send `Go`).
-    let mut lease_from: Option<Instant> = None;
+    let mut lease_from: Option<BootTime> = None;
     let mut vm_fence: Option<Arc<Fence>> = None;
     let mut ft: Option<FtDestination> = None;
     // At most one word from each of the lease and checkpoint tasks: they end after sending.
@@ -595,6 +660,11 @@ pub async fn migrate_in(
         };
         match frame {
             Frame::Pages(batch) => {
+                // A page installed wakes the vCPUs blocked on it: never after the lease
+                // ran out (a destination frozen past it may find pages still queued).
+                if vm_fence.as_ref().is_some_and(|fence| !fence.allows_running()) {
+                    break Err(MigrationError::Fenced("the lease ran out; no page is installed after it".into()));
+                }
                 if let Err(e) = incoming.install(&batch) {
                     break Err(e);
                 }
@@ -613,7 +683,7 @@ pub async fn migrate_in(
                 let released = state.devices.output_log.len();
                 // PostCopyFT: the lease counts from now, before `Restored` goes out (so
                 // before the source can send `Go`), and the vCPUs enforce it themselves.
-                let from = Instant::now();
+                let from = BootTime::now();
                 lease_from = Some(from);
                 if mode.checkpoints() {
                     let fence = Fence::new(from + Duration::from_millis(options.heartbeat_timeout_ms));
@@ -636,7 +706,10 @@ pub async fn migrate_in(
                 if let Some(region) = &incoming.region {
                     // Bounded by the guest's pages: a page is queued once, when its first fault is pending.
                     let (tx, rx) = mpsc::unbounded_channel();
-                    match FaultHandler::start(Arc::clone(region), Arc::clone(&incoming.pending), tx) {
+                    let r = runner.as_ref().expect("just spawned");
+                    let vcpus = BlockedVcpus { run_log: r.run_log(), threads: r.vcpu_threads().to_vec() };
+                    incoming.vcpus = Some(vcpus.clone());
+                    match FaultHandler::start(Arc::clone(region), Arc::clone(&incoming.pending), vcpus, tx) {
                         Ok(h) => handler = Some(h),
                         Err(e) => break Err(vm(format!("cannot start the fault handler thread: {e}"))),
                     }
@@ -648,6 +721,11 @@ pub async fn migrate_in(
             }
             Frame::Message(Message::Go) if runner.is_some() && on_running.is_some() => {
                 let r = runner.as_ref().expect("checked");
+                // The agent knows the VM runs here from before its first instruction:
+                // a resume that fails half-way has started some vCPUs.
+                if let Some(f) = on_running.take() {
+                    f(Arc::clone(r));
+                }
                 let at = Instant::now();
                 if let Err(e) = r.resume().await {
                     break Err(vm(e));
@@ -655,9 +733,6 @@ pub async fn migrate_in(
                 stats.resume_us = at.elapsed().as_micros() as u64;
                 if let Err(e) = out.message(&Message::Resumed) {
                     break Err(e);
-                }
-                if let Some(f) = on_running.take() {
-                    f(Arc::clone(r));
                 }
                 crate::metrics::get().set_phase(name, "postcopy");
                 if mode.checkpoints() {
@@ -670,7 +745,7 @@ pub async fn migrate_in(
                         Arc::clone(&memory),
                         out.clone(),
                         &options,
-                        lease,
+                        Leased { lease, fence: vm_fence.clone().expect("set at the switchover with PostCopyFT") },
                         fence_tx.clone(),
                     ));
                 }
@@ -718,12 +793,17 @@ pub async fn migrate_in(
                 }
                 if let Some(fence) = &vm_fence {
                     fence.extend(lease.expires());
+                    if fence.tripped() {
+                        // Too late: the vCPUs stopped at the deadline, and no ack revives them.
+                        break Err(MigrationError::Fenced("the lease ran out before this ack arrived".into()));
+                    }
                 }
             }
             Frame::Message(Message::Finish) if completed && ft.is_some() => {
                 // The source lets its copy go, if we take the VM while our lease holds.
-                if let Some(fence) = vm_fence.as_ref().filter(|f| !f.disarm()) {
-                    let late = fence.deadline().elapsed().as_millis();
+                if vm_fence.as_ref().is_some_and(|f| !f.disarm()) {
+                    let expired = ft.as_ref().expect("checked").lease.lock().expect("lease lock").expires();
+                    let late = expired.elapsed().as_millis();
                     break Err(MigrationError::Fenced(format!("Finish came {late} ms after the lease ran out")));
                 }
                 // The VM is ours alone, and so is its output. Nothing goes out after
@@ -753,7 +833,7 @@ pub async fn migrate_in(
                     break Err(e);
                 }
             }
-            Frame::Message(Message::Abort { reason }) => break Err(MigrationError::Aborted(reason)),
+            Frame::Message(Message::Abort { reason, .. }) => break Err(MigrationError::Aborted(reason)),
             Frame::Message(other) => break Err(MigrationError::Unexpected(format!("{other:?}"))),
         }
     };
@@ -773,29 +853,16 @@ pub async fn migrate_in(
                 stats.pages_faulted = incoming.latencies_us.len() as u64;
                 return Ok(stats);
             }
+            // The VM may have run here: after `Go`, and also when a resume failed
+            // half-way (some vCPUs started) or `Resumed` could not be queued. It
+            // cannot go on: it lacks pages, or (PostCopyFT) the source may resume
+            // its own copy. Stop it before anything else, and only then say so.
+            let paused = match &runner {
+                Some(r) => stop_for_good(r, vm_fence.as_deref(), &mut incoming).await,
+                None => true,
+            };
+            let _ = out.message(&Message::Abort { reason: e.to_string(), paused });
             if on_running.is_none() {
-                // The VM ran here but cannot go on: it lacks pages, or (PostCopyFT) the
-                // source may resume its own copy. Stop it before anything else, and only
-                // then let the connection close.
-                if let Some(r) = &runner {
-                    let pausing = tokio::spawn({
-                        let r = Arc::clone(r);
-                        async move { r.pause().await }
-                    });
-                    // vCPUs blocked on pages that will never come cannot stop: with the
-                    // pause pending (and its kicks), unregister the memory from
-                    // userfaultfd, which wakes them. Each completes at most the one
-                    // instruction it faulted in (on a fresh zero page) and then stops. This
-                    // copy is dead: it is never resumed and its held output never released.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    incoming.region = None;
-                    match pausing.await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(pause)) => tracing::error!("cannot pause the VM after losing the source: {pause}"),
-                        Err(join) => tracing::error!("cannot pause the VM after losing the source: {join}"),
-                    }
-                }
-                let _ = out.message(&Message::Abort { reason: e.to_string() });
                 let what = if checkpointed {
                     "the VM is stopped here (fenced); the source, if it is alive, recovers it from its last checkpoint (a dead source loses the VM: PostCopyFT covers the destination and the network, not the source)"
                 } else {
@@ -803,8 +870,70 @@ pub async fn migrate_in(
                 };
                 return Err(MigrationError::Vm(format!("the source was lost during post-copy ({e}); {what}")));
             }
-            let _ = out.message(&Message::Abort { reason: e.to_string() });
             Err(e)
+        }
+    }
+}
+
+/// Makes the pages that vCPUs are blocked on inaccessible for good, before
+/// the memory leaves userfaultfd: a vCPU woken by that then faults instead of
+/// running on a zero page after the lease ran out. (Every other vCPU is out of
+/// the guest by now, or kicked out before its next instruction.)
+fn revoke_missing_pages(incoming: &mut Incoming, runner: &VmRunner) {
+    let Some(region) = &incoming.region else { return };
+    let mut pages: Vec<u64> = incoming.pending.lock().expect("pending faults lock").keys().copied().collect();
+    let vcpus = BlockedVcpus { run_log: runner.run_log(), threads: runner.vcpu_threads().to_vec() };
+    match region.queued_faults() {
+        Ok(queued) => {
+            for fault in queued {
+                vcpus.note(&fault);
+                pages.push(fault.gpa);
+            }
+        }
+        Err(e) => tracing::warn!("reading the last page faults: {e}"),
+    }
+    pages.retain(|&gpa| !incoming.received.contains(gpa));
+    pages.sort_unstable();
+    pages.dedup();
+    if pages.is_empty() {
+        return;
+    }
+    match incoming.memory.revoke_pages(&pages) {
+        Ok(()) => tracing::info!(pages = pages.len(), "revoked the missing pages blocked vCPUs wait for"),
+        Err(e) => tracing::error!("cannot revoke the pages blocked vCPUs wait for: {e}"),
+    }
+}
+
+/// Stops this copy of the VM for good after the migration failed: trips the
+/// fence (PostCopyFT: no vCPU enters the guest again), then pauses every vCPU.
+/// True only if every vCPU acknowledged the pause: then the source may resume
+/// its copy without waiting out the lease.
+async fn stop_for_good(runner: &Arc<VmRunner>, fence: Option<&Fence>, incoming: &mut Incoming) -> bool {
+    if let Some(fence) = fence {
+        fence.trip();
+    }
+    let pausing = tokio::spawn({
+        let r = Arc::clone(runner);
+        async move { r.pause().await }
+    });
+    // vCPUs blocked on pages that will never come cannot stop (a kick does not
+    // reach a vCPU blocked in userfaultfd under emulation): with the pause
+    // pending (and its kicks), the pages they wait for are revoked and the
+    // memory leaves userfaultfd, which wakes them; each faults out of KVM_RUN
+    // without completing the instruction it was in. This copy is dead: it is
+    // never resumed and its held output never released.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    revoke_missing_pages(incoming, runner);
+    incoming.region = None;
+    match pausing.await {
+        Ok(Ok(())) => true,
+        Ok(Err(pause)) => {
+            tracing::error!("cannot pause the VM after the migration failed: {pause}; the lease stops it");
+            false
+        }
+        Err(join) => {
+            tracing::error!("cannot pause the VM after the migration failed: {join}; the lease stops it");
+            false
         }
     }
 }
@@ -812,6 +941,28 @@ pub async fn migrate_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_epoch_is_unacked_before_its_commit_record_can_leave() {
+        // The source may ack a commit as soon as its record leaves: the epoch
+        // (and the output it releases) must already be waiting for that ack.
+        // Here the record waits for credit, and the epoch is noted meanwhile.
+        let (control, _control_rx) = mpsc::channel(1);
+        let (checkpoints, mut checkpoints_rx) = mpsc::channel(1);
+        let out = Outbox { control, checkpoints, credit: Arc::new(Credit::new()) };
+        out.credit.take(CHECKPOINT_WINDOW as usize).await.unwrap();
+        let unacked: UnackedEpochs = Arc::default();
+        let queued = tokio::spawn({
+            let (out, unacked) = (out.clone(), Arc::clone(&unacked));
+            async move { queue_commit(7, 42, vec![0; HEADER_BYTES + 3], &out, &unacked).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(checkpoints_rx.try_recv().is_err(), "no credit: the record has not left");
+        assert_eq!(*unacked.lock().unwrap(), VecDeque::from([(7, 42)]), "the epoch waits for its ack already");
+        out.credit.give_back(CHECKPOINT_WINDOW);
+        queued.await.unwrap().unwrap();
+        assert_eq!(checkpoints_rx.recv().await.unwrap().len(), HEADER_BYTES + 3);
+    }
 
     #[tokio::test]
     async fn checkpoint_frames_wait_for_credit_and_credit_never_grows_past_the_window() {

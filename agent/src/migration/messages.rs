@@ -79,6 +79,71 @@ impl MigrationOptions {
     pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 20;
     pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 200;
     pub const DEFAULT_CHECKPOINT_TIMEOUT_MS: u64 = 3000;
+    /// The shortest lease the fencing argument holds for: it must outlast a
+    /// heartbeat's round trip and the source's restore, and the destination's
+    /// scheduling delay must stay within a tenth of it plus 10 ms
+    /// (docs/architecture.md, "Fencing: the lease argument").
+    pub const MIN_HEARTBEAT_TIMEOUT_MS: u64 = 20;
+    /// Heartbeats per lease at least: one late or lost heartbeat must not expire it.
+    pub const MIN_HEARTBEATS_PER_LEASE: u64 = 3;
+
+    /// Checks the PostCopyFT timings against each other (other modes use none
+    /// of them). Every error names the options and what would work.
+    pub fn validate(&self, mode: Mode) -> Result<(), OptionsError> {
+        if !mode.checkpoints() {
+            return Ok(());
+        }
+        let positive = [
+            ("--heartbeat-interval", self.heartbeat_interval_ms),
+            ("--heartbeat-timeout", self.heartbeat_timeout_ms),
+            ("--checkpoint-interval", self.checkpoint_interval_ms),
+            ("--checkpoint-timeout", self.checkpoint_timeout_ms),
+        ];
+        if let Some((option, _)) = positive.iter().find(|(_, ms)| *ms == 0) {
+            return Err(OptionsError::Zero { option });
+        }
+        if self.heartbeat_timeout_ms < Self::MIN_HEARTBEAT_TIMEOUT_MS {
+            return Err(OptionsError::LeaseTooShort { lease_ms: self.heartbeat_timeout_ms });
+        }
+        if self.heartbeat_interval_ms * Self::MIN_HEARTBEATS_PER_LEASE > self.heartbeat_timeout_ms {
+            return Err(OptionsError::TooFewHeartbeats {
+                interval_ms: self.heartbeat_interval_ms,
+                lease_ms: self.heartbeat_timeout_ms,
+            });
+        }
+        if self.checkpoint_timeout_ms < 2 * self.checkpoint_interval_ms {
+            return Err(OptionsError::StallBeforeCheckpoint {
+                timeout_ms: self.checkpoint_timeout_ms,
+                interval_ms: self.checkpoint_interval_ms,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// PostCopyFT timings that do not fit together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionsError {
+    #[error("{option} must be at least 1 ms")]
+    Zero { option: &'static str },
+    #[error(
+        "--heartbeat-timeout {lease_ms} is shorter than {} ms, the shortest lease fencing is safe with: use {} ms or more (the default is {} ms)",
+        MigrationOptions::MIN_HEARTBEAT_TIMEOUT_MS,
+        MigrationOptions::MIN_HEARTBEAT_TIMEOUT_MS,
+        MigrationOptions::DEFAULT_HEARTBEAT_TIMEOUT_MS
+    )]
+    LeaseTooShort { lease_ms: u64 },
+    #[error(
+        "--heartbeat-interval {interval_ms} leaves fewer than {} heartbeats in the {lease_ms} ms lease (--heartbeat-timeout): a single late heartbeat would fail the migration over; use --heartbeat-interval {} or less, or a longer --heartbeat-timeout",
+        MigrationOptions::MIN_HEARTBEATS_PER_LEASE,
+        lease_ms / MigrationOptions::MIN_HEARTBEATS_PER_LEASE
+    )]
+    TooFewHeartbeats { interval_ms: u64, lease_ms: u64 },
+    #[error(
+        "--checkpoint-timeout {timeout_ms} is shorter than two checkpoint intervals (--checkpoint-interval {interval_ms}): a healthy destination would be taken for stalled; use --checkpoint-timeout {} or more",
+        2 * interval_ms
+    )]
+    StallBeforeCheckpoint { timeout_ms: u64, interval_ms: u64 },
 }
 
 impl Default for MigrationOptions {
@@ -327,8 +392,13 @@ pub enum Message {
     },
     /// Destination → source: every page is in place.
     Complete(DestinationStats),
+    /// Either side stops the migration. From the destination after the
+    /// switchover, `paused` says it tripped its fence and every vCPU of its
+    /// copy acknowledged a pause: only then may the source restore its copy
+    /// without waiting out the lease (docs/architecture.md, "Fencing").
     Abort {
         reason: String,
+        paused: bool,
     },
     /// Source → destination, hybrid, while the VM still runs at the source:
     /// drop these pages (they changed after they were sent); they will come in post-copy.
@@ -370,4 +440,43 @@ pub enum Message {
     CheckpointCredit {
         bytes: u64,
     },
+    /// CLI → agent: when the vCPUs of every copy of VM `name` this agent ran
+    /// were in the guest (the "one copy at a time" check of the demo and chaos).
+    RunLog {
+        name: String,
+    },
+    /// Agent → CLI: the answer to `RunLog`, on `CLOCK_BOOTTIME`.
+    RunLogReport {
+        vm: String,
+        runs: crate::run_log::RunLogSnapshot,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timings_that_break_the_lease_argument_are_refused_with_the_fix() {
+        let ok = MigrationOptions::default();
+        assert_eq!(ok.validate(Mode::PostcopyFt), Ok(()));
+        let with = |f: fn(&mut MigrationOptions)| {
+            let mut o = MigrationOptions::default();
+            f(&mut o);
+            o.validate(Mode::PostcopyFt).unwrap_err().to_string()
+        };
+        let e = with(|o| (o.heartbeat_interval_ms, o.heartbeat_timeout_ms) = (500, 100));
+        assert!(e.contains("--heartbeat-interval 500") && e.contains("--heartbeat-interval 33 or less"), "{e}");
+        let e = with(|o| o.heartbeat_timeout_ms = 0);
+        assert!(e.contains("--heartbeat-timeout must be at least 1 ms"), "{e}");
+        let e = with(|o| o.heartbeat_timeout_ms = 10);
+        assert!(e.contains("shortest lease"), "{e}");
+        let e = with(|o| o.checkpoint_interval_ms = 0);
+        assert!(e.contains("--checkpoint-interval must be at least 1 ms"), "{e}");
+        let e = with(|o| o.checkpoint_timeout_ms = 150);
+        assert!(e.contains("--checkpoint-timeout 200 or more"), "{e}");
+        // Other modes take no PostCopyFT timings.
+        let unused = MigrationOptions { heartbeat_timeout_ms: 0, ..MigrationOptions::default() };
+        assert_eq!(unused.validate(Mode::Postcopy), Ok(()));
+    }
 }

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 pub const MAGIC: [u8; 4] = *b"PCFT";
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 pub const HEADER_BYTES: usize = 16;
 /// No frame carries more: a larger length field is corruption, not a reason to allocate.
 pub const MAX_PAYLOAD: u32 = 32 << 20;

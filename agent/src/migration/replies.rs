@@ -78,8 +78,11 @@ pub(super) enum Reply {
     },
     /// PostCopyFT: the destination took `Finish`; the VM is its own.
     Finished,
-    /// The destination aborted: it stopped its copy first (or never ran it).
-    Aborted(String),
+    /// The destination aborted; `paused`: it says every vCPU of its copy is stopped.
+    Aborted {
+        reason: String,
+        paused: bool,
+    },
     /// The destination aborted (it stops its copy first) or closed the connection.
     Gone(FailureKind, String),
 }
@@ -158,17 +161,18 @@ pub(super) async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Op
             Ok(Frame::Message(Message::Resumed)) => Reply::Resumed,
             Ok(Frame::Message(Message::Complete(stats))) => Reply::Complete(stats),
             Ok(Frame::Message(Message::Finished)) => Reply::Finished,
-            Ok(Frame::Message(Message::Abort { reason })) => Reply::Aborted(reason),
+            Ok(Frame::Message(Message::Abort { reason, paused })) => Reply::Aborted { reason, paused },
             Ok(other) => Reply::Gone(FailureKind::Protocol, format!("unexpected frame {other:?}")),
             Err(e @ ProtocolError::Closed) | Err(e @ ProtocolError::Truncated) => {
                 Reply::Gone(FailureKind::ConnectionClosed, e.to_string())
             }
-            // Reset by the peer's kernel: its socket is closed. Any other I/O error proves nothing.
+            // A reset (from the peer's kernel or from anything in between): reported
+            // as a close. Neither proves the destination stopped its copy.
             Err(ProtocolError::Io(e)) if e.contains("reset") => Reply::Gone(FailureKind::ConnectionClosed, e),
             Err(ProtocolError::Io(e)) => Reply::Gone(FailureKind::HeartbeatTimeout, e),
             Err(e) => Reply::Gone(FailureKind::Protocol, e.to_string()),
         };
-        let last = matches!(reply, Reply::Gone(..) | Reply::Aborted(_));
+        let last = matches!(reply, Reply::Gone(..) | Reply::Aborted { .. });
         let Ok(room) = Arc::clone(&room).acquire_many_owned(reply.queued_bytes()).await else { return };
         if lanes.queue.send(Queued { at, reply, _room: room }).is_err() || last {
             return;

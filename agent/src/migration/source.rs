@@ -4,7 +4,7 @@
 use super::auth::Psk;
 use super::checkpoint::{CheckpointStore, Committed};
 use super::handshake::{self, HandshakeError};
-use super::lease;
+use super::lease::{self, DestinationCopy};
 use super::messages::{DestinationStats, FailureReport, Message, MigrationOptions, MigrationReport, Mode, Role};
 use super::protocol::{
     encode_message, Frame, FrameReader, FrameWriter, PageBatchWriter, ProtocolError, CHECKPOINT_WINDOW,
@@ -115,16 +115,18 @@ async fn expect(rd: &mut FrameReader, what: &str, timeout: Duration) -> Result<M
         .map_err(|_| MigrationError::Timeout { what: what.to_string(), after: timeout })??;
     match frame {
         Frame::Message(Message::Refuse { reason }) => Err(MigrationError::Refused(reason)),
-        Frame::Message(Message::Abort { reason }) => Err(MigrationError::Aborted(reason)),
+        Frame::Message(Message::Abort { reason, .. }) => Err(MigrationError::Aborted(reason)),
         Frame::Message(m) => Ok(m),
         Frame::Pages(_) => Err(MigrationError::Unexpected(format!("pages (waiting for {what})"))),
     }
 }
 
-/// How the destination was lost after the commit.
+/// How the destination was lost after the commit. None of these but an
+/// `Abort` that says so proves its copy stopped (see [`Lost::copy`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureKind {
-    /// Its socket closed or it aborted: it crashed or stopped its copy first.
+    /// The connection closed or was reset (by the destination's kernel, or by
+    /// anything in between), or the destination aborted.
     ConnectionClosed,
     /// Silence past the heartbeat timeout, or a write that would not go out.
     HeartbeatTimeout,
@@ -146,12 +148,6 @@ impl FailureKind {
             FailureKind::CheckpointStalled => "checkpoint-stalled",
             FailureKind::FinishUnconfirmed => "finish-unconfirmed",
         }
-    }
-
-    /// Whether the destination's copy is known not to run any more: then the
-    /// source need not wait for its lease to run out.
-    fn destination_stopped(self) -> bool {
-        self == FailureKind::ConnectionClosed
     }
 }
 
@@ -226,23 +222,28 @@ pub async fn migrate_out(
             // Not committed: the VM keeps running here.
             let _ = runner.set_dirty_logging(false).await;
             let _ = runner.resume().await;
-            let _ = out.message(&Message::Abort { reason: e.to_string() }).await;
+            let _ = out.message(&Message::Abort { reason: e.to_string(), paused: false }).await;
             return Err(e);
         }
     };
 
+    // PostCopyFT's side here, made before `Go`: if it cannot be, nothing is
+    // committed and the VM keeps running here.
+    let stager = match mode.checkpoints().then(|| start_stager(&stopped.state, &memory, staging, vm)).transpose() {
+        Ok(stager) => stager,
+        Err(e) => {
+            let _ = runner.resume().await;
+            let _ = out.message(&Message::Abort { reason: e.to_string(), paused: false }).await;
+            return Err(e);
+        }
+    };
     // Committed from here: the destination runs the VM once it reads `Go`.
     let go_at = Instant::now();
     metrics::get().set_phase(vm, "postcopy");
-    let mut ft = if mode.checkpoints() {
-        let switchover = MachineState::from_bytes(&stopped.state)
-            .map_err(|e| MigrationError::Vm(format!("the switchover state does not decode: {e}")))?;
+    let mut ft = stager.map(|(stager, inbox, events)| {
         let hb_timeout = Duration::from_millis(options.heartbeat_timeout_ms);
         out.liveness = Some(Arc::new(Liveness::new(go_at, hb_timeout)));
-        let store = CheckpointStore::new(Arc::clone(&memory), switchover, staging.clone());
-        let (stager, inbox, events) = Stager::start(store, vm.to_string())
-            .map_err(|e| MigrationError::Vm(format!("cannot start the checkpoint stager thread: {e}")))?;
-        Some((
+        (
             FtSource {
                 stager,
                 timeout: hb_timeout,
@@ -252,10 +253,8 @@ pub async fn migrate_out(
             },
             inbox,
             events,
-        ))
-    } else {
-        None
-    };
+        )
+    });
     let (mut ft, stager_inbox, checkpoint_events) = match ft.take() {
         Some((ft, inbox, events)) => (Some(ft), Some(inbox), events),
         // No checkpoints: a channel that stays empty.
@@ -334,10 +333,12 @@ pub async fn migrate_out(
             report.fault_latency_us = stats.fault_latency_us;
             Ok(MigrationOutcome::Completed(report))
         }
-        Err(Lost { kind: FailureKind::FinishUnconfirmed, reason }) => Err(MigrationError::LostAfterCommit(format!(
-            "{reason}; it runs the VM if Finish reached it, or it stopped its copy: check `pcft status` on {to}"
-        ))),
-        Err(Lost { kind, reason }) => {
+        Err(Lost { kind: FailureKind::FinishUnconfirmed, reason, .. }) => {
+            Err(MigrationError::LostAfterCommit(format!(
+                "{reason}; it runs the VM if Finish reached it, or it stopped its copy: check `pcft status` on {to}"
+            )))
+        }
+        Err(Lost { kind, reason, destination_paused }) => {
             let Some(ft) = ft else {
                 return Err(MigrationError::LostAfterCommit(reason));
             };
@@ -355,8 +356,9 @@ pub async fn migrate_out(
                 detection_ms: ms(detected_at.duration_since(last_heard)),
                 reason: reason.clone(),
             }));
-            let fenced_at =
-                if kind.destination_stopped() { detected_at } else { lease::fenced_after(ft.last_renewal, ft.timeout) };
+            let copy = if destination_paused { DestinationCopy::Stopped } else { DestinationCopy::MayRun };
+            let fenced_at = lease::source_may_restore_at(copy, detected_at, ft.last_renewal, ft.timeout)
+                .expect("only FinishUnconfirmed never restores");
             tracing::warn!(vm = %report.vm, kind = kind.name(), epoch = ft.store.committed_epoch(), "destination lost: {reason}");
             let committed = ft.store.into_committed().map_err(|torn| {
                 MigrationError::LostAfterCommit(format!("{reason}; and the source's image is not consistent: {torn}"))
@@ -366,19 +368,39 @@ pub async fn migrate_out(
     }
 }
 
+/// The checkpoint stager over a store whose epoch 0 is the switchover state.
+fn start_stager(
+    switchover: &[u8],
+    memory: &Arc<GuestMemory>,
+    staging: &StagingLimits,
+    vm: &str,
+) -> Result<(Stager, stager::Inbox, mpsc::UnboundedReceiver<stager::Event>), MigrationError> {
+    let switchover = MachineState::from_bytes(switchover)
+        .map_err(|e| MigrationError::Vm(format!("the switchover state does not decode: {e}")))?;
+    let store = CheckpointStore::new(Arc::clone(memory), switchover, staging.clone());
+    Stager::start(store, vm.to_string())
+        .map_err(|e| MigrationError::Vm(format!("cannot start the checkpoint stager thread: {e}")))
+}
+
 /// The destination was lost after the commit.
 struct Lost {
     kind: FailureKind,
     reason: String,
+    /// The destination said, in an `Abort`, that every vCPU of its copy is stopped.
+    destination_paused: bool,
 }
 
 impl Lost {
+    fn new(kind: FailureKind, reason: String) -> Lost {
+        Lost { kind, reason, destination_paused: false }
+    }
+
     fn from_write(e: MigrationError) -> Lost {
         let kind = match &e {
             MigrationError::Timeout { .. } => FailureKind::HeartbeatTimeout,
             _ => FailureKind::ConnectionClosed,
         };
-        Lost { kind, reason: e.to_string() }
+        Lost::new(kind, e.to_string())
     }
 }
 
@@ -456,7 +478,7 @@ impl PostcopySource {
             if self.push.demand.is_empty() {
                 if let Ok(queued) = self.replies.try_recv() {
                     if let Some(stats) = self.handle(queued).await? {
-                        return Err(Lost { kind: FailureKind::Protocol, reason: premature(stats) });
+                        return Err(Lost::new(FailureKind::Protocol, premature(stats)));
                     }
                     self.take_requests();
                 }
@@ -480,7 +502,7 @@ impl PostcopySource {
             };
             if let Some(until) = wait_until {
                 if let Some(stats) = self.wait(until).await? {
-                    return Err(Lost { kind: FailureKind::Protocol, reason: premature(stats) });
+                    return Err(Lost::new(FailureKind::Protocol, premature(stats)));
                 }
                 continue;
             }
@@ -518,6 +540,7 @@ impl PostcopySource {
         self.out.message(&Message::Finish).await.map_err(Lost::from_write)?;
         let deadline = Instant::now() + patience;
         let unconfirmed = |why: String| Lost {
+            destination_paused: false,
             kind: FailureKind::FinishUnconfirmed,
             reason: format!("the destination did not confirm Finish ({why})"),
         };
@@ -572,7 +595,7 @@ impl PostcopySource {
             }
             queued = self.replies.recv() => match queued {
                 Some(queued) => self.handle(queued).await,
-                None => Err(Lost { kind: FailureKind::ConnectionClosed, reason: "the connection closed".into() }),
+                None => Err(Lost::new(FailureKind::ConnectionClosed, "the connection closed".into())),
             },
             _ = sleep => {
                 self.check_alive()?;
@@ -591,12 +614,15 @@ impl PostcopySource {
         while let Ok(Some(queued)) = tokio::time::timeout_at(until.into(), self.replies.recv()).await {
             match queued.reply {
                 Reply::Gone(kind, reason) => {
-                    *lost = Lost { kind, reason: format!("{reason} ({})", lost.reason) };
+                    *lost = Lost::new(kind, format!("{reason} ({})", lost.reason));
                     return;
                 }
-                Reply::Aborted(reason) => {
-                    *lost =
-                        Lost { kind: lost.kind, reason: format!("destination aborted: {reason} ({})", lost.reason) };
+                Reply::Aborted { reason, paused } => {
+                    *lost = Lost {
+                        kind: lost.kind,
+                        reason: format!("destination aborted: {reason} ({})", lost.reason),
+                        destination_paused: paused,
+                    };
                     return;
                 }
                 _ => {}
@@ -636,10 +662,10 @@ impl PostcopySource {
         // After `Finish`, silence settles nothing (see `finish`).
         if let Some(l) = self.out.liveness.as_ref().filter(|_| !self.finishing) {
             if let Some(since) = l.silent_since().filter(|_| l.deadline().is_some_and(|d| now >= d)) {
-                return Err(Lost {
-                    kind: FailureKind::HeartbeatTimeout,
-                    reason: format!("no word from the destination for {} ms", since.elapsed().as_millis()),
-                });
+                return Err(Lost::new(
+                    FailureKind::HeartbeatTimeout,
+                    format!("no word from the destination for {} ms", since.elapsed().as_millis()),
+                ));
             }
         }
         // A stall: the destination is heard (heartbeats) but sends no checkpoint, though
@@ -647,14 +673,14 @@ impl PostcopySource {
         if let Some(ft) = self.ft.as_ref().filter(|_| !self.finishing) {
             let waiting_on_destination = self.out.liveness.as_ref().is_some_and(|l| l.silent_since().is_some());
             if now >= ft.stall_deadline() && ft.stager.idle() && waiting_on_destination {
-                return Err(Lost {
-                    kind: FailureKind::CheckpointStalled,
-                    reason: format!(
+                return Err(Lost::new(
+                    FailureKind::CheckpointStalled,
+                    format!(
                         "no checkpoint from the destination for {} ms while its heartbeats go on (checkpoint {} was the last committed)",
                         ft.checkpoint_progress.elapsed().as_millis(),
                         self.committed_epoch
                     ),
-                });
+                ));
             }
         }
         Ok(())
@@ -685,7 +711,7 @@ impl PostcopySource {
                 self.give_credit().await?;
                 self.out.message(&Message::CheckpointAck { epoch }).await.map_err(Lost::from_write)?;
             }
-            stager::Event::Refused(reason) => return Err(Lost { kind: FailureKind::Protocol, reason }),
+            stager::Event::Refused(reason) => return Err(Lost::new(FailureKind::Protocol, reason)),
         }
         Ok(())
     }
@@ -707,16 +733,17 @@ impl PostcopySource {
     }
 
     async fn handle_reply(&mut self, at: Instant, reply: Reply) -> Result<Option<DestinationStats>, Lost> {
-        let protocol = |reason: String| Lost { kind: FailureKind::Protocol, reason };
+        let protocol = |reason: String| Lost::new(FailureKind::Protocol, reason);
         match reply {
             Reply::Resumed => self.resumed_at = Some(at),
             Reply::Complete(stats) => return Ok(Some(stats)),
-            Reply::Gone(kind, reason) => return Err(Lost { kind, reason }),
-            Reply::Aborted(reason) => {
+            Reply::Gone(kind, reason) => return Err(Lost::new(kind, reason)),
+            Reply::Aborted { reason, paused } => {
                 self.aborted = true;
                 return Err(Lost {
                     kind: FailureKind::ConnectionClosed,
                     reason: format!("destination aborted: {reason}"),
+                    destination_paused: paused,
                 });
             }
             // With PostCopyFT these go to the stager; without, they are not allowed.

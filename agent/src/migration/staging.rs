@@ -60,7 +60,15 @@ pub struct Staging {
     spill: Option<Spill>,
     /// A drain failed after applying part of the epoch.
     torn: bool,
+    /// Tests: this many reads of spilled frames fail from now on (one each).
+    #[cfg(test)]
+    failing_reads: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
+
+/// How often the apply pass over the spilled file is tried before the epoch
+/// counts as torn. Applying an epoch again from its first batch is harmless
+/// (the same pages, in the same order), so a read that fails half-way is retried whole.
+const APPLY_ATTEMPTS: usize = 3;
 
 struct Spill {
     file: File,
@@ -69,7 +77,15 @@ struct Spill {
 
 impl Staging {
     pub fn new(limits: StagingLimits) -> Self {
-        Staging { limits, in_memory: Vec::new(), memory_bytes: 0, spill: None, torn: false }
+        Staging {
+            limits,
+            in_memory: Vec::new(),
+            memory_bytes: 0,
+            spill: None,
+            torn: false,
+            #[cfg(test)]
+            failing_reads: Default::default(),
+        }
     }
 
     /// Payload bytes staged in memory now.
@@ -110,30 +126,59 @@ impl Staging {
 
     /// Hands the epoch's batches to `apply`, in order; the staging is empty after.
     /// The file is read and checked whole first (one frame in memory at a
-    /// time), so a bad file fails before any batch is handed out. If reading
-    /// or `apply` fails later, [`torn`](Self::torn) says some batches were applied.
+    /// time), so a bad file fails before any batch is handed out. A read that
+    /// fails during the apply pass is retried from the epoch's first batch (up
+    /// to [`APPLY_ATTEMPTS`] passes). If `apply` fails, or every pass does,
+    /// [`torn`](Self::torn) says some batches were applied. Once every batch
+    /// is applied the epoch is whole, whatever happens to the file after.
     pub fn drain(&mut self, mut apply: impl FnMut(&PageBatch) -> Result<(), String>) -> Result<(), StagingError> {
         let spilled = self.spill.as_ref().is_some_and(|s| s.bytes > 0);
         if spilled {
             self.each_spilled(|_| Ok(()))?;
         }
-        let mut handed_out = false;
-        let result = (|| {
-            for batch in std::mem::take(&mut self.in_memory) {
-                handed_out = true;
-                apply(&batch).map_err(StagingError::Apply)?;
+        let in_memory = std::mem::take(&mut self.in_memory);
+        self.memory_bytes = 0;
+        let mut result = Ok(());
+        for attempt in 1..=APPLY_ATTEMPTS {
+            result = self.apply_pass(&in_memory, spilled, &mut apply);
+            match &result {
+                Err(StagingError::Read { reason, .. }) if attempt < APPLY_ATTEMPTS => {
+                    tracing::warn!(
+                        attempt,
+                        "reading the checkpoint staging file failed ({reason}); applying the epoch again"
+                    );
+                }
+                _ => break,
             }
-            self.memory_bytes = 0;
-            if spilled {
-                self.each_spilled(|batch| {
-                    handed_out = true;
-                    apply(&batch).map_err(StagingError::Apply)
-                })?;
-            }
-            self.clear_file()
-        })();
-        self.torn = result.is_err() && handed_out;
-        result
+        }
+        if let Err(e) = result {
+            // `in_memory` or the file's first frame went in (every pass hands out at least one batch).
+            self.torn = !in_memory.is_empty() || spilled;
+            return Err(e);
+        }
+        if let Err(e) = self.clear_file() {
+            // The epoch is applied; only the file cannot be reused. Never read it again:
+            // the next epoch that spills gets a new one.
+            tracing::warn!("cannot empty the checkpoint staging file ({e}); the next epoch uses a new one");
+            self.spill = None;
+        }
+        Ok(())
+    }
+
+    /// One pass over the epoch's batches, the ones in memory first.
+    fn apply_pass(
+        &mut self,
+        in_memory: &[PageBatch],
+        spilled: bool,
+        apply: &mut impl FnMut(&PageBatch) -> Result<(), String>,
+    ) -> Result<(), StagingError> {
+        for batch in in_memory {
+            apply(batch).map_err(StagingError::Apply)?;
+        }
+        if spilled {
+            self.each_spilled(|batch| apply(&batch).map_err(StagingError::Apply))?;
+        }
+        Ok(())
     }
 
     /// Whether a failed [`drain`](Self::drain) applied part of the epoch.
@@ -154,6 +199,16 @@ impl Staging {
         let mut reader = BufReader::new((&spill.file).take(spill.bytes));
         let mut left = spill.bytes;
         while left > 0 {
+            #[cfg(test)]
+            if self
+                .failing_reads
+                .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| {
+                    n.checked_sub(1)
+                })
+                .is_ok()
+            {
+                return Err(read("injected read failure".into()));
+            }
             let mut header = [0u8; HEADER_BYTES];
             reader.read_exact(&mut header).map_err(|e| read(e.to_string()))?;
             let header = decode_header(&header).map_err(|e| read(e.to_string()))?;
@@ -193,6 +248,7 @@ mod tests {
     use super::*;
     use crate::memory::PAGE_SIZE;
     use crate::migration::protocol::PageData;
+    use std::sync::Arc;
 
     fn batch(gpa: u64, byte: u8) -> PageBatch {
         PageBatch::from_pages(vec![
@@ -256,6 +312,57 @@ mod tests {
         });
         assert!(matches!(drained, Err(StagingError::Read { .. })));
         assert_eq!((handed_out, staging.torn()), (0, false));
+    }
+
+    /// Five batches, all but the first in the file.
+    fn spilled_staging(dir: &std::path::Path) -> Staging {
+        let budget = batch(0, 0).payload_len() as u64;
+        let mut staging = Staging::new(StagingLimits { memory_bytes: budget, dir: dir.into(), ..Default::default() });
+        for i in 0..5u8 {
+            staging.push(batch(u64::from(i) * 0x2000, i + 1)).unwrap();
+        }
+        staging
+    }
+
+    #[test]
+    fn a_read_that_fails_while_applying_is_retried_and_the_epoch_applies_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut staging = spilled_staging(dir.path());
+        let failing = Arc::clone(&staging.failing_reads);
+        let mut applied = Vec::new();
+        let drained = staging.drain(|b| {
+            if applied.len() == 2 {
+                // The apply pass has handed out batches: its next read fails, once.
+                failing.store(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            applied.push(b.clone());
+            Ok(())
+        });
+        drained.expect("retried");
+        assert!(!staging.torn());
+        // The retry applies the epoch again from its first batch: the last pass is whole and in order.
+        let firsts = |batches: &[PageBatch]| pages(batches).iter().filter_map(|(_, b)| *b).collect::<Vec<_>>();
+        assert_eq!(firsts(&applied), vec![1, 2, 3, 1, 2, 3, 4, 5], "3 batches, then all 5 again");
+    }
+
+    #[test]
+    fn an_epoch_whose_file_cannot_be_emptied_is_whole_and_the_file_is_not_read_again() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let mut staging = spilled_staging(dir.path());
+        // The same (unlinked) file, opened read-only: it reads back, but cannot be truncated.
+        let spill = staging.spill.as_mut().unwrap();
+        let read_only = File::open(format!("/proc/self/fd/{}", spill.file.as_raw_fd())).unwrap();
+        spill.file = read_only;
+        let taken = take(&mut staging).expect("the epoch applied whole");
+        assert_eq!(taken.len(), 5);
+        assert!(!staging.torn(), "applied whole: not torn");
+        // The next epoch spills to a new file and never sees the old one's frames.
+        for i in 0..3u8 {
+            staging.push(batch(0x100000 + u64::from(i) * 0x2000, 50 + i)).unwrap();
+        }
+        let next = take(&mut staging).unwrap();
+        assert_eq!(pages(&next).iter().filter_map(|(_, b)| *b).collect::<Vec<_>>(), vec![50, 51, 52]);
     }
 
     #[test]

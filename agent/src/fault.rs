@@ -1,0 +1,64 @@
+//! Fault injection inside the VMM, for tests, the demo and `cargo xtask chaos`
+//! (hidden agent flags; nothing here runs unless armed).
+//!
+//! `stall-fence`: the scheduling accidents that the fence must survive, made
+//! to happen on purpose. Once triggered (at a crash point, see
+//! `migration::crash`), every vCPU thread that next passes its fence check
+//! stops for the configured hold right between the check and `KVM_RUN` (as if
+//! the thread were descheduled or the process stopped there), and the lease
+//! watchdog stops for as long once. A fence that relied on the check alone or
+//! on the watchdog's timing lets the guest run past the lease; the real one
+//! (immediate_exit set by the kick handler, and a kernel timer per vCPU
+//! thread) does not.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+static HOLD_MS: AtomicU64 = AtomicU64::new(0);
+static TRIGGERED: AtomicBool = AtomicBool::new(false);
+static WATCHDOG_HELD: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    static HELD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Arms `stall-fence` with this hold (it fires once [`trigger_stall_fence`] is called).
+pub fn arm_stall_fence(hold: Duration) {
+    HOLD_MS.store(hold.as_millis().max(1) as u64, Ordering::SeqCst);
+}
+
+/// The crash point was reached: the holds begin.
+pub fn trigger_stall_fence() {
+    if HOLD_MS.load(Ordering::SeqCst) > 0 {
+        tracing::warn!(hold_ms = HOLD_MS.load(Ordering::SeqCst), "stall-fence: vCPUs and the lease watchdog stall");
+        TRIGGERED.store(true, Ordering::SeqCst);
+    }
+}
+
+fn hold() -> Option<Duration> {
+    TRIGGERED.load(Ordering::SeqCst).then(|| Duration::from_millis(HOLD_MS.load(Ordering::SeqCst)))
+}
+
+/// A vCPU thread passed its fence check and is about to enter the guest.
+pub fn between_fence_check_and_entry() {
+    if let Some(hold) = hold() {
+        if !HELD.with(|held| held.replace(true)) {
+            std::thread::sleep(hold);
+        }
+    }
+}
+
+/// The lease watchdog is about to look at the deadline again.
+pub fn watchdog_delay() {
+    if let Some(hold) = hold() {
+        if !WATCHDOG_HELD.swap(true, Ordering::SeqCst) {
+            std::thread::sleep(hold);
+        }
+    }
+}
+
+/// Whether the destination has gone silent on purpose (stall-fence): it writes nothing more to the source.
+pub fn silenced() -> bool {
+    TRIGGERED.load(Ordering::SeqCst)
+}

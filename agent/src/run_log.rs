@@ -1,0 +1,219 @@
+//! When each vCPU of a machine was inside `KVM_RUN`: intervals on
+//! `CLOCK_BOOTTIME`, for the independent "one copy at a time" check. Two
+//! agents on one host read the same clock, so the intervals of a VM's copy at
+//! the source and at the destination can be compared directly: after the
+//! switchover no interval of one copy may overlap an interval of the other.
+//!
+//! Recording costs two clock reads and an uncontended lock per exit. Intervals
+//! closer than [`MERGE_GAP_US`] are merged (a conservative union: a gap that
+//! short is counted as running), and each vCPU keeps its newest
+//! [`INTERVALS_PER_VCPU`] (older ones are dropped and counted).
+
+use crate::clock::BootTime;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Gaps shorter than this between two runs of one vCPU are merged.
+pub const MERGE_GAP_US: u64 = 200;
+/// Intervals kept per vCPU (the newest).
+pub const INTERVALS_PER_VCPU: usize = 4096;
+
+/// One stretch in which a vCPU may have executed guest instructions (µs since boot, `CLOCK_BOOTTIME`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunInterval {
+    pub vcpu: u8,
+    pub start_us: u64,
+    pub end_us: u64,
+}
+
+/// The intervals of one machine's vCPUs.
+pub struct RunLog {
+    vcpus: Vec<Mutex<VcpuRuns>>,
+    /// Per vCPU: when it last entered `KVM_RUN` (µs), and the page it last
+    /// faulted on in userfaultfd with when that fault was first read since.
+    blocked: Vec<Mutex<Blocked>>,
+}
+
+#[derive(Default)]
+struct Blocked {
+    entered_us: u64,
+    /// (page, µs the first fault on it since `entered_us` was read).
+    on: Option<(u64, u64)>,
+}
+
+#[derive(Default)]
+struct VcpuRuns {
+    intervals: VecDeque<(u64, u64)>,
+    dropped: u64,
+}
+
+/// What a run log held when read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunLogSnapshot {
+    pub intervals: Vec<RunInterval>,
+    /// Intervals dropped for room (the oldest); nonzero means the check saw only the newest.
+    pub dropped: u64,
+}
+
+impl RunLog {
+    pub fn new(vcpus: usize) -> RunLog {
+        RunLog {
+            vcpus: (0..vcpus).map(|_| Mutex::default()).collect(),
+            blocked: (0..vcpus).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// vCPU `vcpu` enters `KVM_RUN` at `at`.
+    pub fn entering(&self, vcpu: u8, at: BootTime) {
+        if let Some(blocked) = self.blocked.get(usize::from(vcpu)) {
+            blocked.lock().expect("run log lock").entered_us = at.as_micros();
+        }
+    }
+
+    /// A userfaultfd fault of vCPU `vcpu` on the page at `gpa` was read at `at`.
+    pub fn fault_read(&self, vcpu: u8, gpa: u64, at: BootTime) {
+        let Some(blocked) = self.blocked.get(usize::from(vcpu)) else { return };
+        let mut blocked = blocked.lock().expect("run log lock");
+        let page = gpa & !(crate::memory::PAGE_SIZE - 1);
+        let entered = blocked.entered_us;
+        // The first read since this entry into the guest is kept: later ones are the same wait.
+        if !blocked.on.is_some_and(|(p, first)| p == page && first >= entered) {
+            blocked.on = Some((page, at.as_micros()));
+        }
+    }
+
+    /// vCPU `vcpu` was inside `KVM_RUN` from `start` to `end`.
+    pub fn record(&self, vcpu: u8, start: BootTime, end: BootTime) {
+        let Some(runs) = self.vcpus.get(usize::from(vcpu)) else { return };
+        let (start, end) = (start.as_micros(), end.as_micros().max(start.as_micros()));
+        let mut runs = runs.lock().expect("run log lock");
+        if let Some(last) = runs.intervals.back_mut() {
+            if start <= last.1.saturating_add(MERGE_GAP_US) {
+                last.1 = last.1.max(end);
+                return;
+            }
+        }
+        if runs.intervals.len() == INTERVALS_PER_VCPU {
+            runs.intervals.pop_front();
+            runs.dropped += 1;
+        }
+        runs.intervals.push_back((start, end));
+    }
+
+    /// The pages `[gpa, gpa + len)` are about to be installed: a vCPU blocked
+    /// on one of them runs on once it is (called before the install, so that
+    /// no run after it is taken for a blocked one).
+    pub fn pages_installing(&self, gpa: u64, len: u64) {
+        for blocked in &self.blocked {
+            let mut blocked = blocked.lock().expect("run log lock");
+            if blocked.on.is_some_and(|(page, _)| page >= gpa && page < gpa.saturating_add(len)) {
+                blocked.on = None;
+            }
+        }
+    }
+
+    /// vCPU `vcpu` left `KVM_RUN`, which it entered at `start`. If it was
+    /// blocked in userfaultfd on a page that was never installed, since a
+    /// fault read after it entered, it retired nothing after that read: its
+    /// run ends there. (Under emulation a blocked vCPU can sit inside
+    /// `KVM_RUN` for long, faulting again and again, until a kick, or a
+    /// revoked page, gets it out without completing its instruction.)
+    pub fn record_exit(&self, vcpu: u8, start: BootTime, end: BootTime) {
+        let blocked_since = self.blocked.get(usize::from(vcpu)).and_then(|b| b.lock().expect("run log lock").on);
+        let end = match blocked_since {
+            Some((_, read_us)) if read_us >= start.as_micros() => {
+                end.min(BootTime::from_since_boot(Duration::from_micros(read_us)))
+            }
+            _ => end,
+        };
+        self.record(vcpu, start, end);
+    }
+
+    pub fn snapshot(&self) -> RunLogSnapshot {
+        let mut snapshot = RunLogSnapshot::default();
+        for (vcpu, runs) in self.vcpus.iter().enumerate() {
+            let runs = runs.lock().expect("run log lock");
+            snapshot.dropped += runs.dropped;
+            snapshot.intervals.extend(runs.intervals.iter().map(|&(start_us, end_us)| RunInterval {
+                vcpu: vcpu as u8,
+                start_us,
+                end_us,
+            }));
+        }
+        snapshot
+    }
+}
+
+/// The union of `intervals` (any vCPU), sorted and disjoint, as (start, end) µs.
+fn union(intervals: &[RunInterval]) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = intervals.iter().map(|i| (i.start_us, i.end_us)).collect();
+    spans.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+    for (start, end) in spans {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+/// How long two copies ran at once: the total time in which some vCPU of `a`
+/// and some vCPU of `b` were both inside `KVM_RUN`.
+pub fn overlap(a: &[RunInterval], b: &[RunInterval]) -> Duration {
+    let (a, b) = (union(a), union(b));
+    let (mut i, mut j, mut total) = (0, 0, 0u64);
+    while i < a.len() && j < b.len() {
+        let (start, end) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        total += end.saturating_sub(start);
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    Duration::from_micros(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(us: u64) -> BootTime {
+        BootTime::from_since_boot(Duration::from_micros(us))
+    }
+
+    fn span(vcpu: u8, start_us: u64, end_us: u64) -> RunInterval {
+        RunInterval { vcpu, start_us, end_us }
+    }
+
+    #[test]
+    fn close_runs_merge_and_the_oldest_go_first() {
+        let log = RunLog::new(2);
+        log.record(0, at(1_000), at(1_010));
+        log.record(0, at(1_100), at(1_200)); // 90 µs later: merged
+        log.record(0, at(5_000), at(5_050));
+        log.record(1, at(7), at(9));
+        log.record(9, at(0), at(1)); // no such vCPU: ignored
+        let snapshot = log.snapshot();
+        assert_eq!(snapshot.intervals, vec![span(0, 1_000, 1_200), span(0, 5_000, 5_050), span(1, 7, 9)]);
+        let log = RunLog::new(1);
+        for k in 0..INTERVALS_PER_VCPU as u64 + 3 {
+            log.record(0, at(k * 1_000), at(k * 1_000 + 1));
+        }
+        let snapshot = log.snapshot();
+        assert_eq!((snapshot.intervals.len(), snapshot.dropped), (INTERVALS_PER_VCPU, 3));
+        assert_eq!(snapshot.intervals[0].start_us, 3_000);
+    }
+
+    #[test]
+    fn overlap_counts_time_both_copies_ran() {
+        let source = [span(0, 0, 100), span(1, 50, 150), span(0, 1_000, 2_000)];
+        let destination = [span(0, 150, 900), span(1, 1_900, 2_100)];
+        assert_eq!(overlap(&source, &destination), Duration::from_micros(100));
+        assert_eq!(overlap(&source, &[span(0, 150, 1_000)]), Duration::ZERO, "touching is not overlapping");
+        assert_eq!(overlap(&[], &destination), Duration::ZERO);
+    }
+}
