@@ -247,9 +247,11 @@ impl Worker {
                 }
             }
             VcpuExit::IoIn { port } => tracing::debug!(vcpu = id, port, "read of an unclaimed port"),
-            VcpuExit::UnbackedAccess { gpa } => return Err(self.describe(&format!(
+            VcpuExit::UnbackedAccess { gpa } => {
+                return Err(self.describe(&format!(
                 "the guest accessed {gpa:#x}, which no memory backs (a page revoked from a dead copy, or a guest bug)"
-            ))),
+            )))
+            }
             VcpuExit::Shutdown => return Err(self.describe("the guest shut down (triple fault)")),
             VcpuExit::Unexpected(what) => return Err(self.describe(&format!("unexpected exit {what}"))),
         }

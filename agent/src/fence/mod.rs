@@ -121,7 +121,7 @@ impl Watchdog {
                 }
                 // Tripped: kick whoever may still be inside until nobody is.
                 if !logged {
-                    tracing::warn!("lease expired: vCPUs stopped (fenced)");
+                    tracing::warn!("fence tripped (the lease ran out, or this copy was stopped for good): vCPUs kept out of the guest");
                     logged = true;
                 }
                 let mut anyone_inside = false;
