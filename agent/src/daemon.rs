@@ -55,6 +55,7 @@ impl VmSlot {
             let snapshot = log.snapshot();
             all.intervals.extend(snapshot.intervals);
             all.dropped += snapshot.dropped;
+            all.last_page_install_us = all.last_page_install_us.max(snapshot.last_page_install_us);
         }
         all
     }

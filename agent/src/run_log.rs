@@ -12,6 +12,7 @@
 use crate::clock::BootTime;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -26,6 +27,11 @@ pub struct RunInterval {
     pub vcpu: u8,
     pub start_us: u64,
     pub end_us: u64,
+    /// The vCPU left `KVM_RUN` still blocked in userfaultfd on a page that no
+    /// install reached while it was in there: it retired nothing since it
+    /// blocked (when that was, the agent knows only as late as it read the fault).
+    #[serde(default)]
+    pub ended_blocked: bool,
 }
 
 /// The intervals of one machine's vCPUs.
@@ -34,6 +40,8 @@ pub struct RunLog {
     /// Per vCPU: when it last entered `KVM_RUN` (µs), and the page it last
     /// faulted on in userfaultfd with when that fault was first read since.
     blocked: Vec<Mutex<Blocked>>,
+    /// When a page was last installed under userfaultfd (µs; 0: never).
+    last_install_us: AtomicU64,
 }
 
 #[derive(Default)]
@@ -41,11 +49,14 @@ struct Blocked {
     entered_us: u64,
     /// (page, µs the first fault on it since `entered_us` was read).
     on: Option<(u64, u64)>,
+    /// An install reached a page this vCPU was blocked on since `entered_us`.
+    unblocked: bool,
 }
 
 #[derive(Default)]
 struct VcpuRuns {
-    intervals: VecDeque<(u64, u64)>,
+    /// (start µs, end µs, ended blocked).
+    intervals: VecDeque<(u64, u64, bool)>,
     dropped: u64,
 }
 
@@ -55,6 +66,10 @@ pub struct RunLogSnapshot {
     pub intervals: Vec<RunInterval>,
     /// Intervals dropped for room (the oldest); nonzero means the check saw only the newest.
     pub dropped: u64,
+    /// When a page was last installed under userfaultfd into this VM here (µs;
+    /// 0: never). A vCPU blocked on a missing page runs on only after one.
+    #[serde(default)]
+    pub last_page_install_us: u64,
 }
 
 impl RunLog {
@@ -62,13 +77,16 @@ impl RunLog {
         RunLog {
             vcpus: (0..vcpus).map(|_| Mutex::default()).collect(),
             blocked: (0..vcpus).map(|_| Mutex::default()).collect(),
+            last_install_us: AtomicU64::new(0),
         }
     }
 
     /// vCPU `vcpu` enters `KVM_RUN` at `at`.
     pub fn entering(&self, vcpu: u8, at: BootTime) {
         if let Some(blocked) = self.blocked.get(usize::from(vcpu)) {
-            blocked.lock().expect("run log lock").entered_us = at.as_micros();
+            let mut blocked = blocked.lock().expect("run log lock");
+            blocked.entered_us = at.as_micros();
+            blocked.unblocked = false;
         }
     }
 
@@ -86,12 +104,16 @@ impl RunLog {
 
     /// vCPU `vcpu` was inside `KVM_RUN` from `start` to `end`.
     pub fn record(&self, vcpu: u8, start: BootTime, end: BootTime) {
+        self.push(vcpu, start, end, false);
+    }
+
+    fn push(&self, vcpu: u8, start: BootTime, end: BootTime, ended_blocked: bool) {
         let Some(runs) = self.vcpus.get(usize::from(vcpu)) else { return };
         let (start, end) = (start.as_micros(), end.as_micros().max(start.as_micros()));
         let mut runs = runs.lock().expect("run log lock");
         if let Some(last) = runs.intervals.back_mut() {
             if start <= last.1.saturating_add(MERGE_GAP_US) {
-                last.1 = last.1.max(end);
+                *last = (last.0, last.1.max(end), ended_blocked);
                 return;
             }
         }
@@ -99,17 +121,39 @@ impl RunLog {
             runs.intervals.pop_front();
             runs.dropped += 1;
         }
-        runs.intervals.push_back((start, end));
+        runs.intervals.push_back((start, end, ended_blocked));
     }
 
     /// The pages `[gpa, gpa + len)` are about to be installed: a vCPU blocked
     /// on one of them runs on once it is (called before the install, so that
     /// no run after it is taken for a blocked one).
     pub fn pages_installing(&self, gpa: u64, len: u64) {
+        self.last_install_us.fetch_max(BootTime::now().as_micros(), Ordering::SeqCst);
         for blocked in &self.blocked {
             let mut blocked = blocked.lock().expect("run log lock");
             if blocked.on.is_some_and(|(page, _)| page >= gpa && page < gpa.saturating_add(len)) {
                 blocked.on = None;
+                blocked.unblocked = true;
+            }
+        }
+    }
+
+    /// A dead copy is being stopped: a vCPU that already left `KVM_RUN` may
+    /// have left it blocked on a page whose fault was read only afterwards
+    /// (the fault handler was slower, or frozen). If that page is still
+    /// missing (`is_missing`), nothing installed it since the vCPU faulted
+    /// on it in its last run, so that run ended blocked: say so.
+    pub fn amend_blocked_exits(&self, is_missing: impl Fn(u64) -> bool) {
+        for (blocked, runs) in self.blocked.iter().zip(&self.vcpus) {
+            let blocked = blocked.lock().expect("run log lock");
+            let Some((page, read_us)) = blocked.on else { continue };
+            if read_us < blocked.entered_us || blocked.unblocked || !is_missing(page) {
+                continue;
+            }
+            let mut runs = runs.lock().expect("run log lock");
+            // Only a run already recorded for that entry (the vCPU is out of KVM_RUN).
+            if let Some(last) = runs.intervals.back_mut().filter(|last| last.1 >= blocked.entered_us) {
+                last.2 = true;
             }
         }
     }
@@ -121,25 +165,33 @@ impl RunLog {
     /// `KVM_RUN` for long, faulting again and again, until a kick, or a
     /// revoked page, gets it out without completing its instruction.)
     pub fn record_exit(&self, vcpu: u8, start: BootTime, end: BootTime) {
-        let blocked_since = self.blocked.get(usize::from(vcpu)).and_then(|b| b.lock().expect("run log lock").on);
-        let end = match blocked_since {
-            Some((_, read_us)) if read_us >= start.as_micros() => {
-                end.min(BootTime::from_since_boot(Duration::from_micros(read_us)))
+        let (blocked_since, unblocked) = match self.blocked.get(usize::from(vcpu)) {
+            Some(b) => {
+                let b = b.lock().expect("run log lock");
+                (b.on, b.unblocked)
             }
-            _ => end,
+            None => (None, false),
         };
-        self.record(vcpu, start, end);
+        match blocked_since {
+            Some((_, read_us)) if read_us >= start.as_micros() => {
+                let end = end.min(BootTime::from_since_boot(Duration::from_micros(read_us)));
+                self.push(vcpu, start, end, !unblocked);
+            }
+            _ => self.push(vcpu, start, end, false),
+        }
     }
 
     pub fn snapshot(&self) -> RunLogSnapshot {
-        let mut snapshot = RunLogSnapshot::default();
+        let mut snapshot =
+            RunLogSnapshot { last_page_install_us: self.last_install_us.load(Ordering::SeqCst), ..Default::default() };
         for (vcpu, runs) in self.vcpus.iter().enumerate() {
             let runs = runs.lock().expect("run log lock");
             snapshot.dropped += runs.dropped;
-            snapshot.intervals.extend(runs.intervals.iter().map(|&(start_us, end_us)| RunInterval {
+            snapshot.intervals.extend(runs.intervals.iter().map(|&(start_us, end_us, ended_blocked)| RunInterval {
                 vcpu: vcpu as u8,
                 start_us,
                 end_us,
+                ended_blocked,
             }));
         }
         snapshot
@@ -186,7 +238,7 @@ mod tests {
     }
 
     fn span(vcpu: u8, start_us: u64, end_us: u64) -> RunInterval {
-        RunInterval { vcpu, start_us, end_us }
+        RunInterval { vcpu, start_us, end_us, ended_blocked: false }
     }
 
     #[test]
@@ -206,6 +258,33 @@ mod tests {
         let snapshot = log.snapshot();
         assert_eq!((snapshot.intervals.len(), snapshot.dropped), (INTERVALS_PER_VCPU, 3));
         assert_eq!(snapshot.intervals[0].start_us, 3_000);
+    }
+
+    #[test]
+    fn a_run_blocked_on_a_page_that_never_came_ends_at_its_fault_and_says_so() {
+        let log = RunLog::new(2);
+        // vCPU 0 blocks on 0x5000 (read at 150) and is kicked out at 900: it retired nothing after 150.
+        log.entering(0, at(100));
+        log.fault_read(0, 0x5123, at(150));
+        log.fault_read(0, 0x5000, at(600)); // the same wait, read again
+        log.record_exit(0, at(100), at(900));
+        // vCPU 1's page came (an install) and it ran on to 900.
+        log.entering(1, at(100));
+        log.fault_read(1, 0x7000, at(150));
+        log.pages_installing(0x7000, 0x1000);
+        log.record_exit(1, at(100), at(900));
+        let ends: Vec<_> = log.snapshot().intervals.iter().map(|i| (i.end_us, i.ended_blocked)).collect();
+        assert_eq!(ends, vec![(150, true), (900, false)]);
+
+        // A fault read only after the vCPU left: the run is marked once the page is known missing.
+        let log = RunLog::new(1);
+        log.entering(0, at(100));
+        log.record_exit(0, at(100), at(900));
+        log.fault_read(0, 0x9000, at(950));
+        log.amend_blocked_exits(|page| page != 0x9000);
+        assert!(!log.snapshot().intervals[0].ended_blocked, "the page arrived: not blocked");
+        log.amend_blocked_exits(|page| page == 0x9000);
+        assert!(log.snapshot().intervals[0].ended_blocked);
     }
 
     #[test]

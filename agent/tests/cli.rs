@@ -93,3 +93,17 @@ fn snapshot_flags_need_each_other() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--snapshot-out"));
 }
+
+#[test]
+fn postcopy_ft_timings_that_break_the_lease_are_refused_before_anything_runs() {
+    let migrate = |extra: &[&str]| {
+        let mut cmd = pcft();
+        // Nothing listens there: the timings are refused before any connection.
+        cmd.args(["migrate", "vm1", "--agent", "127.0.0.1:1", "--to", "127.0.0.1:2", "--mode", "postcopy-ft"]);
+        cmd.args(extra).env_remove("PCFT_PSK_FILE");
+        cmd
+    };
+    refused(migrate(&["--heartbeat-interval", "500", "--heartbeat-timeout", "100"]), "--heartbeat-interval 33 or less");
+    refused(migrate(&["--heartbeat-timeout", "0"]), "--heartbeat-timeout must be at least 1 ms");
+    refused(migrate(&["--checkpoint-interval", "0"]), "--checkpoint-interval must be at least 1 ms");
+}

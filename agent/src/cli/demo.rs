@@ -844,7 +844,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let one_copy = runtime().block_on(async {
         let (source, mut destination) = tokio::join!(copy_at(&source), copy_at(&destination));
         if let Some(runs) = destination.runs.as_mut() {
-            runs.intervals = cut_at_stops(&runs.intervals, &stopped);
+            runs.intervals = cut_at_stops(&runs.intervals, &stopped, runs.last_page_install_us);
         }
         OneCopy::new(source, destination)
     });
@@ -980,11 +980,11 @@ mod tests {
     use super::*;
 
     fn span(vcpu: u8, start_us: u64, end_us: u64) -> RunInterval {
-        RunInterval { vcpu, start_us, end_us }
+        RunInterval { vcpu, start_us, end_us, ended_blocked: false }
     }
 
     fn at(intervals: &[RunInterval], phase: Option<VmPhase>) -> CopyAt {
-        CopyAt { runs: Some(RunLogSnapshot { intervals: intervals.to_vec(), dropped: 0 }), phase }
+        CopyAt { runs: Some(RunLogSnapshot { intervals: intervals.to_vec(), ..Default::default() }), phase }
     }
 
     #[test]

@@ -895,6 +895,7 @@ fn revoke_missing_pages(incoming: &mut Incoming, runner: &VmRunner) {
     pages.retain(|&gpa| !incoming.received.contains(gpa));
     pages.sort_unstable();
     pages.dedup();
+    vcpus.run_log.amend_blocked_exits(|page| !incoming.received.contains(page));
     if pages.is_empty() {
         return;
     }
