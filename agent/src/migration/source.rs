@@ -122,7 +122,7 @@ async fn expect(rd: &mut FrameReader, what: &str, timeout: Duration) -> Result<M
 }
 
 /// How the destination was lost after the commit. None of these but an
-/// `Abort` that says so proves its copy stopped (see [`Lost::copy`]).
+/// `Abort` that says so proves its copy stopped (`Lost::destination_paused`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureKind {
     /// The connection closed or was reset (by the destination's kernel, or by
