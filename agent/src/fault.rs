@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 static HOLD_MS: AtomicU64 = AtomicU64::new(0);
+static PARTIAL_RESUME: AtomicBool = AtomicBool::new(false);
 static TRIGGERED: AtomicBool = AtomicBool::new(false);
 static WATCHDOG_HELD: AtomicBool = AtomicBool::new(false);
 
@@ -56,6 +57,18 @@ pub fn watchdog_delay() {
             std::thread::sleep(hold);
         }
     }
+}
+
+/// `pcft agent --fail-resume` (hidden): the next resume of a machine with more
+/// than one vCPU starts vCPU 0 and then fails, once: a destination whose VM
+/// runs in part while the migration fails must still stop it before it says so.
+pub fn arm_partial_resume() {
+    PARTIAL_RESUME.store(true, Ordering::SeqCst);
+}
+
+/// Whether this resume fails half-way (true once, when armed).
+pub fn resume_fails_half_way() -> bool {
+    PARTIAL_RESUME.swap(false, Ordering::SeqCst)
 }
 
 /// Whether the destination has gone silent on purpose (stall-fence): it writes nothing more to the source.

@@ -86,6 +86,8 @@ pub enum MachineError {
     VcpuCount { expected: usize, found: usize },
     #[error(transparent)]
     Ebpf(#[from] EbpfError),
+    #[error("fault injection: {0}")]
+    Injected(&'static str),
 }
 
 /// Something that happened in the machine, for the caller to act on.
@@ -492,6 +494,11 @@ impl Machine {
     /// Lets the vCPUs run.
     pub fn resume(&mut self) -> Result<(), MachineError> {
         for id in 0..self.workers.len() {
+            if id > 0 && crate::fault::resume_fails_half_way() {
+                // vCPU 0 runs; the others do not, and the caller hears of a failure.
+                self.running = true;
+                return Err(MachineError::Injected("the resume failed after vCPU 0 started"));
+            }
             self.send(id, Command::Resume)?;
         }
         self.running = true;

@@ -104,6 +104,12 @@ impl GuestMemory {
     /// faults out of `KVM_RUN` when the memory leaves userfaultfd, instead of
     /// completing its instruction on a zero page after the lease ran out. The
     /// agent's own accesses to these pages fail with [`MemoryError::Revoked`].
+    /// Whether the page at `gpa` was revoked.
+    pub fn is_revoked(&self, gpa: u64) -> bool {
+        self.any_revoked.load(Ordering::Acquire)
+            && self.revoked.lock().expect("revoked pages lock").binary_search(&(gpa & !(PAGE_SIZE - 1))).is_ok()
+    }
+
     pub fn revoke_pages(&self, gpas: &[u64]) -> Result<(), MemoryError> {
         let mut revoked = self.revoked.lock().expect("revoked pages lock");
         for &gpa in gpas {

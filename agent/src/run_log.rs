@@ -46,6 +46,8 @@ pub struct RunLog {
 
 #[derive(Default)]
 struct Blocked {
+    /// Inside `KVM_RUN` now (entered, not yet recorded).
+    inside: bool,
     entered_us: u64,
     /// (page, µs the first fault on it since `entered_us` was read).
     on: Option<(u64, u64)>,
@@ -85,6 +87,7 @@ impl RunLog {
     pub fn entering(&self, vcpu: u8, at: BootTime) {
         if let Some(blocked) = self.blocked.get(usize::from(vcpu)) {
             let mut blocked = blocked.lock().expect("run log lock");
+            blocked.inside = true;
             blocked.entered_us = at.as_micros();
             blocked.unblocked = false;
         }
@@ -108,6 +111,9 @@ impl RunLog {
     }
 
     fn push(&self, vcpu: u8, start: BootTime, end: BootTime, ended_blocked: bool) {
+        if let Some(blocked) = self.blocked.get(usize::from(vcpu)) {
+            blocked.lock().expect("run log lock").inside = false;
+        }
         let Some(runs) = self.vcpus.get(usize::from(vcpu)) else { return };
         let (start, end) = (start.as_micros(), end.as_micros().max(start.as_micros()));
         let mut runs = runs.lock().expect("run log lock");
@@ -128,10 +134,15 @@ impl RunLog {
     /// on one of them runs on once it is (called before the install, so that
     /// no run after it is taken for a blocked one).
     pub fn pages_installing(&self, gpa: u64, len: u64) {
+        self.pages_installing_where(|page| page >= gpa && page < gpa.saturating_add(len));
+    }
+
+    /// As [`pages_installing`](Self::pages_installing), for every page `which` says.
+    pub fn pages_installing_where(&self, which: impl Fn(u64) -> bool) {
         self.last_install_us.fetch_max(BootTime::now().as_micros(), Ordering::SeqCst);
         for blocked in &self.blocked {
             let mut blocked = blocked.lock().expect("run log lock");
-            if blocked.on.is_some_and(|(page, _)| page >= gpa && page < gpa.saturating_add(len)) {
+            if blocked.on.is_some_and(|(page, _)| which(page)) {
                 blocked.on = None;
                 blocked.unblocked = true;
             }
@@ -184,7 +195,23 @@ impl RunLog {
     pub fn snapshot(&self) -> RunLogSnapshot {
         let mut snapshot =
             RunLogSnapshot { last_page_install_us: self.last_install_us.load(Ordering::SeqCst), ..Default::default() };
+        let now = BootTime::now().as_micros();
         for (vcpu, runs) in self.vcpus.iter().enumerate() {
+            // A vCPU inside KVM_RUN now counts as in the guest until now (or,
+            // blocked on a page nothing installed since, until it blocked).
+            let open = self.blocked.get(vcpu).and_then(|b| {
+                let b = b.lock().expect("run log lock");
+                b.inside.then(|| {
+                    let blocked_since = b.on.filter(|&(_, read)| read >= b.entered_us && !b.unblocked);
+                    let end = blocked_since.map_or(now, |(_, read)| read.min(now));
+                    RunInterval {
+                        vcpu: vcpu as u8,
+                        start_us: b.entered_us,
+                        end_us: end.max(b.entered_us),
+                        ended_blocked: blocked_since.is_some(),
+                    }
+                })
+            });
             let runs = runs.lock().expect("run log lock");
             snapshot.dropped += runs.dropped;
             snapshot.intervals.extend(runs.intervals.iter().map(|&(start_us, end_us, ended_blocked)| RunInterval {
@@ -193,6 +220,7 @@ impl RunLog {
                 end_us,
                 ended_blocked,
             }));
+            snapshot.intervals.extend(open);
         }
         snapshot
     }

@@ -133,6 +133,9 @@ pub struct AgentArgs {
     /// Fault injection: how long each stall of --crash-signal stall-fence lasts, in ms.
     #[arg(long, hide = true, default_value_t = 1000)]
     pub stall_fence_ms: u64,
+    /// Fault injection: the first resume of an incoming VM starts vCPU 0 and then fails.
+    #[arg(long, hide = true)]
+    pub fail_resume: bool,
 }
 
 #[derive(Args, Debug)]

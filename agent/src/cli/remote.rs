@@ -89,6 +89,10 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         }
         std::io::stdout().flush().map_err(run_failure)?;
         tracing::info!(agent = %name, %addr, "agent started");
+        if args.fail_resume {
+            tracing::warn!("fault injection armed: the first resume of a VM here fails half-way");
+            pcft_agent::fault::arm_partial_resume();
+        }
         if let Some(point) = args.crash_at {
             tracing::warn!(?point, signal = ?args.crash_signal, "fault injection armed: this agent fails there");
             pcft_agent::migration::crash::arm(point, args.crash_signal).map_err(|e| usage(anyhow!(e)))?;

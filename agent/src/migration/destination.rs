@@ -245,7 +245,26 @@ struct Incoming {
     switched_over: bool,
 }
 
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.release_region();
+    }
+}
+
 impl Incoming {
+    /// Takes guest memory out of userfaultfd: every missing page now reads as
+    /// zero, and a vCPU blocked on one runs on (unless its page was revoked:
+    /// then it faults out). Its run log hears of it before it happens.
+    fn release_region(&mut self) {
+        if self.region.is_none() {
+            return;
+        }
+        if let Some(vcpus) = &self.vcpus {
+            vcpus.run_log.pages_installing_where(|page| !self.memory.is_revoked(page));
+        }
+        self.region = None;
+    }
+
     fn install(&mut self, batch: &PageBatch) -> Result<(), MigrationError> {
         let vm = |e: String| MigrationError::Vm(e);
         for run in batch.runs() {
@@ -925,7 +944,7 @@ async fn stop_for_good(runner: &Arc<VmRunner>, fence: Option<&Fence>, incoming: 
     // never resumed and its held output never released.
     tokio::time::sleep(Duration::from_millis(2)).await;
     revoke_missing_pages(incoming, runner);
-    incoming.region = None;
+    incoming.release_region();
     match pausing.await {
         Ok(Ok(())) => true,
         Ok(Err(pause)) => {
