@@ -93,6 +93,13 @@ impl RunLog {
         }
     }
 
+    /// vCPU `vcpu` came back from `KVM_RUN` without running the guest (a kick was already pending).
+    pub fn did_not_run(&self, vcpu: u8) {
+        if let Some(blocked) = self.blocked.get(usize::from(vcpu)) {
+            blocked.lock().expect("run log lock").inside = false;
+        }
+    }
+
     /// A userfaultfd fault of vCPU `vcpu` on the page at `gpa` was read at `at`.
     pub fn fault_read(&self, vcpu: u8, gpa: u64, at: BootTime) {
         let Some(blocked) = self.blocked.get(usize::from(vcpu)) else { return };
@@ -134,12 +141,20 @@ impl RunLog {
     /// on one of them runs on once it is (called before the install, so that
     /// no run after it is taken for a blocked one).
     pub fn pages_installing(&self, gpa: u64, len: u64) {
-        self.pages_installing_where(|page| page >= gpa && page < gpa.saturating_add(len));
+        self.last_install_us.fetch_max(BootTime::now().as_micros(), Ordering::SeqCst);
+        self.unblock_where(|page| page >= gpa && page < gpa.saturating_add(len));
     }
 
-    /// As [`pages_installing`](Self::pages_installing), for every page `which` says.
-    pub fn pages_installing_where(&self, which: impl Fn(u64) -> bool) {
-        self.last_install_us.fetch_max(BootTime::now().as_micros(), Ordering::SeqCst);
+    /// Every missing page `which` says is about to read as zero (the memory
+    /// leaves userfaultfd): a vCPU blocked on one runs on. Only vCPUs whose
+    /// faults were all read can be blocked then (the caller revoked every page
+    /// they wait for, and `which` excludes those), so no unknown vCPU wakes:
+    /// this is not an install in the sense of [`RunLogSnapshot::last_page_install_us`].
+    pub fn pages_zero_filling_where(&self, which: impl Fn(u64) -> bool) {
+        self.unblock_where(which);
+    }
+
+    fn unblock_where(&self, which: impl Fn(u64) -> bool) {
         for blocked in &self.blocked {
             let mut blocked = blocked.lock().expect("run log lock");
             if blocked.on.is_some_and(|(page, _)| which(page)) {
@@ -313,6 +328,20 @@ mod tests {
         assert!(!log.snapshot().intervals[0].ended_blocked, "the page arrived: not blocked");
         log.amend_blocked_exits(|page| page == 0x9000);
         assert!(log.snapshot().intervals[0].ended_blocked);
+    }
+
+    #[test]
+    fn a_vcpu_inside_kvm_run_counts_until_now_and_one_that_did_not_run_not_at_all() {
+        let log = RunLog::new(2);
+        log.entering(0, at(100));
+        log.entering(1, at(100));
+        log.did_not_run(1);
+        let open = log.snapshot().intervals;
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!((open[0].vcpu, open[0].start_us), (0, 100));
+        assert!(open[0].end_us >= BootTime::now().as_micros() - 1_000_000, "until now: {open:?}");
+        log.record_exit(0, at(100), at(200));
+        assert_eq!(log.snapshot().intervals, vec![span(0, 100, 200)]);
     }
 
     #[test]

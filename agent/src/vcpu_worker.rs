@@ -207,7 +207,10 @@ impl Worker {
         // Read after `entered`: if set now, KVM returns before running the guest.
         let kicked_before_entry = self.vcpu.immediate_exit_set();
         let exit = self.vcpu.run();
-        if !(kicked_before_entry && matches!(exit, Ok(VcpuExit::Interrupted))) {
+        if kicked_before_entry && matches!(exit, Ok(VcpuExit::Interrupted)) {
+            // KVM returned before running the guest: no run.
+            self.run_log.did_not_run(id);
+        } else {
             self.run_log.record_exit(id, entered, BootTime::now());
         }
         let exit = exit.map_err(|e| e.to_string())?;

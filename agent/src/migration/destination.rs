@@ -247,20 +247,25 @@ struct Incoming {
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        self.release_region();
+        self.release_region(false);
     }
 }
 
 impl Incoming {
     /// Takes guest memory out of userfaultfd: every missing page now reads as
     /// zero, and a vCPU blocked on one runs on (unless its page was revoked:
-    /// then it faults out). Its run log hears of it before it happens.
-    fn release_region(&mut self) {
+    /// then it faults out). Its run log hears of it before it happens:
+    /// `after_revoking`, every page a vCPU waits for was just revoked (see
+    /// `revoke_missing_pages`); otherwise any missing page may wake one.
+    fn release_region(&mut self, after_revoking: bool) {
         if self.region.is_none() {
             return;
         }
         if let Some(vcpus) = &self.vcpus {
-            vcpus.run_log.pages_installing_where(|page| !self.memory.is_revoked(page));
+            match after_revoking {
+                true => vcpus.run_log.pages_zero_filling_where(|page| !self.memory.is_revoked(page)),
+                false => vcpus.run_log.pages_installing(0, u64::MAX),
+            }
         }
         self.region = None;
     }
@@ -881,6 +886,14 @@ pub async fn migrate_in(
                 None => true,
             };
             let _ = out.message(&Message::Abort { reason: e.to_string(), paused });
+            // Read on until the source closes (at most the reply timeout), off this task:
+            // closing with its frames unread would reset the connection, and a reset can
+            // throw away the `Abort` before the source reads it (it then cannot tell
+            // that this copy stopped, and after `Finish` may not restore its own).
+            let patience = Duration::from_millis(options.reply_timeout_ms);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(patience, async { while rd.read().await.is_ok() {} }).await;
+            });
             if on_running.is_none() {
                 let what = if checkpointed {
                     "the VM is stopped here (fenced); the source, if it is alive, recovers it from its last checkpoint (a dead source loses the VM: PostCopyFT covers the destination and the network, not the source)"
@@ -944,7 +957,7 @@ async fn stop_for_good(runner: &Arc<VmRunner>, fence: Option<&Fence>, incoming: 
     // never resumed and its held output never released.
     tokio::time::sleep(Duration::from_millis(2)).await;
     revoke_missing_pages(incoming, runner);
-    incoming.release_region();
+    incoming.release_region(true);
     match pausing.await {
         Ok(Ok(())) => true,
         Ok(Err(pause)) => {
