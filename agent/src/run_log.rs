@@ -4,7 +4,8 @@
 //! the source and at the destination can be compared directly: after the
 //! switchover no interval of one copy may overlap an interval of the other.
 //!
-//! Recording costs two clock reads and an uncontended lock per exit. Intervals
+//! Recording costs two clock reads and two uncontended lock takes per
+//! `KVM_RUN` (one entering, one leaving). Intervals
 //! closer than [`MERGE_GAP_US`] are merged (a conservative union: a gap that
 //! short is counted as running), and each vCPU keeps its newest
 //! [`INTERVALS_PER_VCPU`] (older ones are dropped and counted).
@@ -36,30 +37,53 @@ pub struct RunInterval {
 
 /// The intervals of one machine's vCPUs.
 pub struct RunLog {
-    vcpus: Vec<Mutex<VcpuRuns>>,
-    /// Per vCPU: when it last entered `KVM_RUN` (µs), and the page it last
-    /// faulted on in userfaultfd with when that fault was first read since.
-    blocked: Vec<Mutex<Blocked>>,
+    /// Per vCPU, under one lock each (two uncontended lock takes per `KVM_RUN`).
+    vcpus: Vec<Mutex<VcpuLog>>,
     /// When a page was last installed under userfaultfd (µs; 0: never).
     last_install_us: AtomicU64,
 }
 
 #[derive(Default)]
-struct Blocked {
+struct VcpuLog {
+    /// Recorded runs: (start µs, end µs, ended blocked).
+    intervals: VecDeque<(u64, u64, bool)>,
+    dropped: u64,
     /// Inside `KVM_RUN` now (entered, not yet recorded).
     inside: bool,
     entered_us: u64,
-    /// (page, µs the first fault on it since `entered_us` was read).
-    on: Option<(u64, u64)>,
+    /// The page it last faulted on in userfaultfd, with when the first fault
+    /// on it since `entered_us` was read (cleared when an install reaches it).
+    blocked_on: Option<(u64, u64)>,
     /// An install reached a page this vCPU was blocked on since `entered_us`.
     unblocked: bool,
 }
 
-#[derive(Default)]
-struct VcpuRuns {
-    /// (start µs, end µs, ended blocked).
-    intervals: VecDeque<(u64, u64, bool)>,
-    dropped: u64,
+impl VcpuLog {
+    /// Where a run that began at `start_us` and came back (or is read) at
+    /// `end_us` ends: if the vCPU is blocked on a page nothing installed since
+    /// a fault read after `start_us`, it retired nothing after that read. And
+    /// whether it ended blocked with no install reaching it in that run.
+    fn run_end(&self, start_us: u64, end_us: u64) -> (u64, bool) {
+        match self.blocked_on {
+            Some((_, read_us)) if read_us >= start_us => (end_us.min(read_us).max(start_us), !self.unblocked),
+            _ => (end_us.max(start_us), false),
+        }
+    }
+
+    fn push(&mut self, start: u64, end: u64, ended_blocked: bool) {
+        self.inside = false;
+        if let Some(last) = self.intervals.back_mut() {
+            if start <= last.1.saturating_add(MERGE_GAP_US) {
+                *last = (last.0, last.1.max(end), ended_blocked);
+                return;
+            }
+        }
+        if self.intervals.len() == INTERVALS_PER_VCPU {
+            self.intervals.pop_front();
+            self.dropped += 1;
+        }
+        self.intervals.push_back((start, end, ended_blocked));
+    }
 }
 
 /// What a run log held when read.
@@ -76,73 +100,73 @@ pub struct RunLogSnapshot {
 
 impl RunLog {
     pub fn new(vcpus: usize) -> RunLog {
-        RunLog {
-            vcpus: (0..vcpus).map(|_| Mutex::default()).collect(),
-            blocked: (0..vcpus).map(|_| Mutex::default()).collect(),
-            last_install_us: AtomicU64::new(0),
-        }
+        RunLog { vcpus: (0..vcpus).map(|_| Mutex::default()).collect(), last_install_us: AtomicU64::new(0) }
+    }
+
+    fn vcpu(&self, vcpu: u8) -> Option<std::sync::MutexGuard<'_, VcpuLog>> {
+        self.vcpus.get(usize::from(vcpu)).map(|log| log.lock().expect("run log lock"))
     }
 
     /// vCPU `vcpu` enters `KVM_RUN` at `at`.
     pub fn entering(&self, vcpu: u8, at: BootTime) {
-        if let Some(blocked) = self.blocked.get(usize::from(vcpu)) {
-            let mut blocked = blocked.lock().expect("run log lock");
-            blocked.inside = true;
-            blocked.entered_us = at.as_micros();
-            blocked.unblocked = false;
+        if let Some(mut log) = self.vcpu(vcpu) {
+            log.inside = true;
+            log.entered_us = at.as_micros();
+            log.unblocked = false;
         }
     }
 
     /// vCPU `vcpu` came back from `KVM_RUN` without running the guest (a kick was already pending).
     pub fn did_not_run(&self, vcpu: u8) {
-        if let Some(blocked) = self.blocked.get(usize::from(vcpu)) {
-            blocked.lock().expect("run log lock").inside = false;
+        if let Some(mut log) = self.vcpu(vcpu) {
+            log.inside = false;
         }
     }
 
     /// A userfaultfd fault of vCPU `vcpu` on the page at `gpa` was read at `at`.
     pub fn fault_read(&self, vcpu: u8, gpa: u64, at: BootTime) {
-        let Some(blocked) = self.blocked.get(usize::from(vcpu)) else { return };
-        let mut blocked = blocked.lock().expect("run log lock");
+        let Some(mut log) = self.vcpu(vcpu) else { return };
         let page = gpa & !(crate::memory::PAGE_SIZE - 1);
-        let entered = blocked.entered_us;
+        let entered = log.entered_us;
         // The first read since this entry into the guest is kept: later ones are the same wait.
-        if !blocked.on.is_some_and(|(p, first)| p == page && first >= entered) {
-            blocked.on = Some((page, at.as_micros()));
+        if !log.blocked_on.is_some_and(|(p, first)| p == page && first >= entered) {
+            log.blocked_on = Some((page, at.as_micros()));
         }
     }
 
-    /// vCPU `vcpu` was inside `KVM_RUN` from `start` to `end`.
-    pub fn record(&self, vcpu: u8, start: BootTime, end: BootTime) {
-        self.push(vcpu, start, end, false);
+    /// vCPU `vcpu` was inside `KVM_RUN` from `start` to `end` (tests; the vCPU
+    /// thread uses [`entering`](Self::entering) and [`record_exit`](Self::record_exit)).
+    #[cfg(test)]
+    fn record(&self, vcpu: u8, start: BootTime, end: BootTime) {
+        if let Some(mut log) = self.vcpu(vcpu) {
+            log.push(start.as_micros(), end.as_micros().max(start.as_micros()), false);
+        }
     }
 
-    fn push(&self, vcpu: u8, start: BootTime, end: BootTime, ended_blocked: bool) {
-        if let Some(blocked) = self.blocked.get(usize::from(vcpu)) {
-            blocked.lock().expect("run log lock").inside = false;
+    /// vCPU `vcpu` left `KVM_RUN`, which it entered at `start`. If it was
+    /// blocked in userfaultfd on a page that was never installed, since a
+    /// fault read after it entered, it retired nothing after that read: its
+    /// run ends there. (Under emulation a blocked vCPU can sit inside
+    /// `KVM_RUN` for long, faulting again and again, until a kick, or a
+    /// revoked page, gets it out without completing its instruction.)
+    pub fn record_exit(&self, vcpu: u8, start: BootTime, end: BootTime) {
+        if let Some(mut log) = self.vcpu(vcpu) {
+            let (end, ended_blocked) = log.run_end(start.as_micros(), end.as_micros());
+            log.push(start.as_micros(), end, ended_blocked);
         }
-        let Some(runs) = self.vcpus.get(usize::from(vcpu)) else { return };
-        let (start, end) = (start.as_micros(), end.as_micros().max(start.as_micros()));
-        let mut runs = runs.lock().expect("run log lock");
-        if let Some(last) = runs.intervals.back_mut() {
-            if start <= last.1.saturating_add(MERGE_GAP_US) {
-                *last = (last.0, last.1.max(end), ended_blocked);
-                return;
-            }
-        }
-        if runs.intervals.len() == INTERVALS_PER_VCPU {
-            runs.intervals.pop_front();
-            runs.dropped += 1;
-        }
-        runs.intervals.push_back((start, end, ended_blocked));
     }
 
     /// The pages `[gpa, gpa + len)` are about to be installed: a vCPU blocked
     /// on one of them runs on once it is (called before the install, so that
     /// no run after it is taken for a blocked one).
     pub fn pages_installing(&self, gpa: u64, len: u64) {
+        self.pages_installing_where(|page| page >= gpa && page < gpa.saturating_add(len));
+    }
+
+    /// As [`pages_installing`](Self::pages_installing), for every page `which` says.
+    pub fn pages_installing_where(&self, which: impl Fn(u64) -> bool) {
         self.last_install_us.fetch_max(BootTime::now().as_micros(), Ordering::SeqCst);
-        self.unblock_where(|page| page >= gpa && page < gpa.saturating_add(len));
+        self.unblock_where(which);
     }
 
     /// Every missing page `which` says is about to read as zero (the memory
@@ -155,11 +179,11 @@ impl RunLog {
     }
 
     fn unblock_where(&self, which: impl Fn(u64) -> bool) {
-        for blocked in &self.blocked {
-            let mut blocked = blocked.lock().expect("run log lock");
-            if blocked.on.is_some_and(|(page, _)| which(page)) {
-                blocked.on = None;
-                blocked.unblocked = true;
+        for log in &self.vcpus {
+            let mut log = log.lock().expect("run log lock");
+            if log.blocked_on.is_some_and(|(page, _)| which(page)) {
+                log.blocked_on = None;
+                log.unblocked = true;
             }
         }
     }
@@ -170,40 +194,17 @@ impl RunLog {
     /// missing (`is_missing`), nothing installed it since the vCPU faulted
     /// on it in its last run, so that run ended blocked: say so.
     pub fn amend_blocked_exits(&self, is_missing: impl Fn(u64) -> bool) {
-        for (blocked, runs) in self.blocked.iter().zip(&self.vcpus) {
-            let blocked = blocked.lock().expect("run log lock");
-            let Some((page, read_us)) = blocked.on else { continue };
-            if read_us < blocked.entered_us || blocked.unblocked || !is_missing(page) {
+        for log in &self.vcpus {
+            let mut log = log.lock().expect("run log lock");
+            let Some((page, read_us)) = log.blocked_on else { continue };
+            if log.inside || read_us < log.entered_us || log.unblocked || !is_missing(page) {
                 continue;
             }
-            let mut runs = runs.lock().expect("run log lock");
-            // Only a run already recorded for that entry (the vCPU is out of KVM_RUN).
-            if let Some(last) = runs.intervals.back_mut().filter(|last| last.1 >= blocked.entered_us) {
+            let entered = log.entered_us;
+            // Only the run already recorded for that entry.
+            if let Some(last) = log.intervals.back_mut().filter(|last| last.1 >= entered) {
                 last.2 = true;
             }
-        }
-    }
-
-    /// vCPU `vcpu` left `KVM_RUN`, which it entered at `start`. If it was
-    /// blocked in userfaultfd on a page that was never installed, since a
-    /// fault read after it entered, it retired nothing after that read: its
-    /// run ends there. (Under emulation a blocked vCPU can sit inside
-    /// `KVM_RUN` for long, faulting again and again, until a kick, or a
-    /// revoked page, gets it out without completing its instruction.)
-    pub fn record_exit(&self, vcpu: u8, start: BootTime, end: BootTime) {
-        let (blocked_since, unblocked) = match self.blocked.get(usize::from(vcpu)) {
-            Some(b) => {
-                let b = b.lock().expect("run log lock");
-                (b.on, b.unblocked)
-            }
-            None => (None, false),
-        };
-        match blocked_since {
-            Some((_, read_us)) if read_us >= start.as_micros() => {
-                let end = end.min(BootTime::from_since_boot(Duration::from_micros(read_us)));
-                self.push(vcpu, start, end, !unblocked);
-            }
-            _ => self.push(vcpu, start, end, false),
         }
     }
 
@@ -211,31 +212,21 @@ impl RunLog {
         let mut snapshot =
             RunLogSnapshot { last_page_install_us: self.last_install_us.load(Ordering::SeqCst), ..Default::default() };
         let now = BootTime::now().as_micros();
-        for (vcpu, runs) in self.vcpus.iter().enumerate() {
-            // A vCPU inside KVM_RUN now counts as in the guest until now (or,
-            // blocked on a page nothing installed since, until it blocked).
-            let open = self.blocked.get(vcpu).and_then(|b| {
-                let b = b.lock().expect("run log lock");
-                b.inside.then(|| {
-                    let blocked_since = b.on.filter(|&(_, read)| read >= b.entered_us && !b.unblocked);
-                    let end = blocked_since.map_or(now, |(_, read)| read.min(now));
-                    RunInterval {
-                        vcpu: vcpu as u8,
-                        start_us: b.entered_us,
-                        end_us: end.max(b.entered_us),
-                        ended_blocked: blocked_since.is_some(),
-                    }
-                })
-            });
-            let runs = runs.lock().expect("run log lock");
-            snapshot.dropped += runs.dropped;
-            snapshot.intervals.extend(runs.intervals.iter().map(|&(start_us, end_us, ended_blocked)| RunInterval {
-                vcpu: vcpu as u8,
+        for (vcpu, log) in self.vcpus.iter().enumerate() {
+            let log = log.lock().expect("run log lock");
+            let vcpu = vcpu as u8;
+            snapshot.dropped += log.dropped;
+            snapshot.intervals.extend(log.intervals.iter().map(|&(start_us, end_us, ended_blocked)| RunInterval {
+                vcpu,
                 start_us,
                 end_us,
                 ended_blocked,
             }));
-            snapshot.intervals.extend(open);
+            // A vCPU inside KVM_RUN now counts as in the guest until now (or, blocked, until it blocked).
+            if log.inside {
+                let (end_us, ended_blocked) = log.run_end(log.entered_us, now);
+                snapshot.intervals.push(RunInterval { vcpu, start_us: log.entered_us, end_us, ended_blocked });
+            }
         }
         snapshot
     }

@@ -6,8 +6,9 @@
 //! watchdog trips the fence at the deadline and then kicks every vCPU that is
 //! marked, until none is. Because a vCPU marks itself before it checks, and the
 //! watchdog trips before it looks at the marks, one of the two always sees the
-//! other (both are sequentially consistent): either the vCPU sees the trip and
-//! stays out, or the watchdog sees the mark and kicks it out. A kick that lands
+//! other (each side's second access is a read-modify-write, see
+//! `state::FenceState::update`): either the vCPU sees the trip and stays out,
+//! or the watchdog sees the mark and kicks it out. A kick that lands
 //! between the check and `KVM_RUN` is not lost either: the kick handler sets
 //! the vCPU's `immediate_exit`, so `KVM_RUN` returns at once. And each vCPU
 //! thread arms a kernel timer of its own at the deadline, so a process that was
@@ -88,8 +89,12 @@ impl Fence {
     }
 }
 
-/// How often the watchdog looks at the deadline, and kicks after a trip.
-const WATCH_INTERVAL: Duration = Duration::from_millis(2);
+/// How often, at most, the watchdog looks at an armed fence's deadline (it
+/// sleeps until the deadline if that comes sooner; the vCPUs' own timers
+/// stop them on time in any case).
+const WATCH_INTERVAL: Duration = Duration::from_millis(5);
+/// How often the watchdog kicks vCPUs still marked inside after a trip.
+const KICK_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Trips the fence at its deadline and then kicks the vCPU threads (kernel
 /// thread ids of this process, indexed by vCPU id) out of `KVM_RUN` until none
@@ -135,7 +140,7 @@ impl Watchdog {
                     // Every vCPU that marks itself from now on checks the fence after the trip.
                     return;
                 }
-                std::thread::sleep(WATCH_INTERVAL);
+                std::thread::sleep(KICK_INTERVAL);
             }
         })?;
         Ok(Watchdog { stop, thread: Some(thread) })

@@ -272,16 +272,21 @@ impl Incoming {
 
     fn install(&mut self, batch: &PageBatch) -> Result<(), MigrationError> {
         let vm = |e: String| MigrationError::Vm(e);
-        for run in batch.runs() {
+        let runs = batch.runs();
+        if let Some(vcpus) = &self.vcpus {
+            // Once per batch, before any of its pages is in place.
+            let in_batch = |page: u64| {
+                runs.iter().any(|r| page >= r.gpa && page < r.gpa.saturating_add(r.pages as u64 * PAGE_SIZE))
+            };
+            vcpus.run_log.pages_installing_where(in_batch);
+        }
+        for run in runs {
             let len = run.pages as u64 * PAGE_SIZE;
             if run.gpa.checked_add(len).is_none_or(|end| end > self.memory.size()) {
                 return Err(MigrationError::Protocol(ProtocolError::Malformed {
                     what: "page batch",
                     detail: format!("page {:#x} is outside the VM's {} bytes", run.gpa, self.memory.size()),
                 }));
-            }
-            if let Some(vcpus) = &self.vcpus {
-                vcpus.run_log.pages_installing(run.gpa, len);
             }
             let whole_run = match (&self.region, run.data) {
                 (Some(region), Some(data)) => region.copy(run.gpa, data).map_err(|e| vm(e.to_string()))?,
@@ -911,10 +916,9 @@ pub async fn migrate_in(
 /// the memory leaves userfaultfd: a vCPU woken by that then faults instead of
 /// running on a zero page after the lease ran out. (Every other vCPU is out of
 /// the guest by now, or kicked out before its next instruction.)
-fn revoke_missing_pages(incoming: &mut Incoming, runner: &VmRunner) {
-    let Some(region) = &incoming.region else { return };
+fn revoke_missing_pages(incoming: &mut Incoming) {
+    let (Some(region), Some(vcpus)) = (&incoming.region, &incoming.vcpus) else { return };
     let mut pages: Vec<u64> = incoming.pending.lock().expect("pending faults lock").keys().copied().collect();
-    let vcpus = BlockedVcpus { run_log: runner.run_log(), threads: runner.vcpu_threads().to_vec() };
     match region.queued_faults() {
         Ok(queued) => {
             for fault in queued {
@@ -956,7 +960,7 @@ async fn stop_for_good(runner: &Arc<VmRunner>, fence: Option<&Fence>, incoming: 
     // without completing the instruction it was in. This copy is dead: it is
     // never resumed and its held output never released.
     tokio::time::sleep(Duration::from_millis(2)).await;
-    revoke_missing_pages(incoming, runner);
+    revoke_missing_pages(incoming);
     incoming.release_region(true);
     match pausing.await {
         Ok(Ok(())) => true,

@@ -122,7 +122,7 @@ async fn expect(rd: &mut FrameReader, what: &str, timeout: Duration) -> Result<M
 }
 
 /// How the destination was lost after the commit. None of these but an
-/// `Abort` that says so proves its copy stopped (`Lost::destination_paused`).
+/// `Abort` that says so proves its copy stopped (`Lost::destination_copy`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureKind {
     /// The connection closed or was reset (by the destination's kernel, or by
@@ -333,14 +333,17 @@ pub async fn migrate_out(
             report.fault_latency_us = stats.fault_latency_us;
             Ok(MigrationOutcome::Completed(report))
         }
-        Err(Lost { kind: FailureKind::FinishUnconfirmed, reason, .. }) => {
-            Err(MigrationError::LostAfterCommit(format!(
-                "{reason}; it runs the VM if Finish reached it, or it stopped its copy: check `pcft status` on {to}"
-            )))
-        }
-        Err(Lost { kind, reason, destination_paused }) => {
+        Err(lost) => {
+            let copy = lost.destination_copy();
+            let Lost { kind, reason, .. } = lost;
             let Some(ft) = ft else {
                 return Err(MigrationError::LostAfterCommit(reason));
+            };
+            let detected_at = ended_at;
+            let Some(fenced_at) = lease::source_may_restore_at(copy, detected_at, ft.last_renewal, ft.timeout) else {
+                return Err(MigrationError::LostAfterCommit(format!(
+                    "{reason}; it runs the VM if Finish reached it, or it stopped its copy: check `pcft status` on {to}"
+                )));
             };
             let last_heard = match kind {
                 FailureKind::CheckpointStalled => ft.checkpoint_progress,
@@ -348,7 +351,6 @@ pub async fn migrate_out(
             };
             // The lease was last renewed before the loop ended; the connection goes (with `out`).
             drop(out);
-            let detected_at = ended_at;
             report.total_migration_ms = f64::NAN;
             report.failure = Some(Box::new(FailureReport {
                 kind: kind.name().to_string(),
@@ -356,9 +358,6 @@ pub async fn migrate_out(
                 detection_ms: ms(detected_at.duration_since(last_heard)),
                 reason: reason.clone(),
             }));
-            let copy = if destination_paused { DestinationCopy::Stopped } else { DestinationCopy::MayRun };
-            let fenced_at = lease::source_may_restore_at(copy, detected_at, ft.last_renewal, ft.timeout)
-                .expect("only FinishUnconfirmed never restores");
             tracing::warn!(vm = %report.vm, kind = kind.name(), epoch = ft.store.committed_epoch(), "destination lost: {reason}");
             let committed = ft.store.into_committed().map_err(|torn| {
                 MigrationError::LostAfterCommit(format!("{reason}; and the source's image is not consistent: {torn}"))
@@ -393,6 +392,15 @@ struct Lost {
 impl Lost {
     fn new(kind: FailureKind, reason: String) -> Lost {
         Lost { kind, reason, destination_paused: false }
+    }
+
+    /// What this loss tells of the destination's copy (see `lease::source_may_restore_at`).
+    fn destination_copy(&self) -> DestinationCopy {
+        match self.kind {
+            FailureKind::FinishUnconfirmed => DestinationCopy::MayOwnTheVm,
+            _ if self.destination_paused => DestinationCopy::Stopped,
+            _ => DestinationCopy::MayRun,
+        }
     }
 
     fn from_write(e: MigrationError) -> Lost {

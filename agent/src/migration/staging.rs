@@ -138,6 +138,11 @@ impl Staging {
         }
         let in_memory = std::mem::take(&mut self.in_memory);
         self.memory_bytes = 0;
+        let mut handed_out = false;
+        let mut apply = |batch: &PageBatch| {
+            handed_out = true;
+            apply(batch)
+        };
         let mut result = Ok(());
         for attempt in 1..=APPLY_ATTEMPTS {
             result = self.apply_pass(&in_memory, spilled, &mut apply);
@@ -152,8 +157,7 @@ impl Staging {
             }
         }
         if let Err(e) = result {
-            // `in_memory` or the file's first frame went in (every pass hands out at least one batch).
-            self.torn = !in_memory.is_empty() || spilled;
+            self.torn = handed_out;
             return Err(e);
         }
         if let Err(e) = self.clear_file() {
