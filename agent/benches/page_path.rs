@@ -3,9 +3,9 @@
 //! Run with `cargo bench -p pcft-agent --bench page_path` (or `cargo xtask bench`).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use pcft_agent::memory::{is_zero, GuestMemory, PAGE_SIZE};
-use pcft_agent::migration::protocol::{decode_header, decode_payload, Frame, PageBatchWriter, HEADER_BYTES};
 use pcft_agent::page_set::PageSet;
+use pcft_agent::vmm::memory::{is_zero, GuestMemory, PAGE_SIZE};
+use pcft_agent::wire::frame::{decode_header, decode_payload, Frame, PageBatchWriter, HEADER_BYTES};
 use std::hint::black_box;
 
 const PAGES: u64 = 64;
@@ -69,10 +69,10 @@ fn decode(c: &mut Criterion) {
 /// Authentication's cost on the page path: tagging (sender) and checking
 /// (receiver) a 64-page frame, beside the CRC-32C every frame already has.
 fn authenticate(c: &mut Criterion) {
-    use pcft_agent::migration::auth::Psk;
+    use pcft_agent::wire::auth::Psk;
     let memory = memory();
     let frame = batch(&memory, 0);
-    let (header, payload) = frame.split_at(pcft_agent::migration::protocol::HEADER_BYTES);
+    let (header, payload) = frame.split_at(pcft_agent::wire::frame::HEADER_BYTES);
     let key = Psk::from_bytes(&[7u8; 32]).expect("32 bytes");
     let mut sender = key.session(true, &[1; 16], &[2; 16]).send;
     let mut group = c.benchmark_group("authenticate 64 pages");

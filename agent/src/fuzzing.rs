@@ -25,17 +25,17 @@
 //! one of the epochs that were sent, with that epoch's memory and state: a
 //! corrupted checkpoint never becomes current.
 
-use crate::devices::DeviceState;
-use crate::kvm::state::VmKernelState;
-use crate::machine::{MachineConfig, MachineState};
-use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::migration::auth::{FrameMac, Psk, NONCE_BYTES};
-use crate::migration::checkpoint::{CheckpointError, CheckpointStore};
-use crate::migration::messages::{Message, MigrationOptions, Mode, Role};
-use crate::migration::protocol::{
+use crate::migration::ft::store::{CheckpointError, CheckpointStore};
+use crate::vmm::devices::DeviceState;
+use crate::vmm::kvm::state::VmKernelState;
+use crate::vmm::machine::{MachineConfig, MachineState};
+use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
+use crate::wire::auth::{FrameMac, Psk, NONCE_BYTES};
+use crate::wire::frame::{
     decode_header, decode_payload, encode_message, encode_pages, Frame, FrameReader, PageBatch, PageData,
     ProtocolError, HEADER_BYTES, MAGIC, MAX_PAYLOAD, PROTOCOL_VERSION,
 };
+use crate::wire::messages::{Message, MigrationOptions, Mode, Role};
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -574,8 +574,8 @@ impl StoreModel {
         let switchover = sample_state(src, machine_config());
         let state = switchover.to_bytes();
         // Half the time every staged page goes through the staging file.
-        let budget = if src.one_in(2) { 0 } else { crate::migration::staging::DEFAULT_STAGING_MEMORY };
-        let limits = crate::migration::staging::StagingLimits { memory_bytes: budget, ..Default::default() };
+        let budget = if src.one_in(2) { 0 } else { crate::migration::ft::staging::DEFAULT_STAGING_MEMORY };
+        let limits = crate::migration::ft::staging::StagingLimits { memory_bytes: budget, ..Default::default() };
         let store = CheckpointStore::new(Arc::clone(&memory), switchover, limits);
         let model = StoreModel { memory, store, image, staged: Vec::new(), epoch: 0, state };
         model.check("new");

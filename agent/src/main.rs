@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         }
     };
     if key.is_some() {
-        pcft_agent::client::set_key(key);
+        pcft_agent::agent::client::set_key(key);
     }
 
     let result = match args.command {

@@ -1,7 +1,7 @@
 //! A set of guest pages (by page index), with a cursor search that wraps:
 //! what the source has yet to send, what the destination has received.
 
-use crate::memory::PAGE_SIZE;
+use crate::vmm::memory::PAGE_SIZE;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageSet {

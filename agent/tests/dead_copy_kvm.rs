@@ -6,10 +6,10 @@
 //! `KVM_RUN` instead. Checked on what each vCPU reports and on the pages.
 
 use pcft_agent::clock::BootTime;
-use pcft_agent::fence::Fence;
-use pcft_agent::machine::{Machine, MachineConfig, MachineError, MachineEvent};
-use pcft_agent::memory::{GuestMemory, MemoryError, PAGE_SIZE};
-use pcft_agent::uffd::FaultRegion;
+use pcft_agent::vmm::fence::Fence;
+use pcft_agent::vmm::machine::{Machine, MachineConfig, MachineError, MachineEvent};
+use pcft_agent::vmm::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use pcft_agent::vmm::uffd::FaultRegion;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_fixtures::{FixtureKind, FixtureParams};

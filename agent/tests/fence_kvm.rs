@@ -10,9 +10,9 @@
 //! Its own test binary: the fault hooks are process-wide.
 
 use pcft_agent::clock::BootTime;
-use pcft_agent::fence::Fence;
-use pcft_agent::machine::{Machine, MachineConfig, MachineError, MachineEvent};
-use pcft_agent::migration::lease::STOP_MARGIN;
+use pcft_agent::migration::ft::lease::STOP_MARGIN;
+use pcft_agent::vmm::fence::Fence;
+use pcft_agent::vmm::machine::{Machine, MachineConfig, MachineError, MachineEvent};
 use std::time::{Duration, Instant};
 use vm_fixtures::{FixtureKind, FixtureParams};
 

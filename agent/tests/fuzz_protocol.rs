@@ -10,12 +10,12 @@
 //! - `PCFT_FUZZ_WRITE_CORPUS=1`: (re)write the corpus's seed files.
 
 use pcft_agent::fuzzing::{self, Rng, Source};
-use pcft_agent::memory::PAGE_SIZE;
-use pcft_agent::migration::messages::Message;
-use pcft_agent::migration::protocol::{
+use pcft_agent::vmm::memory::PAGE_SIZE;
+use pcft_agent::wire::frame::{
     encode_message, encode_pages, PageBatch, PageData, ProtocolError, HEADER_BYTES, MAGIC, MAX_PAYLOAD,
     PROTOCOL_VERSION, READ_CHUNK,
 };
+use pcft_agent::wire::messages::Message;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;

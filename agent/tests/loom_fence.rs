@@ -19,7 +19,7 @@ mod sync {
     pub use loom::sync::atomic::{AtomicU64, Ordering};
 }
 
-#[path = "../src/fence/state.rs"]
+#[path = "../src/vmm/fence/state.rs"]
 #[allow(dead_code)]
 mod state;
 

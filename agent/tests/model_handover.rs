@@ -130,8 +130,8 @@
 //!   (`Lease::acked`).
 
 use pcft_agent::clock::BootTime;
-use pcft_agent::fence::state::{FencePhase, FenceState};
-use pcft_agent::migration::lease::{self, DestinationCopy, Lease, CLOCK_RATE_MARGIN};
+use pcft_agent::migration::ft::lease::{self, DestinationCopy, Lease, CLOCK_RATE_MARGIN};
+use pcft_agent::vmm::fence::state::{FencePhase, FenceState};
 use stateright::{Checker, HasDiscoveries, Model, Path, Property};
 use std::collections::BTreeSet;
 use std::sync::OnceLock;

@@ -5,8 +5,8 @@
 //! keeps running at the source). Each refusal is logged and counted in
 //! `pcft_auth_refusals_total`. With the same key, everything works.
 
-use pcft_agent::migration::messages::{Message, Role};
-use pcft_agent::migration::protocol::{decode_header, decode_payload, encode_message, Frame, HEADER_BYTES};
+use pcft_agent::wire::frame::{decode_header, decode_payload, encode_message, Frame, HEADER_BYTES};
+use pcft_agent::wire::messages::{Message, Role};
 use pcft_tests::{http_get, metric, pcft_output, Agent};
 use std::path::{Path, PathBuf};
 

@@ -2,8 +2,8 @@
 //! keeps the ledger oracle, for several sizes and vCPU counts; and every way a
 //! peer can fail before the switchover commits leaves the VM running at the source.
 
-use pcft_agent::migration::messages::Message;
-use pcft_agent::migration::protocol::{decode_header, decode_payload, encode_message, Frame, HEADER_BYTES};
+use pcft_agent::wire::frame::{decode_header, decode_payload, encode_message, Frame, HEADER_BYTES};
+use pcft_agent::wire::messages::Message;
 use pcft_tests::{ledger_digest, pcft_json, pcft_output, Agent};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

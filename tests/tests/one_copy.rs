@@ -11,9 +11,9 @@
 //! once the memory left userfaultfd, lasted well under a millisecond here:
 //! agent/tests/dead_copy_kvm.rs checks that part on its own.)
 
-use pcft_agent::client::AgentClient;
-use pcft_agent::migration::messages::{Message, VmPhase};
-use pcft_agent::run_log::{overlap, RunInterval};
+use pcft_agent::agent::client::AgentClient;
+use pcft_agent::vmm::run_log::{overlap, RunInterval};
+use pcft_agent::wire::messages::{Message, VmPhase};
 use pcft_tests::{ledger_digest, migrate, pcft_json, start_vm, Agent};
 use std::time::Duration;
 

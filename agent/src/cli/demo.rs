@@ -16,7 +16,7 @@
 //!
 //! Whatever happened, the demo then checks independently that one copy ran
 //! at a time: each agent records when the vCPUs of every copy of the VM it ran
-//! were inside `KVM_RUN` (`pcft_agent::run_log`, on `CLOCK_BOOTTIME`, which
+//! were inside `KVM_RUN` (`pcft_agent::vmm::run_log`, on `CLOCK_BOOTTIME`, which
 //! both agents share on this one host), and no interval of the source's
 //! copies may overlap one of the destination's; and at the end the VM must run
 //! (or have finished) at exactly one agent.
@@ -28,13 +28,13 @@ use super::stopwatch::{cut_at_stops, StopWatch};
 use super::vm::{machine_config, KVM_PATH};
 use super::{run_failure, usage, DemoArgs, FailKind, Failure, Pattern, TrackerArg, WorkloadArgs};
 use anyhow::{anyhow, Context};
-use pcft_agent::client::{AgentClient, ClientError};
+use pcft_agent::agent::client::{AgentClient, ClientError};
 use pcft_agent::host;
-use pcft_agent::migration::auth::Psk;
 use pcft_agent::migration::crash::CrashPoint;
-use pcft_agent::migration::messages::{Message, MigrationOptions, Mode, VmPhase};
-use pcft_agent::output::ReleasedRecord;
-use pcft_agent::run_log::{RunInterval, RunLogSnapshot};
+use pcft_agent::vmm::output::ReleasedRecord;
+use pcft_agent::vmm::run_log::{RunInterval, RunLogSnapshot};
+use pcft_agent::wire::auth::Psk;
+use pcft_agent::wire::messages::{Message, MigrationOptions, Mode, VmPhase};
 use serde_json::json;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -62,12 +62,12 @@ impl DemoKey {
             .with_context(|| format!("cannot create {}", dir.display()))
             .map_err(run_failure)?;
         let file = dir.join("psk");
-        let key = match pcft_agent::client::key() {
+        let key = match pcft_agent::agent::client::key() {
             Some(key) => key.clone(),
             None => Psk::generate().map_err(run_failure)?,
         };
         key.write_new(&file).map_err(run_failure)?;
-        pcft_agent::client::set_key(Some(key));
+        pcft_agent::agent::client::set_key(Some(key));
         Ok(DemoKey { dir, file })
     }
 }
@@ -297,7 +297,7 @@ struct Injected {
 /// the source cannot be asked. (It may start before the source has the
 /// request: a VM still `running` there is waited for too.)
 async fn postcopy_started(source: &str) -> bool {
-    use pcft_agent::migration::messages::VmPhase;
+    use pcft_agent::wire::messages::VmPhase;
     let Ok(mut client) = AgentClient::connect(source).await else { return false };
     loop {
         let Ok(Message::StatusReport { vms, .. }) = client.request(&Message::Status).await else { return false };
@@ -516,13 +516,13 @@ impl OneCopy {
     }
 }
 
-/// How long the two copies ran at once ([`pcft_agent::run_log::overlap`]), and
+/// How long the two copies ran at once ([`pcft_agent::vmm::run_log::overlap`]), and
 /// the earliest pair of intervals, one of each, that overlap (None: no overlap).
 fn copies_overlap(
     source: &[RunInterval],
     destination: &[RunInterval],
 ) -> (Duration, Option<(RunInterval, RunInterval)>) {
-    let overlap = pcft_agent::run_log::overlap(source, destination);
+    let overlap = pcft_agent::vmm::run_log::overlap(source, destination);
     if overlap.is_zero() {
         return (overlap, None);
     }

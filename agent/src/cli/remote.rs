@@ -3,12 +3,12 @@
 use super::vm::{machine_config, KVM_PATH};
 use super::{run_failure, usage, AgentArgs, Failure, MigrateArgs, StartArgs, StatusArgs, WaitArgs};
 use anyhow::anyhow;
-use pcft_agent::client::{AgentClient, ClientError};
-use pcft_agent::daemon::{Daemon, Limits};
+use pcft_agent::agent::client::{AgentClient, ClientError};
+use pcft_agent::agent::daemon::{Daemon, Limits};
 use pcft_agent::host::{self, format_size, parse_size};
-use pcft_agent::migration::messages::{Message, MigrationOptions, MigrationReport};
-use pcft_agent::migration::staging::StagingLimits;
-use pcft_agent::output::OutputSink;
+use pcft_agent::migration::ft::staging::StagingLimits;
+use pcft_agent::vmm::output::OutputSink;
+use pcft_agent::wire::messages::{Message, MigrationOptions, MigrationReport};
 use std::io::Write;
 use std::path::Path;
 
@@ -31,7 +31,7 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         Some(text) => parse_size(text).map_err(usage)?,
         None => u64::MAX,
     };
-    match (pcft_agent::client::key().is_some(), args.insecure) {
+    match (pcft_agent::agent::client::key().is_some(), args.insecure) {
         (false, false) => {
             return Err(usage(anyhow!(
                 "an agent needs a pre-shared key: --psk-file FILE (or PCFT_PSK_FILE; make one with `pcft keygen --out FILE` and give every agent and CLI the same), or --insecure to let any peer in (test benches only)"
@@ -85,7 +85,7 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
             }
         }
         if let Some(listener) = http {
-            tokio::spawn(pcft_agent::http::serve(listener, name.clone()));
+            tokio::spawn(pcft_agent::agent::http::serve(listener, name.clone()));
         }
         std::io::stdout().flush().map_err(run_failure)?;
         tracing::info!(agent = %name, %addr, "agent started");
@@ -104,7 +104,7 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
             Some(addr) => OutputSink::tcp(&name, addr).map_err(run_failure)?,
             None => OutputSink::log_only(&name),
         };
-        let key = pcft_agent::client::key().cloned();
+        let key = pcft_agent::agent::client::key().cloned();
         if key.is_none() {
             tracing::warn!(
                 agent = %name,

@@ -35,7 +35,7 @@ impl Reporter {
         );
     }
 
-    pub fn snapshot(&self, path: &str, stats: &pcft_agent::snapshot::SnapshotStats, records: usize, ms: u128) {
+    pub fn snapshot(&self, path: &str, stats: &pcft_agent::vmm::snapshot::SnapshotStats, records: usize, ms: u128) {
         self.line(
             json!({"event": "snapshot", "path": path, "records": records, "file_bytes": stats.file_bytes,
                    "pages_written": stats.pages_written, "zero_pages_skipped": stats.zero_pages_skipped, "save_ms": ms}),

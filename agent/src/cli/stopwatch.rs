@@ -16,7 +16,7 @@
 //! kernel, not the guest, all along) and no page was installed after.
 
 use pcft_agent::clock::BootTime;
-use pcft_agent::run_log::RunInterval;
+use pcft_agent::vmm::run_log::RunInterval;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

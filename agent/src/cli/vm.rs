@@ -4,9 +4,9 @@ use super::report::Reporter;
 use super::{run_failure, usage, Failure, InspectArgs, Pattern, RestoreArgs, RunArgs, RunControl, WorkloadArgs};
 use anyhow::{anyhow, Context};
 use pcft_agent::host::{self, format_size, parse_size, require_multiple};
-use pcft_agent::machine::{Machine, MachineConfig, MachineError, MachineEvent};
-use pcft_agent::memory::GuestMemory;
-use pcft_agent::snapshot::SnapshotReader;
+use pcft_agent::vmm::machine::{Machine, MachineConfig, MachineError, MachineEvent};
+use pcft_agent::vmm::memory::GuestMemory;
+use pcft_agent::vmm::snapshot::SnapshotReader;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vm_fixtures::{abi, DirtyPattern, FixtureKind, FixtureParams};
@@ -232,7 +232,8 @@ fn take_snapshot(machine: &mut Machine, path: &Path, reporter: &Reporter) -> Res
 }
 
 pub fn inspect(args: InspectArgs) -> Result<(), Failure> {
-    let unusable = |e: pcft_agent::snapshot::SnapshotError| usage(anyhow!(e).context("the snapshot file is unusable"));
+    let unusable =
+        |e: pcft_agent::vmm::snapshot::SnapshotError| usage(anyhow!(e).context("the snapshot file is unusable"));
     let (state, reader) = SnapshotReader::open(&args.snapshot).map_err(unusable)?;
     let config = &state.config;
     let memory = GuestMemory::new(config.mem_bytes, config.slot_bytes).map_err(|e| usage(anyhow!(e)))?;
@@ -240,7 +241,7 @@ pub fn inspect(args: InspectArgs) -> Result<(), Failure> {
     let rips: Vec<String> = state.vcpus.iter().map(|v| format!("{:#x}", v.regs.rip)).collect();
     let summary = serde_json::json!({
         "path": args.snapshot.display().to_string(),
-        "format_version": pcft_agent::snapshot::FORMAT_VERSION,
+        "format_version": pcft_agent::vmm::snapshot::FORMAT_VERSION,
         "checksums": "ok",
         "fixture": config.fixture,
         "mem_bytes": config.mem_bytes,
@@ -256,7 +257,7 @@ pub fn inspect(args: InspectArgs) -> Result<(), Failure> {
         println!(
             "{}: PostCopyFT snapshot v{}, checksums ok\n  fixture {} on {} vCPU(s), {} of memory in {} memslot(s), {pages} non-zero pages\n  {} output records so far; vCPU status {:?}; rip {}",
             args.snapshot.display(),
-            pcft_agent::snapshot::FORMAT_VERSION,
+            pcft_agent::vmm::snapshot::FORMAT_VERSION,
             config.fixture.kind,
             config.fixture.vcpus,
             format_size(config.mem_bytes),

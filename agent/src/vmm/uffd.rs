@@ -1,0 +1,204 @@
+//! The userfaultfd edge: guest memory registered for missing-page faults,
+//! the faults read, and pages installed atomically. Post-copy's logic sits
+//! above this and never touches the fd.
+
+use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+use userfaultfd::{Error as RawError, Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("cannot create a userfaultfd: {0}; post-copy needs root (or vm.unprivileged_userfaultfd=1) and a kernel with userfaultfd")]
+    Create(String),
+    #[error("cannot register guest memory with userfaultfd: {0}")]
+    Register(String),
+    #[error("reading userfaultfd events failed: {0}")]
+    Read(String),
+    #[error("installing the page at {gpa:#x} failed: {reason}")]
+    Install { gpa: u64, reason: String },
+    #[error("page address {0:#x} is outside guest memory or not page aligned")]
+    BadAddress(u64),
+}
+
+/// A missing-page fault: the page, and the thread blocked on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub gpa: u64,
+    /// The faulting thread's kernel id (a vCPU thread, or the VMM's own).
+    pub thread: u32,
+}
+
+/// What installing a page did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Installed {
+    /// The page was missing and now holds the data; waiting faults were woken.
+    Now,
+    /// The page was already present; nothing changed.
+    AlreadyPresent,
+}
+
+/// Guest memory under userfaultfd (MISSING mode): an access to a page that was
+/// never installed blocks the accessing thread (a vCPU in `KVM_RUN`, or the
+/// VMM itself) until the page is installed.
+pub struct FaultRegion {
+    uffd: Uffd,
+    memory: Arc<GuestMemory>,
+    base: u64,
+}
+
+impl FaultRegion {
+    /// Registers all of `memory`. Do it before anything touches the memory.
+    pub fn register(memory: Arc<GuestMemory>) -> Result<Self, UffdError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // Faults raised inside the kernel (KVM's accesses for a vCPU) must reach us too.
+            .user_mode_only(false)
+            // Which thread is blocked on which page: a dead copy's vCPUs are cut off by it.
+            .require_features(FeatureFlags::THREAD_ID)
+            .create()
+            .map_err(|e| UffdError::Create(e.to_string()))?;
+        let base = memory.host_address(0).map_err(|_| UffdError::BadAddress(0))?;
+        uffd.register_with_mode(base as *mut libc::c_void, memory.size() as usize, RegisterMode::MISSING)
+            .map_err(|e| UffdError::Register(e.to_string()))?;
+        Ok(FaultRegion { uffd, memory, base })
+    }
+
+    /// Host address of `[gpa, gpa + len)`, which must be whole pages inside guest memory.
+    fn host(&self, gpa: u64, len: u64) -> Result<*mut libc::c_void, UffdError> {
+        let whole_pages = gpa.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE) && len > 0;
+        if !whole_pages || gpa.checked_add(len).is_none_or(|end| end > self.memory.size()) {
+            return Err(UffdError::BadAddress(gpa));
+        }
+        Ok((self.base + gpa) as *mut libc::c_void)
+    }
+
+    /// Waits up to `timeout` for a missing-page fault.
+    pub fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UffdError> {
+        let mut pollfd = libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        if ready < 0 {
+            let err = std::io::Error::last_os_error();
+            return if err.kind() == std::io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(UffdError::Read(err.to_string()))
+            };
+        }
+        if ready == 0 {
+            return Ok(None);
+        }
+        match self.uffd.read_event() {
+            Ok(Some(Event::Pagefault { addr, thread_id, .. })) => {
+                let offset = (addr as u64).wrapping_sub(self.base);
+                Ok(Some(Fault { gpa: offset & !(PAGE_SIZE - 1), thread: thread_id.as_raw() as u32 }))
+            }
+            Ok(_) => Ok(None),
+            Err(RawError::SystemError(e)) if e as i32 == libc::EAGAIN => Ok(None),
+            Err(e) => Err(UffdError::Read(e.to_string())),
+        }
+    }
+
+    /// The faults queued now (without waiting): pages that threads are blocked on.
+    pub fn queued_faults(&self) -> Result<Vec<Fault>, UffdError> {
+        let mut pages = Vec::new();
+        while let Some(gpa) = self.next_fault(Duration::ZERO)? {
+            pages.push(gpa);
+        }
+        Ok(pages)
+    }
+
+    /// Installs `data` (whole pages) at `gpa` in one call, if every page is missing.
+    /// `AlreadyPresent`: some page of the range was there; nothing is promised
+    /// about the others (install them one by one to know).
+    pub fn copy(&self, gpa: u64, data: &[u8]) -> Result<Installed, UffdError> {
+        let dst = self.host(gpa, data.len() as u64)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            // SAFETY: [dst, dst + len) is whole pages inside the registered range
+            // (checked by `host`); `data` is a live buffer of that length.
+            let result =
+                unsafe { self.uffd.copy(data[done..].as_ptr().cast(), dst.byte_add(done), data.len() - done, true) };
+            match result {
+                Ok(n) => done += n,
+                // The kernel copied part and asks to retry the rest.
+                Err(RawError::PartiallyCopied(n)) => done += n,
+                Err(e) => return self.outcome(gpa, data.len(), e),
+            }
+        }
+        Ok(Installed::Now)
+    }
+
+    /// Installs zero pages over `[gpa, gpa + len)` in one call, if every page is missing.
+    pub fn zero(&self, gpa: u64, len: u64) -> Result<Installed, UffdError> {
+        let dst = self.host(gpa, len)?;
+        // SAFETY: [dst, dst + len) is whole pages inside the registered range (checked by `host`).
+        match unsafe { self.uffd.zeropage(dst, len as usize, true) } {
+            Ok(_) => Ok(Installed::Now),
+            Err(e) => self.outcome(gpa, len as usize, e),
+        }
+    }
+
+    /// Installs one page: `data`, or zeros.
+    pub fn install_page(&self, gpa: u64, data: Option<&[u8]>) -> Result<Installed, UffdError> {
+        match data {
+            Some(page) => self.copy(gpa, page),
+            None => self.zero(gpa, PAGE_SIZE),
+        }
+    }
+
+    fn outcome(&self, gpa: u64, len: usize, error: RawError) -> Result<Installed, UffdError> {
+        match error {
+            RawError::CopyFailed(e) | RawError::ZeropageFailed(e) if e as i32 == libc::EEXIST => {
+                // Present already: make sure nobody keeps waiting on the range.
+                let _ = self.uffd.wake(self.host(gpa, len as u64)?, len);
+                Ok(Installed::AlreadyPresent)
+            }
+            e => Err(UffdError::Install { gpa, reason: e.to_string() }),
+        }
+    }
+}
+
+impl Drop for FaultRegion {
+    fn drop(&mut self) {
+        let _ = self.uffd.unregister(self.base as *mut libc::c_void, self.memory.size() as usize);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_page_blocks_until_installed() {
+        let memory = Arc::new(GuestMemory::new(2 << 20, 2 << 20).unwrap());
+        let region = FaultRegion::register(Arc::clone(&memory)).unwrap();
+        let reader = {
+            let memory = Arc::clone(&memory);
+            std::thread::spawn(move || memory.read_u64(0x5008).unwrap())
+        };
+        let fault = region.next_fault(Duration::from_secs(10)).unwrap().expect("a fault");
+        assert_eq!(fault.gpa, 0x5000, "the read faults on its page");
+        assert_ne!(fault.thread, std::process::id(), "the reader thread, not the main one");
+        let mut page = vec![0u8; 4096];
+        page[8..16].copy_from_slice(&0xfeed_u64.to_le_bytes());
+        assert_eq!(region.install_page(0x5000, Some(&page)).unwrap(), Installed::Now);
+        assert_eq!(reader.join().unwrap(), 0xfeed);
+        assert_eq!(region.install_page(0x5000, Some(&page)).unwrap(), Installed::AlreadyPresent);
+        assert_eq!(region.install_page(0x6000, None).unwrap(), Installed::Now);
+        assert_eq!(memory.read_u64(0x6000).unwrap(), 0);
+        assert!(matches!(region.copy(0x5001, &page), Err(UffdError::BadAddress(0x5001))));
+        assert_eq!(region.next_fault(Duration::from_millis(10)).unwrap(), None);
+
+        // Runs: three pages in one call; a run over a present page says so.
+        let mut run = vec![0u8; 3 * 4096];
+        run[2 * 4096] = 9;
+        assert_eq!(region.copy(0x10000, &run).unwrap(), Installed::Now);
+        assert_eq!(memory.read_u64(0x12000).unwrap(), 9);
+        assert_eq!(region.zero(0x20000, 4 * 4096).unwrap(), Installed::Now);
+        assert_eq!(region.copy(0x11000, &run[..2 * 4096]).unwrap(), Installed::AlreadyPresent);
+    }
+}

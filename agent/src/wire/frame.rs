@@ -1,0 +1,684 @@
+//! The wire protocol between agents and between the CLI and an agent:
+//! framed, versioned, checksummed. See docs/protocol.md.
+//!
+//! ```text
+//! frame header (16 bytes, little endian)
+//!   magic    4  "PCFT"
+//!   version  u16 PROTOCOL_VERSION
+//!   kind     u16 1 = message (postcard-encoded `Message`), 2 = page batch
+//!   length   u32 payload bytes (at most MAX_PAYLOAD)
+//!   crc      u32 CRC-32C over the header's first 12 bytes and the payload
+//! payload
+//! ```
+//! A page batch is `count u32`, then `count` entries of `gpa u64, flags u8`,
+//! then the 4096 bytes of every entry without the ZERO flag, in entry order.
+//!
+//! The codec here is pure (bytes in, values out); [`FrameReader`] and
+//! [`FrameWriter`] move frames over any tokio stream, with their tags once a
+//! connection is authenticated (see `auth`).
+
+use crate::vmm::memory::{is_zero, PAGE_SIZE};
+use crate::wire::auth::{FrameMac, TAG_BYTES};
+use crate::wire::messages::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+pub const MAGIC: [u8; 4] = *b"PCFT";
+pub const PROTOCOL_VERSION: u16 = 6;
+pub const HEADER_BYTES: usize = 16;
+/// No frame carries more: a larger length field is corruption, not a reason to allocate.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// No greeting frame (`Hello`, `Welcome`, a refusal) carries more: before a
+/// peer has authenticated, a length field may claim at most this.
+pub const GREETING_MAX_PAYLOAD: u32 = 16 << 10;
+/// A payload is read in pieces of at most this, so memory grows with the
+/// bytes that really arrive, not with what a length field claims.
+pub const READ_CHUNK: usize = 256 << 10;
+/// PostCopyFT flow control: payload bytes of checkpoint frames (pages and
+/// commit records) the destination may have sent and the source not yet
+/// handled. The source returns credit (`CheckpointCredit`) as it handles them,
+/// so it never has to stop reading the connection, which also carries
+/// heartbeats and page requests.
+pub const CHECKPOINT_WINDOW: u64 = 8 << 20;
+const KIND_MESSAGE: u16 = 1;
+const KIND_PAGES: u16 = 2;
+const FLAG_ZERO: u8 = 1;
+const PAGE: usize = PAGE_SIZE as usize;
+const ENTRY_BYTES: usize = 9;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("the peer is not a PostCopyFT agent (bad frame magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("the peer speaks protocol version {peer}, this agent speaks version {PROTOCOL_VERSION}: run the same pcft version on both hosts")]
+    Version { peer: u16 },
+    #[error("frame of {0} bytes exceeds the {1}-byte limit")]
+    TooLarge(u32, u32),
+    #[error("frame checksum mismatch (computed {computed:#010x}, frame says {stored:#010x}): the stream is corrupt")]
+    Checksum { computed: u32, stored: u32 },
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    #[error("malformed {what}: {detail}")]
+    Malformed { what: &'static str, detail: String },
+    #[error("the connection closed in the middle of a frame (truncated)")]
+    Truncated,
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("frame authentication failed (HMAC mismatch): the peer does not hold this agent's pre-shared key (--psk-file), or the stream was tampered with")]
+    Unauthenticated,
+    /// The connection failed under the frames; `kind` says how (a reset is
+    /// `ConnectionReset`), `detail` is the system's message.
+    #[error("connection error: {detail}")]
+    Io { kind: std::io::ErrorKind, detail: String },
+}
+
+impl ProtocolError {
+    fn io(e: std::io::Error) -> ProtocolError {
+        ProtocolError::Io { kind: e.kind(), detail: e.to_string() }
+    }
+
+    /// The peer's kernel (or something in between) reset the connection.
+    pub fn is_reset(&self) -> bool {
+        matches!(self, ProtocolError::Io { kind: std::io::ErrorKind::ConnectionReset, .. })
+    }
+}
+
+/// One page in a batch: its contents, or "all zero".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PageData {
+    Zero,
+    Bytes(Vec<u8>),
+}
+
+/// A received batch of pages. It keeps the frame's payload and indexes into
+/// it, so decoding copies no page data.
+#[derive(Clone, Default)]
+pub struct PageBatch {
+    /// Per page: its address and where its data starts in `bytes` (None: a zero page).
+    entries: Vec<(u64, Option<usize>)>,
+    bytes: Vec<u8>,
+}
+
+/// Consecutive pages of a batch that are all zero or all data, contiguous both
+/// in guest memory and in the batch: one install call for the lot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRun<'a> {
+    pub gpa: u64,
+    pub pages: usize,
+    /// The run's data (`pages` × 4096 bytes), or None for zero pages.
+    pub data: Option<&'a [u8]>,
+}
+
+/// Two batches are equal when they carry the same pages in the same order,
+/// however their bytes are laid out.
+impl PartialEq for PageBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.pages().eq(other.pages())
+    }
+}
+
+impl Eq for PageBatch {}
+
+impl std::fmt::Debug for PageBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let zero = self.entries.iter().filter(|(_, at)| at.is_none()).count();
+        let first = self.entries.first().map(|(gpa, _)| format!("{gpa:#x}"));
+        write!(f, "PageBatch {{ pages: {}, zero: {zero}, first: {first:?} }}", self.entries.len())
+    }
+}
+
+impl PageBatch {
+    /// A batch of the given pages (for tests and tools; the hot path uses [`PageBatchWriter`]).
+    pub fn from_pages(pages: Vec<(u64, PageData)>) -> Self {
+        let mut batch = PageBatch::default();
+        for (gpa, data) in pages {
+            match data {
+                PageData::Zero => batch.entries.push((gpa, None)),
+                PageData::Bytes(b) => {
+                    batch.entries.push((gpa, Some(batch.bytes.len())));
+                    batch.bytes.extend_from_slice(&b);
+                }
+            }
+        }
+        batch
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of page data the batch holds (zero pages hold none).
+    pub fn payload_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Every page: its address and data (None: all zero).
+    pub fn pages(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
+        self.entries.iter().map(|&(gpa, at)| (gpa, at.map(|at| &self.bytes[at..at + PAGE])))
+    }
+
+    /// The batch as maximal runs (see [`PageRun`]), in order.
+    pub fn runs(&self) -> Vec<PageRun<'_>> {
+        let mut runs: Vec<PageRun<'_>> = Vec::new();
+        let mut start: Option<(u64, Option<usize>, usize)> = None;
+        for &(gpa, at) in &self.entries {
+            if let Some((run_gpa, run_at, n)) = start.as_mut() {
+                // None past the top of the address space: a peer's addresses may be anything.
+                let next_gpa = run_gpa.checked_add(*n as u64 * PAGE_SIZE);
+                let continues = match (*run_at, at) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => b == a + *n * PAGE,
+                    _ => false,
+                };
+                if next_gpa == Some(gpa) && continues {
+                    *n += 1;
+                    continue;
+                }
+                runs.push(self.run(*run_gpa, *run_at, *n));
+            }
+            start = Some((gpa, at, 1));
+        }
+        if let Some((gpa, at, n)) = start {
+            runs.push(self.run(gpa, at, n));
+        }
+        runs
+    }
+
+    fn run(&self, gpa: u64, at: Option<usize>, pages: usize) -> PageRun<'_> {
+        PageRun { gpa, pages, data: at.map(|at| &self.bytes[at..at + pages * PAGE]) }
+    }
+}
+
+/// What a frame carries.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    Message(Message),
+    Pages(PageBatch),
+}
+
+/// Builds a page-batch frame directly from guest memory, detecting zero pages.
+pub struct PageBatchWriter {
+    entries: Vec<u8>,
+    data: Vec<u8>,
+    count: u32,
+    zero: u32,
+}
+
+impl Default for PageBatchWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PageBatchWriter {
+    pub fn new() -> Self {
+        PageBatchWriter { entries: Vec::new(), data: Vec::new(), count: 0, zero: 0 }
+    }
+
+    /// Adds the page at `gpa` with contents `page` (4096 bytes).
+    pub fn push(&mut self, gpa: u64, page: &[u8]) {
+        self.push_with(gpa, |buf| {
+            buf.copy_from_slice(page);
+            Ok::<_, std::convert::Infallible>(())
+        })
+        .unwrap_or_else(|never| match never {});
+    }
+
+    /// Adds the page at `gpa`, letting `fill` write its 4096 bytes straight
+    /// into the batch (one copy from guest memory, no staging buffer).
+    pub fn push_with<E>(&mut self, gpa: u64, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
+        let at = self.data.len();
+        self.data.resize(at + PAGE, 0);
+        fill(&mut self.data[at..])?;
+        let zero = is_zero(&self.data[at..]);
+        if zero {
+            self.data.truncate(at);
+            self.zero += 1;
+        }
+        self.entries.extend_from_slice(&gpa.to_le_bytes());
+        self.entries.push(if zero { FLAG_ZERO } else { 0 });
+        self.count += 1;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn zero_pages(&self) -> u32 {
+        self.zero
+    }
+
+    /// Payload bytes so far (to cut batches at a size).
+    pub fn payload_bytes(&self) -> usize {
+        4 + self.entries.len() + self.data.len()
+    }
+
+    /// The encoded frame; the writer is left empty for reuse.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut payload = Vec::with_capacity(self.payload_bytes());
+        payload.extend_from_slice(&self.count.to_le_bytes());
+        payload.append(&mut self.entries);
+        payload.append(&mut self.data);
+        self.count = 0;
+        self.zero = 0;
+        frame(KIND_PAGES, &payload)
+    }
+}
+
+fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() <= MAX_PAYLOAD as usize, "frame payload of {} bytes is over the limit", payload.len());
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    out.extend_from_slice(&kind.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out), payload);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Encodes a control or migration message as one frame.
+pub fn encode_message(message: &Message) -> Vec<u8> {
+    let payload = postcard::to_allocvec(message).expect("messages always encode");
+    frame(KIND_MESSAGE, &payload)
+}
+
+/// Encodes a page batch as one frame.
+pub fn encode_pages(batch: &PageBatch) -> Vec<u8> {
+    let mut writer = PageBatchWriter::new();
+    for (gpa, data) in batch.pages() {
+        writer.push(gpa, data.unwrap_or(&[0u8; PAGE]));
+    }
+    writer.finish()
+}
+
+/// A checked frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    kind: u16,
+    length: u32,
+    crc: u32,
+    prefix_crc: u32,
+}
+
+impl Header {
+    pub fn payload_len(&self) -> usize {
+        self.length as usize
+    }
+}
+
+/// Checks a frame header: magic, version, kind and length.
+pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, ProtocolError> {
+    let magic: [u8; 4] = bytes[0..4].try_into().expect("4 bytes");
+    if magic != MAGIC {
+        return Err(ProtocolError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(ProtocolError::Version { peer: version });
+    }
+    let kind = u16::from_le_bytes([bytes[6], bytes[7]]);
+    if kind != KIND_MESSAGE && kind != KIND_PAGES {
+        return Err(ProtocolError::UnknownKind(kind));
+    }
+    let length = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if length > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(length, MAX_PAYLOAD));
+    }
+    let crc = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+    Ok(Header { kind, length, crc, prefix_crc: crc32c::crc32c(&bytes[..12]) })
+}
+
+/// Checks the payload's checksum and decodes it (a page batch keeps the payload).
+pub fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
+    check_crc(&header, &payload)?;
+    decode_checked(header, payload)
+}
+
+fn check_crc(header: &Header, payload: &[u8]) -> Result<(), ProtocolError> {
+    let computed = crc32c::crc32c_append(header.prefix_crc, payload);
+    if computed != header.crc {
+        return Err(ProtocolError::Checksum { computed, stored: header.crc });
+    }
+    Ok(())
+}
+
+/// Decodes a payload whose checksum has been checked.
+fn decode_checked(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
+    match header.kind {
+        KIND_MESSAGE => postcard::from_bytes(&payload)
+            .map(Frame::Message)
+            .map_err(|e| ProtocolError::Malformed { what: "message", detail: e.to_string() }),
+        _ => decode_pages(payload).map(Frame::Pages),
+    }
+}
+
+fn decode_pages(payload: Vec<u8>) -> Result<PageBatch, ProtocolError> {
+    let malformed = |detail: String| ProtocolError::Malformed { what: "page batch", detail };
+    let count = u32::from_le_bytes(
+        payload.get(..4).ok_or_else(|| malformed("shorter than its count".into()))?.try_into().expect("4 bytes"),
+    ) as usize;
+    let entries_end = count
+        .checked_mul(ENTRY_BYTES)
+        .and_then(|n| n.checked_add(4))
+        .filter(|&end| end <= payload.len())
+        .ok_or_else(|| malformed(format!("{count} entries do not fit in {} bytes", payload.len())))?;
+    let mut next_data = entries_end;
+    let mut entries = Vec::with_capacity(count);
+    for entry in payload[4..entries_end].chunks_exact(ENTRY_BYTES) {
+        let gpa = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
+        if !gpa.is_multiple_of(PAGE_SIZE) {
+            return Err(malformed(format!("page address {gpa:#x} is not page aligned")));
+        }
+        match entry[8] {
+            FLAG_ZERO => entries.push((gpa, None)),
+            0 => {
+                if next_data + PAGE > payload.len() {
+                    return Err(malformed(format!("data for page {gpa:#x} is missing")));
+                }
+                entries.push((gpa, Some(next_data)));
+                next_data += PAGE;
+            }
+            flags => return Err(malformed(format!("page {gpa:#x} has unknown flags {flags:#x}"))),
+        }
+    }
+    if next_data != payload.len() {
+        return Err(malformed(format!("{} bytes after the last page", payload.len() - next_data)));
+    }
+    Ok(PageBatch { entries, bytes: payload })
+}
+
+/// Reads one frame's header and payload and checks its checksum. A clean end
+/// of stream before a header is `Closed`; an end inside a frame is `Truncated`.
+async fn read_checked<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max_payload: u32,
+) -> Result<([u8; HEADER_BYTES], Header, Vec<u8>), ProtocolError> {
+    let mut header_bytes = [0u8; HEADER_BYTES];
+    let mut filled = 0;
+    while filled < HEADER_BYTES {
+        match reader.read(&mut header_bytes[filled..]).await {
+            Ok(0) if filled == 0 => return Err(ProtocolError::Closed),
+            Ok(0) => return Err(ProtocolError::Truncated),
+            Ok(n) => filled += n,
+            Err(e) => return Err(ProtocolError::io(e)),
+        }
+    }
+    let header = decode_header(&header_bytes)?;
+    if header.length > max_payload {
+        return Err(ProtocolError::TooLarge(header.length, max_payload));
+    }
+    let payload = read_payload(reader, header.payload_len()).await?;
+    check_crc(&header, &payload)?;
+    Ok((header_bytes, header, payload))
+}
+
+/// Reads `len` payload bytes, growing the buffer as they arrive: a peer that
+/// claims a large frame and sends little costs little.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> Result<Vec<u8>, ProtocolError> {
+    let mut payload = Vec::new();
+    while payload.len() < len {
+        let at = payload.len();
+        let piece = (len - at).min(READ_CHUNK);
+        payload.resize(at + piece, 0);
+        read_exactly(reader, &mut payload[at..]).await?;
+    }
+    Ok(payload)
+}
+
+async fn read_exactly<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> Result<(), ProtocolError> {
+    reader.read_exact(buf).await.map(drop).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
+        _ => ProtocolError::io(e),
+    })
+}
+
+/// The receiving half of a connection: frames in order, each followed by
+/// its tag (checked) once the connection is authenticated.
+pub struct FrameReader<R = OwnedReadHalf> {
+    inner: R,
+    mac: Option<FrameMac>,
+    /// The largest payload a frame may claim now (small until the greeting is done).
+    max_payload: u32,
+    /// The payload bytes of the last frame read (for flow control).
+    last_payload: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// A reader of untagged frames (until [`authenticate`](Self::authenticate)).
+    pub fn new(inner: R) -> Self {
+        FrameReader { inner, mac: None, max_payload: MAX_PAYLOAD, last_payload: 0 }
+    }
+
+    /// A reader for a connection's greeting: frames larger than a greeting
+    /// are refused until [`greeted`](Self::greeted) or an authentication.
+    pub fn for_greeting(inner: R) -> Self {
+        FrameReader { inner, mac: None, max_payload: GREETING_MAX_PAYLOAD, last_payload: 0 }
+    }
+
+    /// The greeting is done (without a key): frames up to [`MAX_PAYLOAD`] from now on.
+    pub fn greeted(&mut self) {
+        self.max_payload = MAX_PAYLOAD;
+    }
+
+    /// From now on every frame must carry a tag that `mac` accepts.
+    pub fn authenticate(&mut self, mac: FrameMac) {
+        self.mac = Some(mac);
+        self.max_payload = MAX_PAYLOAD;
+    }
+
+    /// The payload bytes of the frame [`read`](Self::read) returned last.
+    pub fn last_payload_len(&self) -> usize {
+        self.last_payload
+    }
+
+    /// The next frame (checked: checksum, then tag).
+    pub async fn read(&mut self) -> Result<Frame, ProtocolError> {
+        let (header_bytes, header, payload) = read_checked(&mut self.inner, self.max_payload).await?;
+        self.last_payload = payload.len();
+        if let Some(mac) = &mut self.mac {
+            let mut tag = [0u8; TAG_BYTES];
+            read_exactly(&mut self.inner, &mut tag).await?;
+            if !mac.verify(&header_bytes, &payload, &tag) {
+                return Err(ProtocolError::Unauthenticated);
+            }
+        }
+        decode_checked(header, payload)
+    }
+
+    /// The greeting's answer, read before the connection is authenticated,
+    /// with its raw bytes so that its tag can be checked once the keys are known.
+    pub(crate) async fn read_untagged(&mut self) -> Result<(Frame, [u8; HEADER_BYTES], Vec<u8>), ProtocolError> {
+        let (header_bytes, header, payload) = read_checked(&mut self.inner, self.max_payload).await?;
+        let frame = decode_checked(header, payload.clone())?;
+        Ok((frame, header_bytes, payload))
+    }
+
+    /// Reads the tag that follows a frame read by [`read_untagged`](Self::read_untagged)
+    /// and checks it with `mac`, which then checks every later frame.
+    pub(crate) async fn verify_greeting(
+        &mut self,
+        mut mac: FrameMac,
+        header: &[u8; HEADER_BYTES],
+        payload: &[u8],
+    ) -> Result<(), ProtocolError> {
+        let mut tag = [0u8; TAG_BYTES];
+        read_exactly(&mut self.inner, &mut tag).await?;
+        if !mac.verify(header, payload, &tag) {
+            return Err(ProtocolError::Unauthenticated);
+        }
+        self.authenticate(mac);
+        Ok(())
+    }
+}
+
+/// The sending half of a connection: frames, each followed by its tag once
+/// the connection is authenticated.
+pub struct FrameWriter<W = OwnedWriteHalf> {
+    inner: W,
+    mac: Option<FrameMac>,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(inner: W) -> Self {
+        FrameWriter { inner, mac: None }
+    }
+
+    /// From now on every frame is followed by its tag from `mac`.
+    pub fn authenticate(&mut self, mac: FrameMac) {
+        self.mac = Some(mac);
+    }
+
+    /// Writes one encoded frame (header and payload), and its tag.
+    pub async fn write(&mut self, frame: &[u8]) -> Result<(), ProtocolError> {
+        let io = ProtocolError::io;
+        self.inner.write_all(frame).await.map_err(io)?;
+        if let Some(mac) = &mut self.mac {
+            let tag = mac.tag(&frame[..HEADER_BYTES], &frame[HEADER_BYTES..]);
+            self.inner.write_all(&tag).await.map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(bytes: &[u8]) -> Result<Frame, ProtocolError> {
+        let header = decode_header(bytes[..HEADER_BYTES].try_into().unwrap())?;
+        decode_payload(header, bytes[HEADER_BYTES..].to_vec())
+    }
+
+    fn sample_batch() -> PageBatch {
+        let mut page = vec![0u8; PAGE];
+        page[100] = 7;
+        PageBatch::from_pages(vec![(0x1000, PageData::Bytes(page)), (0x5000, PageData::Zero), (0x2000, PageData::Zero)])
+    }
+
+    #[test]
+    fn messages_and_pages_round_trip() {
+        let msg = Message::Refuse { reason: "no".into() };
+        assert_eq!(decode(&encode_message(&msg)), Ok(Frame::Message(msg)));
+        let batch = sample_batch();
+        let bytes = encode_pages(&batch);
+        // Zero pages travel as a flag: one data page, not three.
+        assert_eq!(bytes.len(), HEADER_BYTES + 4 + 3 * ENTRY_BYTES + PAGE);
+        assert_eq!(decode(&bytes), Ok(Frame::Pages(batch)));
+    }
+
+    #[test]
+    fn runs_group_consecutive_pages_of_one_kind() {
+        let data = |b: u8| PageData::Bytes(vec![b; PAGE]);
+        let batch = PageBatch::from_pages(vec![
+            (0x1000, data(1)),
+            (0x2000, data(2)),
+            (0x3000, PageData::Zero),
+            (0x4000, PageData::Zero),
+            (0x5000, data(3)),
+            (0x7000, data(4)),
+        ]);
+        let decoded = match decode(&encode_pages(&batch)).unwrap() {
+            Frame::Pages(b) => b,
+            other => panic!("{other:?}"),
+        };
+        let runs: Vec<(u64, usize, Option<u8>)> =
+            decoded.runs().iter().map(|r| (r.gpa, r.pages, r.data.map(|d| d[d.len() - 1]))).collect();
+        // The last byte of a run is its last page's fill byte: 2 for the first run.
+        assert_eq!(runs[0], (0x1000, 2, Some(2)));
+        assert_eq!(runs[1], (0x3000, 2, None));
+        assert_eq!((runs[2].0, runs[2].1), (0x5000, 1));
+        assert_eq!((runs[3].0, runs[3].1), (0x7000, 1), "a gap ends a run");
+        assert_eq!(runs.len(), 4);
+        assert_eq!(decoded.runs()[0].data.unwrap().len(), 2 * PAGE);
+    }
+
+    #[test]
+    fn runs_never_wrap_past_the_top_of_the_address_space() {
+        let top = !(PAGE_SIZE - 1); // the last page below 2^64
+        let batch = PageBatch::from_pages(vec![(top, PageData::Zero), (0, PageData::Zero)]);
+        let runs: Vec<(u64, usize)> = batch.runs().iter().map(|r| (r.gpa, r.pages)).collect();
+        assert_eq!(runs, vec![(top, 1), (0, 1)]);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let bytes = encode_pages(&sample_batch());
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x20;
+            assert!(decode(&bad).is_err(), "flip at byte {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn refuses_garbage_other_versions_and_huge_lengths() {
+        let mut bytes = encode_message(&Message::Ping);
+        assert!(matches!(decode(b"GET / HTTP/1.1\r\n\r\n"), Err(ProtocolError::BadMagic(_))));
+        bytes[4] = 9;
+        assert_eq!(decode(&bytes), Err(ProtocolError::Version { peer: 9 }));
+        let mut huge = encode_message(&Message::Ping);
+        huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(&huge), Err(ProtocolError::TooLarge(u32::MAX, MAX_PAYLOAD)));
+    }
+
+    #[test]
+    fn malformed_batches_are_refused_not_trusted() {
+        // A count that claims more entries than the payload holds.
+        let payload = 1_000_000u32.to_le_bytes();
+        assert!(matches!(decode(&frame(KIND_PAGES, &payload)), Err(ProtocolError::Malformed { .. })));
+        // An entry whose data is missing.
+        let mut payload = 1u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&0x1000u64.to_le_bytes());
+        payload.push(0);
+        assert!(matches!(decode(&frame(KIND_PAGES, &payload)), Err(ProtocolError::Malformed { .. })));
+        // An unaligned page address.
+        let mut payload = 1u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&0x1001u64.to_le_bytes());
+        payload.push(FLAG_ZERO);
+        assert!(matches!(decode(&frame(KIND_PAGES, &payload)), Err(ProtocolError::Malformed { .. })));
+    }
+
+    #[tokio::test]
+    async fn stream_ends_are_closed_or_truncated() {
+        let bytes = encode_message(&Message::Ping);
+        let mut empty: &[u8] = &[];
+        assert_eq!(FrameReader::new(&mut empty).read().await, Err(ProtocolError::Closed));
+        for cut in [3, HEADER_BYTES, bytes.len() - 1] {
+            let mut short = &bytes[..cut];
+            assert_eq!(FrameReader::new(&mut short).read().await, Err(ProtocolError::Truncated), "cut at {cut}");
+        }
+        let mut whole = &bytes[..];
+        assert_eq!(FrameReader::new(&mut whole).read().await, Ok(Frame::Message(Message::Ping)));
+    }
+
+    #[tokio::test]
+    async fn a_length_field_is_only_a_claim() {
+        // A header that claims the largest frame, followed by a few bytes: truncated, not an allocation of 32 MiB.
+        let mut claim = encode_message(&Message::Ping);
+        claim[8..12].copy_from_slice(&MAX_PAYLOAD.to_le_bytes());
+        let mut short = &claim[..];
+        assert_eq!(FrameReader::new(&mut short).read().await, Err(ProtocolError::Truncated));
+        // Before the greeting is done, a frame may not claim more than a greeting needs.
+        let big = frame(KIND_PAGES, &vec![0u8; GREETING_MAX_PAYLOAD as usize + 1]);
+        let mut stream = &big[..];
+        assert_eq!(
+            FrameReader::for_greeting(&mut stream).read().await,
+            Err(ProtocolError::TooLarge(GREETING_MAX_PAYLOAD + 1, GREETING_MAX_PAYLOAD))
+        );
+        let mut stream = &big[..];
+        let mut reader = FrameReader::for_greeting(&mut stream);
+        reader.greeted();
+        assert!(matches!(reader.read().await, Err(ProtocolError::Malformed { .. })), "read whole once greeted");
+    }
+}
