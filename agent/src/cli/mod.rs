@@ -124,12 +124,12 @@ pub struct AgentArgs {
     /// Fault injection: SIGKILL this agent at a point of an incoming PostCopyFT
     /// migration (before-first-checkpoint, speculative:N, pause:N, committed:N, after-last-page).
     #[arg(long, hide = true)]
-    pub crash_at: Option<pcft_agent::migration::crash::CrashPoint>,
+    pub crash_at: Option<pcft_agent::fault::crash::CrashPoint>,
     /// Fault injection: what happens at --crash-at (kill: SIGKILL; stop: SIGSTOP, a frozen host;
     /// stall: the checkpointer hangs while heartbeats go on; stall-fence: the agent goes
     /// silent and its vCPU threads and lease watchdog stall for --stall-fence-ms at their worst moments).
     #[arg(long, hide = true, default_value = "kill")]
-    pub crash_signal: pcft_agent::migration::crash::CrashSignal,
+    pub crash_signal: pcft_agent::fault::crash::CrashSignal,
     /// Fault injection: how long each stall of --crash-signal stall-fence lasts, in ms.
     #[arg(long, hide = true, default_value_t = 1000)]
     pub stall_fence_ms: u64,

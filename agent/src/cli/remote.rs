@@ -95,8 +95,8 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         }
         if let Some(point) = args.crash_at {
             tracing::warn!(?point, signal = ?args.crash_signal, "fault injection armed: this agent fails there");
-            pcft_agent::migration::crash::arm(point, args.crash_signal).map_err(|e| usage(anyhow!(e)))?;
-            if args.crash_signal == pcft_agent::migration::crash::CrashSignal::StallFence {
+            pcft_agent::fault::crash::arm(point, args.crash_signal).map_err(|e| usage(anyhow!(e)))?;
+            if args.crash_signal == pcft_agent::fault::crash::CrashSignal::StallFence {
                 pcft_agent::fault::arm_stall_fence(std::time::Duration::from_millis(args.stall_fence_ms));
             }
         }

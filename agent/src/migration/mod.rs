@@ -2,7 +2,6 @@
 //! pre-copy, post-copy, hybrid and PostCopyFT (post-copy with reverse
 //! incremental checkpoints and failover).
 
-pub mod crash;
 pub mod destination;
 pub mod error;
 pub mod ft;

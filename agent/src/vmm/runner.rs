@@ -173,7 +173,7 @@ fn checkpoint(machine: &mut Machine, epoch: u64) -> Result<CheckpointCapture, Ma
     let paused_at = Instant::now();
     let was_running = machine.is_running();
     machine.pause()?;
-    crate::migration::crash::at(crate::migration::crash::CrashPoint::Pause(epoch));
+    crate::fault::crash::at(crate::fault::crash::CrashPoint::Pause(epoch));
     let dirty = machine.take_dirty_pages()?;
     let mut data = vec![0u8; dirty.len() * PAGE_SIZE as usize];
     for (gpa, page) in dirty.iter().zip(data.chunks_exact_mut(PAGE_SIZE as usize)) {

@@ -5,7 +5,7 @@
 use super::error::{MigrationError, VmError};
 use crate::agent::timeline::EventKind;
 use crate::clock::BootTime;
-use crate::migration::crash::{self, CrashPoint};
+use crate::fault::crash::{self, CrashPoint};
 use crate::migration::ft::lease::Lease;
 use crate::page_set::PageSet;
 use crate::vmm::dirty::DirtyTracking;

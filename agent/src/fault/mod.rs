@@ -1,15 +1,18 @@
-//! Fault injection inside the VMM, for tests, the demo and `cargo xtask chaos`
-//! (hidden agent flags; nothing here runs unless armed).
+//! Fault injection, for tests, the demo and `cargo xtask chaos` (hidden agent
+//! flags; nothing here runs unless armed): [`crash`] points where an agent
+//! crashes, freezes or stalls, and below, the stall-fence hooks inside the VMM.
 //!
 //! `stall-fence`: the scheduling accidents that the fence must survive, made
 //! to happen on purpose. Once triggered (at a crash point, see
-//! `migration::crash`), every vCPU thread that next passes its fence check
+//! [`crash`]), every vCPU thread that next passes its fence check
 //! stops for the configured hold right between the check and `KVM_RUN` (as if
 //! the thread were descheduled or the process stopped there), and the lease
 //! watchdog stops for as long once. A fence that relied on the check alone or
 //! on the watchdog's timing lets the guest run past the lease; the real one
 //! (immediate_exit set by the kick handler, and a kernel timer per vCPU
 //! thread) does not.
+
+pub mod crash;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

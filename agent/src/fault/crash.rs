@@ -76,17 +76,22 @@ impl std::str::FromStr for CrashSignal {
     }
 }
 
+/// `--crash-signal stall` was asked for at a point the checkpointer never passes.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--crash-signal stall hangs the checkpointer: use it with speculative:N, committed:N or before-first-checkpoint, not {0:?}"
+)]
+pub struct StallOutsideCheckpointer(pub CrashPoint);
+
 static CRASH_AT: OnceLock<(CrashPoint, CrashSignal)> = OnceLock::new();
 
 /// Arms the crash point for this process (once). A stall can only be armed
 /// where the checkpointer passes.
-pub fn arm(point: CrashPoint, signal: CrashSignal) -> Result<(), String> {
+pub fn arm(point: CrashPoint, signal: CrashSignal) -> Result<(), StallOutsideCheckpointer> {
     let in_checkpointer =
         matches!(point, CrashPoint::BeforeFirstCheckpoint | CrashPoint::Speculative(_) | CrashPoint::Committed(_));
     if signal == CrashSignal::Stall && !in_checkpointer {
-        return Err(format!(
-            "--crash-signal stall hangs the checkpointer: use it with speculative:N, committed:N or before-first-checkpoint, not {point:?}"
-        ));
+        return Err(StallOutsideCheckpointer(point));
     }
     let _ = CRASH_AT.set((point, signal));
     Ok(())
