@@ -4,7 +4,7 @@
 
 use crate::agent::metrics::{MigrationCounts, MigrationLabels};
 use crate::host::format_size;
-use crate::migration::destination::migrate_in;
+use crate::migration::destination::{migrate_in, IncomingMigration};
 use crate::migration::ft::staging::StagingLimits;
 use crate::migration::ft::store::Committed;
 use crate::migration::source::{migrate_out, MigrationError, MigrationOutcome};
@@ -518,7 +518,8 @@ impl Daemon {
         let table = Arc::clone(&self);
         let vm = name.clone();
         let span = tracing::info_span!("migration", vm = %name, from = %from, mode = mode.name(), side = "destination");
-        let result = migrate_in(rd, wr, &name, &config, mode, options, self.sink.clone(), move |runner| {
+        let incoming = IncomingMigration { rd, wr, name: name.clone(), config, mode, options, sink: self.sink.clone() };
+        let result = migrate_in(incoming, move |runner| {
             if let Some(slot) = table.vms().get_mut(&vm) {
                 slot.attach(runner);
             }

@@ -1,0 +1,111 @@
+//! The destination's demand path, first half: a thread reads the guest's
+//! missing-page faults from userfaultfd, notes which vCPU waits for which
+//! page, and queues each page once for a `PageRequest` to the source (which
+//! serves it before its background push: [`super::push`]). The page comes
+//! back through [`super::install`], which wakes the vCPUs.
+
+use crate::clock::BootTime;
+use crate::vmm::run_log::RunLog;
+use crate::vmm::uffd::{Fault, FaultRegion};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Faults seen and not yet served: page → when the fault was read.
+pub type PendingFaults = Arc<Mutex<HashMap<u64, Instant>>>;
+
+/// Tells a VM's run log which page each of its vCPUs faulted on, and when the
+/// fault was read (see `RunLog::fault_read`): the "one copy at a time" check
+/// then knows a vCPU blocked in userfaultfd retired nothing since.
+#[derive(Clone)]
+pub struct BlockedVcpus {
+    pub run_log: Arc<RunLog>,
+    /// The vCPU threads' kernel ids, by vCPU.
+    pub threads: Vec<u32>,
+}
+
+impl BlockedVcpus {
+    pub fn note(&self, fault: &Fault) {
+        if let Some(vcpu) = self.threads.iter().position(|&tid| tid == fault.thread) {
+            self.run_log.fault_read(vcpu as u8, fault.gpa, BootTime::now());
+        }
+    }
+}
+
+/// The fault-handler thread: reads missing-page faults and queues the pages
+/// to ask the source for. Stops when dropped.
+pub struct FaultHandler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FaultHandler {
+    /// Starts reading `region`'s faults; each page is sent on `requests` once,
+    /// when its first fault is pending (so the channel is bounded by the guest's pages).
+    pub fn start(
+        region: Arc<FaultRegion>,
+        pending: PendingFaults,
+        vcpus: BlockedVcpus,
+        requests: mpsc::UnboundedSender<u64>,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new().name("uffd-faults".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match region.next_fault(Duration::from_millis(20)) {
+                    Ok(Some(fault)) => {
+                        vcpus.note(&fault);
+                        if first_pending(&pending, fault.gpa) && requests.send(fault.gpa).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("userfaultfd: {e}");
+                        return;
+                    }
+                }
+            }
+        })?;
+        Ok(FaultHandler { stop, thread: Some(thread) })
+    }
+}
+
+/// Notes a fault on `gpa`; true if it is the first pending one (a repeated
+/// fault on a pending page keeps the first fault's time).
+fn first_pending(pending: &PendingFaults, gpa: u64) -> bool {
+    match pending.lock().expect("pending faults lock").entry(gpa) {
+        Entry::Occupied(_) => false,
+        Entry::Vacant(v) => {
+            v.insert(Instant::now());
+            true
+        }
+    }
+}
+
+impl Drop for FaultHandler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Batches the queued pages into page requests as fast as they come: `send`
+/// gets each batch (all the pages queued at that moment) and says whether the
+/// connection is still there.
+pub async fn forward_requests(mut requests: mpsc::UnboundedReceiver<u64>, mut send: impl FnMut(Vec<u64>) -> bool) {
+    while let Some(first) = requests.recv().await {
+        let mut gpas = vec![first];
+        while let Ok(more) = requests.try_recv() {
+            gpas.push(more);
+        }
+        if !send(gpas) {
+            return;
+        }
+    }
+}
