@@ -19,7 +19,7 @@ pub struct SlotPage {
 }
 
 /// Field offsets in the `kvm:kvm_dirty_ring_push` record (its tracefs format
-/// file; ../shared/notes/host-facts.md): the memslot and the page in it.
+/// file; docs/host.md): the memslot and the page in it.
 pub const PUSH_SLOT_OFFSET: usize = 20;
 pub const PUSH_PAGE_OFFSET: usize = 24;
 

@@ -1,7 +1,7 @@
 //! `cargo xtask build-ebpf`: the eBPF programs (`agent-ebpf`) for
 //! bpfel-unknown-none, with the pinned nightly and bpf-linker, installed here
 //! if missing (the versions that build on our machines:
-//! ../shared/notes/host-facts.md). The object lands at target/bpf/pcft-ebpf.o,
+//! docs/host.md). The object lands at target/bpf/pcft-ebpf.o,
 //! where the agent's build.rs embeds it into pcft.
 
 use super::{is_root, on_path, status, workspace_root};
