@@ -5,4 +5,6 @@
 pub mod destination;
 pub mod error;
 pub mod ft;
+pub mod postcopy;
+pub mod progress;
 pub mod source;

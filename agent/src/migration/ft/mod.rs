@@ -2,6 +2,7 @@
 //! source's store of them, the lease, and failover.
 
 pub mod lease;
+pub mod source;
 pub mod stager;
 pub mod staging;
 pub mod store;

@@ -34,6 +34,11 @@ pub enum CheckpointError {
     Staging(String),
 }
 
+/// A commit failed half-way: guest memory holds no committed state (why).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TornStore(String);
+
 /// The last committed checkpoint: the VM state to restore over guest memory.
 pub struct Committed {
     /// 0: the state captured at the switchover, before any checkpoint.
@@ -145,10 +150,10 @@ impl CheckpointStore {
 
     /// Ends the store: the last committed checkpoint (the staged epoch is
     /// dropped), or why guest memory holds none (a commit failed half-way).
-    pub fn into_committed(self) -> Result<Committed, String> {
+    pub fn into_committed(self) -> Result<Committed, TornStore> {
         match self.torn {
             None => Ok(self.committed),
-            Some(reason) => Err(reason),
+            Some(reason) => Err(TornStore(reason)),
         }
     }
 }
