@@ -14,7 +14,7 @@
 
 use crate::migration::ft::staging::{Staging, StagingLimits};
 use crate::vmm::machine::MachineState;
-use crate::vmm::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
 use crate::wire::frame::PageBatch;
 use std::sync::Arc;
 
@@ -113,12 +113,10 @@ impl CheckpointStore {
         let applied = self.staging.drain(|batch| {
             for run in batch.runs() {
                 match run.data {
-                    Some(data) => memory.write(run.gpa, data).map_err(|e: MemoryError| e.to_string())?,
+                    Some(data) => memory.write(run.gpa, data)?,
                     None => {
                         for i in 0..run.pages as u64 {
-                            memory
-                                .write(run.gpa + i * PAGE_SIZE, &[0u8; PAGE_SIZE as usize])
-                                .map_err(|e: MemoryError| e.to_string())?;
+                            memory.write(run.gpa + i * PAGE_SIZE, &[0u8; PAGE_SIZE as usize])?;
                         }
                     }
                 }
