@@ -7,7 +7,8 @@ use crate::host::format_size;
 use crate::migration::destination::{migrate_in, IncomingMigration};
 use crate::migration::ft::staging::StagingLimits;
 use crate::migration::ft::store::Committed;
-use crate::migration::source::{migrate_out, MigrationError, MigrationOutcome};
+use crate::migration::progress::Progress;
+use crate::migration::source::{migrate_out, MigrateOut, MigrationError, MigrationOutcome};
 use crate::vmm::dirty::DirtyTracking;
 use crate::vmm::machine::{Machine, MachineConfig};
 use crate::vmm::output::OutputSink;
@@ -305,17 +306,18 @@ impl Daemon {
         };
         tracing::info!(vm = %name, %to, mode = mode.name(), "migrating out");
         let span = tracing::info_span!("migration", vm = %name, to = %to, mode = mode.name(), side = "source");
-        let result = migrate_out(
-            &runner,
-            &name,
-            &config,
-            &to,
+        let result = migrate_out(MigrateOut {
+            runner: &runner,
+            vm: &name,
+            config: &config,
+            to: &to,
             mode,
             options,
-            &self.name,
-            self.psk.as_ref(),
-            &self.limits.staging,
-        )
+            agent: &self.name,
+            psk: self.psk.as_ref(),
+            staging: &self.limits.staging,
+            progress: Arc::new(Progress::new()),
+        })
         .instrument(span)
         .await;
         let outcome = match &result {

@@ -8,6 +8,7 @@
 pub mod checkpointer;
 pub mod destination;
 pub mod lease;
+pub mod source;
 pub mod stager;
 pub mod staging;
 pub mod store;

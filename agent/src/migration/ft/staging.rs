@@ -6,6 +6,7 @@
 //! of them is handed out, so a bad disk makes the commit fail before it has
 //! touched guest memory.
 
+use crate::vmm::memory::MemoryError;
 use crate::wire::frame::{decode_header, decode_payload, encode_pages, Frame, PageBatch, HEADER_BYTES};
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -24,8 +25,9 @@ pub enum StagingError {
     Write { dir: PathBuf, reason: String },
     #[error("the checkpoint staging file in {dir} does not read back: {reason}")]
     Read { dir: PathBuf, reason: String },
+    /// Writing a batch into guest memory failed.
     #[error("{0}")]
-    Apply(String),
+    Apply(MemoryError),
 }
 
 /// Where staged pages go once the memory budget is used.
@@ -131,7 +133,7 @@ impl Staging {
     /// to [`APPLY_ATTEMPTS`] passes). If `apply` fails, or every pass does,
     /// [`torn`](Self::torn) says some batches were applied. Once every batch
     /// is applied the epoch is whole, whatever happens to the file after.
-    pub fn drain(&mut self, mut apply: impl FnMut(&PageBatch) -> Result<(), String>) -> Result<(), StagingError> {
+    pub fn drain(&mut self, mut apply: impl FnMut(&PageBatch) -> Result<(), MemoryError>) -> Result<(), StagingError> {
         let spilled = self.spill.as_ref().is_some_and(|s| s.bytes > 0);
         if spilled {
             self.each_spilled(|_| Ok(()))?;
@@ -174,7 +176,7 @@ impl Staging {
         &mut self,
         in_memory: &[PageBatch],
         spilled: bool,
-        apply: &mut impl FnMut(&PageBatch) -> Result<(), String>,
+        apply: &mut impl FnMut(&PageBatch) -> Result<(), MemoryError>,
     ) -> Result<(), StagingError> {
         for batch in in_memory {
             apply(batch).map_err(StagingError::Apply)?;

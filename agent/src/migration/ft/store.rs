@@ -14,7 +14,7 @@
 
 use crate::migration::ft::staging::{Staging, StagingLimits};
 use crate::vmm::machine::MachineState;
-use crate::vmm::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
 use crate::wire::frame::PageBatch;
 use std::sync::Arc;
 
@@ -33,6 +33,11 @@ pub enum CheckpointError {
     #[error("cannot stage checkpoint pages: {0}")]
     Staging(String),
 }
+
+/// A commit failed half-way: guest memory holds no committed state (why).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TornStore(String);
 
 /// The last committed checkpoint: the VM state to restore over guest memory.
 pub struct Committed {
@@ -108,12 +113,10 @@ impl CheckpointStore {
         let applied = self.staging.drain(|batch| {
             for run in batch.runs() {
                 match run.data {
-                    Some(data) => memory.write(run.gpa, data).map_err(|e: MemoryError| e.to_string())?,
+                    Some(data) => memory.write(run.gpa, data)?,
                     None => {
                         for i in 0..run.pages as u64 {
-                            memory
-                                .write(run.gpa + i * PAGE_SIZE, &[0u8; PAGE_SIZE as usize])
-                                .map_err(|e: MemoryError| e.to_string())?;
+                            memory.write(run.gpa + i * PAGE_SIZE, &[0u8; PAGE_SIZE as usize])?;
                         }
                     }
                 }
@@ -145,10 +148,10 @@ impl CheckpointStore {
 
     /// Ends the store: the last committed checkpoint (the staged epoch is
     /// dropped), or why guest memory holds none (a commit failed half-way).
-    pub fn into_committed(self) -> Result<Committed, String> {
+    pub fn into_committed(self) -> Result<Committed, TornStore> {
         match self.torn {
             None => Ok(self.committed),
-            Some(reason) => Err(reason),
+            Some(reason) => Err(TornStore(reason)),
         }
     }
 }

@@ -5,3 +5,4 @@
 
 pub mod faults;
 pub mod install;
+pub mod push;

@@ -107,7 +107,7 @@ impl Reply {
 }
 
 /// Where the reply reader puts what it reads.
-pub(super) struct Lanes {
+struct Lanes {
     /// Everything else, in order, within the queue's byte budget.
     pub(super) queue: mpsc::UnboundedSender<Queued>,
     /// The latest heartbeat, acked before anything queued.
@@ -118,11 +118,40 @@ pub(super) struct Lanes {
     pub(super) checkpoints: Option<stager::Inbox>,
 }
 
+/// The loop's ends of the reply reader's lanes.
+pub(super) struct Inbound {
+    /// Everything but heartbeats, page requests and checkpoint frames, in order.
+    pub(super) replies: mpsc::UnboundedReceiver<Queued>,
+    /// The latest heartbeat's sequence number (acked before anything queued).
+    pub(super) heartbeats: watch::Receiver<u64>,
+    /// Page requests, served before anything queued (bounded by the guest's
+    /// pages: the destination asks for a page once).
+    pub(super) requests: mpsc::UnboundedReceiver<Vec<u64>>,
+}
+
+/// Starts the reply reader on `rd` (checkpoint frames to `checkpoints`, if
+/// PostCopyFT); returns the loop's ends of its lanes.
+pub(super) fn spawn_reader(
+    rd: FrameReader,
+    checkpoints: Option<stager::Inbox>,
+    liveness: Option<Arc<Liveness>>,
+) -> Inbound {
+    let (queue, replies) = mpsc::unbounded_channel();
+    let (heartbeats_tx, heartbeats) = watch::channel(0);
+    let (requests_tx, requests) = mpsc::unbounded_channel();
+    tokio::spawn(read_replies(
+        rd,
+        Lanes { queue, heartbeats: heartbeats_tx, requests: requests_tx, checkpoints },
+        liveness,
+    ));
+    Inbound { replies, heartbeats, requests }
+}
+
 /// Reads the destination's frames after the switchover and queues them with
 /// their arrival time, within the queue's byte budget (waiting for room stops
 /// the reading: back-pressure to the destination; with checkpoint credit it
 /// does not come to that). Heartbeats and page requests skip the queue.
-pub(super) async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Option<Arc<Liveness>>) {
+async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Option<Arc<Liveness>>) {
     let room = Arc::new(Semaphore::new(REPLY_QUEUE_BYTES as usize));
     loop {
         if let Some(liveness) = &liveness {

@@ -1,0 +1,123 @@
+//! How a migration ends at the source: given up before the commit (the VM
+//! runs here again), completed, or the destination lost after the commit (the
+//! report, and with PostCopyFT the checkpoint to restore and when).
+
+use crate::migration::error::{FailureKind, MigrationError};
+use crate::migration::ft::source::FtEnd;
+use crate::migration::ft::store::Committed;
+use crate::migration::source::lost::Lost;
+use crate::migration::source::outbox::Outbox;
+use crate::vmm::runner::VmRunner;
+use crate::wire::messages::{DestinationStats, FailureReport, Message, MigrationReport};
+use std::time::{Duration, Instant};
+
+/// How a migration ended at the source.
+pub enum MigrationOutcome {
+    /// The VM runs at the destination and the source let go of it.
+    Completed(MigrationReport),
+    /// PostCopyFT: the destination was lost after the commit. The VM must be
+    /// restored from `committed` over the source's memory, not before `fenced_at`.
+    DestinationLost {
+        report: MigrationReport,
+        committed: Box<Committed>,
+        detected_at: Instant,
+        /// When the destination's lease has surely expired.
+        fenced_at: Instant,
+    },
+}
+
+/// Gives up before the commit: the VM runs here again (dirty logging off
+/// first, if `dirty_logging` may be on), and the destination hears why.
+pub async fn abandon(
+    runner: &VmRunner,
+    out: &mut Outbox,
+    error: MigrationError,
+    dirty_logging: bool,
+) -> MigrationError {
+    if dirty_logging {
+        let _ = runner.set_dirty_logging(false).await;
+    }
+    let _ = runner.resume().await;
+    let _ = out.message(&Message::Abort { reason: error.to_string(), paused: false }).await;
+    error
+}
+
+/// What the source has when the post-copy loop has ended.
+pub struct Ending<'a> {
+    pub started: Instant,
+    pub paused_at: Instant,
+    /// When the loop ended (the destination, if lost, was found lost).
+    pub ended_at: Instant,
+    pub out: Outbox,
+    pub resumed_at: Option<Instant>,
+    /// PostCopyFT's side, stopped: the final store.
+    pub ft: Option<FtEnd>,
+    pub report: MigrationReport,
+    /// The destination agent's address.
+    pub to: &'a str,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The migration's outcome from how the post-copy loop ended.
+pub fn conclude(
+    mut end: Ending<'_>,
+    result: Result<DestinationStats, Lost>,
+) -> Result<MigrationOutcome, MigrationError> {
+    let report = &mut end.report;
+    report.total_migration_ms = ms(end.started.elapsed());
+    report.downtime_ms = end.resumed_at.map(|at| ms(at.duration_since(end.paused_at))).unwrap_or(f64::NAN);
+    report.bytes_sent = end.out.bytes;
+    report.pages_sent = end.out.pages;
+    report.zero_pages = end.out.zero_pages;
+    if let Some(ft) = &end.ft {
+        report.checkpoints_committed = ft.store.committed_epoch();
+        report.checkpoint_pages = ft.store.pages_committed;
+        report.checkpoint_bytes = ft.store.bytes_received;
+    }
+    match result {
+        Ok(stats) => {
+            report.fault_latency_us = stats.fault_latency_us;
+            Ok(MigrationOutcome::Completed(end.report))
+        }
+        Err(lost) => destination_lost(end, lost),
+    }
+}
+
+/// The destination was lost after the commit: with PostCopyFT, the checkpoint
+/// to restore and when the lease allows it; without, nothing to restore.
+fn destination_lost(end: Ending<'_>, lost: Lost) -> Result<MigrationOutcome, MigrationError> {
+    let Ending { started, ended_at, out, ft, mut report, to, .. } = end;
+    let copy = lost.destination_copy();
+    let Lost { kind, cause } = lost;
+    let reason = cause.to_string();
+    let Some(ft) = ft else {
+        return Err(MigrationError::LostAfterCommit(reason));
+    };
+    let detected_at = ended_at;
+    let Some(fenced_at) = ft.restore_at(copy, detected_at) else {
+        return Err(MigrationError::LostAfterCommit(format!(
+            "{reason}; it runs the VM if Finish reached it, or it stopped its copy: check `pcft status` on {to}"
+        )));
+    };
+    let last_heard = match kind {
+        FailureKind::CheckpointStalled => ft.checkpoint_progress,
+        _ => out.liveness.as_ref().and_then(|l| l.silent_since()).unwrap_or_else(Instant::now),
+    };
+    // The lease was last renewed before the loop ended; the connection goes (with `out`).
+    drop(out);
+    report.total_migration_ms = f64::NAN;
+    report.failure = Some(Box::new(FailureReport {
+        kind: kind.name().to_string(),
+        detected_at_ms: ms(detected_at.duration_since(started)),
+        detection_ms: ms(detected_at.duration_since(last_heard)),
+        reason: reason.clone(),
+    }));
+    tracing::warn!(vm = %report.vm, kind = kind.name(), epoch = ft.store.committed_epoch(), "destination lost: {reason}");
+    let committed = ft.store.into_committed().map_err(|torn| {
+        MigrationError::LostAfterCommit(format!("{reason}; and the source's image is not consistent: {torn}"))
+    })?;
+    Ok(MigrationOutcome::DestinationLost { report, committed: Box::new(committed), detected_at, fenced_at })
+}

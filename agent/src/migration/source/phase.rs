@@ -1,0 +1,138 @@
+//! The source endpoint's phases, and the one place where it moves from one
+//! to the next ([`Phases::enter`]).
+
+use crate::migration::progress::Progress;
+use std::sync::Arc;
+
+/// Where the source endpoint of a migration is. Before `Postcopy` nothing is
+/// committed: a failure leaves the VM running here (`Failed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Connecting to the destination agent: greeting, `Begin`, `Ready`.
+    Connecting,
+    /// Pre-copy and hybrid: copy rounds while the VM runs here.
+    Precopy,
+    /// The VM is stopped; its state went out in `Switchover`; waiting for `Restored`.
+    Switchover,
+    /// Committed (`Go` went out): the push, requested pages first.
+    Postcopy,
+    /// `AllSent` went out; waiting for `Complete`.
+    Draining,
+    /// PostCopyFT: `Finish` went out; waiting for `Finished`.
+    Finishing,
+    /// The VM runs at the destination and the source let go of it.
+    Completed,
+    /// Before the commit: the VM runs here again.
+    Failed,
+    /// PostCopyFT: the destination was lost after the commit; the VM is to be
+    /// restored here from the last checkpoint (not before the lease allows).
+    DestinationLost,
+    /// The destination was lost after the commit and the VM cannot be restored here.
+    LostAfterCommit,
+}
+
+impl Phase {
+    /// Whether the endpoint may go from `self` to `next`.
+    pub fn may_enter(self, next: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, next),
+            (Connecting, Precopy | Switchover | Failed)
+                | (Precopy, Switchover | Failed)
+                | (Switchover, Postcopy | Failed)
+                | (Postcopy, Draining)
+                | (Draining, Finishing | Completed)
+                | (Finishing, Completed)
+                | (Postcopy | Draining | Finishing, DestinationLost | LostAfterCommit)
+        )
+    }
+
+    /// Whether the switchover is committed (the destination may run the VM).
+    pub fn committed(self) -> bool {
+        matches!(
+            self,
+            Phase::Postcopy
+                | Phase::Draining
+                | Phase::Finishing
+                | Phase::Completed
+                | Phase::DestinationLost
+                | Phase::LostAfterCommit
+        )
+    }
+
+    /// The phase as a migration's progress names it (one of `metrics::PHASES`).
+    pub fn progress_name(self) -> &'static str {
+        match self {
+            Phase::Connecting | Phase::Precopy => "precopy",
+            Phase::Switchover => "switchover",
+            Phase::Postcopy | Phase::Draining | Phase::Finishing => "postcopy",
+            Phase::Completed => "completed",
+            Phase::Failed => "failed",
+            Phase::DestinationLost => "recovered",
+            Phase::LostAfterCommit => "lost",
+        }
+    }
+}
+
+/// The source endpoint's current phase, and the progress it reports.
+pub struct Phases {
+    current: Phase,
+    progress: Arc<Progress>,
+}
+
+impl Phases {
+    /// An endpoint that starts `Connecting`.
+    pub fn new(progress: Arc<Progress>) -> Phases {
+        progress.set_phase(Phase::Connecting.progress_name());
+        Phases { current: Phase::Connecting, progress }
+    }
+
+    pub fn current(&self) -> Phase {
+        self.current
+    }
+
+    /// Where the endpoint reports its progress.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    /// Moves to `next` (a transition not in [`Phase::may_enter`] is a bug).
+    pub fn enter(&mut self, next: Phase) {
+        debug_assert!(self.current.may_enter(next), "source endpoint: {:?} → {next:?}", self.current);
+        tracing::debug!(from = ?self.current, to = ?next, "source phase");
+        self.current = next;
+        self.progress.set_phase(next.progress_name());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_after_the_commit_goes_back_to_failed() {
+        use Phase::*;
+        let all = [
+            Connecting,
+            Precopy,
+            Switchover,
+            Postcopy,
+            Draining,
+            Finishing,
+            Completed,
+            Failed,
+            DestinationLost,
+            LostAfterCommit,
+        ];
+        for from in all {
+            for to in all {
+                if from.may_enter(to) {
+                    assert!(!from.committed() || to.committed(), "{from:?} → {to:?}");
+                    assert!(to != Failed || !from.committed(), "{from:?} → {to:?}");
+                }
+            }
+            assert!(!from.may_enter(from), "{from:?} stays");
+        }
+        assert!(!Switchover.may_enter(DestinationLost), "PostCopyFT fails over only after the commit");
+    }
+}
