@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod demo;
+pub mod dirty_takes;
 pub mod netns;
 pub mod remote;
 pub mod report;

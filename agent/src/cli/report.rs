@@ -1,5 +1,6 @@
 //! How `pcft vm` reports what happens: human lines or JSON lines on stdout.
 
+use super::dirty_takes::TakeStats;
 use serde_json::json;
 use vm_fixtures::OutputRecord;
 
@@ -57,7 +58,7 @@ impl Reporter {
         );
     }
 
-    pub fn dirty_takes(&self, tracker: &str, t: &super::vm::TakeStats, elapsed_ms: u128) {
+    pub fn dirty_takes(&self, tracker: &str, t: &TakeStats, elapsed_ms: u128) {
         self.line(
             json!({"event": "dirty-takes", "tracker": tracker, "takes": t.takes, "pages": t.pages,
                    "take_us_total": t.total_us, "take_us_max": t.max_us, "elapsed_ms": elapsed_ms}),

@@ -1,5 +1,6 @@
 //! `pcft vm run | restore | inspect`.
 
+use super::dirty_takes::TakeStats;
 use super::report::Reporter;
 use super::{run_failure, usage, Failure, InspectArgs, Pattern, RestoreArgs, RunArgs, RunControl, WorkloadArgs};
 use anyhow::{anyhow, Context};
@@ -180,28 +181,6 @@ fn drive(mut machine: Machine, control: &RunControl, reporter: &Reporter) -> Res
             reporter.failed(&format!("{err:#}"));
             Err(run_failure(err))
         }
-    }
-}
-
-/// What the dirty takes of a run cost and found.
-#[derive(Default)]
-pub struct TakeStats {
-    pub takes: u64,
-    pub pages: u64,
-    pub total_us: u64,
-    pub max_us: u64,
-}
-
-impl TakeStats {
-    fn take(&mut self, machine: &Machine) -> Result<(), MachineError> {
-        let at = Instant::now();
-        let pages = machine.take_dirty_pages()?;
-        let us = at.elapsed().as_micros() as u64;
-        self.takes += 1;
-        self.pages += pages.len() as u64;
-        self.total_us += us;
-        self.max_us = self.max_us.max(us);
-        Ok(())
     }
 }
 

@@ -1,0 +1,110 @@
+//! `pcft demo`: the one-command tour. Two agents as separate processes on this
+//! machine, a fixture VM started on one and migrated to the other; with
+//! PostCopyFT (the default) the destination fails mid post-copy and the
+//! source recovers the VM from its last checkpoint. The guest is verified
+//! against its oracle wherever it finished, and every output record that
+//! reached the outside world against the oracle's; everything is stopped and
+//! the report printed.
+//!
+//! The failure kinds (`--fail-kind`): the destination crashes, freezes or
+//! stalls its checkpoints, the network between the hosts is cut or degraded
+//! (the agents then run in network namespaces, see `netns`), the migration
+//! connection is reset while both agents live (an nftables rule, see
+//! `netns::ResetRule`), the destination goes silent while its vCPUs and lease
+//! watchdog stall at their worst moments (`stall-fence`), or the source is
+//! starved of CPU (see `cgroup`).
+//!
+//! Whatever happened, the demo then checks independently that one copy ran
+//! at a time: each agent records when the vCPUs of every copy of the VM it ran
+//! were inside `KVM_RUN` (`pcft_agent::vmm::run_log`, on `CLOCK_BOOTTIME`, which
+//! both agents share on this one host), and no interval of the source's
+//! copies may overlap one of the destination's; and at the end the VM must run
+//! (or have finished) at exactly one agent.
+//!
+//! The run is a sequence of phases, one file each: plan (`plan`, with
+//! `fail_at`) → start the agents (`agents`, `key`) and the outside world
+//! (`outside`) → start the VM and migrate it (`migrate`) → inject the fault
+//! (`faults`; or the destination does, at its point) → observe the failover
+//! (`migrate`, `agent_calls`) → verify (`one_copy`, `outside`) → report
+//! (`announce`, `report`).
+
+mod agent_calls;
+mod agents;
+mod announce;
+mod fail_at;
+mod faults;
+mod key;
+mod migrate;
+mod one_copy;
+mod outside;
+mod plan;
+mod report;
+
+use crate::cli::netns::Testbed;
+use crate::cli::remote::runtime;
+use crate::cli::stopwatch::StopWatch;
+use crate::cli::{usage, DemoArgs, FailKind, Failure};
+use agents::{AgentSetting, Agents};
+use faults::FaultTimer;
+use migrate::MigrationRun;
+use outside::{OutputAudit, Outside};
+use plan::DemoPlan;
+use report::DemoReport;
+use std::sync::Arc;
+use vm_fixtures::OutputRecord;
+
+/// `pcft demo`: start agents → start the VM → migrate → inject the fault →
+/// observe the failover → verify → report.
+pub fn demo(args: DemoArgs) -> Result<(), Failure> {
+    // What to do, checked before anything starts.
+    let plan = DemoPlan::new(&args)?;
+
+    // Start the agents: on two hosts (network namespaces) when the network fails,
+    // with the outside world listening for their released output.
+    let testbed = if plan.fault.netns { Some(Arc::new(Testbed::create().map_err(usage)?)) } else { None };
+    let outside = Outside::start(if plan.fault.netns { "0.0.0.0:0" } else { "127.0.0.1:0" })?;
+    let setting = AgentSetting { testbed: testbed.as_deref(), outside: &outside.addr };
+    let (agents, endpoints) = Agents::start_both(&args, &plan.fault, &setting)?;
+    // A frozen destination's vCPU threads stop on their way out of KVM_RUN and
+    // read the clock only when continued: watch when they were stopped.
+    let stop_watch = (plan.fault.kind == FailKind::Freeze).then(|| StopWatch::start(endpoints.destination_pid));
+    if !args.json {
+        announce::print(&args, &plan, &endpoints, &outside.addr);
+    }
+    let expected: Vec<OutputRecord> =
+        plan.config.fixture.expected_after(plan.config.fixture.steps).outputs().iter().flatten().copied().collect();
+
+    // Start the VM, migrate it, inject the fault, observe the failover.
+    let faults = FaultTimer::default();
+    let migration =
+        MigrationRun { args: &args, plan: &plan, endpoints: &endpoints, testbed: testbed.as_ref(), faults: &faults };
+    let outcome = migration.run();
+    // Whatever happened: nothing more is injected, and the reset rule goes.
+    drop(faults.stop());
+
+    // Verify: one copy at a time, from both agents' run logs (before they stop) ...
+    let stopped = stop_watch.map(StopWatch::finish).unwrap_or_default();
+    let one_copy = one_copy::check(&endpoints.source, &endpoints.destination, &stopped);
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            drop(agents);
+            eprintln!("pcft demo: {}", one_copy.line());
+            return Err(e);
+        }
+    };
+    // ... and the outside world's records against the oracle's.
+    let outputs = OutputAudit::new(&outside.settle(expected.len()), &expected);
+
+    // Report.
+    let report = DemoReport::new(&args, &plan, outcome, outputs, one_copy, faults.applied());
+    report.print()?;
+    if let Some(url) = &endpoints.dashboard_url {
+        if !args.json {
+            println!("the dashboard stays up at {url}: press Ctrl-C to stop the agents");
+        }
+        let _ = runtime().block_on(tokio::signal::ctrl_c());
+    }
+    drop(agents);
+    report.verdict()
+}
