@@ -34,7 +34,8 @@ use pcft_agent::host;
 use pcft_agent::vmm::output::ReleasedRecord;
 use pcft_agent::vmm::run_log::{RunInterval, RunLogSnapshot};
 use pcft_agent::wire::auth::Psk;
-use pcft_agent::wire::messages::{Message, MigrationOptions, Mode, VmPhase};
+use pcft_agent::wire::control::ControlMessage;
+use pcft_agent::wire::payload::{MigrationOptions, Mode, VmPhase};
 use serde_json::json;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -297,10 +298,12 @@ struct Injected {
 /// the source cannot be asked. (It may start before the source has the
 /// request: a VM still `running` there is waited for too.)
 async fn postcopy_started(source: &str) -> bool {
-    use pcft_agent::wire::messages::VmPhase;
+    use pcft_agent::wire::payload::VmPhase;
     let Ok(mut client) = AgentClient::connect(source).await else { return false };
     loop {
-        let Ok(Message::StatusReport { vms, .. }) = client.request(&Message::Status).await else { return false };
+        let Ok(ControlMessage::StatusReport { vms, .. }) = client.request(&ControlMessage::Status).await else {
+            return false;
+        };
         let Some(vm) = vms.into_iter().find(|v| v.name == VM) else { return false };
         if vm.migration.is_some_and(|m| m.phase == "postcopy") {
             return true;
@@ -391,15 +394,15 @@ async fn destination_fenced(destination: &str, pid: u32, settle_ms: u64) -> Resu
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
     tokio::time::sleep(Duration::from_millis(settle_ms + 300)).await;
     let mut client = AgentClient::connect(destination).await.map_err(client_error)?;
-    let records = |answer: Message| match answer {
-        Message::StatusReport { vms, .. } => vms.into_iter().find(|v| v.name == VM),
+    let records = |answer: ControlMessage| match answer {
+        ControlMessage::StatusReport { vms, .. } => vms.into_iter().find(|v| v.name == VM),
         _ => None,
     };
-    let Some(before) = records(client.request(&Message::Status).await.map_err(client_error)?) else {
+    let Some(before) = records(client.request(&ControlMessage::Status).await.map_err(client_error)?) else {
         return Ok(true); // the VM is gone there
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = records(client.request(&Message::Status).await.map_err(client_error)?);
+    let after = records(client.request(&ControlMessage::Status).await.map_err(client_error)?);
     let stopped = after.as_ref().is_none_or(|a| a.records == before.records);
     let marked = before.error.as_deref().is_some_and(|e| e.contains("fenced"));
     Ok(stopped && marked)
@@ -432,14 +435,14 @@ impl CopyAt {
 async fn copy_at(addr: &str) -> CopyAt {
     let ask = async {
         let mut client = AgentClient::connect(addr).await.ok()?;
-        let runs = match client.request(&Message::RunLog { name: VM.into() }).await {
-            Ok(Message::RunLogReport { runs, .. }) => runs,
+        let runs = match client.request(&ControlMessage::RunLog { name: VM.into() }).await {
+            Ok(ControlMessage::RunLogReport { runs, .. }) => runs,
             // `Refuse`: no such VM there.
             Err(ClientError::Refused(_)) => RunLogSnapshot::default(),
             _ => return None,
         };
-        let phase = match client.request(&Message::Status).await {
-            Ok(Message::StatusReport { vms, .. }) => vms.into_iter().find(|v| v.name == VM).map(|v| v.phase),
+        let phase = match client.request(&ControlMessage::Status).await {
+            Ok(ControlMessage::StatusReport { vms, .. }) => vms.into_iter().find(|v| v.name == VM).map(|v| v.phase),
             _ => None,
         };
         Some(CopyAt { runs: Some(runs), phase })
@@ -739,7 +742,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let injected: Arc<Mutex<Injected>> = Arc::default();
     let outcome = runtime().block_on(async {
         let mut src = AgentClient::connect(&source).await.map_err(client_error)?;
-        let start = Message::StartVm { name: VM.into(), config, tracking: dirty_tracker(&args).into() };
+        let start = ControlMessage::StartVm { name: VM.into(), config, tracking: dirty_tracker(&args).into() };
         src.request(&start).await.map_err(client_error)?;
         tokio::time::sleep(migrate_after).await;
         if let FailAt::After(after) = fail_at {
@@ -790,10 +793,10 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
                 }
             });
         }
-        let request = Message::Migrate { name: VM.into(), to: migrate_to.clone(), mode, options };
+        let request = ControlMessage::Migrate { name: VM.into(), to: migrate_to.clone(), mode, options };
         let migration = super::remote::with_progress(&source, VM, !args.json, src.request(&request));
         let report = match migration.await.map_err(client_error)? {
-            Message::Migrated(report) => report,
+            ControlMessage::Migrated(report) => report,
             other => return Err(run_failure(anyhow!("the source answered {other:?}"))),
         };
         // The migration is over: undo what the timer applied (and apply nothing more).
@@ -829,7 +832,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
         // After a failover the VM runs on at the source; otherwise at the destination.
         let runs_at = if report.failover.is_some() { &source } else { &destination };
         let mut client = AgentClient::connect(runs_at).await.map_err(client_error)?;
-        let verified = client.request(&Message::WaitFinished { name: VM.into(), timeout_ms: 600_000 }).await;
+        let verified = client.request(&ControlMessage::WaitFinished { name: VM.into(), timeout_ms: 600_000 }).await;
         Ok((report, verified, fenced))
     });
     // Whatever happened: nothing more is injected, and the reset rule goes.
@@ -859,7 +862,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let released = outside.settle(expected.len());
     let outputs = audit(&released, &expected);
     let (verified_ok, records, digest, error) = match &verified {
-        Ok(Message::Verified { records, memory_digest, .. }) => {
+        Ok(ControlMessage::Verified { records, memory_digest, .. }) => {
             (true, Some(*records), Some(format!("{memory_digest:#018x}")), None)
         }
         Ok(other) => (false, None, None, Some(format!("unexpected answer {other:?}"))),

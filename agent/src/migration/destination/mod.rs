@@ -19,7 +19,8 @@ use crate::wire::frame::{
     encode_message, Frame, FrameReader, FrameWriter, PageBatch, PageBatchWriter, ProtocolError, CHECKPOINT_WINDOW,
     HEADER_BYTES,
 };
-use crate::wire::messages::{DestinationStats, Message, MigrationOptions, Mode, Percentiles};
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::{DestinationStats, MigrationOptions, Mode, Percentiles};
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -114,7 +115,7 @@ impl Outbox {
     }
 
     /// Queues a control message; never waits (a full lane is a stuck connection).
-    fn message(&self, message: &Message) -> Result<(), MigrationError> {
+    fn message(&self, message: &MigrationMessage) -> Result<(), MigrationError> {
         self.control.try_send(encode_message(message)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => MigrationError::Timeout {
                 what: format!("the connection to the source: {CONTROL_QUEUE_FRAMES} control frames wait to go out"),
@@ -216,7 +217,7 @@ async fn forward_requests(mut requests: mpsc::UnboundedReceiver<u64>, out: Outbo
         while let Ok(more) = requests.try_recv() {
             gpas.push(more);
         }
-        if out.message(&Message::PageRequest { gpas }).is_err() {
+        if out.message(&MigrationMessage::PageRequest { gpas }).is_err() {
             return;
         }
     }
@@ -467,7 +468,7 @@ async fn heartbeats(
             let _ = fenced.send("the lease expired: the source acked no heartbeat in time".into());
             return;
         }
-        if out.message(&Message::Heartbeat { seq }).is_err() {
+        if out.message(&MigrationMessage::Heartbeat { seq }).is_err() {
             return;
         }
     }
@@ -560,7 +561,7 @@ async fn checkpoint(
     }
     let pages = (speculative.len() + capture.dirty.len()) as u64;
     let outputs = capture.state.devices.output_log.len();
-    let commit = encode_message(&Message::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() });
+    let commit = encode_message(&MigrationMessage::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() });
     queue_commit(epoch, outputs, commit, out, unacked).await?;
     tracing::debug!(
         epoch,
@@ -651,12 +652,13 @@ pub async fn migrate_in(
         Ok(v) => v,
         Err(e) => {
             // Tell the source why: the VM keeps running there.
-            let _ = out.message(&Message::Refuse { reason: format!("the destination cannot take the VM: {e}") });
+            let _ =
+                out.message(&MigrationMessage::Refuse { reason: format!("the destination cannot take the VM: {e}") });
             return Err(e);
         }
     };
     let mut prepared = Some(prepared);
-    out.message(&Message::Ready)?;
+    out.message(&MigrationMessage::Ready)?;
 
     let mut runner: Option<Arc<VmRunner>> = None;
     let mut on_running = Some(on_running);
@@ -694,7 +696,7 @@ pub async fn migrate_in(
                     break Err(e);
                 }
             }
-            Frame::Message(Message::Switchover { state, stale }) if runner.is_none() => {
+            Frame::Message(MigrationMessage::Switchover { state, stale }) if runner.is_none() => {
                 incoming.switched_over = true;
                 // Changed after they were sent: drop them so that the guest faults them in fresh.
                 if let Err(e) = incoming.discard(&stale) {
@@ -740,11 +742,11 @@ pub async fn migrate_in(
                     }
                     tokio::spawn(forward_requests(rx, out.clone()));
                 }
-                if let Err(e) = out.message(&Message::Restored) {
+                if let Err(e) = out.message(&MigrationMessage::Restored) {
                     break Err(e);
                 }
             }
-            Frame::Message(Message::Go) if runner.is_some() && on_running.is_some() => {
+            Frame::Message(MigrationMessage::Go) if runner.is_some() && on_running.is_some() => {
                 let r = runner.as_ref().expect("checked");
                 // The agent knows the VM runs here from before its first instruction:
                 // a resume that fails half-way has started some vCPUs.
@@ -756,7 +758,7 @@ pub async fn migrate_in(
                     break Err(MigrationError::vm(e));
                 }
                 stats.resume_us = at.elapsed().as_micros() as u64;
-                if let Err(e) = out.message(&Message::Resumed) {
+                if let Err(e) = out.message(&MigrationMessage::Resumed) {
                     break Err(e);
                 }
                 crate::agent::metrics::get().set_phase(name, "postcopy");
@@ -775,7 +777,7 @@ pub async fn migrate_in(
                     ));
                 }
             }
-            Frame::Message(Message::AllSent { .. }) if on_running.is_none() && !completed => {
+            Frame::Message(MigrationMessage::AllSent { .. }) if on_running.is_none() && !completed => {
                 if mode.checkpoints() {
                     crash::at(CrashPoint::AfterLastPage);
                 }
@@ -795,7 +797,7 @@ pub async fn migrate_in(
                     stats.checkpoints_acked = ft.acked;
                     stats.checkpoint_pause_max_us = ft.pause_max_us.load(Ordering::Relaxed);
                 }
-                if let Err(e) = out.message(&Message::Complete(stats)) {
+                if let Err(e) = out.message(&MigrationMessage::Complete(stats)) {
                     break Err(e);
                 }
                 completed = true;
@@ -804,13 +806,13 @@ pub async fn migrate_in(
                     break Ok(());
                 }
             }
-            Frame::Message(Message::CheckpointCredit { bytes }) if ft.is_some() || completed => {
+            Frame::Message(MigrationMessage::CheckpointCredit { bytes }) if ft.is_some() || completed => {
                 out.credit.give_back(bytes);
             }
-            Frame::Message(Message::CheckpointAck { epoch }) if ft.is_some() => {
+            Frame::Message(MigrationMessage::CheckpointAck { epoch }) if ft.is_some() => {
                 ft.as_mut().expect("checked").acked(epoch, runner.as_ref().expect("runs"));
             }
-            Frame::Message(Message::HeartbeatAck { seq }) if ft.is_some() => {
+            Frame::Message(MigrationMessage::HeartbeatAck { seq }) if ft.is_some() => {
                 let ft = ft.as_ref().expect("checked");
                 let mut lease = ft.lease.lock().expect("lease lock");
                 if let Some(sent) = lease.acked(seq) {
@@ -824,7 +826,7 @@ pub async fn migrate_in(
                     }
                 }
             }
-            Frame::Message(Message::Finish) if completed && ft.is_some() => {
+            Frame::Message(MigrationMessage::Finish) if completed && ft.is_some() => {
                 // The source lets its copy go, if we take the VM while our lease holds.
                 if vm_fence.as_ref().is_some_and(|f| !f.disarm()) {
                     let expired = ft.as_ref().expect("checked").lease.lock().expect("lease lock").expires();
@@ -836,12 +838,12 @@ pub async fn migrate_in(
                 drop(ft.take());
                 runner.as_ref().expect("runs").release_outputs(None);
                 crate::agent::metrics::get().set_phase(name, "completed");
-                let finished = out.after_checkpoints(encode_message(&Message::Finished)).await;
+                let finished = out.after_checkpoints(encode_message(&MigrationMessage::Finished)).await;
                 if finished.is_ok() {
                     // Read on until the source closes: closing with its frames unread
                     // would reset the connection, and a reset can throw away a
                     // `Finished` not yet delivered.
-                    let closed = async { while rd.read().await.is_ok() {} };
+                    let closed = async { while rd.read::<MigrationMessage>().await.is_ok() {} };
                     let patience = Duration::from_millis(options.reply_timeout_ms);
                     if tokio::time::timeout(patience, closed).await.is_err() {
                         tracing::warn!("the source did not close the connection after Finished");
@@ -850,15 +852,15 @@ pub async fn migrate_in(
                 break Ok(());
             }
             // Only under userfaultfd does a dropped page come back (as a fault).
-            Frame::Message(Message::Discard { gpas }) if runner.is_none() && incoming.region.is_some() => {
+            Frame::Message(MigrationMessage::Discard { gpas }) if runner.is_none() && incoming.region.is_some() => {
                 if let Err(e) = incoming.discard(&gpas) {
                     break Err(e);
                 }
-                if let Err(e) = out.message(&Message::Discarded) {
+                if let Err(e) = out.message(&MigrationMessage::Discarded) {
                     break Err(e);
                 }
             }
-            Frame::Message(Message::Abort { reason, .. }) => break Err(MigrationError::Aborted(reason)),
+            Frame::Message(MigrationMessage::Abort { reason, .. }) => break Err(MigrationError::Aborted(reason)),
             Frame::Message(other) => break Err(MigrationError::Unexpected(format!("{other:?}"))),
         }
     };
@@ -886,14 +888,15 @@ pub async fn migrate_in(
                 Some(r) => stop_for_good(r, vm_fence.as_deref(), &mut incoming).await,
                 None => true,
             };
-            let _ = out.message(&Message::Abort { reason: e.to_string(), paused });
+            let _ = out.message(&MigrationMessage::Abort { reason: e.to_string(), paused });
             // Read on until the source closes (at most the reply timeout), off this task:
             // closing with its frames unread would reset the connection, and a reset can
             // throw away the `Abort` before the source reads it (it then cannot tell
             // that this copy stopped, and after `Finish` may not restore its own).
             let patience = Duration::from_millis(options.reply_timeout_ms);
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(patience, async { while rd.read().await.is_ok() {} }).await;
+                let _ = tokio::time::timeout(patience, async { while rd.read::<MigrationMessage>().await.is_ok() {} })
+                    .await;
             });
             if on_running.is_none() {
                 return Err(MigrationError::SourceLost { cause: Box::new(e), checkpointed });

@@ -17,8 +17,10 @@ use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
 use crate::vmm::runner::VmRunner;
 use crate::wire::auth::Psk;
 use crate::wire::frame::{encode_message, Frame, FrameReader, FrameWriter, PageBatchWriter, CHECKPOINT_WINDOW};
+use crate::wire::greeting::Role;
 use crate::wire::handshake::{self, HandshakeError};
-use crate::wire::messages::{DestinationStats, FailureReport, Message, MigrationOptions, MigrationReport, Mode, Role};
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::{DestinationStats, FailureReport, MigrationOptions, MigrationReport, Mode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -40,7 +42,7 @@ struct Outbox {
 }
 
 impl Outbox {
-    async fn message(&mut self, message: &Message) -> Result<(), MigrationError> {
+    async fn message(&mut self, message: &MigrationMessage) -> Result<(), MigrationError> {
         let frame = encode_message(message);
         self.bytes += frame.len() as u64;
         self.write(&frame).await
@@ -87,13 +89,13 @@ impl Outbox {
 }
 
 /// Reads the destination's next answer (before the switchover commits), waiting at most `timeout`.
-async fn expect(rd: &mut FrameReader, what: &str, timeout: Duration) -> Result<Message, MigrationError> {
+async fn expect(rd: &mut FrameReader, what: &str, timeout: Duration) -> Result<MigrationMessage, MigrationError> {
     let frame = tokio::time::timeout(timeout, rd.read())
         .await
         .map_err(|_| MigrationError::Timeout { what: what.to_string(), after: timeout })??;
     match frame {
-        Frame::Message(Message::Refuse { reason }) => Err(MigrationError::Refused(reason)),
-        Frame::Message(Message::Abort { reason, .. }) => Err(MigrationError::Aborted(reason)),
+        Frame::Message(MigrationMessage::Refuse { reason }) => Err(MigrationError::Refused(reason)),
+        Frame::Message(MigrationMessage::Abort { reason, .. }) => Err(MigrationError::Aborted(reason)),
         Frame::Message(m) => Ok(m),
         Frame::Pages(_) => Err(MigrationError::Unexpected(format!("pages (waiting for {what})"))),
     }
@@ -149,9 +151,9 @@ pub async fn migrate_out(
         })?;
     let mut rd = greeted.rd;
     let mut out = Outbox { wr: greeted.wr, bytes: 0, pages: 0, zero_pages: 0, liveness: None };
-    out.message(&Message::Begin { name: vm.to_string(), config: config.clone(), mode, options }).await?;
+    out.message(&MigrationMessage::Begin { name: vm.to_string(), config: config.clone(), mode, options }).await?;
     match expect(&mut rd, "ready", reply_timeout).await? {
-        Message::Ready => {}
+        MigrationMessage::Ready => {}
         other => return Err(MigrationError::Unexpected(format!("{other:?}"))),
     }
 
@@ -169,7 +171,7 @@ pub async fn migrate_out(
             // Not committed: the VM keeps running here.
             let _ = runner.set_dirty_logging(false).await;
             let _ = runner.resume().await;
-            let _ = out.message(&Message::Abort { reason: e.to_string(), paused: false }).await;
+            let _ = out.message(&MigrationMessage::Abort { reason: e.to_string(), paused: false }).await;
             return Err(e);
         }
     };
@@ -180,7 +182,7 @@ pub async fn migrate_out(
         Ok(stager) => stager,
         Err(e) => {
             let _ = runner.resume().await;
-            let _ = out.message(&Message::Abort { reason: e.to_string(), paused: false }).await;
+            let _ = out.message(&MigrationMessage::Abort { reason: e.to_string(), paused: false }).await;
             return Err(e);
         }
     };
@@ -207,7 +209,7 @@ pub async fn migrate_out(
         // No checkpoints: a channel that stays empty.
         None => (None, None, mpsc::unbounded_channel().1),
     };
-    if let Err(e) = out.message(&Message::Go).await {
+    if let Err(e) = out.message(&MigrationMessage::Go).await {
         if ft.is_none() {
             return Err(MigrationError::LostAfterCommit(e.to_string()));
         }
@@ -468,7 +470,7 @@ impl PostcopySource {
                 next_push = next_push.max(Instant::now() - pace) + pace;
             }
         }
-        self.out.message(&Message::AllSent { pages: self.out.pages }).await.map_err(Lost::from_write)?;
+        self.out.message(&MigrationMessage::AllSent { pages: self.out.pages }).await.map_err(Lost::from_write)?;
         loop {
             if let Some(stats) = self.wait(None).await? {
                 if self.ft.is_some() {
@@ -491,7 +493,7 @@ impl PostcopySource {
     async fn finish(&mut self, patience: Duration) -> Result<(), Lost> {
         self.finishing = true;
         // A write that fails or times out did not deliver a whole `Finish`: fail over as usual.
-        self.out.message(&Message::Finish).await.map_err(Lost::from_write)?;
+        self.out.message(&MigrationMessage::Finish).await.map_err(Lost::from_write)?;
         let deadline = Instant::now() + patience;
         let unconfirmed = |why: String| Lost {
             destination_paused: false,
@@ -604,7 +606,7 @@ impl PostcopySource {
         if self.ft.is_none() {
             return Ok(());
         }
-        self.out.message(&Message::HeartbeatAck { seq }).await.map_err(Lost::from_write)?;
+        self.out.message(&MigrationMessage::HeartbeatAck { seq }).await.map_err(Lost::from_write)?;
         if let Some(ft) = &mut self.ft {
             ft.last_renewal = Instant::now();
         }
@@ -663,7 +665,7 @@ impl PostcopySource {
             stager::Event::Committed { epoch, .. } => {
                 self.committed_epoch = epoch;
                 self.give_credit().await?;
-                self.out.message(&Message::CheckpointAck { epoch }).await.map_err(Lost::from_write)?;
+                self.out.message(&MigrationMessage::CheckpointAck { epoch }).await.map_err(Lost::from_write)?;
             }
             stager::Event::Refused(reason) => return Err(Lost::new(FailureKind::Protocol, reason)),
         }
@@ -673,7 +675,7 @@ impl PostcopySource {
     async fn give_credit(&mut self) -> Result<(), Lost> {
         if self.credit_owed > 0 {
             let bytes = std::mem::take(&mut self.credit_owed);
-            self.out.message(&Message::CheckpointCredit { bytes }).await.map_err(Lost::from_write)?;
+            self.out.message(&MigrationMessage::CheckpointCredit { bytes }).await.map_err(Lost::from_write)?;
         }
         Ok(())
     }
@@ -792,9 +794,9 @@ async fn precopy_and_stop(
                 break;
             }
             if mode == Mode::Hybrid {
-                out.message(&Message::Discard { gpas: dirty.clone() }).await?;
+                out.message(&MigrationMessage::Discard { gpas: dirty.clone() }).await?;
                 match expect(rd, "discarded", reply_timeout).await? {
-                    Message::Discarded => discarded.append(&mut dirty),
+                    MigrationMessage::Discarded => discarded.append(&mut dirty),
                     other => return Err(MigrationError::Unexpected(format!("{other:?}"))),
                 }
             } else {
@@ -821,7 +823,7 @@ async fn precopy_and_stop(
     let capture_ms = captured_at.elapsed().as_secs_f64() * 1e3;
     let stale = if mode == Mode::Hybrid { dirty.clone() } else { Vec::new() };
     let (state_bytes, stale_pages) = (state.len(), stale.len());
-    out.message(&Message::Switchover { state: state.clone(), stale }).await?;
+    out.message(&MigrationMessage::Switchover { state: state.clone(), stale }).await?;
     let sent_at = Instant::now();
     let restored = expect(rd, "restored", reply_timeout).await?;
     tracing::info!(
@@ -834,7 +836,7 @@ async fn precopy_and_stop(
         "switchover"
     );
     match restored {
-        Message::Restored => Ok(Stopped { paused_at, state, final_dirty: dirty, discarded }),
+        MigrationMessage::Restored => Ok(Stopped { paused_at, state, final_dirty: dirty, discarded }),
         other => Err(MigrationError::Unexpected(format!("{other:?}"))),
     }
 }
