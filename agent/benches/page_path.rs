@@ -6,6 +6,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use pcft_agent::page_set::PageSet;
 use pcft_agent::vmm::memory::{is_zero, GuestMemory, PAGE_SIZE};
 use pcft_agent::wire::frame::{decode_header, decode_payload, Frame, PageBatchWriter, HEADER_BYTES};
+use pcft_agent::wire::migration::MigrationMessage;
 use std::hint::black_box;
 
 const PAGES: u64 = 64;
@@ -55,7 +56,7 @@ fn decode(c: &mut Criterion) {
             || frame.clone(),
             |bytes| {
                 let header = decode_header(bytes[..HEADER_BYTES].try_into().unwrap()).unwrap();
-                match decode_payload(header, bytes[HEADER_BYTES..].to_vec()).unwrap() {
+                match decode_payload::<MigrationMessage>(header, bytes[HEADER_BYTES..].to_vec()).unwrap() {
                     Frame::Pages(batch) => black_box(batch.runs().len()),
                     _ => unreachable!(),
                 }

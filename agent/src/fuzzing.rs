@@ -31,11 +31,17 @@ use crate::vmm::kvm::state::VmKernelState;
 use crate::vmm::machine::{MachineConfig, MachineState};
 use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
 use crate::wire::auth::{FrameMac, Psk, NONCE_BYTES};
+use crate::wire::control::ControlMessage;
 use crate::wire::frame::{
     decode_header, decode_payload, encode_message, encode_pages, Frame, FrameReader, PageBatch, PageData,
-    ProtocolError, HEADER_BYTES, MAGIC, MAX_PAYLOAD, PROTOCOL_VERSION,
+    ProtocolError, HEADER_BYTES, MAGIC, MAX_PAYLOAD,
 };
-use crate::wire::messages::{Message, MigrationOptions, Mode, Role};
+use crate::wire::greeting::{Greeting, Role};
+use crate::wire::message_set::{
+    MessageSet, PayloadError, WireMessage, CONTROL_VERSION, GREETING_VERSION, MIGRATION_VERSION,
+};
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::{MigrationOptions, Mode};
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -47,8 +53,10 @@ pub const MEM_PAGES: u64 = 16;
 pub const MEM_BYTES: u64 = MEM_PAGES * PAGE_SIZE;
 /// The pre-shared key of fuzzed connections (the corpus's tagged streams use it).
 pub const KEY: [u8; 32] = *b"pcft fuzzing key, not a secret!!";
-/// Frame kinds (docs/protocol.md): 1 a message, 2 a page batch.
-const KINDS: [u16; 2] = [1, 2];
+/// Frame kinds and their versions (docs/protocol.md): 1 the greeting, 2 a
+/// page batch, 3 a control message, 4 a migration message.
+const KINDS: [(u16, u16); 4] =
+    [(1, GREETING_VERSION), (2, MIGRATION_VERSION), (3, CONTROL_VERSION), (4, MIGRATION_VERSION)];
 /// Mutations never grow an input past this.
 const MAX_INPUT: usize = 1 << 20;
 
@@ -206,41 +214,79 @@ fn sample_gpas(src: &mut impl Source) -> Vec<u64> {
     (0..src.below(5)).map(|_| page_address(src, false)).collect()
 }
 
-/// One of the protocol's messages, with small sampled fields.
-pub fn sample_message(src: &mut impl Source) -> Message {
+/// A message of any set: the fuzzer's streams mix them, and its reader takes them all.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AnyMessage {
+    Greeting(Greeting),
+    Control(ControlMessage),
+    Migration(MigrationMessage),
+}
+
+impl WireMessage for AnyMessage {
+    fn set(&self) -> MessageSet {
+        match self {
+            AnyMessage::Greeting(m) => m.set(),
+            AnyMessage::Control(m) => m.set(),
+            AnyMessage::Migration(m) => m.set(),
+        }
+    }
+
+    fn to_payload(&self) -> Vec<u8> {
+        match self {
+            AnyMessage::Greeting(m) => m.to_payload(),
+            AnyMessage::Control(m) => m.to_payload(),
+            AnyMessage::Migration(m) => m.to_payload(),
+        }
+    }
+
+    fn from_payload(set: MessageSet, payload: &[u8]) -> Result<Self, PayloadError> {
+        match set {
+            MessageSet::Greeting => Greeting::from_payload(set, payload).map(AnyMessage::Greeting),
+            MessageSet::Control => ControlMessage::from_payload(set, payload).map(AnyMessage::Control),
+            MessageSet::Migration => MigrationMessage::from_payload(set, payload).map(AnyMessage::Migration),
+        }
+    }
+}
+
+/// One of the protocol's messages (of any set), with small sampled fields.
+pub fn sample_message(src: &mut impl Source) -> AnyMessage {
+    use AnyMessage::{Control, Greeting as Greet, Migration};
     match src.below(19) {
-        0 => Message::Ping,
-        1 => Message::Pong,
-        2 => Message::Refuse { reason: sample_text(src) },
-        3 => Message::PageRequest { gpas: sample_gpas(src) },
-        4 => Message::CheckpointCommit {
+        0 => Control(ControlMessage::Ping),
+        1 => Control(ControlMessage::Pong),
+        2 => Greet(Greeting::Refuse { reason: sample_text(src) }),
+        3 => Migration(MigrationMessage::PageRequest { gpas: sample_gpas(src) }),
+        4 => Migration(MigrationMessage::CheckpointCommit {
             epoch: src.below(4),
             pages: src.below(8),
             state: sample_state(src, machine_config()).to_bytes(),
-        },
-        5 => Message::CheckpointAck { epoch: src.below(4) },
-        6 => Message::Heartbeat { seq: src.next_u64() },
-        7 => Message::HeartbeatAck { seq: src.next_u64() },
-        8 => Message::Hello {
+        }),
+        5 => Migration(MigrationMessage::CheckpointAck { epoch: src.below(4) }),
+        6 => Migration(MigrationMessage::Heartbeat { seq: src.next_u64() }),
+        7 => Migration(MigrationMessage::HeartbeatAck { seq: src.next_u64() }),
+        8 => Greet(Greeting::Hello {
             role: if src.one_in(2) { Role::Control } else { Role::Migration },
             agent: sample_text(src),
             nonce: src.one_in(2).then(|| [src.byte(); NONCE_BYTES]),
-        },
-        9 => Message::Switchover { state: sample_state(src, machine_config()).to_bytes(), stale: sample_gpas(src) },
-        10 => Message::Begin {
+        }),
+        9 => Migration(MigrationMessage::Switchover {
+            state: sample_state(src, machine_config()).to_bytes(),
+            stale: sample_gpas(src),
+        }),
+        10 => Migration(MigrationMessage::Begin {
             name: sample_text(src),
             config: machine_config(),
             mode: Mode::PostcopyFt,
             options: MigrationOptions::default(),
-        },
-        11 => Message::AllSent { pages: src.next_u64() },
-        12 => Message::Discard { gpas: sample_gpas(src) },
-        13 => Message::Finish,
-        14 => Message::Status,
-        15 => Message::Finished,
-        16 => Message::CheckpointCredit { bytes: src.next_u64() },
-        17 => Message::RunLog { name: sample_text(src) },
-        _ => Message::Abort { reason: sample_text(src), paused: src.one_in(2) },
+        }),
+        11 => Migration(MigrationMessage::AllSent { pages: src.next_u64() }),
+        12 => Migration(MigrationMessage::Discard { gpas: sample_gpas(src) }),
+        13 => Migration(MigrationMessage::Finish),
+        14 => Control(ControlMessage::Status),
+        15 => Migration(MigrationMessage::Finished),
+        16 => Migration(MigrationMessage::CheckpointCredit { bytes: src.next_u64() }),
+        17 => Control(ControlMessage::RunLog { name: sample_text(src) }),
+        _ => Migration(MigrationMessage::Abort { reason: sample_text(src), paused: src.one_in(2) }),
     }
 }
 
@@ -406,14 +452,14 @@ pub fn mutate(src: &mut impl Source, bytes: &mut Vec<u8>, donor: &[u8]) {
 // ---- frame properties ------------------------------------------------------
 
 /// A decoded frame encoded again (canonical: how an agent sends it).
-pub fn encode_frame(frame: &Frame) -> Vec<u8> {
+pub fn encode_frame(frame: &Frame<AnyMessage>) -> Vec<u8> {
     match frame {
         Frame::Message(message) => encode_message(message),
         Frame::Pages(batch) => encode_pages(batch),
     }
 }
 
-fn decode_frame(bytes: &[u8]) -> Result<Frame, ProtocolError> {
+fn decode_frame(bytes: &[u8]) -> Result<Frame<AnyMessage>, ProtocolError> {
     let header = bytes.first_chunk::<HEADER_BYTES>().ok_or(ProtocolError::Truncated)?;
     decode_payload(decode_header(header)?, bytes[HEADER_BYTES..].to_vec())
 }
@@ -445,7 +491,7 @@ fn check_batch(batch: &PageBatch) {
 }
 
 /// A decoded frame is well formed and encodes and decodes to itself.
-pub fn check_decoded(frame: &Frame) {
+pub fn check_decoded(frame: &Frame<AnyMessage>) {
     match frame {
         Frame::Pages(batch) => check_batch(batch),
         Frame::Message(message) => {
@@ -463,7 +509,7 @@ pub fn check_codec(bytes: &[u8]) {
     let Some(header) = bytes.first_chunk::<HEADER_BYTES>() else { return };
     let u16_at = |at: usize| u16::from_le_bytes([header[at], header[at + 1]]);
     let length = get_u32(header, 8).expect("a header has a length");
-    let sound = header[..4] == MAGIC && u16_at(4) == PROTOCOL_VERSION && KINDS.contains(&u16_at(6));
+    let sound = header[..4] == MAGIC && KINDS.contains(&(u16_at(6), u16_at(4)));
     match decode_header(header) {
         Ok(decoded) => {
             assert!(sound, "decode_header accepted {header:02x?}");
@@ -485,14 +531,14 @@ pub fn check_codec(bytes: &[u8]) {
 /// Reads `stream` to its end with a [`FrameReader`] (with `mac`: one that
 /// checks tags), going on after errors: every read a frame or an error, every
 /// frame well formed, and the end reached (each read but the last consumes a header).
-pub fn read_stream(stream: &[u8], mac: Option<FrameMac>) -> Vec<Result<Frame, ProtocolError>> {
+pub fn read_stream(stream: &[u8], mac: Option<FrameMac>) -> Vec<Result<Frame<AnyMessage>, ProtocolError>> {
     let mut reader = FrameReader::new(stream);
     if let Some(mac) = mac {
         reader.authenticate(mac);
     }
     let mut results = Vec::new();
     for _ in 0..=stream.len() / HEADER_BYTES {
-        let result = block_on(reader.read());
+        let result = block_on(reader.read::<AnyMessage>());
         if let Ok(frame) = &result {
             check_decoded(frame);
         }
@@ -677,18 +723,18 @@ impl StoreModel {
             reader.authenticate(mac);
         }
         for _ in 0..=stream.len() / HEADER_BYTES {
-            match block_on(reader.read()) {
+            match block_on(reader.read::<MigrationMessage>()) {
                 Ok(Frame::Pages(batch)) => {
                     if self.stage(batch).is_err() {
                         return;
                     }
                 }
-                Ok(Frame::Message(Message::CheckpointCommit { epoch, pages, state })) => {
+                Ok(Frame::Message(MigrationMessage::CheckpointCommit { epoch, pages, state })) => {
                     if self.commit(epoch, pages, &state).is_err() {
                         return;
                     }
                 }
-                Ok(Frame::Message(Message::Heartbeat { .. })) => {}
+                Ok(Frame::Message(MigrationMessage::Heartbeat { .. })) => {}
                 Ok(Frame::Message(_)) | Err(_) => return,
             }
         }
@@ -767,11 +813,15 @@ impl CheckpointStream {
                 pages += batch.len() as u64;
                 stream.frames.push(encode_pages(&batch));
                 if src.one_in(3) {
-                    stream.frames.push(encode_message(&Message::Heartbeat { seq: src.next_u64() }));
+                    stream.frames.push(encode_message(&MigrationMessage::Heartbeat { seq: src.next_u64() }));
                 }
             }
             let state = sample_state(src, machine_config()).to_bytes();
-            stream.frames.push(encode_message(&Message::CheckpointCommit { epoch, pages, state: state.clone() }));
+            stream.frames.push(encode_message(&MigrationMessage::CheckpointCommit {
+                epoch,
+                pages,
+                state: state.clone(),
+            }));
             stream.images.push(image);
             stream.states.push(state);
         }

@@ -11,11 +11,13 @@
 
 use pcft_agent::fuzzing::{self, Rng, Source};
 use pcft_agent::vmm::memory::PAGE_SIZE;
+use pcft_agent::wire::control::ControlMessage;
 use pcft_agent::wire::frame::{
-    encode_message, encode_pages, PageBatch, PageData, ProtocolError, HEADER_BYTES, MAGIC, MAX_PAYLOAD,
-    PROTOCOL_VERSION, READ_CHUNK,
+    encode_message, encode_pages, PageBatch, PageData, ProtocolError, HEADER_BYTES, MAGIC, MAX_PAYLOAD, READ_CHUNK,
 };
-use pcft_agent::wire::messages::Message;
+use pcft_agent::wire::greeting::{Greeting, Role};
+use pcft_agent::wire::message_set::CONTROL_VERSION;
+use pcft_agent::wire::migration::MigrationMessage;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
@@ -150,7 +152,7 @@ fn page(fill: u8) -> PageData {
 fn commit(epoch: u64, pages: u64, records: u64) -> Vec<u8> {
     let mut state = fuzzing::sample_state(&mut Rng::new(records), fuzzing::machine_config());
     state.devices.output_log.truncate(1);
-    encode_message(&Message::CheckpointCommit { epoch, pages, state: state.to_bytes() })
+    encode_message(&MigrationMessage::CheckpointCommit { epoch, pages, state: state.to_bytes() })
 }
 
 /// The corpus's seed inputs: small valid frames and streams, and a few just off.
@@ -163,12 +165,12 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         (0x9000, page(3)),
     ]);
     let frames = vec![
-        encode_message(&Message::Ping),
+        encode_message(&ControlMessage::Ping),
         encode_pages(&batch),
-        encode_message(&Message::Heartbeat { seq: 7 }),
+        encode_message(&MigrationMessage::Heartbeat { seq: 7 }),
         commit(1, 5, 1),
     ];
-    let mut too_large = encode_message(&Message::Ping);
+    let mut too_large = encode_message(&ControlMessage::Ping);
     too_large[8..12].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
     let top = !(PAGE_SIZE - 1); // the last page below 2^64
     let wrap = encode_pages(&PageBatch::from_pages(vec![(top, PageData::Zero), (0, PageData::Zero)]));
@@ -177,7 +179,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         one(0x1000, page(0xa1)),
         one(0x2000, PageData::Zero),
         commit(1, 2, 1),
-        encode_message(&Message::Heartbeat { seq: 1 }),
+        encode_message(&MigrationMessage::Heartbeat { seq: 1 }),
         one(0x1000, page(0xa2)),
         commit(2, 1, 2),
         one(0xf000, page(0xa3)),
@@ -185,10 +187,15 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     ]
     .concat();
     vec![
-        ("frame", "seed-ping", encode_message(&Message::Ping)),
+        ("frame", "seed-ping", encode_message(&ControlMessage::Ping)),
+        (
+            "frame",
+            "seed-hello",
+            encode_message(&Greeting::Hello { role: Role::Migration, agent: "seed".into(), nonce: None }),
+        ),
         ("frame", "seed-pages", encode_pages(&batch)),
         ("frame", "seed-commit", commit(2, 3, 2)),
-        ("frame", "seed-request", encode_message(&Message::PageRequest { gpas: vec![0x1000, 0x5000] })),
+        ("frame", "seed-request", encode_message(&MigrationMessage::PageRequest { gpas: vec![0x1000, 0x5000] })),
         ("frame", "seed-stream", frames.concat()),
         ("frame", "seed-tagged", fuzzing::tag_stream(&[], &frames)),
         ("frame", "seed-too-large", too_large),
@@ -301,7 +308,7 @@ fn a_reader_with_a_mac_never_accepts_a_mutated_frame() {
 #[test]
 fn lengths_over_the_limit_are_refused_before_allocating() {
     let header = |length: u32| {
-        let mut h = encode_message(&Message::Ping)[..HEADER_BYTES].to_vec();
+        let mut h = encode_message(&ControlMessage::Ping)[..HEADER_BYTES].to_vec();
         h[8..12].copy_from_slice(&length.to_le_bytes());
         h
     };
@@ -319,7 +326,7 @@ fn lengths_over_the_limit_are_refused_before_allocating() {
         }
     }
     assert_eq!(&header(0)[..4], &MAGIC);
-    assert_eq!(u16::from_le_bytes([header(0)[4], header(0)[5]]), PROTOCOL_VERSION);
+    assert_eq!(u16::from_le_bytes([header(0)[4], header(0)[5]]), CONTROL_VERSION);
     let (results, largest) = largest_allocation(|| fuzzing::read_stream(&header(MAX_PAYLOAD), None));
     assert_eq!(results[0], Err(ProtocolError::Truncated));
     assert!(
@@ -333,7 +340,7 @@ fn lengths_over_the_limit_are_refused_before_allocating() {
 #[test]
 fn the_checks_fail_when_they_should() {
     let sent = fuzzing::sample_frames(&mut Rng::new(1), 3);
-    let other = vec![encode_message(&Message::Pong)];
+    let other = vec![encode_message(&ControlMessage::Pong)];
     let stream = fuzzing::tag_stream(b"context", &sent);
     assert!(std::panic::catch_unwind(|| fuzzing::check_authenticated(b"context", &other, &stream)).is_err());
     // The same frames tagged for another connection are refused.

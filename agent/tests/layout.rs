@@ -143,7 +143,9 @@ fn named_paths(code: &str, in_binary: bool) -> Vec<String> {
         rest = &statement[end..];
     }
     let word = |c: char| c.is_alphanumeric() || c == '_' || c == ':';
-    for (i, _) in code.match_indices("crate::").chain(code.match_indices("super::")).chain(code.match_indices("pcft_agent::")) {
+    for (i, _) in
+        code.match_indices("crate::").chain(code.match_indices("super::")).chain(code.match_indices("pcft_agent::"))
+    {
         if code[..i].chars().last().is_some_and(word) {
             continue;
         }
@@ -241,7 +243,9 @@ fn no_module_names_a_room_above_its_own() {
         for target in targets {
             let (target_room, target_floor) = room_of(&target);
             if target_room != room && target_floor >= floor {
-                wrong.push(format!("{module} ({room}, floor {floor}) names {target} ({target_room}, floor {target_floor})"));
+                wrong.push(format!(
+                    "{module} ({room}, floor {floor}) names {target} ({target_room}, floor {target_floor})"
+                ));
             }
         }
     }
@@ -271,7 +275,11 @@ fn no_two_modules_name_each_other_even_in_a_circle() {
             }
         }
     }
-    assert!(circles.is_empty(), "modules that name each other:\n{}", circles.into_iter().collect::<Vec<_>>().join("\n"));
+    assert!(
+        circles.is_empty(),
+        "modules that name each other:\n{}",
+        circles.into_iter().collect::<Vec<_>>().join("\n")
+    );
 }
 
 #[test]
@@ -285,8 +293,13 @@ fn the_checks_see_an_import_that_runs_up_and_a_circle() {
     assert!(paths.iter().any(|p| p.starts_with("crate::wire::frame")), "{paths:?}");
     assert!(!paths.iter().any(|p| p.contains("agent")), "comments and tests are not imports: {paths:?}");
     let modules: BTreeSet<String> =
-        ["migration", "migration::error", "migration::ft", "wire", "wire::frame", "vmm", "vmm::runner"].map(String::from).into();
-    assert_eq!(resolve("crate::migration::error::MigrationError", "vmm::runner", false, &modules).as_deref(), Some("migration::error"));
+        ["migration", "migration::error", "migration::ft", "wire", "wire::frame", "vmm", "vmm::runner"]
+            .map(String::from)
+            .into();
+    assert_eq!(
+        resolve("crate::migration::error::MigrationError", "vmm::runner", false, &modules).as_deref(),
+        Some("migration::error")
+    );
     assert_eq!(resolve("super::runner::X", "vmm::machine", false, &modules).as_deref(), Some("vmm::runner"));
     assert_eq!(resolve("runner::X", "vmm", false, &modules).as_deref(), Some("vmm::runner"));
     assert_eq!(resolve("std::sync::Arc", "vmm", false, &modules), None);

@@ -5,8 +5,9 @@
 //! keeps running at the source). Each refusal is logged and counted in
 //! `pcft_auth_refusals_total`. With the same key, everything works.
 
+use pcft_agent::wire::control::ControlMessage;
 use pcft_agent::wire::frame::{decode_header, decode_payload, encode_message, Frame, HEADER_BYTES};
-use pcft_agent::wire::messages::{Message, Role};
+use pcft_agent::wire::greeting::{Greeting, Role};
 use pcft_tests::{http_get, metric, pcft_output, Agent};
 use std::path::{Path, PathBuf};
 
@@ -64,7 +65,7 @@ fn a_peer_that_forges_its_frames_is_refused_at_the_first_one() {
     let key = keygen(dir.path(), "key");
     let keyed = Agent::start("keyed", &["--metrics", "127.0.0.1:0", "--psk-file", key.to_str().unwrap()]);
     let mut stream = std::net::TcpStream::connect(&keyed.addr).unwrap();
-    let hello = Message::Hello { role: Role::Control, agent: "forger".into(), nonce: Some([7; 16]) };
+    let hello = Greeting::Hello { role: Role::Control, agent: "forger".into(), nonce: Some([7; 16]) };
     stream.write_all(&encode_message(&hello)).unwrap();
     // The Welcome (tagged with a key the forger cannot derive)...
     let mut header = [0u8; HEADER_BYTES];
@@ -72,12 +73,12 @@ fn a_peer_that_forges_its_frames_is_refused_at_the_first_one() {
     let header = decode_header(&header).unwrap();
     let mut payload = vec![0u8; header.payload_len()];
     stream.read_exact(&mut payload).unwrap();
-    let welcome = decode_payload(header, payload);
-    assert!(matches!(welcome, Ok(Frame::Message(Message::Welcome { nonce: Some(_), .. }))), "{welcome:?}");
+    let welcome = decode_payload::<Greeting>(header, payload);
+    assert!(matches!(welcome, Ok(Frame::Message(Greeting::Welcome { nonce: Some(_), .. }))), "{welcome:?}");
     let mut tag = [0u8; 16];
     stream.read_exact(&mut tag).unwrap();
     // ...then a request with a made-up tag.
-    let request = encode_message(&Message::Status);
+    let request = encode_message(&ControlMessage::Status);
     stream.write_all(&request).unwrap();
     stream.write_all(&[0x5a; 16]).unwrap();
     let mut answer = Vec::new();

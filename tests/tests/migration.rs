@@ -2,8 +2,11 @@
 //! keeps the ledger oracle, for several sizes and vCPU counts; and every way a
 //! peer can fail before the switchover commits leaves the VM running at the source.
 
+use pcft_agent::wire::control::ControlMessage;
 use pcft_agent::wire::frame::{decode_header, decode_payload, encode_message, Frame, HEADER_BYTES};
-use pcft_agent::wire::messages::Message;
+use pcft_agent::wire::greeting::Greeting;
+use pcft_agent::wire::message_set::WireMessage;
+use pcft_agent::wire::migration::MigrationMessage;
 use pcft_tests::{ledger_digest, pcft_json, pcft_output, Agent};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -175,7 +178,8 @@ enum Fake {
     SilentAfterWelcome,
 }
 
-fn read_frame(stream: &mut TcpStream) -> Option<Frame> {
+/// The next frame on `stream`, a message of `M` or pages (None: anything else).
+fn read_frame<M: WireMessage>(stream: &mut TcpStream) -> Option<Frame<M>> {
     let mut header = [0u8; HEADER_BYTES];
     stream.read_exact(&mut header).ok()?;
     let header = decode_header(&header).ok()?;
@@ -190,8 +194,8 @@ fn fake_destination(fake: Fake) -> (String, std::thread::JoinHandle<()>) {
     let addr = listener.local_addr().unwrap().to_string();
     let thread = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        let _hello = read_frame(&mut s);
-        let welcome = encode_message(&Message::Welcome { agent: "fake".into(), nonce: None });
+        let _hello = read_frame::<Greeting>(&mut s);
+        let welcome = encode_message(&Greeting::Welcome { agent: "fake".into(), nonce: None });
         match fake {
             Fake::Garbage => drop(s.write_all(b"HTTP/1.1 200 OK\r\n\r\nnot an agent")),
             Fake::TruncatedWelcome => drop(s.write_all(&welcome[..HEADER_BYTES + 1])),
@@ -213,17 +217,19 @@ fn fake_destination(fake: Fake) -> (String, std::thread::JoinHandle<()>) {
             }
             Fake::RefusesNoRoom => {
                 s.write_all(&welcome).unwrap();
-                let _begin = read_frame(&mut s);
-                drop(s.write_all(&encode_message(&Message::Refuse { reason: "no room for this VM here".into() })));
+                let _begin = read_frame::<MigrationMessage>(&mut s);
+                drop(s.write_all(&encode_message(&MigrationMessage::Refuse {
+                    reason: "no room for this VM here".into(),
+                })));
             }
             Fake::DiesDuringCopy | Fake::DiesBeforeRestored => {
                 s.write_all(&welcome).unwrap();
-                let _begin = read_frame(&mut s);
-                s.write_all(&encode_message(&Message::Ready)).unwrap();
+                let _begin = read_frame::<MigrationMessage>(&mut s);
+                s.write_all(&encode_message(&MigrationMessage::Ready)).unwrap();
                 let mut frames = 0;
-                while let Some(frame) = read_frame(&mut s) {
+                while let Some(frame) = read_frame::<MigrationMessage>(&mut s) {
                     frames += 1;
-                    let switchover = matches!(frame, Frame::Message(Message::Switchover { .. }));
+                    let switchover = matches!(frame, Frame::Message(MigrationMessage::Switchover { .. }));
                     if matches!(fake, Fake::DiesDuringCopy) && frames == 3 || switchover {
                         break;
                     }
@@ -259,7 +265,7 @@ fn failed_migrations_leave_the_vm_running_at_the_source() {
         (Some(Fake::Garbage), "postcopy", "not a PostCopyFT agent", 1),
         (Some(Fake::TruncatedWelcome), "postcopy", "truncated", 1),
         (Some(Fake::BadChecksum), "postcopy", "checksum mismatch", 1),
-        (Some(Fake::OtherVersion), "postcopy", "speaks protocol version 9", 1),
+        (Some(Fake::OtherVersion), "postcopy", "speaks greeting protocol version 9", 1),
         (Some(Fake::RefusesNoRoom), "postcopy", "no room for this VM here", 2),
         (Some(Fake::DiesDuringCopy), "precopy", "keeps running here", 1),
         (Some(Fake::DiesBeforeRestored), "postcopy", "keeps running here", 1),
@@ -313,24 +319,24 @@ fn an_agent_refuses_garbage_and_keeps_serving() {
     let mut agent = Agent::start("a", &[]);
     let mut s = TcpStream::connect(&agent.addr).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    match read_frame(&mut s) {
-        Some(Frame::Message(Message::Refuse { reason })) => {
+    match read_frame::<Greeting>(&mut s) {
+        Some(Frame::Message(Greeting::Refuse { reason })) => {
             assert!(reason.contains("not a PostCopyFT agent"), "{reason}")
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
     // A frame cut short, then a frame with a flipped payload byte.
-    let hello = encode_message(&Message::Ping);
+    let hello = encode_message(&ControlMessage::Ping);
     let mut s = TcpStream::connect(&agent.addr).unwrap();
     s.write_all(&hello[..hello.len() - 1]).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
-    assert!(matches!(read_frame(&mut s), Some(Frame::Message(Message::Refuse { .. }))));
+    assert!(matches!(read_frame::<Greeting>(&mut s), Some(Frame::Message(Greeting::Refuse { .. }))));
     let mut flipped = hello.clone();
     *flipped.last_mut().unwrap() ^= 1;
     let mut s = TcpStream::connect(&agent.addr).unwrap();
     s.write_all(&flipped).unwrap();
-    match read_frame(&mut s) {
-        Some(Frame::Message(Message::Refuse { reason })) => assert!(reason.contains("checksum"), "{reason}"),
+    match read_frame::<Greeting>(&mut s) {
+        Some(Frame::Message(Greeting::Refuse { reason })) => assert!(reason.contains("checksum"), "{reason}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert!(agent.alive());

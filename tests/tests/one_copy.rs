@@ -13,7 +13,8 @@
 
 use pcft_agent::agent::client::AgentClient;
 use pcft_agent::vmm::run_log::{overlap, RunInterval};
-use pcft_agent::wire::messages::{Message, VmPhase};
+use pcft_agent::wire::control::ControlMessage;
+use pcft_agent::wire::payload::VmPhase;
 use pcft_tests::{ledger_digest, migrate, pcft_json, start_vm, Agent};
 use std::time::Duration;
 
@@ -24,12 +25,12 @@ fn runs_at(addr: &str) -> (Vec<RunInterval>, Option<VmPhase>) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let mut client = AgentClient::connect_with(addr, None).await.expect("connect");
-        let runs = match client.request(&Message::RunLog { name: "vm1".into() }).await.expect("run log") {
-            Message::RunLogReport { runs, .. } => runs.intervals,
+        let runs = match client.request(&ControlMessage::RunLog { name: "vm1".into() }).await.expect("run log") {
+            ControlMessage::RunLogReport { runs, .. } => runs.intervals,
             other => panic!("{other:?}"),
         };
-        let phase = match client.request(&Message::Status).await.expect("status") {
-            Message::StatusReport { vms, .. } => vms.into_iter().find(|v| v.name == "vm1").map(|v| v.phase),
+        let phase = match client.request(&ControlMessage::Status).await.expect("status") {
+            ControlMessage::StatusReport { vms, .. } => vms.into_iter().find(|v| v.name == "vm1").map(|v| v.phase),
             other => panic!("{other:?}"),
         };
         (runs, phase)

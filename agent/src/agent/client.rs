@@ -1,9 +1,10 @@
 //! The CLI's side of the control protocol: connect to an agent, ask, get an answer.
 
 use crate::wire::auth::Psk;
+use crate::wire::control::ControlMessage;
 use crate::wire::frame::{encode_message, Frame, FrameReader, FrameWriter, ProtocolError};
+use crate::wire::greeting::Role;
 use crate::wire::handshake::{self, HandshakeError};
-use crate::wire::messages::{Message, Role};
 use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,12 +49,17 @@ impl AgentClient {
     }
 
     /// Sends `message` and returns the answer; `Refuse` and `Failed` become errors.
-    pub async fn request(&mut self, message: &Message) -> Result<Message, ClientError> {
+    pub async fn request(&mut self, message: &ControlMessage) -> Result<ControlMessage, ClientError> {
         let protocol = |error| ClientError::Protocol { addr: self.addr.clone(), error };
         self.wr.write(&encode_message(message)).await.map_err(protocol)?;
-        match self.rd.read().await.map_err(|error| ClientError::Protocol { addr: self.addr.clone(), error })? {
-            Frame::Message(Message::Refuse { reason }) => Err(ClientError::Refused(reason)),
-            Frame::Message(Message::Failed { reason }) => Err(ClientError::Failed(reason)),
+        match self
+            .rd
+            .read::<ControlMessage>()
+            .await
+            .map_err(|error| ClientError::Protocol { addr: self.addr.clone(), error })?
+        {
+            Frame::Message(ControlMessage::Refuse { reason }) => Err(ClientError::Refused(reason)),
+            Frame::Message(ControlMessage::Failed { reason }) => Err(ClientError::Failed(reason)),
             Frame::Message(answer) => Ok(answer),
             Frame::Pages(_) => Err(ClientError::Unexpected { addr: self.addr.clone(), what: "pages".into() }),
         }

@@ -3,22 +3,26 @@
 //! `Hello`, whose role says what follows.
 
 use crate::agent::metrics::{MigrationCounts, MigrationLabels};
-use crate::host::format_size;
+use crate::host::{format_size, HostError};
 use crate::migration::destination::{migrate_in, IncomingMigration};
+use crate::migration::ft::failover::{restore_at_source, Failover, FailoverError};
 use crate::migration::ft::staging::StagingLimits;
-use crate::migration::ft::store::Committed;
 use crate::migration::progress::Progress;
 use crate::migration::source::{migrate_out, MigrateOut, MigrationError, MigrationOutcome};
 use crate::vmm::dirty::DirtyTracking;
-use crate::vmm::machine::{Machine, MachineConfig};
+use crate::vmm::machine::{Machine, MachineConfig, MachineError};
 use crate::vmm::output::OutputSink;
 use crate::vmm::run_log::{RunLog, RunLogSnapshot};
-use crate::vmm::runner::{OutputGate, VmRunner};
+use crate::vmm::runner::{OutputGate, RunnerError, VmRunner};
 use crate::wire::auth::Psk;
+use crate::wire::control::ControlMessage;
 use crate::wire::frame::{encode_message, Frame, FrameReader, FrameWriter, ProtocolError};
-use crate::wire::handshake::{self, Greeted};
-use crate::wire::messages::{
-    FailoverReport, Message, MigrationOptions, MigrationProgress, Mode, Role, VmPhase, VmStatus,
+use crate::wire::greeting::Role;
+use crate::wire::handshake::{self, Greeted, HandshakeError};
+use crate::wire::message_set::WireMessage;
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::{
+    FailoverReport, MigrationOptions, MigrationProgress, Mode, OptionsError, VmPhase, VmStatus,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
+use vm_fixtures::ParamsError;
 
 struct VmSlot {
     phase: VmPhase,
@@ -41,6 +46,11 @@ struct VmSlot {
 }
 
 impl VmSlot {
+    /// A VM in `phase`, with no runner yet.
+    fn new(phase: VmPhase, config: MachineConfig, tracking: DirtyTracking) -> Self {
+        VmSlot { phase, config, runner: None, error: None, migrating_since: None, tracking, runs: Vec::new() }
+    }
+
     /// The VM now runs in `runner` (its first copy here, or the one a failover restored).
     fn attach(&mut self, runner: Arc<VmRunner>) {
         let log = runner.run_log();
@@ -86,19 +96,120 @@ pub struct Daemon {
     psk: Option<Psk>,
 }
 
+/// Why a request is not served as asked: sent as `Refuse` (exit 2 at the
+/// CLI), or, on a connection, the reason it is refused and closed.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("no VM named {vm:?} on agent {agent} (VMs here: {known})")]
+    NoSuchVm { vm: String, agent: String, known: String },
+    #[error("no running VM named {vm:?} on agent {agent} (VMs here: {known})")]
+    NotRunning { vm: String, agent: String, known: String },
+    #[error("a VM named {vm:?} already exists on agent {agent} ({phase:?})")]
+    AlreadyExists { vm: String, agent: String, phase: VmPhase },
+    #[error(
+        "agent {agent} has room for {} of guest memory per VM (--max-guest-mem) and VM {vm:?} needs {}",
+        format_size(*room),
+        format_size(*needs)
+    )]
+    NoRoom { agent: String, vm: String, room: u64, needs: u64 },
+    /// The host has too little memory free for the VM.
+    #[error("agent {agent}: {source}")]
+    HostMemory { agent: String, source: HostError },
+    /// The VM's fixture parameters do not hold together.
+    #[error(transparent)]
+    Fixture(#[from] ParamsError),
+    /// An incoming migration's timings do not hold together.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// A requested migration's timings do not hold together.
+    #[error("migration of {vm:?} refused: {source}")]
+    MigrationOptions { vm: String, source: OptionsError },
+    #[error(
+        "agent {agent} already runs {running} migration(s), its limit (--max-migrations {limit}): try again when one ends"
+    )]
+    TooManyMigrations { agent: String, running: usize, limit: usize },
+    #[error("VM {vm:?} has migrated away from agent {agent}")]
+    MigratedAway { vm: String, agent: String },
+    #[error("{request} is not a request an agent answers")]
+    NotARequest { request: String },
+    /// The destination could not be reached or refused: the operator's to fix.
+    #[error("migration of {vm:?} to {to} failed, the VM keeps running here: {source}")]
+    DestinationRefused { vm: String, to: String, source: Box<MigrationError> },
+    #[error("the control connection carries no pages")]
+    PagesOnControl,
+    #[error("expected Begin, got {got}")]
+    ExpectedBegin { got: String },
+    /// A frame that broke the protocol (or failed its authentication).
+    #[error(transparent)]
+    Protocol(ProtocolError),
+}
+
+/// Why a request that was carried out failed: sent as `Failed` (exit 1 at the CLI).
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// A blocking task of the agent died.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("cannot start VM {vm:?}: {source}")]
+    Boot { vm: String, source: MachineError },
+    /// A VM's threads could not start.
+    #[error("{0}")]
+    Spawn(#[from] std::io::Error),
+    #[error("{0}")]
+    Runner(#[from] RunnerError),
+    #[error("migration of {vm:?} to {to} failed and so did the failover: {source}")]
+    FailoverFailed { vm: String, to: String, source: FailoverFailure },
+    /// The destination was lost after the switchover committed, without PostCopyFT.
+    #[error("migration of {vm:?} to {to} failed: {source}")]
+    LostAfterCommit { vm: String, to: String, source: MigrationError },
+    #[error("migration of {vm:?} to {to} failed, the VM keeps running here: {source}")]
+    Migration { vm: String, to: String, source: MigrationError },
+    #[error("VM {vm:?} failed: {error}")]
+    VmFailed { vm: String, error: String },
+    #[error("VM {vm:?}: {source}")]
+    Verify { vm: String, source: RunnerError },
+    #[error("VM {vm:?} did not finish within {timeout_ms} ms")]
+    NotFinished { vm: String, timeout_ms: u64 },
+}
+
+/// Why a failover at the source did not bring the VM back.
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverFailure {
+    #[error(transparent)]
+    Restore(#[from] FailoverError),
+    #[error("the VM left the table")]
+    VmGone,
+}
+
 /// Why a request got no answer: refused (exit 2 at the CLI) or failed (exit 1).
-enum Denial {
-    Refused(String),
-    Failed(String),
+#[derive(Debug, thiserror::Error)]
+pub enum Denial {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Failed(#[from] Failure),
 }
 
-impl From<String> for Denial {
-    fn from(reason: String) -> Self {
-        Denial::Refused(reason)
-    }
+/// Why a connection ended other than by its peer hanging up (logged by [`Daemon::serve`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Socket(std::io::Error),
+    #[error("no greeting within {GREETING_TIMEOUT:?}: dropped the connection")]
+    GreetingTimeout,
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// The peer was refused, and told why.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// An answer could not be sent.
+    #[error(transparent)]
+    Send(ProtocolError),
+    #[error("incoming migration of {vm:?} failed: {source}")]
+    Incoming { vm: String, source: MigrationError },
 }
 
-type Reply = Result<Message, Denial>;
+type Reply = Result<ControlMessage, Denial>;
 
 impl Daemon {
     /// An agent named `name`; with `psk`, it talks only to peers that hold that key.
@@ -107,13 +218,14 @@ impl Daemon {
     }
 
     /// Refuses one more migration when `vms` (the locked VM table) already has the most this agent runs.
-    fn check_migrations(&self, vms: &HashMap<String, VmSlot>) -> Result<(), String> {
+    fn check_migrations(&self, vms: &HashMap<String, VmSlot>) -> Result<(), Refusal> {
         let running = vms.values().filter(|s| matches!(s.phase, VmPhase::MigratingOut | VmPhase::MigratingIn)).count();
         if running >= self.limits.max_migrations {
-            return Err(format!(
-                "agent {} already runs {running} migration(s), its limit (--max-migrations {}): try again when one ends",
-                self.name, self.limits.max_migrations
-            ));
+            return Err(Refusal::TooManyMigrations {
+                agent: self.name.clone(),
+                running,
+                limit: self.limits.max_migrations,
+            });
         }
         Ok(())
     }
@@ -135,144 +247,117 @@ impl Daemon {
         }
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<(), String> {
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<(), DaemonError> {
+        stream.set_nodelay(true).map_err(DaemonError::Socket)?;
         let greeting = handshake::accept(stream, &self.name, self.psk.as_ref());
         let Ok(accepted) = tokio::time::timeout(GREETING_TIMEOUT, greeting).await else {
-            return Err(format!("no greeting within {GREETING_TIMEOUT:?}: dropped the connection"));
+            return Err(DaemonError::GreetingTimeout);
         };
-        let (greeted, role) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                if let Some(reason) = e.auth_refusal() {
-                    crate::agent::metrics::get().auth_refused(reason);
-                }
-                return Err(e.to_string());
+        let (greeted, role) = accepted.inspect_err(|e| {
+            if let Some(reason) = e.auth_refusal() {
+                crate::agent::metrics::get().auth_refused(reason);
             }
-        };
-        let Greeted { mut rd, mut wr, peer: from } = greeted;
+        })?;
+        let Greeted { rd, wr, peer: from } = greeted;
         match role {
-            Role::Control => loop {
-                let request = match rd.read().await {
-                    Ok(Frame::Message(m)) => m,
-                    Ok(Frame::Pages(_)) => {
-                        return refuse(&mut wr, "the control connection carries no pages".into()).await
-                    }
-                    Err(ProtocolError::Closed) => return Ok(()),
-                    Err(e) => {
-                        note_unauthenticated(&e, peer);
-                        return refuse(&mut wr, e.to_string()).await;
-                    }
-                };
-                let reply = match self.control(request).await {
-                    Ok(answer) => answer,
-                    Err(Denial::Refused(reason)) => Message::Refuse { reason },
-                    Err(Denial::Failed(reason)) => Message::Failed { reason },
-                };
-                send(&mut wr, &reply).await?;
-            },
+            Role::Control => self.serve_control(rd, wr, peer).await,
             Role::Migration => self.incoming(rd, wr, &from, peer).await,
         }
     }
 
-    async fn control(self: &Arc<Self>, request: Message) -> Reply {
+    /// Answers the CLI's requests on one connection until it closes.
+    async fn serve_control(
+        self: Arc<Self>,
+        mut rd: FrameReader,
+        mut wr: FrameWriter,
+        peer: SocketAddr,
+    ) -> Result<(), DaemonError> {
+        let refuse_with = |reason| ControlMessage::Refuse { reason };
+        loop {
+            let request = match rd.read::<ControlMessage>().await {
+                Ok(Frame::Message(m)) => m,
+                Ok(Frame::Pages(_)) => return refuse(&mut wr, Refusal::PagesOnControl, refuse_with).await,
+                Err(ProtocolError::Closed) => return Ok(()),
+                Err(e) => {
+                    note_unauthenticated(&e, peer);
+                    return refuse(&mut wr, Refusal::Protocol(e), refuse_with).await;
+                }
+            };
+            let reply = match self.control(request).await {
+                Ok(answer) => answer,
+                Err(Denial::Refused(refusal)) => ControlMessage::Refuse { reason: refusal.to_string() },
+                Err(Denial::Failed(failure)) => ControlMessage::Failed { reason: failure.to_string() },
+            };
+            send(&mut wr, &reply).await?;
+        }
+    }
+
+    async fn control(self: &Arc<Self>, request: ControlMessage) -> Reply {
         match request {
-            Message::Ping => Ok(Message::Pong),
-            Message::Status => Ok(Message::StatusReport { agent: self.name.clone(), vms: self.status() }),
-            Message::StartVm { name, config, tracking } => self.start_vm(name, config, tracking).await,
-            Message::Migrate { name, to, mode, options } => self.migrate(name, to, mode, options).await,
-            Message::WaitFinished { name, timeout_ms } => self.wait_finished(&name, timeout_ms).await,
-            Message::RunLog { name } => match self.vms().get(&name) {
-                Some(slot) => Ok(Message::RunLogReport { vm: name, runs: slot.run_log() }),
-                None => Err(format!("no VM named {name:?} on agent {} (VMs here: {})", self.name, self.known()).into()),
-            },
-            other => Err(format!("{other:?} is not a request an agent answers").into()),
+            ControlMessage::Ping => Ok(ControlMessage::Pong),
+            ControlMessage::Status => Ok(ControlMessage::StatusReport { agent: self.name.clone(), vms: self.status() }),
+            ControlMessage::StartVm { name, config, tracking } => self.start_vm(name, config, tracking).await,
+            ControlMessage::Migrate { name, to, mode, options } => self.migrate(name, to, mode, options).await,
+            ControlMessage::WaitFinished { name, timeout_ms } => self.wait_finished(&name, timeout_ms).await,
+            ControlMessage::RunLog { name } => {
+                let runs = self.vms().get(&name).map(VmSlot::run_log);
+                match runs {
+                    Some(runs) => Ok(ControlMessage::RunLogReport { vm: name, runs }),
+                    None => Err(self.no_such_vm(name).into()),
+                }
+            }
+            other => Err(Refusal::NotARequest { request: format!("{other:?}") }.into()),
         }
     }
 
     fn status(&self) -> Vec<VmStatus> {
-        let mut list: Vec<VmStatus> = self
-            .vms()
-            .iter()
-            .map(|(name, slot)| {
-                let runner = slot.runner.as_ref().map(|r| r.status());
-                let mut phase = slot.phase;
-                if phase == VmPhase::Running && runner.as_ref().is_some_and(|s| s.finished) {
-                    phase = VmPhase::Finished;
-                }
-                let error = slot.error.clone().or_else(|| runner.as_ref().and_then(|s| s.error.clone()));
-                let dirty = crate::agent::metrics::get().dirty_rate_of(name);
-                let migration = slot
-                    .migrating_since
-                    .filter(|_| phase == VmPhase::MigratingOut)
-                    .map(|since| migration_progress(name, slot.config.mem_bytes, since));
-                VmStatus {
-                    name: name.clone(),
-                    phase: if error.is_some() { VmPhase::Failed } else { phase },
-                    fixture: slot.config.fixture.kind.name().to_string(),
-                    vcpus: slot.config.fixture.vcpus,
-                    mem_bytes: slot.config.mem_bytes,
-                    records: runner.map(|s| s.records).unwrap_or(0),
-                    error,
-                    dirty_rate_bytes_per_second: dirty.as_ref().map(|(rate, _)| *rate),
-                    dirty_tracker: dirty.map(|(_, tracker)| tracker),
-                    migration,
-                }
-            })
-            .collect();
+        let mut list: Vec<VmStatus> = self.vms().iter().map(|(name, slot)| vm_status(name, slot)).collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
     }
 
-    fn check_room(&self, name: &str, config: &MachineConfig) -> Result<(), String> {
+    fn check_room(&self, name: &str, config: &MachineConfig) -> Result<(), Refusal> {
         if let Some(slot) = self.vms().get(name) {
             if slot.phase != VmPhase::MigratedAway {
-                return Err(format!("a VM named {name:?} already exists on agent {} ({:?})", self.name, slot.phase));
+                return Err(Refusal::AlreadyExists { vm: name.into(), agent: self.name.clone(), phase: slot.phase });
             }
         }
         if config.mem_bytes > self.limits.max_guest_mem {
-            return Err(format!(
-                "agent {} has room for {} of guest memory per VM (--max-guest-mem) and VM {name:?} needs {}",
-                self.name,
-                format_size(self.limits.max_guest_mem),
-                format_size(config.mem_bytes)
-            ));
+            return Err(Refusal::NoRoom {
+                agent: self.name.clone(),
+                vm: name.into(),
+                room: self.limits.max_guest_mem,
+                needs: config.mem_bytes,
+            });
         }
-        crate::host::check_memory_available(config.mem_bytes).map_err(|e| format!("agent {}: {e}", self.name))
+        crate::host::check_memory_available(config.mem_bytes)
+            .map_err(|source| Refusal::HostMemory { agent: self.name.clone(), source })
     }
 
     async fn start_vm(self: &Arc<Self>, name: String, config: MachineConfig, tracking: DirtyTracking) -> Reply {
         self.check_room(&name, &config)?;
-        config.fixture.validate().map_err(|e| e.to_string())?;
+        config.fixture.validate().map_err(Refusal::from)?;
         let boot_config = config.clone();
         let machine = tokio::task::spawn_blocking(move || Machine::boot_with(boot_config, tracking))
             .await
-            .map_err(|e| Denial::Failed(e.to_string()))?
-            .map_err(|e| Denial::Failed(format!("cannot start VM {name:?}: {e}")))?;
+            .map_err(Failure::from)?
+            .map_err(|source| Failure::Boot { vm: name.clone(), source })?;
         // Boot completes the configuration (a paced `dirty` guest's TSC ticks per
         // write): keep the machine's own, which is what a migration must send.
         let config = machine.config().clone();
         let gate = OutputGate { sink: self.sink.clone(), released: 0, hold: false };
-        let runner = Arc::new(VmRunner::spawn(&name, machine, gate).map_err(|e| Denial::Failed(e.to_string()))?);
+        let runner = Arc::new(VmRunner::spawn(&name, machine, gate).map_err(Failure::from)?);
         if tracking != DirtyTracking::Bitmap {
             // The ring (and eBPF, which reads its pushes) logs only with logging on: on from
             // the start, it gives the VM a live dirty rate (`pcft vm status`, metrics).
-            runner.set_dirty_logging(true).await.map_err(|e| Denial::Failed(e.to_string()))?;
+            runner.set_dirty_logging(true).await.map_err(Failure::from)?;
         }
-        runner.resume().await.map_err(|e| Denial::Failed(e.to_string()))?;
+        runner.resume().await.map_err(Failure::from)?;
         tracing::info!(vm = %name, fixture = %config.fixture.kind, "started");
-        let mut slot = VmSlot {
-            phase: VmPhase::Running,
-            config,
-            runner: None,
-            error: None,
-            migrating_since: None,
-            tracking,
-            runs: Vec::new(),
-        };
+        let mut slot = VmSlot::new(VmPhase::Running, config, tracking);
         slot.attach(runner);
         self.vms().insert(name, slot);
-        Ok(Message::Ok)
+        Ok(ControlMessage::Ok)
     }
 
     fn known(&self) -> String {
@@ -284,26 +369,30 @@ impl Daemon {
         }
     }
 
+    /// The refusal for a request about VM `vm`, which is not here (the table must not be locked).
+    fn no_such_vm(&self, vm: String) -> Refusal {
+        Refusal::NoSuchVm { vm, agent: self.name.clone(), known: self.known() }
+    }
+
+    /// Marks VM `name` as migrating out (if it runs here and a migration may
+    /// start), and returns its runner and configuration.
+    fn begin_migration(&self, name: &str) -> Result<(Arc<VmRunner>, MachineConfig), Refusal> {
+        let mut vms = self.vms();
+        let running = vms.get(name).is_some_and(|s| s.phase == VmPhase::Running && s.runner.is_some());
+        if !running {
+            drop(vms);
+            return Err(Refusal::NotRunning { vm: name.into(), agent: self.name.clone(), known: self.known() });
+        }
+        self.check_migrations(&vms)?;
+        let slot = vms.get_mut(name).expect("checked");
+        slot.phase = VmPhase::MigratingOut;
+        slot.migrating_since = Some((Instant::now(), crate::agent::metrics::get().migration_counts(name)));
+        Ok((Arc::clone(slot.runner.as_ref().expect("checked")), slot.config.clone()))
+    }
+
     async fn migrate(self: &Arc<Self>, name: String, to: String, mode: Mode, options: MigrationOptions) -> Reply {
-        options.validate(mode).map_err(|e| format!("migration of {name:?} refused: {e}"))?;
-        let (runner, config) = {
-            let mut vms = self.vms();
-            let running = vms.get(&name).is_some_and(|s| s.phase == VmPhase::Running && s.runner.is_some());
-            if !running {
-                drop(vms);
-                return Err(format!(
-                    "no running VM named {name:?} on agent {} (VMs here: {})",
-                    self.name,
-                    self.known()
-                )
-                .into());
-            }
-            self.check_migrations(&vms)?;
-            let slot = vms.get_mut(&name).expect("checked");
-            slot.phase = VmPhase::MigratingOut;
-            slot.migrating_since = Some((Instant::now(), crate::agent::metrics::get().migration_counts(&name)));
-            (Arc::clone(slot.runner.as_ref().expect("checked")), slot.config.clone())
-        };
+        options.validate(mode).map_err(|source| Refusal::MigrationOptions { vm: name.clone(), source })?;
+        let (runner, config) = self.begin_migration(&name)?;
         tracing::info!(vm = %name, %to, mode = mode.name(), "migrating out");
         let span = tracing::info_span!("migration", vm = %name, to = %to, mode = mode.name(), side = "source");
         let result = migrate_out(MigrateOut {
@@ -320,150 +409,106 @@ impl Daemon {
         })
         .instrument(span)
         .await;
-        let outcome = match &result {
-            Ok(MigrationOutcome::Completed(_)) => "completed",
-            Ok(MigrationOutcome::DestinationLost { .. }) => "recovered",
-            Err(MigrationError::LostAfterCommit(_)) => "lost",
-            Err(_) => "failed",
-        };
-        let m = crate::agent::metrics::get();
-        m.migrations.get_or_create(&MigrationLabels { mode: mode.name().into(), result: outcome.into() }).inc();
-        m.set_phase(&name, if outcome == "completed" { "completed" } else { outcome });
-        if outcome == "recovered" {
-            m.vm(&m.failovers, &name, 1);
-        }
-        let result = match result {
+        count_migration(&name, mode, &result);
+        match result {
             Ok(MigrationOutcome::DestinationLost { mut report, committed, detected_at, fenced_at }) => {
                 let epoch = committed.epoch;
-                return match self.fail_over(&name, runner, committed, fenced_at).await {
+                let failover = Failover { vm: &name, runner, committed, fenced_at, sink: self.sink.clone() };
+                match self.fail_over(failover).await {
                     Ok(failover) => {
                         let failover_ms = detected_at.elapsed().as_secs_f64() * 1e3;
                         report.failover = Some(Box::new(FailoverReport { failover_ms, ..failover }));
                         tracing::warn!(vm = %name, epoch, failover_ms, "recovered at the source");
-                        Ok(Message::Migrated(report))
+                        Ok(ControlMessage::Migrated(report))
                     }
-                    Err(e) => {
-                        let mut vms = self.vms();
-                        let slot = vms.get_mut(&name).expect("a migrating VM stays in the table");
-                        slot.phase = VmPhase::Failed;
-                        slot.error = Some(e.clone());
-                        Err(Denial::Failed(format!(
-                            "migration of {name:?} to {to} failed and so did the failover: {e}"
-                        )))
+                    Err(source) => {
+                        self.mark_failed(&name, source.to_string(), false);
+                        Err(Failure::FailoverFailed { vm: name, to, source }.into())
                     }
-                };
+                }
             }
-            Ok(MigrationOutcome::Completed(report)) => Ok(report),
-            Err(e) => Err(e),
-        };
-        let mut vms = self.vms();
-        let slot = vms.get_mut(&name).expect("a migrating VM stays in the table");
-        match result {
-            Ok(report) => {
-                slot.phase = VmPhase::MigratedAway;
-                slot.runner = None;
-                drop(vms);
+            Ok(MigrationOutcome::Completed(report)) => {
+                if let Some(slot) = self.vms().get_mut(&name) {
+                    slot.phase = VmPhase::MigratedAway;
+                    slot.runner = None;
+                }
                 // The last handle: the source copy stops here. Stopping joins the
                 // VM's threads, so it runs off the async workers.
                 tokio::task::spawn_blocking(move || drop(runner));
                 tracing::info!(vm = %name, %to, ms = report.total_migration_ms, "migrated");
-                Ok(Message::Migrated(report))
+                Ok(ControlMessage::Migrated(report))
             }
-            Err(e @ MigrationError::LostAfterCommit(_)) => {
-                slot.phase = VmPhase::Failed;
-                slot.error = Some(e.to_string());
-                slot.runner = None;
-                Err(Denial::Failed(format!("migration of {name:?} to {to} failed: {e}")))
+            Err(source @ MigrationError::LostAfterCommit(_)) => {
+                self.mark_failed(&name, source.to_string(), true);
+                Err(Failure::LostAfterCommit { vm: name, to, source }.into())
             }
-            Err(e) => {
-                slot.phase = VmPhase::Running;
-                let text = format!("migration of {name:?} to {to} failed, the VM keeps running here: {e}");
+            Err(source) => {
+                if let Some(slot) = self.vms().get_mut(&name) {
+                    slot.phase = VmPhase::Running;
+                }
                 // An unreachable or refusing destination is the operator's to fix (exit 2 at the CLI).
-                match e {
-                    MigrationError::Connect { .. } | MigrationError::Refused(_) => Err(Denial::Refused(text)),
-                    _ => Err(Denial::Failed(text)),
+                match source {
+                    MigrationError::Connect { .. } | MigrationError::Refused(_) => {
+                        Err(Refusal::DestinationRefused { vm: name, to, source: Box::new(source) }.into())
+                    }
+                    _ => Err(Failure::Migration { vm: name, to, source }.into()),
                 }
             }
         }
     }
 
-    /// PostCopyFT failover: once the destination's lease has surely expired, stops
-    /// the paused source copy, restores the last committed checkpoint over the
-    /// source's memory (which holds every committed page), and runs it.
-    async fn fail_over(
-        &self,
-        name: &str,
-        runner: Arc<VmRunner>,
-        committed: Box<Committed>,
-        fenced_at: Instant,
-    ) -> Result<FailoverReport, String> {
-        let wait_from = Instant::now();
-        tokio::time::sleep_until(fenced_at.into()).await;
-        let fence_wait_ms = wait_from.elapsed().as_secs_f64() * 1e3;
-        let memory = runner.memory();
-        // Everything up to the switchover was released here; the restored state
-        // holds it and whatever the checkpoints committed after it.
-        let released = runner.status().released as usize;
-        let tracking = match self.vms().get_mut(name) {
+    /// VM `name` failed with `error`; with `stopped`, its runner is let go of too.
+    fn mark_failed(&self, name: &str, error: String, stopped: bool) {
+        let mut vms = self.vms();
+        let slot = vms.get_mut(name).expect("a migrating VM stays in the table");
+        slot.phase = VmPhase::Failed;
+        slot.error = Some(error);
+        if stopped {
+            slot.runner = None;
+        }
+    }
+
+    /// PostCopyFT failover (see `migration::ft::failover`): restores the VM at
+    /// the source and puts it back in the table, running.
+    async fn fail_over(&self, failover: Failover<'_>) -> Result<FailoverReport, FailoverFailure> {
+        let name = failover.vm;
+        let detach = || match self.vms().get_mut(name) {
             Some(slot) => {
                 slot.runner = None;
                 slot.tracking
             }
             None => DirtyTracking::Bitmap,
         };
-        let Committed { epoch, state } = *committed;
-        let committed_outputs = state.devices.output_log.len() as u64;
-        // The old copy's threads are joined, and the new VM built, off the async workers.
-        // The restored VM keeps its tracker (and so its live dirty rate).
-        let machine = tokio::task::spawn_blocking(move || {
-            drop(runner);
-            Machine::prepare_with(state.config.clone(), memory, tracking)?.restore(state)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot restore checkpoint {epoch}: {e}"))?;
-        let gate = OutputGate { sink: self.sink.clone(), released, hold: false };
-        let runner = Arc::new(VmRunner::spawn(name, machine, gate).map_err(|e| e.to_string())?);
-        if tracking != DirtyTracking::Bitmap {
-            runner.set_dirty_logging(true).await.map_err(|e| e.to_string())?;
-        }
-        runner.resume().await.map_err(|e| e.to_string())?;
-        // Output of the committed epochs that the destination may not have released goes out now.
-        runner.release_outputs(None);
+        let (runner, report) = restore_at_source(failover, detach).await?;
         let mut vms = self.vms();
-        let slot = vms.get_mut(name).ok_or("the VM left the table")?;
+        let slot = vms.get_mut(name).ok_or(FailoverFailure::VmGone)?;
         slot.phase = VmPhase::Running;
         slot.attach(runner);
-        Ok(FailoverReport { restored_epoch: epoch, failover_ms: 0.0, fence_wait_ms, committed_outputs })
+        Ok(report)
     }
 
     async fn wait_finished(self: &Arc<Self>, name: &str, timeout_ms: u64) -> Reply {
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
         loop {
-            let (runner, phase) = {
-                let vms = self.vms();
-                let Some(slot) = vms.get(name) else {
-                    drop(vms);
-                    return Err(
-                        format!("no VM named {name:?} on agent {} (VMs here: {})", self.name, self.known()).into()
-                    );
-                };
-                if let Some(error) = &slot.error {
-                    return Err(Denial::Failed(format!("VM {name:?} failed: {error}")));
-                }
-                (slot.runner.clone(), slot.phase)
+            let found = self.vms().get(name).map(|slot| (slot.runner.clone(), slot.phase, slot.error.clone()));
+            let Some((runner, phase, error)) = found else {
+                return Err(self.no_such_vm(name.to_string()).into());
             };
+            if let Some(error) = error {
+                return Err(Failure::VmFailed { vm: name.into(), error }.into());
+            }
             if phase == VmPhase::MigratedAway {
-                return Err(format!("VM {name:?} has migrated away from agent {}", self.name).into());
+                return Err(Refusal::MigratedAway { vm: name.into(), agent: self.name.clone() }.into());
             }
             if let Some(runner) = runner.filter(|_| phase == VmPhase::Running) {
                 let status = runner.status();
                 if let Some(error) = status.error {
-                    return Err(Denial::Failed(format!("VM {name:?} failed: {error}")));
+                    return Err(Failure::VmFailed { vm: name.into(), error }.into());
                 }
                 if status.finished {
-                    let verified = runner.verify().await.map_err(|e| Denial::Failed(format!("VM {name:?}: {e}")))?;
-                    return Ok(Message::Verified {
+                    let verified =
+                        runner.verify().await.map_err(|source| Failure::Verify { vm: name.into(), source })?;
+                    return Ok(ControlMessage::Verified {
                         name: name.to_string(),
                         records: verified.records as u64,
                         memory_digest: verified.memory_digest,
@@ -471,10 +516,24 @@ impl Daemon {
                 }
             }
             if Instant::now() >= deadline {
-                return Err(Denial::Failed(format!("VM {name:?} did not finish within {timeout_ms} ms")));
+                return Err(Failure::NotFinished { vm: name.into(), timeout_ms }.into());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Admits an incoming migration of VM `name`: room, a sound fixture and
+    /// timings, and a free migration place, taken under the same lock as the
+    /// count, so two incoming migrations cannot both take the last place.
+    fn admit(&self, name: &str, config: &MachineConfig, mode: Mode, options: &MigrationOptions) -> Result<(), Refusal> {
+        self.check_room(name, config)?;
+        config.fixture.validate()?;
+        options.validate(mode)?;
+        let mut vms = self.vms();
+        self.check_migrations(&vms)?;
+        let tracking = if mode.checkpoints() { options.checkpoint_tracker } else { DirtyTracking::Bitmap };
+        vms.insert(name.to_string(), VmSlot::new(VmPhase::MigratingIn, config.clone(), tracking));
+        Ok(())
     }
 
     async fn incoming(
@@ -483,38 +542,23 @@ impl Daemon {
         mut wr: FrameWriter,
         from: &str,
         peer: SocketAddr,
-    ) -> Result<(), String> {
-        let (name, config, mode, options) = match rd.read().await {
-            Ok(Frame::Message(Message::Begin { name, config, mode, options })) => (name, config, mode, options),
-            Ok(other) => return refuse(&mut wr, format!("expected Begin, got {other:?}")).await,
+    ) -> Result<(), DaemonError> {
+        let refuse_with = |reason| MigrationMessage::Refuse { reason };
+        let (name, config, mode, options) = match rd.read::<MigrationMessage>().await {
+            Ok(Frame::Message(MigrationMessage::Begin { name, config, mode, options })) => {
+                (name, config, mode, options)
+            }
+            Ok(other) => {
+                return refuse(&mut wr, Refusal::ExpectedBegin { got: format!("{other:?}") }, refuse_with).await
+            }
             Err(e) => {
                 note_unauthenticated(&e, peer);
-                return refuse(&mut wr, e.to_string()).await;
+                return refuse(&mut wr, Refusal::Protocol(e), refuse_with).await;
             }
         };
-        let admitted = self
-            .check_room(&name, &config)
-            .and_then(|_| config.fixture.validate().map_err(|e| e.to_string()))
-            .and_then(|_| options.validate(mode).map_err(|e| e.to_string()));
-        // Counted and taken under one lock, so two incoming migrations cannot both take the last place.
-        let admitted = admitted.and_then(|_| {
-            let mut vms = self.vms();
-            self.check_migrations(&vms)?;
-            let slot = VmSlot {
-                phase: VmPhase::MigratingIn,
-                config: config.clone(),
-                runner: None,
-                error: None,
-                migrating_since: None,
-                tracking: if mode.checkpoints() { options.checkpoint_tracker } else { DirtyTracking::Bitmap },
-                runs: Vec::new(),
-            };
-            vms.insert(name.clone(), slot);
-            Ok(())
-        });
-        if let Err(reason) = admitted {
-            tracing::warn!(vm = %name, %from, "refused an incoming migration: {reason}");
-            return refuse(&mut wr, reason).await;
+        if let Err(refusal) = self.admit(&name, &config, mode, &options) {
+            tracing::warn!(vm = %name, %from, "refused an incoming migration: {refusal}");
+            return refuse(&mut wr, refusal, refuse_with).await;
         }
         tracing::info!(vm = %name, %from, mode = mode.name(), "migrating in");
         let table = Arc::clone(&self);
@@ -537,23 +581,66 @@ impl Daemon {
                 tracing::info!(vm = %name, faulted = stats.pages_faulted, "migration in complete");
                 Ok(())
             }
-            Err(e) => {
+            Err(source) => {
                 let ran_here = vms.get(&name).is_some_and(|s| s.runner.is_some());
                 if ran_here {
                     let slot = vms.get_mut(&name).expect("checked");
                     slot.phase = VmPhase::Failed;
-                    slot.error = Some(e.to_string());
+                    slot.error = Some(source.to_string());
                 } else {
                     vms.remove(&name);
                 }
-                Err(format!("incoming migration of {name:?} failed: {e}"))
+                Err(DaemonError::Incoming { vm: name, source })
             }
         }
     }
 }
 
-async fn send(wr: &mut FrameWriter, message: &Message) -> Result<(), String> {
-    wr.write(&encode_message(message)).await.map_err(|e| e.to_string())
+/// Counts a finished outgoing migration of `vm` in the agent's metrics, by its outcome.
+fn count_migration(vm: &str, mode: Mode, result: &Result<MigrationOutcome, MigrationError>) {
+    let outcome = match result {
+        Ok(MigrationOutcome::Completed(_)) => "completed",
+        Ok(MigrationOutcome::DestinationLost { .. }) => "recovered",
+        Err(MigrationError::LostAfterCommit(_)) => "lost",
+        Err(_) => "failed",
+    };
+    let m = crate::agent::metrics::get();
+    m.migrations.get_or_create(&MigrationLabels { mode: mode.name().into(), result: outcome.into() }).inc();
+    m.set_phase(vm, outcome);
+    if outcome == "recovered" {
+        m.vm(&m.failovers, vm, 1);
+    }
+}
+
+/// One VM as `pcft vm status` shows it.
+fn vm_status(name: &str, slot: &VmSlot) -> VmStatus {
+    let runner = slot.runner.as_ref().map(|r| r.status());
+    let mut phase = slot.phase;
+    if phase == VmPhase::Running && runner.as_ref().is_some_and(|s| s.finished) {
+        phase = VmPhase::Finished;
+    }
+    let error = slot.error.clone().or_else(|| runner.as_ref().and_then(|s| s.error.clone()));
+    let dirty = crate::agent::metrics::get().dirty_rate_of(name);
+    let migration = slot
+        .migrating_since
+        .filter(|_| phase == VmPhase::MigratingOut)
+        .map(|since| migration_progress(name, slot.config.mem_bytes, since));
+    VmStatus {
+        name: name.to_string(),
+        phase: if error.is_some() { VmPhase::Failed } else { phase },
+        fixture: slot.config.fixture.kind.name().to_string(),
+        vcpus: slot.config.fixture.vcpus,
+        mem_bytes: slot.config.mem_bytes,
+        records: runner.map(|s| s.records).unwrap_or(0),
+        error,
+        dirty_rate_bytes_per_second: dirty.as_ref().map(|(rate, _)| *rate),
+        dirty_tracker: dirty.map(|(_, tracker)| tracker),
+        migration,
+    }
+}
+
+async fn send<M: WireMessage>(wr: &mut FrameWriter, message: &M) -> Result<(), DaemonError> {
+    wr.write(&encode_message(message)).await.map_err(DaemonError::Send)
 }
 
 /// Logs and counts a frame that failed its authentication check.
@@ -564,10 +651,15 @@ fn note_unauthenticated(error: &ProtocolError, peer: SocketAddr) {
     }
 }
 
-/// Tells the peer why, then ends the connection with that reason as the error.
-async fn refuse(wr: &mut FrameWriter, reason: String) -> Result<(), String> {
-    let _ = send(wr, &Message::Refuse { reason: reason.clone() }).await;
-    Err(reason)
+/// Tells the peer why (in the message `refuse_with` makes of the reason, in
+/// the connection's message set), then ends the connection with the refusal as the error.
+async fn refuse<M: WireMessage>(
+    wr: &mut FrameWriter,
+    refusal: Refusal,
+    refuse_with: impl FnOnce(String) -> M,
+) -> Result<(), DaemonError> {
+    let _ = send(wr, &refuse_with(refusal.to_string())).await;
+    Err(DaemonError::Refused(refusal))
 }
 
 /// How far `vm`'s outgoing migration has got, from the agent's metrics since it started.

@@ -68,9 +68,9 @@ pub enum ModeArg {
     PostcopyFt,
 }
 
-impl From<ModeArg> for pcft_agent::wire::messages::Mode {
+impl From<ModeArg> for pcft_agent::wire::payload::Mode {
     fn from(m: ModeArg) -> Self {
-        use pcft_agent::wire::messages::Mode;
+        use pcft_agent::wire::payload::Mode;
         match m {
             ModeArg::Precopy => Mode::Precopy,
             ModeArg::Postcopy => Mode::Postcopy,
@@ -172,18 +172,18 @@ pub struct MigrateArgs {
 #[derive(Args, Debug, Clone)]
 pub struct FtArgs {
     /// How often the destination checkpoints back to the source, in ms.
-    #[arg(long, default_value_t = pcft_agent::wire::messages::MigrationOptions::DEFAULT_CHECKPOINT_INTERVAL_MS)]
+    #[arg(long, default_value_t = pcft_agent::wire::payload::MigrationOptions::DEFAULT_CHECKPOINT_INTERVAL_MS)]
     pub checkpoint_interval: u64,
     /// How often the destination sends a heartbeat, in ms.
-    #[arg(long, default_value_t = pcft_agent::wire::messages::MigrationOptions::DEFAULT_HEARTBEAT_INTERVAL_MS)]
+    #[arg(long, default_value_t = pcft_agent::wire::payload::MigrationOptions::DEFAULT_HEARTBEAT_INTERVAL_MS)]
     pub heartbeat_interval: u64,
     /// Silence after which either side declares the other lost (and the destination's lease), in ms.
-    #[arg(long, default_value_t = pcft_agent::wire::messages::MigrationOptions::DEFAULT_HEARTBEAT_TIMEOUT_MS)]
+    #[arg(long, default_value_t = pcft_agent::wire::payload::MigrationOptions::DEFAULT_HEARTBEAT_TIMEOUT_MS)]
     pub heartbeat_timeout: u64,
     /// How long the source waits for the destination's next checkpoint, in ms:
     /// past it a destination whose heartbeats go on but whose checkpoints
     /// stopped is declared failed (and the VM recovered at the source).
-    #[arg(long, default_value_t = pcft_agent::wire::messages::MigrationOptions::DEFAULT_CHECKPOINT_TIMEOUT_MS)]
+    #[arg(long, default_value_t = pcft_agent::wire::payload::MigrationOptions::DEFAULT_CHECKPOINT_TIMEOUT_MS)]
     pub checkpoint_timeout: u64,
     /// How the destination tracks the pages the guest writes there, for
     /// checkpoints [default: bitmap; for `pcft demo`, its --dirty-tracker].
@@ -195,10 +195,10 @@ impl FtArgs {
     /// These settings over `base`; the checkpoint tracker is `default_tracker` unless given.
     pub fn options(
         &self,
-        base: pcft_agent::wire::messages::MigrationOptions,
+        base: pcft_agent::wire::payload::MigrationOptions,
         default_tracker: TrackerArg,
-    ) -> pcft_agent::wire::messages::MigrationOptions {
-        pcft_agent::wire::messages::MigrationOptions {
+    ) -> pcft_agent::wire::payload::MigrationOptions {
+        pcft_agent::wire::payload::MigrationOptions {
             checkpoint_interval_ms: self.checkpoint_interval,
             heartbeat_interval_ms: self.heartbeat_interval,
             heartbeat_timeout_ms: self.heartbeat_timeout,

@@ -8,7 +8,8 @@ use pcft_agent::agent::daemon::{Daemon, Limits};
 use pcft_agent::host::{self, format_size, parse_size};
 use pcft_agent::migration::ft::staging::StagingLimits;
 use pcft_agent::vmm::output::OutputSink;
-use pcft_agent::wire::messages::{Message, MigrationOptions, MigrationReport};
+use pcft_agent::wire::control::ControlMessage;
+use pcft_agent::wire::payload::{MigrationOptions, MigrationReport};
 use std::io::Write;
 use std::path::Path;
 
@@ -122,20 +123,21 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
     })
 }
 
-async fn ask(addr: &str, message: Message) -> Result<Message, Failure> {
+async fn ask(addr: &str, message: ControlMessage) -> Result<ControlMessage, Failure> {
     let mut client = AgentClient::connect(addr).await.map_err(client_failure)?;
     client.request(&message).await.map_err(client_failure)
 }
 
-fn unexpected(answer: Message) -> Failure {
+fn unexpected(answer: ControlMessage) -> Failure {
     run_failure(anyhow!("the agent answered {answer:?}"))
 }
 
 pub fn start(args: StartArgs) -> Result<(), Failure> {
     let config = machine_config(&args.workload)?;
-    let start = Message::StartVm { name: args.name.clone(), config, tracking: args.workload.dirty_tracker.into() };
+    let start =
+        ControlMessage::StartVm { name: args.name.clone(), config, tracking: args.workload.dirty_tracker.into() };
     match runtime().block_on(ask(&args.agent, start))? {
-        Message::Ok => {
+        ControlMessage::Ok => {
             if args.json {
                 println!("{}", serde_json::json!({ "vm": args.name, "agent": args.agent, "started": true }));
             } else {
@@ -148,7 +150,8 @@ pub fn start(args: StartArgs) -> Result<(), Failure> {
 }
 
 pub fn status(args: StatusArgs) -> Result<(), Failure> {
-    let Message::StatusReport { agent, vms } = runtime().block_on(ask(&args.agent, Message::Status))? else {
+    let ControlMessage::StatusReport { agent, vms } = runtime().block_on(ask(&args.agent, ControlMessage::Status))?
+    else {
         return Err(run_failure(anyhow!("the agent did not send a status report")));
     };
     if args.json {
@@ -187,9 +190,9 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
 }
 
 pub fn wait(args: WaitArgs) -> Result<(), Failure> {
-    let request = Message::WaitFinished { name: args.name.clone(), timeout_ms: args.timeout * 1000 };
+    let request = ControlMessage::WaitFinished { name: args.name.clone(), timeout_ms: args.timeout * 1000 };
     match runtime().block_on(ask(&args.agent, request))? {
-        Message::Verified { name, records, memory_digest } => {
+        ControlMessage::Verified { name, records, memory_digest } => {
             if args.json {
                 println!(
                     "{}",
@@ -216,9 +219,9 @@ pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
     );
     let mode = args.mode.into();
     options.validate(mode).map_err(usage)?;
-    let request = Message::Migrate { name: args.name.clone(), to: args.to.clone(), mode, options };
+    let request = ControlMessage::Migrate { name: args.name.clone(), to: args.to.clone(), mode, options };
     let answer = runtime().block_on(with_progress(&args.agent, &args.name, !args.json, ask(&args.agent, request)))?;
-    let Message::Migrated(report) = answer else { return Err(unexpected(answer)) };
+    let ControlMessage::Migrated(report) = answer else { return Err(unexpected(answer)) };
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(run_failure)?);
     } else {
@@ -263,7 +266,9 @@ pub async fn with_progress<T>(
         let Ok(mut client) = AgentClient::connect(agent).await else { return std::future::pending().await };
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            let Ok(Message::StatusReport { vms, .. }) = client.request(&Message::Status).await else { break };
+            let Ok(ControlMessage::StatusReport { vms, .. }) = client.request(&ControlMessage::Status).await else {
+                break;
+            };
             if let Some(m) = vms.into_iter().find(|v| v.name == vm).and_then(|v| v.migration) {
                 bar.set_length(m.pages_total);
                 bar.set_position(m.pages_sent.min(m.pages_total));

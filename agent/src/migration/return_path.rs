@@ -7,7 +7,7 @@
 
 use super::error::MigrationError;
 use crate::wire::frame::{encode_message, FrameWriter, ProtocolError, CHECKPOINT_WINDOW, HEADER_BYTES};
-use crate::wire::messages::Message;
+use crate::wire::migration::MigrationMessage;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +60,7 @@ impl ReturnPath {
     }
 
     /// Queues a control message; never waits (a full lane is a stuck connection).
-    pub fn message(&self, message: &Message) -> Result<(), MigrationError> {
+    pub fn message(&self, message: &MigrationMessage) -> Result<(), MigrationError> {
         self.control.try_send(encode_message(message)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => MigrationError::Timeout {
                 what: format!("the connection to the source: {CONTROL_QUEUE_FRAMES} control frames wait to go out"),

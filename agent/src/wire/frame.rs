@@ -4,8 +4,9 @@
 //! ```text
 //! frame header (16 bytes, little endian)
 //!   magic    4  "PCFT"
-//!   version  u16 PROTOCOL_VERSION
-//!   kind     u16 1 = message (postcard-encoded `Message`), 2 = page batch
+//!   version  u16 the version of the kind's message set (see `message_set`)
+//!   kind     u16 1 = greeting, 3 = control message, 4 = migration message
+//!                (each a postcard-encoded enum), 2 = page batch (migration)
 //!   length   u32 payload bytes (at most MAX_PAYLOAD)
 //!   crc      u32 CRC-32C over the header's first 12 bytes and the payload
 //! payload
@@ -13,18 +14,19 @@
 //! A page batch is `count u32`, then `count` entries of `gpa u64, flags u8`,
 //! then the 4096 bytes of every entry without the ZERO flag, in entry order.
 //!
-//! The codec here is pure (bytes in, values out); [`FrameReader`] and
+//! The codec is generic over the message set a connection carries
+//! ([`WireMessage`]): a reader asked for one set refuses frames of another.
+//! It is pure (bytes in, values out); [`FrameReader`] and
 //! [`FrameWriter`] move frames over any tokio stream, with their tags once a
 //! connection is authenticated (see `auth`).
 
 use crate::vmm::memory::{is_zero, PAGE_SIZE};
 use crate::wire::auth::{FrameMac, TAG_BYTES};
-use crate::wire::messages::Message;
+use crate::wire::message_set::{MessageSet, PayloadError, WireMessage};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 pub const MAGIC: [u8; 4] = *b"PCFT";
-pub const PROTOCOL_VERSION: u16 = 6;
 pub const HEADER_BYTES: usize = 16;
 /// No frame carries more: a larger length field is corruption, not a reason to allocate.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -40,8 +42,10 @@ pub const READ_CHUNK: usize = 256 << 10;
 /// so it never has to stop reading the connection, which also carries
 /// heartbeats and page requests.
 pub const CHECKPOINT_WINDOW: u64 = 8 << 20;
-const KIND_MESSAGE: u16 = 1;
+const KIND_GREETING: u16 = 1;
 const KIND_PAGES: u16 = 2;
+const KIND_CONTROL: u16 = 3;
+const KIND_MIGRATION: u16 = 4;
 const FLAG_ZERO: u8 = 1;
 const PAGE: usize = PAGE_SIZE as usize;
 const ENTRY_BYTES: usize = 9;
@@ -50,8 +54,12 @@ const ENTRY_BYTES: usize = 9;
 pub enum ProtocolError {
     #[error("the peer is not a PostCopyFT agent (bad frame magic {0:02x?})")]
     BadMagic([u8; 4]),
-    #[error("the peer speaks protocol version {peer}, this agent speaks version {PROTOCOL_VERSION}: run the same pcft version on both hosts")]
-    Version { peer: u16 },
+    /// A frame of `set` whose version is not the one this build speaks.
+    #[error("the peer speaks {set} protocol version {peer}, this agent speaks version {}: run the same pcft version on both hosts", set.version())]
+    Version { set: MessageSet, peer: u16 },
+    /// A frame of another message set than the connection carries.
+    #[error("the peer sent a {got} message where {expected} messages belong")]
+    WrongSet { expected: MessageSet, got: MessageSet },
     #[error("frame of {0} bytes exceeds the {1}-byte limit")]
     TooLarge(u32, u32),
     #[error("frame checksum mismatch (computed {computed:#010x}, frame says {stored:#010x}): the stream is corrupt")]
@@ -193,11 +201,30 @@ impl PageBatch {
     }
 }
 
-/// What a frame carries.
+/// What a frame carries: a message of the set `M`, or pages.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Frame {
-    Message(Message),
+pub enum Frame<M> {
+    Message(M),
     Pages(PageBatch),
+}
+
+/// The frame kind of a message set.
+fn kind_of(set: MessageSet) -> u16 {
+    match set {
+        MessageSet::Greeting => KIND_GREETING,
+        MessageSet::Control => KIND_CONTROL,
+        MessageSet::Migration => KIND_MIGRATION,
+    }
+}
+
+/// The message set of a frame kind, and the set whose version a page batch carries.
+fn set_of(kind: u16) -> Option<MessageSet> {
+    match kind {
+        KIND_GREETING => Some(MessageSet::Greeting),
+        KIND_CONTROL => Some(MessageSet::Control),
+        KIND_MIGRATION | KIND_PAGES => Some(MessageSet::Migration),
+        _ => None,
+    }
 }
 
 /// Builds a page-batch frame directly from guest memory, detecting zero pages.
@@ -276,9 +303,10 @@ impl PageBatchWriter {
 
 fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
     assert!(payload.len() <= MAX_PAYLOAD as usize, "frame payload of {} bytes is over the limit", payload.len());
+    let version = set_of(kind).expect("a kind this codec sends").version();
     let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&kind.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     let crc = crc32c::crc32c_append(crc32c::crc32c(&out), payload);
@@ -287,10 +315,9 @@ fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Encodes a control or migration message as one frame.
-pub fn encode_message(message: &Message) -> Vec<u8> {
-    let payload = postcard::to_allocvec(message).expect("messages always encode");
-    frame(KIND_MESSAGE, &payload)
+/// Encodes a message (of any set: its frame kind and version are its set's) as one frame.
+pub fn encode_message<M: WireMessage>(message: &M) -> Vec<u8> {
+    frame(kind_of(message.set()), &message.to_payload())
 }
 
 /// Encodes a page batch as one frame.
@@ -317,19 +344,19 @@ impl Header {
     }
 }
 
-/// Checks a frame header: magic, version, kind and length.
+/// Checks a frame header: magic, kind, the version of the kind's message set, and length.
 pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, ProtocolError> {
     let magic: [u8; 4] = bytes[0..4].try_into().expect("4 bytes");
     if magic != MAGIC {
         return Err(ProtocolError::BadMagic(magic));
     }
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if version != PROTOCOL_VERSION {
-        return Err(ProtocolError::Version { peer: version });
-    }
     let kind = u16::from_le_bytes([bytes[6], bytes[7]]);
-    if kind != KIND_MESSAGE && kind != KIND_PAGES {
+    let Some(set) = set_of(kind) else {
         return Err(ProtocolError::UnknownKind(kind));
+    };
+    if version != set.version() {
+        return Err(ProtocolError::Version { set, peer: version });
     }
     let length = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if length > MAX_PAYLOAD {
@@ -339,8 +366,9 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, ProtocolError
     Ok(Header { kind, length, crc, prefix_crc: crc32c::crc32c(&bytes[..12]) })
 }
 
-/// Checks the payload's checksum and decodes it (a page batch keeps the payload).
-pub fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
+/// Checks the payload's checksum and decodes it as a message of `M` or pages
+/// (a page batch keeps the payload).
+pub fn decode_payload<M: WireMessage>(header: Header, payload: Vec<u8>) -> Result<Frame<M>, ProtocolError> {
     check_crc(&header, &payload)?;
     decode_checked(header, payload)
 }
@@ -354,12 +382,23 @@ fn check_crc(header: &Header, payload: &[u8]) -> Result<(), ProtocolError> {
 }
 
 /// Decodes a payload whose checksum has been checked.
-fn decode_checked(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
-    match header.kind {
-        KIND_MESSAGE => postcard::from_bytes(&payload)
-            .map(Frame::Message)
-            .map_err(|e| ProtocolError::Malformed { what: "message", detail: e.to_string() }),
-        _ => decode_pages(payload).map(Frame::Pages),
+fn decode_checked<M: WireMessage>(header: Header, payload: Vec<u8>) -> Result<Frame<M>, ProtocolError> {
+    if header.kind == KIND_PAGES {
+        return decode_pages(payload).map(Frame::Pages);
+    }
+    let set = set_of(header.kind).expect("a checked header's kind");
+    M::from_payload(set, &payload).map(Frame::Message).map_err(|e| match e {
+        PayloadError::WrongSet { expected, got } => ProtocolError::WrongSet { expected, got },
+        PayloadError::Malformed { set, detail } => ProtocolError::Malformed { what: malformed_what(set), detail },
+    })
+}
+
+/// What a malformed message of `set` is called in errors.
+fn malformed_what(set: MessageSet) -> &'static str {
+    match set {
+        MessageSet::Greeting => "greeting",
+        MessageSet::Control => "control message",
+        MessageSet::Migration => "migration message",
     }
 }
 
@@ -482,8 +521,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.last_payload
     }
 
-    /// The next frame (checked: checksum, then tag).
-    pub async fn read(&mut self) -> Result<Frame, ProtocolError> {
+    /// The next frame (checked: checksum, then tag), a message of `M` or pages.
+    pub async fn read<M: WireMessage>(&mut self) -> Result<Frame<M>, ProtocolError> {
         let (header_bytes, header, payload) = read_checked(&mut self.inner, self.max_payload).await?;
         self.last_payload = payload.len();
         if let Some(mac) = &mut self.mac {
@@ -498,7 +537,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The greeting's answer, read before the connection is authenticated,
     /// with its raw bytes so that its tag can be checked once the keys are known.
-    pub(crate) async fn read_untagged(&mut self) -> Result<(Frame, [u8; HEADER_BYTES], Vec<u8>), ProtocolError> {
+    pub(crate) async fn read_untagged<M: WireMessage>(
+        &mut self,
+    ) -> Result<(Frame<M>, [u8; HEADER_BYTES], Vec<u8>), ProtocolError> {
         let (header_bytes, header, payload) = read_checked(&mut self.inner, self.max_payload).await?;
         let frame = decode_checked(header, payload.clone())?;
         Ok((frame, header_bytes, payload))
@@ -554,8 +595,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::control::ControlMessage;
+    use crate::wire::greeting::Greeting;
+    use crate::wire::migration::MigrationMessage;
 
-    fn decode(bytes: &[u8]) -> Result<Frame, ProtocolError> {
+    fn decode(bytes: &[u8]) -> Result<Frame<ControlMessage>, ProtocolError> {
         let header = decode_header(bytes[..HEADER_BYTES].try_into().unwrap())?;
         decode_payload(header, bytes[HEADER_BYTES..].to_vec())
     }
@@ -568,13 +612,40 @@ mod tests {
 
     #[test]
     fn messages_and_pages_round_trip() {
-        let msg = Message::Refuse { reason: "no".into() };
+        let msg = ControlMessage::Refuse { reason: "no".into() };
         assert_eq!(decode(&encode_message(&msg)), Ok(Frame::Message(msg)));
         let batch = sample_batch();
         let bytes = encode_pages(&batch);
         // Zero pages travel as a flag: one data page, not three.
         assert_eq!(bytes.len(), HEADER_BYTES + 4 + 3 * ENTRY_BYTES + PAGE);
         assert_eq!(decode(&bytes), Ok(Frame::Pages(batch)));
+    }
+
+    #[test]
+    fn each_set_has_its_kind_and_version_and_a_reader_takes_only_its_own() {
+        let greeting = encode_message(&Greeting::Refuse { reason: "no".into() });
+        let control = encode_message(&ControlMessage::Ping);
+        let migration = encode_message(&MigrationMessage::Go);
+        let pages = encode_pages(&sample_batch());
+        let kind_version = |b: &[u8]| (u16::from_le_bytes([b[6], b[7]]), u16::from_le_bytes([b[4], b[5]]));
+        assert_eq!(kind_version(&greeting), (KIND_GREETING, crate::wire::message_set::GREETING_VERSION));
+        assert_eq!(kind_version(&control), (KIND_CONTROL, crate::wire::message_set::CONTROL_VERSION));
+        assert_eq!(kind_version(&migration), (KIND_MIGRATION, crate::wire::message_set::MIGRATION_VERSION));
+        assert_eq!(kind_version(&pages), (KIND_PAGES, crate::wire::message_set::MIGRATION_VERSION));
+        assert_eq!(
+            decode(&migration),
+            Err(ProtocolError::WrongSet { expected: MessageSet::Control, got: MessageSet::Migration })
+        );
+        let header = decode_header(migration[..HEADER_BYTES].try_into().unwrap()).unwrap();
+        let frame = decode_payload::<MigrationMessage>(header, migration[HEADER_BYTES..].to_vec());
+        assert_eq!(frame, Ok(Frame::Message(MigrationMessage::Go)));
+        // Pages go with any set's reader (the control connection refuses them itself).
+        assert!(matches!(decode(&pages), Ok(Frame::Pages(_))));
+        // Another migration version leaves the control set alone.
+        let mut newer = migration.clone();
+        newer[4] = newer[4].wrapping_add(1);
+        let header = decode_header(newer[..HEADER_BYTES].try_into().unwrap());
+        assert!(matches!(header, Err(ProtocolError::Version { set: MessageSet::Migration, .. })));
     }
 
     #[test]
@@ -623,11 +694,14 @@ mod tests {
 
     #[test]
     fn refuses_garbage_other_versions_and_huge_lengths() {
-        let mut bytes = encode_message(&Message::Ping);
+        let mut bytes = encode_message(&ControlMessage::Ping);
         assert!(matches!(decode(b"GET / HTTP/1.1\r\n\r\n"), Err(ProtocolError::BadMagic(_))));
         bytes[4] = 9;
-        assert_eq!(decode(&bytes), Err(ProtocolError::Version { peer: 9 }));
-        let mut huge = encode_message(&Message::Ping);
+        let other = decode(&bytes);
+        assert_eq!(other, Err(ProtocolError::Version { set: MessageSet::Control, peer: 9 }));
+        let text = other.unwrap_err().to_string();
+        assert!(text.contains("control protocol version 9") && text.contains("run the same pcft"), "{text}");
+        let mut huge = encode_message(&ControlMessage::Ping);
         huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(&huge), Err(ProtocolError::TooLarge(u32::MAX, MAX_PAYLOAD)));
     }
@@ -651,34 +725,44 @@ mod tests {
 
     #[tokio::test]
     async fn stream_ends_are_closed_or_truncated() {
-        let bytes = encode_message(&Message::Ping);
+        let bytes = encode_message(&ControlMessage::Ping);
         let mut empty: &[u8] = &[];
-        assert_eq!(FrameReader::new(&mut empty).read().await, Err(ProtocolError::Closed));
+        assert_eq!(FrameReader::new(&mut empty).read::<ControlMessage>().await, Err(ProtocolError::Closed));
         for cut in [3, HEADER_BYTES, bytes.len() - 1] {
             let mut short = &bytes[..cut];
-            assert_eq!(FrameReader::new(&mut short).read().await, Err(ProtocolError::Truncated), "cut at {cut}");
+            assert_eq!(
+                FrameReader::new(&mut short).read::<ControlMessage>().await,
+                Err(ProtocolError::Truncated),
+                "cut at {cut}"
+            );
         }
         let mut whole = &bytes[..];
-        assert_eq!(FrameReader::new(&mut whole).read().await, Ok(Frame::Message(Message::Ping)));
+        assert_eq!(
+            FrameReader::new(&mut whole).read::<ControlMessage>().await,
+            Ok(Frame::Message(ControlMessage::Ping))
+        );
     }
 
     #[tokio::test]
     async fn a_length_field_is_only_a_claim() {
         // A header that claims the largest frame, followed by a few bytes: truncated, not an allocation of 32 MiB.
-        let mut claim = encode_message(&Message::Ping);
+        let mut claim = encode_message(&ControlMessage::Ping);
         claim[8..12].copy_from_slice(&MAX_PAYLOAD.to_le_bytes());
         let mut short = &claim[..];
-        assert_eq!(FrameReader::new(&mut short).read().await, Err(ProtocolError::Truncated));
+        assert_eq!(FrameReader::new(&mut short).read::<ControlMessage>().await, Err(ProtocolError::Truncated));
         // Before the greeting is done, a frame may not claim more than a greeting needs.
         let big = frame(KIND_PAGES, &vec![0u8; GREETING_MAX_PAYLOAD as usize + 1]);
         let mut stream = &big[..];
         assert_eq!(
-            FrameReader::for_greeting(&mut stream).read().await,
+            FrameReader::for_greeting(&mut stream).read::<ControlMessage>().await,
             Err(ProtocolError::TooLarge(GREETING_MAX_PAYLOAD + 1, GREETING_MAX_PAYLOAD))
         );
         let mut stream = &big[..];
         let mut reader = FrameReader::for_greeting(&mut stream);
         reader.greeted();
-        assert!(matches!(reader.read().await, Err(ProtocolError::Malformed { .. })), "read whole once greeted");
+        assert!(
+            matches!(reader.read::<ControlMessage>().await, Err(ProtocolError::Malformed { .. })),
+            "read whole once greeted"
+        );
     }
 }

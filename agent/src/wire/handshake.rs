@@ -12,7 +12,7 @@
 
 use crate::wire::auth::{self, Psk};
 use crate::wire::frame::{encode_message, Frame, FrameReader, FrameWriter, ProtocolError};
-use crate::wire::messages::{Message, Role};
+use crate::wire::greeting::{Greeting, Role};
 use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +68,11 @@ fn split(stream: TcpStream) -> (FrameReader, FrameWriter) {
 pub async fn connect(stream: TcpStream, role: Role, agent: &str, psk: Option<&Psk>) -> Result<Greeted, HandshakeError> {
     let (mut rd, mut wr) = split(stream);
     let nonce = psk.map(|_| auth::nonce()).transpose()?;
-    wr.write(&encode_message(&Message::Hello { role, agent: agent.to_string(), nonce })).await?;
-    let (frame, header, payload) = rd.read_untagged().await?;
+    wr.write(&encode_message(&Greeting::Hello { role, agent: agent.to_string(), nonce })).await?;
+    let (frame, header, payload) = rd.read_untagged::<Greeting>().await?;
     let (peer, server_nonce) = match frame {
-        Frame::Message(Message::Welcome { agent, nonce }) => (agent, nonce),
-        Frame::Message(Message::Refuse { reason }) => return Err(HandshakeError::Refused(reason)),
+        Frame::Message(Greeting::Welcome { agent, nonce }) => (agent, nonce),
+        Frame::Message(Greeting::Refuse { reason }) => return Err(HandshakeError::Refused(reason)),
         other => return Err(HandshakeError::Unexpected(format!("{other:?}"))),
     };
     match (psk, nonce, server_nonce) {
@@ -96,10 +96,13 @@ pub async fn connect(stream: TcpStream, role: Role, agent: &str, psk: Option<&Ps
 /// refusal is returned (the connection is done).
 pub async fn accept(stream: TcpStream, agent: &str, psk: Option<&Psk>) -> Result<(Greeted, Role), HandshakeError> {
     let (mut rd, mut wr) = split(stream);
-    let (role, peer, client_nonce) = match rd.read().await {
-        Ok(Frame::Message(Message::Hello { role, agent, nonce })) => (role, agent, nonce),
+    let (role, peer, client_nonce) = match rd.read::<Greeting>().await {
+        Ok(Frame::Message(Greeting::Hello { role, agent, nonce })) => (role, agent, nonce),
         Ok(other) => {
             return Err(refuse(&mut wr, HandshakeError::Refused(format!("expected Hello, got {other:?}"))).await)
+        }
+        Err(e @ ProtocolError::WrongSet { .. }) => {
+            return Err(refuse(&mut wr, HandshakeError::Refused(format!("expected Hello: {e}"))).await)
         }
         Err(e @ ProtocolError::Version { .. }) => {
             let reason = format!("refused a peer of another protocol version: {e}");
@@ -132,13 +135,13 @@ pub async fn accept(stream: TcpStream, agent: &str, psk: Option<&Psk>) -> Result
             return Err(refuse(&mut wr, HandshakeError::UnexpectedKey(reason)).await);
         }
     };
-    wr.write(&encode_message(&Message::Welcome { agent: agent.to_string(), nonce: server_nonce })).await?;
+    wr.write(&encode_message(&Greeting::Welcome { agent: agent.to_string(), nonce: server_nonce })).await?;
     rd.greeted();
     Ok((Greeted { rd, wr, peer }, role))
 }
 
 /// Tells the peer why it is refused (best effort), and returns the refusal.
 async fn refuse(wr: &mut FrameWriter, refusal: HandshakeError) -> HandshakeError {
-    let _ = wr.write(&encode_message(&Message::Refuse { reason: refusal.to_string() })).await;
+    let _ = wr.write(&encode_message(&Greeting::Refuse { reason: refusal.to_string() })).await;
     refusal
 }

@@ -5,7 +5,8 @@
 use crate::cli::{run_failure, Failure};
 use anyhow::anyhow;
 use pcft_agent::agent::client::{AgentClient, ClientError};
-use pcft_agent::wire::messages::{Message, VmPhase};
+use pcft_agent::wire::control::ControlMessage;
+use pcft_agent::wire::payload::VmPhase;
 use std::time::Duration;
 
 /// The demo VM's name on both agents.
@@ -23,7 +24,9 @@ pub fn client_error(e: ClientError) -> Failure {
 pub async fn postcopy_started(source: &str) -> bool {
     let Ok(mut client) = AgentClient::connect(source).await else { return false };
     loop {
-        let Ok(Message::StatusReport { vms, .. }) = client.request(&Message::Status).await else { return false };
+        let Ok(ControlMessage::StatusReport { vms, .. }) = client.request(&ControlMessage::Status).await else {
+            return false;
+        };
         let Some(vm) = vms.into_iter().find(|v| v.name == VM) else { return false };
         if vm.migration.is_some_and(|m| m.phase == "postcopy") {
             return true;
@@ -43,15 +46,15 @@ pub async fn destination_fenced(destination: &str, pid: u32, settle_ms: u64) -> 
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
     tokio::time::sleep(Duration::from_millis(settle_ms + 300)).await;
     let mut client = AgentClient::connect(destination).await.map_err(client_error)?;
-    let records = |answer: Message| match answer {
-        Message::StatusReport { vms, .. } => vms.into_iter().find(|v| v.name == VM),
+    let records = |answer: ControlMessage| match answer {
+        ControlMessage::StatusReport { vms, .. } => vms.into_iter().find(|v| v.name == VM),
         _ => None,
     };
-    let Some(before) = records(client.request(&Message::Status).await.map_err(client_error)?) else {
+    let Some(before) = records(client.request(&ControlMessage::Status).await.map_err(client_error)?) else {
         return Ok(true); // the VM is gone there
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = records(client.request(&Message::Status).await.map_err(client_error)?);
+    let after = records(client.request(&ControlMessage::Status).await.map_err(client_error)?);
     let stopped = after.as_ref().is_none_or(|a| a.records == before.records);
     let marked = before.error.as_deref().is_some_and(|e| e.contains("fenced"));
     Ok(stopped && marked)

@@ -13,7 +13,8 @@ use crate::cli::remote::{runtime, with_progress};
 use crate::cli::{run_failure, DemoArgs, FailKind, Failure};
 use anyhow::{anyhow, Context};
 use pcft_agent::agent::client::{AgentClient, ClientError};
-use pcft_agent::wire::messages::{Message, MigrationReport};
+use pcft_agent::wire::control::ControlMessage;
+use pcft_agent::wire::payload::MigrationReport;
 use std::sync::Arc;
 
 /// What the demo's migration needs.
@@ -32,7 +33,7 @@ pub struct Outcome {
     /// The source's report of the migration.
     pub report: MigrationReport,
     /// The answer to waiting for the guest to finish (and verifying it) where it runs.
-    pub verified: Result<Message, ClientError>,
+    pub verified: Result<ControlMessage, ClientError>,
     /// Whether the destination keeps its copy stopped after a failover (None: not checked).
     pub fenced: Option<bool>,
 }
@@ -52,7 +53,7 @@ impl MigrationRun<'_> {
             // After a failover the VM runs on at the source; otherwise at the destination.
             let runs_at = if report.failover.is_some() { &self.endpoints.source } else { &self.endpoints.destination };
             let mut client = AgentClient::connect(runs_at).await.map_err(client_error)?;
-            let verified = client.request(&Message::WaitFinished { name: VM.into(), timeout_ms: 600_000 }).await;
+            let verified = client.request(&ControlMessage::WaitFinished { name: VM.into(), timeout_ms: 600_000 }).await;
             Ok(Outcome { report, verified, fenced })
         })
     }
@@ -60,8 +61,11 @@ impl MigrationRun<'_> {
     /// Starts the demo VM at the source; the connection stays for the migration request.
     async fn start_vm(&self) -> Result<AgentClient, Failure> {
         let mut source = AgentClient::connect(&self.endpoints.source).await.map_err(client_error)?;
-        let start =
-            Message::StartVm { name: VM.into(), config: self.plan.config.clone(), tracking: self.plan.tracker.into() };
+        let start = ControlMessage::StartVm {
+            name: VM.into(),
+            config: self.plan.config.clone(),
+            tracking: self.plan.tracker.into(),
+        };
         source.request(&start).await.map_err(client_error)?;
         Ok(source)
     }
@@ -87,7 +91,7 @@ impl MigrationRun<'_> {
 
     /// Asks the source to migrate the VM, under a progress bar unless `--json`.
     async fn migrate(&self, source: &mut AgentClient) -> Result<MigrationReport, Failure> {
-        let request = Message::Migrate {
+        let request = ControlMessage::Migrate {
             name: VM.into(),
             to: self.endpoints.migrate_to.clone(),
             mode: self.plan.mode,
@@ -95,7 +99,7 @@ impl MigrationRun<'_> {
         };
         let migration = with_progress(&self.endpoints.source, VM, !self.args.json, source.request(&request));
         match migration.await.map_err(client_error)? {
-            Message::Migrated(report) => Ok(report),
+            ControlMessage::Migrated(report) => Ok(report),
             other => Err(run_failure(anyhow!("the source answered {other:?}"))),
         }
     }

@@ -10,7 +10,8 @@ use crate::cli::remote::runtime;
 use crate::cli::stopwatch::{cut_at_stops, StoppedWindow};
 use pcft_agent::agent::client::{AgentClient, ClientError};
 use pcft_agent::vmm::run_log::{RunInterval, RunLogSnapshot};
-use pcft_agent::wire::messages::{Message, VmPhase};
+use pcft_agent::wire::control::ControlMessage;
+use pcft_agent::wire::payload::VmPhase;
 use std::time::Duration;
 
 /// What one agent said about the demo's VM at the end of the run.
@@ -40,14 +41,14 @@ impl CopyAt {
 async fn copy_at(addr: &str) -> CopyAt {
     let ask = async {
         let mut client = AgentClient::connect(addr).await.ok()?;
-        let runs = match client.request(&Message::RunLog { name: VM.into() }).await {
-            Ok(Message::RunLogReport { runs, .. }) => runs,
+        let runs = match client.request(&ControlMessage::RunLog { name: VM.into() }).await {
+            Ok(ControlMessage::RunLogReport { runs, .. }) => runs,
             // `Refuse`: no such VM there.
             Err(ClientError::Refused(_)) => RunLogSnapshot::default(),
             _ => return None,
         };
-        let phase = match client.request(&Message::Status).await {
-            Ok(Message::StatusReport { vms, .. }) => vms.into_iter().find(|v| v.name == VM).map(|v| v.phase),
+        let phase = match client.request(&ControlMessage::Status).await {
+            Ok(ControlMessage::StatusReport { vms, .. }) => vms.into_iter().find(|v| v.name == VM).map(|v| v.phase),
             _ => None,
         };
         Some(CopyAt { runs: Some(runs), phase })

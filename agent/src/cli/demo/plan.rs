@@ -9,7 +9,7 @@ use anyhow::anyhow;
 use pcft_agent::fault::crash::CrashPoint;
 use pcft_agent::host;
 use pcft_agent::vmm::machine::MachineConfig;
-use pcft_agent::wire::messages::{MigrationOptions, Mode};
+use pcft_agent::wire::payload::{MigrationOptions, Mode};
 use std::path::Path;
 use std::time::Duration;
 

@@ -12,7 +12,8 @@ use crate::cli::remote::print_report;
 use crate::cli::{run_failure, DemoArgs, FailKind, Failure};
 use anyhow::anyhow;
 use pcft_agent::agent::client::ClientError;
-use pcft_agent::wire::messages::{Message, MigrationReport};
+use pcft_agent::wire::control::ControlMessage;
+use pcft_agent::wire::payload::MigrationReport;
 use serde_json::json;
 
 /// The guest's verification where it finished, from the agent's answer.
@@ -28,9 +29,9 @@ pub struct Verification {
 
 impl Verification {
     /// The verification in the agent's `answer` to `WaitFinished`.
-    fn from_answer(answer: &Result<Message, ClientError>) -> Verification {
+    fn from_answer(answer: &Result<ControlMessage, ClientError>) -> Verification {
         match answer {
-            Ok(Message::Verified { records, memory_digest, .. }) => Verification {
+            Ok(ControlMessage::Verified { records, memory_digest, .. }) => Verification {
                 ok: true,
                 records: Some(*records),
                 digest: Some(format!("{memory_digest:#018x}")),

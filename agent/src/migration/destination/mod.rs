@@ -28,7 +28,8 @@ use crate::vmm::machine::{MachineConfig, MachineState, PreparedMachine};
 use crate::vmm::output::OutputSink;
 use crate::vmm::runner::{OutputGate, VmRunner};
 use crate::wire::frame::{encode_message, Frame, FrameReader, FrameWriter, PageBatch};
-use crate::wire::messages::{DestinationStats, Message, MigrationOptions, Mode};
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::{DestinationStats, MigrationOptions, Mode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -79,11 +80,12 @@ pub async fn migrate_in(
         Ok(v) => v,
         Err(e) => {
             // Tell the source why: the VM keeps running there.
-            let _ = out.message(&Message::Refuse { reason: format!("the destination cannot take the VM: {e}") });
+            let _ =
+                out.message(&MigrationMessage::Refuse { reason: format!("the destination cannot take the VM: {e}") });
             return Err(e);
         }
     };
-    out.message(&Message::Ready)?;
+    out.message(&MigrationMessage::Ready)?;
     let (stops_tx, mut stops) = mpsc::unbounded_channel();
     let mut destination = Destination {
         name,
@@ -159,34 +161,38 @@ impl Destination {
     }
 
     /// The transitions: what each message does in each phase.
-    async fn on_message(&mut self, message: Message, rd: &mut FrameReader) -> Result<DestinationPhase, MigrationError> {
+    async fn on_message(
+        &mut self,
+        message: MigrationMessage,
+        rd: &mut FrameReader,
+    ) -> Result<DestinationPhase, MigrationError> {
         use DestinationPhase::{Completed, Receiving, Restored, Running};
         let checkpointing = self.ft.is_some();
         match (self.phase, message) {
-            (Receiving, Message::Switchover { state, stale }) => self.switchover(&state, &stale),
+            (Receiving, MigrationMessage::Switchover { state, stale }) => self.switchover(&state, &stale),
             // Only under userfaultfd does a dropped page come back (as a fault).
-            (Receiving, Message::Discard { gpas }) if self.pages.region.is_some() => {
+            (Receiving, MigrationMessage::Discard { gpas }) if self.pages.region.is_some() => {
                 self.pages.discard(&gpas)?;
-                self.out.message(&Message::Discarded)?;
+                self.out.message(&MigrationMessage::Discarded)?;
                 Ok(Receiving)
             }
-            (Restored, Message::Go) => self.go().await,
-            (Running, Message::AllSent { .. }) => self.all_sent(),
-            (Running | Completed, Message::CheckpointCredit { bytes }) if checkpointing => {
+            (Restored, MigrationMessage::Go) => self.go().await,
+            (Running, MigrationMessage::AllSent { .. }) => self.all_sent(),
+            (Running | Completed, MigrationMessage::CheckpointCredit { bytes }) if checkpointing => {
                 self.out.credit.give_back(bytes);
                 Ok(self.phase)
             }
-            (Running | Completed, Message::CheckpointAck { epoch }) if checkpointing => {
+            (Running | Completed, MigrationMessage::CheckpointAck { epoch }) if checkpointing => {
                 self.ft.as_mut().expect("checked").acked(epoch);
                 Ok(self.phase)
             }
-            (Running | Completed, Message::HeartbeatAck { seq }) if checkpointing => {
+            (Running | Completed, MigrationMessage::HeartbeatAck { seq }) if checkpointing => {
                 let ft = self.ft.as_ref().expect("checked");
                 ft.heartbeat_acked(seq).map_err(|stop| MigrationError::Fenced(stop.to_string()))?;
                 Ok(self.phase)
             }
-            (Completed, Message::Finish) => self.finish(rd).await,
-            (_, Message::Abort { reason, .. }) => Err(MigrationError::Aborted(reason)),
+            (Completed, MigrationMessage::Finish) => self.finish(rd).await,
+            (_, MigrationMessage::Abort { reason, .. }) => Err(MigrationError::Aborted(reason)),
             (_, other) => Err(MigrationError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -236,9 +242,11 @@ impl Destination {
                 .map_err(|source| MigrationError::vm(VmError::Thread { what: "fault handler", source }))?;
             self.faults = Some(handler);
             let out = self.out.clone();
-            tokio::spawn(forward_requests(rx, move |gpas| out.message(&Message::PageRequest { gpas }).is_ok()));
+            tokio::spawn(forward_requests(rx, move |gpas| {
+                out.message(&MigrationMessage::PageRequest { gpas }).is_ok()
+            }));
         }
-        self.out.message(&Message::Restored)?;
+        self.out.message(&MigrationMessage::Restored)?;
         Ok(DestinationPhase::Restored)
     }
 
@@ -255,7 +263,7 @@ impl Destination {
         let at = Instant::now();
         runner.resume().await.map_err(MigrationError::vm)?;
         self.stats.resume_us = at.elapsed().as_micros() as u64;
-        self.out.message(&Message::Resumed)?;
+        self.out.message(&MigrationMessage::Resumed)?;
         metrics::get().set_phase(&self.name, "postcopy");
         if self.mode.checkpoints() {
             let lease = Lease::new(
@@ -294,7 +302,7 @@ impl Destination {
             // The VM's state is no longer split: no more checkpoints.
             (self.stats.checkpoints_acked, self.stats.checkpoint_pause_max_us) = ft.stop_checkpoints();
         }
-        self.out.message(&Message::Complete(self.stats))?;
+        self.out.message(&MigrationMessage::Complete(self.stats))?;
         if self.ft.is_none() {
             metrics::get().set_phase(&self.name, "completed");
             return Ok(DestinationPhase::Finished);
@@ -312,12 +320,12 @@ impl Destination {
         drop(self.ft.take());
         self.runner.as_ref().expect("runs").release_outputs(None);
         metrics::get().set_phase(&self.name, "completed");
-        let finished = self.out.after_checkpoints(encode_message(&Message::Finished)).await;
+        let finished = self.out.after_checkpoints(encode_message(&MigrationMessage::Finished)).await;
         if finished.is_ok() {
             // Read on until the source closes: closing with its frames unread
             // would reset the connection, and a reset can throw away a
             // `Finished` not yet delivered.
-            let closed = async { while rd.read().await.is_ok() {} };
+            let closed = async { while rd.read::<MigrationMessage>().await.is_ok() {} };
             let patience = Duration::from_millis(self.options.reply_timeout_ms);
             if tokio::time::timeout(patience, closed).await.is_err() {
                 tracing::warn!("the source did not close the connection after Finished");
@@ -356,14 +364,15 @@ impl Destination {
             Some(r) => stop::stop_for_good(r, self.fence.as_deref(), &mut self.pages).await,
             None => true,
         };
-        let _ = self.out.message(&Message::Abort { reason: e.to_string(), paused });
+        let _ = self.out.message(&MigrationMessage::Abort { reason: e.to_string(), paused });
         // Read on until the source closes (at most the reply timeout), off this task:
         // closing with its frames unread would reset the connection, and a reset can
         // throw away the `Abort` before the source reads it (it then cannot tell
         // that this copy stopped, and after `Finish` may not restore its own).
         let patience = Duration::from_millis(self.options.reply_timeout_ms);
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(patience, async { while rd.read().await.is_ok() {} }).await;
+            let _ =
+                tokio::time::timeout(patience, async { while rd.read::<MigrationMessage>().await.is_ok() {} }).await;
         });
         if ran_here {
             return Err(MigrationError::SourceLost { cause: Box::new(e), checkpointed });

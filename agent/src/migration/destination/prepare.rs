@@ -7,7 +7,7 @@ use crate::vmm::dirty::DirtyTracking;
 use crate::vmm::machine::{Machine, MachineConfig, MachineError, PreparedMachine};
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::uffd::FaultRegion;
-use crate::wire::messages::{MigrationOptions, Mode};
+use crate::wire::payload::{MigrationOptions, Mode};
 use std::sync::Arc;
 
 /// Guest memory (in `IncomingPages`) and the machine prepared over it.

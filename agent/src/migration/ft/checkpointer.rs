@@ -10,7 +10,7 @@ use crate::migration::return_path::{ReturnPath, ReturnPathClosed};
 use crate::vmm::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 use crate::vmm::runner::{RunnerError, VmRunner};
 use crate::wire::frame::{encode_message, PageBatchWriter};
-use crate::wire::messages::Message;
+use crate::wire::migration::MigrationMessage;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -117,7 +117,8 @@ impl Checkpointer {
         }
         let pages = (speculative.len() + capture.dirty.len()) as u64;
         let outputs = capture.state.devices.output_log.len();
-        let commit = encode_message(&Message::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() });
+        let commit =
+            encode_message(&MigrationMessage::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() });
         queue_commit(epoch, outputs, commit, out, &self.unacked).await?;
         tracing::debug!(
             epoch,

@@ -12,7 +12,8 @@ use crate::migration::return_path::ReturnPath;
 use crate::vmm::fence::Fence;
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::runner::VmRunner;
-use crate::wire::messages::{Message, MigrationOptions};
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::MigrationOptions;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -174,7 +175,7 @@ async fn heartbeats(
             let _ = stops.send(FtStop::LeaseExpired);
             return;
         }
-        if out.message(&Message::Heartbeat { seq }).is_err() {
+        if out.message(&MigrationMessage::Heartbeat { seq }).is_err() {
             return;
         }
     }

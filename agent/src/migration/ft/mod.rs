@@ -7,6 +7,7 @@
 
 pub mod checkpointer;
 pub mod destination;
+pub mod failover;
 pub mod lease;
 pub mod source;
 pub mod stager;

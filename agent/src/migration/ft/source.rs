@@ -12,7 +12,7 @@ use crate::migration::ft::store::CheckpointStore;
 use crate::vmm::machine::MachineState;
 use crate::vmm::memory::GuestMemory;
 use crate::wire::frame::CHECKPOINT_WINDOW;
-use crate::wire::messages::Message;
+use crate::wire::migration::MigrationMessage;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -105,7 +105,7 @@ impl FtSource {
 
     /// Acts on what the stager did; returns what to send the destination, in
     /// order: credit given back, and an ack for a commit.
-    pub fn on_event(&mut self, event: stager::Event) -> Result<Vec<Message>, CheckpointRefused> {
+    pub fn on_event(&mut self, event: stager::Event) -> Result<Vec<MigrationMessage>, CheckpointRefused> {
         self.checkpoint_progress = Instant::now();
         let mut send = Vec::new();
         match event {
@@ -119,15 +119,16 @@ impl FtSource {
             stager::Event::Committed { epoch, .. } => {
                 self.committed_epoch = epoch;
                 send.extend(self.give_credit());
-                send.push(Message::CheckpointAck { epoch });
+                send.push(MigrationMessage::CheckpointAck { epoch });
             }
             stager::Event::Refused(reason) => return Err(CheckpointRefused(reason)),
         }
         Ok(send)
     }
 
-    fn give_credit(&mut self) -> Option<Message> {
-        (self.credit_owed > 0).then(|| Message::CheckpointCredit { bytes: std::mem::take(&mut self.credit_owed) })
+    fn give_credit(&mut self) -> Option<MigrationMessage> {
+        (self.credit_owed > 0)
+            .then(|| MigrationMessage::CheckpointCredit { bytes: std::mem::take(&mut self.credit_owed) })
     }
 
     /// The last epoch committed here.

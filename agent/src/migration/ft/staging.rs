@@ -8,6 +8,7 @@
 
 use crate::vmm::memory::MemoryError;
 use crate::wire::frame::{decode_header, decode_payload, encode_pages, Frame, PageBatch, HEADER_BYTES};
+use crate::wire::migration::MigrationMessage;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
@@ -221,7 +222,7 @@ impl Staging {
             let mut payload = vec![0u8; header.payload_len()];
             reader.read_exact(&mut payload).map_err(|e| read(e.to_string()))?;
             left = left.saturating_sub((HEADER_BYTES + header.payload_len()) as u64);
-            match decode_payload(header, payload).map_err(|e| read(e.to_string()))? {
+            match decode_payload::<MigrationMessage>(header, payload).map_err(|e| read(e.to_string()))? {
                 Frame::Pages(batch) => each(batch)?,
                 Frame::Message(m) => return Err(read(format!("a message where pages were written: {m:?}"))),
             }

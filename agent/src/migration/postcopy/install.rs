@@ -10,7 +10,7 @@ use crate::page_set::PageSet;
 use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
 use crate::vmm::uffd::{FaultRegion, Installed};
 use crate::wire::frame::{PageBatch, PageRun, ProtocolError};
-use crate::wire::messages::Percentiles;
+use crate::wire::payload::Percentiles;
 use std::sync::Arc;
 
 const ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];

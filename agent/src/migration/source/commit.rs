@@ -13,7 +13,8 @@ use crate::migration::source::request::MigrateOut;
 use crate::migration::source::switchover::Stopped;
 use crate::page_set::PageSet;
 use crate::vmm::memory::GuestMemory;
-use crate::wire::messages::{Message, MigrationReport, Mode};
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::{MigrationReport, Mode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,7 +52,7 @@ pub async fn go<'p>(
         }
         None => (None, None),
     };
-    if let Err(e) = link.out.message(&Message::Go).await {
+    if let Err(e) = link.out.message(&MigrationMessage::Go).await {
         if ft.is_none() {
             return Err(MigrationError::LostAfterCommit(e.to_string()));
         }

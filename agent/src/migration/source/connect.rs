@@ -6,8 +6,9 @@ use crate::migration::source::answer::{expect, unexpected};
 use crate::migration::source::outbox::Outbox;
 use crate::migration::source::request::MigrateOut;
 use crate::wire::frame::FrameReader;
+use crate::wire::greeting::Role;
 use crate::wire::handshake::{self, HandshakeError};
-use crate::wire::messages::{Message, Role};
+use crate::wire::migration::MigrationMessage;
 use tokio::net::TcpStream;
 
 /// The connection to the destination, both ways.
@@ -37,11 +38,15 @@ pub async fn connect(req: &MigrateOut<'_>) -> Result<Link, MigrationError> {
             e => MigrationError::Refused(e.to_string()),
         })?;
     let mut link = Link { rd: greeted.rd, out: Outbox::new(greeted.wr) };
-    let begin =
-        Message::Begin { name: req.vm.to_string(), config: req.config.clone(), mode: req.mode, options: req.options };
+    let begin = MigrationMessage::Begin {
+        name: req.vm.to_string(),
+        config: req.config.clone(),
+        mode: req.mode,
+        options: req.options,
+    };
     link.out.message(&begin).await?;
     match expect(&mut link.rd, "ready", reply_timeout).await? {
-        Message::Ready => Ok(link),
+        MigrationMessage::Ready => Ok(link),
         other => Err(unexpected(&other)),
     }
 }

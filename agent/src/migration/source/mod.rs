@@ -26,7 +26,7 @@ pub use request::MigrateOut;
 use crate::agent::metrics;
 use crate::migration::ft::source::start_stager;
 use crate::vmm::memory::GuestMemory;
-use crate::wire::messages::MigrationReport;
+use crate::wire::payload::MigrationReport;
 use commit::Committing;
 use connect::Link;
 use outcome::Ending;

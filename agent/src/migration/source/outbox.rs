@@ -4,7 +4,7 @@ use crate::migration::error::MigrationError;
 use crate::migration::source::replies::Liveness;
 use crate::vmm::memory::GuestMemory;
 use crate::wire::frame::{encode_message, FrameWriter, PageBatchWriter};
-use crate::wire::messages::Message;
+use crate::wire::migration::MigrationMessage;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +25,7 @@ impl Outbox {
     }
 
     /// Sends one message.
-    pub async fn message(&mut self, message: &Message) -> Result<(), MigrationError> {
+    pub async fn message(&mut self, message: &MigrationMessage) -> Result<(), MigrationError> {
         let frame = encode_message(message);
         self.bytes += frame.len() as u64;
         self.write(&frame).await

@@ -8,7 +8,8 @@ use crate::migration::ft::store::Committed;
 use crate::migration::source::lost::Lost;
 use crate::migration::source::outbox::Outbox;
 use crate::vmm::runner::VmRunner;
-use crate::wire::messages::{DestinationStats, FailureReport, Message, MigrationReport};
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::{DestinationStats, FailureReport, MigrationReport};
 use std::time::{Duration, Instant};
 
 /// How a migration ended at the source.
@@ -38,7 +39,7 @@ pub async fn abandon(
         let _ = runner.set_dirty_logging(false).await;
     }
     let _ = runner.resume().await;
-    let _ = out.message(&Message::Abort { reason: error.to_string(), paused: false }).await;
+    let _ = out.message(&MigrationMessage::Abort { reason: error.to_string(), paused: false }).await;
     error
 }
 

@@ -12,7 +12,8 @@ use crate::migration::source::outbox::Outbox;
 use crate::migration::source::phase::{Phase, Phases};
 use crate::migration::source::replies::{Inbound, Queued, Reply};
 use crate::vmm::memory::GuestMemory;
-use crate::wire::messages::{DestinationStats, Message, MigrationOptions, MigrationReport};
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::{DestinationStats, MigrationOptions, MigrationReport};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,7 @@ impl PostcopySource<'_> {
     /// hands the VM over; returns the destination's stats.
     pub async fn run(&mut self, options: MigrationOptions) -> Result<DestinationStats, Lost> {
         self.push_all(options).await?;
-        self.out.message(&Message::AllSent { pages: self.out.pages }).await.map_err(Lost::from_write)?;
+        self.out.message(&MigrationMessage::AllSent { pages: self.out.pages }).await.map_err(Lost::from_write)?;
         self.phases.enter(Phase::Draining);
         loop {
             if let Some(stats) = self.wait(None).await? {
@@ -131,7 +132,7 @@ impl PostcopySource<'_> {
     async fn finish(&mut self, patience: Duration) -> Result<(), Lost> {
         self.phases.enter(Phase::Finishing);
         // A write that fails or times out did not deliver a whole `Finish`: fail over as usual.
-        self.out.message(&Message::Finish).await.map_err(Lost::from_write)?;
+        self.out.message(&MigrationMessage::Finish).await.map_err(Lost::from_write)?;
         let deadline = Instant::now() + patience;
         let unconfirmed =
             |why: Cause| Lost::new(FailureKind::FinishUnconfirmed, Cause::FinishUnconfirmed(Box::new(why)));
@@ -240,7 +241,7 @@ impl PostcopySource<'_> {
         if self.ft.is_none() {
             return Ok(());
         }
-        self.out.message(&Message::HeartbeatAck { seq }).await.map_err(Lost::from_write)?;
+        self.out.message(&MigrationMessage::HeartbeatAck { seq }).await.map_err(Lost::from_write)?;
         if let Some(ft) = &mut self.ft {
             ft.renewed(Instant::now());
         }

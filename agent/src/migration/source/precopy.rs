@@ -12,7 +12,8 @@ use crate::migration::source::answer::{expect, unexpected};
 use crate::migration::source::connect::Link;
 use crate::migration::source::request::MigrateOut;
 use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
-use crate::wire::messages::{Message, MigrationReport, Mode};
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::{MigrationReport, Mode};
 
 /// Pages per batch frame of the pre-copy rounds.
 pub const COPY_BATCH_PAGES: usize = 256;
@@ -48,9 +49,9 @@ pub async fn copy_rounds(
             break;
         }
         if req.mode == Mode::Hybrid {
-            link.out.message(&Message::Discard { gpas: rounds.dirty.clone() }).await?;
+            link.out.message(&MigrationMessage::Discard { gpas: rounds.dirty.clone() }).await?;
             match expect(&mut link.rd, "discarded", req.reply_timeout()).await? {
-                Message::Discarded => rounds.discarded.append(&mut rounds.dirty),
+                MigrationMessage::Discarded => rounds.discarded.append(&mut rounds.dirty),
                 other => return Err(unexpected(&other)),
             }
         } else {

@@ -7,7 +7,8 @@
 use crate::migration::error::FailureKind;
 use crate::migration::ft::stager;
 use crate::wire::frame::{Frame, FrameReader, PageBatch, ProtocolError};
-use crate::wire::messages::{DestinationStats, Message};
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::DestinationStats;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -164,11 +165,11 @@ async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Option<Arc<Li
             liveness.busy();
         }
         let reply = match frame {
-            Ok(Frame::Message(Message::Heartbeat { seq })) => {
+            Ok(Frame::Message(MigrationMessage::Heartbeat { seq })) => {
                 lanes.heartbeats.send_replace(seq);
                 continue;
             }
-            Ok(Frame::Message(Message::PageRequest { gpas })) => {
+            Ok(Frame::Message(MigrationMessage::PageRequest { gpas })) => {
                 let _ = lanes.requests.send(gpas);
                 continue;
             }
@@ -179,18 +180,20 @@ async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Option<Arc<Li
                 }
                 None => Reply::CheckpointPages(batch),
             },
-            Ok(Frame::Message(Message::CheckpointCommit { epoch, pages, state })) => match &lanes.checkpoints {
-                Some(stager) => {
-                    let credit = rd.last_payload_len() as u64;
-                    stager.send(stager::Input::Commit { epoch, pages, state, credit });
-                    continue;
+            Ok(Frame::Message(MigrationMessage::CheckpointCommit { epoch, pages, state })) => {
+                match &lanes.checkpoints {
+                    Some(stager) => {
+                        let credit = rd.last_payload_len() as u64;
+                        stager.send(stager::Input::Commit { epoch, pages, state, credit });
+                        continue;
+                    }
+                    None => Reply::CheckpointCommit { epoch, pages, state },
                 }
-                None => Reply::CheckpointCommit { epoch, pages, state },
-            },
-            Ok(Frame::Message(Message::Resumed)) => Reply::Resumed,
-            Ok(Frame::Message(Message::Complete(stats))) => Reply::Complete(stats),
-            Ok(Frame::Message(Message::Finished)) => Reply::Finished,
-            Ok(Frame::Message(Message::Abort { reason, paused })) => Reply::Aborted { reason, paused },
+            }
+            Ok(Frame::Message(MigrationMessage::Resumed)) => Reply::Resumed,
+            Ok(Frame::Message(MigrationMessage::Complete(stats))) => Reply::Complete(stats),
+            Ok(Frame::Message(MigrationMessage::Finished)) => Reply::Finished,
+            Ok(Frame::Message(MigrationMessage::Abort { reason, paused })) => Reply::Aborted { reason, paused },
             Ok(other) => Reply::Gone(FailureKind::Protocol, format!("unexpected frame {other:?}")),
             Err(e @ ProtocolError::Closed) | Err(e @ ProtocolError::Truncated) => {
                 Reply::Gone(FailureKind::ConnectionClosed, e.to_string())

@@ -5,7 +5,7 @@ use crate::migration::progress::Progress;
 use crate::vmm::machine::MachineConfig;
 use crate::vmm::runner::VmRunner;
 use crate::wire::auth::Psk;
-use crate::wire::messages::{MigrationOptions, Mode};
+use crate::wire::payload::{MigrationOptions, Mode};
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -7,7 +7,8 @@ use crate::migration::source::connect::Link;
 use crate::migration::source::precopy::{Rounds, COPY_BATCH_PAGES};
 use crate::migration::source::request::MigrateOut;
 use crate::vmm::memory::GuestMemory;
-use crate::wire::messages::{Message, Mode};
+use crate::wire::migration::MigrationMessage;
+use crate::wire::payload::Mode;
 use std::time::Instant;
 
 /// What the stop left for the commit and post-copy.
@@ -49,7 +50,7 @@ pub async fn stop_and_switch(
     let capture_ms = captured_at.elapsed().as_secs_f64() * 1e3;
     let stale = if mode == Mode::Hybrid { dirty.clone() } else { Vec::new() };
     let (state_bytes, stale_pages) = (state.len(), stale.len());
-    link.out.message(&Message::Switchover { state: state.clone(), stale }).await?;
+    link.out.message(&MigrationMessage::Switchover { state: state.clone(), stale }).await?;
     let sent_at = Instant::now();
     let restored = expect(&mut link.rd, "restored", req.reply_timeout()).await?;
     tracing::info!(
@@ -62,7 +63,7 @@ pub async fn stop_and_switch(
         "switchover"
     );
     match restored {
-        Message::Restored => Ok(Stopped { paused_at, state, final_dirty: dirty, discarded }),
+        MigrationMessage::Restored => Ok(Stopped { paused_at, state, final_dirty: dirty, discarded }),
         other => Err(unexpected(&other)),
     }
 }

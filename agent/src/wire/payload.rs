@@ -1,6 +1,7 @@
-//! What agents and the CLI say to each other (the payload of message frames).
+//! The payload types that messages carry, shared by the control and the
+//! migration messages: how a VM moves ([`Mode`], [`MigrationOptions`]), what
+//! `pcft vm status` shows ([`VmStatus`]) and the migration report.
 
-use crate::vmm::machine::MachineConfig;
 use serde::{Deserialize, Serialize};
 
 /// How a VM moves.
@@ -162,15 +163,6 @@ impl Default for MigrationOptions {
     }
 }
 
-/// Who opened a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Role {
-    /// The `pcft` CLI, with requests.
-    Control,
-    /// Another agent, migrating a VM here.
-    Migration,
-}
-
 /// Where a VM is in its life on one agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -302,154 +294,6 @@ pub struct MigrationReport {
     pub failure: Option<Box<FailureReport>>,
     /// PostCopyFT: the VM was recovered at the source (None: no failover).
     pub failover: Option<Box<FailoverReport>>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Message {
-    Ping,
-    Pong,
-    /// First frame on every connection. `nonce`: the client authenticates
-    /// with a pre-shared key (see `auth`), and this is its greeting nonce.
-    Hello {
-        role: Role,
-        agent: String,
-        nonce: Option<crate::wire::auth::Nonce>,
-    },
-    /// The answer to `Hello`; with a key, the server's nonce, and this frame
-    /// is the first one tagged.
-    Welcome {
-        agent: String,
-        nonce: Option<crate::wire::auth::Nonce>,
-    },
-    /// The request cannot be served as asked (no such VM, no room, bad peer); says why.
-    Refuse {
-        reason: String,
-    },
-    /// The request was carried out and failed (a migration broke, a VM does not match its oracle).
-    Failed {
-        reason: String,
-    },
-
-    // CLI → agent, and the answers.
-    StartVm {
-        name: String,
-        config: MachineConfig,
-        tracking: crate::vmm::dirty::DirtyTracking,
-    },
-    Status,
-    StatusReport {
-        agent: String,
-        vms: Vec<VmStatus>,
-    },
-    Migrate {
-        name: String,
-        to: String,
-        mode: Mode,
-        options: MigrationOptions,
-    },
-    Migrated(MigrationReport),
-    /// Wait until the VM's workload finishes here, then verify it against its oracle.
-    WaitFinished {
-        name: String,
-        timeout_ms: u64,
-    },
-    Verified {
-        name: String,
-        records: u64,
-        memory_digest: u64,
-    },
-    Ok,
-
-    // Source agent → destination agent.
-    Begin {
-        name: String,
-        config: MachineConfig,
-        mode: Mode,
-        options: MigrationOptions,
-    },
-    Ready,
-    /// The VM stopped at the source: its state (a postcard `MachineState`) and,
-    /// for hybrid, the pages the destination must drop because they changed after they were sent.
-    Switchover {
-        state: Vec<u8>,
-        stale: Vec<u64>,
-    },
-    /// Destination → source: the VM is rebuilt here, paused, and will run on `Go`.
-    Restored,
-    /// Source → destination: the switchover is committed; run the VM. Until the
-    /// destination gets this it never runs the VM, so if the link breaks before
-    /// it the source resumes its own copy and only one ever runs.
-    Go,
-    /// Destination → source: the VM runs here now.
-    Resumed,
-    /// Destination → source: pages the guest is waiting for.
-    PageRequest {
-        gpas: Vec<u64>,
-    },
-    /// Source → destination: every page has been sent.
-    AllSent {
-        pages: u64,
-    },
-    /// Destination → source: every page is in place.
-    Complete(DestinationStats),
-    /// Either side stops the migration. From the destination after the
-    /// switchover, `paused` says it tripped its fence and every vCPU of its
-    /// copy acknowledged a pause: only then may the source restore its copy
-    /// without waiting out the lease (docs/architecture.md, "Fencing").
-    Abort {
-        reason: String,
-        paused: bool,
-    },
-    /// Source → destination, hybrid, while the VM still runs at the source:
-    /// drop these pages (they changed after they were sent); they will come in post-copy.
-    Discard {
-        gpas: Vec<u64>,
-    },
-    /// Destination → source: the pages of the last `Discard` are dropped.
-    Discarded,
-    /// Destination → source, PostCopyFT: the commit record of checkpoint
-    /// `epoch`, after its `pages` page records (page frames from the destination
-    /// are always checkpoint pages) and with the VM's state at the epoch's pause.
-    CheckpointCommit {
-        epoch: u64,
-        pages: u64,
-        state: Vec<u8>,
-    },
-    /// Source → destination: checkpoint `epoch` is current at the source; its output may go out.
-    CheckpointAck {
-        epoch: u64,
-    },
-    /// Destination → source, PostCopyFT: still here.
-    Heartbeat {
-        seq: u64,
-    },
-    /// Source → destination: heartbeat `seq` arrived; renews the destination's lease.
-    HeartbeatAck {
-        seq: u64,
-    },
-    /// Source → destination, PostCopyFT, after `Complete`: the source will not
-    /// restore its copy unless the destination says it did not take this
-    /// (`Abort`); the VM is the destination's alone and its output may all go out.
-    Finish,
-    /// Destination → source, PostCopyFT: `Finish` arrived while the lease held;
-    /// the VM runs here for good. Nothing follows it on the connection.
-    Finished,
-    /// Source → destination, PostCopyFT: the source has handled this many more
-    /// payload bytes of checkpoint frames; the destination may send as many more
-    /// (see `CHECKPOINT_WINDOW`).
-    CheckpointCredit {
-        bytes: u64,
-    },
-    /// CLI → agent: when the vCPUs of every copy of VM `name` this agent ran
-    /// were in the guest (the "one copy at a time" check of the demo and chaos).
-    RunLog {
-        name: String,
-    },
-    /// Agent → CLI: the answer to `RunLog`, on `CLOCK_BOOTTIME`.
-    RunLogReport {
-        vm: String,
-        runs: crate::vmm::run_log::RunLogSnapshot,
-    },
 }
 
 #[cfg(test)]
