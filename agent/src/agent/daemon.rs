@@ -2,7 +2,7 @@
 //! and receives migrations, all on one TCP port. Every connection starts with
 //! `Hello`, whose role says what follows.
 
-use crate::agent::metrics::{MigrationCounts, MigrationLabels};
+use crate::agent::metrics::MigrationLabels;
 use crate::host::{format_size, HostError};
 use crate::migration::destination::{migrate_in, IncomingMigration};
 use crate::migration::ft::failover::{restore_at_source, Failover, FailoverError};
@@ -38,7 +38,8 @@ struct VmSlot {
     runner: Option<Arc<VmRunner>>,
     error: Option<String>,
     /// While it migrates out: when it started and the VM's counts then.
-    migrating_since: Option<(Instant, MigrationCounts)>,
+    /// How far its outgoing migration has got, while it migrates out.
+    migration: Option<Arc<Progress>>,
     /// How the VM's writes are tracked here (a failover restores it with the same).
     tracking: DirtyTracking,
     /// When the vCPUs of each copy of the VM that ran here were in the guest.
@@ -48,7 +49,7 @@ struct VmSlot {
 impl VmSlot {
     /// A VM in `phase`, with no runner yet.
     fn new(phase: VmPhase, config: MachineConfig, tracking: DirtyTracking) -> Self {
-        VmSlot { phase, config, runner: None, error: None, migrating_since: None, tracking, runs: Vec::new() }
+        VmSlot { phase, config, runner: None, error: None, migration: None, tracking, runs: Vec::new() }
     }
 
     /// The VM now runs in `runner` (its first copy here, or the one a failover restored).
@@ -376,7 +377,7 @@ impl Daemon {
 
     /// Marks VM `name` as migrating out (if it runs here and a migration may
     /// start), and returns its runner and configuration.
-    fn begin_migration(&self, name: &str) -> Result<(Arc<VmRunner>, MachineConfig), Refusal> {
+    fn begin_migration(&self, name: &str) -> Result<Outgoing, Refusal> {
         let mut vms = self.vms();
         let running = vms.get(name).is_some_and(|s| s.phase == VmPhase::Running && s.runner.is_some());
         if !running {
@@ -386,13 +387,18 @@ impl Daemon {
         self.check_migrations(&vms)?;
         let slot = vms.get_mut(name).expect("checked");
         slot.phase = VmPhase::MigratingOut;
-        slot.migrating_since = Some((Instant::now(), crate::agent::metrics::get().migration_counts(name)));
-        Ok((Arc::clone(slot.runner.as_ref().expect("checked")), slot.config.clone()))
+        let progress = Arc::new(Progress::new());
+        slot.migration = Some(Arc::clone(&progress));
+        Ok(Outgoing {
+            runner: Arc::clone(slot.runner.as_ref().expect("checked")),
+            config: slot.config.clone(),
+            progress,
+        })
     }
 
     async fn migrate(self: &Arc<Self>, name: String, to: String, mode: Mode, options: MigrationOptions) -> Reply {
         options.validate(mode).map_err(|source| Refusal::MigrationOptions { vm: name.clone(), source })?;
-        let (runner, config) = self.begin_migration(&name)?;
+        let Outgoing { runner, config, progress } = self.begin_migration(&name)?;
         tracing::info!(vm = %name, %to, mode = mode.name(), "migrating out");
         let span = tracing::info_span!("migration", vm = %name, to = %to, mode = mode.name(), side = "source");
         let result = migrate_out(MigrateOut {
@@ -405,7 +411,7 @@ impl Daemon {
             agent: &self.name,
             psk: self.psk.as_ref(),
             staging: &self.limits.staging,
-            progress: Arc::new(Progress::new()),
+            progress,
         })
         .instrument(span)
         .await;
@@ -622,9 +628,10 @@ fn vm_status(name: &str, slot: &VmSlot) -> VmStatus {
     let error = slot.error.clone().or_else(|| runner.as_ref().and_then(|s| s.error.clone()));
     let dirty = crate::agent::metrics::get().dirty_rate_of(name);
     let migration = slot
-        .migrating_since
+        .migration
+        .as_deref()
         .filter(|_| phase == VmPhase::MigratingOut)
-        .map(|since| migration_progress(name, slot.config.mem_bytes, since));
+        .map(|progress| migration_progress(progress, slot.config.mem_bytes));
     VmStatus {
         name: name.to_string(),
         phase: if error.is_some() { VmPhase::Failed } else { phase },
@@ -662,15 +669,20 @@ async fn refuse<M: WireMessage>(
     Err(DaemonError::Refused(refusal))
 }
 
-/// How far `vm`'s outgoing migration has got, from the agent's metrics since it started.
-fn migration_progress(vm: &str, mem_bytes: u64, (started, at_start): (Instant, MigrationCounts)) -> MigrationProgress {
-    let m = crate::agent::metrics::get();
-    let now = m.migration_counts(vm);
+/// A VM that starts to migrate out: what the migration works with.
+struct Outgoing {
+    runner: Arc<VmRunner>,
+    config: MachineConfig,
+    progress: Arc<Progress>,
+}
+
+/// How far an outgoing migration has got, as it reports itself.
+fn migration_progress(progress: &Progress, mem_bytes: u64) -> MigrationProgress {
     MigrationProgress {
-        phase: m.phase_of(vm).unwrap_or("precopy").to_string(),
-        pages_sent: now.pages_sent.saturating_sub(at_start.pages_sent),
+        phase: progress.phase().to_string(),
+        pages_sent: progress.pages_sent(),
         pages_total: mem_bytes / crate::vmm::memory::PAGE_SIZE,
-        checkpoints_committed: now.checkpoints.saturating_sub(at_start.checkpoints),
-        elapsed_ms: started.elapsed().as_millis() as u64,
+        checkpoints_committed: progress.checkpoints_committed(),
+        elapsed_ms: progress.started_at().elapsed().as_millis() as u64,
     }
 }

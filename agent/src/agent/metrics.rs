@@ -61,13 +61,6 @@ pub struct MigrationLabels {
     pub result: String,
 }
 
-/// Running totals of a VM's migrations (see [`Metrics::migration_counts`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MigrationCounts {
-    pub pages_sent: u64,
-    pub checkpoints: u64,
-}
-
 /// Migration phases, as the `phase` label of `pcft_migration_phase` (one is 1, the rest 0).
 pub const PHASES: &[&str] = &["precopy", "switchover", "postcopy", "completed", "failed", "lost", "recovered"];
 
@@ -220,23 +213,6 @@ impl Metrics {
             let labels = PhaseLabels { vm: vm.to_string(), phase: p.to_string() };
             self.phase.get_or_create(&labels).set(i64::from(*p == phase));
         }
-    }
-
-    /// Pages sent for `vm` in migrations and checkpoint epochs it committed, since this agent started.
-    pub fn migration_counts(&self, vm: &str) -> MigrationCounts {
-        // Read without creating series: a VM that never checkpointed exports none.
-        let pages = |reason| self.pages.get(&PageLabels { vm: vm.to_string(), reason }).map_or(0, |c| c.get());
-        MigrationCounts {
-            pages_sent: pages(PageReason::precopy) + pages(PageReason::pushed) + pages(PageReason::faulted),
-            checkpoints: self.checkpoints.get(&VmLabels { vm: vm.to_string() }).map_or(0, |c| c.get()),
-        }
-    }
-
-    /// The migration phase `vm` is in, if it has been in one here.
-    pub fn phase_of(&self, vm: &str) -> Option<&'static str> {
-        PHASES.iter().copied().find(|p| {
-            self.phase.get(&PhaseLabels { vm: vm.to_string(), phase: p.to_string() }).is_some_and(|g| g.get() == 1)
-        })
     }
 
     /// A peer refused by authentication (`no-key`, `unexpected-key`, `bad-mac`, `wrong-key`).
