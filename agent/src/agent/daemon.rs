@@ -40,6 +40,8 @@ struct VmSlot {
     /// While it migrates out: when it started and the VM's counts then.
     /// How far its outgoing migration has got, while it migrates out.
     migration: Option<Arc<Progress>>,
+    /// Its copy here was stopped for good after a PostCopyFT migration in failed.
+    fenced: bool,
     /// How the VM's writes are tracked here (a failover restores it with the same).
     tracking: DirtyTracking,
     /// When the vCPUs of each copy of the VM that ran here were in the guest.
@@ -49,7 +51,7 @@ struct VmSlot {
 impl VmSlot {
     /// A VM in `phase`, with no runner yet.
     fn new(phase: VmPhase, config: MachineConfig, tracking: DirtyTracking) -> Self {
-        VmSlot { phase, config, runner: None, error: None, migration: None, tracking, runs: Vec::new() }
+        VmSlot { phase, config, runner: None, error: None, migration: None, fenced: false, tracking, runs: Vec::new() }
     }
 
     /// The VM now runs in `runner` (its first copy here, or the one a failover restored).
@@ -593,6 +595,7 @@ impl Daemon {
                     let slot = vms.get_mut(&name).expect("checked");
                     slot.phase = VmPhase::Failed;
                     slot.error = Some(source.to_string());
+                    slot.fenced = source.fenced_here();
                 } else {
                     vms.remove(&name);
                 }
@@ -640,6 +643,7 @@ fn vm_status(name: &str, slot: &VmSlot) -> VmStatus {
         mem_bytes: slot.config.mem_bytes,
         records: runner.map(|s| s.records).unwrap_or(0),
         error,
+        fenced: slot.fenced,
         dirty_rate_bytes_per_second: dirty.as_ref().map(|(rate, _)| *rate),
         dirty_tracker: dirty.map(|(_, tracker)| tracker),
         migration,

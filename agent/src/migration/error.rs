@@ -61,6 +61,12 @@ pub enum VmError {
 }
 
 impl MigrationError {
+    /// At the destination: the VM ran here under PostCopyFT and this copy is
+    /// stopped for good (fenced), for the source to recover the VM.
+    pub fn fenced_here(&self) -> bool {
+        matches!(self, MigrationError::SourceLost { checkpointed: true, .. })
+    }
+
     /// A VM error, from anything that converts into one.
     pub fn vm(e: impl Into<VmError>) -> MigrationError {
         MigrationError::Vm(e.into())

@@ -189,6 +189,9 @@ pub struct VmStatus {
     pub mem_bytes: u64,
     pub records: u64,
     pub error: Option<String>,
+    /// PostCopyFT destination: the migration in failed after the VM ran here,
+    /// and this copy was stopped for good (fenced); the source recovers the VM.
+    pub fenced: bool,
     /// The latest dirty rate measured from the VM's tracker (None: never tracked here).
     pub dirty_rate_bytes_per_second: Option<f64>,
     /// The tracker that rate came from.

@@ -56,6 +56,6 @@ pub async fn destination_fenced(destination: &str, pid: u32, settle_ms: u64) -> 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = records(client.request(&ControlMessage::Status).await.map_err(client_error)?);
     let stopped = after.as_ref().is_none_or(|a| a.records == before.records);
-    let marked = before.error.as_deref().is_some_and(|e| e.contains("fenced"));
+    let marked = before.fenced;
     Ok(stopped && marked)
 }
