@@ -706,7 +706,7 @@ pub(crate) mod tests {
 
     #[test]
     fn dirty_ring_drained_concurrently_loses_no_page_of_a_150k_page_pass() {
-        // host-facts: one pass over 150,000 pages overran a 1 MiB ring that was
+        // Measured on this host: one pass over 150,000 pages overran a 1 MiB ring that was
         // drained only on its full-exit. Drained by the harvester thread, even a
         // 4096-entry ring must keep every page.
         let ws = vm_fixtures::abi::WORKING_SET_GPA;
