@@ -2,7 +2,10 @@
 //! tracking, the KVM bitmap, the KVM dirty ring and the eBPF tracker, side by
 //! side in one run, as a ratio to the untracked run; and the cost of one
 //! take-and-clear (a checkpoint epoch's) by working-set size. Each tracked run
-//! takes its dirty set every 100 ms, as PostCopyFT checkpoints do.
+//! takes its dirty set every 100 ms, as PostCopyFT checkpoints do. Last, what
+//! a live dirty rate costs: each tracker with logging on or off, its rate
+//! sampled once a second or not (the `dirty_rate` bench of pcft-agent), as a
+//! ratio to the untracked run of that same bench run.
 //! Results: target/bench/dirty.{md,json}, and stdout.
 
 use anyhow::{bail, Context, Result};
@@ -26,9 +29,11 @@ fn run_once(
         pattern,
         "--json",
     ]);
-    if let Some(t) = tracker {
-        cmd.args(["--dirty-tracker", t, "--take-dirty-every", "100"]);
-    }
+    match tracker {
+        Some(t) => cmd.args(["--dirty-tracker", t, "--take-dirty-every", "100"]),
+        // Untracked: the bitmap (whose logging stays off without takes), not the default auto.
+        None => cmd.args(["--dirty-tracker", "bitmap"]),
+    };
     let out = cmd.output().context("cannot run pcft vm run")?;
     if !out.status.success() {
         bail!("pcft vm run failed: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -65,7 +70,7 @@ pub fn run(root: &Path, pcft: &Path, quick: bool) -> Result<()> {
         if quick { &[("64M", "256M")] } else { &[("16M", "256M"), ("64M", "256M"), ("256M", "512M")] };
     let patterns = ["sequential", "random"];
     let mut progress =
-        crate::progress::Progress::new((patterns.len() * reps * trackers.len() + sizes.len() * 3) as u64);
+        crate::progress::Progress::new((patterns.len() * reps * trackers.len() + sizes.len() * 3 + 1) as u64);
     for pattern in patterns {
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); trackers.len()];
         let mut last_takes: Vec<Value> = vec![Value::Null; trackers.len()];
@@ -112,11 +117,54 @@ pub fn run(root: &Path, pcft: &Path, quick: bool) -> Result<()> {
             rows.push(json!({"kind": "take_cost", "working_set": ws, "tracker": tracker, "takes": t}));
         }
     }
+    progress.step("dirty: the cost of a live dirty rate");
+    sampling_cost(root, quick, &mut md, &mut rows)?;
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("dirty.json"), serde_json::to_string_pretty(&json!({ "runs": rows }))?)?;
     std::fs::write(dir.join("dirty.md"), &md)?;
     println!("{md}");
     eprintln!("bench: wrote {} and {}", dir.join("dirty.md").display(), dir.join("dirty.json").display());
+    Ok(())
+}
+
+/// Runs pcft-agent's `dirty_rate` bench (in-process machines, so that a rate
+/// can be sampled as a VM's runner does) and tabulates it.
+fn sampling_cost(root: &Path, quick: bool, md: &mut String, rows: &mut Vec<Value>) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["bench", "-p", "pcft-agent", "--bench", "dirty_rate", "--"]).current_dir(root);
+    if quick {
+        cmd.arg("--quick");
+    }
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().context("cannot run the dirty_rate bench")?;
+    if !out.status.success() {
+        bail!("the dirty_rate bench failed");
+    }
+    md.push_str(
+        "\nCost of a live dirty rate (random writes over 64 MiB, 1 vCPU, no takes): each tracker with its \
+         logging on or off and its rate sampled once a second or not. `vs untracked` is throughput over \
+         the bitmap with logging off in the same bench run.\n\n\
+         | tracker | logging | sampled | pages/s | vs untracked | samples | mean sample µs | max sample µs |\n\
+         |---|---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+        if v["kind"] != "sampling" {
+            continue;
+        }
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.3} | {} | {:.0} | {:.0} |\n",
+            v["tracker"].as_str().unwrap_or("?"),
+            if v["logging"] == true { "on" } else { "off" },
+            if v["sampled"] == true { "yes" } else { "no" },
+            v["pages_per_s"].as_f64().unwrap_or(0.0),
+            v["vs_untracked"].as_f64().unwrap_or(0.0),
+            v["samples"],
+            v["mean_sample_us"].as_f64().unwrap_or(0.0),
+            v["max_sample_us"].as_f64().unwrap_or(0.0),
+        ));
+        rows.push(v);
+    }
     Ok(())
 }

@@ -490,9 +490,10 @@ pub struct WorkloadArgs {
     /// Guest memory is registered with KVM as memslots of at most this size (a multiple of 2M).
     #[arg(long, default_value = "128M")]
     pub slot_size: String,
-    /// How the VM's written pages are tracked (for pre-copy): KVM's dirty bitmap,
-    /// or its dirty ring (65,536 entries per vCPU, drained by a thread of its own).
-    #[arg(long, value_enum, default_value_t = TrackerArg::Bitmap)]
+    /// How the VM's written pages are tracked (for pre-copy and its dirty rate):
+    /// KVM's dirty bitmap, or its dirty ring (65,536 entries per vCPU, drained by
+    /// a thread of its own), or eBPF; auto picks the best this host has.
+    #[arg(long, value_enum, default_value_t = TrackerArg::Auto)]
     pub dirty_tracker: TrackerArg,
 }
 

@@ -162,6 +162,7 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
     for vm in vms {
         let dirty = match (vm.dirty_rate_bytes_per_second, &vm.dirty_tracker) {
             (Some(rate), Some(tracker)) => format!(", dirtying {}/s ({tracker})", format_size(rate as u64)),
+            (None, Some(tracker)) => format!(", dirty tracker {tracker}"),
             _ => String::new(),
         };
         let migration = match &vm.migration {

@@ -42,7 +42,7 @@ pub fn write_boot_image(memory: &GuestMemory, image: &[u8], params: &[u8], ws_en
     if gib > abi::MAX_MEM_GIB {
         return Err(BootError::TooLarge { size, max: abi::MAX_MEM_GIB });
     }
-    if ws_end > size {
+    if memory.check(0, ws_end).is_err() {
         return Err(BootError::TooSmall { size, needed: ws_end });
     }
     if image.len() as u64 > abi::CODE_MAX_BYTES {

@@ -4,61 +4,25 @@
 
 use crate::vmm::boot::{self, BootError};
 use crate::vmm::devices::{DeviceEvent, DeviceState, VcpuStatus};
-use crate::vmm::dirty::ebpf::{EbpfError, EbpfTracker};
-use crate::vmm::dirty::{BitmapTracker, DirtyTracker, DirtyTracking, EbpfRingTracker, RingTracker};
+use crate::vmm::dirty::tracker::{DirtyError, DirtyTracker};
+use crate::vmm::dirty::tracking::DirtyTracking;
 use crate::vmm::fence::{Fence, Watchdog};
 use crate::vmm::kvm::kick;
-use crate::vmm::kvm::state::{VcpuState, VmKernelState};
+use crate::vmm::kvm::vcpu::KvmVcpu;
 use crate::vmm::kvm::vm::KvmVm;
 use crate::vmm::kvm::KvmError;
 use crate::vmm::memory::{GuestMemory, MemoryError};
 use crate::vmm::run_log::RunLog;
 use crate::vmm::snapshot::{self, SnapshotError, SnapshotReader, SnapshotStats};
+pub use crate::vmm::state::{MachineConfig, MachineState};
 use crate::vmm::vcpu_worker::{Command, VcpuWorker, WorkerEvent};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vm_fixtures::{FixtureParams, MemoryMismatch, OutputMismatch, OutputRecord, ParamsError};
-
-/// How a machine is built: its memory and the workload it runs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MachineConfig {
-    pub mem_bytes: u64,
-    /// Guest memory is registered as memslots of at most this size.
-    pub slot_bytes: u64,
-    pub fixture: FixtureParams,
-    /// `dirty` fixture: pages each vCPU writes per second (paced on the TSC);
-    /// `None` writes as fast as the guest can.
-    pub dirty_rate: Option<u64>,
-}
-
-impl MachineConfig {
-    pub fn vcpus(&self) -> usize {
-        self.fixture.vcpus as usize
-    }
-}
-
-/// The whole state of a paused machine, except guest memory.
-#[derive(Serialize, Deserialize)]
-pub struct MachineState {
-    pub config: MachineConfig,
-    pub vcpus: Vec<VcpuState>,
-    pub kernel: VmKernelState,
-    pub devices: DeviceState,
-}
-
-impl MachineState {
-    pub fn to_bytes(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).expect("machine state always encodes")
-    }
-
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, postcard::Error> {
-        postcard::from_bytes(bytes)
-    }
-}
+use vm_fixtures::{MemoryMismatch, OutputMismatch, OutputRecord, ParamsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -85,7 +49,7 @@ pub enum MachineError {
     #[error("snapshot has {found} vCPU states for a {expected}-vCPU machine")]
     VcpuCount { expected: usize, found: usize },
     #[error(transparent)]
-    Ebpf(#[from] EbpfError),
+    Dirty(#[from] DirtyError),
     #[error("fault injection: {0}")]
     Injected(&'static str),
 }
@@ -122,9 +86,9 @@ pub struct PreparedMachine {
     config: MachineConfig,
     memory: Arc<GuestMemory>,
     vm: Arc<KvmVm>,
-    vcpus: Vec<crate::vmm::kvm::vcpu::KvmVcpu>,
-    ring: Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
-    ebpf: Option<Arc<EbpfTracker>>,
+    vcpus: Vec<KvmVcpu>,
+    /// The machine's dirty tracker; handed to the machine by [`restore`](Self::restore).
+    dirty: Option<Arc<dyn DirtyTracker>>,
     fence: Option<Arc<Fence>>,
 }
 
@@ -138,75 +102,59 @@ impl PreparedMachine {
     /// Starts dirty logging before the machine runs at all (a PostCopyFT
     /// destination, so that every guest write there is in some checkpoint).
     pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), MachineError> {
-        Ok(self.vm.set_dirty_logging(enabled)?)
+        match &self.dirty {
+            Some(dirty) => Ok(dirty.set_logging(enabled)?),
+            None => Ok(()),
+        }
     }
 
     /// Applies a captured state; the machine comes up paused exactly where the captured one was.
     pub fn restore(mut self, state: MachineState) -> Result<Machine, MachineError> {
-        let (config, memory, vm) = (self.config.clone(), Arc::clone(&self.memory), Arc::clone(&self.vm));
-        let vcpus = std::mem::take(&mut self.vcpus);
         let MachineState { config: captured, vcpus: vcpu_states, kernel, devices } = state;
-        if captured != config {
+        if captured != self.config {
             return Err(MachineError::ConfigMismatch);
         }
-        if vcpu_states.len() != vcpus.len() || devices.vcpu_status.len() != vcpus.len() {
-            return Err(MachineError::VcpuCount { expected: vcpus.len(), found: vcpu_states.len() });
+        let count = self.vcpus.len();
+        if vcpu_states.len() != count || devices.vcpu_status.len() != count {
+            return Err(MachineError::VcpuCount { expected: count, found: vcpu_states.len() });
         }
-        let (tx, events) = mpsc::channel();
-        let mut workers = Vec::with_capacity(vcpus.len());
-        let run_log = Arc::new(RunLog::new(vcpus.len()));
-        let ring = self.ring.take();
-        let ring_tracker = ring.as_ref().map(|(t, _)| Arc::clone(t));
-        for ((mut vcpu, vcpu_state), status) in vcpus.into_iter().zip(&vcpu_states).zip(&devices.vcpu_status) {
+        let mut vcpus = std::mem::take(&mut self.vcpus);
+        for (vcpu, vcpu_state) in vcpus.iter_mut().zip(&vcpu_states) {
             vcpu.restore_state(vcpu_state)?;
-            let worker = VcpuWorker::spawn(
-                vcpu,
-                Arc::clone(&memory),
-                *status,
-                tx.clone(),
-                ring_tracker.clone(),
-                self.fence.clone(),
-                Arc::clone(&run_log),
-            );
-            workers.push(worker.map_err(MachineError::Thread)?);
         }
-        vm.restore_state(&kernel)?;
-        let ebpf = self.ebpf.take();
-        Machine::follow_threads(&ebpf, &workers)?;
-        let watchdog = match self.fence.take() {
-            Some(fence) => {
-                Some(Watchdog::start(fence, workers.iter().map(|w| w.tid).collect()).map_err(MachineError::Thread)?)
-            }
-            None => None,
-        };
-        let tracker = Machine::tracker(&vm, &ring, &ebpf);
-        Ok(Machine {
-            config,
-            memory,
-            vm,
-            workers,
-            events,
+        self.vm.restore_state(&kernel)?;
+        let statuses = devices.vcpu_status.clone();
+        Machine::start(MachineParts {
+            config: self.config.clone(),
+            memory: Arc::clone(&self.memory),
+            vm: Arc::clone(&self.vm),
+            dirty: self.dirty.take().expect("a prepared machine is restored once"),
+            vcpus: vcpus.into_iter().zip(statuses).collect(),
             devices,
-            pending: VecDeque::new(),
-            failures: VecDeque::new(),
-            running: false,
-            ring,
-            ebpf,
-            tracker,
-            watchdog,
-            run_log,
+            fence: self.fence.take(),
         })
     }
 }
 
 impl Drop for PreparedMachine {
     fn drop(&mut self) {
-        // Never restored (a migration that failed before the switchover): end the harvester.
-        if let Some((ring, harvester)) = self.ring.take() {
-            ring.stop();
-            let _ = harvester.join();
+        // Never restored (a migration that failed before the switchover): end the tracker's thread.
+        if let Some(dirty) = self.dirty.take() {
+            dirty.stop();
         }
     }
+}
+
+/// What a boot and a restore hand to [`Machine::start`]: a built VM, its
+/// tracker, and its vCPUs set up, each with the status it starts in.
+struct MachineParts {
+    config: MachineConfig,
+    memory: Arc<GuestMemory>,
+    vm: Arc<KvmVm>,
+    dirty: Arc<dyn DirtyTracker>,
+    vcpus: Vec<(KvmVcpu, VcpuStatus)>,
+    devices: DeviceState,
+    fence: Option<Arc<Fence>>,
 }
 
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -224,13 +172,8 @@ pub struct Machine {
     /// vCPU failures seen while pausing, for the caller's next [`next_event`](Self::next_event)s.
     failures: VecDeque<MachineError>,
     running: bool,
-    /// The dirty-ring tracker and its harvester thread, when the machine uses the ring.
-    ring: Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
-    /// The eBPF tracker, when the machine uses it (it needs the ring too: its
-    /// tracepoint fires on ring pushes).
-    ebpf: Option<Arc<EbpfTracker>>,
-    /// Where dirty pages are taken from: eBPF, else the ring if the machine has one, else the bitmap.
-    tracker: Arc<dyn DirtyTracker>,
+    /// Where dirty pages and the dirty rate come from (bitmap, ring or eBPF).
+    dirty: Arc<dyn DirtyTracker>,
     /// PostCopyFT destination: kicks the vCPUs out when the lease runs out.
     watchdog: Option<Watchdog>,
     /// When each vCPU was in the guest (the "one copy at a time" check).
@@ -248,38 +191,73 @@ impl Machine {
         config.fixture.validate()?;
         let memory = Arc::new(GuestMemory::new(config.mem_bytes, config.slot_bytes)?);
         let vm = Self::create_vm(&memory)?;
-        let (vcpus, ring, ebpf) = Self::create_vcpus(&vm, &memory, config.vcpus(), tracking)?;
+        let (vcpus, dirty) = Self::create_vcpus(&vm, &memory, config.vcpus(), tracking)?;
+        let booted = Self::boot_vcpus(&mut config, &memory, vcpus);
+        let vcpus = match booted {
+            Ok(vcpus) => vcpus,
+            Err(e) => {
+                dirty.stop();
+                return Err(e);
+            }
+        };
+        let devices = DeviceState::new(config.vcpus());
+        Self::start(MachineParts { config, memory, vm, dirty, vcpus, devices, fence: None })
+    }
+
+    /// Completes `config` (a paced guest's TSC ticks per write), writes the
+    /// boot image and sets each vCPU at the entry point.
+    fn boot_vcpus(
+        config: &mut MachineConfig,
+        memory: &GuestMemory,
+        vcpus: Vec<KvmVcpu>,
+    ) -> Result<Vec<(KvmVcpu, VcpuStatus)>, MachineError> {
         if let Some(rate) = config.dirty_rate.filter(|r| *r > 0) {
             let tsc_hz = u64::from(vcpus[0].tsc_khz()?) * 1000;
             config.fixture.ticks_per_write = (tsc_hz / rate).max(1);
         }
         boot::write_boot_image(
-            &memory,
+            memory,
             vm_fixtures::image(config.fixture.kind),
             &config.fixture.encode(),
             config.fixture.ws_end(),
         )?;
-        let (tx, events) = mpsc::channel();
-        let mut workers = Vec::with_capacity(config.vcpus());
-        let tracker = ring.as_ref().map(|(t, _)| Arc::clone(t));
-        let run_log = Arc::new(RunLog::new(config.vcpus()));
-        for (id, vcpu) in vcpus.into_iter().enumerate() {
+        for (id, vcpu) in vcpus.iter().enumerate() {
             vcpu.set_boot_state(&boot::entry_regs(id as u8), &boot::long_mode_sregs(vcpu.sregs()?))?;
-            let worker = VcpuWorker::spawn(
-                vcpu,
-                Arc::clone(&memory),
-                VcpuStatus::Running,
-                tx.clone(),
-                tracker.clone(),
-                None,
-                Arc::clone(&run_log),
-            );
-            workers.push(worker.map_err(MachineError::Thread)?);
         }
-        let devices = DeviceState::new(config.vcpus());
-        Self::follow_threads(&ebpf, &workers)?;
-        let tracker = Self::tracker(&vm, &ring, &ebpf);
-        Ok(Machine {
+        Ok(vcpus.into_iter().map(|vcpu| (vcpu, VcpuStatus::Running)).collect())
+    }
+
+    /// Starts a worker thread per vCPU (parked), the tracker following them,
+    /// and the fence's watchdog: the one place a [`Machine`] is made. On an
+    /// error the tracker's thread is stopped.
+    fn start(parts: MachineParts) -> Result<Machine, MachineError> {
+        let MachineParts { config, memory, vm, dirty, vcpus, devices, fence } = parts;
+        let (tx, events) = mpsc::channel();
+        let run_log = Arc::new(RunLog::new(vcpus.len()));
+        let mut workers = Vec::with_capacity(vcpus.len());
+        let mut watchdog = None;
+        let started = (|| {
+            for (vcpu, status) in vcpus {
+                let worker = VcpuWorker::spawn(
+                    vcpu,
+                    Arc::clone(&memory),
+                    status,
+                    tx.clone(),
+                    Arc::clone(&dirty),
+                    fence.clone(),
+                    Arc::clone(&run_log),
+                )
+                .map_err(MachineError::Thread)?;
+                dirty.follow_vcpu_thread(worker.tid)?;
+                workers.push(worker);
+            }
+            if let Some(fence) = fence {
+                let threads = workers.iter().map(|w| w.tid).collect();
+                watchdog = Some(Watchdog::start(fence, threads).map_err(MachineError::Thread)?);
+            }
+            Ok::<(), MachineError>(())
+        })();
+        let machine = Machine {
             config,
             memory,
             vm,
@@ -289,88 +267,26 @@ impl Machine {
             pending: VecDeque::new(),
             failures: VecDeque::new(),
             running: false,
-            ring,
-            ebpf,
-            tracker,
-            watchdog: None,
+            dirty,
+            watchdog,
             run_log,
-        })
+        };
+        // On an error, dropping the machine stops what did start.
+        started.map(|()| machine)
     }
 
-    /// Creates the vCPUs, and with ring-based tracking first the dirty ring (it
-    /// must exist before any vCPU) and afterwards its tracker with its harvester
-    /// thread; with eBPF, also the eBPF tracker (which follows the vCPU threads
-    /// once they run, see `follow_threads`).
-    #[allow(clippy::type_complexity)]
+    /// Creates the vCPUs and the dirty tracker around them (a ring, if the
+    /// tracker needs one, must exist before any vCPU).
     fn create_vcpus(
         vm: &Arc<KvmVm>,
         memory: &GuestMemory,
         count: usize,
         tracking: DirtyTracking,
-    ) -> Result<
-        (
-            Vec<crate::vmm::kvm::vcpu::KvmVcpu>,
-            Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
-            Option<Arc<EbpfTracker>>,
-        ),
-        MachineError,
-    > {
-        let ebpf = match tracking {
-            DirtyTracking::Ebpf { .. } => Some(Arc::new(EbpfTracker::new(memory)?)),
-            DirtyTracking::Auto { .. } => match EbpfTracker::new(memory) {
-                Ok(t) => Some(Arc::new(t)),
-                Err(e) => {
-                    tracing::warn!("dirty tracker auto: {e}; using the dirty ring");
-                    None
-                }
-            },
-            _ => None,
-        };
-        let ring_entries = match tracking {
-            DirtyTracking::Bitmap => None,
-            DirtyTracking::Ring { entries } | DirtyTracking::Ebpf { entries } | DirtyTracking::Auto { entries } => {
-                Some(entries)
-            }
-        };
-        if let Some(entries) = ring_entries {
-            vm.enable_dirty_ring(entries)?;
-        }
+    ) -> Result<(Vec<KvmVcpu>, Arc<dyn DirtyTracker>), MachineError> {
+        let plan = tracking.prepare(vm, memory)?;
         let vcpus = (0..count as u8).map(|id| vm.create_vcpu(id)).collect::<Result<Vec<_>, _>>()?;
-        let ring = match ring_entries {
-            Some(entries) => {
-                let rings = vcpus.iter().map(|v| v.map_dirty_ring(entries)).collect::<Result<Vec<_>, _>>()?;
-                // With eBPF the ring is only drained (its pushes are what the program sees).
-                let tracker = RingTracker::new(rings, memory, vm.raw_fd(), ebpf.is_none());
-                let harvester = tracker.start_harvester().map_err(MachineError::Thread)?;
-                Some((tracker, harvester))
-            }
-            None => None,
-        };
-        Ok((vcpus, ring, ebpf))
-    }
-
-    fn follow_threads(ebpf: &Option<Arc<EbpfTracker>>, workers: &[VcpuWorker]) -> Result<(), MachineError> {
-        if let Some(ebpf) = ebpf {
-            for worker in workers {
-                ebpf.follow_thread(worker.tid)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn tracker(
-        vm: &Arc<KvmVm>,
-        ring: &Option<(Arc<RingTracker>, std::thread::JoinHandle<()>)>,
-        ebpf: &Option<Arc<EbpfTracker>>,
-    ) -> Arc<dyn DirtyTracker> {
-        // eBPF comes with the ring it reads (create_vcpus makes both).
-        match (ebpf, ring) {
-            (Some(ebpf), Some((ring, _))) => {
-                Arc::new(EbpfRingTracker { ebpf: Arc::clone(ebpf), ring: Arc::clone(ring) })
-            }
-            (_, Some((ring, _))) => Arc::clone(ring) as Arc<dyn DirtyTracker>,
-            (_, None) => Arc::new(BitmapTracker::new(Arc::clone(vm))),
-        }
+        let dirty = plan.start(vm, memory, &vcpus)?;
+        Ok((vcpus, dirty))
     }
 
     /// Rebuilds a machine from a captured state; `load_memory` fills guest memory.
@@ -408,8 +324,8 @@ impl Machine {
             return Err(MachineError::Memory(MemoryError::Size(memory.size())));
         }
         let vm = Self::create_vm(&memory)?;
-        let (vcpus, ring, ebpf) = Self::create_vcpus(&vm, &memory, config.vcpus(), tracking)?;
-        Ok(PreparedMachine { config, memory, vm, vcpus, ring, ebpf, fence: None })
+        let (vcpus, dirty) = Self::create_vcpus(&vm, &memory, config.vcpus(), tracking)?;
+        Ok(PreparedMachine { config, memory, vm, vcpus, dirty: Some(dirty), fence: None })
     }
 
     fn create_vm(memory: &Arc<GuestMemory>) -> Result<Arc<KvmVm>, MachineError> {
@@ -436,32 +352,24 @@ impl Machine {
     /// writes (into the bitmap, or the ring when the VM has one) once the slot
     /// is flagged for it. Starting forgets whatever was collected before.
     pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), MachineError> {
-        self.vm.set_dirty_logging(enabled)?;
-        if enabled {
-            // Forget whatever was collected before.
-            self.tracker.take()?;
-        }
-        Ok(())
+        Ok(self.dirty.set_logging(enabled)?)
     }
 
     /// The pages written since the last call, sorted (dirty logging must be on).
     pub fn take_dirty_pages(&self) -> Result<Vec<u64>, MachineError> {
-        Ok(self.tracker.take()?)
+        Ok(self.dirty.take()?)
     }
 
     /// The tracker dirty pages come from (`bitmap`, `ring` or `ebpf`).
     pub fn dirty_tracker(&self) -> &'static str {
-        self.tracker.name()
+        self.dirty.name()
     }
 
-    /// The eBPF tracker's counts: (dirty-ring pushes it saw from this VM, pushes it could not place).
-    pub fn ebpf_counts(&self) -> Option<(u64, u64)> {
-        self.ebpf.as_ref().map(|e| (e.pushes(), e.misses()))
-    }
-
-    /// Dirty-ring entries harvested so far (None: the machine uses the bitmap).
-    pub fn dirty_ring_harvested(&self) -> Option<u64> {
-        self.ring.as_ref().map(|(ring, _)| ring.harvested())
+    /// The guest's dirty rate in bytes per second since the previous sample
+    /// (`None`: the bitmap with logging off, which cannot see writes). Pages
+    /// the sample harvests stay for the next [`take_dirty_pages`](Self::take_dirty_pages).
+    pub fn sample_dirty_rate(&self) -> Result<Option<f64>, MachineError> {
+        Ok(self.dirty.sample_rate()?)
     }
 
     pub fn devices(&self) -> &DeviceState {
@@ -648,18 +556,15 @@ impl Drop for Machine {
             }
             let _ = worker.thread.join();
         }
-        // The harvester uses the VM fd: it must end before the fd closes.
-        if let Some((ring, harvester)) = self.ring.take() {
-            ring.stop();
-            let _ = harvester.join();
-        }
+        // The tracker's thread (if any) holds the VM: end it with the machine.
+        self.dirty.stop();
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use vm_fixtures::FixtureKind;
+    use vm_fixtures::{FixtureKind, FixtureParams};
 
     pub(crate) fn config(kind: FixtureKind, vcpus: u64, steps: u64) -> MachineConfig {
         let mem_bytes = 8 << 20;
@@ -765,8 +670,8 @@ pub(crate) mod tests {
     }
 
     /// Runs the `dirty` fixture writing `pages` pages once each, in order, and
-    /// returns what `tracking` says was written.
-    fn dirtied_by_one_pass(tracking: DirtyTracking, pages: u64) -> (Vec<u64>, Option<u64>) {
+    /// returns what `tracking` says was written, and the writes it logged.
+    fn dirtied_by_one_pass(tracking: DirtyTracking, pages: u64) -> (Vec<u64>, u64) {
         let ws = vm_fixtures::abi::WORKING_SET_GPA;
         let mem_bytes = (ws + pages * 4096).div_ceil(2 << 20) * (2 << 20);
         let mut fixture = FixtureParams::new(FixtureKind::Dirty, 1, pages);
@@ -779,7 +684,7 @@ pub(crate) mod tests {
         machine.set_dirty_logging(true).unwrap();
         run_to_end(&mut machine);
         machine.verify().unwrap();
-        (machine.take_dirty_pages().unwrap(), machine.dirty_ring_harvested())
+        (machine.take_dirty_pages().unwrap(), machine.dirty.logged())
     }
 
     #[test]
@@ -796,12 +701,12 @@ pub(crate) mod tests {
         );
         let ws = vm_fixtures::abi::WORKING_SET_GPA;
         assert!((0..3_000).all(|j| ring.binary_search(&(ws + j * 4096)).is_ok()));
-        assert!(harvested.unwrap() >= 3_000);
+        assert!(harvested >= 3_000);
     }
 
     #[test]
     fn dirty_ring_drained_concurrently_loses_no_page_of_a_150k_page_pass() {
-        // host-facts: one pass over 150,000 pages overran a 1 MiB ring that was
+        // Measured on this host: one pass over 150,000 pages overran a 1 MiB ring that was
         // drained only on its full-exit. Drained by the harvester thread, even a
         // 4096-entry ring must keep every page.
         let ws = vm_fixtures::abi::WORKING_SET_GPA;
@@ -809,7 +714,7 @@ pub(crate) mod tests {
             let (dirty, harvested) = dirtied_by_one_pass(DirtyTracking::Ring { entries }, 150_000);
             let missing = (0..150_000u64).filter(|j| dirty.binary_search(&(ws + j * 4096)).is_err()).count();
             assert_eq!(missing, 0, "{entries}-entry ring lost {missing} of 150000 written pages");
-            eprintln!("{entries}-entry ring: {} entries harvested for {} dirty pages", harvested.unwrap(), dirty.len());
+            eprintln!("{entries}-entry ring: {harvested} entries harvested for {} dirty pages", dirty.len());
         }
     }
 
@@ -849,7 +754,7 @@ pub(crate) mod tests {
         }
         seen.extend(machine.take_dirty_pages().unwrap());
         let missing = (0..pages).filter(|j| !seen.contains(&(ws + j * 4096))).count();
-        let (pushes, misses) = machine.ebpf_counts().unwrap();
+        let (pushes, misses) = (machine.dirty.logged(), crate::vmm::dirty::bpf::misses());
         assert_eq!(missing, 0, "{missing} of {pages} pages lost over {takes} takes");
         assert_eq!(misses, 0);
         assert!(pushes >= pages, "{pushes} pushes for {pages} pages");
@@ -881,7 +786,9 @@ pub(crate) mod tests {
     /// last take once the guest has stopped. A write that no take reports
     /// (lost in a race with a take, or with the tracker's reset) shows as a
     /// differing page.
-    fn shadow_of_takes_matches_memory(tracking: DirtyTracking) {
+    /// With `sample`, the dirty rate is sampled between takes too: the pages a
+    /// sample harvests must still reach the next take.
+    fn shadow_of_takes_matches_memory(tracking: DirtyTracking, sample: bool) {
         let mut config = config(FixtureKind::Ledger, 2, 20_000);
         config.mem_bytes = 32 << 20;
         config.fixture.ws_pages = (config.mem_bytes - vm_fixtures::abi::WORKING_SET_GPA) / 4096;
@@ -904,6 +811,10 @@ pub(crate) mod tests {
             copy_in(&machine, &mut shadow, pages);
             takes += 1;
             let _ = machine.next_event(Duration::from_millis(3)).unwrap();
+            if sample {
+                assert!(machine.sample_dirty_rate().unwrap().is_some(), "logging is on: a rate");
+                let _ = machine.next_event(Duration::from_millis(1)).unwrap();
+            }
         }
         let pages = machine.take_dirty_pages().unwrap();
         copy_in(&machine, &mut shadow, pages);
@@ -924,18 +835,46 @@ pub(crate) mod tests {
 
     #[test]
     fn takes_while_the_guest_runs_reproduce_memory_with_the_bitmap() {
-        shadow_of_takes_matches_memory(DirtyTracking::Bitmap);
+        shadow_of_takes_matches_memory(DirtyTracking::Bitmap, false);
+    }
+
+    #[test]
+    fn bitmap_rate_samples_between_takes_lose_no_page() {
+        shadow_of_takes_matches_memory(DirtyTracking::Bitmap, true);
+    }
+
+    #[test]
+    fn every_tracker_samples_a_rate_and_the_bitmap_only_while_logging() {
+        for tracking in [DirtyTracking::Bitmap, DirtyTracking::Ring { entries: 4096 }] {
+            let mut cfg = config(FixtureKind::Dirty, 1, 20_000);
+            cfg.fixture.pattern = vm_fixtures::DirtyPattern::Sequential;
+            let mut machine = Machine::boot_with(cfg, tracking).unwrap();
+            let name = machine.dirty_tracker();
+            machine.resume().unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let off = machine.sample_dirty_rate().unwrap();
+            match tracking {
+                DirtyTracking::Bitmap => assert_eq!(off, None, "the bitmap cannot see writes with logging off"),
+                _ => assert_eq!(off, Some(0.0), "{name}: no writes are logged with logging off"),
+            }
+            machine.set_dirty_logging(true).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            let on = machine.sample_dirty_rate().unwrap().expect("a rate with logging on");
+            assert!(on > 0.0, "{name}: the guest writes, the rate is {on}");
+            machine.pause().unwrap();
+            assert!(!machine.take_dirty_pages().unwrap().is_empty(), "{name}: the sample's pages wait for the take");
+        }
     }
 
     #[test]
     fn takes_while_the_guest_runs_reproduce_memory_with_the_ring() {
-        shadow_of_takes_matches_memory(DirtyTracking::Ring { entries: 4096 });
+        shadow_of_takes_matches_memory(DirtyTracking::Ring { entries: 4096 }, false);
     }
 
     #[cfg(pcft_ebpf)]
     #[test]
     fn takes_while_the_guest_runs_reproduce_memory_with_ebpf() {
-        shadow_of_takes_matches_memory(DirtyTracking::Ebpf { entries: 4096 });
+        shadow_of_takes_matches_memory(DirtyTracking::Ebpf { entries: 4096 }, true);
     }
 
     #[test]

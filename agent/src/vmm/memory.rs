@@ -84,19 +84,28 @@ impl GuestMemory {
         &self.slots
     }
 
-    fn check(&self, gpa: u64, len: u64) -> Result<usize, MemoryError> {
-        let end = match gpa.checked_add(len) {
-            Some(end) if end <= self.size => end,
-            _ => return Err(MemoryError::OutOfRange { gpa, len, size: self.size }),
-        };
+    /// The one guest-address range check: `[gpa, gpa + len)` lies inside guest
+    /// memory (else [`MemoryError::OutOfRange`], also when the end overflows).
+    /// Returns the range's offset in the mapping.
+    pub fn check(&self, gpa: u64, len: u64) -> Result<usize, MemoryError> {
+        match gpa.checked_add(len) {
+            Some(end) if end <= self.size => Ok(gpa as usize),
+            _ => Err(MemoryError::OutOfRange { gpa, len, size: self.size }),
+        }
+    }
+
+    /// [`check`](Self::check), and none of the range's pages is revoked (else
+    /// [`MemoryError::Revoked`]): what the agent's own accesses ask.
+    fn accessible(&self, gpa: u64, len: u64) -> Result<usize, MemoryError> {
+        let offset = self.check(gpa, len)?;
         if self.any_revoked.load(Ordering::Acquire) && len > 0 {
             let revoked = self.revoked.lock().expect("revoked pages lock");
             let first = revoked.partition_point(|&page| page + PAGE_SIZE <= gpa);
-            if let Some(&page) = revoked.get(first).filter(|&&page| page < end) {
+            if let Some(&page) = revoked.get(first).filter(|&&page| page < gpa + len) {
                 return Err(MemoryError::Revoked { gpa: page });
             }
         }
-        Ok(gpa as usize)
+        Ok(offset)
     }
 
     /// Makes the pages at `gpas` inaccessible for good (`PROT_NONE`). For a
@@ -113,7 +122,7 @@ impl GuestMemory {
     pub fn revoke_pages(&self, gpas: &[u64]) -> Result<(), MemoryError> {
         let mut revoked = self.revoked.lock().expect("revoked pages lock");
         for &gpa in gpas {
-            let off = self.check(gpa & !(PAGE_SIZE - 1), PAGE_SIZE)?;
+            let off = self.accessible(gpa & !(PAGE_SIZE - 1), PAGE_SIZE)?;
             // SAFETY: one whole page inside the live mapping; PROT_NONE changes only
             // its protection, and every access of the agent's checks `revoked` first.
             let rc =
@@ -131,14 +140,14 @@ impl GuestMemory {
 
     /// Host address of guest-physical `gpa` (for registering memslots).
     pub(crate) fn host_address(&self, gpa: u64) -> Result<u64, MemoryError> {
-        let off = self.check(gpa, 0)?;
+        let off = self.accessible(gpa, 0)?;
         Ok(self.map.as_mut_ptr() as u64 + off as u64)
     }
 
     /// Copies guest memory at `gpa` into `buf`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let off = self.check(gpa, buf.len() as u64)?;
-        // SAFETY: `check` keeps [off, off + len) inside the live mapping, and
+        let off = self.accessible(gpa, buf.len() as u64)?;
+        // SAFETY: `accessible` keeps [off, off + len) inside the live mapping, and
         // `buf` is a distinct Rust allocation, so the ranges do not overlap.
         unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), buf.as_mut_ptr(), buf.len()) };
         Ok(())
@@ -146,8 +155,8 @@ impl GuestMemory {
 
     /// Copies `data` into guest memory at `gpa`.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-        let off = self.check(gpa, data.len() as u64)?;
-        // SAFETY: `check` keeps the range inside the live, writable mapping;
+        let off = self.accessible(gpa, data.len() as u64)?;
+        // SAFETY: `accessible` keeps the range inside the live, writable mapping;
         // `data` is a distinct allocation.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(off), data.len()) };
         Ok(())
@@ -161,7 +170,7 @@ impl GuestMemory {
 
     /// Drops the whole pages of `[gpa, gpa + len)` in one call (see [`discard_page`](Self::discard_page)).
     pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
-        let off = self.check(gpa, len)?;
+        let off = self.accessible(gpa, len)?;
         if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::OutOfRange { gpa, len, size: self.size });
         }
@@ -209,7 +218,7 @@ impl GuestMemory {
     where
         E: From<MemoryError>,
     {
-        self.check(range.start, range.end.saturating_sub(range.start))?;
+        self.accessible(range.start, range.end.saturating_sub(range.start))?;
         let mut buf = vec![0u8; chunk];
         let mut gpa = range.start;
         while gpa < range.end {

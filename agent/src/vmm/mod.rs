@@ -14,5 +14,6 @@ pub mod output;
 pub mod run_log;
 pub mod runner;
 pub mod snapshot;
+pub mod state;
 pub mod uffd;
 mod vcpu_worker;

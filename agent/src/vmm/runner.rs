@@ -66,6 +66,12 @@ pub struct RunnerStatus {
     pub released: u64,
     pub finished: bool,
     pub error: Option<String>,
+    /// The VM's dirty tracker (`bitmap`, `ring` or `ebpf`).
+    pub dirty_tracker: &'static str,
+    /// The dirty rate sampled last, in bytes per second (once a second; `None`
+    /// before the first sample, or while the tracker cannot see writes: the
+    /// bitmap with logging off).
+    pub dirty_rate_bytes_per_second: Option<f64>,
 }
 
 pub struct VmRunner {
@@ -91,6 +97,8 @@ impl VmRunner {
             released: outputs.released as u64,
             finished: machine.is_finished(),
             error: None,
+            dirty_tracker: machine.dirty_tracker(),
+            dirty_rate_bytes_per_second: None,
         }));
         let memory = machine.memory_handle();
         let run_log = machine.run_log();
@@ -215,12 +223,21 @@ fn text(e: MachineError) -> RunnerError {
     RunnerError::Machine(e)
 }
 
-/// How often a VM with a ring or eBPF tracker samples its dirty rate.
+/// How often a VM samples its dirty rate.
 const RATE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Writes the tracker logged so far (ring entries, or eBPF pushes), if it counts continuously.
-fn write_count(machine: &Machine) -> Option<u64> {
-    machine.ebpf_counts().map(|(pushes, _)| pushes).or_else(|| machine.dirty_ring_harvested())
+/// Samples the machine's dirty rate into `status` and the metrics (a rate the
+/// tracker cannot see now clears the status's and leaves the metric alone).
+fn sample_dirty_rate(name: &str, machine: &Machine, status: &Mutex<RunnerStatus>) {
+    match machine.sample_dirty_rate() {
+        Ok(rate) => {
+            if let Some(rate) = rate {
+                crate::agent::metrics::get().dirty_rate_sampled(name, machine.dirty_tracker(), rate);
+            }
+            status.lock().expect("runner status lock").dirty_rate_bytes_per_second = rate;
+        }
+        Err(e) => tracing::warn!(vm = %name, "cannot sample the dirty rate: {e}"),
+    }
 }
 
 fn run(
@@ -230,16 +247,11 @@ fn run(
     status: Arc<Mutex<RunnerStatus>>,
     mut gate: OutputGate,
 ) {
-    let mut last_sample = (Instant::now(), write_count(&machine).unwrap_or(0));
+    let mut last_sample = Instant::now();
     loop {
-        if last_sample.0.elapsed() >= RATE_INTERVAL {
-            if let Some(count) = write_count(&machine) {
-                let now = Instant::now();
-                let seconds = now.duration_since(last_sample.0).as_secs_f64();
-                let rate = count.saturating_sub(last_sample.1) as f64 * PAGE_SIZE as f64 / seconds;
-                crate::agent::metrics::get().dirty_rate_sampled(&name, machine.dirty_tracker(), rate);
-                last_sample = (now, count);
-            }
+        if last_sample.elapsed() >= RATE_INTERVAL {
+            sample_dirty_rate(&name, &machine, &status);
+            last_sample = Instant::now();
         }
         match commands.recv_timeout(PUMP_INTERVAL) {
             Ok(command) => match command {

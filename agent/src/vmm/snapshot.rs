@@ -13,8 +13,8 @@
 //! Files are written to a temporary name, synced, then renamed into place, so
 //! a crash never leaves a half-written snapshot under the final name.
 
-use crate::vmm::machine::MachineState;
 use crate::vmm::memory::{is_zero, GuestMemory, MemoryError, PAGE_SIZE};
+use crate::vmm::state::MachineState;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -176,7 +176,7 @@ impl SnapshotReader {
             if gpa == END_OF_PAGES {
                 break;
             }
-            if gpa % PAGE_SIZE != 0 || gpa.checked_add(PAGE_SIZE).is_none_or(|end| end > memory.size()) {
+            if gpa % PAGE_SIZE != 0 || memory.check(gpa, PAGE_SIZE).is_err() {
                 return Err(SnapshotError::PageOutOfRange { path, gpa, size: memory.size() });
             }
             read_exact(&mut pages, &mut page, &path)?;

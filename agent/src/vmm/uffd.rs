@@ -69,7 +69,7 @@ impl FaultRegion {
     /// Host address of `[gpa, gpa + len)`, which must be whole pages inside guest memory.
     fn host(&self, gpa: u64, len: u64) -> Result<*mut libc::c_void, UffdError> {
         let whole_pages = gpa.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE) && len > 0;
-        if !whole_pages || gpa.checked_add(len).is_none_or(|end| end > self.memory.size()) {
+        if !whole_pages || self.memory.check(gpa, len).is_err() {
             return Err(UffdError::BadAddress(gpa));
         }
         Ok((self.base + gpa) as *mut libc::c_void)

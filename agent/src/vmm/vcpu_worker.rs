@@ -10,7 +10,7 @@
 
 use crate::clock::BootTime;
 use crate::vmm::devices::{decode_port_write, DeviceEvent, VcpuStatus};
-use crate::vmm::dirty::RingTracker;
+use crate::vmm::dirty::tracker::DirtyTracker;
 use crate::vmm::fence::Fence;
 use crate::vmm::kvm::kick::{self, DeadlineTimer};
 use crate::vmm::kvm::state::VcpuState;
@@ -54,7 +54,7 @@ impl VcpuWorker {
         memory: Arc<GuestMemory>,
         status: VcpuStatus,
         events: Sender<WorkerEvent>,
-        ring: Option<Arc<RingTracker>>,
+        dirty: Arc<dyn DirtyTracker>,
         fence: Option<Arc<Fence>>,
         run_log: Arc<RunLog>,
     ) -> std::io::Result<Self> {
@@ -82,7 +82,7 @@ impl VcpuWorker {
                 vcpu,
                 memory,
                 events,
-                ring,
+                dirty,
                 fence,
                 run_log,
                 parked: true,
@@ -103,8 +103,8 @@ struct Worker {
     vcpu: KvmVcpu,
     memory: Arc<GuestMemory>,
     events: Sender<WorkerEvent>,
-    /// The machine's dirty-ring tracker, if it uses one: drained here when this vCPU's ring fills.
-    ring: Option<Arc<RingTracker>>,
+    /// The machine's dirty tracker: its ring, if it has one, is drained here when this vCPU's ring fills.
+    dirty: Arc<dyn DirtyTracker>,
     /// PostCopyFT destination: past the lease's deadline this vCPU never enters the guest again.
     fence: Option<Fenced>,
     /// When this vCPU was in the guest.
@@ -222,9 +222,8 @@ impl Worker {
         }
         match exit {
             VcpuExit::Interrupted => {}
-            VcpuExit::DirtyRingFull => match &self.ring {
-                Some(ring) => {
-                    let drained = ring.drain().map_err(|e| e.to_string())?;
+            VcpuExit::DirtyRingFull => match self.dirty.ring_full().map_err(|e| e.to_string())? {
+                Some(drained) => {
                     self.stuck_ring_exits = if drained == 0 { self.stuck_ring_exits + 1 } else { 0 };
                     if self.stuck_ring_exits >= STUCK_RING_EXITS {
                         return Err(format!(

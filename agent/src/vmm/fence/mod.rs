@@ -18,9 +18,7 @@
 //! while the host is suspended. See docs/architecture.md, "Fencing".
 
 pub mod state;
-mod sync {
-    pub use std::sync::atomic::{AtomicU64, Ordering};
-}
+mod sync;
 
 use crate::clock::BootTime;
 pub use state::FencePhase;

@@ -1,18 +1,16 @@
 //! KVM's dirty ring (`KVM_CAP_DIRTY_LOG_RING`): one ring of dirtied guest
 //! frames per vCPU, shared with the kernel through an mmap of the vCPU fd.
-//! kvm-ioctls does not wrap it, so this is the edge: the mapping, the harvest
-//! (acquire/release on each entry's flags, as the kernel's ABI asks), and
-//! `KVM_RESET_DIRTY_RINGS`.
+//! kvm-ioctls does not wrap it, so this is the edge: the mapping and the harvest
+//! (acquire/release on each entry's flags, as the kernel's ABI asks). The
+//! VM-level reset that recycles harvested entries is `KvmVm::reset_dirty_rings`.
 
-use super::KvmError;
+use super::error::KvmError;
 use kvm_bindings::{kvm_dirty_gfn, KVM_DIRTY_LOG_PAGE_OFFSET};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 const GFN_DIRTY: u32 = 1;
 const GFN_RESET: u32 = 2;
-/// `_IO(KVMIO, 0xc7)`.
-const KVM_RESET_DIRTY_RINGS: libc::c_ulong = 0xAEC7;
 
 /// One vCPU's ring, mapped.
 pub struct DirtyRing {
@@ -48,7 +46,7 @@ impl DirtyRing {
 
     /// Collects every entry the kernel has published since the last harvest as
     /// `(slot, page offset in the slot)` and hands the entries back to the kernel
-    /// (call [`reset_rings`] afterwards to let it reuse them). Returns how many.
+    /// (call `KvmVm::reset_dirty_rings` afterwards to let it reuse them). Returns how many.
     pub fn harvest(&mut self, out: &mut Vec<(u32, u64)>) -> usize {
         let mut n = 0;
         loop {
@@ -77,18 +75,4 @@ impl Drop for DirtyRing {
         // SAFETY: unmaps exactly the mapping made in `map`.
         unsafe { libc::munmap(self.entries.cast(), len) };
     }
-}
-
-/// `KVM_RESET_DIRTY_RINGS` on the VM fd: the kernel re-protects the harvested
-/// pages and recycles their entries. Returns how many entries it reset.
-pub fn reset_rings(vm_fd: RawFd) -> Result<u32, KvmError> {
-    // SAFETY: an argument-less ioctl on a VM fd that the caller keeps open.
-    let rc = unsafe { libc::ioctl(vm_fd, KVM_RESET_DIRTY_RINGS) };
-    if rc < 0 {
-        return Err(KvmError::Unsupported(format!(
-            "KVM_RESET_DIRTY_RINGS failed: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(rc as u32)
 }

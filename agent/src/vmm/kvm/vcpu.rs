@@ -1,7 +1,7 @@
 //! The vCPU fd: running it, and capturing or restoring its whole state.
 
+use super::error::KvmError;
 use super::state::VcpuState;
-use super::KvmError;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_MAX_MSR_ENTRIES,
     KVM_MP_STATE_RUNNABLE,

@@ -1,8 +1,8 @@
 //! The VM fd: memslots, in-kernel devices, vCPU creation, VM-level state.
 
+use super::error::KvmError;
 use super::state::VmKernelState;
 use super::vcpu::KvmVcpu;
-use super::KvmError;
 use crate::vmm::memory::GuestMemory;
 use kvm_bindings::{
     kvm_irqchip, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
@@ -10,6 +10,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use std::sync::Arc;
+
+/// `_IO(KVMIO, 0xc7)` (kvm-ioctls does not wrap it).
+const KVM_RESET_DIRTY_RINGS: libc::c_ulong = 0xAEC7;
 
 const IRQCHIPS: [u32; 3] = [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC];
 
@@ -97,10 +100,19 @@ impl KvmVm {
         self.fd.enable_cap(&cap).map_err(KvmError::ioctl("KVM_ENABLE_CAP(DIRTY_LOG_RING)"))
     }
 
-    /// The VM fd, for `dirty_ring::reset_rings` from a harvester thread. The
-    /// caller must not use it after this `KvmVm` is dropped.
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    /// `KVM_RESET_DIRTY_RINGS`: the kernel re-protects the pages whose ring
+    /// entries were harvested and recycles those entries. Returns how many it reset.
+    pub fn reset_dirty_rings(&self) -> Result<u32, KvmError> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.fd);
+        // SAFETY: an argument-less ioctl on this VM's fd, which `self` keeps open.
+        let rc = unsafe { libc::ioctl(fd, KVM_RESET_DIRTY_RINGS) };
+        if rc < 0 {
+            return Err(KvmError::Unsupported(format!(
+                "KVM_RESET_DIRTY_RINGS failed: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(rc as u32)
     }
 
     /// Creates the in-kernel PIC, IOAPIC and per-vCPU LAPICs.
