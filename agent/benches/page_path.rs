@@ -3,8 +3,8 @@
 //! Run with `cargo bench -p pcft-agent --bench page_path` (or `cargo xtask bench`).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use pcft_agent::page_set::PageSet;
 use pcft_agent::vmm::memory::{is_zero, GuestMemory, PAGE_SIZE};
+use pcft_agent::vmm::page_set::PageSet;
 use pcft_agent::wire::frame::{decode_header, decode_payload, Frame, PageBatchWriter, HEADER_BYTES};
 use pcft_agent::wire::migration::MigrationMessage;
 use std::hint::black_box;

@@ -2,10 +2,13 @@
 //! captured exactly, the base for fault-tolerant post-copy live migration.
 //!
 //! One folder a concern, and knowledge flows one way (docs/architecture.md,
-//! "Layout"): [`vmm`] runs a VM on KVM (and is the only code that makes
+//! "Inside the agent: the layout"): [`vmm`] runs a VM on KVM (and is the only code that makes
 //! ioctls); [`wire`] is the frame codec, authentication and the messages;
 //! [`migration`] moves a VM between agents over the wire; [`agent`] is the
-//! daemon, its client, metrics and HTTP endpoint.
+//! daemon, its client and HTTP endpoint; [`metrics`] (and its timeline) is
+//! what every floor reports to.
+
+#![warn(clippy::too_many_lines)]
 
 pub mod agent;
 pub mod clock;
@@ -14,7 +17,7 @@ pub mod fault;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod host;
+pub mod metrics;
 pub mod migration;
-pub mod page_set;
 pub mod vmm;
 pub mod wire;

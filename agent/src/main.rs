@@ -1,5 +1,7 @@
 //! `pcft`: the PostCopyFT host agent's command line.
 
+#![warn(clippy::too_many_lines)]
+
 mod cli;
 
 use clap::Parser;

@@ -22,6 +22,7 @@ const ROOMS: &[(&str, u32)] = &[
     ("vmm", 1),
     ("wire", 2),
     ("migration::error", 3),
+    ("migration::progress", 3),
     ("migration::return_path", 4),
     ("migration::postcopy", 4),
     ("migration::ft", 5),
@@ -126,7 +127,7 @@ fn expand(tree: &str) -> Vec<String> {
         }
     }
     parts.push(&inner[start..]);
-    parts.into_iter().filter(|p| !p.is_empty()).flat_map(|p| expand(p)).map(|p| format!("{prefix}{p}")).collect()
+    parts.into_iter().filter(|p| !p.is_empty()).flat_map(expand).map(|p| format!("{prefix}{p}")).collect()
 }
 
 /// Every path the code names that starts at the crate root or at `super`.
@@ -150,10 +151,15 @@ fn named_paths(code: &str, in_binary: bool) -> Vec<String> {
             continue;
         }
         let path: String = code[i..].chars().take_while(|&c| word(c)).collect();
-        paths.push(path);
+        // `a::{…}` and `a::*` are `use` trees, read whole above.
+        if !path.ends_with("::") {
+            paths.push(path);
+        }
     }
     // `use` paths may also start at a child module (`use state::X`) or at `self`.
-    paths.into_iter().filter(|p| !p.starts_with("pcft_agent::") || in_binary).collect()
+    // `use super::*` is the idiom of a module inline in a file (its `super` is
+    // the file itself, which this reading does not track): left out.
+    paths.into_iter().filter(|p| (!p.starts_with("pcft_agent::") || in_binary) && p != "super::*").collect()
 }
 
 /// The module a path names, given the modules that exist.

@@ -2,8 +2,8 @@
 //! and receives migrations, all on one TCP port. Every connection starts with
 //! `Hello`, whose role says what follows.
 
-use crate::agent::metrics::MigrationLabels;
 use crate::host::{format_size, HostError};
+use crate::metrics::MigrationLabels;
 use crate::migration::destination::{migrate_in, IncomingMigration};
 use crate::migration::ft::failover::{restore_at_source, Failover, FailoverError};
 use crate::migration::ft::staging::StagingLimits;
@@ -258,7 +258,7 @@ impl Daemon {
         };
         let (greeted, role) = accepted.inspect_err(|e| {
             if let Some(reason) = e.auth_refusal() {
-                crate::agent::metrics::get().auth_refused(reason);
+                crate::metrics::get().auth_refused(reason);
             }
         })?;
         let Greeted { rd, wr, peer: from } = greeted;
@@ -613,7 +613,7 @@ fn count_migration(vm: &str, mode: Mode, result: &Result<MigrationOutcome, Migra
         Err(MigrationError::LostAfterCommit(_)) => "lost",
         Err(_) => "failed",
     };
-    let m = crate::agent::metrics::get();
+    let m = crate::metrics::get();
     m.migrations.get_or_create(&MigrationLabels { mode: mode.name().into(), result: outcome.into() }).inc();
     m.set_phase(vm, outcome);
     if outcome == "recovered" {
@@ -629,7 +629,6 @@ fn vm_status(name: &str, slot: &VmSlot) -> VmStatus {
         phase = VmPhase::Finished;
     }
     let error = slot.error.clone().or_else(|| runner.as_ref().and_then(|s| s.error.clone()));
-    let dirty = crate::agent::metrics::get().dirty_rate_of(name);
     let migration = slot
         .migration
         .as_deref()
@@ -641,11 +640,11 @@ fn vm_status(name: &str, slot: &VmSlot) -> VmStatus {
         fixture: slot.config.fixture.kind.name().to_string(),
         vcpus: slot.config.fixture.vcpus,
         mem_bytes: slot.config.mem_bytes,
-        records: runner.map(|s| s.records).unwrap_or(0),
+        records: runner.as_ref().map_or(0, |s| s.records),
         error,
         fenced: slot.fenced,
-        dirty_rate_bytes_per_second: dirty.as_ref().map(|(rate, _)| *rate),
-        dirty_tracker: dirty.map(|(_, tracker)| tracker),
+        dirty_rate_bytes_per_second: runner.as_ref().and_then(|s| s.dirty_rate_bytes_per_second),
+        dirty_tracker: runner.map(|s| s.dirty_tracker.to_string()),
         migration,
     }
 }
@@ -658,7 +657,7 @@ async fn send<M: WireMessage>(wr: &mut FrameWriter, message: &M) -> Result<(), D
 fn note_unauthenticated(error: &ProtocolError, peer: SocketAddr) {
     if *error == ProtocolError::Unauthenticated {
         tracing::warn!(%peer, "refused a peer: its frame failed the HMAC check (wrong --psk-file, or tampering)");
-        crate::agent::metrics::get().auth_refused("bad-mac");
+        crate::metrics::get().auth_refused("bad-mac");
     }
 }
 

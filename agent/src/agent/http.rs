@@ -27,14 +27,14 @@ pub fn router(agent: String) -> Router {
             get(|| async {
                 (
                     [(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    crate::agent::metrics::get().encode(),
+                    crate::metrics::get().encode(),
                 )
             }),
         )
         .route(
             "/api/timeline",
             get(move |axum::extract::Query(q): axum::extract::Query<Since>| async move {
-                let slice = crate::agent::metrics::get().timeline.since(&agent, q.since.unwrap_or(0.0));
+                let slice = crate::metrics::get().timeline.since(&agent, q.since.unwrap_or(0.0));
                 // A dashboard served by one agent plots its peers' timelines too.
                 ([(ACCESS_CONTROL_ALLOW_ORIGIN, "*")], axum::Json(slice))
             }),

@@ -26,22 +26,31 @@ pub enum CrashPoint {
     AfterLastPage,
 }
 
-impl std::str::FromStr for CrashPoint {
-    type Err = String;
+/// A crash point or signal that does not parse (the message names the choices).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ParseCrashError {
+    #[error("{0:?} is not an epoch number (1, 2, …)")]
+    Epoch(String),
+    #[error(
+        "unknown crash point {0:?}: use before-first-checkpoint, speculative:N, pause:N, committed:N or after-last-page"
+    )]
+    Point(String),
+    #[error("unknown crash signal {0:?}: use kill, stop, stall or stall-fence")]
+    Signal(String),
+}
 
-    fn from_str(text: &str) -> Result<Self, String> {
-        let epoch = |n: &str| {
-            n.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{n:?} is not an epoch number (1, 2, …)"))
-        };
+impl std::str::FromStr for CrashPoint {
+    type Err = ParseCrashError;
+
+    fn from_str(text: &str) -> Result<Self, ParseCrashError> {
+        let epoch = |n: &str| n.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| ParseCrashError::Epoch(n.into()));
         match text.split_once(':') {
             None if text == "before-first-checkpoint" => Ok(CrashPoint::BeforeFirstCheckpoint),
             None if text == "after-last-page" => Ok(CrashPoint::AfterLastPage),
             Some(("speculative", n)) => Ok(CrashPoint::Speculative(epoch(n)?)),
             Some(("pause", n)) => Ok(CrashPoint::Pause(epoch(n)?)),
             Some(("committed", n)) => Ok(CrashPoint::Committed(epoch(n)?)),
-            _ => Err(format!(
-                "unknown crash point {text:?}: use before-first-checkpoint, speculative:N, pause:N, committed:N or after-last-page"
-            )),
+            _ => Err(ParseCrashError::Point(text.into())),
         }
     }
 }
@@ -63,15 +72,15 @@ pub enum CrashSignal {
 }
 
 impl std::str::FromStr for CrashSignal {
-    type Err = String;
+    type Err = ParseCrashError;
 
-    fn from_str(text: &str) -> Result<Self, String> {
+    fn from_str(text: &str) -> Result<Self, ParseCrashError> {
         match text {
             "kill" => Ok(CrashSignal::Kill),
             "stop" => Ok(CrashSignal::Stop),
             "stall" => Ok(CrashSignal::Stall),
             "stall-fence" => Ok(CrashSignal::StallFence),
-            _ => Err(format!("unknown crash signal {text:?}: use kill, stop, stall or stall-fence")),
+            _ => Err(ParseCrashError::Signal(text.into())),
         }
     }
 }
@@ -135,6 +144,6 @@ mod tests {
         assert_eq!("after-last-page".parse(), Ok(CrashPoint::AfterLastPage));
         assert_eq!("before-first-checkpoint".parse(), Ok(CrashPoint::BeforeFirstCheckpoint));
         assert!("pause:0".parse::<CrashPoint>().is_err());
-        assert!("later".parse::<CrashPoint>().unwrap_err().contains("unknown crash point"));
+        assert!("later".parse::<CrashPoint>().unwrap_err().to_string().contains("unknown crash point"));
     }
 }

@@ -2,7 +2,7 @@
 //! the source endpoint updates a [`Progress`] as it goes, and whoever shows it
 //! (the daemon's status) reads it, instead of reading the metrics back.
 
-use crate::agent::metrics::PHASES;
+use crate::metrics::PHASES;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 

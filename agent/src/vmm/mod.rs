@@ -11,6 +11,7 @@ pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod output;
+pub mod page_set;
 pub mod run_log;
 pub mod runner;
 pub mod snapshot;

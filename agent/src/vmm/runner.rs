@@ -202,7 +202,7 @@ fn release(name: &str, machine: &Machine, gate: &mut OutputGate, upto: usize, st
     for record in records {
         gate.sink.release(name, record);
     }
-    let m = crate::agent::metrics::get();
+    let m = crate::metrics::get();
     m.vm(&m.output_released, name, records.len() as u64);
     gate.released = gate.released.max(upto);
     status.lock().expect("runner status lock").released = gate.released as u64;
@@ -232,7 +232,7 @@ fn sample_dirty_rate(name: &str, machine: &Machine, status: &Mutex<RunnerStatus>
     match machine.sample_dirty_rate() {
         Ok(rate) => {
             if let Some(rate) = rate {
-                crate::agent::metrics::get().dirty_rate_sampled(name, machine.dirty_tracker(), rate);
+                crate::metrics::get().dirty_rate_sampled(name, machine.dirty_tracker(), rate);
             }
             status.lock().expect("runner status lock").dirty_rate_bytes_per_second = rate;
         }
@@ -262,7 +262,7 @@ fn run(
                 Command::TakeDirty(r) => {
                     let taken = machine.take_dirty_pages().map_err(text);
                     if let Ok(pages) = &taken {
-                        crate::agent::metrics::get().dirty_taken(&name, machine.dirty_tracker(), pages.len());
+                        crate::metrics::get().dirty_taken(&name, machine.dirty_tracker(), pages.len());
                     }
                     drop(r.send(taken))
                 }
@@ -270,7 +270,7 @@ fn run(
                 Command::Checkpoint(epoch, r) => {
                     let capture = checkpoint(&mut machine, epoch).map_err(text);
                     if let Ok(c) = &capture {
-                        crate::agent::metrics::get().dirty_taken(&name, machine.dirty_tracker(), c.dirty.len());
+                        crate::metrics::get().dirty_taken(&name, machine.dirty_tracker(), c.dirty.len());
                     }
                     drop(r.send(capture))
                 }

@@ -3,9 +3,9 @@
 //! commit record goes out after its pages; the source commits the epoch
 //! (ft/store.rs) and acks it, and only then is the epoch's output released.
 
-use crate::agent::metrics;
-use crate::agent::timeline::EventKind;
 use crate::fault::crash::{self, CrashPoint};
+use crate::metrics;
+use crate::metrics::timeline::EventKind;
 use crate::migration::return_path::{ReturnPath, ReturnPathClosed};
 use crate::vmm::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 use crate::vmm::runner::{RunnerError, VmRunner};

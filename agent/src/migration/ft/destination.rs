@@ -6,8 +6,8 @@
 
 use super::checkpointer::{CheckpointError, Checkpointer, UnackedEpochs};
 use super::lease::Lease;
-use crate::agent::metrics;
 use crate::clock::BootTime;
+use crate::metrics;
 use crate::migration::return_path::ReturnPath;
 use crate::vmm::fence::Fence;
 use crate::vmm::memory::GuestMemory;

@@ -5,8 +5,8 @@
 //! heartbeat acks). The loop hears back what was committed, and how much
 //! checkpoint credit to give back to the destination.
 
-use crate::agent::metrics;
-use crate::agent::timeline::EventKind;
+use crate::metrics;
+use crate::metrics::timeline::EventKind;
 use crate::migration::ft::store::CheckpointStore;
 use crate::wire::frame::PageBatch;
 use std::sync::atomic::{AtomicUsize, Ordering};

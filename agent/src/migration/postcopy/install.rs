@@ -4,10 +4,10 @@
 //! half; see [`super::faults`]). Also the pages a dead copy must never run on.
 
 use super::faults::{BlockedVcpus, PendingFaults};
-use crate::agent::metrics;
+use crate::metrics;
 use crate::migration::error::MigrationError;
-use crate::page_set::PageSet;
 use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
+use crate::vmm::page_set::PageSet;
 use crate::vmm::uffd::{FaultRegion, Installed};
 use crate::wire::frame::{PageBatch, PageRun, ProtocolError};
 use crate::wire::payload::Percentiles;
@@ -136,13 +136,12 @@ impl IncomingPages {
 
     /// A frame from the source names pages outside the VM: a malformed frame.
     fn check_range(&self, what: &'static str, gpa: u64, len: u64) -> Result<(), MigrationError> {
-        if gpa.checked_add(len).is_none_or(|end| end > self.memory.size()) {
-            return Err(MigrationError::Protocol(ProtocolError::Malformed {
+        self.memory.check(gpa, len).map(drop).map_err(|_| {
+            MigrationError::Protocol(ProtocolError::Malformed {
                 what,
                 detail: format!("page {gpa:#x} is outside the VM's {} bytes", self.memory.size()),
-            }));
-        }
-        Ok(())
+            })
+        })
     }
 
     /// Drops pages that changed at the source after they were sent (sorted

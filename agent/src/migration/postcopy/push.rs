@@ -1,8 +1,8 @@
 //! The source's post-copy push: what is still unsent, what the destination
 //! asked for (sent first), and where the background push goes next.
 
-use crate::page_set::PageSet;
 use crate::vmm::memory::PAGE_SIZE;
+use crate::vmm::page_set::PageSet;
 
 /// Pages per batch frame of the background push: small enough that a demand
 /// request waits for at most one batch on the wire.

@@ -1,7 +1,7 @@
 //! The commit: `Go` goes out, and from then on the destination may run the
 //! VM. Starts the reply reader and sets up the push of what it still lacks.
 
-use crate::agent::metrics;
+use crate::metrics;
 use crate::migration::error::MigrationError;
 use crate::migration::ft::source::{FtSource, FtTimeouts, StartedStager};
 use crate::migration::postcopy::push::Push;
@@ -11,8 +11,8 @@ use crate::migration::source::postcopy::PostcopySource;
 use crate::migration::source::replies::{spawn_reader, Liveness};
 use crate::migration::source::request::MigrateOut;
 use crate::migration::source::switchover::Stopped;
-use crate::page_set::PageSet;
 use crate::vmm::memory::GuestMemory;
+use crate::vmm::page_set::PageSet;
 use crate::wire::migration::MigrationMessage;
 use crate::wire::payload::{MigrationReport, Mode};
 use std::sync::Arc;

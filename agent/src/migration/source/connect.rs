@@ -1,6 +1,6 @@
 //! `Connecting`: reach the destination agent, greet it, and have it accept the VM.
 
-use crate::agent::metrics;
+use crate::metrics;
 use crate::migration::error::MigrationError;
 use crate::migration::source::answer::{expect, unexpected};
 use crate::migration::source::outbox::Outbox;

@@ -23,7 +23,7 @@ pub use outcome::MigrationOutcome;
 pub use phase::Phase;
 pub use request::MigrateOut;
 
-use crate::agent::metrics;
+use crate::metrics;
 use crate::migration::ft::source::start_stager;
 use crate::vmm::memory::GuestMemory;
 use crate::wire::payload::MigrationReport;

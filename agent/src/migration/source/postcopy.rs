@@ -2,7 +2,7 @@
 //! then the push; `Draining`: `AllSent` went out; PostCopyFT's `Finishing`),
 //! with heartbeat acks and checkpoint events from PostCopyFT's side.
 
-use crate::agent::metrics::{self, PageReason};
+use crate::metrics::{self, PageReason};
 use crate::migration::error::FailureKind;
 use crate::migration::ft::source::FtSource;
 use crate::migration::ft::stager;

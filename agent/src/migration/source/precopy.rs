@@ -6,7 +6,7 @@
 //! until a round is small, so that the switchover has little left to drop and
 //! the dropped pages move in post-copy.
 
-use crate::agent::metrics::{self, PageReason};
+use crate::metrics::{self, PageReason};
 use crate::migration::error::MigrationError;
 use crate::migration::source::answer::{expect, unexpected};
 use crate::migration::source::connect::Link;

@@ -4,8 +4,8 @@
 
 use super::rate::RateSampler;
 use super::tracker::{DirtyError, DirtyTracker};
-use crate::page_set::PageSet;
 use crate::vmm::kvm::vm::KvmVm;
+use crate::vmm::page_set::PageSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 

@@ -15,7 +15,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-use crate::agent::timeline::{EventKind, Timeline};
+pub mod timeline;
+
+use timeline::{EventKind, Timeline};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VmLabels {
@@ -195,15 +197,6 @@ impl Metrics {
         self.dirty_rate.get_or_create(&labels).set(bytes_per_second);
         self.last_take.lock().expect("last take lock").insert(labels, Instant::now());
         self.timeline.sample(vm, tracker, bytes_per_second);
-    }
-
-    /// The latest dirty rate of `vm` and the tracker it came from, if any was measured.
-    pub fn dirty_rate_of(&self, vm: &str) -> Option<(f64, String)> {
-        let takes = self.last_take.lock().expect("last take lock");
-        let latest = takes.iter().filter(|(l, _)| l.vm == vm).max_by_key(|(_, at)| **at).map(|(l, _)| l.clone())?;
-        drop(takes);
-        let rate = self.dirty_rate.get_or_create(&latest).get();
-        Some((rate, latest.tracker))
     }
 
     /// `vm` is now in `phase` (one of [`PHASES`]).
