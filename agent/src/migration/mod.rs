@@ -12,3 +12,28 @@ pub mod postcopy;
 pub mod progress;
 pub mod return_path;
 pub mod source;
+
+/// Reads the endpoints' state diagrams out of docs/architecture.md, so that
+/// each endpoint's tests hold its phase table against its diagram.
+#[cfg(test)]
+pub(crate) mod diagrams {
+    const ARCHITECTURE: &str = include_str!("../../../docs/architecture.md");
+
+    /// The `A --> B` arrows (names as written; `[*]` and arrows from a phase
+    /// to itself left out) of the first Mermaid block after `heading`.
+    pub(crate) fn transitions(heading: &str) -> Vec<(String, String)> {
+        let section = &ARCHITECTURE[ARCHITECTURE.find(heading).expect("the heading is in docs/architecture.md")..];
+        let block = &section[section.find("```mermaid").expect("a Mermaid block follows")..];
+        let block = &block[..block[3..].find("```").expect("the block ends") + 3];
+        let mut arrows = Vec::new();
+        for line in block.lines() {
+            let Some((from, rest)) = line.split_once("-->") else { continue };
+            let to = rest.split(':').next().unwrap_or_default();
+            let (from, to) = (from.trim().to_string(), to.trim().to_string());
+            if from != "[*]" && to != "[*]" && from != to {
+                arrows.push((from, to));
+            }
+        }
+        arrows
+    }
+}

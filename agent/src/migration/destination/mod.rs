@@ -66,6 +66,20 @@ pub enum DestinationPhase {
     Failed,
 }
 
+impl DestinationPhase {
+    /// The transitions (docs/architecture.md, "The destination's phases", draws this table).
+    pub fn may_enter(self, next: DestinationPhase) -> bool {
+        use DestinationPhase::*;
+        matches!(
+            (self, next),
+            (Receiving, Restored | Failed)
+                | (Restored, Running | Failed)
+                | (Running, Completed | Finished | Failed)
+                | (Completed, Finished | Failed)
+        )
+    }
+}
+
 /// Receives the VM from the source on the other end of `incoming.rd`/`wr`.
 /// `on_running` gets the runner just before the VM first runs here. Returns
 /// what the destination measured once every page is in place (and,
@@ -152,12 +166,23 @@ impl Destination {
                 frame = rd.read() => frame?,
                 Some(stop) = stops.recv() => return Err(MigrationError::Fenced(stop.to_string())),
             };
-            self.phase = match frame {
+            let next = match frame {
                 Frame::Pages(batch) => self.install(&batch)?,
                 Frame::Message(message) => self.on_message(message, rd).await?,
             };
+            self.enter(next);
         }
         Ok(())
+    }
+
+    /// Moves to `next` (staying is no move; a transition not in
+    /// [`DestinationPhase::may_enter`] is a bug).
+    fn enter(&mut self, next: DestinationPhase) {
+        if next != self.phase {
+            debug_assert!(self.phase.may_enter(next), "destination endpoint: {:?} → {next:?}", self.phase);
+            tracing::debug!(from = ?self.phase, to = ?next, "destination phase");
+            self.phase = next;
+        }
     }
 
     /// The transitions: what each message does in each phase.
@@ -256,7 +281,7 @@ impl Destination {
         let runner = Arc::clone(self.runner.as_ref().expect("restored"));
         // The VM may run here from now on, and the agent knows it before its first
         // instruction: a resume that fails half-way has started some vCPUs.
-        self.phase = DestinationPhase::Running;
+        self.enter(DestinationPhase::Running);
         if let Some(f) = self.on_running.take() {
             f(Arc::clone(&runner));
         }
@@ -349,7 +374,7 @@ impl Destination {
             return Ok(self.stats);
         };
         let ran_here = self.phase >= DestinationPhase::Running;
-        self.phase = DestinationPhase::Failed;
+        self.enter(DestinationPhase::Failed);
         if ran_here && self.pages.received.is_full() && !checkpointed {
             // Every page is here (pre-copy): the VM needs nothing more from the source.
             tracing::warn!("the source was lost after every page arrived ({e}); the VM keeps running here");
@@ -378,5 +403,41 @@ impl Destination {
             return Err(MigrationError::SourceLost { cause: Box::new(e), checkpointed });
         }
         Err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DestinationPhase::{self, *};
+
+    #[test]
+    fn the_diagram_in_the_docs_is_this_table() {
+        let all = [Receiving, Restored, Running, Completed, Finished, Failed];
+        let drawn: std::collections::BTreeSet<(String, String)> =
+            crate::migration::diagrams::transitions("### The destination's phases").into_iter().collect();
+        let table: std::collections::BTreeSet<(String, String)> = all
+            .iter()
+            .flat_map(|&from| {
+                all.iter()
+                    .filter(move |&&to| from.may_enter(to))
+                    .map(move |to| (format!("{from:?}"), format!("{to:?}")))
+            })
+            .collect();
+        assert_eq!(
+            drawn, table,
+            "docs/architecture.md, \"The destination's phases\", against DestinationPhase::may_enter"
+        );
+    }
+
+    #[test]
+    fn phases_only_move_forward_and_end_in_finished_or_failed() {
+        let all = [Receiving, Restored, Running, Completed, Finished, Failed];
+        for from in all {
+            for to in all {
+                assert!(!from.may_enter(to) || from < to, "{from:?} → {to:?} goes back");
+            }
+        }
+        let ends: Vec<DestinationPhase> = all.into_iter().filter(|p| all.iter().all(|&to| !p.may_enter(to))).collect();
+        assert_eq!(ends, [Finished, Failed]);
     }
 }

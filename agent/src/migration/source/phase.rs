@@ -135,4 +135,32 @@ mod tests {
         }
         assert!(!Switchover.may_enter(DestinationLost), "PostCopyFT fails over only after the commit");
     }
+
+    #[test]
+    fn the_diagram_in_the_docs_is_this_table() {
+        use Phase::*;
+        let all = [
+            Connecting,
+            Precopy,
+            Switchover,
+            Postcopy,
+            Draining,
+            Finishing,
+            Completed,
+            Failed,
+            DestinationLost,
+            LostAfterCommit,
+        ];
+        let drawn: std::collections::BTreeSet<(String, String)> =
+            crate::migration::diagrams::transitions("### The source's phases").into_iter().collect();
+        let table: std::collections::BTreeSet<(String, String)> = all
+            .iter()
+            .flat_map(|&from| {
+                all.iter()
+                    .filter(move |&&to| from.may_enter(to))
+                    .map(move |to| (format!("{from:?}"), format!("{to:?}")))
+            })
+            .collect();
+        assert_eq!(drawn, table, "docs/architecture.md, \"The source's phases\", against Phase::may_enter");
+    }
 }
