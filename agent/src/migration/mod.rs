@@ -36,4 +36,18 @@ pub(crate) mod diagrams {
         }
         arrows
     }
+
+    /// Asserts that the diagram under `heading` draws exactly the transitions
+    /// `may_enter` allows between the phases `all` (named by their `Debug`).
+    pub(crate) fn assert_drawn<P: Copy + std::fmt::Debug>(heading: &str, all: &[P], may_enter: impl Fn(P, P) -> bool) {
+        use std::collections::BTreeSet;
+        let drawn: BTreeSet<(String, String)> = transitions(heading).into_iter().collect();
+        let table: BTreeSet<(String, String)> = all
+            .iter()
+            .flat_map(|&from| all.iter().map(move |&to| (from, to)))
+            .filter(|&(from, to)| may_enter(from, to))
+            .map(|(from, to)| (format!("{from:?}"), format!("{to:?}")))
+            .collect();
+        assert_eq!(drawn, table, "docs/architecture.md, {heading:?}: the diagram against the phase table");
+    }
 }

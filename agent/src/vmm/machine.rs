@@ -669,17 +669,22 @@ pub(crate) mod tests {
         assert_eq!(machine.take_dirty_pages().unwrap(), Vec::<u64>::new(), "the log is cleared by a take");
     }
 
-    /// Runs the `dirty` fixture writing `pages` pages once each, in order, and
-    /// returns what `tracking` says was written, and the writes it logged.
-    fn dirtied_by_one_pass(tracking: DirtyTracking, pages: u64) -> (Vec<u64>, u64) {
+    /// The `dirty` fixture writing `pages` pages once each, in order, over 128 MiB memslots.
+    fn one_sequential_pass(pages: u64) -> MachineConfig {
         let ws = vm_fixtures::abi::WORKING_SET_GPA;
         let mem_bytes = (ws + pages * 4096).div_ceil(2 << 20) * (2 << 20);
         let mut fixture = FixtureParams::new(FixtureKind::Dirty, 1, pages);
         fixture.pattern = vm_fixtures::DirtyPattern::Sequential;
         fixture.steps = pages;
         fixture.record_every = pages;
+        MachineConfig { mem_bytes, slot_bytes: 128 << 20, fixture, dirty_rate: None }
+    }
+
+    /// Runs the `dirty` fixture writing `pages` pages once each, in order, and
+    /// returns what `tracking` says was written, and the writes it logged.
+    fn dirtied_by_one_pass(tracking: DirtyTracking, pages: u64) -> (Vec<u64>, u64) {
         // Several memslots, so that ring entries' slot ids matter.
-        let config = MachineConfig { mem_bytes, slot_bytes: 128 << 20, fixture, dirty_rate: None };
+        let config = one_sequential_pass(pages);
         let mut machine = Machine::boot_with(config, tracking).unwrap();
         machine.set_dirty_logging(true).unwrap();
         run_to_end(&mut machine);
@@ -735,12 +740,7 @@ pub(crate) mod tests {
         // Takes race the guest's writes all along; their union must still hold every page.
         let ws = vm_fixtures::abi::WORKING_SET_GPA;
         let pages = 150_000u64;
-        let mem_bytes = (ws + pages * 4096).div_ceil(2 << 20) * (2 << 20);
-        let mut fixture = FixtureParams::new(FixtureKind::Dirty, 1, pages);
-        fixture.pattern = vm_fixtures::DirtyPattern::Sequential;
-        fixture.steps = pages;
-        fixture.record_every = pages;
-        let config = MachineConfig { mem_bytes, slot_bytes: 128 << 20, fixture, dirty_rate: None };
+        let config = one_sequential_pass(pages);
         let mut machine = Machine::boot_with(config, DirtyTracking::Ebpf { entries: 4096 }).unwrap();
         assert_eq!(machine.dirty_tracker(), "ebpf");
         machine.set_dirty_logging(true).unwrap();
