@@ -15,14 +15,19 @@ fn main() -> ExitCode {
         Some(level) => EnvFilter::new(level),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
     };
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only for a terminal: a log redirected to a file stays plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     match args.log_format {
         cli::LogFormat::Text => logs.init(),
         // One JSON object per event, with the spans it happened in (migration, checkpoint epoch).
         cli::LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
     }
 
-    let key = match cli::load_key(args.psk_file.as_deref()) {
+    // `keygen` makes a key and the local `vm` commands talk to no agent: neither
+    // reads one (`PCFT_PSK_FILE=K pcft keygen --out K` must not read K first).
+    let psk_file = args.psk_file.as_deref().filter(|_| args.command.talks_to_agents());
+    let key = match cli::load_key(psk_file) {
         Ok(key) => key,
         Err(failure) => {
             eprintln!("pcft: error: {:#}", failure.error());

@@ -107,3 +107,35 @@ fn postcopy_ft_timings_that_break_the_lease_are_refused_before_anything_runs() {
     refused(migrate(&["--heartbeat-timeout", "0"]), "--heartbeat-timeout must be at least 1 ms");
     refused(migrate(&["--checkpoint-interval", "0"]), "--checkpoint-interval must be at least 1 ms");
 }
+
+#[test]
+fn keygen_makes_the_key_psk_file_names_without_reading_it_first() {
+    // `PCFT_PSK_FILE=K pcft keygen --out K`: the key does not exist yet, and
+    // keygen must not try to load it (it used to fail, suggesting this command).
+    let dir = std::env::temp_dir().join(format!("pcft-keygen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("key");
+    let _ = std::fs::remove_file(&key);
+    let out = pcft().env("PCFT_PSK_FILE", &key).args(["keygen", "--out"]).arg(&key).output().expect("spawn");
+    assert_eq!(out.status.code(), Some(0), "stderr {}", String::from_utf8_lossy(&out.stderr));
+    assert!(key.is_file(), "no key at {}", key.display());
+    // A second keygen onto it is refused (never overwritten), as bad input.
+    let mut again = pcft();
+    again.env("PCFT_PSK_FILE", &key).args(["keygen", "--out"]).arg(&key);
+    let out = again.output().expect("spawn");
+    assert_eq!(out.status.code(), Some(2), "stderr {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn logs_written_to_a_file_carry_no_colour_codes() {
+    // stderr is a pipe here, as when an operator redirects it to a file.
+    let out = pcft()
+        .args(["--log", "debug", "vm", "run", "--fixture", "ledger", "--mem", "64M", "--steps", "20"])
+        .output()
+        .expect("spawn");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr {stderr}");
+    assert!(!stderr.trim().is_empty(), "no log line at debug level to look at");
+    assert!(!stderr.contains('\x1b'), "ANSI escape codes in a redirected log: {stderr:?}");
+}

@@ -26,6 +26,7 @@ pub struct Cli {
     /// Pre-shared key file (hex, mode 600; `pcft keygen` makes one): an agent
     /// then talks only to peers that hold the same key, and the CLI
     /// authenticates to agents with it. Every frame carries an HMAC-SHA256 tag.
+    /// Read only by commands that talk to agents (not `keygen`, `vm run|restore|inspect`).
     #[arg(long, global = true, env = "PCFT_PSK_FILE")]
     pub psk_file: Option<PathBuf>,
     #[command(subcommand)]
@@ -392,6 +393,17 @@ pub enum VmCommand {
     Status(StatusArgs),
     /// Wait until a VM's workload finishes on an agent, and verify it against the oracle there.
     Wait(WaitArgs),
+}
+
+impl Command {
+    /// Whether the command talks to agents (and so needs `--psk-file`'s key).
+    pub fn talks_to_agents(&self) -> bool {
+        match self {
+            Command::Keygen(_) => false,
+            Command::Vm(vm) => !matches!(**vm, VmCommand::Run(_) | VmCommand::Restore(_) | VmCommand::Inspect(_)),
+            _ => true,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
