@@ -7,7 +7,7 @@ use pcft_agent::wire::frame::{decode_header, decode_payload, encode_message, Fra
 use pcft_agent::wire::greeting::Greeting;
 use pcft_agent::wire::message_set::WireMessage;
 use pcft_agent::wire::migration::MigrationMessage;
-use pcft_tests::{ledger_digest, pcft_json, pcft_output, Agent};
+use pcft_tests::{ledger_digest, pcft_json, pcft_output, start_vm, Agent};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 
@@ -91,6 +91,18 @@ fn cli_commands_across_two_agents() {
     assert_eq!(report["vm"], "vm1");
     let status = pcft_json(&["vm", "status", "--agent", &a.addr, "--json"]);
     assert_eq!(status["vms"][0]["phase"], "migrated-away", "nothing runs at the source any more");
+    // The text says the same, in columns that a long name does not break.
+    start_vm(&a.addr, "a-name-longer-than-twelve", &["--fixture", "ledger", "--mem", "64M", "--steps", "10"]);
+    let (code, text, err) = pcft_output(&["vm", "status", "--agent", &a.addr]);
+    assert_eq!(code, Some(0), "{err}");
+    // Where the phase column starts on a VM's line.
+    let phase_at = |vm: &str| {
+        let line = text.lines().find(|l| l.trim_start().starts_with(vm)).unwrap_or_else(|| panic!("{vm} in {text}"));
+        let after_name = line.find(vm).unwrap() + vm.len();
+        after_name + line[after_name..].find(|c: char| c != ' ').unwrap()
+    };
+    assert!(text.contains(" migrated-away "), "{text}");
+    assert_eq!(phase_at("vm1 "), phase_at("a-name-longer-than-twelve"), "{text}");
 
     let verified = pcft_json(&["vm", "wait", "vm1", "--agent", &b.addr, "--json"]);
     let (digest, records) = ledger_digest(64, 2, 40_000);

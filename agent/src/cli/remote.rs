@@ -159,6 +159,8 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
         return Ok(());
     }
     println!("agent {agent}: {} VM(s)", vms.len());
+    // Names as wide as the widest, so that a long one does not break the columns.
+    let width = vms.iter().map(|vm| vm.name.chars().count()).max().unwrap_or(0).max(12);
     for vm in vms {
         let dirty = match (vm.dirty_rate_bytes_per_second, &vm.dirty_tracker) {
             (Some(rate), Some(tracker)) => format!(", dirtying {}/s ({tracker})", format_size(rate as u64)),
@@ -177,9 +179,9 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
             None => String::new(),
         };
         println!(
-            "  {:<12} {:<14} {} on {} vCPU(s), {}, {} records{dirty}{migration}{}",
+            "  {:<width$} {:<14} {} on {} vCPU(s), {}, {} records{dirty}{migration}{}",
             vm.name,
-            format!("{:?}", vm.phase).to_lowercase(),
+            vm.phase.name(),
             vm.fixture,
             vm.vcpus,
             format_size(vm.mem_bytes),

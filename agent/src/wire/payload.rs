@@ -179,6 +179,20 @@ pub enum VmPhase {
     Failed,
 }
 
+impl VmPhase {
+    /// The phase in the operator's words, as JSON spells it (`migrated-away`).
+    pub fn name(self) -> &'static str {
+        match self {
+            VmPhase::Running => "running",
+            VmPhase::MigratingOut => "migrating-out",
+            VmPhase::MigratingIn => "migrating-in",
+            VmPhase::MigratedAway => "migrated-away",
+            VmPhase::Finished => "finished",
+            VmPhase::Failed => "failed",
+        }
+    }
+}
+
 /// One VM as `pcft vm status` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmStatus {
@@ -302,6 +316,14 @@ pub struct MigrationReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_phase_reads_the_same_in_text_and_in_json() {
+        use VmPhase::*;
+        for phase in [Running, MigratingOut, MigratingIn, MigratedAway, Finished, Failed] {
+            assert_eq!(serde_json::to_value(phase).unwrap(), phase.name(), "{phase:?}");
+        }
+    }
 
     #[test]
     fn timings_that_break_the_lease_argument_are_refused_with_the_fix() {
