@@ -1,8 +1,8 @@
 //! The destination's demand path, first half: a thread reads the guest's
 //! missing-page faults from userfaultfd, notes which vCPU waits for which
 //! page, and queues each page once for a `PageRequest` to the source (which
-//! serves it before its background push: [`super::push`]). The page comes
-//! back through [`super::install`], which wakes the vCPUs.
+//! serves it before its background push: push.rs). The page comes
+//! back through install.rs, which wakes the vCPUs.
 
 use crate::clock::BootTime;
 use crate::vmm::run_log::RunLog;

@@ -35,8 +35,8 @@ struct SlotRange {
 }
 
 /// One VM's part of the shared eBPF program: its vCPU threads and its words
-/// of the program's dirty bitmap. (The [`DirtyTracker`](super::tracker::DirtyTracker)
-/// over it is [`EbpfTracker`](super::ebpf::EbpfTracker), which also resets the ring.)
+/// of the program's dirty bitmap. (The `DirtyTracker`
+/// over it is `EbpfTracker` in ebpf.rs, which also resets the ring.)
 pub struct BpfVmBitmap {
     shared: Arc<imp::Loaded>,
     vm: u32,

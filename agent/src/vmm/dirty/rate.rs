@@ -1,5 +1,5 @@
 //! A rate sampled from a growing count of pages: what each tracker's
-//! [`sample_rate`](super::tracker::DirtyTracker::sample_rate) computes.
+//! `DirtyTracker::sample_rate` computes.
 
 use crate::vmm::memory::PAGE_SIZE;
 use std::sync::Mutex;

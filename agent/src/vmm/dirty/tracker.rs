@@ -1,7 +1,7 @@
 //! The one interface to a machine's dirty-page tracking, whichever tracker
-//! backs it ([`BitmapTracker`](super::bitmap::BitmapTracker),
-//! [`RingTracker`](super::ring::RingTracker) or
-//! [`EbpfTracker`](super::ebpf::EbpfTracker)), and its error.
+//! backs it (`BitmapTracker` in bitmap.rs,
+//! `RingTracker` in ring.rs or
+//! `EbpfTracker` in ebpf.rs), and its error.
 
 use super::bpf::EbpfError;
 use crate::vmm::kvm::KvmError;
