@@ -56,7 +56,7 @@ impl Checkpointer {
     /// since the last epoch are copied while the VM runs (speculative phase), then
     /// the VM pauses just long enough to take the pages written meanwhile and its
     /// state, and runs on while they and the commit record go out. An epoch starts
-    /// only while fewer than [`EPOCHS_IN_FLIGHT`] are unacked: a source that falls
+    /// only while fewer than `EPOCHS_IN_FLIGHT` are unacked: a source that falls
     /// behind slows the checkpoints (the guest runs on and its output waits), it
     /// does not make them pile up. Returns only when an epoch failed (or the
     /// connection is gone).

@@ -131,7 +131,7 @@ impl Staging {
     /// The file is read and checked whole first (one frame in memory at a
     /// time), so a bad file fails before any batch is handed out. A read that
     /// fails during the apply pass is retried from the epoch's first batch (up
-    /// to [`APPLY_ATTEMPTS`] passes). If `apply` fails, or every pass does,
+    /// to `APPLY_ATTEMPTS` passes). If `apply` fails, or every pass does,
     /// [`torn`](Self::torn) says some batches were applied. Once every batch
     /// is applied the epoch is whole, whatever happens to the file after.
     pub fn drain(&mut self, mut apply: impl FnMut(&PageBatch) -> Result<(), MemoryError>) -> Result<(), StagingError> {
