@@ -69,9 +69,14 @@ pub fn require_multiple(flag: &'static str, value: u64, unit: u64, unit_name: &'
     })
 }
 
+/// This host's physical memory (u64::MAX if /proc/meminfo cannot be read).
+pub fn memory_total() -> u64 {
+    procfs::Current::current().map(|m: procfs::Meminfo| m.mem_total).unwrap_or(u64::MAX)
+}
+
 /// Refuses guest memory larger than the host's physical memory.
 pub fn check_memory_fits(requested: u64) -> Result<(), HostError> {
-    let total = procfs::Current::current().map(|m: procfs::Meminfo| m.mem_total).unwrap_or(u64::MAX);
+    let total = memory_total();
     if requested > total {
         return Err(HostError::MemoryExceedsHost { requested: format_size(requested), total: format_size(total) });
     }

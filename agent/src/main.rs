@@ -5,7 +5,7 @@
 mod cli;
 
 use clap::Parser;
-use cli::{Cli, Command, VmCommand};
+use cli::{Cli, Command, MigrationCommand, VmCommand};
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
@@ -46,15 +46,27 @@ fn main() -> ExitCode {
             VmCommand::Start(a) => cli::remote::start(a),
             VmCommand::Status(a) => cli::remote::status(a),
             VmCommand::Wait(a) => cli::remote::wait(a),
+            VmCommand::List(a) => cli::remote::status(a),
+            VmCommand::Stop(a) => cli::remote::stop(a),
+            VmCommand::Rm(a) => cli::remote::remove(a),
+        },
+        Command::Migration(m) => match m {
+            MigrationCommand::Status(a) => cli::migration::status(a),
+            MigrationCommand::Wait(a) => cli::migration::wait(a),
+            MigrationCommand::Cancel(a) => cli::migration::cancel(a),
         },
         Command::Agent(a) => cli::remote::agent(a),
-        Command::Migrate(a) => cli::remote::migrate(a),
+        Command::Migrate(a) => cli::migration::migrate(a),
         Command::Status(a) => cli::remote::status(a),
         Command::Demo(a) => cli::demo::demo(a),
         Command::Keygen(a) => cli::keygen(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(failure @ cli::Failure::Interrupted(_)) => {
+            eprintln!("pcft: interrupted: {:#}", failure.error());
+            ExitCode::from(failure.exit_code())
+        }
         Err(failure) => {
             eprintln!("pcft: error: {:#}", failure.error());
             ExitCode::from(failure.exit_code())

@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod demo;
 pub mod dirty_takes;
+pub mod migration;
 pub mod netns;
 pub mod remote;
 pub mod report;
@@ -51,6 +52,9 @@ pub enum Command {
     Vm(Box<VmCommand>),
     /// Migrate a VM from the agent that runs it to another agent.
     Migrate(MigrateArgs),
+    /// Follow a VM's outgoing migration after `pcft migrate` left it: status, wait, cancel.
+    #[command(subcommand)]
+    Migration(MigrationCommand),
     /// List an agent's VMs: their state, live dirty rate and migration progress.
     Status(StatusArgs),
     /// One command: start two agents on this machine, run a VM on one, migrate it, verify it on the other.
@@ -92,11 +96,24 @@ pub struct AgentArgs {
     /// The most guest memory this agent accepts for one VM (default: all of this host's memory).
     #[arg(long)]
     pub max_guest_mem: Option<String>,
+    /// The most guest memory this agent's VMs hold together: running,
+    /// arriving, and ended but not yet released (default: all of this host's memory).
+    #[arg(long)]
+    pub max_total_guest_mem: Option<String>,
+    /// Seconds a VM that no longer runs here (finished, failed, stopped)
+    /// keeps its memory before the agent gives it back; its record stays (pcft vm rm removes it).
+    #[arg(long, default_value_t = 300)]
+    pub release_after: u64,
+    /// On SIGTERM (or Ctrl-C), the agent takes no new work and waits at most
+    /// this many seconds for its running migrations to end, then stops its VMs
+    /// and exits; a second signal stops the wait at once.
+    #[arg(long, default_value_t = 120)]
+    pub shutdown_timeout: u64,
     /// The most migrations (in and out together) this agent runs at once; more are refused.
     #[arg(long, default_value_t = 4)]
     pub max_migrations: usize,
     /// Run without a pre-shared key: any peer that reaches --listen may start,
-    /// stop and migrate VMs here (test benches only). Without it an agent
+    /// stop, remove and migrate VMs here (test benches only). Without it an agent
     /// needs --psk-file (or PCFT_PSK_FILE).
     #[arg(long)]
     pub insecure: bool,
@@ -164,9 +181,46 @@ pub struct MigrateArgs {
     pub postcopy_rate: u64,
     #[command(flatten)]
     pub ft: FtArgs,
+    /// Return once the migration has started instead of when it ends; follow
+    /// it with `pcft migration status|wait|cancel NAME`.
+    #[arg(long)]
+    pub detach: bool,
     /// Print the migration report as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MigrationCommand {
+    /// Where a VM's latest outgoing migration is (running, or how it ended).
+    Status(MigrationArgs),
+    /// Wait for a VM's outgoing migration to end and print its report, as `pcft migrate` would have.
+    Wait(MigrationWaitArgs),
+    /// Cancel a VM's outgoing migration: before its switchover the VM stays at
+    /// the source; after it, only a PostCopyFT migration can be cancelled (a
+    /// deliberate failover to the source's last committed checkpoint).
+    Cancel(MigrationArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MigrationArgs {
+    /// Name of the VM.
+    pub name: String,
+    /// The agent it migrates out of (its source).
+    #[arg(long, default_value = DEFAULT_AGENT)]
+    pub agent: String,
+    /// Print the answer as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrationWaitArgs {
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Give up (exit 1; the migration goes on) after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
 }
 
 /// PostCopyFT tuning (used with `--mode postcopy-ft`).
@@ -391,6 +445,12 @@ pub enum VmCommand {
     Start(StartArgs),
     /// List an agent's VMs (the same as `pcft status`).
     Status(StatusArgs),
+    /// List an agent's VMs (the same as `pcft status`).
+    List(StatusArgs),
+    /// Stop a VM's guest for good; its record (phase, records) stays until `pcft vm rm`.
+    Stop(VmNameArgs),
+    /// Forget a VM that no longer runs (stopped, finished, failed, migrated away) and free its memory.
+    Rm(VmNameArgs),
     /// Wait until a VM's workload finishes on an agent, and verify it against the oracle there.
     Wait(WaitArgs),
 }
@@ -415,6 +475,18 @@ pub struct StartArgs {
     pub agent: String,
     #[command(flatten)]
     pub workload: WorkloadArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VmNameArgs {
+    /// Name of the VM.
+    pub name: String,
+    /// The agent it is on.
+    #[arg(long, default_value = DEFAULT_AGENT)]
+    pub agent: String,
+    /// Print the answer as one JSON object.
     #[arg(long)]
     pub json: bool,
 }
@@ -581,6 +653,8 @@ pub enum Failure {
     Usage(anyhow::Error),
     /// The run itself failed (KVM error, verification mismatch, timeout): exit 1.
     Run(anyhow::Error),
+    /// The operator interrupted the command (Ctrl-C): exit 130, as a shell reports SIGINT.
+    Interrupted(anyhow::Error),
 }
 
 impl Failure {
@@ -588,12 +662,13 @@ impl Failure {
         match self {
             Failure::Usage(_) => 2,
             Failure::Run(_) => 1,
+            Failure::Interrupted(_) => 130,
         }
     }
 
     pub fn error(&self) -> &anyhow::Error {
         match self {
-            Failure::Usage(e) | Failure::Run(e) => e,
+            Failure::Usage(e) | Failure::Run(e) | Failure::Interrupted(e) => e,
         }
     }
 }

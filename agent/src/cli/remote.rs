@@ -1,7 +1,7 @@
-//! Commands that talk to agents: `pcft agent`, `vm start|status|wait`, `migrate`.
+//! Commands that talk to agents: `pcft agent`, `vm start|status|list|wait|stop|rm`.
 
 use super::vm::{machine_config, KVM_PATH};
-use super::{run_failure, usage, AgentArgs, Failure, MigrateArgs, StartArgs, StatusArgs, WaitArgs};
+use super::{run_failure, usage, AgentArgs, Failure, StartArgs, StatusArgs, VmNameArgs, WaitArgs};
 use anyhow::anyhow;
 use pcft_agent::agent::client::{AgentClient, ClientError};
 use pcft_agent::agent::daemon::{Daemon, Limits};
@@ -9,7 +9,7 @@ use pcft_agent::host::{self, format_size, parse_size};
 use pcft_agent::migration::ft::staging::StagingLimits;
 use pcft_agent::vmm::output::OutputSink;
 use pcft_agent::wire::control::ControlMessage;
-use pcft_agent::wire::payload::{MigrationOptions, MigrationReport};
+use pcft_agent::wire::payload::MigrationReport;
 use std::io::Write;
 use std::path::Path;
 
@@ -19,7 +19,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// An unreachable agent or a refused request is the operator's to fix (exit 2);
 /// a request that was carried out and failed is a failed run (exit 1).
-fn client_failure(e: ClientError) -> Failure {
+pub fn client_failure(e: ClientError) -> Failure {
     match e {
         ClientError::Connect { .. } | ClientError::Refused(_) => usage(e),
         e => run_failure(e),
@@ -29,8 +29,12 @@ fn client_failure(e: ClientError) -> Failure {
 pub fn agent(args: AgentArgs) -> Result<(), Failure> {
     host::check_kvm(Path::new(KVM_PATH)).map_err(usage)?;
     let max_guest_mem = match &args.max_guest_mem {
-        Some(text) => parse_size(text).map_err(usage)?,
+        Some(text) => parse_size(text).map_err(|e| usage(anyhow!("--max-guest-mem {text}: {e}")))?,
         None => u64::MAX,
+    };
+    let max_total_guest_mem = match &args.max_total_guest_mem {
+        Some(text) => parse_size(text).map_err(|e| usage(anyhow!("--max-total-guest-mem {text}: {e}")))?,
+        None => host::memory_total(),
     };
     match (pcft_agent::agent::client::key().is_some(), args.insecure) {
         (false, false) => {
@@ -112,23 +116,62 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
                 "--insecure: any peer that reaches {addr} can start, stop and migrate VMs here; run agents with a key (pcft keygen) outside a test bench"
             );
         }
-        let limits = Limits { max_guest_mem, max_migrations: args.max_migrations.max(1), staging };
+        let limits = Limits {
+            max_guest_mem,
+            max_total_guest_mem,
+            max_migrations: args.max_migrations.max(1),
+            staging,
+            release_after: std::time::Duration::from_secs(args.release_after),
+        };
         let daemon = Daemon::new(name, limits, sink, key);
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(run_failure)?;
-        tokio::select! {
-            served = daemon.serve(listener) => served.map_err(|e| run_failure(anyhow!("the agent stopped accepting connections: {e}"))),
-            _ = tokio::signal::ctrl_c() => Ok(()),
-            _ = terminate.recv() => Ok(()),
-        }
+        serve_until_stopped(daemon, listener, std::time::Duration::from_secs(args.shutdown_timeout)).await
     })
 }
 
-async fn ask(addr: &str, message: ControlMessage) -> Result<ControlMessage, Failure> {
+/// Serves until SIGTERM or Ctrl-C, then shuts the agent down gracefully
+/// (serving on meanwhile, so that new work is refused with the reason).
+async fn serve_until_stopped(
+    daemon: std::sync::Arc<Daemon>,
+    listener: tokio::net::TcpListener,
+    shutdown_timeout: std::time::Duration,
+) -> Result<(), Failure> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).map_err(run_failure)?;
+    let serving = std::sync::Arc::clone(&daemon).serve(listener);
+    tokio::pin!(serving);
+    let stopped = |e: std::io::Error| run_failure(anyhow!("the agent stopped accepting connections: {e}"));
+    let signal = tokio::select! {
+        served = &mut serving => return served.map_err(stopped),
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    };
+    tracing::info!(signal, "stopping the agent");
+    let second = async {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    };
+    let report = tokio::select! {
+        report = daemon.shutdown(shutdown_timeout, second) => report,
+        served = &mut serving => return served.map_err(stopped),
+    };
+    if report.migrations_cut.is_empty() {
+        return Ok(());
+    }
+    Err(run_failure(anyhow!(
+        "stopped with {} migration(s) still running, cut: {} (see the log; a longer --shutdown-timeout lets them end)",
+        report.migrations_cut.len(),
+        report.migrations_cut.join(", ")
+    )))
+}
+
+pub async fn ask(addr: &str, message: ControlMessage) -> Result<ControlMessage, Failure> {
     let mut client = AgentClient::connect(addr).await.map_err(client_failure)?;
     client.request(&message).await.map_err(client_failure)
 }
 
-fn unexpected(answer: ControlMessage) -> Failure {
+pub fn unexpected(answer: ControlMessage) -> Failure {
     run_failure(anyhow!("the agent answered {answer:?}"))
 }
 
@@ -192,6 +235,39 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `pcft vm stop`.
+pub fn stop(args: VmNameArgs) -> Result<(), Failure> {
+    let request = ControlMessage::StopVm { name: args.name.clone() };
+    let ControlMessage::Stopped { name, was } = runtime().block_on(ask(&args.agent, request))? else {
+        return Err(run_failure(anyhow!("the agent did not say the VM stopped")));
+    };
+    if args.json {
+        println!("{}", serde_json::json!({ "vm": name, "agent": args.agent, "stopped": true, "was": was }));
+    } else if was == pcft_agent::wire::payload::VmPhase::Running {
+        println!(
+            "stopped VM {name} on {} (pcft vm rm {name} frees it now; else its memory goes after --release-after)",
+            args.agent
+        );
+    } else {
+        println!("VM {name} on {} was not running ({}): nothing to stop", args.agent, was.name());
+    }
+    Ok(())
+}
+
+/// `pcft vm rm`.
+pub fn remove(args: VmNameArgs) -> Result<(), Failure> {
+    let request = ControlMessage::RemoveVm { name: args.name.clone() };
+    let ControlMessage::Removed { name } = runtime().block_on(ask(&args.agent, request))? else {
+        return Err(run_failure(anyhow!("the agent did not say the VM was removed")));
+    };
+    if args.json {
+        println!("{}", serde_json::json!({ "vm": name, "agent": args.agent, "removed": true }));
+    } else {
+        println!("removed VM {name} from {}", args.agent);
+    }
+    Ok(())
+}
+
 pub fn wait(args: WaitArgs) -> Result<(), Failure> {
     let request = ControlMessage::WaitFinished { name: args.name.clone(), timeout_ms: args.timeout * 1000 };
     match runtime().block_on(ask(&args.agent, request))? {
@@ -207,38 +283,6 @@ pub fn wait(args: WaitArgs) -> Result<(), Failure> {
             Ok(())
         }
         other => Err(unexpected(other)),
-    }
-}
-
-pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
-    let options = args.ft.options(
-        MigrationOptions {
-            max_rounds: args.max_rounds.max(1),
-            reply_timeout_ms: args.reply_timeout.max(1) * 1000,
-            postcopy_pages_per_sec: args.postcopy_rate,
-            ..MigrationOptions::default()
-        },
-        super::TrackerArg::Bitmap,
-    );
-    let mode = args.mode.into();
-    options.validate(mode).map_err(usage)?;
-    let request = ControlMessage::Migrate { name: args.name.clone(), to: args.to.clone(), mode, options };
-    let answer = runtime().block_on(with_progress(&args.agent, &args.name, !args.json, ask(&args.agent, request)))?;
-    let ControlMessage::Migrated(report) = answer else { return Err(unexpected(answer)) };
-    if args.json {
-        println!("{}", serde_json::to_string(&report).map_err(run_failure)?);
-    } else {
-        print_report(&report);
-    }
-    match &report.failure {
-        // The migration did not happen, even if the VM was recovered: a failed run.
-        Some(failure) => Err(run_failure(anyhow!(
-            "the destination was lost ({}: {}){}",
-            failure.kind,
-            failure.reason,
-            if report.failover.is_some() { "; the VM was recovered and runs at the source" } else { "" }
-        ))),
-        None => Ok(()),
     }
 }
 

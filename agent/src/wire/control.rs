@@ -6,7 +6,7 @@ use crate::vmm::dirty::DirtyTracking;
 use crate::vmm::machine::MachineConfig;
 use crate::vmm::run_log::RunLogSnapshot;
 use crate::wire::message_set::{MessageEnum, MessageSet};
-use crate::wire::payload::{MigrationOptions, MigrationReport, Mode, VmStatus};
+use crate::wire::payload::{MigrationOptions, MigrationReport, MigrationStatus, Mode, VmPhase, VmStatus};
 use serde::{Deserialize, Serialize};
 
 /// CLI → agent, and the answers.
@@ -32,13 +32,60 @@ pub enum ControlMessage {
         agent: String,
         vms: Vec<VmStatus>,
     },
+    /// Migrate VM `name` to agent `to`. The answer is `Migrated` when it
+    /// ends, or, with `detach`, `MigrationStarted` at once (then
+    /// `MigrationStatus`, `WaitMigration` and `CancelMigration` follow it).
+    /// The migration goes on in the agent whether or not the asker waits.
     Migrate {
         name: String,
         to: String,
         mode: Mode,
         options: MigrationOptions,
+        detach: bool,
     },
     Migrated(MigrationReport),
+    MigrationStarted {
+        vm: String,
+        to: String,
+        mode: Mode,
+    },
+    /// The latest outgoing migration of VM `name`: `MigrationStatusReport`.
+    MigrationStatus {
+        name: String,
+    },
+    MigrationStatusReport(MigrationStatus),
+    /// Wait (at most `timeout_ms`) for VM `name`'s outgoing migration to end;
+    /// the answer is the one `Migrate` would have given.
+    WaitMigration {
+        name: String,
+        timeout_ms: u64,
+    },
+    /// Cancel VM `name`'s outgoing migration: `CancelAccepted`, or refused with the reason.
+    CancelMigration {
+        name: String,
+    },
+    CancelAccepted {
+        vm: String,
+        /// PostCopyFT after the switchover: the cancel is a deliberate failover
+        /// (the destination is fenced and the last committed checkpoint restored here).
+        failover: bool,
+    },
+    /// Stop VM `name`'s guest for good (its record stays): `Stopped`.
+    StopVm {
+        name: String,
+    },
+    Stopped {
+        name: String,
+        /// The phase it was in (`running`, or already not running: nothing was done).
+        was: VmPhase,
+    },
+    /// Forget VM `name` and free what it holds (refused while it runs or migrates).
+    RemoveVm {
+        name: String,
+    },
+    Removed {
+        name: String,
+    },
     /// Wait until the VM's workload finishes here, then verify it against its oracle.
     WaitFinished {
         name: String,

@@ -13,7 +13,7 @@ use std::fmt;
 pub const GREETING_VERSION: u16 = 7;
 /// Version of the control messages (`ControlMessage`). Bump it when they or
 /// the payload types they carry change.
-pub const CONTROL_VERSION: u16 = 7;
+pub const CONTROL_VERSION: u16 = 8;
 /// Version of the migration messages (`MigrationMessage`) and of page
 /// batches. Bump it when they or the payload types they carry change.
 pub const MIGRATION_VERSION: u16 = 7;

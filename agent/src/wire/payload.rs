@@ -177,6 +177,8 @@ pub enum VmPhase {
     /// The workload finished.
     Finished,
     Failed,
+    /// Stopped by the operator (`pcft vm stop`): the guest no longer runs; its record stays.
+    Stopped,
 }
 
 impl VmPhase {
@@ -189,7 +191,15 @@ impl VmPhase {
             VmPhase::MigratedAway => "migrated-away",
             VmPhase::Finished => "finished",
             VmPhase::Failed => "failed",
+            VmPhase::Stopped => "stopped",
         }
+    }
+
+    /// Whether a copy of the VM may still run here (or is arriving): such a
+    /// VM's name is taken. The others are records of a guest that no longer
+    /// runs here, which a new VM of the same name replaces.
+    pub fn is_live(self) -> bool {
+        matches!(self, VmPhase::Running | VmPhase::MigratingOut | VmPhase::MigratingIn)
     }
 }
 
@@ -212,6 +222,58 @@ pub struct VmStatus {
     pub dirty_tracker: Option<String>,
     /// How far the VM's outgoing migration has got, while it runs.
     pub migration: Option<MigrationProgress>,
+    /// Its guest memory was given back to the host (`--release-after` after it
+    /// stopped running, or never held: migrated away); the record stays until `pcft vm rm`.
+    #[serde(default)]
+    pub memory_released: bool,
+}
+
+/// Where an outgoing migration is, as `pcft migration status` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationState {
+    Running,
+    /// A cancel was asked and accepted; the migration is ending.
+    Cancelling,
+    /// The VM runs at the destination.
+    Completed,
+    /// PostCopyFT: the destination was lost (or the migration cancelled after
+    /// the switchover) and the VM was recovered here.
+    Recovered,
+    /// Cancelled before the switchover committed: the VM runs here.
+    Cancelled,
+    Failed,
+}
+
+impl MigrationState {
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationState::Running => "running",
+            MigrationState::Cancelling => "cancelling",
+            MigrationState::Completed => "completed",
+            MigrationState::Recovered => "recovered",
+            MigrationState::Cancelled => "cancelled",
+            MigrationState::Failed => "failed",
+        }
+    }
+
+    /// Whether the migration has ended (its answer is known).
+    pub fn ended(self) -> bool {
+        !matches!(self, MigrationState::Running | MigrationState::Cancelling)
+    }
+}
+
+/// The latest outgoing migration of a VM, as `pcft migration status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    pub vm: String,
+    /// The agent it migrates (or migrated) to.
+    pub to: String,
+    pub mode: Mode,
+    pub state: MigrationState,
+    pub progress: MigrationProgress,
+    /// Why it failed or what the cancel did, once it ended that way.
+    pub reason: Option<String>,
 }
 
 /// An outgoing migration in progress, as the source sees it.
@@ -320,7 +382,7 @@ mod tests {
     #[test]
     fn a_phase_reads_the_same_in_text_and_in_json() {
         use VmPhase::*;
-        for phase in [Running, MigratingOut, MigratingIn, MigratedAway, Finished, Failed] {
+        for phase in [Running, MigratingOut, MigratingIn, MigratedAway, Finished, Failed, Stopped] {
             assert_eq!(serde_json::to_value(phase).unwrap(), phase.name(), "{phase:?}");
         }
     }

@@ -96,6 +96,7 @@ impl MigrationRun<'_> {
             to: self.endpoints.migrate_to.clone(),
             mode: self.plan.mode,
             options: self.plan.options,
+            detach: false,
         };
         let migration = with_progress(&self.endpoints.source, VM, !self.args.json, source.request(&request));
         match migration.await.map_err(client_error)? {

@@ -1,0 +1,106 @@
+//! Serving connections: the greeting, then the CLI's requests (role
+//! `Control`) or an incoming migration (role `Migration`).
+
+use super::error::{DaemonError, Denial, Refusal};
+use super::outgoing::MigrateRequest;
+use super::server::{note_unauthenticated, refuse, send, Daemon, Reply, GREETING_TIMEOUT};
+use super::table;
+use crate::wire::control::ControlMessage;
+use crate::wire::frame::{Frame, FrameReader, FrameWriter, ProtocolError};
+use crate::wire::greeting::Role;
+use crate::wire::handshake::{self, Greeted};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+
+impl Daemon {
+    /// Accepts connections until the listener fails (and, meanwhile, releases
+    /// the memory of VMs that ended).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let reaper = tokio::spawn(Arc::clone(&self).reap());
+        let accepted = loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => break e,
+            };
+            let daemon = Arc::clone(&self);
+            tokio::spawn(async move {
+                if let Err(e) = daemon.connection(stream, peer).await {
+                    tracing::warn!(%peer, "connection ended: {e}");
+                }
+            });
+        };
+        reaper.abort();
+        Err(accepted)
+    }
+
+    pub(super) async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<(), DaemonError> {
+        stream.set_nodelay(true).map_err(DaemonError::Socket)?;
+        let greeting = handshake::accept(stream, &self.name, self.psk.as_ref());
+        let Ok(accepted) = tokio::time::timeout(GREETING_TIMEOUT, greeting).await else {
+            return Err(DaemonError::GreetingTimeout { after: GREETING_TIMEOUT });
+        };
+        let (greeted, role) = accepted.inspect_err(|e| {
+            if let Some(reason) = e.auth_refusal() {
+                crate::metrics::get().auth_refused(reason);
+            }
+        })?;
+        let Greeted { rd, wr, peer: from } = greeted;
+        match role {
+            Role::Control => self.serve_control(rd, wr, peer).await,
+            Role::Migration => self.incoming(rd, wr, &from, peer).await,
+        }
+    }
+
+    /// Answers the CLI's requests on one connection until it closes.
+    pub(super) async fn serve_control(
+        self: Arc<Self>,
+        mut rd: FrameReader,
+        mut wr: FrameWriter,
+        peer: SocketAddr,
+    ) -> Result<(), DaemonError> {
+        let refuse_with = |reason| ControlMessage::Refuse { reason };
+        loop {
+            let request = match rd.read::<ControlMessage>().await {
+                Ok(Frame::Message(m)) => m,
+                Ok(Frame::Pages(_)) => return refuse(&mut wr, Refusal::PagesOnControl, refuse_with).await,
+                Err(ProtocolError::Closed) => return Ok(()),
+                Err(e) => {
+                    note_unauthenticated(&e, peer);
+                    return refuse(&mut wr, Refusal::Protocol(e), refuse_with).await;
+                }
+            };
+            let reply = match self.control(request).await {
+                Ok(answer) => answer,
+                Err(Denial::Refused(refusal)) => ControlMessage::Refuse { reason: refusal.to_string() },
+                Err(Denial::Failed(failure)) => ControlMessage::Failed { reason: failure.to_string() },
+            };
+            send(&mut wr, &reply).await?;
+        }
+    }
+
+    pub(super) async fn control(self: &Arc<Self>, request: ControlMessage) -> Reply {
+        match request {
+            ControlMessage::Ping => Ok(ControlMessage::Pong),
+            ControlMessage::Status => Ok(ControlMessage::StatusReport { agent: self.name.clone(), vms: self.status() }),
+            ControlMessage::StartVm { name, config, tracking } => self.start_vm(name, config, tracking).await,
+            ControlMessage::StopVm { name } => self.stop_vm(&name).await,
+            ControlMessage::RemoveVm { name } => self.remove_vm(&name).await,
+            ControlMessage::Migrate { name, to, mode, options, detach } => {
+                self.migrate(MigrateRequest { name, to, mode, options, detach }).await
+            }
+            ControlMessage::MigrationStatus { name } => Ok(self.migration_status(&name)?),
+            ControlMessage::WaitMigration { name, timeout_ms } => self.wait_migration(&name, timeout_ms).await,
+            ControlMessage::CancelMigration { name } => Ok(self.cancel_migration(&name)?),
+            ControlMessage::WaitFinished { name, timeout_ms } => self.wait_finished(&name, timeout_ms).await,
+            ControlMessage::RunLog { name } => {
+                let runs = self.vms().get(&name).map(table::VmSlot::run_log);
+                match runs {
+                    Some(runs) => Ok(ControlMessage::RunLogReport { vm: name, runs }),
+                    None => Err(self.no_such_vm(name).into()),
+                }
+            }
+            other => Err(Refusal::NotARequest { request: format!("{other:?}") }.into()),
+        }
+    }
+}
