@@ -192,7 +192,7 @@ impl Daemon {
         }
     }
 
-    /// Notes VMs whose guest stopped running (finished or failed) and takes
+    /// Notes VMs whose guest stopped running (finished or failed) and returns
     /// the runners of those due for release.
     fn ended_vms(&self) -> Vec<(String, Arc<VmRunner>, VmPhase)> {
         let now = Instant::now();
@@ -217,7 +217,7 @@ impl Daemon {
                 crate::metrics::get().vm_left(name);
             }
             if slot.ended_at.is_some_and(|at| now.duration_since(at) >= self.limits.release_after) {
-                due.push((name.clone(), slot.runner.take().expect("checked"), phase));
+                due.push((name.clone(), Arc::clone(slot.runner.as_ref().expect("checked")), phase));
             }
         }
         due
@@ -233,10 +233,18 @@ impl Daemon {
             _ => None,
         };
         let mem = runner.memory().size();
-        let _ = tokio::task::spawn_blocking(move || drop(runner)).await;
-        if let Some(slot) = self.vms().get_mut(&name) {
-            slot.released = Some(Released { records, verified });
-        }
+        // The runner leaves the record together with what it left, so that no
+        // reader sees a VM with neither.
+        let taken = match self.vms().get_mut(&name) {
+            Some(slot) if slot.runner.as_ref().is_some_and(|r| Arc::ptr_eq(r, &runner)) => {
+                slot.released = Some(Released { records, verified });
+                slot.runner.take()
+            }
+            _ => None,
+        };
+        drop(runner);
+        let Some(taken) = taken else { return };
+        let _ = tokio::task::spawn_blocking(move || drop(taken)).await;
         let after = self.limits.release_after.as_secs();
         tracing::info!(vm = %name, freed = %format_size(mem), "released the memory of a VM that no longer runs ({after} s after it ended; --release-after)");
     }
