@@ -65,8 +65,11 @@ pub enum Command {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
+    /// Copy rounds while the VM runs at the source, then stop-and-copy.
     Precopy,
+    /// Switch at once; the destination pulls pages on demand while the source pushes the rest.
     Postcopy,
+    /// One full copy while the VM runs, then post-copy for what it wrote since.
     Hybrid,
     /// Post-copy with reverse incremental checkpoints and failover (PostCopyFT).
     #[value(name = "postcopy-ft")]
@@ -167,7 +170,11 @@ pub struct MigrateArgs {
     /// The agent to migrate it to.
     #[arg(long)]
     pub to: String,
-    #[arg(long, value_enum, default_value_t = ModeArg::Postcopy)]
+    /// How the VM moves. The default, postcopy-ft, survives the loss of the
+    /// destination or the network during post-copy (the source takes the VM
+    /// back from its last checkpoint); plain postcopy loses the VM then, for
+    /// somewhat less traffic and time.
+    #[arg(long, value_enum, default_value_t = ModeArg::PostcopyFt)]
     pub mode: ModeArg,
     /// Pre-copy: most rounds before stop-and-copy.
     #[arg(long, default_value_t = 30)]
