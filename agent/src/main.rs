@@ -24,9 +24,9 @@ fn main() -> ExitCode {
         cli::LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
     }
 
-    // `keygen` makes a key and the local `vm` commands talk to no agent: neither
-    // reads one (`PCFT_PSK_FILE=K pcft keygen --out K` must not read K first).
-    let psk_file = args.psk_file.as_deref().filter(|_| args.command.talks_to_agents());
+    // Only commands that talk to agents take a key: `keygen` and the local `vm`
+    // commands read none (`PCFT_PSK_FILE=K pcft keygen --out K` must not read K first).
+    let psk_file = args.command.psk_file();
     let key = match cli::load_key(psk_file) {
         Ok(key) => key,
         Err(failure) => {

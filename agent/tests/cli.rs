@@ -139,3 +139,48 @@ fn logs_written_to_a_file_carry_no_colour_codes() {
     assert!(!stderr.trim().is_empty(), "no log line at debug level to look at");
     assert!(!stderr.contains('\x1b'), "ANSI escape codes in a redirected log: {stderr:?}");
 }
+
+#[test]
+fn every_argument_has_help_and_the_key_is_offered_only_where_it_is_read() {
+    let commands: &[&[&str]] = &[
+        &["agent"],
+        &["vm", "run"],
+        &["vm", "restore"],
+        &["vm", "inspect"],
+        &["vm", "start"],
+        &["vm", "status"],
+        &["vm", "list"],
+        &["vm", "wait"],
+        &["vm", "stop"],
+        &["vm", "rm"],
+        &["migrate"],
+        &["migration", "status"],
+        &["migration", "wait"],
+        &["migration", "cancel"],
+        &["status"],
+        &["demo"],
+        &["keygen"],
+    ];
+    let local = [&["vm", "run"][..], &["vm", "restore"], &["vm", "inspect"], &["keygen"]];
+    for command in commands {
+        let out = pcft().args(*command).arg("-h").output().expect("spawn");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{command:?}: {help}");
+        // An argument's help is on its line, or (clap's long layout) on the next, indented deeper.
+        let lines: Vec<&str> = help.lines().collect();
+        let indent = |l: &str| l.len() - l.trim_start().len();
+        let bare: Vec<&str> = (0..lines.len())
+            .filter(|&i| {
+                let t = lines[i].trim();
+                let argument = (t.starts_with('-') || t.starts_with('<')) && !t.starts_with("-h, --help");
+                let next_describes =
+                    lines.get(i + 1).is_some_and(|n| !n.trim().is_empty() && indent(n) > indent(lines[i]));
+                argument && !t.contains("  ") && !next_describes
+            })
+            .map(|i| lines[i])
+            .collect();
+        assert!(bare.is_empty(), "pcft {} has arguments without help: {bare:?}\n{help}", command.join(" "));
+        let offers_key = lines.iter().any(|l| l.trim_start().starts_with("--psk-file"));
+        assert_eq!(offers_key, !local.contains(command), "pcft {} and --psk-file:\n{help}", command.join(" "));
+    }
+}

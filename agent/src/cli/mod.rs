@@ -24,14 +24,18 @@ pub struct Cli {
     /// Log lines as text, or as one JSON object per event (with its spans).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The pre-shared key, on the commands that talk to agents.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KeyArgs {
     /// Pre-shared key file (hex, mode 600; `pcft keygen` makes one): an agent
     /// then talks only to peers that hold the same key, and the CLI
     /// authenticates to agents with it. Every frame carries an HMAC-SHA256 tag.
-    /// Read only by commands that talk to agents (not `keygen`, `vm run|restore|inspect`).
-    #[arg(long, global = true, env = "PCFT_PSK_FILE")]
+    #[arg(long, env = "PCFT_PSK_FILE")]
     pub psk_file: Option<PathBuf>,
-    #[command(subcommand)]
-    pub command: Command,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -158,6 +162,8 @@ pub struct AgentArgs {
     /// Fault injection: the first resume of an incoming VM starts vCPU 0 and then fails.
     #[arg(long, hide = true)]
     pub fail_resume: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -195,6 +201,8 @@ pub struct MigrateArgs {
     /// Print the migration report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -219,6 +227,8 @@ pub struct MigrationArgs {
     /// Print the answer as one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -273,13 +283,16 @@ impl FtArgs {
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
+    /// How the VM moves (see `pcft migrate --help`).
     #[arg(long, value_enum, default_value_t = ModeArg::PostcopyFt)]
     pub mode: ModeArg,
     /// Guest memory size.
     #[arg(long, default_value = "256M")]
     pub mem: String,
+    /// Guest workload: ledger (verifiable records), dirty (writes memory) or idle.
     #[arg(long, default_value = "ledger")]
     pub fixture: String,
+    /// Number of vCPUs, each running its own share of the workload.
     #[arg(long, default_value_t = 2)]
     pub vcpus: u64,
     /// Steps each vCPU runs (default: enough to still be running when the migration starts).
@@ -375,6 +388,8 @@ pub struct DemoArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -382,6 +397,7 @@ pub struct KeygenArgs {
     /// The key file to create (never overwritten).
     #[arg(long)]
     pub out: PathBuf,
+    /// Print the key file's path as one JSON object.
     #[arg(long)]
     pub json: bool,
 }
@@ -463,27 +479,46 @@ pub enum VmCommand {
 }
 
 impl Command {
-    /// Whether the command talks to agents (and so needs `--psk-file`'s key).
-    pub fn talks_to_agents(&self) -> bool {
-        match self {
-            Command::Keygen(_) => false,
-            Command::Vm(vm) => !matches!(**vm, VmCommand::Run(_) | VmCommand::Restore(_) | VmCommand::Inspect(_)),
-            _ => true,
-        }
+    /// The key file the command was given, if it talks to agents (`keygen`
+    /// and the local `vm` commands take none).
+    pub fn psk_file(&self) -> Option<&std::path::Path> {
+        let key = match self {
+            Command::Agent(a) => &a.key,
+            Command::Migrate(a) => &a.key,
+            Command::Status(a) => &a.key,
+            Command::Demo(a) => &a.key,
+            Command::Migration(m) => match m {
+                MigrationCommand::Status(a) | MigrationCommand::Cancel(a) => &a.key,
+                MigrationCommand::Wait(a) => &a.migration.key,
+            },
+            Command::Vm(vm) => match &**vm {
+                VmCommand::Start(a) => &a.key,
+                VmCommand::Status(a) | VmCommand::List(a) => &a.key,
+                VmCommand::Wait(a) => &a.key,
+                VmCommand::Stop(a) | VmCommand::Rm(a) => &a.key,
+                VmCommand::Run(_) | VmCommand::Restore(_) | VmCommand::Inspect(_) => return None,
+            },
+            Command::Keygen(_) => return None,
+        };
+        key.psk_file.as_deref()
     }
 }
 
 #[derive(Args, Debug)]
 pub struct StartArgs {
-    /// Name for the VM (unique on the agent).
+    /// Name for the VM (unique on the agent while it runs there).
     #[arg(long)]
     pub name: String,
+    /// The agent to start it on (its --listen address).
     #[arg(long, default_value = DEFAULT_AGENT)]
     pub agent: String,
     #[command(flatten)]
     pub workload: WorkloadArgs,
+    /// Print the answer as one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -496,26 +531,37 @@ pub struct VmNameArgs {
     /// Print the answer as one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    /// The agent to ask (its --listen address).
     #[arg(long, default_value = DEFAULT_AGENT)]
     pub agent: String,
+    /// Print the agent's VMs as one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct WaitArgs {
+    /// Name of the VM.
     pub name: String,
+    /// The agent it runs on (its --listen address).
     #[arg(long, default_value = DEFAULT_AGENT)]
     pub agent: String,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// Print the verdict as one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -627,9 +673,10 @@ pub struct RunControl {
     /// Give up (exit 1) if the VM has not finished after this many seconds.
     #[arg(long)]
     pub timeout: Option<u64>,
-    /// Track the pages the guest writes (with --dirty-tracker) and take them every
-    /// this many milliseconds, as checkpoint epochs would; the result reports the
-    /// takes (for dirty-tracking benchmarks).
+    /// Track the pages the guest writes and take them every this many
+    /// milliseconds, as checkpoint epochs would; the result reports the takes
+    /// (for dirty-tracking benchmarks). `vm run` tracks with its
+    /// --dirty-tracker; `vm restore` with KVM's dirty bitmap.
     #[arg(long)]
     pub take_dirty_every: Option<u64>,
     /// Print JSON lines instead of text: one object per output record, then the result.
@@ -649,6 +696,7 @@ pub struct RestoreArgs {
 pub struct InspectArgs {
     /// Snapshot file to check.
     pub snapshot: PathBuf,
+    /// Print what it holds as one JSON object.
     #[arg(long)]
     pub json: bool,
 }
