@@ -1,6 +1,8 @@
-//! Snapshots as the operator meets them (issue 15, item 12): `--snapshot-out`
-//! without a point, past the end or where no file can go; private snapshot
-//! files; a damaged header told from another version.
+//! Snapshots and reports as the operator meets them (issue 15, items 10, 12
+//! and 14): `--snapshot-out` without a point, past the end or where no file
+//! can go; private snapshot files; a damaged header told from another
+//! version; and the migration and demo reports, which print no unknown number
+//! as 0 and say why the checkpoint they restored is the one restored.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -136,4 +138,54 @@ fn an_os_error_is_printed_once() {
     cmd.args(["vm", "inspect", "/nonexistent/vm.snap"]);
     let stderr = refused(cmd, "No such file or directory");
     assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+}
+
+/// `pcft demo` with a small guest, its mode and failure, and more arguments.
+fn demo(args: &[&str]) -> (Output, String) {
+    let mut cmd = pcft();
+    cmd.args(["demo", "--mem", "64M", "--vcpus", "2", "--steps", "40000", "--postcopy-rate", "4096"]);
+    cmd.args(args);
+    let (out, stderr) = output(cmd);
+    assert_eq!(out.status.code(), Some(0), "{args:?}: stderr {stderr}");
+    (out, stderr)
+}
+
+fn demo_json(args: &[&str]) -> serde_json::Value {
+    let (out, _) = demo(&[args, &["--json"]].concat());
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+#[test]
+fn a_precopy_report_has_no_fault_latency_rather_than_zero() {
+    let report = demo_json(&["--mode", "precopy"]);
+    assert_eq!(report["pages_faulted"], 0, "{report}");
+    assert!(report["fault_latency_us"].is_null(), "none measured, none reported: {report}");
+}
+
+#[test]
+fn a_failover_before_any_checkpoint_says_none_had_committed() {
+    let args = ["--mode", "postcopy-ft", "--fail-at", "before-first-checkpoint"];
+    let report = demo_json(&args);
+    assert_eq!(report["restored_epoch"], 0, "{report}");
+    // The destination was lost before it sent its measurements.
+    assert!(report["fault_latency_us"].is_null(), "{report}");
+
+    let (out, stderr) = demo(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |label: &str| text.lines().find(|l| l.trim_start().starts_with(label)).unwrap_or("").to_string();
+    let failover = line("failover");
+    assert!(failover.contains("no checkpoint had committed"), "{text}\n{stderr}");
+    assert!(!failover.contains("checkpoint 0"), "{failover}");
+    assert!(line("fault latency").contains("not measured (the destination was lost"), "{text}");
+    assert!(line("why this checkpoint").contains("failed before its first checkpoint"), "{text}");
+}
+
+#[test]
+fn a_partition_is_reported_in_the_operators_words() {
+    let report = demo_json(&["--mode", "postcopy-ft", "--fail-kind", "partition", "--fail-at", "600ms"]);
+    assert_eq!(report["failure"]["kind"], "heartbeat-timeout", "{report}");
+    let reason = report["failure"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("the destination went silent"), "{reason}");
+    assert!(reason.contains("network partition"), "{reason}");
+    assert!(!reason.contains("frame was blocked"), "internal words: {reason}");
 }
