@@ -255,8 +255,9 @@ pub fn run(root: &Path, pcft: &Path, quick: bool) -> Result<()> {
             rep["rounds"],
             rep["pages_pushed"],
             rep["pages_faulted"],
-            rep["fault_latency_us"]["p50"],
-            rep["fault_latency_us"]["p99"],
+            // Null where none was measured (pre-copy: no page faulted).
+            rep["fault_latency_us"]["p50"].as_u64().map_or("–".into(), |us| us.to_string()),
+            rep["fault_latency_us"]["p99"].as_u64().map_or("–".into(), |us| us.to_string()),
             rep["bytes_sent"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
             r["stream_gbit_s"].as_f64().unwrap_or(f64::NAN),
             r["stream_vs_tcp"].as_f64().unwrap_or(f64::NAN),

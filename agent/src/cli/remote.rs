@@ -338,44 +338,7 @@ pub async fn with_progress<T>(
 
 /// The human summary of a migration report.
 pub fn print_report(r: &MigrationReport) {
-    let ms = |v: f64| if v.is_finite() { format!("{v:.2} ms") } else { "n/a".into() };
-    let outcome = if r.failure.is_some() { "migration FAILED for VM" } else { "migrated VM" };
-    println!("{outcome} {} ({}, {} of memory)", r.vm, r.mode, format_size(r.mem_bytes));
-    println!("  total migration time   {}", ms(r.total_migration_ms));
-    println!("  downtime               {}", ms(r.downtime_ms));
-    println!(
-        "  sent                   {} in {} pages ({} zero)",
-        format_size(r.bytes_sent),
-        r.pages_sent,
-        r.zero_pages
-    );
-    if r.rounds > 0 {
-        println!("  pre-copy rounds        {} ({} pages dirty at the stop)", r.rounds, r.final_dirty_pages);
-    }
-    if r.mode != "precopy" {
-        println!("  post-copy pages        {} pushed, {} on demand", r.pages_pushed, r.pages_faulted);
-        if r.failure.is_none() {
-            println!("  fault latency          p50 {} µs, p99 {} µs", r.fault_latency_us.p50, r.fault_latency_us.p99);
-        }
-    }
-    if r.mode == "postcopy-ft" {
-        println!(
-            "  checkpoints            {} committed ({} pages, {})",
-            r.checkpoints_committed,
-            r.checkpoint_pages,
-            format_size(r.checkpoint_bytes)
-        );
-    }
-    if let Some(f) = &r.failure {
-        println!(
-            "  FAILURE                {} at {:.1} ms ({:.1} ms after the last word from the destination): {}",
-            f.kind, f.detected_at_ms, f.detection_ms, f.reason
-        );
-    }
-    if let Some(f) = &r.failover {
-        println!(
-            "  failover               checkpoint {} restored at the source; guest running {:.2} ms after detection ({:.2} ms of it waiting out the lease); {} committed output records",
-            f.restored_epoch, f.failover_ms, f.fence_wait_ms, f.committed_outputs
-        );
+    for line in super::report::migration_lines(r) {
+        println!("{line}");
     }
 }

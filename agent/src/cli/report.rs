@@ -1,6 +1,9 @@
-//! How `pcft vm` reports what happens: human lines or JSON lines on stdout.
+//! How `pcft vm` reports what happens: human lines or JSON lines on stdout;
+//! and the human lines of a migration report (`pcft migrate`, `pcft demo`).
 
 use super::dirty_takes::TakeStats;
+use pcft_agent::host::format_size;
+use pcft_agent::wire::payload::{FailoverReport, MigrationReport};
 use serde_json::json;
 use vm_fixtures::OutputRecord;
 
@@ -76,5 +79,129 @@ impl Reporter {
         if self.json {
             println!("{}", json!({"event": "finished", "verified": false, "error": error}));
         }
+    }
+}
+
+/// The human summary of a migration report, one line each. A number this
+/// agent does not know reads "not measured", never 0.
+pub fn migration_lines(r: &MigrationReport) -> Vec<String> {
+    let ms = |v: f64| if v.is_finite() { format!("{v:.2} ms") } else { "n/a".into() };
+    let outcome = if r.failure.is_some() { "migration FAILED for VM" } else { "migrated VM" };
+    let mut lines = vec![
+        format!("{outcome} {} ({}, {} of memory)", r.vm, r.mode, format_size(r.mem_bytes)),
+        format!("  total migration time   {}", ms(r.total_migration_ms)),
+        format!("  downtime               {}", ms(r.downtime_ms)),
+        format!(
+            "  sent                   {} in {} pages ({} zero)",
+            format_size(r.bytes_sent),
+            r.pages_sent,
+            r.zero_pages
+        ),
+    ];
+    if r.rounds > 0 {
+        lines.push(format!("  pre-copy rounds        {} ({} pages dirty at the stop)", r.rounds, r.final_dirty_pages));
+    }
+    if r.mode != "precopy" {
+        lines.push(format!("  post-copy pages        {} pushed, {} on demand", r.pages_pushed, r.pages_faulted));
+        let latency = match (&r.fault_latency_us, &r.failure) {
+            (Some(l), _) => format!("p50 {} µs, p99 {} µs", l.p50, l.p99),
+            (None, Some(_)) => "not measured (the destination was lost before it sent its measurements)".into(),
+            (None, None) => "not measured (no page faulted at the destination)".into(),
+        };
+        lines.push(format!("  fault latency          {latency}"));
+    }
+    if r.mode == "postcopy-ft" {
+        lines.push(format!(
+            "  checkpoints            {} committed ({} pages, {})",
+            r.checkpoints_committed,
+            r.checkpoint_pages,
+            format_size(r.checkpoint_bytes)
+        ));
+    }
+    if let Some(f) = &r.failure {
+        lines.push(format!(
+            "  FAILURE                {} at {:.1} ms ({:.1} ms after the last word from the destination): {}",
+            f.kind, f.detected_at_ms, f.detection_ms, f.reason
+        ));
+    }
+    if let Some(f) = &r.failover {
+        lines.push(format!("  failover               {}", failover_text(f)));
+    }
+    lines
+}
+
+/// What the failover restored, and how long it took.
+fn failover_text(f: &FailoverReport) -> String {
+    let timing = format!(
+        "guest running {:.2} ms after detection ({:.2} ms of it waiting out the lease)",
+        f.failover_ms, f.fence_wait_ms
+    );
+    match f.restored_epoch {
+        0 => format!(
+            "no checkpoint had committed: the VM was restored at the source as it was at the switchover; {timing}; {} output records from before the switchover",
+            f.committed_outputs
+        ),
+        epoch => format!(
+            "checkpoint {epoch}, the last committed, restored at the source; {timing}; {} committed output records",
+            f.committed_outputs
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcft_agent::wire::payload::{FailureReport, Percentiles};
+
+    fn failed_over(restored_epoch: u64) -> MigrationReport {
+        MigrationReport {
+            vm: "demo".into(),
+            mode: "postcopy-ft".into(),
+            pages_faulted: 1483,
+            failure: Some(Box::new(FailureReport {
+                kind: "heartbeat-timeout".into(),
+                detected_at_ms: 1500.0,
+                detection_ms: 201.0,
+                reason: "the destination went silent".into(),
+            })),
+            failover: Some(Box::new(FailoverReport {
+                restored_epoch,
+                failover_ms: 28.7,
+                fence_wait_ms: 17.2,
+                committed_outputs: 10,
+            })),
+            ..MigrationReport::default()
+        }
+    }
+
+    fn line<'a>(lines: &'a [String], label: &str) -> &'a str {
+        lines.iter().find(|l| l.trim_start().starts_with(label)).map_or("", |l| l.as_str())
+    }
+
+    #[test]
+    fn a_failover_before_any_checkpoint_says_none_had_committed() {
+        let lines = migration_lines(&failed_over(0));
+        let failover = line(&lines, "failover");
+        assert!(failover.contains("no checkpoint had committed"), "{failover}");
+        assert!(failover.contains("as it was at the switchover"), "{failover}");
+        assert!(!failover.contains("checkpoint 0"), "{failover}");
+        let failover = line(&migration_lines(&failed_over(3)), "failover").to_string();
+        assert!(failover.contains("checkpoint 3, the last committed, restored"), "{failover}");
+    }
+
+    #[test]
+    fn an_unmeasured_fault_latency_is_not_printed_as_zero() {
+        // The freeze demo: 1483 pages on demand, the destination lost before `Complete`.
+        let lines = migration_lines(&failed_over(12));
+        let latency = line(&lines, "fault latency");
+        assert!(latency.contains("not measured (the destination was lost"), "{lines:?}");
+        let completed = MigrationReport { mode: "postcopy".into(), ..MigrationReport::default() };
+        let latency = line(&migration_lines(&completed), "fault latency").to_string();
+        assert!(latency.contains("not measured (no page faulted"), "{latency}");
+        let measured =
+            MigrationReport { fault_latency_us: Some(Percentiles { p50: 80, p99: 1900 }), ..completed.clone() };
+        assert!(line(&migration_lines(&measured), "fault latency").ends_with("p50 80 µs, p99 1900 µs"));
+        let precopy = MigrationReport { mode: "precopy".into(), ..completed };
+        assert_eq!(line(&migration_lines(&precopy), "fault latency"), "", "pre-copy has no fault line");
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{anyhow, Context};
 use pcft_agent::host::{self, format_size, parse_size, require_multiple};
 use pcft_agent::vmm::machine::{Machine, MachineConfig, MachineError, MachineEvent};
 use pcft_agent::vmm::memory::GuestMemory;
-use pcft_agent::vmm::snapshot::SnapshotReader;
+use pcft_agent::vmm::snapshot::{self, SnapshotReader};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vm_fixtures::{abi, DirtyPattern, FixtureKind, FixtureParams};
@@ -76,8 +76,45 @@ pub fn machine_config(args: &WorkloadArgs) -> Result<MachineConfig, Failure> {
     Ok(MachineConfig { mem_bytes, slot_bytes, fixture, dirty_rate: args.rate })
 }
 
+/// Checks `--snapshot-out` before anything runs: it needs a point to take
+/// the snapshot at, and a place where a file can be written.
+fn check_snapshot_out(control: &RunControl) -> Result<(), Failure> {
+    let Some(path) = &control.snapshot_out else {
+        return Ok(());
+    };
+    if control.snapshot_at_record.is_none() && control.snapshot_after_ms.is_none() {
+        return Err(usage(anyhow!(
+            "--snapshot-out {} needs a point to take the snapshot at: add --snapshot-at-record N or --snapshot-after-ms MS",
+            path.display()
+        )));
+    }
+    snapshot::check_writable(path)
+        .with_context(|| format!("cannot write a snapshot to {} (--snapshot-out)", path.display()))
+        .map_err(usage)
+}
+
+/// The snapshot point, in the words of its option.
+fn snapshot_point(control: &RunControl) -> String {
+    match (control.snapshot_at_record, control.snapshot_after_ms) {
+        (Some(n), _) => format!("--snapshot-at-record {n}"),
+        (None, Some(ms)) => format!("--snapshot-after-ms {ms}"),
+        (None, None) => "no snapshot point".into(),
+    }
+}
+
+/// The run ended (`how`) before the snapshot point: say so, and that no snapshot was written.
+fn snapshot_missed(control: &RunControl, how: &str) -> Option<anyhow::Error> {
+    let path = control.snapshot_out.as_ref()?;
+    Some(anyhow!(
+        "{how}, before the snapshot point ({}): no snapshot was written to {}; choose an earlier point",
+        snapshot_point(control),
+        path.display()
+    ))
+}
+
 pub fn run(args: RunArgs) -> Result<(), Failure> {
     let config = machine_config(&args.workload)?;
+    check_snapshot_out(&args.control)?;
     host::check_kvm(Path::new(KVM_PATH)).map_err(usage)?;
     let reporter = Reporter { json: args.control.json };
     let fixture = config.fixture.kind.name();
@@ -90,6 +127,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
 }
 
 pub fn restore(args: RestoreArgs) -> Result<(), Failure> {
+    check_snapshot_out(&args.control)?;
     host::check_kvm(Path::new(KVM_PATH)).map_err(usage)?;
     let reporter = Reporter { json: args.control.json };
     let started = Instant::now();
@@ -138,10 +176,11 @@ fn drive(mut machine: Machine, control: &RunControl, reporter: &Reporter) -> Res
             break;
         }
         if timeout.is_some_and(|t| started.elapsed() >= t) {
-            let err = anyhow!(
+            let how = format!(
                 "the VM did not finish within {}s (--timeout); {records} records so far",
                 control.timeout.unwrap_or(0)
             );
+            let err = snapshot_missed(control, &how).unwrap_or_else(|| anyhow!("{how}"));
             reporter.failed(&format!("{err:#}"));
             return Err(run_failure(err));
         }
@@ -169,18 +208,22 @@ fn drive(mut machine: Machine, control: &RunControl, reporter: &Reporter) -> Res
         takes.take(&machine).map_err(run_failure)?;
         reporter.dirty_takes(machine.dirty_tracker(), &takes, elapsed_ms);
     }
-    let fixture = &machine.config().fixture;
-    let steps = fixture.steps;
-    match machine.verify() {
-        Ok(v) => {
-            reporter.verified(v.records, v.memory_digest, steps, elapsed_ms);
-            Ok(())
-        }
-        Err(e) => {
-            let err = anyhow!(e).context("verification against the oracle failed");
-            reporter.failed(&format!("{err:#}"));
-            Err(run_failure(err))
-        }
+    finish(&machine, control, reporter, elapsed_ms)
+}
+
+/// The VM finished: verify it, and fail if it finished before the snapshot point.
+fn finish(machine: &Machine, control: &RunControl, reporter: &Reporter, elapsed_ms: u128) -> Result<(), Failure> {
+    let steps = machine.config().fixture.steps;
+    let verified = machine.verify().map_err(|e| {
+        let err = anyhow!(e).context("verification against the oracle failed");
+        reporter.failed(&format!("{err:#}"));
+        run_failure(err)
+    })?;
+    reporter.verified(verified.records, verified.memory_digest, steps, elapsed_ms);
+    let how = format!("the VM finished after {} output records and {elapsed_ms} ms", verified.records);
+    match snapshot_missed(control, &how) {
+        Some(err) => Err(run_failure(err)),
+        None => Ok(()),
     }
 }
 

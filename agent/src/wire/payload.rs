@@ -276,6 +276,14 @@ pub struct MigrationStatus {
     pub reason: Option<String>,
 }
 
+impl VmStatus {
+    /// The output records this agent knows of: None for a VM that moved to
+    /// another agent (its records go on there, and `records` is 0 here).
+    pub fn records_here(&self) -> Option<u64> {
+        (self.phase != VmPhase::MigratedAway).then_some(self.records)
+    }
+}
+
 /// An outgoing migration in progress, as the source sees it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigrationProgress {
@@ -329,7 +337,8 @@ pub struct FailureReport {
 /// How the source recovered the VM after losing the destination.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FailoverReport {
-    /// The checkpoint epoch restored (0: the state at the switchover).
+    /// The checkpoint epoch restored (0: no checkpoint had committed, and the
+    /// VM was restored as it was at the switchover).
     pub restored_epoch: u64,
     /// Milliseconds from detection to the guest running again at the source
     /// (the wait for the destination's lease included).
@@ -360,7 +369,10 @@ pub struct MigrationReport {
     pub pages_pushed: u64,
     /// Pages sent because the destination asked for them.
     pub pages_faulted: u64,
-    pub fault_latency_us: Percentiles,
+    /// The destination's fault-to-install times. None (JSON null) where none
+    /// was measured: no page faulted there (pre-copy), or the destination was
+    /// lost before it sent its measurements (they travel in `Complete`).
+    pub fault_latency_us: Option<Percentiles>,
     /// Pages still dirty when the VM stopped (pre-copy: the stop-and-copy set; hybrid: left to post-copy).
     pub final_dirty_pages: u64,
     /// PostCopyFT: checkpoint epochs committed at the source.
@@ -385,6 +397,32 @@ mod tests {
         for phase in [Running, MigratingOut, MigratingIn, MigratedAway, Finished, Failed, Stopped] {
             assert_eq!(serde_json::to_value(phase).unwrap(), phase.name(), "{phase:?}");
         }
+    }
+
+    #[test]
+    fn a_vm_that_moved_away_has_no_record_count_here() {
+        let vm = |phase| VmStatus {
+            name: "vm1".into(),
+            phase,
+            fixture: "ledger".into(),
+            vcpus: 1,
+            mem_bytes: 64 << 20,
+            records: 0,
+            error: None,
+            fenced: false,
+            dirty_rate_bytes_per_second: None,
+            dirty_tracker: None,
+            migration: None,
+        };
+        assert_eq!(vm(VmPhase::MigratedAway).records_here(), None);
+        assert_eq!(vm(VmPhase::Running).records_here(), Some(0));
+        assert_eq!(vm(VmPhase::Finished).records_here(), Some(0));
+    }
+
+    #[test]
+    fn an_unmeasured_fault_latency_is_null_not_zero() {
+        let report = MigrationReport { fault_latency_us: None, ..MigrationReport::default() };
+        assert_eq!(serde_json::to_value(&report).unwrap()["fault_latency_us"], serde_json::Value::Null);
     }
 
     #[test]

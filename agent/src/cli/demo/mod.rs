@@ -26,11 +26,12 @@
 //! (`outside`) → start the VM and migrate it (`migrate`) → inject the fault
 //! (`faults`; or the destination does, at its point) → observe the failover
 //! (`migrate`, `agent_calls`) → verify (`one_copy`, `outside`) → report
-//! (`announce`, `report`).
+//! (`announce`, `report`, with `explain`).
 
 mod agent_calls;
 mod agents;
 mod announce;
+mod explain;
 mod fail_at;
 mod faults;
 mod key;

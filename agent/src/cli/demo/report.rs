@@ -2,6 +2,7 @@
 //! the migration report, the guest verified against its oracle, the outside
 //! world's audit, the fence, and the one-copy check; then the exit verdict.
 
+use super::explain;
 use super::fail_at::FailAt;
 use super::faults::Applied;
 use super::migrate::Outcome;
@@ -160,6 +161,12 @@ impl<'a> DemoReport<'a> {
     /// The human lines.
     fn print_text(&self) {
         print_report(&self.migration);
+        let fail_at = &self.plan.fault.fail_at;
+        if let Some(why) =
+            self.migration.failover.as_ref().and_then(|f| explain::restored_why(fail_at, f.restored_epoch))
+        {
+            println!("{why}");
+        }
         let fixture = self.plan.config.fixture.kind.name();
         let place = if self.recovered() { "at the source after the failover" } else { "at the destination" };
         match (&self.verification.error, self.verification.records) {
@@ -170,9 +177,15 @@ impl<'a> DemoReport<'a> {
         }
         let outputs = &self.outputs;
         println!(
-            "outside world: {} distinct records released ({} duplicates), {} lost or contradicted, {} never released",
-            outputs.released, outputs.duplicates, outputs.lost, outputs.never_released
+            "outside world: {} distinct records released, {} lost or contradicted, {} never released; {}",
+            outputs.released,
+            outputs.lost,
+            outputs.never_released,
+            explain::duplicates_note(outputs.duplicates, self.recovered())
         );
+        if self.plan.fault.partition {
+            println!("{}", explain::partition_line(fail_at, self.recovered()));
+        }
         match &self.applied.network {
             Some(rule) if self.plan.fault.reset => {
                 println!("the migration connection was reset ({rule}) until the migration ended")

@@ -5,11 +5,11 @@
 use crate::migration::error::{FailureKind, MigrationError};
 use crate::migration::ft::source::FtEnd;
 use crate::migration::ft::store::Committed;
-use crate::migration::source::lost::Lost;
+use crate::migration::source::lost::{Cause, Lost};
 use crate::migration::source::outbox::Outbox;
 use crate::vmm::runner::VmRunner;
 use crate::wire::migration::MigrationMessage;
-use crate::wire::payload::{DestinationStats, FailureReport, MigrationReport};
+use crate::wire::payload::{DestinationStats, FailureReport, MigrationReport, Percentiles};
 use std::time::{Duration, Instant};
 
 /// How a migration ended at the source.
@@ -80,10 +80,38 @@ pub fn conclude(
     }
     match result {
         Ok(stats) => {
-            report.fault_latency_us = stats.fault_latency_us;
+            report.fault_latency_us = fault_latency(&stats);
             Ok(MigrationOutcome::Completed(end.report))
         }
         Err(lost) => destination_lost(end, lost),
+    }
+}
+
+/// The destination's fault latencies, if it measured any: its percentiles of
+/// no sample are zeros, which the report must not pass off as measured. (A
+/// destination lost before `Complete` never sends them: the report keeps None.)
+fn fault_latency(stats: &DestinationStats) -> Option<Percentiles> {
+    (stats.pages_faulted > 0).then_some(stats.fault_latency_us)
+}
+
+/// The report's reason for losing the destination, in the operator's words:
+/// what the source saw and what it usually means, where the cause's own text
+/// names the protocol's internals.
+fn in_operator_words(cause: &Cause) -> String {
+    let silent = "a network partition between the hosts, or the destination host hung";
+    match cause {
+        Cause::Write(MigrationError::Timeout { after, .. }) => format!(
+            "the destination went silent: no heartbeat from it for {} ms, and the network took no more data for it ({silent})",
+            after.as_millis()
+        ),
+        Cause::Silent { silent_ms } => {
+            format!("the destination went silent: no heartbeat or other message from it for {silent_ms} ms ({silent})")
+        }
+        Cause::Explained { said, seen } => format!("{} ({})", in_operator_words(said), in_operator_words(seen)),
+        Cause::FinishUnconfirmed(why) => {
+            format!("the destination did not confirm Finish ({})", in_operator_words(why))
+        }
+        other => other.to_string(),
     }
 }
 
@@ -93,7 +121,7 @@ fn destination_lost(end: Ending<'_>, lost: Lost) -> Result<MigrationOutcome, Mig
     let Ending { started, ended_at, out, ft, mut report, to, .. } = end;
     let copy = lost.destination_copy();
     let Lost { kind, cause } = lost;
-    let reason = cause.to_string();
+    let reason = in_operator_words(&cause);
     let Some(ft) = ft else {
         return Err(MigrationError::LostAfterCommit(reason));
     };
@@ -121,4 +149,41 @@ fn destination_lost(end: Ending<'_>, lost: Lost) -> Result<MigrationOutcome, Mig
         MigrationError::LostAfterCommit(format!("{reason}; and the source's image is not consistent: {torn}"))
     })?;
     Ok(MigrationOutcome::DestinationLost { report, committed: Box::new(committed), detected_at, fenced_at })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_latency_is_unknown_without_a_sample() {
+        // Pre-copy, or post-copy where no page faulted: the destination's zeros are no measurement.
+        let none = DestinationStats { pages_faulted: 0, ..DestinationStats::default() };
+        assert_eq!(fault_latency(&none), None);
+        let measured = Percentiles { p50: 80, p99: 1900 };
+        let some = DestinationStats { pages_faulted: 12, fault_latency_us: measured, ..DestinationStats::default() };
+        assert_eq!(fault_latency(&some), Some(measured));
+    }
+
+    #[test]
+    fn a_partition_reads_in_the_operators_words() {
+        let blocked = Cause::Write(MigrationError::Timeout {
+            what: "heartbeats while a frame was blocked".into(),
+            after: Duration::from_millis(200),
+        });
+        let silent = Cause::Silent { silent_ms: 201 };
+        for cause in [blocked, silent] {
+            let reason = in_operator_words(&cause);
+            assert!(reason.starts_with("the destination went silent: no heartbeat"), "{reason}");
+            assert!(reason.contains("network partition"), "{reason}");
+            assert!(!reason.contains("frame") && !reason.contains("did not answer ("), "jargon: {reason}");
+        }
+        let explained = Cause::Explained {
+            said: Box::new(Cause::Aborted { reason: "lease expired".into(), paused: true }),
+            seen: Box::new(Cause::Silent { silent_ms: 201 }),
+        };
+        let reason = in_operator_words(&explained);
+        assert!(reason.starts_with("destination aborted: lease expired (the destination went silent"), "{reason}");
+        assert_eq!(in_operator_words(&Cause::Closed), "the connection closed");
+    }
 }
