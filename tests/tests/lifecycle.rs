@@ -46,6 +46,8 @@ fn a_vm_is_stopped_released_removed_and_its_name_reused() {
     assert_eq!(again["was"], "stopped", "stopping twice is harmless: {again}");
     // --release-after 1: its memory goes, its record stays.
     until(a, "v1", "released", |vm| vm["memory_released"] == true && vm["phase"] == "stopped");
+    let (_, text, _) = pcft_output(&["vm", "list", "--agent", a]);
+    assert!(text.contains("stopped") && text.contains("(memory released)"), "{text}");
 
     // A stopped VM's name is free for a new VM, which replaces the record.
     start_vm(a, "v1", FOREVER);

@@ -56,6 +56,11 @@ fn a_detached_migration_is_followed_and_waited_for() {
     let status = pcft_json(&["migration", "status", "m", "--agent", s, "--json"]);
     assert_eq!(status["state"], "completed", "{status}");
     until_phase(d, "m", "running");
+    // The source knows no record count of a VM that moved on: "-", not 0.
+    let (code, text, err) = pcft_output(&["status", "--agent", s]);
+    assert_eq!(code, Some(0), "{err}");
+    let line = text.lines().find(|l| l.trim_start().starts_with("m ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("migrated-away") && line.contains(", - records"), "{line}");
     // Waiting again gives the same report: it is kept with the VM's record.
     let again = pcft_json(&["migration", "wait", "m", "--agent", s, "--json"]);
     assert_eq!(again["total_migration_ms"], report["total_migration_ms"]);

@@ -221,14 +221,19 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
             ),
             None => String::new(),
         };
+        let records = vm.records_here().map_or("-".to_string(), |n| n.to_string());
+        // A VM that no longer runs here may have given its memory back already.
+        let released = match (vm.memory_released, vm.phase) {
+            (true, phase) if phase != pcft_agent::wire::payload::VmPhase::MigratedAway => " (memory released)",
+            _ => "",
+        };
         println!(
-            "  {:<width$} {:<14} {} on {} vCPU(s), {}, {} records{dirty}{migration}{}",
+            "  {:<width$} {:<14} {} on {} vCPU(s), {}{released}, {records} records{dirty}{migration}{}",
             vm.name,
             vm.phase.name(),
             vm.fixture,
             vm.vcpus,
             format_size(vm.mem_bytes),
-            vm.records,
             vm.error.map(|e| format!(" — {e}")).unwrap_or_default()
         );
     }
