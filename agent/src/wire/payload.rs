@@ -413,6 +413,7 @@ mod tests {
             dirty_rate_bytes_per_second: None,
             dirty_tracker: None,
             migration: None,
+            memory_released: false,
         };
         assert_eq!(vm(VmPhase::MigratedAway).records_here(), None);
         assert_eq!(vm(VmPhase::Running).records_here(), Some(0));
