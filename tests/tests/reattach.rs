@@ -109,3 +109,60 @@ fn sigterm_at_the_source_lets_a_postcopy_ft_migration_end_and_refuses_new_work()
     // The VM was not lost: it runs at the destination, no longer fenced or failed.
     until_phase(&d, "m", "running");
 }
+
+#[test]
+fn cancel_after_the_switchover_fails_postcopy_ft_over_and_is_refused_for_postcopy() {
+    let source = Agent::start("source", &[]);
+    let destination = Agent::start("destination", &[]);
+    let (s, d) = (source.addr.as_str(), destination.addr.as_str());
+
+    // Plain post-copy: past the switchover the destination holds the only copy.
+    start_vm(s, "p", BUSY);
+    let mut args = vec!["migrate", "p", "--agent", s, "--to", d, "--mode", "postcopy", "--detach"];
+    args.extend_from_slice(SLOW);
+    assert_eq!(pcft_output(&args).0, Some(0));
+    until_postcopy(s, "p");
+    let (code, _, err) = pcft_output(&["migration", "cancel", "p", "--agent", s]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot be cancelled") && err.contains("--mode postcopy-ft"), "{err}");
+    let report = pcft_json(&["migration", "wait", "p", "--agent", s, "--json"]);
+    assert!(report["failure"].is_null(), "it went on and completed: {report}");
+
+    // PostCopyFT: a cancel is a deliberate failover, and the VM runs at the source again.
+    start_vm(s, "f", BUSY);
+    let mut args = vec!["migrate", "f", "--agent", s, "--to", d, "--mode", "postcopy-ft", "--detach"];
+    args.extend_from_slice(SLOW);
+    assert_eq!(pcft_output(&args).0, Some(0));
+    until_postcopy(s, "f");
+    let accepted = pcft_json(&["migration", "cancel", "f", "--agent", s, "--json"]);
+    assert_eq!(accepted["cancel"], "failover", "{accepted}");
+    let (code, out, err) = pcft_output(&["migration", "wait", "f", "--agent", s, "--json"]);
+    assert_eq!(code, Some(1), "the migration did not happen: {err}");
+    assert!(err.contains("cancelled after its switchover, as asked"), "{err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("a JSON report");
+    assert_eq!(
+        (report["cancelled"].as_bool(), report["failure"]["kind"].as_str()),
+        (Some(true), Some("cancelled")),
+        "{report}"
+    );
+    assert!(report["failover"].is_object(), "{report}");
+    let status = pcft_json(&["migration", "status", "f", "--agent", s, "--json"]);
+    assert_eq!(status["state"], "recovered", "{status}");
+    until_phase(s, "f", "running");
+    let (code, _, err) = pcft_output(&["migration", "cancel", "f", "--agent", s]);
+    assert_eq!(code, Some(2), "nothing left to cancel: {err}");
+    assert!(err.contains("already ended"), "{err}");
+}
+
+/// Waits until VM `vm`'s migration out of `agent` is past its switchover.
+fn until_postcopy(agent: &str, vm: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = pcft_json(&["migration", "status", vm, "--agent", agent, "--json"]);
+        if status["progress"]["phase"] == "postcopy" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never in post-copy: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

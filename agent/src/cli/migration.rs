@@ -76,6 +76,9 @@ fn finished(report: &MigrationReport, json: bool) -> Result<(), Failure> {
         print_report(report);
     }
     match &report.failure {
+        Some(_) if report.cancelled => Err(run_failure(anyhow!(
+            "the migration was cancelled after its switchover, as asked: the destination was fenced and the VM failed over to the source, where it runs"
+        ))),
         // The migration did not happen, even if the VM was recovered: a failed run.
         Some(failure) => Err(run_failure(anyhow!(
             "the destination was lost ({}: {}){}",

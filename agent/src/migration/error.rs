@@ -29,6 +29,10 @@ pub enum MigrationError {
     LostAfterCommit(String),
     #[error("fenced: {0}")]
     Fenced(String),
+    /// At the source, before the commit point: the operator cancelled the
+    /// migration (`Progress::request_cancel` answered `WillAbort`).
+    #[error("the migration was cancelled before the switchover committed; the VM keeps running at the source")]
+    Cancelled,
     /// At the destination, after the switchover: the source is gone, and the
     /// VM was stopped here (`checkpointed`: PostCopyFT, the source recovers it).
     #[error("the source was lost during post-copy ({cause}); {}", if *checkpointed {
@@ -73,8 +77,9 @@ impl MigrationError {
     }
 }
 
-/// How the destination was lost after the commit. None of these but an
-/// `Abort` that says so proves its copy stopped (`Lost::destination_copy`).
+/// How the destination was lost after the commit (or, `Cancelled`, let go of
+/// on purpose). None of these but an `Abort` that says so proves its copy
+/// stopped (`Lost::destination_copy`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureKind {
     /// The connection closed or was reset (by the destination's kernel, or by
@@ -89,6 +94,10 @@ pub enum FailureKind {
     /// After `Finish`: silence, so the source cannot know whether the
     /// destination took the VM. It must not restore its copy.
     FinishUnconfirmed,
+    /// PostCopyFT: not a loss but the operator's cancel after the commit. The
+    /// source lets the destination go on purpose (it stops renewing its lease
+    /// and closes the connection) and fails over as for a lost one.
+    Cancelled,
 }
 
 impl FailureKind {
@@ -100,6 +109,7 @@ impl FailureKind {
             FailureKind::Protocol => "protocol",
             FailureKind::CheckpointStalled => "checkpoint-stalled",
             FailureKind::FinishUnconfirmed => "finish-unconfirmed",
+            FailureKind::Cancelled => "cancelled",
         }
     }
 }

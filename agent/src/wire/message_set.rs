@@ -16,7 +16,7 @@ pub const GREETING_VERSION: u16 = 7;
 pub const CONTROL_VERSION: u16 = 8;
 /// Version of the migration messages (`MigrationMessage`) and of page
 /// batches. Bump it when they or the payload types they carry change.
-pub const MIGRATION_VERSION: u16 = 7;
+pub const MIGRATION_VERSION: u16 = 8;
 
 /// One of the sets of messages that frames carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -385,6 +385,10 @@ pub struct MigrationReport {
     pub failure: Option<Box<FailureReport>>,
     /// PostCopyFT: the VM was recovered at the source (None: no failover).
     pub failover: Option<Box<FailoverReport>>,
+    /// PostCopyFT: the operator cancelled the migration after the commit, so
+    /// the `failure` (kind `cancelled`) and the `failover` were deliberate.
+    #[serde(default)]
+    pub cancelled: bool,
 }
 
 #[cfg(test)]

@@ -61,6 +61,9 @@ pub enum Refusal {
     /// `pcft migration …` about a VM that has not migrated out of this agent.
     #[error("VM {vm:?} on agent {agent} has no outgoing migration: none started here since the VM started or arrived")]
     NoMigration { vm: String, agent: String },
+    /// The migration cannot be cancelled now.
+    #[error("the migration of VM {vm:?} on agent {agent} cannot be cancelled: {source}")]
+    CancelRefused { vm: String, agent: String, source: crate::migration::progress::CancelRefused },
     /// The agent is stopping (SIGTERM) and takes no new work.
     #[error("agent {agent} is shutting down and takes no new VMs or migrations: use another agent")]
     ShuttingDown { agent: String },
@@ -106,6 +109,10 @@ pub enum Failure {
     NotFinished { vm: String, timeout_ms: u64 },
     #[error("the migration of VM {vm:?} is still running after {timeout_ms} ms: wait again (pcft migration wait), or cancel it (pcft migration cancel)")]
     MigrationRunning { vm: String, timeout_ms: u64 },
+    #[error(
+        "the migration of VM {vm:?} to {to} was cancelled before its switchover, as asked; the VM keeps running here"
+    )]
+    Cancelled { vm: String, to: String },
     #[error("cannot stop VM {vm:?}: {source}")]
     Stop { vm: String, source: RunnerError },
 }

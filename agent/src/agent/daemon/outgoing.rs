@@ -7,7 +7,7 @@ use super::migration_watch::MigrationWatch;
 use super::server::{Daemon, Reply};
 use crate::metrics::MigrationLabels;
 use crate::migration::ft::failover::{restore_at_source, Failover};
-use crate::migration::progress::Progress;
+use crate::migration::progress::{CancelAnswer, Progress};
 use crate::migration::source::{migrate_out, MigrateOut, MigrationError, MigrationOutcome};
 use crate::vmm::dirty::DirtyTracking;
 use crate::vmm::machine::MachineConfig;
@@ -58,7 +58,7 @@ impl Daemon {
         self.check_migrations(&vms)?;
         let slot = vms.get_mut(name).expect("checked");
         slot.phase = VmPhase::MigratingOut;
-        let watch = Arc::new(MigrationWatch::new(to.to_string(), mode, Arc::new(Progress::new())));
+        let watch = Arc::new(MigrationWatch::new(to.to_string(), mode, Arc::new(Progress::new(mode))));
         slot.migration = Some(Arc::clone(&watch));
         Ok(Outgoing { runner: Arc::clone(slot.runner.as_ref().expect("checked")), config: slot.config.clone(), watch })
     }
@@ -76,9 +76,22 @@ impl Daemon {
         let (vm, dest) = (name.clone(), to.clone());
         tokio::spawn(async move {
             let (state, reason, answer) = match daemon.run_migration(&vm, &dest, mode, options, outgoing).await {
-                Ok(answer) => {
-                    let recovered = matches!(&answer, ControlMessage::Migrated(r) if r.failover.is_some());
-                    (if recovered { MigrationState::Recovered } else { MigrationState::Completed }, None, answer)
+                Ok(answer) => match &answer {
+                    ControlMessage::Migrated(r) if r.failover.is_some() => {
+                        let reason = match &r.failure {
+                            Some(f) if r.cancelled => {
+                                Some(format!("cancelled after the switchover: failed over on request ({})", f.reason))
+                            }
+                            Some(f) => Some(format!("the destination was lost ({}): {}", f.kind, f.reason)),
+                            None => None,
+                        };
+                        (MigrationState::Recovered, reason, answer)
+                    }
+                    _ => (MigrationState::Completed, None, answer),
+                },
+                Err(super::error::Denial::Failed(failure @ Failure::Cancelled { .. })) => {
+                    let reason = failure.to_string();
+                    (MigrationState::Cancelled, Some(reason.clone()), ControlMessage::Failed { reason })
                 }
                 Err(super::error::Denial::Refused(refusal)) => {
                     let reason = refusal.to_string();
@@ -152,6 +165,13 @@ impl Daemon {
                 tokio::task::spawn_blocking(move || drop(runner));
                 tracing::info!(vm = %name, %to, ms = report.total_migration_ms, "migrated");
                 Ok(ControlMessage::Migrated(report))
+            }
+            Err(MigrationError::Cancelled) => {
+                if let Some(slot) = self.vms().get_mut(&name) {
+                    slot.phase = VmPhase::Running;
+                }
+                tracing::info!(vm = %name, %to, "migration cancelled before the switchover, the VM keeps running here");
+                Err(Failure::Cancelled { vm: name, to }.into())
             }
             Err(source @ MigrationError::LostAfterCommit(_)) => {
                 self.mark_failed(&name, source.to_string(), true);
@@ -242,6 +262,7 @@ fn count_migration(vm: &str, mode: Mode, result: &Result<MigrationOutcome, Migra
         Ok(MigrationOutcome::Completed(_)) => "completed",
         Ok(MigrationOutcome::DestinationLost { .. }) => "recovered",
         Err(MigrationError::LostAfterCommit(_)) => "lost",
+        Err(MigrationError::Cancelled) => "cancelled",
         Err(_) => "failed",
     };
     let m = crate::metrics::get();
@@ -253,11 +274,22 @@ fn count_migration(vm: &str, mode: Mode, result: &Result<MigrationOutcome, Migra
 }
 
 impl Daemon {
-    /// `pcft migration cancel` (wired to the source endpoint's cancel below).
+    /// `pcft migration cancel`: asks the running migration to stop, as the
+    /// source endpoint decides against its commit point.
     pub(super) fn cancel_migration(&self, name: &str) -> Result<ControlMessage, Refusal> {
         let watch = self.migration_of(name)?;
-        let _ = watch.state();
+        if watch.state().ended() {
+            let why = format!("its latest migration has already ended ({})", watch.state().name());
+            return Err(Refusal::WrongPhase { vm: name.into(), agent: self.name.clone(), action: "cancel", why });
+        }
+        let answer = watch.progress.request_cancel().map_err(|source| Refusal::CancelRefused {
+            vm: name.into(),
+            agent: self.name.clone(),
+            source,
+        })?;
         watch.cancelling();
-        Err(Refusal::NotARequest { request: "CancelMigration".into() })
+        let failover = answer == CancelAnswer::WillFailOver;
+        tracing::warn!(vm = %name, to = %watch.to, failover, "migration cancel accepted");
+        Ok(ControlMessage::CancelAccepted { vm: name.to_string(), failover })
     }
 }

@@ -6,7 +6,8 @@ use crate::migration::error::MigrationError;
 use crate::migration::ft::source::{FtSource, FtTimeouts, StartedStager};
 use crate::migration::postcopy::push::Push;
 use crate::migration::source::connect::Link;
-use crate::migration::source::phase::{Phase, Phases};
+use crate::migration::source::outcome;
+use crate::migration::source::phase::Phases;
 use crate::migration::source::postcopy::PostcopySource;
 use crate::migration::source::replies::{spawn_reader, Liveness};
 use crate::migration::source::request::MigrateOut;
@@ -30,15 +31,20 @@ pub struct Committing<'p> {
 
 /// Commits (`Postcopy` from here): sends `Go`, starts the reply reader, and
 /// returns the post-copy loop over the pages the destination still lacks.
+/// A cancel that came first stops it here: nothing is committed, the VM runs
+/// here again (`MigrationError::Cancelled`).
 pub async fn go<'p>(
     req: &MigrateOut<'_>,
     committing: Committing<'p>,
     stopped: &Stopped,
 ) -> Result<PostcopySource<'p>, MigrationError> {
     let Committing { mut link, memory, mut report, phases, stager } = committing;
+    if let Err(cancelled) = phases.commit() {
+        // (A stager already started ends as `stager` drops.)
+        return Err(outcome::abandon(req, &mut link.out, cancelled, false).await);
+    }
     // Committed from here: the destination runs the VM once it reads `Go`.
     let go_at = Instant::now();
-    phases.enter(Phase::Postcopy);
     metrics::get().set_phase(req.vm, "postcopy");
     let (ft, checkpoints) = match stager {
         Some(stager) => {

@@ -42,6 +42,9 @@ pub enum Cause {
     /// What the destination said (in the queue after a failed write), and what the source saw first.
     #[error("{said} ({seen})")]
     Explained { said: Box<Cause>, seen: Box<Cause> },
+    /// Not a loss: the operator cancelled the migration after the commit (PostCopyFT).
+    #[error("the operator cancelled the migration after the switchover: the source stopped renewing the destination's lease and restores its last committed checkpoint once the lease has run out (a deliberate failover)")]
+    Cancelled,
 }
 
 impl Cause {
@@ -75,6 +78,12 @@ pub struct Lost {
 impl Lost {
     pub fn new(kind: FailureKind, cause: Cause) -> Lost {
         Lost { kind, cause }
+    }
+
+    /// The operator cancelled after the commit (PostCopyFT): the source lets
+    /// the destination go as if lost. Its copy may run until its lease is out.
+    pub fn cancelled() -> Lost {
+        Lost::new(FailureKind::Cancelled, Cause::Cancelled)
     }
 
     /// The destination broke the protocol.
@@ -121,5 +130,8 @@ mod tests {
         );
         assert_eq!(unconfirmed.to_string(), "the destination did not confirm Finish (no answer within 500 ms)");
         assert_eq!(unconfirmed.destination_copy(), DestinationCopy::MayOwnTheVm);
+        // A cancelled destination is alive: its copy runs until its lease is out.
+        assert_eq!(Lost::cancelled().destination_copy(), DestinationCopy::MayRun);
+        assert_eq!(Lost::cancelled().kind.name(), "cancelled");
     }
 }

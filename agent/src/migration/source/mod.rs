@@ -25,6 +25,7 @@ pub use request::MigrateOut;
 
 use crate::metrics;
 use crate::migration::ft::source::start_stager;
+use crate::migration::progress::Progress;
 use crate::vmm::memory::GuestMemory;
 use crate::wire::payload::MigrationReport;
 use commit::Committing;
@@ -33,13 +34,18 @@ use outcome::Ending;
 use phase::Phases;
 use postcopy::PostcopySource;
 use precopy::Rounds;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 use switchover::Stopped;
 
 /// Migrates the VM that `req.runner` runs to the agent at `req.to`. On any
 /// failure before the switchover commits, the VM is left running here.
-/// `req.progress` follows it as it goes.
+/// `req.progress` follows it as it goes, and takes cancel requests: one
+/// before the commit ends it `Err(MigrationError::Cancelled)`, the VM running
+/// here; one after it (PostCopyFT only) ends it
+/// `Ok(MigrationOutcome::DestinationLost { .. })` with `report.cancelled`, to
+/// fail over once the destination's lease is out, as for a lost destination.
 pub async fn migrate_out(req: MigrateOut<'_>) -> Result<MigrationOutcome, MigrationError> {
     let started = Instant::now();
     let mut phases = Phases::new(Arc::clone(&req.progress));
@@ -58,7 +64,8 @@ pub async fn migrate_out(req: MigrateOut<'_>) -> Result<MigrationOutcome, Migrat
 
 /// The endpoint from `Connecting` to its end.
 async fn run(req: &MigrateOut<'_>, phases: &mut Phases, started: Instant) -> Result<MigrationOutcome, MigrationError> {
-    let mut link = connect::connect(req).await?;
+    // A cancel here only closes the connection: the VM was never paused.
+    let mut link = unless_cancelled(&req.progress, connect::connect(req)).await?;
     let mut report = MigrationReport {
         vm: req.vm.to_string(),
         mode: req.mode.name().to_string(),
@@ -67,21 +74,35 @@ async fn run(req: &MigrateOut<'_>, phases: &mut Phases, started: Instant) -> Res
     };
     let memory = req.runner.memory();
     metrics::get().set_phase(req.vm, if req.mode.precopies() { "precopy" } else { "switchover" });
-    let stopped = match stop(req, &mut link, &memory, &mut report, phases).await {
+    let stopped = match unless_cancelled(&req.progress, stop(req, &mut link, &memory, &mut report, phases)).await {
         Ok(stopped) => stopped,
         // Not committed: the VM keeps running here.
-        Err(e) => return Err(outcome::abandon(req.runner, &mut link.out, e, true).await),
+        Err(e) => return Err(outcome::abandon(req, &mut link.out, e, true).await),
     };
     // PostCopyFT's side here, made before `Go`: if it cannot be, nothing is
     // committed and the VM keeps running here.
     let stager = req.mode.checkpoints().then(|| start_stager(&stopped.state, &memory, req.staging, req.vm));
     let stager = match stager.transpose() {
         Ok(stager) => stager,
-        Err(e) => return Err(outcome::abandon(req.runner, &mut link.out, e, false).await),
+        Err(e) => return Err(outcome::abandon(req, &mut link.out, e, false).await),
     };
     let committing = Committing { link, memory, report, phases, stager };
     let post = commit::go(req, committing, &stopped).await?;
     postcopy(req, post, started, stopped.paused_at).await
+}
+
+/// Runs `work` (a step before the commit) unless a cancel is accepted first:
+/// then `work` is dropped at whatever it waits for (a reply, a write the
+/// destination does not read, the VM's runner) and the cancel is the error.
+async fn unless_cancelled<T>(
+    progress: &Progress,
+    work: impl Future<Output = Result<T, MigrationError>>,
+) -> Result<T, MigrationError> {
+    tokio::select! {
+        biased;
+        () = progress.cancelled() => Err(MigrationError::Cancelled),
+        done = work => done,
+    }
 }
 
 /// `Precopy` (if the mode copies ahead), then `Switchover`.
@@ -110,6 +131,8 @@ async fn postcopy(
 ) -> Result<MigrationOutcome, MigrationError> {
     let mut result = post.run(req.options).await;
     let ended_at = Instant::now();
+    // How it ends is settled: a cancel from here changes nothing.
+    post.phases.progress().end();
     if let Err(lost) = &mut result {
         post.explain(lost).await;
     }

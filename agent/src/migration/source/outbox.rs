@@ -16,12 +16,20 @@ pub struct Outbox {
     pub zero_pages: u64,
     /// PostCopyFT: a write blocked while the destination is silent for too long means it is lost.
     pub liveness: Option<Arc<Liveness>>,
+    /// A frame's write began and did not finish (it failed, or a cancel
+    /// dropped it half-way): the stream is no longer framed.
+    torn: bool,
 }
 
 impl Outbox {
     /// An outbox on `wr`, nothing sent yet.
     pub fn new(wr: FrameWriter) -> Outbox {
-        Outbox { wr, bytes: 0, pages: 0, zero_pages: 0, liveness: None }
+        Outbox { wr, bytes: 0, pages: 0, zero_pages: 0, liveness: None, torn: false }
+    }
+
+    /// Whether a frame was cut off (see `torn`): nothing more may go out.
+    pub fn torn(&self) -> bool {
+        self.torn
     }
 
     /// Sends one message.
@@ -32,6 +40,14 @@ impl Outbox {
     }
 
     async fn write(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
+        // Set until the whole frame is out, so a write whose future is dropped stays marked.
+        self.torn = true;
+        let written = self.write_frame(frame).await;
+        self.torn = written.is_err();
+        written
+    }
+
+    async fn write_frame(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
         let Some(liveness) = self.liveness.clone() else {
             return Ok(self.wr.write(frame).await?);
         };
@@ -68,5 +84,27 @@ impl Outbox {
             self.write(&frame).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::net::{TcpListener, TcpStream};
+
+    #[tokio::test]
+    async fn a_frame_cut_off_half_way_leaves_the_outbox_torn() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        // The peer accepts and reads nothing: a large frame blocks half-way.
+        let (_peer, _) = listener.accept().await.unwrap();
+        let mut out = Outbox::new(FrameWriter::new(stream.into_split().1));
+        out.message(&MigrationMessage::Ready).await.unwrap();
+        assert!(!out.torn(), "a whole frame went out");
+        let large = MigrationMessage::Switchover { state: vec![7; 16 << 20], stale: Vec::new() };
+        let cut = tokio::time::timeout(Duration::from_millis(200), out.message(&large)).await;
+        assert!(cut.is_err(), "the frame cannot all go out to a peer that does not read");
+        assert!(out.torn(), "the stream is no longer framed: nothing more may be written");
     }
 }

@@ -1,13 +1,14 @@
-//! How a migration ends at the source: given up before the commit (the VM
-//! runs here again), completed, or the destination lost after the commit (the
-//! report, and with PostCopyFT the checkpoint to restore and when).
+//! How a migration ends at the source: given up before the commit (a failure
+//! or a cancel: the VM runs here again), completed, or the destination lost
+//! after the commit, or let go of by a PostCopyFT cancel (the report, and with
+//! PostCopyFT the checkpoint to restore and when).
 
 use crate::migration::error::{FailureKind, MigrationError};
 use crate::migration::ft::source::FtEnd;
 use crate::migration::ft::store::Committed;
 use crate::migration::source::lost::{Cause, Lost};
 use crate::migration::source::outbox::Outbox;
-use crate::vmm::runner::VmRunner;
+use crate::migration::source::request::MigrateOut;
 use crate::wire::migration::MigrationMessage;
 use crate::wire::payload::{DestinationStats, FailureReport, MigrationReport, Percentiles};
 use std::time::{Duration, Instant};
@@ -16,8 +17,10 @@ use std::time::{Duration, Instant};
 pub enum MigrationOutcome {
     /// The VM runs at the destination and the source let go of it.
     Completed(MigrationReport),
-    /// PostCopyFT: the destination was lost after the commit. The VM must be
-    /// restored from `committed` over the source's memory, not before `fenced_at`.
+    /// PostCopyFT: the destination was lost after the commit, or the operator
+    /// cancelled then (`report.cancelled`, failure kind `cancelled`: a
+    /// deliberate failover). The VM must be restored from `committed` over the
+    /// source's memory, not before `fenced_at`.
     DestinationLost {
         report: MigrationReport,
         committed: Box<Committed>,
@@ -27,19 +30,33 @@ pub enum MigrationOutcome {
     },
 }
 
-/// Gives up before the commit: the VM runs here again (dirty logging off
-/// first, if `dirty_logging` may be on), and the destination hears why.
+/// How long the source tries to tell the destination why it gave up: the VM
+/// already runs here again, and a destination that does not read (frozen,
+/// cut off) fails on the closed connection instead.
+const ABORT_PATIENCE: Duration = Duration::from_secs(1);
+
+/// Gives up before the commit (after a failure, or a cancel that came first):
+/// no cancel is taken from here, the VM runs here again (dirty logging off
+/// first, if `dirty_logging` may be on), and the destination hears why if the
+/// connection still carries whole frames.
 pub async fn abandon(
-    runner: &VmRunner,
+    req: &MigrateOut<'_>,
     out: &mut Outbox,
     error: MigrationError,
     dirty_logging: bool,
 ) -> MigrationError {
+    req.progress.end();
     if dirty_logging {
-        let _ = runner.set_dirty_logging(false).await;
+        let _ = req.runner.set_dirty_logging(false).await;
     }
-    let _ = runner.resume().await;
-    let _ = out.message(&MigrationMessage::Abort { reason: error.to_string(), paused: false }).await;
+    let _ = req.runner.resume().await;
+    if !out.torn() {
+        let abort = MigrationMessage::Abort { reason: error.to_string(), paused: false };
+        let _ = tokio::time::timeout(ABORT_PATIENCE, out.message(&abort)).await;
+    }
+    if matches!(error, MigrationError::Cancelled) {
+        tracing::info!(vm = %req.vm, "migration cancelled before the commit; the VM runs on here");
+    }
     error
 }
 
@@ -138,13 +155,19 @@ fn destination_lost(end: Ending<'_>, lost: Lost) -> Result<MigrationOutcome, Mig
     // The lease was last renewed before the loop ended; the connection goes (with `out`).
     drop(out);
     report.total_migration_ms = f64::NAN;
+    report.cancelled = kind == FailureKind::Cancelled;
     report.failure = Some(Box::new(FailureReport {
         kind: kind.name().to_string(),
         detected_at_ms: ms(detected_at.duration_since(started)),
         detection_ms: ms(detected_at.duration_since(last_heard)),
         reason: reason.clone(),
     }));
-    tracing::warn!(vm = %report.vm, kind = kind.name(), epoch = ft.store.committed_epoch(), "destination lost: {reason}");
+    let epoch = ft.store.committed_epoch();
+    if report.cancelled {
+        tracing::info!(vm = %report.vm, epoch, "cancelled after the commit: failing over on purpose ({reason})");
+    } else {
+        tracing::warn!(vm = %report.vm, kind = kind.name(), epoch, "destination lost: {reason}");
+    }
     let committed = ft.store.into_committed().map_err(|torn| {
         MigrationError::LostAfterCommit(format!("{reason}; and the source's image is not consistent: {torn}"))
     })?;

@@ -1,11 +1,16 @@
 //! The source endpoint's phases, and the one place where it moves from one
-//! to the next ([`Phases::enter`]).
+//! to the next ([`Phases::enter`]). The two moves a cancel can stop go
+//! through the migration's `Progress` first: the commit ([`Phases::commit`])
+//! and PostCopyFT's hand-over ([`Phases::hand_over`]).
 
-use crate::migration::progress::Progress;
+use crate::migration::error::MigrationError;
+use crate::migration::progress::{CancelledFirst, Progress};
 use std::sync::Arc;
 
 /// Where the source endpoint of a migration is. Before `Postcopy` nothing is
-/// committed: a failure leaves the VM running here (`Failed`).
+/// committed: a failure or a cancel leaves the VM running here (`Failed`).
+/// After it a cancel is refused, except with PostCopyFT until `Finishing`:
+/// there it is a deliberate failover (`DestinationLost`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     /// Connecting to the destination agent: greeting, `Begin`, `Ready`.
@@ -14,18 +19,19 @@ pub enum Phase {
     Precopy,
     /// The VM is stopped; its state went out in `Switchover`; waiting for `Restored`.
     Switchover,
-    /// Committed (`Go` went out): the push, requested pages first.
+    /// Committed (`Go` went out; no cancel came first): the push, requested pages first.
     Postcopy,
     /// `AllSent` went out; waiting for `Complete`.
     Draining,
-    /// PostCopyFT: `Finish` went out; waiting for `Finished`.
+    /// PostCopyFT: `Finish` went out (no cancel came first); waiting for `Finished`.
     Finishing,
     /// The VM runs at the destination and the source let go of it.
     Completed,
-    /// Before the commit: the VM runs here again.
+    /// Before the commit (a failure, or a cancel: `MigrationError::Cancelled`): the VM runs here again.
     Failed,
-    /// PostCopyFT: the destination was lost after the commit; the VM is to be
-    /// restored here from the last checkpoint (not before the lease allows).
+    /// PostCopyFT: the destination was lost after the commit, or the operator
+    /// cancelled (a deliberate failover); the VM is to be restored here from
+    /// the last checkpoint (not before the lease allows).
     DestinationLost,
     /// The destination was lost after the commit and the VM cannot be restored here.
     LostAfterCommit,
@@ -75,6 +81,11 @@ impl Phase {
         )
     }
 
+    /// Whether the endpoint ends here.
+    pub fn ends(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Failed | Phase::DestinationLost | Phase::LostAfterCommit)
+    }
+
     /// The phase as a migration's progress names it (one of `metrics::PHASES`).
     pub fn progress_name(self) -> &'static str {
         match self {
@@ -111,12 +122,33 @@ impl Phases {
         &self.progress
     }
 
-    /// Moves to `next` (a transition not in [`Phase::may_enter`] is a bug).
+    /// Moves to `next` (a transition not in [`Phase::may_enter`] is a bug;
+    /// `Postcopy` and `Finishing` are entered only through [`Phases::commit`]
+    /// and [`Phases::hand_over`]).
     pub fn enter(&mut self, next: Phase) {
         debug_assert!(self.current.may_enter(next), "source endpoint: {:?} → {next:?}", self.current);
         tracing::debug!(from = ?self.current, to = ?next, "source phase");
+        if next.ends() {
+            self.progress.end();
+        }
         self.current = next;
         self.progress.set_phase(next.progress_name());
+    }
+
+    /// The commit point: enters `Postcopy`, unless a cancel came first (then
+    /// nothing is committed, the phase stays, and the source must give up).
+    pub fn commit(&mut self) -> Result<(), MigrationError> {
+        self.progress.try_commit().map_err(|CancelledFirst| MigrationError::Cancelled)?;
+        self.enter(Phase::Postcopy);
+        Ok(())
+    }
+
+    /// PostCopyFT's hand-over: enters `Finishing`, unless a cancel came first
+    /// (then the source fails over instead, on purpose).
+    pub fn hand_over(&mut self) -> Result<(), CancelledFirst> {
+        self.progress.try_hand_over()?;
+        self.enter(Phase::Finishing);
+        Ok(())
     }
 }
 
@@ -138,6 +170,33 @@ mod tests {
             assert!(!from.may_enter(from), "{from:?} stays");
         }
         assert!(!Switchover.may_enter(DestinationLost), "PostCopyFT fails over only after the commit");
+    }
+
+    #[test]
+    fn a_cancel_before_the_commit_keeps_the_endpoint_uncommitted() {
+        use crate::migration::progress::{CancelAnswer, CancelRefused, CommitPoint};
+        use crate::wire::payload::Mode;
+        let progress = Arc::new(Progress::new(Mode::PostcopyFt));
+        let mut phases = Phases::new(Arc::clone(&progress));
+        phases.enter(Phase::Switchover);
+        assert_eq!(progress.request_cancel(), Ok(CancelAnswer::WillAbort));
+        assert!(matches!(phases.commit(), Err(MigrationError::Cancelled)));
+        assert_eq!(phases.current(), Phase::Switchover, "nothing committed");
+        phases.enter(Phase::Failed);
+        assert_eq!(progress.commit_point(), CommitPoint::Ended { cancelled: true });
+        assert_eq!(progress.phase(), "failed");
+
+        // PostCopyFT after the commit: the hand-over is refused to a cancel that came first.
+        let progress = Arc::new(Progress::new(Mode::PostcopyFt));
+        let mut phases = Phases::new(Arc::clone(&progress));
+        phases.enter(Phase::Switchover);
+        phases.commit().expect("no cancel yet");
+        phases.enter(Phase::Draining);
+        assert_eq!(progress.request_cancel(), Ok(CancelAnswer::WillFailOver));
+        assert_eq!(phases.hand_over(), Err(CancelledFirst));
+        assert_eq!(phases.current(), Phase::Draining, "Finish never goes out");
+        phases.enter(Phase::DestinationLost);
+        assert_eq!(progress.request_cancel(), Err(CancelRefused::AlreadyEnding));
     }
 
     #[test]

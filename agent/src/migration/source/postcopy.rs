@@ -1,12 +1,15 @@
 //! After the commit: the post-copy loop (`Postcopy`: requested pages first,
 //! then the push; `Draining`: `AllSent` went out; PostCopyFT's `Finishing`),
-//! with heartbeat acks and checkpoint events from PostCopyFT's side.
+//! with heartbeat acks and checkpoint events from PostCopyFT's side. A
+//! PostCopyFT cancel, taken before `Finishing`, ends the loop as a loss
+//! (`Lost::cancelled`): no heartbeat is acked after it.
 
 use crate::metrics::{self, PageReason};
 use crate::migration::error::FailureKind;
 use crate::migration::ft::source::FtSource;
 use crate::migration::ft::stager;
 use crate::migration::postcopy::push::{Push, PUSH_BATCH_PAGES};
+use crate::migration::progress::CommitPoint;
 use crate::migration::source::lost::{Cause, Lost};
 use crate::migration::source::outbox::Outbox;
 use crate::migration::source::phase::{Phase, Phases};
@@ -68,6 +71,7 @@ impl PostcopySource<'_> {
             // The reply reader may sit in this worker's queue: let it run, so that
             // page requests (and "resumed") are seen after at most one batch.
             tokio::task::yield_now().await;
+            self.check_cancel()?;
             self.ack_heartbeat().await?;
             self.take_checkpoint_events().await?;
             self.take_requests();
@@ -130,7 +134,8 @@ impl PostcopySource<'_> {
     /// without either word cannot tell a crash from a lost `Finished`. In both
     /// cases the source must not restore its copy: the VM may run there.
     async fn finish(&mut self, patience: Duration) -> Result<(), Lost> {
-        self.phases.enter(Phase::Finishing);
+        // A cancel that came first: fail over instead of handing the VM over.
+        self.phases.hand_over().map_err(|_| Lost::cancelled())?;
         // A write that fails or times out did not deliver a whole `Finish`: fail over as usual.
         self.out.message(&MigrationMessage::Finish).await.map_err(Lost::from_write)?;
         let deadline = Instant::now() + patience;
@@ -176,6 +181,8 @@ impl PostcopySource<'_> {
         let reader_alive = self.inbound.heartbeats.has_changed().is_ok();
         tokio::select! {
             biased;
+            // Before anything else: no heartbeat is acked once a cancel is taken.
+            () = self.phases.progress().cancelled() => Err(Lost::cancelled()),
             Ok(()) = self.inbound.heartbeats.changed(), if reader_alive => {
                 // `changed` marked it seen: ack it here.
                 let seq = *self.inbound.heartbeats.borrow_and_update();
@@ -246,6 +253,15 @@ impl PostcopySource<'_> {
             ft.renewed(Instant::now());
         }
         Ok(())
+    }
+
+    /// PostCopyFT: whether the operator cancelled (the only cancel taken
+    /// after the commit): then the destination is let go, as if lost.
+    fn check_cancel(&self) -> Result<(), Lost> {
+        match self.phases.progress().commit_point() {
+            CommitPoint::FailOverAsked => Err(Lost::cancelled()),
+            _ => Ok(()),
+        }
     }
 
     /// Whether the destination is still there: heard within the heartbeat
