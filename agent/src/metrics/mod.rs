@@ -162,7 +162,7 @@ impl Metrics {
         );
         registry.register(
             "auth_refusals",
-            "Peers refused by authentication, by reason (no-key, unexpected-key, bad-mac; wrong-key: a destination this agent migrated to)",
+            "Peers refused by authentication, by reason: no-key, unexpected-key, wrong-key (another key: a client or source here, a destination this agent migrated to), bad-mac (a tampered frame)",
             m.auth_refusals.clone(),
         );
         Metrics { registry, ..m }
