@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     let args = Cli::parse();
     let filter = match &args.log {
         Some(level) => EnvFilter::new(level),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_log_filter(&args.command))),
     };
     // Colour codes only for a terminal: a log redirected to a file stays plain text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -71,5 +71,16 @@ fn main() -> ExitCode {
             eprintln!("pcft: error: {:#}", failure.error());
             ExitCode::from(failure.exit_code())
         }
+    }
+}
+
+/// The log filter without `--log` or `RUST_LOG`: an agent logs its life cycle
+/// at INFO (a line per VM started or stopped and per migration started or
+/// ended; everything finer is DEBUG), every other command only warnings.
+/// Other crates stay at warnings either way.
+fn default_log_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Agent(_) => "warn,pcft_agent=info,pcft=info",
+        _ => "warn",
     }
 }

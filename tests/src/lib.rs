@@ -128,15 +128,25 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(name: &str, extra: &[&str]) -> Agent {
+        Agent::spawn(pcft(&["agent", "--listen", "127.0.0.1:0", "--name", name]), extra)
+    }
+
+    /// [`start`](Self::start), with the agent's stderr (its log) going to the
+    /// file `log`, at the agent's default log level unless `extra` says
+    /// otherwise (`RUST_LOG` is not passed on).
+    pub fn start_logging_to(name: &str, extra: &[&str], log: &std::path::Path) -> Agent {
+        let file = std::fs::File::create(log).expect("create the agent's log file");
+        let mut command = pcft(&["agent", "--listen", "127.0.0.1:0", "--name", name]);
+        command.env_remove("RUST_LOG").stderr(file);
+        Agent::spawn(command, extra)
+    }
+
+    fn spawn(mut command: Command, extra: &[&str]) -> Agent {
         use std::io::BufRead;
         // Without a key of its own, an agent must be told it may run open.
         let open = (!extra.contains(&"--psk-file")).then_some("--insecure");
-        let mut child = pcft(&["agent", "--listen", "127.0.0.1:0", "--name", name])
-            .args(open)
-            .args(extra)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn pcft agent");
+        let mut child =
+            command.args(open).args(extra).stdout(std::process::Stdio::piped()).spawn().expect("spawn pcft agent");
         let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         stdout.read_line(&mut line).expect("agent stdout");

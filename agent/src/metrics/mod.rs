@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
@@ -84,6 +84,9 @@ pub struct Metrics {
     pub auth_refusals: Family<AuthLabels, Counter>,
     /// Last take per (vm, tracker), for the dirty rate.
     last_take: Mutex<HashMap<TrackerLabels, Instant>>,
+    /// The instance of each VM here that may set its dirty rate (see [`VmInstance`]).
+    instances: Mutex<HashMap<String, u64>>,
+    next_instance: AtomicU64,
     /// What the dashboard plots.
     pub timeline: Timeline,
 }
@@ -112,6 +115,8 @@ impl Metrics {
             output_released: Family::default(),
             auth_refusals: Family::default(),
             last_take: Mutex::new(HashMap::new()),
+            instances: Mutex::new(HashMap::new()),
+            next_instance: AtomicU64::new(1),
             timeline: Timeline::default(),
             registry: Registry::default(),
         };
@@ -162,7 +167,7 @@ impl Metrics {
         );
         registry.register(
             "auth_refusals",
-            "Peers refused by authentication, by reason (no-key, unexpected-key, bad-mac; wrong-key: a destination this agent migrated to)",
+            "Peers refused by authentication, by reason: no-key, unexpected-key, wrong-key (another key: a client or source here, a destination this agent migrated to), bad-mac (a tampered frame)",
             m.auth_refusals.clone(),
         );
         Metrics { registry, ..m }
@@ -175,28 +180,77 @@ impl Metrics {
         text
     }
 
-    /// A take of `pages` dirty pages from `vm`'s `tracker`: updates the dirty rate.
-    pub fn dirty_taken(&self, vm: &str, tracker: &str, pages: usize) {
+    /// A new running copy of VM `vm` here (a VM's runner calls it as it starts):
+    /// from now on only it sets `vm`'s dirty rate, and the rates an earlier
+    /// copy of that name left go (its migration phase stays: a failover's
+    /// new copy goes on from the migration that restored it).
+    pub fn vm_instance(&self, vm: &str) -> VmInstance {
+        let mut instances = self.instances.lock().expect("VM instances lock");
+        self.remove_dirty_rates(vm);
+        let id = self.next_instance.fetch_add(1, Ordering::Relaxed);
+        instances.insert(vm.to_string(), id);
+        VmInstance { vm: vm.to_string(), id }
+    }
+
+    /// VM `vm` left this agent (migrated away, finished, failed, stopped or
+    /// removed): the per-VM gauges that describe a running VM go (its dirty
+    /// rate for every tracker, with its last-take bookkeeping, and its
+    /// migration phase), and its copy's [`VmInstance`] sets none of them again.
+    /// Counters stay. Call it after the VM's migration, if any, set its last
+    /// phase, and before a VM of the same name may start here.
+    pub fn vm_left(&self, vm: &str) {
+        let mut instances = self.instances.lock().expect("VM instances lock");
+        instances.remove(vm);
+        self.remove_dirty_rates(vm);
+        for phase in PHASES {
+            self.phase.remove(&PhaseLabels { vm: vm.to_string(), phase: phase.to_string() });
+        }
+    }
+
+    /// Removes `vm`'s dirty rates and last takes (the caller holds the instances lock).
+    fn remove_dirty_rates(&self, vm: &str) {
+        let mut last_take = self.last_take.lock().expect("last take lock");
+        let trackers: Vec<TrackerLabels> = last_take.keys().filter(|l| l.vm == vm).cloned().collect();
+        for labels in trackers {
+            last_take.remove(&labels);
+            self.dirty_rate.remove(&labels);
+        }
+    }
+
+    /// Runs `set` (which sets `instance`'s gauges) if `instance` is its VM's current one.
+    fn if_current(&self, instance: &VmInstance, set: impl FnOnce()) {
+        let instances = self.instances.lock().expect("VM instances lock");
+        if instances.get(&instance.vm) == Some(&instance.id) {
+            set();
+        }
+    }
+
+    /// A take of `pages` dirty pages from the `tracker` of VM copy `instance`: updates the dirty rate.
+    pub fn dirty_taken(&self, instance: &VmInstance, tracker: &str, pages: usize) {
+        let vm = instance.vm.as_str();
         let labels = TrackerLabels { vm: vm.to_string(), tracker: tracker.to_string() };
         self.dirty_pages.get_or_create(&labels).inc_by(pages as u64);
-        let now = Instant::now();
-        let previous = self.last_take.lock().expect("last take lock").insert(labels.clone(), now);
-        if let Some(previous) = previous {
-            let seconds = now.duration_since(previous).as_secs_f64();
+        self.if_current(instance, || {
+            let now = Instant::now();
+            let previous = self.last_take.lock().expect("last take lock").insert(labels.clone(), now);
+            let seconds = previous.map_or(0.0, |previous| now.duration_since(previous).as_secs_f64());
             if seconds > 0.0 {
                 let rate = pages as f64 * 4096.0 / seconds;
                 self.dirty_rate.get_or_create(&labels).set(rate);
                 self.timeline.sample(vm, tracker, rate);
             }
-        }
+        });
     }
 
-    /// A dirty rate of `vm` sampled from a continuous count (ring entries or eBPF pushes).
-    pub fn dirty_rate_sampled(&self, vm: &str, tracker: &str, bytes_per_second: f64) {
+    /// A dirty rate of VM copy `instance` sampled from a continuous count (ring entries or eBPF pushes).
+    pub fn dirty_rate_sampled(&self, instance: &VmInstance, tracker: &str, bytes_per_second: f64) {
+        let vm = instance.vm.as_str();
         let labels = TrackerLabels { vm: vm.to_string(), tracker: tracker.to_string() };
-        self.dirty_rate.get_or_create(&labels).set(bytes_per_second);
-        self.last_take.lock().expect("last take lock").insert(labels, Instant::now());
-        self.timeline.sample(vm, tracker, bytes_per_second);
+        self.if_current(instance, || {
+            self.dirty_rate.get_or_create(&labels).set(bytes_per_second);
+            self.last_take.lock().expect("last take lock").insert(labels, Instant::now());
+            self.timeline.sample(vm, tracker, bytes_per_second);
+        });
     }
 
     /// `vm` is now in `phase` (one of [`PHASES`]).
@@ -225,6 +279,22 @@ impl Metrics {
     }
 }
 
+/// One running copy of a VM on this agent, as its runner reports its dirty
+/// rate: a VM's name can outlive a copy (a VM migrates away and another of
+/// that name starts, a failover restores a new copy), so the gauges take
+/// updates only from the name's current copy, until [`Metrics::vm_left`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmInstance {
+    vm: String,
+    id: u64,
+}
+
+impl VmInstance {
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+}
+
 /// The agent's metrics (one set per process).
 pub fn get() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -240,9 +310,10 @@ mod tests {
         let m = Metrics::new();
         m.set_phase("vm1", "postcopy");
         m.pages_sent("vm1", PageReason::faulted, 3);
-        m.dirty_taken("vm1", "ring", 10);
+        let vm1 = m.vm_instance("vm1");
+        m.dirty_taken(&vm1, "ring", 10);
         std::thread::sleep(std::time::Duration::from_millis(10));
-        m.dirty_taken("vm1", "ring", 10);
+        m.dirty_taken(&vm1, "ring", 10);
         m.fault_latency.observe(150e-6);
         let text = m.encode();
         assert!(text.contains(r#"pcft_migration_phase{vm="vm1",phase="postcopy"} 1"#), "{text}");
@@ -256,6 +327,53 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
     }
 
+    /// A VM that left takes its running gauges along (dirty rates, phase);
+    /// its counters stay, other VMs' gauges stay, and neither its old copy nor
+    /// a stopped tracker of it sets its rate again. A new VM of the same name
+    /// starts with no rate (issue 15: a new VM showed a migrated-away one's).
+    #[test]
+    fn a_vm_that_left_has_no_dirty_rate_or_phase() {
+        let m = Metrics::new();
+        let (old, other) = (m.vm_instance("vm1"), m.vm_instance("vm2"));
+        m.dirty_rate_sampled(&old, "ring", 28.4 * 1048576.0);
+        m.dirty_taken(&old, "bitmap", 5);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        m.dirty_taken(&old, "bitmap", 5);
+        m.dirty_rate_sampled(&other, "ring", 1.0);
+        m.set_phase("vm1", "completed");
+        let text = m.encode();
+        assert!(text.contains(r#"pcft_vm_dirty_rate_bytes_per_second{vm="vm1",tracker="ring"}"#), "{text}");
+        assert!(text.contains(r#"pcft_vm_dirty_rate_bytes_per_second{vm="vm1",tracker="bitmap"}"#), "{text}");
+
+        m.vm_left("vm1");
+        let gone = |text: &str| {
+            !text.lines().any(|l| {
+                (l.starts_with("pcft_vm_dirty_rate_bytes_per_second{") || l.starts_with("pcft_migration_phase{"))
+                    && l.contains(r#"vm="vm1""#)
+            })
+        };
+        let text = m.encode();
+        assert!(gone(&text), "{text}");
+        assert!(text.contains(r#"pcft_vm_dirty_pages_total{vm="vm1",tracker="bitmap"} 10"#), "counters stay: {text}");
+        assert!(text.contains(r#"pcft_vm_dirty_rate_bytes_per_second{vm="vm2",tracker="ring"} 1"#), "{text}");
+        assert!(!m.last_take.lock().unwrap().keys().any(|l| l.vm == "vm1"), "its last takes go too");
+
+        // The old copy's runner, or its tracker, sampling late: no rate comes back.
+        m.dirty_rate_sampled(&old, "ring", 5.0);
+        m.dirty_taken(&old, "bitmap", 5);
+        m.dirty_taken(&old, "bitmap", 5);
+        assert!(gone(&m.encode()), "{}", m.encode());
+
+        // A new VM of that name: only its own samples count, not the old copy's.
+        let new = m.vm_instance("vm1");
+        assert!(gone(&m.encode()), "no rate before its first sample: {}", m.encode());
+        m.dirty_rate_sampled(&old, "ring", 5.0);
+        assert!(gone(&m.encode()), "{}", m.encode());
+        m.dirty_rate_sampled(&new, "ring", 7.0);
+        assert!(m.encode().contains(r#"pcft_vm_dirty_rate_bytes_per_second{vm="vm1",tracker="ring"} 7"#));
+        assert_eq!(new.vm(), "vm1");
+    }
+
     /// Every series the shipped Grafana dashboard queries is one the agent exports.
     #[test]
     fn the_grafana_dashboard_queries_only_exported_series() {
@@ -265,8 +383,9 @@ mod tests {
         let m = Metrics::new();
         m.set_phase("vm1", "postcopy");
         m.pages_sent("vm1", PageReason::pushed, 1);
-        m.dirty_taken("vm1", "bitmap", 1);
-        m.dirty_rate_sampled("vm1", "ring", 1.0);
+        let vm1 = m.vm_instance("vm1");
+        m.dirty_taken(&vm1, "bitmap", 1);
+        m.dirty_rate_sampled(&vm1, "ring", 1.0);
         for family in
             [&m.checkpoints, &m.checkpoint_bytes, &m.checkpoint_staged_file_bytes, &m.failovers, &m.output_released]
         {

@@ -176,6 +176,8 @@ pub struct Machine {
     dirty: Arc<dyn DirtyTracker>,
     /// PostCopyFT destination: kicks the vCPUs out when the lease runs out.
     watchdog: Option<Watchdog>,
+    /// PostCopyFT destination: the lease, as the vCPUs enforce it.
+    fence: Option<Arc<Fence>>,
     /// When each vCPU was in the guest (the "one copy at a time" check).
     run_log: Arc<RunLog>,
 }
@@ -251,9 +253,9 @@ impl Machine {
                 dirty.follow_vcpu_thread(worker.tid)?;
                 workers.push(worker);
             }
-            if let Some(fence) = fence {
+            if let Some(fence) = &fence {
                 let threads = workers.iter().map(|w| w.tid).collect();
-                watchdog = Some(Watchdog::start(fence, threads).map_err(MachineError::Thread)?);
+                watchdog = Some(Watchdog::start(Arc::clone(fence), threads).map_err(MachineError::Thread)?);
             }
             Ok::<(), MachineError>(())
         })();
@@ -269,6 +271,7 @@ impl Machine {
             running: false,
             dirty,
             watchdog,
+            fence,
             run_log,
         };
         // On an error, dropping the machine stops what did start.
@@ -388,6 +391,12 @@ impl Machine {
 
     pub fn is_running(&self) -> bool {
         self.running
+    }
+
+    /// Whether this copy's fence stopped it for good (a PostCopyFT destination
+    /// whose lease ran out, or whose migration failed): its vCPUs never run again.
+    pub fn fenced(&self) -> bool {
+        self.fence.as_ref().is_some_and(|fence| fence.tripped())
     }
 
     /// Whether every vCPU reported its workload done.

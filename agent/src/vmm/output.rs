@@ -70,7 +70,7 @@ impl OutputSink {
 
     /// Sends `record` of VM `vm` to the outside.
     pub fn release(&self, vm: &str, record: &OutputRecord) {
-        tracing::info!(
+        tracing::debug!(
             vm,
             vcpu = record.vcpu,
             step = record.step,

@@ -4,6 +4,7 @@
 //! carries out commands from the async side of the agent, answering on
 //! oneshot channels.
 
+use crate::metrics::VmInstance;
 use crate::vmm::machine::{Machine, MachineError, MachineEvent, MachineState, Verified, VerifyError};
 use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
 use crate::vmm::output::OutputSink;
@@ -69,8 +70,9 @@ pub struct RunnerStatus {
     /// The VM's dirty tracker (`bitmap`, `ring` or `ebpf`).
     pub dirty_tracker: &'static str,
     /// The dirty rate sampled last, in bytes per second (once a second; `None`
-    /// before the first sample, or while the tracker cannot see writes: the
-    /// bitmap with logging off).
+    /// before the first sample, while the tracker cannot see writes (the
+    /// bitmap with logging off), and while the guest does not run: paused or
+    /// stopped, finished, or failed).
     pub dirty_rate_bytes_per_second: Option<f64>,
 }
 
@@ -104,10 +106,10 @@ impl VmRunner {
         let run_log = machine.run_log();
         let vcpu_threads = machine.vcpu_threads();
         let thread_status = Arc::clone(&status);
-        let vm = name.to_string();
+        let vm = crate::metrics::get().vm_instance(name);
         let thread = std::thread::Builder::new()
             .name(format!("vm-{name}"))
-            .spawn(move || run(vm, machine, rx, thread_status, outputs))?;
+            .spawn(move || run(&vm, machine, rx, &thread_status, outputs))?;
         Ok(VmRunner { name: name.to_string(), commands, status, memory, run_log, vcpu_threads, thread: Some(thread) })
     }
 
@@ -228,81 +230,260 @@ const RATE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Samples the machine's dirty rate into `status` and the metrics (a rate the
 /// tracker cannot see now clears the status's and leaves the metric alone).
-fn sample_dirty_rate(name: &str, machine: &Machine, status: &Mutex<RunnerStatus>) {
-    match machine.sample_dirty_rate() {
+/// Only a guest that runs has a rate: a paused, finished or failed one has
+/// none (the sample still moves the tracker's baseline, so that a guest that
+/// runs again is not measured across its pause).
+fn sample_dirty_rate(vm: &VmInstance, machine: &Machine, status: &Mutex<RunnerStatus>) {
+    let sampled = machine.sample_dirty_rate();
+    let mut status = status.lock().expect("runner status lock");
+    if !machine.is_running() || status.finished || status.error.is_some() {
+        status.dirty_rate_bytes_per_second = None;
+        return;
+    }
+    match sampled {
         Ok(rate) => {
             if let Some(rate) = rate {
-                crate::metrics::get().dirty_rate_sampled(name, machine.dirty_tracker(), rate);
+                crate::metrics::get().dirty_rate_sampled(vm, machine.dirty_tracker(), rate);
             }
-            status.lock().expect("runner status lock").dirty_rate_bytes_per_second = rate;
+            status.dirty_rate_bytes_per_second = rate;
         }
-        Err(e) => tracing::warn!(vm = %name, "cannot sample the dirty rate: {e}"),
+        Err(e) => tracing::warn!(vm = vm.vm(), "cannot sample the dirty rate: {e}"),
     }
 }
 
 fn run(
-    name: String,
+    vm: &VmInstance,
     mut machine: Machine,
     commands: mpsc::Receiver<Command>,
-    status: Arc<Mutex<RunnerStatus>>,
+    status: &Mutex<RunnerStatus>,
     mut gate: OutputGate,
 ) {
     let mut last_sample = Instant::now();
     loop {
         if last_sample.elapsed() >= RATE_INTERVAL {
-            sample_dirty_rate(&name, &machine, &status);
+            sample_dirty_rate(vm, &machine, status);
             last_sample = Instant::now();
         }
         match commands.recv_timeout(PUMP_INTERVAL) {
-            Ok(command) => match command {
-                Command::Pause(r) => drop(r.send(machine.pause().map_err(text))),
-                Command::Resume(r) => drop(r.send(machine.resume().map_err(text))),
-                Command::Capture(r) => drop(r.send(machine.capture().map_err(text))),
-                Command::DirtyLogging(on, r) => drop(r.send(machine.set_dirty_logging(on).map_err(text))),
-                Command::TakeDirty(r) => {
-                    let taken = machine.take_dirty_pages().map_err(text);
-                    if let Ok(pages) = &taken {
-                        crate::metrics::get().dirty_taken(&name, machine.dirty_tracker(), pages.len());
-                    }
-                    drop(r.send(taken))
-                }
-                Command::Verify(r) => drop(r.send(machine.verify().map_err(RunnerError::Verify))),
-                Command::Checkpoint(epoch, r) => {
-                    let capture = checkpoint(&mut machine, epoch).map_err(text);
-                    if let Ok(c) = &capture {
-                        crate::metrics::get().dirty_taken(&name, machine.dirty_tracker(), c.dirty.len());
-                    }
-                    drop(r.send(capture))
-                }
-                Command::Release(upto) => {
-                    if upto.is_none() {
-                        gate.hold = false;
-                    }
-                    release(&name, &machine, &mut gate, upto.unwrap_or(usize::MAX), &status);
-                }
-            },
+            Ok(command) => obey(vm, &mut machine, command, status, &mut gate),
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Disconnected) => break,
         }
-        // Absorb what the vCPUs reported: output records reach the outside here.
-        loop {
-            match machine.next_event(Duration::ZERO) {
-                Ok(Some(MachineEvent::Output(_))) => {
-                    status.lock().expect("runner status lock").records += 1;
-                    if !gate.hold {
-                        release(&name, &machine, &mut gate, usize::MAX, &status);
-                    }
-                }
-                Ok(Some(MachineEvent::VcpuDone(_))) => {
-                    status.lock().expect("runner status lock").finished = machine.is_finished();
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!(vm = %name, "VM failed: {e}");
-                    status.lock().expect("runner status lock").error = Some(e.to_string());
-                    break;
+        absorb_events(vm.vm(), &mut machine, status, &mut gate);
+    }
+    // Stopped: the machine goes with this thread.
+    status.lock().expect("runner status lock").dirty_rate_bytes_per_second = None;
+}
+
+/// Carries out one command from the async side.
+fn obey(vm: &VmInstance, machine: &mut Machine, command: Command, status: &Mutex<RunnerStatus>, gate: &mut OutputGate) {
+    let metrics = crate::metrics::get();
+    match command {
+        Command::Pause(r) => {
+            let paused = machine.pause().map_err(text);
+            if !machine.is_running() {
+                // Paused (a migration's stop, a stopped VM): no rate until it runs
+                // again, and none from before the caller hears of the pause.
+                status.lock().expect("runner status lock").dirty_rate_bytes_per_second = None;
+            }
+            drop(r.send(paused))
+        }
+        Command::Resume(r) => drop(r.send(machine.resume().map_err(text))),
+        Command::Capture(r) => drop(r.send(machine.capture().map_err(text))),
+        Command::DirtyLogging(on, r) => drop(r.send(machine.set_dirty_logging(on).map_err(text))),
+        Command::TakeDirty(r) => {
+            let taken = machine.take_dirty_pages().map_err(text);
+            if let Ok(pages) = &taken {
+                metrics.dirty_taken(vm, machine.dirty_tracker(), pages.len());
+            }
+            drop(r.send(taken))
+        }
+        Command::Verify(r) => drop(r.send(machine.verify().map_err(RunnerError::Verify))),
+        Command::Checkpoint(epoch, r) => {
+            let capture = checkpoint(machine, epoch).map_err(text);
+            if let Ok(c) = &capture {
+                metrics.dirty_taken(vm, machine.dirty_tracker(), c.dirty.len());
+            }
+            drop(r.send(capture))
+        }
+        Command::Release(upto) => {
+            if upto.is_none() {
+                gate.hold = false;
+            }
+            release(vm.vm(), machine, gate, upto.unwrap_or(usize::MAX), status);
+        }
+    }
+}
+
+/// Absorbs what the vCPUs reported: output records reach the outside here.
+fn absorb_events(name: &str, machine: &mut Machine, status: &Mutex<RunnerStatus>, gate: &mut OutputGate) {
+    loop {
+        match machine.next_event(Duration::ZERO) {
+            Ok(Some(MachineEvent::Output(_))) => {
+                status.lock().expect("runner status lock").records += 1;
+                if !gate.hold {
+                    release(name, machine, gate, usize::MAX, status);
                 }
             }
+            Ok(Some(MachineEvent::VcpuDone(_))) => {
+                let mut status = status.lock().expect("runner status lock");
+                status.finished = machine.is_finished();
+                if status.finished {
+                    status.dirty_rate_bytes_per_second = None;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let mut status = status.lock().expect("runner status lock");
+                log_failure(name, &e, machine.fenced(), status.error.is_none());
+                status.error = Some(e.to_string());
+                status.dirty_rate_bytes_per_second = None;
+                break;
+            }
         }
+    }
+}
+
+/// Logs a vCPU's failure. On a copy its fence stopped for good (a PostCopyFT
+/// destination whose lease ran out or whose migration failed: the source
+/// recovers the VM) the vCPUs failing is how it is meant to end: a warning for
+/// the first, the rest at debug. Any other failure is an error.
+fn log_failure(name: &str, e: &MachineError, fenced: bool, first: bool) {
+    match (fenced, first) {
+        (true, true) => tracing::warn!(
+            vm = %name,
+            "this copy of the VM is stopped for good (fenced), as designed when a PostCopyFT migration fails here: \
+             the source recovers the VM from its last committed checkpoint ({e})"
+        ),
+        (true, false) => tracing::debug!(vm = %name, "fenced copy: {e}"),
+        (false, _) => tracing::error!(vm = %name, "VM failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::machine::tests::config;
+    use vm_fixtures::FixtureKind;
+
+    fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(future)
+    }
+
+    /// A runner of a ledger guest of `steps` steps on one vCPU, running, with dirty logging on.
+    fn running(name: &str, steps: u64) -> VmRunner {
+        let machine = Machine::boot(config(FixtureKind::Ledger, 1, steps)).unwrap();
+        let gate = OutputGate { sink: OutputSink::log_only("test"), released: 0, hold: false };
+        let runner = VmRunner::spawn(name, machine, gate).unwrap();
+        block_on(runner.set_dirty_logging(true)).unwrap();
+        block_on(runner.resume()).unwrap();
+        runner
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn gauge_of(vm: &str) -> Option<String> {
+        let series = format!(r#"pcft_vm_dirty_rate_bytes_per_second{{vm="{vm}""#);
+        crate::metrics::get().encode().lines().find(|l| l.starts_with(&series)).map(str::to_string)
+    }
+
+    /// A guest that runs has a rate; paused, it has none (until it runs again);
+    /// and once its VM left, its runner sets the gauge no more, though it runs on.
+    #[test]
+    fn only_a_running_guest_has_a_dirty_rate_and_a_vm_that_left_has_no_gauge() {
+        let name = "runner-test-running";
+        let runner = running(name, 50_000_000);
+        let rate = || runner.status().dirty_rate_bytes_per_second;
+        wait_until("the first sample", || rate().is_some());
+        assert!(gauge_of(name).is_some());
+        block_on(runner.pause()).unwrap();
+        assert_eq!(rate(), None, "a paused guest writes nothing: no rate");
+        std::thread::sleep(RATE_INTERVAL + Duration::from_millis(200));
+        assert_eq!(rate(), None, "nor after the next sample");
+        block_on(runner.resume()).unwrap();
+        wait_until("a sample after the resume", || rate().is_some());
+
+        crate::metrics::get().vm_left(name);
+        assert_eq!(gauge_of(name), None);
+        std::thread::sleep(RATE_INTERVAL + Duration::from_millis(300));
+        assert_eq!(gauge_of(name), None, "set again by the runner of a VM that left");
+    }
+
+    /// What this test binary logs at INFO and above, as text (installed once, for every test).
+    fn logs() -> &'static Mutex<Vec<u8>> {
+        static LOGS: std::sync::OnceLock<&'static Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs: &'static Mutex<Vec<u8>> = Box::leak(Box::default());
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::INFO)
+                .with_ansi(false)
+                .with_writer(move || Writer(logs))
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("no other test sets one");
+            logs
+        })
+    }
+
+    struct Writer(&'static Mutex<Vec<u8>>);
+
+    impl std::io::Write for Writer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A copy whose fence stops it (a PostCopyFT destination whose lease ran
+    /// out) is meant to end with its vCPUs failing: one warning that says so,
+    /// not an error per vCPU (issue 15: the fenced destination logged ERROR).
+    #[test]
+    fn a_fenced_copys_vcpus_failing_is_one_warning_not_an_error() {
+        use crate::vmm::fence::Fence;
+        let logs = logs();
+        let name = "runner-test-fenced";
+        let mut first = Machine::boot(config(FixtureKind::Ledger, 2, 50_000_000)).unwrap();
+        first.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let state = first.capture().unwrap();
+        let memory = first.memory_handle();
+        drop(first);
+        let fence = Fence::new(crate::clock::BootTime::now() + Duration::from_millis(100));
+        let mut prepared = Machine::prepare(state.config.clone(), memory).unwrap();
+        prepared.set_fence(Arc::clone(&fence));
+        let gate = OutputGate { sink: OutputSink::log_only("test"), released: 0, hold: true };
+        let runner = VmRunner::spawn(name, prepared.restore(state).unwrap(), gate).unwrap();
+        block_on(runner.resume()).unwrap();
+        wait_until("the fence stops the copy", || runner.status().error.is_some());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(fence.tripped());
+        let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(&format!("vm={name}"))).collect();
+        assert!(!lines.iter().any(|l| l.contains("ERROR")), "{lines:#?}");
+        let warnings: Vec<&&str> = lines.iter().filter(|l| l.contains(" WARN ")).collect();
+        assert_eq!(warnings.len(), 1, "one warning for the copy, not one per vCPU: {lines:#?}");
+        assert!(warnings[0].contains("stopped for good (fenced), as designed"), "{lines:#?}");
+        assert!(warnings[0].contains("the source recovers the VM"), "{lines:#?}");
+    }
+
+    /// A finished guest has no rate, in the status or the gauge.
+    #[test]
+    fn a_finished_guest_has_no_dirty_rate() {
+        let name = "runner-test-finished";
+        let runner = running(name, 3_000);
+        wait_until("the guest finished", || runner.status().finished);
+        assert_eq!(runner.status().dirty_rate_bytes_per_second, None);
+        std::thread::sleep(RATE_INTERVAL + Duration::from_millis(200));
+        assert_eq!(runner.status().dirty_rate_bytes_per_second, None, "a sample after the end");
+        assert_eq!(gauge_of(name), None, "{:?}", gauge_of(name));
     }
 }

@@ -61,7 +61,10 @@ impl VcpuWorker {
         kick::install();
         let (commands, rx) = std::sync::mpsc::channel();
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        // Its lines carry the span it was started in (a migration's: which VM).
+        let span = tracing::Span::current();
         let thread = std::thread::Builder::new().name(format!("vcpu{}", vcpu.id())).spawn(move || {
+            let _span = span.entered();
             // SAFETY: gettid(2) has no preconditions.
             let tid = unsafe { libc::gettid() } as u32;
             let timer = match fence.as_ref().map(|_| DeadlineTimer::for_thread(tid)).transpose() {

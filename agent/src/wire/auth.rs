@@ -160,6 +160,11 @@ impl FrameMac {
         full[..TAG_BYTES].try_into().expect("SHA-256 is longer than a tag")
     }
 
+    /// Frames of this direction tagged or checked so far.
+    pub fn frames(&self) -> u64 {
+        self.seq
+    }
+
     /// Checks the next frame's tag (in constant time).
     pub fn verify(&mut self, header: &[u8], payload: &[u8], tag: &[u8; TAG_BYTES]) -> bool {
         let ok = self.mac(header, payload).verify_truncated_left(tag).is_ok();

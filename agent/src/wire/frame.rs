@@ -74,10 +74,46 @@ pub enum ProtocolError {
     Closed,
     #[error("frame authentication failed (HMAC mismatch): the peer does not hold this agent's pre-shared key (--psk-file), or the stream was tampered with")]
     Unauthenticated,
+    /// An agent refused its peer: a frame failed its tag on the agent's side of
+    /// a connection (see [`FrameReader::refuse_as_agent`]); counted in `pcft_auth_refusals_total`.
+    #[error("refused {peer} ({}): {}", reason.label(), reason.explain())]
+    Refused { peer: String, reason: TagRefusal },
     /// The connection failed under the frames; `kind` says how (a reset is
     /// `ConnectionReset`), `detail` is the system's message.
     #[error("connection error: {detail}")]
     Io { kind: std::io::ErrorKind, detail: String },
+}
+
+/// Why an agent refused a peer whose frame failed its tag: the `reason` label
+/// of `pcft_auth_refusals_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TagRefusal {
+    /// The peer's first tagged frame failed: it holds another key (or none of
+    /// this one). A client that finds the agent's `Welcome` wrong still sends
+    /// one frame under its own key before it hangs up, so that the agent learns it.
+    WrongKey,
+    /// A later frame failed, after earlier ones passed: the stream was tampered with.
+    BadMac,
+}
+
+impl TagRefusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            TagRefusal::WrongKey => "wrong-key",
+            TagRefusal::BadMac => "bad-mac",
+        }
+    }
+
+    fn explain(self) -> &'static str {
+        match self {
+            TagRefusal::WrongKey => {
+                "its first frame failed the HMAC check: it holds another pre-shared key than this agent; give both ends the same --psk-file"
+            }
+            TagRefusal::BadMac => {
+                "a frame failed the HMAC check after its first ones passed: the stream was tampered with"
+            }
+        }
+    }
 }
 
 impl ProtocolError {
@@ -487,6 +523,9 @@ async fn read_exactly<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> R
 pub struct FrameReader<R = OwnedReadHalf> {
     inner: R,
     mac: Option<FrameMac>,
+    /// On an agent's side of a connection: the peer (its greeting's name), refused
+    /// and counted when a frame fails its tag (see [`refuse_as_agent`](Self::refuse_as_agent)).
+    refusing: Option<String>,
     /// The largest payload a frame may claim now (small until the greeting is done).
     max_payload: u32,
     /// The payload bytes of the last frame read (for flow control).
@@ -496,13 +535,13 @@ pub struct FrameReader<R = OwnedReadHalf> {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader of untagged frames (until [`authenticate`](Self::authenticate)).
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, mac: None, max_payload: MAX_PAYLOAD, last_payload: 0 }
+        FrameReader { inner, mac: None, refusing: None, max_payload: MAX_PAYLOAD, last_payload: 0 }
     }
 
     /// A reader for a connection's greeting: frames larger than a greeting
     /// are refused until [`greeted`](Self::greeted) or an authentication.
     pub fn for_greeting(inner: R) -> Self {
-        FrameReader { inner, mac: None, max_payload: GREETING_MAX_PAYLOAD, last_payload: 0 }
+        FrameReader { inner, mac: None, refusing: None, max_payload: GREETING_MAX_PAYLOAD, last_payload: 0 }
     }
 
     /// The greeting is done (without a key): frames up to [`MAX_PAYLOAD`] from now on.
@@ -514,6 +553,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn authenticate(&mut self, mac: FrameMac) {
         self.mac = Some(mac);
         self.max_payload = MAX_PAYLOAD;
+    }
+
+    /// This reader is an agent's side of a connection from `peer` (the name in
+    /// its greeting): a frame that fails its tag refuses the peer. The refusal
+    /// is counted in `pcft_auth_refusals_total` (`wrong-key` for the peer's
+    /// first frame, `bad-mac` for a later one) and returned as
+    /// [`ProtocolError::Refused`], whose text names the reason and the fix.
+    pub fn refuse_as_agent(&mut self, peer: &str) {
+        self.refusing = Some(peer.to_string());
     }
 
     /// The payload bytes of the frame [`read`](Self::read) returned last.
@@ -528,11 +576,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if let Some(mac) = &mut self.mac {
             let mut tag = [0u8; TAG_BYTES];
             read_exactly(&mut self.inner, &mut tag).await?;
+            let first = mac.frames() == 0;
             if !mac.verify(&header_bytes, &payload, &tag) {
-                return Err(ProtocolError::Unauthenticated);
+                return Err(self.unauthenticated(first));
             }
         }
         decode_checked(header, payload)
+    }
+
+    /// The error for a frame that failed its tag (the peer's first, if `first`):
+    /// on an agent's side, the peer is refused and the refusal counted.
+    fn unauthenticated(&self, first: bool) -> ProtocolError {
+        let Some(peer) = &self.refusing else { return ProtocolError::Unauthenticated };
+        let reason = if first { TagRefusal::WrongKey } else { TagRefusal::BadMac };
+        crate::metrics::get().auth_refused(reason.label());
+        ProtocolError::Refused { peer: peer.clone(), reason }
     }
 
     /// The greeting's answer, read before the connection is authenticated,

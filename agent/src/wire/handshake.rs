@@ -8,7 +8,7 @@
 //! | K | K | `Welcome` and every later frame in both directions tagged |
 //! | none | K | the server refuses: it requires authentication |
 //! | K | none | the server refuses: it does not authenticate |
-//! | K | K' | the client finds `Welcome`'s tag wrong; a server finds the client's first frame's tag wrong |
+//! | K | K' | the client finds `Welcome`'s tag wrong, says so in one `Refuse` under its own key and hangs up; the server finds that frame's tag wrong and refuses the client (`wrong-key`) |
 
 use crate::wire::auth::{self, Psk};
 use crate::wire::frame::{encode_message, Frame, FrameReader, FrameWriter, ProtocolError};
@@ -78,11 +78,12 @@ pub async fn connect(stream: TcpStream, role: Role, agent: &str, psk: Option<&Ps
     match (psk, nonce, server_nonce) {
         (Some(psk), Some(client), Some(server)) => {
             let session = psk.session(true, &client, &server);
-            rd.verify_greeting(session.recv, &header, &payload).await.map_err(|e| match e {
-                ProtocolError::Unauthenticated => HandshakeError::WrongKey,
-                e => e.into(),
-            })?;
             wr.authenticate(session.send);
+            match rd.verify_greeting(session.recv, &header, &payload).await {
+                Ok(()) => {}
+                Err(ProtocolError::Unauthenticated) => return Err(wrong_key(&mut wr).await),
+                Err(e) => return Err(e.into()),
+            }
         }
         (None, _, None) => rd.greeted(),
         // A server that answers otherwise does not follow the protocol.
@@ -91,9 +92,24 @@ pub async fn connect(stream: TcpStream, role: Role, agent: &str, psk: Option<&Ps
     Ok(Greeted { rd, wr, peer })
 }
 
+/// The client found `Welcome`'s tag wrong: the server holds another key. The
+/// server cannot see that from its side, so before hanging up the client
+/// says so in one frame tagged under its own key; the server finds that
+/// frame's tag wrong and refuses (and counts) the client as `wrong-key`
+/// (should the tag pass after all, `Welcome` was tampered with on the way,
+/// and the server refuses a greeting frame where requests belong).
+async fn wrong_key(wr: &mut FrameWriter) -> HandshakeError {
+    let reason =
+        "your Welcome failed the HMAC check: we hold different pre-shared keys; give both ends the same --psk-file";
+    let _ = wr.write(&encode_message(&Greeting::Refuse { reason: reason.into() })).await;
+    HandshakeError::WrongKey
+}
+
 /// The server's side: reads `Hello` and answers; with `psk`, only a peer
 /// that authenticates is welcome. A refused peer is told why, and the
-/// refusal is returned (the connection is done).
+/// refusal is returned (the connection is done). On an authenticated
+/// connection, a later frame that fails its tag refuses the peer too
+/// ([`FrameReader::refuse_as_agent`]).
 pub async fn accept(stream: TcpStream, agent: &str, psk: Option<&Psk>) -> Result<(Greeted, Role), HandshakeError> {
     let (mut rd, mut wr) = split(stream);
     let (role, peer, client_nonce) = match rd.read::<Greeting>().await {
@@ -119,6 +135,7 @@ pub async fn accept(stream: TcpStream, agent: &str, psk: Option<&Psk>) -> Result
             let session = psk.session(false, &client, &server);
             wr.authenticate(session.send);
             rd.authenticate(session.recv);
+            rd.refuse_as_agent(&peer);
             Some(server)
         }
         (None, None) => None,

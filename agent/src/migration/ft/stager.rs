@@ -75,9 +75,12 @@ impl Stager {
         let (events_tx, events) = mpsc::unbounded_channel();
         let inbox = Inbox { tx, pending: Arc::new(AtomicUsize::new(0)) };
         let pending = Arc::clone(&inbox.pending);
-        let thread = std::thread::Builder::new()
-            .name("checkpoint-stager".into())
-            .spawn(move || stage(store, &vm, rx, &pending, &events_tx))?;
+        // Its lines carry the span it was started in (the migration's), and the VM.
+        let span = tracing::Span::current();
+        let thread = std::thread::Builder::new().name("checkpoint-stager".into()).spawn(move || {
+            let _span = span.entered();
+            stage(store, &vm, rx, &pending, &events_tx)
+        })?;
         Ok((Stager { inbox: inbox.clone(), thread }, inbox, events))
     }
 
@@ -134,7 +137,7 @@ fn stage(
                         m.vm(&m.checkpoints, vm, 1);
                         m.vm(&m.checkpoint_bytes, vm, store.bytes_received.saturating_sub(bytes_before));
                         m.timeline.event(vm, EventKind::CheckpointCommitted, format!("epoch {epoch}: {pages} pages"));
-                        tracing::debug!(epoch, pages, "checkpoint committed");
+                        tracing::debug!(vm, epoch, pages, "checkpoint committed");
                         Some(vec![Event::Committed { epoch, pages }, Event::Credit(credit)])
                     }
                     Err(e) => Some(vec![Event::Refused(e.to_string())]),

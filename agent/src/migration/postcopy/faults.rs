@@ -53,7 +53,10 @@ impl FaultHandler {
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
+        // Its lines carry the span it was started in (the migration's: which VM).
+        let span = tracing::Span::current();
         let thread = std::thread::Builder::new().name("uffd-faults".into()).spawn(move || {
+            let _span = span.entered();
             while !flag.load(Ordering::Relaxed) {
                 match region.next_fault(Duration::from_millis(20)) {
                     Ok(Some(fault)) => {

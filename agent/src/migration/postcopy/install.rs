@@ -205,7 +205,7 @@ impl IncomingPages {
             return;
         }
         match self.memory.revoke_pages(&pages) {
-            Ok(()) => tracing::info!(pages = pages.len(), "revoked the missing pages blocked vCPUs wait for"),
+            Ok(()) => tracing::debug!(pages = pages.len(), "revoked the missing pages blocked vCPUs wait for"),
             Err(e) => tracing::error!("cannot revoke the pages blocked vCPUs wait for: {e}"),
         }
     }

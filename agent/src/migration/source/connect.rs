@@ -30,6 +30,7 @@ pub async fn connect(req: &MigrateOut<'_>) -> Result<Link, MigrationError> {
         .map_err(|_| MigrationError::Timeout { what: "welcome".into(), after: reply_timeout })?
         .map_err(|e| match e {
             HandshakeError::WrongKey => {
+                tracing::warn!(%to, reason = "wrong-key", "refused the destination: {}", HandshakeError::WrongKey);
                 metrics::get().auth_refused("wrong-key");
                 MigrationError::Refused(format!("agent {to}: {}", HandshakeError::WrongKey))
             }

@@ -53,7 +53,7 @@ pub async fn stop_and_switch(
     link.out.message(&MigrationMessage::Switchover { state: state.clone(), stale }).await?;
     let sent_at = Instant::now();
     let restored = expect(&mut link.rd, "restored", req.reply_timeout()).await?;
-    tracing::info!(
+    tracing::debug!(
         paused_ms,
         capture_ms,
         state_bytes,

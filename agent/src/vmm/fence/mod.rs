@@ -108,7 +108,10 @@ impl Watchdog {
     pub fn start(fence: Arc<Fence>, vcpu_tids: Vec<u32>) -> std::io::Result<Watchdog> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
+        // Its lines carry the span it was started in (the migration's: which VM).
+        let span = tracing::Span::current();
         let thread = std::thread::Builder::new().name("lease-watchdog".into()).spawn(move || {
+            let _span = span.entered();
             let mut logged = false;
             while !flag.load(Ordering::SeqCst) {
                 match fence.phase() {
