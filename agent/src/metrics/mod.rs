@@ -271,9 +271,6 @@ impl Metrics {
         self.pages.get_or_create(&PageLabels { vm: vm.to_string(), reason }).inc_by(pages);
     }
 
-    /// TEMPORARY (replaced by the metrics branch): `vm` left.
-    pub fn vm_left(&self, _vm: &str) {}
-
     pub fn vm(&self, family: &Family<VmLabels, Counter>, vm: &str, by: u64) {
         family.get_or_create(&VmLabels { vm: vm.to_string() }).inc_by(by);
     }

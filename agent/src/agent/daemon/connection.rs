@@ -3,13 +3,12 @@
 
 use super::error::{DaemonError, Denial, Refusal};
 use super::outgoing::MigrateRequest;
-use super::server::{note_unauthenticated, refuse, send, Daemon, Reply, GREETING_TIMEOUT};
+use super::server::{refuse, send, Daemon, Reply, GREETING_TIMEOUT};
 use super::table;
 use crate::wire::control::ControlMessage;
 use crate::wire::frame::{Frame, FrameReader, FrameWriter, ProtocolError};
 use crate::wire::greeting::Role;
 use crate::wire::handshake::{self, Greeted};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -25,7 +24,7 @@ impl Daemon {
             };
             let daemon = Arc::clone(&self);
             tokio::spawn(async move {
-                if let Err(e) = daemon.connection(stream, peer).await {
+                if let Err(e) = daemon.connection(stream).await {
                     tracing::warn!(%peer, "connection ended: {e}");
                 }
             });
@@ -34,7 +33,7 @@ impl Daemon {
         Err(accepted)
     }
 
-    pub(super) async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<(), DaemonError> {
+    pub(super) async fn connection(self: Arc<Self>, stream: TcpStream) -> Result<(), DaemonError> {
         stream.set_nodelay(true).map_err(DaemonError::Socket)?;
         let greeting = handshake::accept(stream, &self.name, self.psk.as_ref());
         let Ok(accepted) = tokio::time::timeout(GREETING_TIMEOUT, greeting).await else {
@@ -47,8 +46,8 @@ impl Daemon {
         })?;
         let Greeted { rd, wr, peer: from } = greeted;
         match role {
-            Role::Control => self.serve_control(rd, wr, peer).await,
-            Role::Migration => self.incoming(rd, wr, &from, peer).await,
+            Role::Control => self.serve_control(rd, wr).await,
+            Role::Migration => self.incoming(rd, wr, &from).await,
         }
     }
 
@@ -57,7 +56,6 @@ impl Daemon {
         self: Arc<Self>,
         mut rd: FrameReader,
         mut wr: FrameWriter,
-        peer: SocketAddr,
     ) -> Result<(), DaemonError> {
         let refuse_with = |reason| ControlMessage::Refuse { reason };
         loop {
@@ -65,10 +63,7 @@ impl Daemon {
                 Ok(Frame::Message(m)) => m,
                 Ok(Frame::Pages(_)) => return refuse(&mut wr, Refusal::PagesOnControl, refuse_with).await,
                 Err(ProtocolError::Closed) => return Ok(()),
-                Err(e) => {
-                    note_unauthenticated(&e, peer);
-                    return refuse(&mut wr, Refusal::Protocol(e), refuse_with).await;
-                }
+                Err(e) => return refuse(&mut wr, Refusal::Protocol(e), refuse_with).await,
             };
             let reply = match self.control(request).await {
                 Ok(answer) => answer,

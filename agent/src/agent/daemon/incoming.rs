@@ -10,7 +10,6 @@ use crate::vmm::machine::MachineConfig;
 use crate::wire::frame::{Frame, FrameReader, FrameWriter};
 use crate::wire::migration::MigrationMessage;
 use crate::wire::payload::{MigrationOptions, Mode, VmPhase};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tracing::Instrument;
 
@@ -35,7 +34,6 @@ impl Daemon {
         mut rd: FrameReader,
         mut wr: FrameWriter,
         from: &str,
-        peer: SocketAddr,
     ) -> Result<(), DaemonError> {
         let refuse_with = |reason| MigrationMessage::Refuse { reason };
         let (name, config, mode, options) = match rd.read::<MigrationMessage>().await {
@@ -45,10 +43,7 @@ impl Daemon {
             Ok(other) => {
                 return refuse(&mut wr, Refusal::ExpectedBegin { got: format!("{other:?}") }, refuse_with).await
             }
-            Err(e) => {
-                super::server::note_unauthenticated(&e, peer);
-                return refuse(&mut wr, Refusal::Protocol(e), refuse_with).await;
-            }
+            Err(e) => return refuse(&mut wr, Refusal::Protocol(e), refuse_with).await,
         };
         if let Err(refusal) = self.admit(&name, &config, mode, &options) {
             tracing::warn!(vm = %name, %from, "refused an incoming migration: {refusal}");

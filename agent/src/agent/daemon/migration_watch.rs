@@ -96,7 +96,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_gets_the_answer_whether_it_came_before_or_after_the_end() {
-        let watch = Arc::new(MigrationWatch::new("b".into(), Mode::Postcopy, Arc::new(Progress::new())));
+        let watch = Arc::new(MigrationWatch::new("b".into(), Mode::Postcopy, Arc::new(Progress::new(Mode::Postcopy))));
         assert_eq!(watch.wait(Some(Duration::from_millis(10))).await, None, "still running");
         let early = tokio::spawn({
             let watch = Arc::clone(&watch);

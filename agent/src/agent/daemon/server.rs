@@ -8,10 +8,9 @@ use crate::migration::ft::staging::StagingLimits;
 use crate::vmm::output::OutputSink;
 use crate::wire::auth::Psk;
 use crate::wire::control::ControlMessage;
-use crate::wire::frame::{encode_message, FrameWriter, ProtocolError};
+use crate::wire::frame::{encode_message, FrameWriter};
 use crate::wire::message_set::WireMessage;
 use crate::wire::payload::VmPhase;
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -114,14 +113,6 @@ impl Daemon {
 
 pub(super) async fn send<M: WireMessage>(wr: &mut FrameWriter, message: &M) -> Result<(), DaemonError> {
     wr.write(&encode_message(message)).await.map_err(DaemonError::Send)
-}
-
-/// Logs and counts a frame that failed its authentication check.
-pub(super) fn note_unauthenticated(error: &ProtocolError, peer: SocketAddr) {
-    if *error == ProtocolError::Unauthenticated {
-        tracing::warn!(%peer, "refused a peer: its frame failed the HMAC check (wrong --psk-file, or tampering)");
-        crate::metrics::get().auth_refused("bad-mac");
-    }
 }
 
 /// Tells the peer why (in the message `refuse_with` makes of the reason, in
