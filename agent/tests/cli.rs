@@ -71,7 +71,7 @@ fn unusable_snapshot_files() {
     refused(cmd, "No such file or directory");
 
     let garbage = dir.path().join("garbage.snap");
-    std::fs::write(&garbage, b"PCFTSNAP\x01\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
+    std::fs::write(&garbage, b"PCFTSNAP\x02\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
     let mut cmd = pcft();
     cmd.args(["vm", "restore"]).arg(&garbage);
     refused(cmd, "is corrupt: state section claims");
@@ -84,7 +84,7 @@ fn unusable_snapshot_files() {
     std::fs::write(&other, b"PCFTSNAP\x09\x00\x00\x00").unwrap();
     let mut cmd = pcft();
     cmd.args(["vm", "restore"]).arg(&other);
-    refused(cmd, "format version 9; this pcft reads version 1");
+    refused(cmd, "format version 9; this pcft reads version 2");
 }
 
 #[test]

@@ -64,6 +64,12 @@ pub const PATTERN_SEQUENTIAL: u64 = 0;
 pub const PATTERN_RANDOM: u64 = 1;
 pub const PATTERN_HOT_COLD: u64 = 2;
 
+/// `--prefill`: before boot, the VMM writes every word of guest memory that the
+/// boot image leaves untouched with `gpa ^ PREFILL_TAG` (non-zero, and
+/// different at every address), and the oracle expects it wherever the guest
+/// has not written. The tag is "PFIL" in the high half.
+pub const PREFILL_TAG: u64 = 0x5046_494C_0000_0000;
+
 /// Constants of the mixing function (splitmix64) shared by guest and oracle.
 pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 pub const MIX_MUL1: u64 = 0xBF58_476D_1CE4_E5B9;

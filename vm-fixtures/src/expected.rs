@@ -19,8 +19,12 @@ pub struct OutputRecord {
 pub struct Expected {
     ws_base: u64,
     ws_end: u64,
-    /// Every non-zero 8-byte word of the working set as `(gpa, value)`, sorted by address.
+    /// Every 8-byte word of the working set that the guest wrote as `(gpa,
+    /// value)`, sorted by address; without the prefill, only the non-zero ones.
     words: Vec<(u64, u64)>,
+    /// Whether memory started prefilled (see `prefill.rs`): then a word the
+    /// guest did not write holds the prefill pattern, not zero.
+    prefill: bool,
     /// Per vCPU, the records in the order that vCPU emits them.
     outputs: Vec<Vec<OutputRecord>>,
 }
@@ -65,22 +69,39 @@ pub fn memory_digest(base: u64, bytes: &[u8]) -> u64 {
 }
 
 impl Expected {
-    pub(crate) fn new(ws_base: u64, ws_end: u64, words: HashMap<u64, u64>, outputs: Vec<Vec<OutputRecord>>) -> Self {
-        let mut words: Vec<(u64, u64)> = words.into_iter().filter(|(_, v)| *v != 0).collect();
+    pub(crate) fn new(
+        ws_base: u64,
+        ws_end: u64,
+        words: HashMap<u64, u64>,
+        outputs: Vec<Vec<OutputRecord>>,
+        prefill: bool,
+    ) -> Self {
+        // Prefilled, a written zero differs from the word before it: keep it.
+        let mut words: Vec<(u64, u64)> = words.into_iter().filter(|(_, v)| prefill || *v != 0).collect();
         words.sort_unstable();
-        Expected { ws_base, ws_end, words, outputs }
+        Expected { ws_base, ws_end, words, outputs, prefill }
     }
 
-    /// Every non-zero word of the working set as `(gpa, value)`, sorted by address.
+    /// The word at `gpa` where the guest did not write: the prefill pattern, or zero.
+    fn initial(&self, gpa: u64) -> u64 {
+        if self.prefill {
+            crate::prefill_word(gpa)
+        } else {
+            0
+        }
+    }
+
+    /// Every word of the working set the guest wrote as `(gpa, value)`, sorted
+    /// by address (without the prefill, only the non-zero ones: the rest is zero).
     pub fn words(&self) -> &[(u64, u64)] {
         &self.words
     }
 
-    /// The expected value of the word at `gpa` (0 if never written).
+    /// The expected value of the word at `gpa` (if never written: 0, or the prefill pattern).
     pub fn word(&self, gpa: u64) -> u64 {
         match self.words.binary_search_by_key(&gpa, |(g, _)| *g) {
             Ok(i) => self.words[i].1,
-            Err(_) => 0,
+            Err(_) => self.initial(gpa),
         }
     }
 
@@ -96,8 +117,26 @@ impl Expected {
     }
 
     /// The digest of the expected working set (see [`memory_digest`]).
+    /// Prefilled, every word of the working set counts: linear in its size.
     pub fn memory_digest(&self) -> u64 {
-        self.words.iter().fold(0u64, |d, &(gpa, value)| d.wrapping_add(word_digest(gpa, value)))
+        if !self.prefill {
+            return self.words.iter().fold(0u64, |d, &(gpa, value)| d.wrapping_add(word_digest(gpa, value)));
+        }
+        let mut written = self.words.iter().peekable();
+        let mut digest = 0u64;
+        for gpa in (self.ws_base..self.ws_end).step_by(8) {
+            let value = match written.peek() {
+                Some(&&(g, v)) if g == gpa => {
+                    written.next();
+                    v
+                }
+                _ => self.initial(gpa),
+            };
+            if value != 0 {
+                digest = digest.wrapping_add(word_digest(gpa, value));
+            }
+        }
+        digest
     }
 
     /// Guest-physical range of the working set `[start, end)`.
@@ -173,7 +212,7 @@ impl MemoryCheck<'_> {
                     expected.next();
                     v
                 }
-                _ => 0,
+                _ => self.expected.initial(word_gpa),
             };
             if actual != 0 {
                 self.digest = self.digest.wrapping_add(word_digest(word_gpa, actual));

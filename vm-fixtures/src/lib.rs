@@ -12,6 +12,9 @@
 //! - `dirty`: writes pages at a configurable rate and pattern (sequential,
 //!   uniform random, hot/cold) for dirty-rate experiments.
 //! - `idle`: spins and writes almost nothing.
+//!
+//! Any of them can start with all of its memory written (`prefill`, see
+//! `prefill.rs`), as a guest that has run for a while has it.
 
 pub mod abi {
     //! The guest ABI shared with the assembler (see `src/abi.rs`).
@@ -20,9 +23,11 @@ pub mod abi {
 mod expected;
 mod oracle;
 mod params;
+mod prefill;
 
 pub use expected::{memory_digest, Expected, MemoryCheck, MemoryMismatch, OutputMismatch, OutputRecord};
 pub use params::{DirtyPattern, FixtureKind, FixtureParams, ParamsError};
+pub use prefill::{prefill_bytes, prefill_word};
 
 /// splitmix64's finalizer: the mixing function of every fixture (guest and host).
 pub fn mix(mut x: u64) -> u64 {

@@ -27,7 +27,7 @@ impl FixtureParams {
             };
             outputs.push(records);
         }
-        Expected::new(self.ws_base, self.ws_end(), words, outputs)
+        Expected::new(self.ws_base, self.ws_end(), words, outputs, self.prefill)
     }
 
     fn page_gpa(&self, v: u64, j: u64) -> u64 {
@@ -50,7 +50,7 @@ impl FixtureParams {
                 x = mix(x);
                 let word = (x >> 7) & 511;
                 let gpa = self.page_gpa(v, mul_high(x, ppv)) + word * 8;
-                let slot = words.entry(gpa).or_insert(0);
+                let slot = words.entry(gpa).or_insert_with(|| self.initial_word(gpa));
                 let new = mix(*slot ^ x);
                 *slot = new;
                 h = mix(h.wrapping_add(new));

@@ -101,6 +101,10 @@ pub struct FixtureParams {
     pub ticks_per_write: u64,
     /// `idle`: `pause` instructions between steps.
     pub spin: u64,
+    /// Guest memory starts with every page written (see [`FixtureParams::prefill_ranges`]),
+    /// as a guest that has run for a while has it, instead of zero.
+    #[serde(default)]
+    pub prefill: bool,
 }
 
 /// A parameter that the guest cannot run with.
@@ -145,6 +149,7 @@ impl FixtureParams {
             pattern: DirtyPattern::Random,
             ticks_per_write: 0,
             spin: 1_000,
+            prefill: false,
         }
     }
 

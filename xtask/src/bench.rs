@@ -56,17 +56,26 @@ pub(crate) struct Agent {
 
 impl Agent {
     pub(crate) fn start(pcft: &Path, name: &str) -> Result<Agent> {
-        Agent::spawn(pcft, name, false)
+        Agent::spawn(pcft, name, false, None)
     }
 
     /// An agent that also serves its Prometheus metrics (see [`Agent::metrics_addr`]).
     pub(crate) fn start_with_metrics(pcft: &Path, name: &str) -> Result<Agent> {
-        Agent::spawn(pcft, name, true)
+        Agent::spawn(pcft, name, true, None)
     }
 
-    fn spawn(pcft: &Path, name: &str, metrics: bool) -> Result<Agent> {
+    /// An agent that authenticates its peers and the CLI with the pre-shared key in `psk_file`.
+    pub(crate) fn start_with_key(pcft: &Path, name: &str, psk_file: &Path) -> Result<Agent> {
+        Agent::spawn(pcft, name, false, Some(psk_file))
+    }
+
+    fn spawn(pcft: &Path, name: &str, metrics: bool, psk_file: Option<&Path>) -> Result<Agent> {
         let mut cmd = Command::new(pcft);
-        cmd.args(["agent", "--listen", "127.0.0.1:0", "--name", name, "--insecure"]);
+        cmd.args(["agent", "--listen", "127.0.0.1:0", "--name", name]);
+        match psk_file {
+            Some(key) => cmd.arg("--psk-file").arg(key),
+            None => cmd.arg("--insecure"),
+        };
         if metrics {
             cmd.args(["--metrics", "127.0.0.1:0"]);
         }
@@ -89,6 +98,11 @@ impl Agent {
     /// The address it listens on.
     pub(crate) fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Its process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The address of its metrics server (`GET /metrics`), if started with them.

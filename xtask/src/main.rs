@@ -3,7 +3,7 @@
 //! - `setup`: install what a fresh Debian machine lacks (idempotent).
 //! - `run`:   the main job: build pcft and run the migration demo (see README).
 //! - `test`:  the README's test command: setup, then every test on real KVM.
-//! - `bench`: migration benchmarks against a TCP baseline (target/bench/).
+//! - `bench`: migration benchmarks against a TCP baseline, and beside QEMU (target/bench/).
 //! - `ci`:    what `.ci/run` runs: setup, format and lint checks, tests.
 //! - `dashboard-assets`: re-vendor the dashboard's plotting library from npm.
 //! - `chaos`: the fault-injection suite (random failures over many demo runs).
@@ -12,6 +12,7 @@
 mod bench;
 mod bench_dirty;
 mod bench_ft;
+mod bench_peer;
 mod chaos;
 mod ebpf;
 mod fuzz;
@@ -32,7 +33,7 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install missing system packages (binutils, util-linux, iproute2, nftables, libclang, chromium).
+    /// Install missing system packages (binutils, util-linux, iproute2, nftables, libclang, chromium, qemu-system-x86).
     Setup,
     /// Build pcft (release) and run the main job, `pcft demo`; extra arguments go to it.
     Run {
@@ -41,13 +42,14 @@ enum Task {
     },
     /// Run every test on real KVM (needs root and /dev/kvm).
     Test,
-    /// Benchmark the migration modes (release build) and the page path (criterion);
-    /// `--quick` for a 64 MiB migration smoke run only. Results: target/bench/*.{md,json,svg}.
+    /// Benchmark the migration modes (release build), the page path (criterion) and
+    /// pcft's post-copy beside QEMU's (peer: needs qemu-system-x86, which setup installs);
+    /// `--quick` for 64 MiB smoke runs only. Results: target/bench/*.{md,json,svg}.
     Bench {
         #[arg(long)]
         quick: bool,
-        /// Run only this part: migration, dirty or ft (PostCopyFT).
-        #[arg(long, value_parser = ["migration", "dirty", "ft"])]
+        /// Run only this part: migration, dirty, ft (PostCopyFT) or peer (beside QEMU and a raw TCP copy).
+        #[arg(long, value_parser = ["migration", "dirty", "ft", "peer"])]
         only: Option<String>,
     },
     /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then the tests.
@@ -95,6 +97,9 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     // The dashboard's end-to-end test loads it in headless Chromium.
     ("chromium", "chromium"),
+    // `cargo xtask bench --only peer`: QEMU's post-copy beside pcft's, its guest linked with ld.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("ld", "binutils"),
 ];
 
 fn main() -> std::process::ExitCode {
@@ -149,6 +154,9 @@ fn task(task: Task) -> Result<()> {
             }
             if part("ft") {
                 bench_ft::run(&workspace_root(), &pcft, quick)?;
+            }
+            if part("peer") {
+                bench_peer::run(&workspace_root(), &pcft, quick)?;
             }
             if !quick && only.is_none() {
                 // The page path's small parts, each beside a baseline from the same run.
@@ -211,6 +219,7 @@ fn setup() -> Result<()> {
         // userfaultfd-sys generates its bindings with bindgen, which loads libclang.
         missing.push("libclang1-14");
     }
+    missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());

@@ -47,7 +47,8 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, groups: &[Group]) -> R
         .disable_x_mesh()
         .max_light_lines(0)
         .y_desc(y_label)
-        .y_label_formatter(&|v| format!("{v}"))
+        // Three decimals at most: 0.6, not 0.6000000000000001.
+        .y_label_formatter(&|v| format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_string())
         .x_labels(groups.len() * 2 + 1)
         .x_label_formatter(&|x| {
             // Name each group at its centre.
@@ -206,10 +207,37 @@ pub fn ft(dir: &Path, results: &Value) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// Plots of target/bench/peer.json: total time, and CPU per GiB moved, of
+/// pcft, QEMU and the raw TCP copy, by guest memory (medians).
+pub fn peer(dir: &Path, results: &Value) -> Result<Vec<PathBuf>> {
+    let summaries = results["summaries"].as_array().cloned().unwrap_or_default();
+    let mem = |s: &Value| match s["mem_mib"].as_u64().unwrap_or(0) {
+        mib if mib >= 1024 && mib % 1024 == 0 => format!("{} GiB", mib / 1024),
+        mib => format!("{mib} MiB"),
+    };
+    let label = |s: &Value| s["label"].as_str().unwrap_or("?").to_string();
+    let total = group_runs(&summaries, mem, label, |s| s["total_ms"].as_f64());
+    let path = dir.join("peer-total.svg");
+    bar_chart(&path, "Post-copy of a full-memory guest: pcft, QEMU, raw TCP copy (median total)", "ms", &total)?;
+    let mut written = vec![path];
+    let mut cpu = group_runs(&summaries, |s| format!("{}, source", mem(s)), label, |s| s["src_cpu_s_per_gib"].as_f64());
+    cpu.extend(group_runs(
+        &summaries,
+        |s| format!("{}, destination", mem(s)),
+        label,
+        |s| s["dst_cpu_s_per_gib"].as_f64(),
+    ));
+    let path = dir.join("peer-cpu.svg");
+    bar_chart(&path, "CPU per GiB moved, guest vCPU threads left out (median)", "CPU-s / GiB", &cpu)?;
+    written.push(path);
+    Ok(written)
+}
+
 /// Plots every result file in `dir` that has a plot; returns the files written.
 pub fn all(dir: &Path) -> Result<Vec<PathBuf>> {
     type Plotter = fn(&Path, &Value) -> Result<Vec<PathBuf>>;
-    let plotters: [(&str, Plotter); 3] = [("migration.json", migration), ("dirty.json", dirty), ("ft.json", ft)];
+    let plotters: [(&str, Plotter); 4] =
+        [("migration.json", migration), ("dirty.json", dirty), ("ft.json", ft), ("peer.json", peer)];
     let mut written = Vec::new();
     for (file, plot) in plotters {
         let Ok(text) = std::fs::read_to_string(dir.join(file)) else { continue };

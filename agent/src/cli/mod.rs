@@ -632,6 +632,12 @@ pub struct WorkloadArgs {
     /// a thread of its own), or eBPF; auto picks the best this host has.
     #[arg(long, value_enum, default_value_t = TrackerArg::Auto)]
     pub dirty_tracker: TrackerArg,
+    /// Start with all of guest memory written, as a guest that has run for a
+    /// while has it: before boot, every page the boot image does not use gets
+    /// a non-zero pattern that the fixture's oracle expects wherever the guest
+    /// does not write (so no page migrates as a zero page).
+    #[arg(long)]
+    pub prefill: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

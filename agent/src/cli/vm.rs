@@ -62,6 +62,7 @@ pub fn machine_config(args: &WorkloadArgs) -> Result<MachineConfig, Failure> {
         fixture.spin = spin;
     }
     fixture.writes_per_step = args.writes_per_step;
+    fixture.prefill = args.prefill;
     fixture.pattern = match args.pattern {
         Pattern::Sequential => DirtyPattern::Sequential,
         Pattern::Random => DirtyPattern::Random,

@@ -5,6 +5,7 @@
 
 use crate::vmm::memory::{GuestMemory, MemoryError};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use std::ops::Range;
 use vm_fixtures::abi;
 
 const GIB: u64 = 1 << 30;
@@ -60,6 +61,23 @@ pub fn write_boot_image(memory: &GuestMemory, image: &[u8], params: &[u8], ws_en
     memory.write(abi::GDT_GPA, &gdt)?;
     memory.write(abi::CODE_GPA, image)?;
     memory.write(abi::PARAMS_GPA, params)?;
+    Ok(())
+}
+
+/// Writes the prefill pattern over `ranges` of guest memory (`--prefill`:
+/// every page the boot image does not use, see
+/// [`vm_fixtures::FixtureParams::prefill_ranges`]), 1 MiB at a time.
+pub fn write_prefill(memory: &GuestMemory, ranges: &[Range<u64>]) -> Result<(), BootError> {
+    let mut chunk = vec![0u8; 1 << 20];
+    for range in ranges {
+        let mut gpa = range.start;
+        while gpa < range.end {
+            let len = (range.end - gpa).min(chunk.len() as u64) as usize;
+            vm_fixtures::prefill_bytes(gpa, &mut chunk[..len]);
+            memory.write(gpa, &chunk[..len])?;
+            gpa += len as u64;
+        }
+    }
     Ok(())
 }
 
@@ -134,6 +152,32 @@ mod tests {
         let mut code = [0u8; 8];
         memory.read(abi::CODE_GPA, &mut code).unwrap();
         assert_eq!(code, [0x90; 8]);
+    }
+
+    #[test]
+    fn prefill_writes_every_page_but_the_boot_image() {
+        let mem = 8 << 20;
+        let ws_pages = (mem - abi::WORKING_SET_GPA) / abi::PAGE_SIZE;
+        let params = vm_fixtures::FixtureParams {
+            prefill: true,
+            ..vm_fixtures::FixtureParams::new(vm_fixtures::FixtureKind::Dirty, 2, ws_pages)
+        };
+        let memory = GuestMemory::new(mem, 4 << 20).unwrap();
+        write_prefill(&memory, &params.prefill_ranges(mem)).unwrap();
+        write_boot_image(&memory, &[0x90; 8], &params.encode(), params.ws_end()).unwrap();
+        let boot = params.boot_ranges(mem);
+        let mut page = vec![0u8; abi::PAGE_SIZE as usize];
+        for gpa in (0..mem).step_by(abi::PAGE_SIZE as usize) {
+            memory.read(gpa, &mut page).unwrap();
+            let in_boot = boot.iter().any(|r| r.contains(&gpa));
+            if !in_boot {
+                assert_eq!(&page[..8], &vm_fixtures::prefill_word(gpa).to_le_bytes(), "page {gpa:#x}");
+                assert!(page.chunks_exact(8).all(|w| w != [0; 8]), "a zero word in page {gpa:#x}");
+            }
+        }
+        // The boot image is intact: the parameter block and the page tables.
+        assert_eq!(memory.read_u64(abi::PARAMS_GPA).unwrap(), abi::PARAMS_MAGIC);
+        assert_eq!(memory.read_u64(abi::PML4_GPA).unwrap(), abi::PDPT_GPA | 3);
     }
 
     #[test]

@@ -207,7 +207,7 @@ impl Machine {
     }
 
     /// Completes `config` (a paced guest's TSC ticks per write), writes the
-    /// boot image and sets each vCPU at the entry point.
+    /// prefill (if asked) and the boot image and sets each vCPU at the entry point.
     fn boot_vcpus(
         config: &mut MachineConfig,
         memory: &GuestMemory,
@@ -217,6 +217,7 @@ impl Machine {
             let tsc_hz = u64::from(vcpus[0].tsc_khz()?) * 1000;
             config.fixture.ticks_per_write = (tsc_hz / rate).max(1);
         }
+        boot::write_prefill(memory, &config.fixture.prefill_ranges(config.mem_bytes))?;
         boot::write_boot_image(
             memory,
             vm_fixtures::image(config.fixture.kind),

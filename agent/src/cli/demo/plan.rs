@@ -187,5 +187,6 @@ fn workload(args: &DemoArgs, dirty_tracker: TrackerArg) -> WorkloadArgs {
         spin: None,
         slot_size: "128M".into(),
         dirty_tracker,
+        prefill: false,
     }
 }
