@@ -142,7 +142,7 @@ fn cli_commands_across_two_agents() {
 
     let (code, _, err) = pcft_output(&["migrate", "nope", "--agent", &a.addr, "--to", &b.addr]);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("no running VM named \"nope\""), "{err}");
+    assert!(err.contains("no VM named \"nope\""), "{err}");
 }
 
 #[test]
