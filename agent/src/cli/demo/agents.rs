@@ -129,6 +129,9 @@ impl Agents {
             .args(["agent", "--listen", listen, "--name", name])
             .args(self.key.iter().flat_map(|key| [std::ffi::OsStr::new("--psk-file"), key.file.as_os_str()]))
             .args(self.key.is_none().then_some("--insecure"))
+            // The demo's report is the story; the agents' lifecycle lines (their
+            // default) would interleave with it. RUST_LOG still reaches them.
+            .args(std::env::var_os("RUST_LOG").is_none().then_some(["--log", "warn"]).into_iter().flatten())
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
