@@ -2,7 +2,7 @@
 //! the source agent; these start it, follow it, and come back to it.
 
 use super::remote::{ask, print_report, runtime, unexpected, with_progress};
-use super::{run_failure, usage, Failure, MigrateArgs, MigrationArgs, MigrationWaitArgs};
+use super::{run_failure, usage, Failure, MigrateArgs, MigrationWaitArgs, VmNameArgs};
 use anyhow::anyhow;
 use pcft_agent::wire::control::ControlMessage;
 use pcft_agent::wire::payload::{MigrationOptions, MigrationReport, MigrationStatus};
@@ -106,7 +106,7 @@ fn progress_words(status: &MigrationStatus) -> String {
 }
 
 /// `pcft migration status`.
-pub fn status(args: MigrationArgs) -> Result<(), Failure> {
+pub fn status(args: VmNameArgs) -> Result<(), Failure> {
     let request = ControlMessage::MigrationStatus { name: args.name.clone() };
     let ControlMessage::MigrationStatusReport(status) = runtime().block_on(ask(&args.agent, request))? else {
         return Err(run_failure(anyhow!("the agent did not send the migration's status")));
@@ -141,7 +141,7 @@ pub fn wait(args: MigrationWaitArgs) -> Result<(), Failure> {
 }
 
 /// `pcft migration cancel`.
-pub fn cancel(args: MigrationArgs) -> Result<(), Failure> {
+pub fn cancel(args: VmNameArgs) -> Result<(), Failure> {
     let request = ControlMessage::CancelMigration { name: args.name.clone() };
     let ControlMessage::CancelAccepted { vm, failover } = runtime().block_on(ask(&args.agent, request))? else {
         return Err(run_failure(anyhow!("the agent did not accept the cancel")));

@@ -208,33 +208,19 @@ pub struct MigrateArgs {
 #[derive(Subcommand, Debug)]
 pub enum MigrationCommand {
     /// Where a VM's latest outgoing migration is (running, or how it ended).
-    Status(MigrationArgs),
+    Status(VmNameArgs),
     /// Wait for a VM's outgoing migration to end and print its report, as `pcft migrate` would have.
     Wait(MigrationWaitArgs),
     /// Cancel a VM's outgoing migration: before its switchover the VM stays at
     /// the source; after it, only a PostCopyFT migration can be cancelled (a
     /// deliberate failover to the source's last committed checkpoint).
-    Cancel(MigrationArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct MigrationArgs {
-    /// Name of the VM.
-    pub name: String,
-    /// The agent it migrates out of (its source).
-    #[arg(long, default_value = DEFAULT_AGENT)]
-    pub agent: String,
-    /// Print the answer as one JSON object.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub key: KeyArgs,
+    Cancel(VmNameArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct MigrationWaitArgs {
     #[command(flatten)]
-    pub migration: MigrationArgs,
+    pub migration: VmNameArgs,
     /// Give up (exit 1; the migration goes on) after this many seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout: u64,
@@ -525,7 +511,7 @@ pub struct StartArgs {
 pub struct VmNameArgs {
     /// Name of the VM.
     pub name: String,
-    /// The agent it is on.
+    /// The agent it is on (for `pcft migration`: the agent it migrates out of).
     #[arg(long, default_value = DEFAULT_AGENT)]
     pub agent: String,
     /// Print the answer as one JSON object.
