@@ -106,6 +106,11 @@ fn postcopy_ft_timings_that_break_the_lease_are_refused_before_anything_runs() {
     refused(migrate(&["--heartbeat-interval", "500", "--heartbeat-timeout", "100"]), "--heartbeat-interval 33 or less");
     refused(migrate(&["--heartbeat-timeout", "0"]), "--heartbeat-timeout must be at least 1 ms");
     refused(migrate(&["--checkpoint-interval", "0"]), "--checkpoint-interval must be at least 1 ms");
+    // A mode without checkpoints refuses their options instead of ignoring them.
+    let mut precopy = pcft();
+    precopy.args(["migrate", "vm1", "--agent", "127.0.0.1:1", "--to", "127.0.0.1:2", "--mode", "precopy"]);
+    precopy.args(["--checkpoint-interval", "50"]).env_remove("PCFT_PSK_FILE");
+    refused(precopy, "--checkpoint-interval tunes PostCopyFT checkpoints and --mode precopy takes none");
 }
 
 #[test]

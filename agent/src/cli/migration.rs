@@ -18,7 +18,13 @@ pub fn migrate(args: MigrateArgs) -> Result<(), Failure> {
         },
         super::TrackerArg::Bitmap,
     );
-    let mode = args.mode.into();
+    let mode: pcft_agent::wire::payload::Mode = args.mode.into();
+    if let Some(option) = args.ft.first_given().filter(|_| !mode.checkpoints()) {
+        return Err(usage(anyhow!(
+            "{option} tunes PostCopyFT checkpoints and --mode {} takes none: drop it, or use --mode postcopy-ft",
+            mode.name()
+        )));
+    }
     options.validate(mode).map_err(usage)?;
     let request =
         ControlMessage::Migrate { name: args.name.clone(), to: args.to.clone(), mode, options, detach: args.detach };

@@ -226,23 +226,23 @@ pub struct MigrationWaitArgs {
     pub timeout: u64,
 }
 
-/// PostCopyFT tuning (used with `--mode postcopy-ft`).
+/// PostCopyFT tuning (used with `--mode postcopy-ft`; other modes refuse it).
 #[derive(Args, Debug, Clone)]
 pub struct FtArgs {
-    /// How often the destination checkpoints back to the source, in ms.
-    #[arg(long, default_value_t = pcft_agent::wire::payload::MigrationOptions::DEFAULT_CHECKPOINT_INTERVAL_MS)]
-    pub checkpoint_interval: u64,
-    /// How often the destination sends a heartbeat, in ms.
-    #[arg(long, default_value_t = pcft_agent::wire::payload::MigrationOptions::DEFAULT_HEARTBEAT_INTERVAL_MS)]
-    pub heartbeat_interval: u64,
-    /// Silence after which either side declares the other lost (and the destination's lease), in ms.
-    #[arg(long, default_value_t = pcft_agent::wire::payload::MigrationOptions::DEFAULT_HEARTBEAT_TIMEOUT_MS)]
-    pub heartbeat_timeout: u64,
+    /// How often the destination checkpoints back to the source, in ms [default: 100].
+    #[arg(long)]
+    pub checkpoint_interval: Option<u64>,
+    /// How often the destination sends a heartbeat, in ms [default: 20].
+    #[arg(long)]
+    pub heartbeat_interval: Option<u64>,
+    /// Silence after which either side declares the other lost (and the destination's lease), in ms [default: 200].
+    #[arg(long)]
+    pub heartbeat_timeout: Option<u64>,
     /// How long the source waits for the destination's next checkpoint, in ms:
     /// past it a destination whose heartbeats go on but whose checkpoints
-    /// stopped is declared failed (and the VM recovered at the source).
-    #[arg(long, default_value_t = pcft_agent::wire::payload::MigrationOptions::DEFAULT_CHECKPOINT_TIMEOUT_MS)]
-    pub checkpoint_timeout: u64,
+    /// stopped is declared failed (and the VM recovered at the source) [default: 3000].
+    #[arg(long)]
+    pub checkpoint_timeout: Option<u64>,
     /// How the destination tracks the pages the guest writes there, for
     /// checkpoints [default: bitmap; for `pcft demo`, its --dirty-tracker].
     #[arg(long, value_enum)]
@@ -257,13 +257,26 @@ impl FtArgs {
         default_tracker: TrackerArg,
     ) -> pcft_agent::wire::payload::MigrationOptions {
         pcft_agent::wire::payload::MigrationOptions {
-            checkpoint_interval_ms: self.checkpoint_interval,
-            heartbeat_interval_ms: self.heartbeat_interval,
-            heartbeat_timeout_ms: self.heartbeat_timeout,
-            checkpoint_timeout_ms: self.checkpoint_timeout,
+            checkpoint_interval_ms: self.checkpoint_interval.unwrap_or(base.checkpoint_interval_ms),
+            heartbeat_interval_ms: self.heartbeat_interval.unwrap_or(base.heartbeat_interval_ms),
+            heartbeat_timeout_ms: self.heartbeat_timeout.unwrap_or(base.heartbeat_timeout_ms),
+            checkpoint_timeout_ms: self.checkpoint_timeout.unwrap_or(base.checkpoint_timeout_ms),
             checkpoint_tracker: self.checkpoint_tracker.unwrap_or(default_tracker).into(),
             ..base
         }
+    }
+
+    /// The first PostCopyFT option given, if any (a mode without checkpoints refuses them).
+    pub fn first_given(&self) -> Option<&'static str> {
+        [
+            ("--checkpoint-interval", self.checkpoint_interval.is_some()),
+            ("--heartbeat-interval", self.heartbeat_interval.is_some()),
+            ("--heartbeat-timeout", self.heartbeat_timeout.is_some()),
+            ("--checkpoint-timeout", self.checkpoint_timeout.is_some()),
+            ("--checkpoint-tracker", self.checkpoint_tracker.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(name, given)| given.then_some(name))
     }
 }
 

@@ -93,7 +93,12 @@ impl FaultPlan {
             slow_disk: kind == FailKind::SlowDisk && checkpoints,
             // Each stall of stall-fence lasts well past the source's failover (which
             // comes a heartbeat timeout and a lease after the destination goes silent).
-            stall_fence_ms: 3 * args.ft.heartbeat_timeout.max(1) + 300,
+            stall_fence_ms: 3 * args
+                .ft
+                .heartbeat_timeout
+                .unwrap_or(MigrationOptions::DEFAULT_HEARTBEAT_TIMEOUT_MS)
+                .max(1)
+                + 300,
         };
         Ok(FaultPlan { fail_at: plan.resolve(fail_at, chosen), ..plan })
     }
