@@ -16,7 +16,8 @@ pub struct ShutdownReport {
     pub migrations_finished: usize,
     /// Migrations still running when the wait ended (cut by the agent's exit), by VM.
     pub migrations_cut: Vec<String>,
-    /// VMs whose guests were stopped with the agent.
+    /// VMs that still held a guest here when the agent stopped: running ones
+    /// were stopped (a warning each), ended ones only freed.
     pub vms_stopped: Vec<String>,
 }
 
