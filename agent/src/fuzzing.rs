@@ -33,8 +33,8 @@ use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
 use crate::wire::auth::{FrameMac, Psk, NONCE_BYTES};
 use crate::wire::control::ControlMessage;
 use crate::wire::frame::{
-    decode_header, decode_payload, encode_message, encode_pages, Frame, FrameReader, PageBatch, PageData,
-    ProtocolError, HEADER_BYTES, MAGIC, MAX_PAYLOAD,
+    decode_header, decode_payload, encode_message, encode_pages, Frame, FrameReader, FrameWriter, PageBatch,
+    PageBatchWriter, PageData, ProtocolError, HEADER_BYTES, MAGIC, MAX_PAYLOAD,
 };
 use crate::wire::greeting::{Greeting, Role};
 use crate::wire::message_set::{
@@ -307,24 +307,33 @@ pub fn sample_frames(src: &mut impl Source, max: u64) -> Vec<Vec<u8>> {
 /// fuzzer learned from an earlier input never verifies here (the corpus's
 /// tagged stream uses the empty context).
 pub fn macs(context: &[u8]) -> (FrameMac, FrameMac) {
-    use sha2::{Digest, Sha256};
     let psk = Psk::from_bytes(&KEY).expect("a 32-byte key");
-    let digest = Sha256::digest(context);
-    let (client, server) = digest.split_at(NONCE_BYTES);
+    let digest = blake3::hash(context);
+    let (client, server) = digest.as_bytes().split_at(NONCE_BYTES);
     let client: [u8; NONCE_BYTES] = client.try_into().expect("16 bytes");
     let server: [u8; NONCE_BYTES] = server.try_into().expect("16 bytes");
     (psk.session(true, &client, &server).send, psk.session(false, &client, &server).recv)
 }
 
-/// `frames` as a sender with [`macs`]`(context)` writes them: each frame, then its tag.
+/// `frames` as a [`FrameWriter`] with [`macs`]`(context)` writes them: each
+/// frame, then its tag (a page batch as the page path sends it, with no CRC).
 pub fn tag_stream(context: &[u8], frames: &[Vec<u8>]) -> Vec<u8> {
-    let (mut mac, _) = macs(context);
-    let mut out = Vec::new();
+    let (mac, _) = macs(context);
+    let mut writer = FrameWriter::new(Vec::new());
+    writer.authenticate(mac);
+    let mut batch = PageBatchWriter::new();
     for frame in frames {
-        out.extend_from_slice(frame);
-        out.extend_from_slice(&mac.tag(&frame[..HEADER_BYTES], &frame[HEADER_BYTES..]));
+        match decode_frame(frame) {
+            Ok(Frame::Pages(pages)) => {
+                for (gpa, data) in pages.pages() {
+                    batch.push(gpa, data.unwrap_or(&[0; PAGE]));
+                }
+                block_on(writer.write_pages(&mut batch)).expect("writing to memory");
+            }
+            _ => block_on(writer.write(frame)).expect("writing to memory"),
+        }
     }
-    out
+    writer.into_inner()
 }
 
 // ---- mutations -------------------------------------------------------------

@@ -86,7 +86,7 @@ fn only_peers_with_the_agents_key_get_in() {
     // which cannot see that by itself, learns it from the CLI's last frame.
     let (code, _, err) = status(&keyed, Some(&other));
     assert_eq!(code, Some(2), "another key: refused: {err}");
-    assert!(err.contains("HMAC") && err.contains("same --psk-file"), "{err}");
+    assert!(err.contains("MAC check") && err.contains("same --psk-file"), "{err}");
     wait_for_refusals(&keyed, "wrong-key", 1.0);
     warning(&keyed_log, &["(wrong-key)", "pcft-cli-", "give both ends the same --psk-file", "peer=127.0.0.1:"]);
     assert_eq!(refusals(&keyed, "bad-mac"), 0.0);
@@ -181,7 +181,7 @@ fn a_peer_that_forges_its_frames_is_refused_at_the_first_one() {
     let _ = stream.read_to_end(&mut answer);
     assert!(answer.len() >= HEADER_BYTES, "the agent says why before it closes");
     let text = String::from_utf8_lossy(&answer);
-    assert!(text.contains("HMAC"), "{text}");
+    assert!(text.contains("MAC"), "{text}");
     assert!(!text.contains("keyed\""), "no status was sent");
     // Its first tagged frame failed: it does not hold the key.
     assert_eq!(refusals(&keyed, "wrong-key"), 1.0);
@@ -208,7 +208,7 @@ fn an_agent_with_another_key_cannot_take_a_migration() {
     assert_eq!(code, Some(0), "{err}");
     let (code, _, err) = with_key(&["migrate", "vm1", "--agent", &source.addr, "--to", &stranger.addr]);
     assert_eq!(code, Some(2), "refused before anything moved: {err}");
-    assert!(err.contains("HMAC") && err.contains("keeps running here"), "{err}");
+    assert!(err.contains("MAC check") && err.contains("keeps running here"), "{err}");
     let (_, out, _) = with_key(&["status", "--agent", &source.addr, "--json"]);
     assert!(out.contains(r#""phase":"running""#), "the VM still runs at the source: {out}");
     // Each agent refused the other, said so and counted it once.

@@ -1,29 +1,38 @@
 //! Pre-shared-key authentication of connections between agents and from the
 //! CLI: both ends prove they hold the same key before any VM state moves, and
-//! every frame after the greeting carries an HMAC-SHA256 tag (see
+//! every frame after the greeting carries a keyed BLAKE3 tag (see
 //! docs/protocol.md, "Authentication").
 //!
 //! The greeting trades two fresh nonces in the clear (`Hello`, `Welcome`).
-//! Each direction then has a key of its own, HMAC(psk, label, both nonces), so
-//! no frame of one connection or direction is accepted on another; and each
-//! frame's tag covers a per-direction sequence number, so a frame cannot be
-//! replayed, dropped or reordered without the next check failing. The frame's
-//! CRC-32C stays: it tells corruption from forgery.
+//! Each direction then has a key of its own, BLAKE3's key derivation over the
+//! psk and both nonces under the direction's context string, so no frame of
+//! one connection or direction is accepted on another; and each frame's tag
+//! covers a per-direction sequence number, so a frame cannot be replayed,
+//! dropped or reordered without the next check failing. A tagged frame needs
+//! no CRC-32C of its own: the tag covers every byte (the greeting's frames,
+//! read before the keys are known, keep theirs).
+//!
+//! Why BLAKE3 (measured on this project's hosts, 256 KiB frames, one core;
+//! `cargo bench -p pcft-agent --bench page_path`): HMAC-SHA256 with SHA-NI
+//! 2.0 GB/s, keyed BLAKE3 8.6 GB/s, AES-GCM's GMAC (RustCrypto) 8.7 GB/s,
+//! Poly1305 4.4 GB/s. BLAKE3 ties the fastest, is a PRF under any key with
+//! no nonce to get wrong, and derives keys too.
 
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
 use std::path::Path;
 use std::sync::Arc;
 
 /// Bytes of a greeting nonce.
 pub const NONCE_BYTES: usize = 16;
-/// Bytes of a frame's tag (HMAC-SHA256, truncated on the left).
+/// Bytes of a frame's tag (keyed BLAKE3, its first 16 bytes).
 pub const TAG_BYTES: usize = 16;
 /// The shortest key accepted.
 pub const MIN_KEY_BYTES: usize = 32;
 
 pub type Nonce = [u8; NONCE_BYTES];
-type HmacSha256 = Hmac<Sha256>;
+
+/// BLAKE3 key-derivation contexts, one per direction (globally unique, hard-coded, as BLAKE3 asks).
+const CLIENT_TO_SERVER: &str = "PostCopyFT 2026-11-26 frame key, client to server";
+const SERVER_TO_CLIENT: &str = "PostCopyFT 2026-11-26 frame key, server to client";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -106,22 +115,20 @@ impl Psk {
         writeln!(file, "{hex}").map_err(failed)
     }
 
-    /// The MAC state of one direction of a connection.
-    fn direction(&self, label: &[u8], client: &Nonce, server: &Nonce) -> FrameMac {
-        let mut derive = HmacSha256::new_from_slice(&self.0).expect("HMAC takes a key of any length");
-        derive.update(b"pcft frame key v1 ");
-        derive.update(label);
+    /// The MAC state of one direction of a connection (`context`: the direction's).
+    fn direction(&self, context: &str, client: &Nonce, server: &Nonce) -> FrameMac {
+        let mut derive = blake3::Hasher::new_derive_key(context);
         derive.update(client);
         derive.update(server);
-        let key = derive.finalize().into_bytes();
-        FrameMac { keyed: HmacSha256::new_from_slice(&key).expect("HMAC takes a key of any length"), seq: 0 }
+        derive.update(&self.0);
+        FrameMac { key: *derive.finalize().as_bytes(), seq: 0 }
     }
 
     /// The keys of a connection whose greeting traded `client` and `server`
     /// nonces, for the side that is the client (`is_client`) or the server.
     pub fn session(&self, is_client: bool, client: &Nonce, server: &Nonce) -> Session {
-        let to_server = self.direction(b"client-to-server", client, server);
-        let to_client = self.direction(b"server-to-client", client, server);
+        let to_server = self.direction(CLIENT_TO_SERVER, client, server);
+        let to_client = self.direction(SERVER_TO_CLIENT, client, server);
         match is_client {
             true => Session { send: to_server, recv: to_client },
             false => Session { send: to_client, recv: to_server },
@@ -138,26 +145,34 @@ pub struct Session {
 /// Tags (sending) or checks (receiving) the frames of one direction, in order.
 #[derive(Clone)]
 pub struct FrameMac {
-    /// HMAC keyed with the direction's key, before any input.
-    keyed: HmacSha256,
+    /// The direction's key.
+    key: [u8; blake3::KEY_LEN],
     /// Frames of this direction so far.
     seq: u64,
 }
 
 impl FrameMac {
-    fn mac(&self, header: &[u8], payload: &[u8]) -> HmacSha256 {
-        let mut mac = self.keyed.clone();
+    /// The next frame's tag over its bytes, given in pieces (header, payload parts).
+    fn mac(&self, parts: &[&[u8]]) -> [u8; TAG_BYTES] {
+        let mut mac = blake3::Hasher::new_keyed(&self.key);
         mac.update(&self.seq.to_le_bytes());
-        mac.update(header);
-        mac.update(payload);
-        mac
+        for part in parts {
+            mac.update(part);
+        }
+        let full = mac.finalize();
+        full.as_bytes()[..TAG_BYTES].try_into().expect("BLAKE3 gives 32 bytes")
     }
 
     /// The tag of the next frame (its header and payload).
     pub fn tag(&mut self, header: &[u8], payload: &[u8]) -> [u8; TAG_BYTES] {
-        let full = self.mac(header, payload).finalize().into_bytes();
+        self.tag_parts(&[header, payload])
+    }
+
+    /// The tag of the next frame, whose bytes are `parts` in order.
+    pub fn tag_parts(&mut self, parts: &[&[u8]]) -> [u8; TAG_BYTES] {
+        let tag = self.mac(parts);
         self.seq += 1;
-        full[..TAG_BYTES].try_into().expect("SHA-256 is longer than a tag")
+        tag
     }
 
     /// Frames of this direction tagged or checked so far.
@@ -167,7 +182,7 @@ impl FrameMac {
 
     /// Checks the next frame's tag (in constant time).
     pub fn verify(&mut self, header: &[u8], payload: &[u8], tag: &[u8; TAG_BYTES]) -> bool {
-        let ok = self.mac(header, payload).verify_truncated_left(tag).is_ok();
+        let ok = constant_time_eq::constant_time_eq_16(&self.mac(&[header, payload]), tag);
         self.seq += 1;
         ok
     }

@@ -23,6 +23,7 @@
 use crate::vmm::memory::{is_zero, PAGE_SIZE};
 use crate::wire::auth::{FrameMac, TAG_BYTES};
 use crate::wire::message_set::{MessageSet, PayloadError, WireMessage};
+use std::io::IoSlice;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -72,7 +73,7 @@ pub enum ProtocolError {
     Truncated,
     #[error("the peer closed the connection")]
     Closed,
-    #[error("frame authentication failed (HMAC mismatch): the peer does not hold this agent's pre-shared key (--psk-file), or the stream was tampered with")]
+    #[error("frame authentication failed (MAC mismatch): the peer does not hold this agent's pre-shared key (--psk-file), or the stream was tampered with")]
     Unauthenticated,
     /// An agent refused its peer: a frame failed its tag on the agent's side of
     /// a connection (see [`FrameReader::refuse_as_agent`]); counted in `pcft_auth_refusals_total`.
@@ -107,10 +108,10 @@ impl TagRefusal {
     fn explain(self) -> &'static str {
         match self {
             TagRefusal::WrongKey => {
-                "its first frame failed the HMAC check: it holds another pre-shared key than this agent; give both ends the same --psk-file"
+                "its first frame failed the MAC check: it holds another pre-shared key than this agent; give both ends the same --psk-file"
             }
             TagRefusal::BadMac => {
-                "a frame failed the HMAC check after its first ones passed: the stream was tampered with"
+                "a frame failed the MAC check after its first ones passed: the stream was tampered with"
             }
         }
     }
@@ -263,13 +264,20 @@ fn set_of(kind: u16) -> Option<MessageSet> {
     }
 }
 
-/// Builds a page-batch frame directly from guest memory, detecting zero pages.
+/// Builds a page-batch frame directly from guest memory, detecting zero
+/// pages. It keeps its buffers: a writer used for batch after batch
+/// allocates (and page-faults) only while its buffers grow to a batch's size.
 pub struct PageBatchWriter {
-    entries: Vec<u8>,
+    /// The frame header (filled by [`seal`](Self::seal)), the count, then the entries.
+    head: Vec<u8>,
+    /// The data of every page that is not all zero, in entry order.
     data: Vec<u8>,
     count: u32,
     zero: u32,
 }
+
+/// Bytes of `PageBatchWriter::head` before the first entry: the header and the count.
+const HEAD_PREFIX: usize = HEADER_BYTES + 4;
 
 impl Default for PageBatchWriter {
     fn default() -> Self {
@@ -279,7 +287,7 @@ impl Default for PageBatchWriter {
 
 impl PageBatchWriter {
     pub fn new() -> Self {
-        PageBatchWriter { entries: Vec::new(), data: Vec::new(), count: 0, zero: 0 }
+        PageBatchWriter { head: vec![0; HEAD_PREFIX], data: Vec::new(), count: 0, zero: 0 }
     }
 
     /// Adds the page at `gpa` with contents `page` (4096 bytes).
@@ -296,14 +304,17 @@ impl PageBatchWriter {
     pub fn push_with<E>(&mut self, gpa: u64, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
         let at = self.data.len();
         self.data.resize(at + PAGE, 0);
-        fill(&mut self.data[at..])?;
+        if let Err(e) = fill(&mut self.data[at..]) {
+            self.data.truncate(at);
+            return Err(e);
+        }
         let zero = is_zero(&self.data[at..]);
         if zero {
             self.data.truncate(at);
             self.zero += 1;
         }
-        self.entries.extend_from_slice(&gpa.to_le_bytes());
-        self.entries.push(if zero { FLAG_ZERO } else { 0 });
+        self.head.extend_from_slice(&gpa.to_le_bytes());
+        self.head.push(if zero { FLAG_ZERO } else { 0 });
         self.count += 1;
         Ok(())
     }
@@ -322,18 +333,47 @@ impl PageBatchWriter {
 
     /// Payload bytes so far (to cut batches at a size).
     pub fn payload_bytes(&self) -> usize {
-        4 + self.entries.len() + self.data.len()
+        self.head.len() - HEADER_BYTES + self.data.len()
     }
 
-    /// The encoded frame; the writer is left empty for reuse.
-    pub fn finish(&mut self) -> Vec<u8> {
-        let mut payload = Vec::with_capacity(self.payload_bytes());
-        payload.extend_from_slice(&self.count.to_le_bytes());
-        payload.append(&mut self.entries);
-        payload.append(&mut self.data);
+    /// Fills in the header (with a CRC-32C if `crc`, else 0: for a tagged
+    /// connection) and the count: the frame is `head` then `data`.
+    fn seal(&mut self, crc: bool) -> (&[u8], &[u8]) {
+        let length = self.payload_bytes();
+        assert!(length <= MAX_PAYLOAD as usize, "frame payload of {length} bytes is over the limit");
+        let version = set_of(KIND_PAGES).expect("pages have a set").version();
+        self.head[..4].copy_from_slice(&MAGIC);
+        self.head[4..6].copy_from_slice(&version.to_le_bytes());
+        self.head[6..8].copy_from_slice(&KIND_PAGES.to_le_bytes());
+        self.head[8..12].copy_from_slice(&(length as u32).to_le_bytes());
+        self.head[HEADER_BYTES..HEAD_PREFIX].copy_from_slice(&self.count.to_le_bytes());
+        let crc = match crc {
+            true => {
+                let head = crc32c::crc32c_append(crc32c::crc32c(&self.head[..12]), &self.head[HEADER_BYTES..]);
+                crc32c::crc32c_append(head, &self.data)
+            }
+            false => 0,
+        };
+        self.head[12..16].copy_from_slice(&crc.to_le_bytes());
+        (&self.head, &self.data)
+    }
+
+    /// Empties the writer for the next batch, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.head.truncate(HEAD_PREFIX);
+        self.data.clear();
         self.count = 0;
         self.zero = 0;
-        frame(KIND_PAGES, &payload)
+    }
+
+    /// The encoded frame (with its CRC-32C); the writer is left empty for reuse.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let (head, data) = self.seal(true);
+        let mut frame = Vec::with_capacity(head.len() + data.len());
+        frame.extend_from_slice(head);
+        frame.extend_from_slice(data);
+        self.clear();
+        frame
     }
 }
 
@@ -422,8 +462,13 @@ fn decode_checked<M: WireMessage>(header: Header, payload: Vec<u8>) -> Result<Fr
     if header.kind == KIND_PAGES {
         return decode_pages(payload).map(Frame::Pages);
     }
+    decode_message(header, &payload)
+}
+
+/// Decodes a checked payload that is not a page batch (as a message of `M`).
+fn decode_message<M: WireMessage>(header: Header, payload: &[u8]) -> Result<Frame<M>, ProtocolError> {
     let set = set_of(header.kind).expect("a checked header's kind");
-    M::from_payload(set, &payload).map(Frame::Message).map_err(|e| match e {
+    M::from_payload(set, payload).map(Frame::Message).map_err(|e| match e {
         PayloadError::WrongSet { expected, got } => ProtocolError::WrongSet { expected, got },
         PayloadError::Malformed { set, detail } => ProtocolError::Malformed { what: malformed_what(set), detail },
     })
@@ -473,11 +518,21 @@ fn decode_pages(payload: Vec<u8>) -> Result<PageBatch, ProtocolError> {
     Ok(PageBatch { entries, bytes: payload })
 }
 
-/// Reads one frame's header and payload and checks its checksum. A clean end
-/// of stream before a header is `Closed`; an end inside a frame is `Truncated`.
+/// Whether a frame's CRC-32C is checked: always on a connection without
+/// tags, and on greeting frames (read before the keys are known); a tagged
+/// frame's tag covers every byte, so its sender need not compute one.
+fn crc_checked(header: &Header, tagged: bool) -> bool {
+    !tagged || header.kind == KIND_GREETING
+}
+
+/// Reads one frame's header and payload (into `payload`, whose buffer is
+/// reused) and checks its checksum (see [`crc_checked`]). A clean end of
+/// stream before a header is `Closed`; an end inside a frame is `Truncated`.
 async fn read_checked<R: AsyncRead + Unpin>(
     reader: &mut R,
     max_payload: u32,
+    tagged: bool,
+    mut payload: Vec<u8>,
 ) -> Result<([u8; HEADER_BYTES], Header, Vec<u8>), ProtocolError> {
     let mut header_bytes = [0u8; HEADER_BYTES];
     let mut filled = 0;
@@ -493,22 +548,33 @@ async fn read_checked<R: AsyncRead + Unpin>(
     if header.length > max_payload {
         return Err(ProtocolError::TooLarge(header.length, max_payload));
     }
-    let payload = read_payload(reader, header.payload_len()).await?;
-    check_crc(&header, &payload)?;
+    read_payload(reader, header.payload_len(), &mut payload).await?;
+    if crc_checked(&header, tagged) {
+        check_crc(&header, &payload)?;
+    }
     Ok((header_bytes, header, payload))
 }
 
-/// Reads `len` payload bytes, growing the buffer as they arrive: a peer that
-/// claims a large frame and sends little costs little.
-async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> Result<Vec<u8>, ProtocolError> {
-    let mut payload = Vec::new();
+/// Reads `len` payload bytes into `payload` (emptied first), growing it as
+/// they arrive: a peer that claims a large frame and sends little costs
+/// little. Bytes land in the buffer's spare room, which is never zeroed first.
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: usize,
+    payload: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    use bytes::BufMut;
+    payload.clear();
     while payload.len() < len {
-        let at = payload.len();
-        let piece = (len - at).min(READ_CHUNK);
-        payload.resize(at + piece, 0);
-        read_exactly(reader, &mut payload[at..]).await?;
+        let piece = (len - payload.len()).min(READ_CHUNK);
+        payload.reserve(piece);
+        match reader.read_buf(&mut (&mut *payload).limit(piece)).await {
+            Ok(0) => return Err(ProtocolError::Truncated),
+            Ok(_) => {}
+            Err(e) => return Err(ProtocolError::io(e)),
+        }
     }
-    Ok(payload)
+    Ok(())
 }
 
 async fn read_exactly<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> Result<(), ProtocolError> {
@@ -530,18 +596,27 @@ pub struct FrameReader<R = OwnedReadHalf> {
     max_payload: u32,
     /// The payload bytes of the last frame read (for flow control).
     last_payload: usize,
+    /// A payload buffer to read the next frame into (see [`recycle`](Self::recycle)).
+    spare: Vec<u8>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader of untagged frames (until [`authenticate`](Self::authenticate)).
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, mac: None, refusing: None, max_payload: MAX_PAYLOAD, last_payload: 0 }
+        FrameReader { inner, mac: None, refusing: None, max_payload: MAX_PAYLOAD, last_payload: 0, spare: Vec::new() }
     }
 
     /// A reader for a connection's greeting: frames larger than a greeting
     /// are refused until [`greeted`](Self::greeted) or an authentication.
     pub fn for_greeting(inner: R) -> Self {
-        FrameReader { inner, mac: None, refusing: None, max_payload: GREETING_MAX_PAYLOAD, last_payload: 0 }
+        FrameReader {
+            inner,
+            mac: None,
+            refusing: None,
+            max_payload: GREETING_MAX_PAYLOAD,
+            last_payload: 0,
+            spare: Vec::new(),
+        }
     }
 
     /// The greeting is done (without a key): frames up to [`MAX_PAYLOAD`] from now on.
@@ -569,9 +644,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.last_payload
     }
 
-    /// The next frame (checked: checksum, then tag), a message of `M` or pages.
+    /// Gives a handled batch's buffer back, to read a later frame into: a
+    /// reader whose batches come back allocates nothing per frame.
+    pub fn recycle(&mut self, batch: PageBatch) {
+        if batch.bytes.capacity() > self.spare.capacity() {
+            self.spare = batch.bytes;
+        }
+    }
+
+    /// The next frame (checked: checksum or tag), a message of `M` or pages.
     pub async fn read<M: WireMessage>(&mut self) -> Result<Frame<M>, ProtocolError> {
-        let (header_bytes, header, payload) = read_checked(&mut self.inner, self.max_payload).await?;
+        let spare = std::mem::take(&mut self.spare);
+        let tagged = self.mac.is_some();
+        let (header_bytes, header, payload) = read_checked(&mut self.inner, self.max_payload, tagged, spare).await?;
         self.last_payload = payload.len();
         if let Some(mac) = &mut self.mac {
             let mut tag = [0u8; TAG_BYTES];
@@ -581,7 +666,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Err(self.unauthenticated(first));
             }
         }
-        decode_checked(header, payload)
+        if header.kind == KIND_PAGES {
+            return decode_pages(payload).map(Frame::Pages);
+        }
+        // A message is decoded out of its payload: keep the buffer.
+        let frame = decode_message(header, &payload);
+        self.spare = payload;
+        frame
     }
 
     /// The error for a frame that failed its tag (the peer's first, if `first`):
@@ -598,7 +689,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) async fn read_untagged<M: WireMessage>(
         &mut self,
     ) -> Result<(Frame<M>, [u8; HEADER_BYTES], Vec<u8>), ProtocolError> {
-        let (header_bytes, header, payload) = read_checked(&mut self.inner, self.max_payload).await?;
+        let (header_bytes, header, payload) =
+            read_checked(&mut self.inner, self.max_payload, false, Vec::new()).await?;
         let frame = decode_checked(header, payload.clone())?;
         Ok((frame, header_bytes, payload))
     }
@@ -638,16 +730,46 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.mac = Some(mac);
     }
 
+    /// The stream the frames went to.
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+
     /// Writes one encoded frame (header and payload), and its tag.
     pub async fn write(&mut self, frame: &[u8]) -> Result<(), ProtocolError> {
-        let io = ProtocolError::io;
-        self.inner.write_all(frame).await.map_err(io)?;
-        if let Some(mac) = &mut self.mac {
-            let tag = mac.tag(&frame[..HEADER_BYTES], &frame[HEADER_BYTES..]);
-            self.inner.write_all(&tag).await.map_err(io)?;
-        }
-        Ok(())
+        let tag = self.mac.as_mut().map(|mac| mac.tag(&frame[..HEADER_BYTES], &frame[HEADER_BYTES..]));
+        write_all_vectored(&mut self.inner, &mut [IoSlice::new(frame), IoSlice::new(tag.as_ref().map_or(&[], |t| t))])
+            .await
     }
+
+    /// Writes the batch in `batch` as one frame (straight from its buffers, in
+    /// one vectored write with its tag), empties it and returns the frame's bytes.
+    /// On a tagged connection the frame carries no CRC-32C: the tag covers it.
+    pub async fn write_pages(&mut self, batch: &mut PageBatchWriter) -> Result<u64, ProtocolError> {
+        let (head, data) = batch.seal(self.mac.is_none());
+        let tag = self.mac.as_mut().map(|mac| mac.tag_parts(&[head, data]));
+        let tag: &[u8] = tag.as_ref().map_or(&[], |t| t);
+        let bytes = (head.len() + data.len() + tag.len()) as u64;
+        write_all_vectored(&mut self.inner, &mut [IoSlice::new(head), IoSlice::new(data), IoSlice::new(tag)]).await?;
+        batch.clear();
+        Ok(bytes)
+    }
+}
+
+/// Writes every byte of `parts`, in order, in as few system calls as the socket takes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    mut parts: &mut [IoSlice<'_>],
+) -> Result<(), ProtocolError> {
+    IoSlice::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
+        match writer.write_vectored(parts).await {
+            Ok(0) => return Err(ProtocolError::io(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => IoSlice::advance_slices(&mut parts, n),
+            Err(e) => return Err(ProtocolError::io(e)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -779,6 +901,108 @@ mod tests {
         payload.extend_from_slice(&0x1001u64.to_le_bytes());
         payload.push(FLAG_ZERO);
         assert!(matches!(decode(&frame(KIND_PAGES, &payload)), Err(ProtocolError::Malformed { .. })));
+    }
+
+    fn session_macs() -> (FrameMac, FrameMac) {
+        let key = crate::wire::auth::Psk::from_bytes(&[9; 32]).unwrap();
+        let (client, server) = ([1; 16], [2; 16]);
+        (key.session(true, &client, &server).send, key.session(false, &client, &server).recv)
+    }
+
+    fn filled_batch(writer: &mut PageBatchWriter, first: u64, fill: u8) {
+        for i in 0..3u64 {
+            let page = vec![fill.wrapping_add(i as u8) | 1; PAGE];
+            writer.push((first + i) * PAGE_SIZE, &page);
+        }
+        writer.push((first + 3) * PAGE_SIZE, &[0; PAGE]);
+    }
+
+    #[tokio::test]
+    async fn the_page_path_writes_batches_from_reused_buffers_and_tagged_ones_without_a_crc() {
+        let (send, recv) = session_macs();
+        for tagged in [false, true] {
+            let mut writer = FrameWriter::new(Vec::new());
+            if tagged {
+                writer.authenticate(send.clone());
+            }
+            let mut batch = PageBatchWriter::new();
+            let mut expected = Vec::new();
+            for round in 0..3u8 {
+                filled_batch(&mut batch, u64::from(round) * 8, round * 40);
+                // The same pages through the allocating encoder, decoded: what the reader must see.
+                let mut copy = PageBatchWriter::new();
+                filled_batch(&mut copy, u64::from(round) * 8, round * 40);
+                let Ok(Frame::Pages(want)) = decode(&copy.finish()) else { panic!("a batch") };
+                expected.push(want);
+                let bytes = writer.write_pages(&mut batch).await.unwrap();
+                assert!(batch.is_empty(), "written batches are emptied for the next one");
+                assert_eq!(
+                    bytes,
+                    (HEADER_BYTES + 4 + 4 * ENTRY_BYTES + 3 * PAGE + if tagged { TAG_BYTES } else { 0 }) as u64
+                );
+            }
+            let stream = writer.into_inner();
+            // A tagged frame leaves its CRC field 0: the tag covers every byte.
+            let crc = u32::from_le_bytes(stream[12..16].try_into().unwrap());
+            assert_eq!(crc == 0, tagged, "tagged {tagged}: crc {crc:#x}");
+            let mut input = &stream[..];
+            let mut reader = FrameReader::new(&mut input);
+            if tagged {
+                reader.authenticate(recv.clone());
+            }
+            let mut buffers = Vec::new();
+            for want in &expected {
+                let Ok(Frame::Pages(got)) = reader.read::<MigrationMessage>().await else { panic!("a batch") };
+                assert_eq!(&got, want);
+                buffers.push(got.bytes.as_ptr());
+                reader.recycle(got);
+            }
+            assert_eq!(reader.read::<MigrationMessage>().await, Err(ProtocolError::Closed));
+            // Read into the first frame's buffer again and again: no allocation per frame.
+            assert!(buffers.windows(2).all(|w| w[0] == w[1]), "a recycled buffer was not reused");
+            if tagged {
+                // Every byte is under the tag, the zero CRC field included.
+                for at in (0..stream.len()).step_by(97).chain(12..16) {
+                    let mut bad = stream.clone();
+                    bad[at] ^= 0x10;
+                    let mut input = &bad[..];
+                    let mut reader = FrameReader::new(&mut input);
+                    reader.authenticate(recv.clone());
+                    let mut outcome = Ok(());
+                    for _ in 0..3 {
+                        if let Err(e) = reader.read::<MigrationMessage>().await {
+                            outcome = Err(e);
+                            break;
+                        }
+                    }
+                    assert!(outcome.is_err(), "flip at byte {at} went unnoticed");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_untagged_reader_still_checks_the_crc_and_a_tagged_one_the_greetings() {
+        // Without a tag, a zero CRC is corruption.
+        let mut batch = PageBatchWriter::new();
+        filled_batch(&mut batch, 0, 1);
+        let mut frame = batch.finish();
+        frame[12..16].copy_from_slice(&[0; 4]);
+        let mut input = &frame[..];
+        assert!(matches!(
+            FrameReader::new(&mut input).read::<MigrationMessage>().await,
+            Err(ProtocolError::Checksum { .. })
+        ));
+        // A greeting frame is read before the keys are known: its CRC is checked even on a tagged reader.
+        let (mut send, recv) = session_macs();
+        let mut greeting = encode_message(&Greeting::Refuse { reason: "no".into() });
+        greeting[12] ^= 1;
+        let tag = send.tag(&greeting[..HEADER_BYTES], &greeting[HEADER_BYTES..]);
+        let stream = [greeting, tag.to_vec()].concat();
+        let mut input = &stream[..];
+        let mut reader = FrameReader::new(&mut input);
+        reader.authenticate(recv);
+        assert!(matches!(reader.read::<Greeting>().await, Err(ProtocolError::Checksum { .. })));
     }
 
     #[tokio::test]

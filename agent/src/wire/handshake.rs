@@ -30,9 +30,7 @@ pub enum HandshakeError {
     UnexpectedKey(String),
     #[error("the peer answered the greeting with {0}")]
     Unexpected(String),
-    #[error(
-        "the peer's greeting failed the HMAC check: it does not hold this key; give both ends the same --psk-file"
-    )]
+    #[error("the peer's greeting failed the MAC check: it does not hold this key; give both ends the same --psk-file")]
     WrongKey,
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
@@ -100,7 +98,7 @@ pub async fn connect(stream: TcpStream, role: Role, agent: &str, psk: Option<&Ps
 /// and the server refuses a greeting frame where requests belong).
 async fn wrong_key(wr: &mut FrameWriter) -> HandshakeError {
     let reason =
-        "your Welcome failed the HMAC check: we hold different pre-shared keys; give both ends the same --psk-file";
+        "your Welcome failed the MAC check: we hold different pre-shared keys; give both ends the same --psk-file";
     let _ = wr.write(&encode_message(&Greeting::Refuse { reason: reason.into() })).await;
     HandshakeError::WrongKey
 }

@@ -9,14 +9,16 @@ use serde::Serialize;
 use std::fmt;
 
 /// Version of the greeting (`Greeting`: Hello, Welcome, Refuse). Bump it when
-/// the greeting's encoding changes.
-pub const GREETING_VERSION: u16 = 7;
+/// the greeting's encoding, or how a connection is authenticated, changes
+/// (8: keyed BLAKE3 tags and key derivation instead of HMAC-SHA256).
+pub const GREETING_VERSION: u16 = 8;
 /// Version of the control messages (`ControlMessage`). Bump it when they or
 /// the payload types they carry change.
 pub const CONTROL_VERSION: u16 = 8;
 /// Version of the migration messages (`MigrationMessage`) and of page
-/// batches. Bump it when they or the payload types they carry change.
-pub const MIGRATION_VERSION: u16 = 8;
+/// batches. Bump it when they or the payload types they carry change
+/// (9: tagged page batches carry no CRC-32C).
+pub const MIGRATION_VERSION: u16 = 9;
 
 /// One of the sets of messages that frames carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -167,7 +167,11 @@ impl Destination {
                 Some(stop) = stops.recv() => return Err(MigrationError::Fenced(stop.to_string())),
             };
             let next = match frame {
-                Frame::Pages(batch) => self.install(&batch)?,
+                Frame::Pages(batch) => {
+                    let next = self.install(&batch)?;
+                    rd.recycle(batch);
+                    next
+                }
                 Frame::Message(message) => self.on_message(message, rd).await?,
             };
             self.enter(next);

@@ -3,7 +3,7 @@
 use crate::migration::error::MigrationError;
 use crate::migration::source::replies::Liveness;
 use crate::vmm::memory::GuestMemory;
-use crate::wire::frame::{encode_message, FrameWriter, PageBatchWriter};
+use crate::wire::frame::{encode_message, FrameWriter, PageBatchWriter, ProtocolError};
 use crate::wire::migration::MigrationMessage;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,12 +19,20 @@ pub struct Outbox {
     /// A frame's write began and did not finish (it failed, or a cancel
     /// dropped it half-way): the stream is no longer framed.
     torn: bool,
+    /// The page batch being built; its buffers serve batch after batch.
+    batch: PageBatchWriter,
+}
+
+/// A frame to write: encoded bytes, or the batch in the outbox's writer.
+enum Outgoing<'a> {
+    Encoded(&'a [u8]),
+    Pages,
 }
 
 impl Outbox {
     /// An outbox on `wr`, nothing sent yet.
     pub fn new(wr: FrameWriter) -> Outbox {
-        Outbox { wr, bytes: 0, pages: 0, zero_pages: 0, liveness: None, torn: false }
+        Outbox { wr, bytes: 0, pages: 0, zero_pages: 0, liveness: None, torn: false, batch: PageBatchWriter::new() }
     }
 
     /// Whether a frame was cut off (see `torn`): nothing more may go out.
@@ -36,54 +44,62 @@ impl Outbox {
     pub async fn message(&mut self, message: &MigrationMessage) -> Result<(), MigrationError> {
         let frame = encode_message(message);
         self.bytes += frame.len() as u64;
-        self.write(&frame).await
+        self.write(Outgoing::Encoded(&frame)).await
     }
 
-    async fn write(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
+    async fn write(&mut self, frame: Outgoing<'_>) -> Result<(), MigrationError> {
         // Set until the whole frame is out, so a write whose future is dropped stays marked.
         self.torn = true;
-        let written = self.write_frame(frame).await;
+        let liveness = self.liveness.clone();
+        let written = match frame {
+            Outgoing::Encoded(frame) => within(liveness, self.wr.write(frame)).await,
+            Outgoing::Pages => {
+                within(liveness, self.wr.write_pages(&mut self.batch)).await.map(|bytes| self.bytes += bytes)
+            }
+        };
         self.torn = written.is_err();
         written
     }
 
-    async fn write_frame(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
-        let Some(liveness) = self.liveness.clone() else {
-            return Ok(self.wr.write(frame).await?);
-        };
-        // A partition blocks writes rather than failing them: give up once the
-        // destination has been silent too long, however long the write took.
-        // (The reader never waits on this loop: checkpoint frames go to the
-        // stager, heartbeats and page requests to lanes of their own.)
-        let write = self.wr.write(frame);
-        tokio::pin!(write);
-        loop {
-            let wake = liveness.deadline().unwrap_or_else(|| Instant::now() + liveness.timeout);
-            tokio::select! {
-                written = &mut write => return Ok(written?),
-                _ = tokio::time::sleep_until(wake.into()) => {
-                    if liveness.deadline().is_some_and(|deadline| Instant::now() >= deadline) {
-                        return Err(MigrationError::Timeout { what: "heartbeats while a frame was blocked".into(), after: liveness.timeout });
-                    }
+    /// Sends the pages at `gpas` from `memory`, in batches of `per_batch`.
+    pub async fn pages(&mut self, memory: &GuestMemory, gpas: &[u64], per_batch: usize) -> Result<(), MigrationError> {
+        for chunk in gpas.chunks(per_batch) {
+            self.batch.clear();
+            for &gpa in chunk {
+                self.batch.push_with(gpa, |buf| memory.read(gpa, buf)).map_err(MigrationError::vm)?;
+            }
+            self.pages += self.batch.len() as u64;
+            self.zero_pages += u64::from(self.batch.zero_pages());
+            self.write(Outgoing::Pages).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one frame's `write`; with `liveness` (PostCopyFT), gives up once the
+/// destination has been silent too long.
+async fn within<T>(
+    liveness: Option<Arc<Liveness>>,
+    write: impl std::future::Future<Output = Result<T, ProtocolError>>,
+) -> Result<T, MigrationError> {
+    let Some(liveness) = liveness else {
+        return Ok(write.await?);
+    };
+    // A partition blocks writes rather than failing them: give up once the
+    // destination has been silent too long, however long the write took.
+    // (The reader never waits on this loop: checkpoint frames go to the
+    // stager, heartbeats and page requests to lanes of their own.)
+    tokio::pin!(write);
+    loop {
+        let wake = liveness.deadline().unwrap_or_else(|| Instant::now() + liveness.timeout);
+        tokio::select! {
+            written = &mut write => return Ok(written?),
+            _ = tokio::time::sleep_until(wake.into()) => {
+                if liveness.deadline().is_some_and(|deadline| Instant::now() >= deadline) {
+                    return Err(MigrationError::Timeout { what: "heartbeats while a frame was blocked".into(), after: liveness.timeout });
                 }
             }
         }
-    }
-
-    /// Sends the pages at `gpas` from `memory`, in batches of `per_batch`.
-    pub async fn pages(&mut self, memory: &GuestMemory, gpas: &[u64], per_batch: usize) -> Result<(), MigrationError> {
-        let mut batch = PageBatchWriter::new();
-        for chunk in gpas.chunks(per_batch) {
-            for &gpa in chunk {
-                batch.push_with(gpa, |buf| memory.read(gpa, buf)).map_err(MigrationError::vm)?;
-            }
-            self.pages += batch.len() as u64;
-            self.zero_pages += u64::from(batch.zero_pages());
-            let frame = batch.finish();
-            self.bytes += frame.len() as u64;
-            self.write(&frame).await?;
-        }
-        Ok(())
     }
 }
 
