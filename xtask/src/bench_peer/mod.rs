@@ -133,6 +133,7 @@ pub fn run(root: &Path, pcft: &Path, quick: bool) -> Result<()> {
         for rep in 1..=plan.reps {
             for system in order(rep) {
                 progress.step(format!("peer: {}, {mem_mib} MiB, run {rep}/{}", system.label(), plan.reps));
+                warm_free_memory(mem_mib << 20);
                 let outcome = match system {
                     System::PcftPostcopy => pcft_once(pcft, &key, "postcopy", mem_mib, ticks),
                     System::PcftPostcopyFt => pcft_once(pcft, &key, "postcopy-ft", mem_mib, ticks),
@@ -165,6 +166,18 @@ fn order(rep: usize) -> [System; 5] {
     } else {
         [QemuAtOnce, PcftPostcopy, QemuAfterPrecopy, PcftPostcopyFt, Tcp]
     }
+}
+
+/// Makes the kernel's free memory for the next run memory the hypervisor
+/// under this host backs: touches twice `bytes` and frees it again. This
+/// host's kernel reports free memory to its hypervisor (virtio-balloon free
+/// page reporting), which takes it away; the first touch of such a page costs
+/// a fault in the hypervisor, invisible here but 4× a copy of the page. Whichever run
+/// followed one that freed little memory (the TCP copy) paid that for most of its
+/// pages, and pcft's destination took 2–3× as long: a run's place, not its system.
+fn warm_free_memory(bytes: u64) {
+    let warm = vec![1u8; 2 * bytes as usize];
+    std::hint::black_box(&warm);
 }
 
 /// A fresh pre-shared key (`pcft keygen`) for the benchmark's agents.
