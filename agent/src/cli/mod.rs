@@ -33,7 +33,7 @@ pub struct Cli {
 pub struct KeyArgs {
     /// Pre-shared key file (hex, mode 600; `pcft keygen` makes one): an agent
     /// then talks only to peers that hold the same key, and the CLI
-    /// authenticates to agents with it. Every frame carries a keyed BLAKE3 tag.
+    /// authenticates to agents with it. Every frame carries a GMAC (AES-256-GCM) tag.
     #[arg(long, env = "PCFT_PSK_FILE")]
     pub psk_file: Option<PathBuf>,
 }

@@ -11,8 +11,10 @@
 //!   crc      u32 CRC-32C over the header's first 12 bytes and the payload
 //! payload
 //! ```
-//! A page batch is `count u32`, then `count` entries of `gpa u64, flags u8`,
-//! then the 4096 bytes of every entry without the ZERO flag, in entry order.
+//! A page batch is the 4096 bytes of every page that is not all zero, then
+//! one entry per page (`gpa u64, flags u8`, in the order of the data), then
+//! `count u32`: the data first, so that the sender builds the whole frame in
+//! one buffer as it reads pages (the tag covers one contiguous frame).
 //!
 //! The codec is generic over the message set a connection carries
 //! ([`WireMessage`]): a reader asked for one set refuses frames of another.
@@ -135,13 +137,17 @@ pub enum PageData {
     Bytes(Vec<u8>),
 }
 
-/// A received batch of pages. It keeps the frame's payload and indexes into
-/// it, so decoding copies no page data.
+/// A received batch of pages. It keeps the frame's bytes and indexes into
+/// them, so decoding copies no page data.
 #[derive(Clone, Default)]
 pub struct PageBatch {
     /// Per page: its address and where its data starts in `bytes` (None: a zero page).
     entries: Vec<(u64, Option<usize>)>,
+    /// The frame as read (header, then payload), or for a batch made by
+    /// [`PageBatch::from_pages`], the pages' data.
     bytes: Vec<u8>,
+    /// Where the payload starts in `bytes`.
+    payload_at: usize,
 }
 
 /// Consecutive pages of a batch that are all zero or all data, contiguous both
@@ -196,9 +202,10 @@ impl PageBatch {
         self.entries.is_empty()
     }
 
-    /// Bytes of page data the batch holds (zero pages hold none).
+    /// Bytes of the batch's payload (of page data, for a batch made by
+    /// [`PageBatch::from_pages`]: zero pages hold none).
     pub fn payload_len(&self) -> usize {
-        self.bytes.len()
+        self.bytes.len() - self.payload_at
     }
 
     /// Every page: its address and data (None: all zero).
@@ -265,19 +272,18 @@ fn set_of(kind: u16) -> Option<MessageSet> {
 }
 
 /// Builds a page-batch frame directly from guest memory, detecting zero
-/// pages. It keeps its buffers: a writer used for batch after batch
-/// allocates (and page-faults) only while its buffers grow to a batch's size.
+/// pages, in one buffer (header, data, entries, count) that it keeps: a writer
+/// used for batch after batch allocates (and page-faults) only while its
+/// buffers grow to a batch's size.
 pub struct PageBatchWriter {
-    /// The frame header (filled by [`seal`](Self::seal)), the count, then the entries.
-    head: Vec<u8>,
-    /// The data of every page that is not all zero, in entry order.
-    data: Vec<u8>,
+    /// The frame: header (filled by [`seal`](Self::seal)), then the data of
+    /// every page that is not all zero; sealing appends the entries and count.
+    frame: Vec<u8>,
+    /// One entry per page so far.
+    entries: Vec<u8>,
     count: u32,
     zero: u32,
 }
-
-/// Bytes of `PageBatchWriter::head` before the first entry: the header and the count.
-const HEAD_PREFIX: usize = HEADER_BYTES + 4;
 
 impl Default for PageBatchWriter {
     fn default() -> Self {
@@ -287,7 +293,7 @@ impl Default for PageBatchWriter {
 
 impl PageBatchWriter {
     pub fn new() -> Self {
-        PageBatchWriter { head: vec![0; HEAD_PREFIX], data: Vec::new(), count: 0, zero: 0 }
+        PageBatchWriter { frame: vec![0; HEADER_BYTES], entries: Vec::new(), count: 0, zero: 0 }
     }
 
     /// Adds the page at `gpa` with contents `page` (4096 bytes).
@@ -300,21 +306,22 @@ impl PageBatchWriter {
     }
 
     /// Adds the page at `gpa`, letting `fill` write its 4096 bytes straight
-    /// into the batch (one copy from guest memory, no staging buffer).
+    /// into the frame (one copy from guest memory, no staging buffer).
     pub fn push_with<E>(&mut self, gpa: u64, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
-        let at = self.data.len();
-        self.data.resize(at + PAGE, 0);
-        if let Err(e) = fill(&mut self.data[at..]) {
-            self.data.truncate(at);
+        self.unseal();
+        let at = self.frame.len();
+        self.frame.resize(at + PAGE, 0);
+        if let Err(e) = fill(&mut self.frame[at..]) {
+            self.frame.truncate(at);
             return Err(e);
         }
-        let zero = is_zero(&self.data[at..]);
+        let zero = is_zero(&self.frame[at..]);
         if zero {
-            self.data.truncate(at);
+            self.frame.truncate(at);
             self.zero += 1;
         }
-        self.head.extend_from_slice(&gpa.to_le_bytes());
-        self.head.push(if zero { FLAG_ZERO } else { 0 });
+        self.entries.extend_from_slice(&gpa.to_le_bytes());
+        self.entries.push(if zero { FLAG_ZERO } else { 0 });
         self.count += 1;
         Ok(())
     }
@@ -331,47 +338,53 @@ impl PageBatchWriter {
         self.zero
     }
 
-    /// Payload bytes so far (to cut batches at a size).
-    pub fn payload_bytes(&self) -> usize {
-        self.head.len() - HEADER_BYTES + self.data.len()
+    /// Bytes of page data so far.
+    fn data_bytes(&self) -> usize {
+        (self.count - self.zero) as usize * PAGE
     }
 
-    /// Fills in the header (with a CRC-32C if `crc`, else 0: for a tagged
-    /// connection) and the count: the frame is `head` then `data`.
-    fn seal(&mut self, crc: bool) -> (&[u8], &[u8]) {
+    /// Payload bytes so far (to cut batches at a size).
+    pub fn payload_bytes(&self) -> usize {
+        self.data_bytes() + self.entries.len() + 4
+    }
+
+    /// Drops the entries and count a [`seal`](Self::seal) appended (to add pages after it).
+    fn unseal(&mut self) {
+        self.frame.truncate(HEADER_BYTES + self.data_bytes());
+    }
+
+    /// Completes the frame: appends the entries and count and fills in the
+    /// header, with a CRC-32C if `crc` (else 0: for a tagged connection).
+    fn seal(&mut self, crc: bool) -> &[u8] {
+        self.unseal();
         let length = self.payload_bytes();
         assert!(length <= MAX_PAYLOAD as usize, "frame payload of {length} bytes is over the limit");
+        self.frame.extend_from_slice(&self.entries);
+        self.frame.extend_from_slice(&self.count.to_le_bytes());
         let version = set_of(KIND_PAGES).expect("pages have a set").version();
-        self.head[..4].copy_from_slice(&MAGIC);
-        self.head[4..6].copy_from_slice(&version.to_le_bytes());
-        self.head[6..8].copy_from_slice(&KIND_PAGES.to_le_bytes());
-        self.head[8..12].copy_from_slice(&(length as u32).to_le_bytes());
-        self.head[HEADER_BYTES..HEAD_PREFIX].copy_from_slice(&self.count.to_le_bytes());
+        self.frame[..4].copy_from_slice(&MAGIC);
+        self.frame[4..6].copy_from_slice(&version.to_le_bytes());
+        self.frame[6..8].copy_from_slice(&KIND_PAGES.to_le_bytes());
+        self.frame[8..12].copy_from_slice(&(length as u32).to_le_bytes());
         let crc = match crc {
-            true => {
-                let head = crc32c::crc32c_append(crc32c::crc32c(&self.head[..12]), &self.head[HEADER_BYTES..]);
-                crc32c::crc32c_append(head, &self.data)
-            }
+            true => crc32c::crc32c_append(crc32c::crc32c(&self.frame[..12]), &self.frame[HEADER_BYTES..]),
             false => 0,
         };
-        self.head[12..16].copy_from_slice(&crc.to_le_bytes());
-        (&self.head, &self.data)
+        self.frame[12..16].copy_from_slice(&crc.to_le_bytes());
+        &self.frame
     }
 
     /// Empties the writer for the next batch, keeping its buffers.
     pub fn clear(&mut self) {
-        self.head.truncate(HEAD_PREFIX);
-        self.data.clear();
+        self.frame.truncate(HEADER_BYTES);
+        self.entries.clear();
         self.count = 0;
         self.zero = 0;
     }
 
     /// The encoded frame (with its CRC-32C); the writer is left empty for reuse.
     pub fn finish(&mut self) -> Vec<u8> {
-        let (head, data) = self.seal(true);
-        let mut frame = Vec::with_capacity(head.len() + data.len());
-        frame.extend_from_slice(head);
-        frame.extend_from_slice(data);
+        let frame = self.seal(true).to_vec();
         self.clear();
         frame
     }
@@ -446,7 +459,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, ProtocolError
 /// (a page batch keeps the payload).
 pub fn decode_payload<M: WireMessage>(header: Header, payload: Vec<u8>) -> Result<Frame<M>, ProtocolError> {
     check_crc(&header, &payload)?;
-    decode_checked(header, payload)
+    decode_checked(header, payload, 0)
 }
 
 fn check_crc(header: &Header, payload: &[u8]) -> Result<(), ProtocolError> {
@@ -457,12 +470,16 @@ fn check_crc(header: &Header, payload: &[u8]) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-/// Decodes a payload whose checksum has been checked.
-fn decode_checked<M: WireMessage>(header: Header, payload: Vec<u8>) -> Result<Frame<M>, ProtocolError> {
+/// Decodes a payload (`bytes[payload_at..]`) whose checksum or tag has been checked.
+fn decode_checked<M: WireMessage>(
+    header: Header,
+    bytes: Vec<u8>,
+    payload_at: usize,
+) -> Result<Frame<M>, ProtocolError> {
     if header.kind == KIND_PAGES {
-        return decode_pages(payload).map(Frame::Pages);
+        return decode_pages(bytes, payload_at).map(Frame::Pages);
     }
-    decode_message(header, &payload)
+    decode_message(header, &bytes[payload_at..])
 }
 
 /// Decodes a checked payload that is not a page batch (as a message of `M`).
@@ -483,19 +500,19 @@ fn malformed_what(set: MessageSet) -> &'static str {
     }
 }
 
-fn decode_pages(payload: Vec<u8>) -> Result<PageBatch, ProtocolError> {
+/// Decodes the page batch in `bytes[payload_at..]` (data, entries, count).
+fn decode_pages(bytes: Vec<u8>, payload_at: usize) -> Result<PageBatch, ProtocolError> {
     let malformed = |detail: String| ProtocolError::Malformed { what: "page batch", detail };
-    let count = u32::from_le_bytes(
-        payload.get(..4).ok_or_else(|| malformed("shorter than its count".into()))?.try_into().expect("4 bytes"),
-    ) as usize;
-    let entries_end = count
+    let payload = &bytes[payload_at..];
+    let count_at = payload.len().checked_sub(4).ok_or_else(|| malformed("shorter than its count".into()))?;
+    let count = u32::from_le_bytes(payload[count_at..].try_into().expect("4 bytes")) as usize;
+    let entries_at = count
         .checked_mul(ENTRY_BYTES)
-        .and_then(|n| n.checked_add(4))
-        .filter(|&end| end <= payload.len())
+        .and_then(|n| count_at.checked_sub(n))
         .ok_or_else(|| malformed(format!("{count} entries do not fit in {} bytes", payload.len())))?;
-    let mut next_data = entries_end;
+    let mut next_data = 0;
     let mut entries = Vec::with_capacity(count);
-    for entry in payload[4..entries_end].chunks_exact(ENTRY_BYTES) {
+    for entry in payload[entries_at..count_at].chunks_exact(ENTRY_BYTES) {
         let gpa = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
         if !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(malformed(format!("page address {gpa:#x} is not page aligned")));
@@ -503,19 +520,19 @@ fn decode_pages(payload: Vec<u8>) -> Result<PageBatch, ProtocolError> {
         match entry[8] {
             FLAG_ZERO => entries.push((gpa, None)),
             0 => {
-                if next_data + PAGE > payload.len() {
+                if next_data + PAGE > entries_at {
                     return Err(malformed(format!("data for page {gpa:#x} is missing")));
                 }
-                entries.push((gpa, Some(next_data)));
+                entries.push((gpa, Some(payload_at + next_data)));
                 next_data += PAGE;
             }
             flags => return Err(malformed(format!("page {gpa:#x} has unknown flags {flags:#x}"))),
         }
     }
-    if next_data != payload.len() {
-        return Err(malformed(format!("{} bytes after the last page", payload.len() - next_data)));
+    if next_data != entries_at {
+        return Err(malformed(format!("{} bytes of data that no entry names", entries_at - next_data)));
     }
-    Ok(PageBatch { entries, bytes: payload })
+    Ok(PageBatch { entries, bytes, payload_at })
 }
 
 /// Whether a frame's CRC-32C is checked: always on a connection without
@@ -525,15 +542,15 @@ fn crc_checked(header: &Header, tagged: bool) -> bool {
     !tagged || header.kind == KIND_GREETING
 }
 
-/// Reads one frame's header and payload (into `payload`, whose buffer is
+/// Reads one frame, header and payload, into `frame` (whose buffer is
 /// reused) and checks its checksum (see [`crc_checked`]). A clean end of
 /// stream before a header is `Closed`; an end inside a frame is `Truncated`.
 async fn read_checked<R: AsyncRead + Unpin>(
     reader: &mut R,
     max_payload: u32,
     tagged: bool,
-    mut payload: Vec<u8>,
-) -> Result<([u8; HEADER_BYTES], Header, Vec<u8>), ProtocolError> {
+    mut frame: Vec<u8>,
+) -> Result<(Header, Vec<u8>), ProtocolError> {
     let mut header_bytes = [0u8; HEADER_BYTES];
     let mut filled = 0;
     while filled < HEADER_BYTES {
@@ -548,27 +565,29 @@ async fn read_checked<R: AsyncRead + Unpin>(
     if header.length > max_payload {
         return Err(ProtocolError::TooLarge(header.length, max_payload));
     }
-    read_payload(reader, header.payload_len(), &mut payload).await?;
+    frame.clear();
+    frame.extend_from_slice(&header_bytes);
+    read_payload(reader, header.payload_len(), &mut frame).await?;
     if crc_checked(&header, tagged) {
-        check_crc(&header, &payload)?;
+        check_crc(&header, &frame[HEADER_BYTES..])?;
     }
-    Ok((header_bytes, header, payload))
+    Ok((header, frame))
 }
 
-/// Reads `len` payload bytes into `payload` (emptied first), growing it as
-/// they arrive: a peer that claims a large frame and sends little costs
-/// little. Bytes land in the buffer's spare room, which is never zeroed first.
+/// Reads `len` payload bytes onto the end of `frame`, growing it as they
+/// arrive: a peer that claims a large frame and sends little costs little.
+/// Bytes land in the buffer's spare room, which is never zeroed first.
 async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut R,
     len: usize,
-    payload: &mut Vec<u8>,
+    frame: &mut Vec<u8>,
 ) -> Result<(), ProtocolError> {
     use bytes::BufMut;
-    payload.clear();
-    while payload.len() < len {
-        let piece = (len - payload.len()).min(READ_CHUNK);
-        payload.reserve(piece);
-        match reader.read_buf(&mut (&mut *payload).limit(piece)).await {
+    let end = frame.len() + len;
+    while frame.len() < end {
+        let piece = (end - frame.len()).min(READ_CHUNK);
+        frame.reserve(piece);
+        match reader.read_buf(&mut (&mut *frame).limit(piece)).await {
             Ok(0) => return Err(ProtocolError::Truncated),
             Ok(_) => {}
             Err(e) => return Err(ProtocolError::io(e)),
@@ -656,22 +675,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn read<M: WireMessage>(&mut self) -> Result<Frame<M>, ProtocolError> {
         let spare = std::mem::take(&mut self.spare);
         let tagged = self.mac.is_some();
-        let (header_bytes, header, payload) = read_checked(&mut self.inner, self.max_payload, tagged, spare).await?;
-        self.last_payload = payload.len();
+        let (header, bytes) = read_checked(&mut self.inner, self.max_payload, tagged, spare).await?;
+        self.last_payload = header.payload_len();
         if let Some(mac) = &mut self.mac {
             let mut tag = [0u8; TAG_BYTES];
             read_exactly(&mut self.inner, &mut tag).await?;
             let first = mac.frames() == 0;
-            if !mac.verify(&header_bytes, &payload, &tag) {
+            if !mac.verify(&bytes, &tag) {
                 return Err(self.unauthenticated(first));
             }
         }
         if header.kind == KIND_PAGES {
-            return decode_pages(payload).map(Frame::Pages);
+            return decode_pages(bytes, HEADER_BYTES).map(Frame::Pages);
         }
         // A message is decoded out of its payload: keep the buffer.
-        let frame = decode_message(header, &payload);
-        self.spare = payload;
+        let frame = decode_message(header, &bytes[HEADER_BYTES..]);
+        self.spare = bytes;
         frame
     }
 
@@ -685,27 +704,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The greeting's answer, read before the connection is authenticated,
-    /// with its raw bytes so that its tag can be checked once the keys are known.
-    pub(crate) async fn read_untagged<M: WireMessage>(
-        &mut self,
-    ) -> Result<(Frame<M>, [u8; HEADER_BYTES], Vec<u8>), ProtocolError> {
-        let (header_bytes, header, payload) =
-            read_checked(&mut self.inner, self.max_payload, false, Vec::new()).await?;
-        let frame = decode_checked(header, payload.clone())?;
-        Ok((frame, header_bytes, payload))
+    /// with its raw bytes (header and payload) so that its tag can be checked
+    /// once the keys are known.
+    pub(crate) async fn read_untagged<M: WireMessage>(&mut self) -> Result<(Frame<M>, Vec<u8>), ProtocolError> {
+        let (header, bytes) = read_checked(&mut self.inner, self.max_payload, false, Vec::new()).await?;
+        let frame = decode_checked(header, bytes.clone(), HEADER_BYTES)?;
+        Ok((frame, bytes))
     }
 
     /// Reads the tag that follows a frame read by [`read_untagged`](Self::read_untagged)
-    /// and checks it with `mac`, which then checks every later frame.
-    pub(crate) async fn verify_greeting(
-        &mut self,
-        mut mac: FrameMac,
-        header: &[u8; HEADER_BYTES],
-        payload: &[u8],
-    ) -> Result<(), ProtocolError> {
+    /// (its bytes: `frame`) and checks it with `mac`, which then checks every later frame.
+    pub(crate) async fn verify_greeting(&mut self, mut mac: FrameMac, frame: &[u8]) -> Result<(), ProtocolError> {
         let mut tag = [0u8; TAG_BYTES];
         read_exactly(&mut self.inner, &mut tag).await?;
-        if !mac.verify(header, payload, &tag) {
+        if !mac.verify(frame, &tag) {
             return Err(ProtocolError::Unauthenticated);
         }
         self.authenticate(mac);
@@ -737,20 +749,20 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Writes one encoded frame (header and payload), and its tag.
     pub async fn write(&mut self, frame: &[u8]) -> Result<(), ProtocolError> {
-        let tag = self.mac.as_mut().map(|mac| mac.tag(&frame[..HEADER_BYTES], &frame[HEADER_BYTES..]));
+        let tag = self.mac.as_mut().map(|mac| mac.tag(frame));
         write_all_vectored(&mut self.inner, &mut [IoSlice::new(frame), IoSlice::new(tag.as_ref().map_or(&[], |t| t))])
             .await
     }
 
-    /// Writes the batch in `batch` as one frame (straight from its buffers, in
-    /// one vectored write with its tag), empties it and returns the frame's bytes.
+    /// Writes the batch in `batch` as one frame (straight from its buffer, in
+    /// one vectored write with its tag), empties it and returns the bytes written.
     /// On a tagged connection the frame carries no CRC-32C: the tag covers it.
     pub async fn write_pages(&mut self, batch: &mut PageBatchWriter) -> Result<u64, ProtocolError> {
-        let (head, data) = batch.seal(self.mac.is_none());
-        let tag = self.mac.as_mut().map(|mac| mac.tag_parts(&[head, data]));
+        let frame = batch.seal(self.mac.is_none());
+        let tag = self.mac.as_mut().map(|mac| mac.tag(frame));
         let tag: &[u8] = tag.as_ref().map_or(&[], |t| t);
-        let bytes = (head.len() + data.len() + tag.len()) as u64;
-        write_all_vectored(&mut self.inner, &mut [IoSlice::new(head), IoSlice::new(data), IoSlice::new(tag)]).await?;
+        let bytes = (frame.len() + tag.len()) as u64;
+        write_all_vectored(&mut self.inner, &mut [IoSlice::new(frame), IoSlice::new(tag)]).await?;
         batch.clear();
         Ok(bytes)
     }
@@ -888,19 +900,31 @@ mod tests {
 
     #[test]
     fn malformed_batches_are_refused_not_trusted() {
-        // A count that claims more entries than the payload holds.
-        let payload = 1_000_000u32.to_le_bytes();
-        assert!(matches!(decode(&frame(KIND_PAGES, &payload)), Err(ProtocolError::Malformed { .. })));
-        // An entry whose data is missing.
-        let mut payload = 1u32.to_le_bytes().to_vec();
-        payload.extend_from_slice(&0x1000u64.to_le_bytes());
-        payload.push(0);
-        assert!(matches!(decode(&frame(KIND_PAGES, &payload)), Err(ProtocolError::Malformed { .. })));
-        // An unaligned page address.
-        let mut payload = 1u32.to_le_bytes().to_vec();
-        payload.extend_from_slice(&0x1001u64.to_le_bytes());
-        payload.push(FLAG_ZERO);
-        assert!(matches!(decode(&frame(KIND_PAGES, &payload)), Err(ProtocolError::Malformed { .. })));
+        // A payload of data pages, then entries, then the count.
+        let payload = |data_pages: usize, entries: &[(u64, u8)], count: u32| {
+            let mut payload = vec![7u8; data_pages * PAGE];
+            for &(gpa, flags) in entries {
+                payload.extend_from_slice(&gpa.to_le_bytes());
+                payload.push(flags);
+            }
+            payload.extend_from_slice(&count.to_le_bytes());
+            payload
+        };
+        let refused = |payload: Vec<u8>| match decode(&frame(KIND_PAGES, &payload)) {
+            Err(ProtocolError::Malformed { detail, .. }) => detail,
+            other => panic!("accepted {other:?}"),
+        };
+        assert_eq!(refused(vec![1, 2, 3]), "shorter than its count");
+        assert_eq!(refused(payload(0, &[], 1_000_000)), "1000000 entries do not fit in 4 bytes");
+        assert_eq!(refused(payload(0, &[(0x1000, 0)], 1)), "data for page 0x1000 is missing");
+        assert_eq!(refused(payload(0, &[(0x1001, FLAG_ZERO)], 1)), "page address 0x1001 is not page aligned");
+        assert_eq!(refused(payload(0, &[(0x1000, 2)], 1)), "page 0x1000 has unknown flags 0x2");
+        assert_eq!(refused(payload(2, &[(0x1000, 0)], 1)), "4096 bytes of data that no entry names");
+        // And the well-formed one: two data pages and a zero page.
+        let good = payload(2, &[(0x1000, 0), (0x3000, FLAG_ZERO), (0x2000, 0)], 3);
+        let Ok(Frame::Pages(batch)) = decode(&frame(KIND_PAGES, &good)) else { panic!("refused") };
+        let pages: Vec<(u64, bool)> = batch.pages().map(|(gpa, data)| (gpa, data.is_some())).collect();
+        assert_eq!(pages, [(0x1000, true), (0x3000, false), (0x2000, true)]);
     }
 
     fn session_macs() -> (FrameMac, FrameMac) {
@@ -997,7 +1021,7 @@ mod tests {
         let (mut send, recv) = session_macs();
         let mut greeting = encode_message(&Greeting::Refuse { reason: "no".into() });
         greeting[12] ^= 1;
-        let tag = send.tag(&greeting[..HEADER_BYTES], &greeting[HEADER_BYTES..]);
+        let tag = send.tag(&greeting);
         let stream = [greeting, tag.to_vec()].concat();
         let mut input = &stream[..];
         let mut reader = FrameReader::new(&mut input);

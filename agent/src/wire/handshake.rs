@@ -67,7 +67,7 @@ pub async fn connect(stream: TcpStream, role: Role, agent: &str, psk: Option<&Ps
     let (mut rd, mut wr) = split(stream);
     let nonce = psk.map(|_| auth::nonce()).transpose()?;
     wr.write(&encode_message(&Greeting::Hello { role, agent: agent.to_string(), nonce })).await?;
-    let (frame, header, payload) = rd.read_untagged::<Greeting>().await?;
+    let (frame, welcome) = rd.read_untagged::<Greeting>().await?;
     let (peer, server_nonce) = match frame {
         Frame::Message(Greeting::Welcome { agent, nonce }) => (agent, nonce),
         Frame::Message(Greeting::Refuse { reason }) => return Err(HandshakeError::Refused(reason)),
@@ -77,7 +77,7 @@ pub async fn connect(stream: TcpStream, role: Role, agent: &str, psk: Option<&Ps
         (Some(psk), Some(client), Some(server)) => {
             let session = psk.session(true, &client, &server);
             wr.authenticate(session.send);
-            match rd.verify_greeting(session.recv, &header, &payload).await {
+            match rd.verify_greeting(session.recv, &welcome).await {
                 Ok(()) => {}
                 Err(ProtocolError::Unauthenticated) => return Err(wrong_key(&mut wr).await),
                 Err(e) => return Err(e.into()),

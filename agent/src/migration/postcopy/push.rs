@@ -6,7 +6,7 @@ use crate::vmm::page_set::PageSet;
 
 /// Pages per batch frame of the background push: small enough that a demand
 /// request waits for at most one batch on the wire.
-pub const PUSH_BATCH_PAGES: usize = 64;
+pub const PUSH_BATCH_PAGES: usize = 256;
 
 /// Post-copy at the source: the unsent pages, the demand queue, and the push's cursor.
 pub struct Push {
