@@ -3,7 +3,7 @@
 //! above this and never touches the fd.
 
 use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 use userfaultfd::{Error as RawError, Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
@@ -46,6 +46,8 @@ pub struct FaultRegion {
     uffd: Uffd,
     memory: Arc<GuestMemory>,
     base: u64,
+    /// An eventfd that ends a [`FaultRegion::next_fault`] wait early (see [`FaultRegion::wake`]).
+    waker: OwnedFd,
 }
 
 impl FaultRegion {
@@ -63,7 +65,14 @@ impl FaultRegion {
         let base = memory.host_address(0).map_err(|_| UffdError::BadAddress(0))?;
         uffd.register_with_mode(base as *mut libc::c_void, memory.size() as usize, RegisterMode::MISSING)
             .map_err(|e| UffdError::Register(e.to_string()))?;
-        Ok(FaultRegion { uffd, memory, base })
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we own.
+        let waker = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if waker < 0 {
+            return Err(UffdError::Create(format!("eventfd: {}", std::io::Error::last_os_error())));
+        }
+        // SAFETY: `waker` is a fresh fd that nothing else owns.
+        let waker = unsafe { OwnedFd::from_raw_fd(waker) };
+        Ok(FaultRegion { uffd, memory, base, waker })
     }
 
     /// Host address of `[gpa, gpa + len)`, which must be whole pages inside guest memory.
@@ -75,11 +84,23 @@ impl FaultRegion {
         Ok((self.base + gpa) as *mut libc::c_void)
     }
 
-    /// Waits up to `timeout` for a missing-page fault.
+    /// Ends the wait of a [`next_fault`](Self::next_fault) now or the next
+    /// one (it returns no fault): a fault thread told to stop stops at once.
+    pub fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd; a full
+        // counter (EAGAIN) means a wake is pending anyway.
+        unsafe { libc::write(self.waker.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    /// Waits up to `timeout` for a missing-page fault, or until [`wake`](Self::wake).
     pub fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UffdError> {
-        let mut pollfd = libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        let mut pollfds = [
+            libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: self.waker.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two valid pollfds for the duration of the call.
+        let ready = unsafe { libc::poll(pollfds.as_mut_ptr(), 2, timeout.as_millis().min(i32::MAX as u128) as i32) };
         if ready < 0 {
             let err = std::io::Error::last_os_error();
             return if err.kind() == std::io::ErrorKind::Interrupted {
@@ -88,7 +109,12 @@ impl FaultRegion {
                 Err(UffdError::Read(err.to_string()))
             };
         }
-        if ready == 0 {
+        if pollfds[0].revents == 0 {
+            if pollfds[1].revents != 0 {
+                let mut count = [0u8; 8];
+                // SAFETY: reads 8 bytes into a live buffer from our eventfd (resetting it).
+                unsafe { libc::read(self.waker.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
+            }
             return Ok(None);
         }
         match self.uffd.read_event() {
@@ -200,5 +226,36 @@ mod tests {
         assert_eq!(memory.read_u64(0x12000).unwrap(), 9);
         assert_eq!(region.zero(0x20000, 4 * 4096).unwrap(), Installed::Now);
         assert_eq!(region.copy(0x11000, &run[..2 * 4096]).unwrap(), Installed::AlreadyPresent);
+    }
+
+    #[test]
+    fn a_wake_ends_a_wait_and_leaves_faults_to_the_next_call() {
+        let memory = Arc::new(GuestMemory::new(2 << 20, 2 << 20).unwrap());
+        let region = Arc::new(FaultRegion::register(Arc::clone(&memory)).unwrap());
+        let waiter = {
+            let region = Arc::clone(&region);
+            std::thread::spawn(move || {
+                let at = std::time::Instant::now();
+                (region.next_fault(Duration::from_secs(60)).unwrap(), at.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        region.wake();
+        let (fault, waited) = waiter.join().unwrap();
+        assert_eq!(fault, None);
+        assert!(waited < Duration::from_secs(30), "the wait ran to its timeout: {waited:?}");
+        // A fault queued with a wake pending is still read (by this call or the next).
+        region.wake();
+        let reader = {
+            let memory = Arc::clone(&memory);
+            std::thread::spawn(move || memory.read_u64(0x3000).unwrap())
+        };
+        let fault = match region.next_fault(Duration::from_secs(10)).unwrap() {
+            Some(fault) => fault,
+            None => region.next_fault(Duration::from_secs(10)).unwrap().expect("the fault after the wake"),
+        };
+        assert_eq!(fault.gpa, 0x3000);
+        region.install_page(0x3000, None).unwrap();
+        assert_eq!(reader.join().unwrap(), 0);
     }
 }

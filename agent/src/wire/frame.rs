@@ -45,6 +45,9 @@ pub const READ_CHUNK: usize = 256 << 10;
 /// so it never has to stop reading the connection, which also carries
 /// heartbeats and page requests.
 pub const CHECKPOINT_WINDOW: u64 = 8 << 20;
+/// Frame buffers a [`FrameReader`] keeps for later frames (enough for a
+/// reader whose frames are handled a few behind, see `read_ahead`).
+pub const SPARE_BUFFERS: usize = 4;
 const KIND_GREETING: u16 = 1;
 const KIND_PAGES: u16 = 2;
 const KIND_CONTROL: u16 = 3;
@@ -206,6 +209,11 @@ impl PageBatch {
     /// [`PageBatch::from_pages`]: zero pages hold none).
     pub fn payload_len(&self) -> usize {
         self.bytes.len() - self.payload_at
+    }
+
+    /// Where the batch's bytes are (to see a buffer used again).
+    pub fn payload_ptr(&self) -> *const u8 {
+        self.bytes.as_ptr()
     }
 
     /// Every page: its address and data (None: all zero).
@@ -615,8 +623,8 @@ pub struct FrameReader<R = OwnedReadHalf> {
     max_payload: u32,
     /// The payload bytes of the last frame read (for flow control).
     last_payload: usize,
-    /// A payload buffer to read the next frame into (see [`recycle`](Self::recycle)).
-    spare: Vec<u8>,
+    /// Buffers to read the next frames into (see [`recycle`](Self::recycle)).
+    spare: Vec<Vec<u8>>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -664,16 +672,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Gives a handled batch's buffer back, to read a later frame into: a
-    /// reader whose batches come back allocates nothing per frame.
+    /// reader whose batches come back allocates nothing per frame (it keeps
+    /// up to [`SPARE_BUFFERS`]).
     pub fn recycle(&mut self, batch: PageBatch) {
-        if batch.bytes.capacity() > self.spare.capacity() {
-            self.spare = batch.bytes;
+        if self.spare.len() < SPARE_BUFFERS {
+            self.spare.push(batch.bytes);
         }
     }
 
     /// The next frame (checked: checksum or tag), a message of `M` or pages.
     pub async fn read<M: WireMessage>(&mut self) -> Result<Frame<M>, ProtocolError> {
-        let spare = std::mem::take(&mut self.spare);
+        let spare = self.spare.pop().unwrap_or_default();
         let tagged = self.mac.is_some();
         let (header, bytes) = read_checked(&mut self.inner, self.max_payload, tagged, spare).await?;
         self.last_payload = header.payload_len();
@@ -690,7 +699,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         // A message is decoded out of its payload: keep the buffer.
         let frame = decode_message(header, &bytes[HEADER_BYTES..]);
-        self.spare = bytes;
+        self.spare.push(bytes);
         frame
     }
 

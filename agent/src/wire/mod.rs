@@ -10,3 +10,4 @@ pub mod handshake;
 pub mod message_set;
 pub mod migration;
 pub mod payload;
+pub mod read_ahead;

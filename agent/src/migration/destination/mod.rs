@@ -30,9 +30,13 @@ use crate::vmm::runner::{OutputGate, VmRunner};
 use crate::wire::frame::{encode_message, Frame, FrameReader, FrameWriter, PageBatch};
 use crate::wire::migration::MigrationMessage;
 use crate::wire::payload::{DestinationStats, MigrationOptions, Mode};
+use crate::wire::read_ahead::ReadAhead;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+/// Page batches received ahead of the one being installed, at most.
+const READ_AHEAD_FRAMES: usize = 2;
 
 /// A migration into this agent, once `Begin` was read.
 pub struct IncomingMigration {
@@ -88,7 +92,9 @@ pub async fn migrate_in(
     incoming: IncomingMigration,
     on_running: impl FnOnce(Arc<VmRunner>) + Send + 'static,
 ) -> Result<DestinationStats, MigrationError> {
-    let IncomingMigration { mut rd, wr, name, config, mode, options, sink } = incoming;
+    let IncomingMigration { rd, wr, name, config, mode, options, sink } = incoming;
+    // Frames are received and their tags checked while the previous ones install.
+    let mut rd = ReadAhead::spawn(rd, READ_AHEAD_FRAMES);
     let out = ReturnPath::start(wr);
     let (pages, prepared) = match prepare::prepare_incoming(&config, mode, &options).await {
         Ok(v) => v,
@@ -155,7 +161,7 @@ impl Destination {
     /// Every way out with a VM that ran here goes through [`Destination::end`].
     async fn receive(
         &mut self,
-        rd: &mut FrameReader,
+        rd: &mut ReadAhead<MigrationMessage>,
         stops: &mut mpsc::UnboundedReceiver<FtStop>,
     ) -> Result<(), MigrationError> {
         while self.phase != DestinationPhase::Finished {
@@ -193,7 +199,7 @@ impl Destination {
     async fn on_message(
         &mut self,
         message: MigrationMessage,
-        rd: &mut FrameReader,
+        rd: &mut ReadAhead<MigrationMessage>,
     ) -> Result<DestinationPhase, MigrationError> {
         use DestinationPhase::{Completed, Receiving, Restored, Running};
         let checkpointing = self.ft.is_some();
@@ -341,7 +347,7 @@ impl Destination {
 
     /// Completed → Finished (PostCopyFT): the source lets its copy go, and we
     /// take the VM if our lease holds.
-    async fn finish(&mut self, rd: &mut FrameReader) -> Result<DestinationPhase, MigrationError> {
+    async fn finish(&mut self, rd: &mut ReadAhead<MigrationMessage>) -> Result<DestinationPhase, MigrationError> {
         let ft = self.ft.as_ref().expect("Completed only with PostCopyFT");
         ft.finish().map_err(|stop| MigrationError::Fenced(stop.to_string()))?;
         // The VM is ours alone, and so is its output. Nothing goes out after
@@ -354,7 +360,7 @@ impl Destination {
             // Read on until the source closes: closing with its frames unread
             // would reset the connection, and a reset can throw away a
             // `Finished` not yet delivered.
-            let closed = async { while rd.read::<MigrationMessage>().await.is_ok() {} };
+            let closed = async { while rd.read().await.is_ok() {} };
             let patience = Duration::from_millis(self.options.reply_timeout_ms);
             if tokio::time::timeout(patience, closed).await.is_err() {
                 tracing::warn!("the source did not close the connection after Finished");
@@ -368,7 +374,7 @@ impl Destination {
     async fn end(
         mut self,
         result: Result<(), MigrationError>,
-        mut rd: FrameReader,
+        mut rd: ReadAhead<MigrationMessage>,
     ) -> Result<DestinationStats, MigrationError> {
         drop(self.faults.take());
         let checkpointed = self.ft.is_some();
@@ -400,8 +406,7 @@ impl Destination {
         // that this copy stopped, and after `Finish` may not restore its own).
         let patience = Duration::from_millis(self.options.reply_timeout_ms);
         tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(patience, async { while rd.read::<MigrationMessage>().await.is_ok() {} }).await;
+            let _ = tokio::time::timeout(patience, async { while rd.read().await.is_ok() {} }).await;
         });
         if ran_here {
             return Err(MigrationError::SourceLost { cause: Box::new(e), checkpointed });

@@ -39,6 +39,7 @@ impl BlockedVcpus {
 /// to ask the source for. Stops when dropped.
 pub struct FaultHandler {
     stop: Arc<AtomicBool>,
+    region: Arc<FaultRegion>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -53,12 +54,13 @@ impl FaultHandler {
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
+        let handler_region = Arc::clone(&region);
         // Its lines carry the span it was started in (the migration's: which VM).
         let span = tracing::Span::current();
         let thread = std::thread::Builder::new().name("uffd-faults".into()).spawn(move || {
             let _span = span.entered();
             while !flag.load(Ordering::Relaxed) {
-                match region.next_fault(Duration::from_millis(20)) {
+                match region.next_fault(Duration::from_millis(500)) {
                     Ok(Some(fault)) => {
                         vcpus.note(&fault);
                         if first_pending(&pending, fault.gpa) && requests.send(fault.gpa).is_err() {
@@ -73,7 +75,7 @@ impl FaultHandler {
                 }
             }
         })?;
-        Ok(FaultHandler { stop, thread: Some(thread) })
+        Ok(FaultHandler { stop, region: handler_region, thread: Some(thread) })
     }
 }
 
@@ -92,6 +94,8 @@ fn first_pending(pending: &PendingFaults, gpa: u64) -> bool {
 impl Drop for FaultHandler {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Not a poll timeout later: every post-copy waited that out when its last page came.
+        self.region.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
