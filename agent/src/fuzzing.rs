@@ -36,7 +36,7 @@ use crate::wire::frame::{
     decode_header, decode_payload, encode_message, encode_pages, Frame, FrameReader, FrameWriter, PageBatch,
     PageBatchWriter, PageData, ProtocolError, HEADER_BYTES, MAGIC, MAX_PAYLOAD,
 };
-use crate::wire::greeting::{Greeting, Role};
+use crate::wire::greeting::{Greeting, Role, DEMAND_TOKEN_BYTES};
 use crate::wire::message_set::{
     MessageSet, PayloadError, WireMessage, CONTROL_VERSION, GREETING_VERSION, MIGRATION_VERSION,
 };
@@ -265,7 +265,11 @@ pub fn sample_message(src: &mut impl Source) -> AnyMessage {
         6 => Migration(MigrationMessage::Heartbeat { seq: src.next_u64() }),
         7 => Migration(MigrationMessage::HeartbeatAck { seq: src.next_u64() }),
         8 => Greet(Greeting::Hello {
-            role: if src.one_in(2) { Role::Control } else { Role::Migration },
+            role: match src.below(3) {
+                0 => Role::Control,
+                1 => Role::Migration,
+                _ => Role::DemandChannel { token: [src.byte(); DEMAND_TOKEN_BYTES] },
+            },
             agent: sample_text(src),
             nonce: src.one_in(2).then(|| [src.byte(); NONCE_BYTES]),
         }),
@@ -275,11 +279,15 @@ pub fn sample_message(src: &mut impl Source) -> AnyMessage {
         }),
         10 => Migration(MigrationMessage::Begin {
             name: sample_text(src),
-            config: machine_config(),
+            config: Box::new(machine_config()),
             mode: Mode::PostcopyFt,
             options: MigrationOptions::default(),
+            demand_token: src.one_in(2).then(|| [src.byte(); DEMAND_TOKEN_BYTES]),
         }),
-        11 => Migration(MigrationMessage::AllSent { pages: src.next_u64() }),
+        11 => Migration(MigrationMessage::AllSent {
+            pages: src.next_u64(),
+            demand_pages: src.one_in(2).then(|| src.next_u64()),
+        }),
         12 => Migration(MigrationMessage::Discard { gpas: sample_gpas(src) }),
         13 => Migration(MigrationMessage::Finish),
         14 => Control(ControlMessage::Status),

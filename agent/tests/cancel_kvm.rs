@@ -115,8 +115,10 @@ async fn finishes_and_verifies(runner: &VmRunner, where_: &str) {
     runner.verify().await.unwrap_or_else(|e| panic!("the guest at the {where_} does not match its oracle: {e}"));
 }
 
-/// A destination agent's listening side: greets the source and reads `Begin`.
-async fn greet(listener: &TcpListener) -> (FrameReader, FrameWriter, MigrationMessage) {
+/// A destination agent's listening side: greets the source and reads
+/// `Begin`; then accepts the source's demand channel (its second connection,
+/// as the agent would), which comes on the receiver.
+async fn greet(listener: TcpListener) -> (FrameReader, FrameWriter, MigrationMessage, oneshot::Receiver<FrameReader>) {
     let (stream, _) = listener.accept().await.expect("accept");
     stream.set_nodelay(true).unwrap();
     let (greeted, _role) = handshake::accept(stream, "destination", None).await.expect("greeting");
@@ -125,7 +127,14 @@ async fn greet(listener: &TcpListener) -> (FrameReader, FrameWriter, MigrationMe
         Frame::Message(begin @ MigrationMessage::Begin { .. }) => begin,
         other => panic!("expected Begin, got {other:?}"),
     };
-    (rd, wr, begin)
+    let (demand_tx, demand) = oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((stream, _)) = listener.accept().await else { return };
+        if let Ok((greeted, _role)) = handshake::accept(stream, "destination", None).await {
+            let _ = demand_tx.send(greeted.rd);
+        }
+    });
+    (rd, wr, begin, demand)
 }
 
 async fn send(wr: &mut FrameWriter, message: &MigrationMessage) {
@@ -196,7 +205,7 @@ async fn a_cancel_while_waiting_for_restored_resumes_the_vm_at_the_source_and_te
     let (switched_tx, switched) = oneshot::channel();
     // Ready, takes the VM's state, and never answers `Restored`; then reports what came next.
     let destination = tokio::spawn(async move {
-        let (mut rd, mut wr, _) = greet(&listener).await;
+        let (mut rd, mut wr, _, _demand) = greet(listener).await;
         send(&mut wr, &MigrationMessage::Ready).await;
         loop {
             match next_message(&mut rd).await {
@@ -240,7 +249,7 @@ async fn a_cancel_while_a_precopy_write_is_blocked_resumes_the_vm_at_the_source(
     let (ready_tx, ready) = oneshot::channel();
     // Ready, and then it reads nothing more (a frozen destination).
     let destination = tokio::spawn(async move {
-        let (rd, mut wr, _) = greet(&listener).await;
+        let (rd, mut wr, _, _demand) = greet(listener).await;
         send(&mut wr, &MigrationMessage::Ready).await;
         ready_tx.send(()).unwrap();
         (rd, wr)
@@ -288,7 +297,7 @@ async fn race_once(runner: &Arc<VmRunner>, config: &MachineConfig, at: CancelAt)
     let progress = Arc::new(Progress::new(Mode::Postcopy));
     let canceller = Arc::clone(&progress);
     let destination = tokio::spawn(async move {
-        let (mut rd, mut wr, _) = greet(&listener).await;
+        let (mut rd, mut wr, _, _demand) = greet(listener).await;
         send(&mut wr, &MigrationMessage::Ready).await;
         while !matches!(next_message(&mut rd).await.expect("Switchover"), MigrationMessage::Switchover { .. }) {}
         let answer = match at {
@@ -365,15 +374,18 @@ type Incoming = JoinHandle<(Result<DestinationStats, MigrationError>, Option<Arc
 
 fn spawn_destination(listener: TcpListener) -> Incoming {
     tokio::spawn(async move {
-        let (rd, wr, begin) = greet(&listener).await;
-        let MigrationMessage::Begin { name, config, mode, options } = begin else { unreachable!() };
+        let (rd, wr, begin, demand) = greet(listener).await;
+        let MigrationMessage::Begin { name, config, mode, options, demand_token } = begin else { unreachable!() };
+        let demand = demand_token.map(|_| demand);
+        let config = *config;
         let ran: Arc<Mutex<Option<Arc<VmRunner>>>> = Arc::default();
         let on_running = {
             let ran = Arc::clone(&ran);
             move |runner| *ran.lock().unwrap() = Some(runner)
         };
         let sink = OutputSink::log_only("destination");
-        let result = migrate_in(IncomingMigration { rd, wr, name, config, mode, options, sink }, on_running).await;
+        let result =
+            migrate_in(IncomingMigration { rd, wr, demand, name, config, mode, options, sink }, on_running).await;
         let runner = ran.lock().unwrap().take();
         (result, runner)
     })

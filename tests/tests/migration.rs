@@ -4,7 +4,7 @@
 
 use pcft_agent::wire::control::ControlMessage;
 use pcft_agent::wire::frame::{decode_header, decode_payload, encode_message, Frame, HEADER_BYTES};
-use pcft_agent::wire::greeting::Greeting;
+use pcft_agent::wire::greeting::{Greeting, Role};
 use pcft_agent::wire::message_set::WireMessage;
 use pcft_agent::wire::migration::MigrationMessage;
 use pcft_tests::{ledger_digest, pcft_json, pcft_output, start_vm, Agent};
@@ -89,6 +89,7 @@ fn cli_commands_across_two_agents() {
 
     let report = pcft_json(&["migrate", "vm1", "--agent", &a.addr, "--to", &b.addr, "--mode", "postcopy", "--json"]);
     assert_eq!(report["vm"], "vm1");
+    assert_eq!(report["postcopy_preempt"], true, "requested pages on a connection of their own: {report}");
     let status = pcft_json(&["vm", "status", "--agent", &a.addr, "--json"]);
     assert_eq!(status["vms"][0]["phase"], "migrated-away", "nothing runs at the source any more");
     // The text says the same, in columns that a long name does not break.
@@ -136,6 +137,8 @@ fn cli_commands_across_two_agents() {
         let (from, to) = if mode == "precopy" { (&a.addr, &b.addr) } else { (&b.addr, &a.addr) };
         let report = pcft_json(&["migrate", "paced", "--agent", from, "--to", to, "--mode", mode, "--json"]);
         assert_eq!(report["mode"], mode);
+        // Pre-copy asks for no page; hybrid's post-copy does.
+        assert_eq!(report["postcopy_preempt"], mode == "hybrid", "{report}");
     }
     let verified = pcft_json(&["vm", "wait", "paced", "--agent", &a.addr, "--json"]);
     assert_eq!(verified["verified"], true);
@@ -218,7 +221,7 @@ fn fake_destination(fake: Fake) -> (String, std::thread::JoinHandle<()>) {
             }
             Fake::OtherVersion => {
                 let mut other = welcome.clone();
-                other[4] = 9;
+                other[4] = 99;
                 drop(s.write_all(&other));
             }
             Fake::SilentAfterWelcome => {
@@ -349,6 +352,17 @@ fn an_agent_refuses_garbage_and_keeps_serving() {
     s.write_all(&flipped).unwrap();
     match read_frame::<Greeting>(&mut s) {
         Some(Frame::Message(Greeting::Refuse { reason })) => assert!(reason.contains("checksum"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A demand channel that no migration here named: refused in words.
+    let mut s = TcpStream::connect(&agent.addr).unwrap();
+    let hello = Greeting::Hello { role: Role::DemandChannel { token: [7; 16] }, agent: "stranger".into(), nonce: None };
+    s.write_all(&encode_message(&hello)).unwrap();
+    assert!(matches!(read_frame::<Greeting>(&mut s), Some(Frame::Message(Greeting::Welcome { .. }))));
+    match read_frame::<MigrationMessage>(&mut s) {
+        Some(Frame::Message(MigrationMessage::Refuse { reason })) => {
+            assert!(reason.contains("no migration here expects this demand channel"), "{reason}")
+        }
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert!(agent.alive());

@@ -102,7 +102,14 @@ pub fn migration_lines(r: &MigrationReport) -> Vec<String> {
         lines.push(format!("  pre-copy rounds        {} ({} pages dirty at the stop)", r.rounds, r.final_dirty_pages));
     }
     if r.mode != "precopy" {
-        lines.push(format!("  post-copy pages        {} pushed, {} on demand", r.pages_pushed, r.pages_faulted));
+        let channel = match r.postcopy_preempt {
+            true => "on a connection of their own",
+            false => "behind the push: no demand channel",
+        };
+        lines.push(format!(
+            "  post-copy pages        {} pushed, {} on demand ({channel})",
+            r.pages_pushed, r.pages_faulted
+        ));
         let latency = match (&r.fault_latency_us, &r.failure) {
             (Some(l), _) => format!("p50 {} µs, p99 {} µs", l.p50, l.p99),
             (None, Some(_)) => "not measured (the destination was lost before it sent its measurements)".into(),

@@ -756,6 +756,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.inner
     }
 
+    /// Ends the stream: the peer reads to its end, then `Closed`.
+    pub async fn shutdown(&mut self) -> Result<(), ProtocolError> {
+        self.inner.shutdown().await.map_err(ProtocolError::io)
+    }
+
     /// Writes one encoded frame (header and payload), and its tag.
     pub async fn write(&mut self, frame: &[u8]) -> Result<(), ProtocolError> {
         let tag = self.mac.as_mut().map(|mac| mac.tag(frame));
@@ -897,11 +902,11 @@ mod tests {
     fn refuses_garbage_other_versions_and_huge_lengths() {
         let mut bytes = encode_message(&ControlMessage::Ping);
         assert!(matches!(decode(b"GET / HTTP/1.1\r\n\r\n"), Err(ProtocolError::BadMagic(_))));
-        bytes[4] = 9;
+        bytes[4] = 99;
         let other = decode(&bytes);
-        assert_eq!(other, Err(ProtocolError::Version { set: MessageSet::Control, peer: 9 }));
+        assert_eq!(other, Err(ProtocolError::Version { set: MessageSet::Control, peer: 99 }));
         let text = other.unwrap_err().to_string();
-        assert!(text.contains("control protocol version 9") && text.contains("run the same pcft"), "{text}");
+        assert!(text.contains("control protocol version 99") && text.contains("run the same pcft"), "{text}");
         let mut huge = encode_message(&ControlMessage::Ping);
         huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(&huge), Err(ProtocolError::TooLarge(u32::MAX, MAX_PAYLOAD)));

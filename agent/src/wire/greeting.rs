@@ -2,6 +2,11 @@
 //! roles (see `handshake` for who sends what).
 
 use crate::wire::auth::Nonce;
+
+/// Bytes of the token that ties a demand channel to its migration.
+pub const DEMAND_TOKEN_BYTES: usize = 16;
+/// Ties a migration's demand channel to it (chosen by the source, sent in `Begin`).
+pub type DemandToken = [u8; DEMAND_TOKEN_BYTES];
 use crate::wire::message_set::{MessageEnum, MessageSet};
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +17,11 @@ pub enum Role {
     Control,
     /// Another agent, migrating a VM here (migration messages follow).
     Migration,
+    /// Another agent's second connection for the migration whose `Begin`
+    /// carried `token`: the pages the destination asked for, and only those,
+    /// so that they never wait behind the background push (QEMU's
+    /// postcopy-preempt channel). Page batches follow, source to destination.
+    DemandChannel { token: DemandToken },
 }
 
 /// The greeting's messages (frame kind 1, `GREETING_VERSION`).

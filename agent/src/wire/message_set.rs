@@ -14,10 +14,11 @@ use std::fmt;
 pub const GREETING_VERSION: u16 = 8;
 /// Version of the control messages (`ControlMessage`). Bump it when they or
 /// the payload types they carry change.
-pub const CONTROL_VERSION: u16 = 8;
+pub const CONTROL_VERSION: u16 = 9;
 /// Version of the migration messages (`MigrationMessage`) and of page
 /// batches. Bump it when they or the payload types they carry change
-/// (9: tagged page batches carry no CRC-32C).
+/// (9: tagged page batches carry no CRC-32C, data first; `Begin` names the
+/// demand channel, `AllSent` says what it carried).
 pub const MIGRATION_VERSION: u16 = 9;
 
 /// One of the sets of messages that frames carry.

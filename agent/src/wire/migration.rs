@@ -3,6 +3,7 @@
 //! frame kind 2 go with them), on a connection greeted with `Role::Migration`.
 
 use crate::vmm::machine::MachineConfig;
+use crate::wire::greeting::DemandToken;
 use crate::wire::message_set::{MessageEnum, MessageSet};
 use crate::wire::payload::{DestinationStats, MigrationOptions, Mode};
 use serde::{Deserialize, Serialize};
@@ -14,11 +15,14 @@ pub enum MigrationMessage {
     Refuse {
         reason: String,
     },
+    /// `demand_token`: the source will open a demand channel (`Role::DemandChannel`)
+    /// with this token once the destination is `Ready`.
     Begin {
         name: String,
-        config: MachineConfig,
+        config: Box<MachineConfig>,
         mode: Mode,
         options: MigrationOptions,
+        demand_token: Option<DemandToken>,
     },
     Ready,
     /// The VM stopped at the source: its state (a postcard `MachineState`) and,
@@ -39,9 +43,13 @@ pub enum MigrationMessage {
     PageRequest {
         gpas: Vec<u64>,
     },
-    /// Source → destination: every page has been sent.
+    /// Source → destination: every page has been sent. `demand_pages`: the
+    /// demand channel carried this many and is closed (the destination reads
+    /// it to its end before it checks that every page is here); None: there
+    /// was no demand channel, requested pages came on this connection.
     AllSent {
         pages: u64,
+        demand_pages: Option<u64>,
     },
     /// Destination → source: every page is in place.
     Complete(DestinationStats),

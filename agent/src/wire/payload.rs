@@ -369,6 +369,10 @@ pub struct MigrationReport {
     pub pages_pushed: u64,
     /// Pages sent because the destination asked for them.
     pub pages_faulted: u64,
+    /// Requested pages went on a connection of their own, never behind the
+    /// background push (QEMU's capability of the same name).
+    #[serde(default)]
+    pub postcopy_preempt: bool,
     /// The destination's fault-to-install times. None (JSON null) where none
     /// was measured: no page faulted there (pre-copy), or the destination was
     /// lost before it sent its measurements (they travel in `Complete`).

@@ -9,6 +9,7 @@ use crate::wire::control::ControlMessage;
 use crate::wire::frame::{Frame, FrameReader, FrameWriter, ProtocolError};
 use crate::wire::greeting::Role;
 use crate::wire::handshake::{self, Greeted};
+use crate::wire::migration::MigrationMessage;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -48,6 +49,14 @@ impl Daemon {
         match role {
             Role::Control => self.serve_control(rd, wr).await,
             Role::Migration => self.incoming(rd, wr, &from).await,
+            Role::DemandChannel { token } => match self.demand_channels.attach(token, rd) {
+                Ok(()) => Ok(()),
+                Err(refusal) => {
+                    tracing::warn!(%from, "refused a demand channel: {refusal}");
+                    let mut wr = wr;
+                    refuse(&mut wr, refusal, |reason| MigrationMessage::Refuse { reason }).await
+                }
+            },
         }
     }
 

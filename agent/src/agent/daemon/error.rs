@@ -76,6 +76,12 @@ pub enum Refusal {
     PagesOnControl,
     #[error("expected Begin, got {got}")]
     ExpectedBegin { got: String },
+    /// A demand channel whose token no migration here expects (it ended, or never began).
+    #[error("no migration here expects this demand channel (it ended, or its Begin named another token)")]
+    UnknownDemandChannel,
+    /// Two migrations named the same demand channel token.
+    #[error("another migration here already uses this demand channel token: start the migration again")]
+    DemandTokenInUse,
     /// A frame that broke the protocol (or failed its authentication).
     #[error(transparent)]
     Protocol(ProtocolError),

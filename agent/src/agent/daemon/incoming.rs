@@ -36,14 +36,19 @@ impl Daemon {
         from: &str,
     ) -> Result<(), DaemonError> {
         let refuse_with = |reason| MigrationMessage::Refuse { reason };
-        let (name, config, mode, options) = match rd.read::<MigrationMessage>().await {
-            Ok(Frame::Message(MigrationMessage::Begin { name, config, mode, options })) => {
-                (name, config, mode, options)
+        let (name, config, mode, options, demand_token) = match rd.read::<MigrationMessage>().await {
+            Ok(Frame::Message(MigrationMessage::Begin { name, config, mode, options, demand_token })) => {
+                (name, *config, mode, options, demand_token)
             }
             Ok(other) => {
                 return refuse(&mut wr, Refusal::ExpectedBegin { got: format!("{other:?}") }, refuse_with).await
             }
             Err(e) => return refuse(&mut wr, Refusal::Protocol(e), refuse_with).await,
+        };
+        // Expected from now on (the source opens it once `Ready` is out), until this migration ends.
+        let mut demand = match demand_token.map(|token| self.demand_channels.expect(token)).transpose() {
+            Ok(demand) => demand,
+            Err(refusal) => return refuse(&mut wr, refusal, refuse_with).await,
         };
         if let Err(refusal) = self.admit(&name, &config, mode, &options) {
             tracing::warn!(vm = %name, %from, "refused an incoming migration: {refusal}");
@@ -53,7 +58,16 @@ impl Daemon {
         let table = Arc::clone(&self);
         let vm = name.clone();
         let span = tracing::info_span!("migration", vm = %name, from = %from, mode = mode.name(), side = "destination");
-        let incoming = IncomingMigration { rd, wr, name: name.clone(), config, mode, options, sink: self.sink.clone() };
+        let incoming = IncomingMigration {
+            rd,
+            wr,
+            demand: demand.as_mut().and_then(|expected| expected.arrives.take()),
+            name: name.clone(),
+            config,
+            mode,
+            options,
+            sink: self.sink.clone(),
+        };
         let result = migrate_in(incoming, move |runner| {
             if let Some(slot) = table.vms().get_mut(&vm) {
                 slot.attach(runner);

@@ -6,10 +6,11 @@
 //! - `table`: the VM table, names and memory admission;
 //! - `lifecycle`: start, stop, wait, remove, and releasing the memory of VMs that ended;
 //! - `migration_watch`, `outgoing`: outgoing migrations, which run as the agent's own tasks;
-//! - `incoming`: incoming migrations;
+//! - `incoming`: incoming migrations; `demand_channels`: their second connections;
 //! - `shutdown`: the graceful stop on SIGTERM.
 
 mod connection;
+mod demand_channels;
 mod error;
 mod incoming;
 mod lifecycle;

@@ -2,6 +2,7 @@
 //! request shares (`lifecycle`, `outgoing`, `incoming` and `shutdown` add
 //! the requests; `connection` serves them).
 
+use super::demand_channels::DemandChannels;
 use super::error::{DaemonError, Denial, Refusal};
 use super::table::{vm_status, Room, VmTable};
 use crate::migration::ft::staging::StagingLimits;
@@ -44,6 +45,8 @@ pub struct Daemon {
     pub(super) psk: Option<Psk>,
     /// Shutting down: new VMs and migrations are refused.
     pub(super) draining: AtomicBool,
+    /// The demand channels incoming migrations wait for.
+    pub(super) demand_channels: Arc<DemandChannels>,
 }
 
 pub(super) type Reply = Result<ControlMessage, Denial>;
@@ -51,7 +54,15 @@ pub(super) type Reply = Result<ControlMessage, Denial>;
 impl Daemon {
     /// An agent named `name`; with `psk`, it talks only to peers that hold that key.
     pub fn new(name: String, limits: Limits, sink: OutputSink, psk: Option<Psk>) -> Arc<Self> {
-        Arc::new(Daemon { name, limits, vms: Mutex::new(VmTable::new()), sink, psk, draining: AtomicBool::new(false) })
+        Arc::new(Daemon {
+            name,
+            limits,
+            vms: Mutex::new(VmTable::new()),
+            sink,
+            psk,
+            draining: AtomicBool::new(false),
+            demand_channels: Arc::default(),
+        })
     }
 
     /// Refuses one more migration when `vms` (the locked VM table) already has the most this agent runs.

@@ -11,6 +11,7 @@
 //! demand path is in `migration/postcopy/`, PostCopyFT's checkpoints,
 //! heartbeats and lease in `migration/ft/` ([`FtDestination`]).
 
+mod demand;
 mod prepare;
 mod stop;
 
@@ -31,9 +32,10 @@ use crate::wire::frame::{encode_message, Frame, FrameReader, FrameWriter, PageBa
 use crate::wire::migration::MigrationMessage;
 use crate::wire::payload::{DestinationStats, MigrationOptions, Mode};
 use crate::wire::read_ahead::ReadAhead;
+use demand::{DemandChannel, DemandEvent};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Page batches received ahead of the one being installed, at most.
 const READ_AHEAD_FRAMES: usize = 2;
@@ -42,6 +44,8 @@ const READ_AHEAD_FRAMES: usize = 2;
 pub struct IncomingMigration {
     pub rd: FrameReader,
     pub wr: FrameWriter,
+    /// The demand channel the source named in `Begin`, once it connects (None: it named none).
+    pub demand: Option<oneshot::Receiver<FrameReader>>,
     /// The VM's name here.
     pub name: String,
     pub config: MachineConfig,
@@ -92,7 +96,7 @@ pub async fn migrate_in(
     incoming: IncomingMigration,
     on_running: impl FnOnce(Arc<VmRunner>) + Send + 'static,
 ) -> Result<DestinationStats, MigrationError> {
-    let IncomingMigration { rd, wr, name, config, mode, options, sink } = incoming;
+    let IncomingMigration { rd, wr, demand, name, config, mode, options, sink } = incoming;
     // Frames are received and their tags checked while the previous ones install.
     let mut rd = ReadAhead::spawn(rd, READ_AHEAD_FRAMES);
     let out = ReturnPath::start(wr);
@@ -124,6 +128,8 @@ pub async fn migrate_in(
         lease_from: None,
         ft: None,
         stops_tx,
+        demand: DemandChannel::expected(demand),
+        demand_pages: 0,
     };
     let result = destination.receive(&mut rd, &mut stops).await;
     destination.end(result, rd).await
@@ -154,6 +160,16 @@ struct Destination {
     ft: Option<FtDestination>,
     /// Where the lease and checkpoint tasks say the VM must stop here.
     stops_tx: mpsc::UnboundedSender<FtStop>,
+    /// The pages this destination asked for, on a connection of their own.
+    demand: DemandChannel,
+    /// Pages installed from the demand channel.
+    demand_pages: u64,
+}
+
+/// The next thing to handle: a frame on the main connection, or news from the demand channel.
+enum Incoming {
+    Main(Frame<MigrationMessage>),
+    Demand(DemandEvent),
 }
 
 impl Destination {
@@ -168,17 +184,21 @@ impl Destination {
             // With data always waiting, reads never yield; the writer task (page
             // requests, "resumed") must not wait behind the page stream.
             tokio::task::yield_now().await;
-            let frame = tokio::select! {
-                frame = rd.read() => frame?,
+            // Requested pages first: they never wait behind the pushed ones.
+            let incoming = tokio::select! {
+                biased;
                 Some(stop) = stops.recv() => return Err(MigrationError::Fenced(stop.to_string())),
+                event = self.demand.next() => Incoming::Demand(event),
+                frame = rd.read() => Incoming::Main(frame?),
             };
-            let next = match frame {
-                Frame::Pages(batch) => {
+            let next = match incoming {
+                Incoming::Main(Frame::Pages(batch)) => {
                     let next = self.install(&batch)?;
                     rd.recycle(batch);
                     next
                 }
-                Frame::Message(message) => self.on_message(message, rd).await?,
+                Incoming::Main(Frame::Message(message)) => self.on_message(message, rd).await?,
+                Incoming::Demand(event) => self.on_demand(event)?,
             };
             self.enter(next);
         }
@@ -212,7 +232,7 @@ impl Destination {
                 Ok(Receiving)
             }
             (Restored, MigrationMessage::Go) => self.go().await,
-            (Running, MigrationMessage::AllSent { .. }) => self.all_sent(),
+            (Running, MigrationMessage::AllSent { demand_pages, .. }) => self.all_sent(demand_pages).await,
             (Running | Completed, MigrationMessage::CheckpointCredit { bytes }) if checkpointing => {
                 self.out.credit.give_back(bytes);
                 Ok(self.phase)
@@ -230,6 +250,43 @@ impl Destination {
             (_, MigrationMessage::Abort { reason, .. }) => Err(MigrationError::Aborted(reason)),
             (_, other) => Err(MigrationError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// News from the demand channel: pages installed at once; its end (or the
+    /// source not connecting it) leaves the main connection to carry the rest.
+    fn on_demand(&mut self, event: DemandEvent) -> Result<DestinationPhase, MigrationError> {
+        match event {
+            DemandEvent::Opened | DemandEvent::Gone | DemandEvent::Closed => Ok(self.phase),
+            DemandEvent::Pages(batch) => {
+                let next = self.install(&batch)?;
+                self.demand_pages += batch.len() as u64;
+                self.demand.recycle(batch);
+                Ok(next)
+            }
+            DemandEvent::Message(message) => {
+                Err(MigrationError::Unexpected(format!("{message} on the demand channel (it carries pages only)")))
+            }
+            DemandEvent::Failed(e) => Err(e.into()),
+        }
+    }
+
+    /// At `AllSent`: the demand channel carried `sent` pages and is closed;
+    /// reads it to its end (every page it carried installed) and checks the count.
+    async fn drain_demand(&mut self, sent: u64) -> Result<(), MigrationError> {
+        let patience = Duration::from_millis(self.options.reply_timeout_ms);
+        while self.demand.is_some() {
+            let event = tokio::time::timeout(patience, self.demand.next()).await.map_err(|_| {
+                MigrationError::Timeout { what: "the end of the demand channel".into(), after: patience }
+            })?;
+            self.on_demand(event)?;
+        }
+        if self.demand_pages != sent {
+            return Err(MigrationError::Unexpected(format!(
+                "a demand channel that carried {} pages where the source says it sent {sent}",
+                self.demand_pages
+            )));
+        }
+        Ok(())
     }
 
     /// Pages, in any phase: installed, which wakes the vCPUs blocked on them.
@@ -318,8 +375,14 @@ impl Destination {
         Ok(DestinationPhase::Running)
     }
 
-    /// Running → Finished (PostCopyFT: → Completed): every page is here.
-    fn all_sent(&mut self) -> Result<DestinationPhase, MigrationError> {
+    /// Running → Finished (PostCopyFT: → Completed): every page is here (those
+    /// on the demand channel too, if the source used one: `demand_pages`).
+    async fn all_sent(&mut self, demand_pages: Option<u64>) -> Result<DestinationPhase, MigrationError> {
+        match demand_pages {
+            Some(sent) => self.drain_demand(sent).await?,
+            // No demand channel: no page of this migration comes on one.
+            None => self.demand = DemandChannel::None,
+        }
         if self.mode.checkpoints() {
             crash::at(CrashPoint::AfterLastPage);
         }

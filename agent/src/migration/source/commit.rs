@@ -6,6 +6,8 @@ use crate::migration::error::MigrationError;
 use crate::migration::ft::source::{FtSource, FtTimeouts, StartedStager};
 use crate::migration::postcopy::push::Push;
 use crate::migration::source::connect::Link;
+use crate::migration::source::demand::{DemandSender, DemandWork};
+use crate::migration::source::outbox::Outbox;
 use crate::migration::source::outcome;
 use crate::migration::source::phase::Phases;
 use crate::migration::source::postcopy::PostcopySource;
@@ -63,11 +65,27 @@ pub async fn go<'p>(
             return Err(MigrationError::LostAfterCommit(e.to_string()));
         }
     }
-    let Link { rd, out } = link;
-    let inbound = spawn_reader(rd, checkpoints, out.liveness.clone());
+    let Link { rd, out, demand } = link;
+    let mut inbound = spawn_reader(rd, checkpoints, out.liveness.clone());
     let unsent = unsent_pages(req.mode, req.config.mem_bytes, stopped);
     report.final_dirty_pages = if req.mode == Mode::Hybrid { unsent.len() } else { stopped.final_dirty.len() as u64 };
-    Ok(PostcopySource { out, inbound, push: Push::new(unsent), resumed_at: None, ft, memory, report, phases })
+    let push = Push::new(unsent);
+    // Page requests go straight to the demand channel's task, if there is one.
+    let demand = demand.map(|channel| {
+        let mut channel = Outbox::new(channel);
+        channel.liveness = out.liveness.clone();
+        let (_, no_requests) = tokio::sync::mpsc::unbounded_channel();
+        DemandSender::start(DemandWork {
+            out: channel,
+            memory: Arc::clone(&memory),
+            requests: std::mem::replace(&mut inbound.requests, no_requests),
+            claims: push.demand_claims(),
+            vm: req.vm.to_string(),
+            progress: Arc::clone(&req.progress),
+        })
+    });
+    report.postcopy_preempt = demand.is_some();
+    Ok(PostcopySource { out, inbound, push, demand, resumed_at: None, ft, memory, report, phases })
 }
 
 /// What the destination still lacks after the switchover, by mode.

@@ -8,6 +8,7 @@
 mod answer;
 mod commit;
 mod connect;
+mod demand;
 mod lost;
 mod outbox;
 mod outcome;

@@ -61,6 +61,12 @@ impl Outbox {
         written
     }
 
+    /// Ends the stream (the peer reads to its end): nothing more goes out.
+    pub async fn close(&mut self) -> Result<(), MigrationError> {
+        let liveness = self.liveness.clone();
+        within(liveness, self.wr.shutdown()).await
+    }
+
     /// Sends the pages at `gpas` from `memory`, in batches of `per_batch`.
     pub async fn pages(&mut self, memory: &GuestMemory, gpas: &[u64], per_batch: usize) -> Result<(), MigrationError> {
         for chunk in gpas.chunks(per_batch) {

@@ -10,6 +10,7 @@ use crate::migration::ft::source::FtSource;
 use crate::migration::ft::stager;
 use crate::migration::postcopy::push::{Push, PUSH_BATCH_PAGES};
 use crate::migration::progress::CommitPoint;
+use crate::migration::source::demand::DemandSender;
 use crate::migration::source::lost::{Cause, Lost};
 use crate::migration::source::outbox::Outbox;
 use crate::migration::source::phase::{Phase, Phases};
@@ -26,6 +27,8 @@ pub struct PostcopySource<'p> {
     pub out: Outbox,
     pub inbound: Inbound,
     pub push: Push,
+    /// The demand channel's task (None: requested pages share the connection).
+    pub demand: Option<DemandSender>,
     /// When the destination said the VM runs there.
     pub resumed_at: Option<Instant>,
     pub ft: Option<FtSource>,
@@ -46,8 +49,21 @@ impl PostcopySource<'_> {
     /// Sends every page, then `AllSent`, waits for `Complete` and (PostCopyFT)
     /// hands the VM over; returns the destination's stats.
     pub async fn run(&mut self, options: MigrationOptions) -> Result<DestinationStats, Lost> {
+        let ran = self.run_loop(options).await;
+        if ran.is_err() {
+            // No page is read for the destination once it is lost (before any failover).
+            if let Some(demand) = &mut self.demand {
+                demand.stop().await;
+            }
+        }
+        ran
+    }
+
+    async fn run_loop(&mut self, options: MigrationOptions) -> Result<DestinationStats, Lost> {
         self.push_all(options).await?;
-        self.out.message(&MigrationMessage::AllSent { pages: self.out.pages }).await.map_err(Lost::from_write)?;
+        let demand_pages = self.finish_demand().await?;
+        let all_sent = MigrationMessage::AllSent { pages: self.out.pages, demand_pages };
+        self.out.message(&all_sent).await.map_err(Lost::from_write)?;
         self.phases.enter(Phase::Draining);
         loop {
             if let Some(stats) = self.wait(None).await? {
@@ -72,6 +88,7 @@ impl PostcopySource<'_> {
             // page requests (and "resumed") are seen after at most one batch.
             tokio::task::yield_now().await;
             self.check_cancel()?;
+            self.check_demand().await?;
             self.ack_heartbeat().await?;
             self.take_checkpoint_events().await?;
             self.take_requests();
@@ -117,6 +134,30 @@ impl PostcopySource<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Closes the demand channel once every page is claimed, and counts what
+    /// it carried; returns its page count for `AllSent` (None: no channel).
+    async fn finish_demand(&mut self) -> Result<Option<u64>, Lost> {
+        let Some(demand) = &mut self.demand else { return Ok(None) };
+        let sent = demand.finish().await.map_err(Lost::from_write)?;
+        self.out.pages += sent.pages;
+        self.out.zero_pages += sent.zero_pages;
+        self.out.bytes += sent.bytes;
+        self.report.pages_faulted += sent.pages;
+        Ok(Some(sent.pages))
+    }
+
+    /// The demand channel's task ended on its own: its connection failed.
+    async fn check_demand(&mut self) -> Result<(), Lost> {
+        match &mut self.demand {
+            Some(demand) if demand.failed() => match demand.finish().await {
+                Err(e) => Err(Lost::from_write(e)),
+                // It ends by itself only once the reply reader is gone: the connection closed.
+                Ok(_) => Err(Lost::new(FailureKind::ConnectionClosed, Cause::Closed)),
+            },
+            _ => Ok(()),
+        }
     }
 
     /// Counts post-copy pages in the metrics and the migration's progress.
