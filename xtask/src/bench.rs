@@ -195,8 +195,9 @@ pub(crate) fn pcft_json(pcft: &Path, args: &[&str], timeout: Duration) -> Result
         .with_context(|| format!("pcft {}: the output is not one JSON object", args.join(" ")))
 }
 
-/// One migration of a `dirty` VM that writes `rate` pages/s (None: as fast as it can);
-/// `migrate_args` go to `pcft migrate`.
+/// One migration of a `dirty` VM that has written all of its memory first
+/// (`--prefill`: no zero pages to flatter the stream) and writes `rate`
+/// pages/s (None: as fast as it can); `migrate_args` go to `pcft migrate`.
 pub(crate) fn migrate_once(
     pcft: &Path,
     mode: &str,
@@ -207,6 +208,7 @@ pub(crate) fn migrate_once(
     let (src, dst) = (Agent::start(pcft, "source")?, Agent::start(pcft, "destination")?);
     let mut start =
         vec!["vm", "start", "--agent", src.addr(), "--name", "bench", "--fixture", "dirty", "--mem", mem, "--forever"];
+    start.push("--prefill");
     let rate_text = rate.map(|r| r.to_string());
     if let Some(r) = &rate_text {
         start.extend(["--rate", r]);
