@@ -163,6 +163,21 @@ pub struct PageRun<'a> {
     pub data: Option<&'a [u8]>,
 }
 
+impl<'a> PageRun<'a> {
+    /// The run in pieces of at most `max_pages` pages, in order.
+    pub fn pieces(self, max_pages: usize) -> impl Iterator<Item = PageRun<'a>> {
+        let max_pages = max_pages.max(1);
+        (0..self.pages).step_by(max_pages).map(move |first| {
+            let pages = max_pages.min(self.pages - first);
+            PageRun {
+                gpa: self.gpa + first as u64 * PAGE_SIZE,
+                pages,
+                data: self.data.map(|d| &d[first * PAGE..(first + pages) * PAGE]),
+            }
+        })
+    }
+}
+
 /// Two batches are equal when they carry the same pages in the same order,
 /// however their bytes are laid out.
 impl PartialEq for PageBatch {
@@ -878,6 +893,17 @@ mod tests {
         assert_eq!((runs[3].0, runs[3].1), (0x7000, 1), "a gap ends a run");
         assert_eq!(runs.len(), 4);
         assert_eq!(decoded.runs()[0].data.unwrap().len(), 2 * PAGE);
+    }
+
+    #[test]
+    fn a_run_splits_into_pieces_of_its_pages_in_order() {
+        let data: Vec<u8> = (0..5 * PAGE).map(|i| (i / PAGE) as u8).collect();
+        let run = PageRun { gpa: 0x10000, pages: 5, data: Some(&data) };
+        let pieces: Vec<(u64, usize, u8)> = run.pieces(2).map(|p| (p.gpa, p.pages, p.data.unwrap()[0])).collect();
+        assert_eq!(pieces, [(0x10000, 2, 0), (0x12000, 2, 2), (0x14000, 1, 4)]);
+        assert!(run.pieces(2).all(|p| p.data.unwrap().len() == p.pages * PAGE));
+        let zero = PageRun { gpa: 0, pages: 3, data: None };
+        assert_eq!(zero.pieces(8).count(), 1);
     }
 
     #[test]

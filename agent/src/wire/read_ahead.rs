@@ -45,6 +45,15 @@ impl<M: WireMessage + Send + 'static> ReadAhead<M> {
         self.frames.recv().await.unwrap_or(Err(ProtocolError::Closed))
     }
 
+    /// The next frame if one was read already (None: none yet).
+    pub fn try_read(&mut self) -> Option<Result<Frame<M>, ProtocolError>> {
+        match self.frames.try_recv() {
+            Ok(frame) => Some(frame),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(ProtocolError::Closed)),
+        }
+    }
+
     /// Gives a handled batch's buffer back to read a later frame into.
     pub fn recycle(&self, batch: PageBatch) {
         let _ = self.handled.send(batch);

@@ -54,19 +54,32 @@ impl DemandChannel {
                     DemandEvent::Gone
                 }
             },
-            DemandChannel::Open(frames) => match frames.read().await {
-                Ok(Frame::Pages(batch)) => DemandEvent::Pages(batch),
-                Ok(Frame::Message(message)) => DemandEvent::Message(format!("{message:?}")),
-                Err(ProtocolError::Closed) => {
-                    *self = DemandChannel::None;
-                    DemandEvent::Closed
-                }
-                Err(e) => {
-                    *self = DemandChannel::None;
-                    DemandEvent::Failed(e)
-                }
-            },
+            DemandChannel::Open(frames) => {
+                let frame = frames.read().await;
+                self.event(frame)
+            }
         }
+    }
+
+    /// The next event if one is ready now (a frame read ahead, or the channel's end).
+    pub fn ready(&mut self) -> Option<DemandEvent> {
+        let DemandChannel::Open(frames) = self else { return None };
+        let frame = frames.try_read()?;
+        Some(self.event(frame))
+    }
+
+    /// What a frame read from the open channel means (after its end, there is no channel).
+    fn event(&mut self, frame: Result<Frame<MigrationMessage>, ProtocolError>) -> DemandEvent {
+        let event = match frame {
+            Ok(Frame::Pages(batch)) => DemandEvent::Pages(batch),
+            Ok(Frame::Message(message)) => DemandEvent::Message(format!("{message:?}")),
+            Err(ProtocolError::Closed) => DemandEvent::Closed,
+            Err(e) => DemandEvent::Failed(e),
+        };
+        if matches!(event, DemandEvent::Closed | DemandEvent::Failed(_)) {
+            *self = DemandChannel::None;
+        }
+        event
     }
 
     /// Whether a channel is expected or open.

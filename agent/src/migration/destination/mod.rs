@@ -39,6 +39,11 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Page batches received ahead of the one being installed, at most.
 const READ_AHEAD_FRAMES: usize = 2;
+/// Pages of a pushed batch installed at a time before the demand channel is
+/// looked at again. Measured on a 1 GiB full-memory post-copy, fault p50:
+/// 0.25–0.31 ms behind whole 256-page frames, 0.12–0.20 ms with pieces of 64,
+/// 0.11–0.13 ms with pieces of 16, at the same total time.
+const INSTALL_PIECE_PAGES: usize = 16;
 
 /// A migration into this agent, once `Begin` was read.
 pub struct IncomingMigration {
@@ -193,7 +198,7 @@ impl Destination {
             };
             let next = match incoming {
                 Incoming::Main(Frame::Pages(batch)) => {
-                    let next = self.install(&batch)?;
+                    let next = self.install_pushed(&batch)?;
                     rd.recycle(batch);
                     next
                 }
@@ -291,11 +296,33 @@ impl Destination {
 
     /// Pages, in any phase: installed, which wakes the vCPUs blocked on them.
     fn install(&mut self, batch: &PageBatch) -> Result<DestinationPhase, MigrationError> {
-        // Never after the lease ran out (a destination frozen past it may find pages still queued).
+        self.check_fence()?;
+        self.pages.install(batch)?;
+        Ok(self.phase)
+    }
+
+    /// Never after the lease ran out (a destination frozen past it may find pages still queued).
+    fn check_fence(&self) -> Result<(), MigrationError> {
         if self.fence.as_ref().is_some_and(|fence| !fence.allows_running()) {
             return Err(MigrationError::Fenced("the lease ran out; no page is installed after it".into()));
         }
-        self.pages.install(batch)?;
+        Ok(())
+    }
+
+    /// A batch from the main connection (pushed pages, or pre-copy's), in
+    /// pieces of at most [`INSTALL_PIECE_PAGES`], with the demand channel's
+    /// batches that are ready installed between pieces: a requested page
+    /// waits for at most one piece, not a whole 1 MiB frame.
+    fn install_pushed(&mut self, batch: &PageBatch) -> Result<DestinationPhase, MigrationError> {
+        self.check_fence()?;
+        for run in batch.runs() {
+            for piece in run.pieces(INSTALL_PIECE_PAGES) {
+                self.pages.install_runs(&[piece])?;
+                while let Some(event) = self.demand.ready() {
+                    self.on_demand(event)?;
+                }
+            }
+        }
         Ok(self.phase)
     }
 

@@ -82,7 +82,11 @@ impl IncomingPages {
 
     /// Installs a batch from the source (a page already present stays, once the VM switched over).
     pub fn install(&mut self, batch: &PageBatch) -> Result<(), MigrationError> {
-        let runs = batch.runs();
+        self.install_runs(&batch.runs())
+    }
+
+    /// Installs runs of a batch (all of it, or a piece: see [`PageRun::pieces`]).
+    pub fn install_runs(&mut self, runs: &[PageRun<'_>]) -> Result<(), MigrationError> {
         if let Some(vcpus) = &self.vcpus {
             // Once per batch, before any of its pages is in place.
             let in_batch = |page: u64| {
@@ -90,7 +94,7 @@ impl IncomingPages {
             };
             vcpus.run_log.pages_installing_where(in_batch);
         }
-        for run in runs {
+        for &run in runs {
             self.install_run(run)?;
         }
         Ok(())
