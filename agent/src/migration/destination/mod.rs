@@ -314,9 +314,9 @@ impl Destination {
     /// batches that are ready installed between pieces: a requested page
     /// waits for at most one piece, not a whole 1 MiB frame.
     fn install_pushed(&mut self, batch: &PageBatch) -> Result<DestinationPhase, MigrationError> {
-        self.check_fence()?;
         for run in batch.runs() {
             for piece in run.pieces(INSTALL_PIECE_PAGES) {
+                self.check_fence()?;
                 self.pages.install_runs(&[piece])?;
                 while let Some(event) = self.demand.ready() {
                     self.on_demand(event)?;
