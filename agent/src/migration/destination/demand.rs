@@ -94,3 +94,79 @@ impl DemandChannel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::frame::{encode_message, FrameWriter, PageBatchWriter};
+
+    /// A connection over loopback: its reading end (the destination's) and writing end (the source's).
+    async fn connection() -> (FrameReader, FrameWriter) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (FrameReader::new(server.into_split().0), FrameWriter::new(client.into_split().1))
+    }
+
+    #[tokio::test]
+    async fn expected_then_open_then_pages_in_order_then_closed_then_none() {
+        let (tx, rx) = oneshot::channel();
+        let mut channel = DemandChannel::expected(Some(rx));
+        assert!(channel.is_some());
+        assert!(channel.ready().is_none(), "nothing before the source connects");
+        let (reader, mut writer) = connection().await;
+        tx.send(reader).map_err(drop).unwrap();
+        assert!(matches!(channel.next().await, DemandEvent::Opened));
+        let mut batch = PageBatchWriter::new();
+        for page in [3u64, 9] {
+            batch.push(page * 4096, &[page as u8; 4096]);
+            writer.write_pages(&mut batch).await.unwrap();
+        }
+        writer.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        loop {
+            match channel.next().await {
+                DemandEvent::Pages(batch) => {
+                    got.extend(batch.pages().map(|(gpa, data)| (gpa, data.unwrap()[0])));
+                    channel.recycle(batch);
+                }
+                DemandEvent::Closed => break,
+                _ => panic!("only pages, then the end"),
+            }
+        }
+        assert_eq!(got, [(3 * 4096, 3), (9 * 4096, 9)]);
+        assert!(!channel.is_some(), "after its end there is no channel");
+        assert!(channel.ready().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_message_on_the_channel_is_reported_and_a_channel_never_named_never_comes() {
+        let (reader, mut writer) = connection().await;
+        let (tx, rx) = oneshot::channel();
+        let mut channel = DemandChannel::expected(Some(rx));
+        tx.send(reader).map_err(drop).unwrap();
+        assert!(matches!(channel.next().await, DemandEvent::Opened));
+        writer.write(&encode_message(&MigrationMessage::Go)).await.unwrap();
+        // Read ahead: once it is there, `ready` has it without waiting.
+        let ready = async {
+            loop {
+                if let Some(event) = channel.ready() {
+                    return event;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        let event = tokio::time::timeout(std::time::Duration::from_secs(10), ready).await.expect("read ahead");
+        assert!(matches!(event, DemandEvent::Message(m) if m.contains("Go")));
+        // The agent let go of a channel without a connection.
+        let (tx, rx) = oneshot::channel::<FrameReader>();
+        let mut gone = DemandChannel::expected(Some(rx));
+        drop(tx);
+        assert!(matches!(gone.next().await, DemandEvent::Gone));
+        assert!(!gone.is_some());
+        // None named: nothing ever happens.
+        let mut none = DemandChannel::expected(None);
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(20), none.next()).await;
+        assert!(waited.is_err());
+    }
+}
