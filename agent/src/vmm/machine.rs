@@ -583,21 +583,28 @@ pub(crate) mod tests {
         MachineConfig { mem_bytes, slot_bytes: 4 << 20, fixture, dirty_rate: None }
     }
 
-    #[test]
-    fn a_pause_waits_for_every_vcpu_even_after_one_failed() {
-        // Two vCPUs whose lease runs out while they run: each reports itself
-        // fenced (a failure). A pause then still gets every vCPU's answer (it
-        // used to return at the first failure, leaving the others unconfirmed),
-        // and the failure comes after it, as the next event.
+    /// A second copy of a 2-vCPU ledger guest that ran 50 ms, prepared under a
+    /// fence whose lease runs out `lease` from now: restore it to run it.
+    pub(crate) fn fenced_copy(lease: Duration) -> (PreparedMachine, MachineState, Arc<Fence>) {
         let mut first = Machine::boot(config(FixtureKind::Ledger, 2, 50_000_000)).unwrap();
         first.resume().unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let state = first.capture().unwrap();
         let memory = first.memory_handle();
         drop(first);
-        let fence = Fence::new(crate::clock::BootTime::now() + Duration::from_millis(60));
+        let fence = Fence::new(crate::clock::BootTime::now() + lease);
         let mut prepared = Machine::prepare(state.config.clone(), memory).unwrap();
         prepared.set_fence(Arc::clone(&fence));
+        (prepared, state, fence)
+    }
+
+    #[test]
+    fn a_pause_waits_for_every_vcpu_even_after_one_failed() {
+        // Two vCPUs whose lease runs out while they run: each reports itself
+        // fenced (a failure). A pause then still gets every vCPU's answer (it
+        // used to return at the first failure, leaving the others unconfirmed),
+        // and the failure comes after it, as the next event.
+        let (prepared, state, fence) = fenced_copy(Duration::from_millis(60));
         let mut machine = prepared.restore(state).unwrap();
         machine.resume().unwrap();
         std::thread::sleep(Duration::from_millis(150));

@@ -448,18 +448,9 @@ mod tests {
     /// not an error per vCPU (issue 15: the fenced destination logged ERROR).
     #[test]
     fn a_fenced_copys_vcpus_failing_is_one_warning_not_an_error() {
-        use crate::vmm::fence::Fence;
         let logs = logs();
         let name = "runner-test-fenced";
-        let mut first = Machine::boot(config(FixtureKind::Ledger, 2, 50_000_000)).unwrap();
-        first.resume().unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        let state = first.capture().unwrap();
-        let memory = first.memory_handle();
-        drop(first);
-        let fence = Fence::new(crate::clock::BootTime::now() + Duration::from_millis(100));
-        let mut prepared = Machine::prepare(state.config.clone(), memory).unwrap();
-        prepared.set_fence(Arc::clone(&fence));
+        let (prepared, state, fence) = crate::vmm::machine::tests::fenced_copy(Duration::from_millis(100));
         let gate = OutputGate { sink: OutputSink::log_only("test"), released: 0, hold: true };
         let runner = VmRunner::spawn(name, prepared.restore(state).unwrap(), gate).unwrap();
         block_on(runner.resume()).unwrap();

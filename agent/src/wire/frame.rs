@@ -226,8 +226,9 @@ impl PageBatch {
         self.bytes.len() - self.payload_at
     }
 
-    /// Where the batch's bytes are (to see a buffer used again).
-    pub fn payload_ptr(&self) -> *const u8 {
+    /// Where the batch's bytes are (for tests to see a buffer used again).
+    #[cfg(test)]
+    pub(crate) fn payload_ptr(&self) -> *const u8 {
         self.bytes.as_ptr()
     }
 
