@@ -381,20 +381,9 @@ impl PageBatchWriter {
     /// header, with a CRC-32C if `crc` (else 0: for a tagged connection).
     fn seal(&mut self, crc: bool) -> &[u8] {
         self.unseal();
-        let length = self.payload_bytes();
-        assert!(length <= MAX_PAYLOAD as usize, "frame payload of {length} bytes is over the limit");
         self.frame.extend_from_slice(&self.entries);
         self.frame.extend_from_slice(&self.count.to_le_bytes());
-        let version = set_of(KIND_PAGES).expect("pages have a set").version();
-        self.frame[..4].copy_from_slice(&MAGIC);
-        self.frame[4..6].copy_from_slice(&version.to_le_bytes());
-        self.frame[6..8].copy_from_slice(&KIND_PAGES.to_le_bytes());
-        self.frame[8..12].copy_from_slice(&(length as u32).to_le_bytes());
-        let crc = match crc {
-            true => crc32c::crc32c_append(crc32c::crc32c(&self.frame[..12]), &self.frame[HEADER_BYTES..]),
-            false => 0,
-        };
-        self.frame[12..16].copy_from_slice(&crc.to_le_bytes());
+        put_header(&mut self.frame, KIND_PAGES, crc);
         &self.frame
     }
 
@@ -415,17 +404,29 @@ impl PageBatchWriter {
 }
 
 fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() <= MAX_PAYLOAD as usize, "frame payload of {} bytes is over the limit", payload.len());
-    let version = set_of(kind).expect("a kind this codec sends").version();
     let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&kind.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&out), payload);
-    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&[0; HEADER_BYTES]);
     out.extend_from_slice(payload);
+    put_header(&mut out, kind, true);
     out
+}
+
+/// Fills in the header of `frame` (its first [`HEADER_BYTES`], then the
+/// payload): magic, the kind's version, the payload's length, and its
+/// CRC-32C if `crc` (else 0: for a tagged connection).
+fn put_header(frame: &mut [u8], kind: u16, crc: bool) {
+    let length = frame.len() - HEADER_BYTES;
+    assert!(length <= MAX_PAYLOAD as usize, "frame payload of {length} bytes is over the limit");
+    let version = set_of(kind).expect("a kind this codec sends").version();
+    frame[..4].copy_from_slice(&MAGIC);
+    frame[4..6].copy_from_slice(&version.to_le_bytes());
+    frame[6..8].copy_from_slice(&kind.to_le_bytes());
+    frame[8..12].copy_from_slice(&(length as u32).to_le_bytes());
+    let crc = match crc {
+        true => crc32c::crc32c_append(crc32c::crc32c(&frame[..12]), &frame[HEADER_BYTES..]),
+        false => 0,
+    };
+    frame[12..16].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Encodes a message (of any set: its frame kind and version are its set's) as one frame.
