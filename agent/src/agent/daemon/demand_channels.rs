@@ -14,12 +14,10 @@ use tokio::sync::oneshot;
 #[derive(Default)]
 pub struct DemandChannels(Mutex<HashMap<DemandToken, oneshot::Sender<FrameReader>>>);
 
-/// A migration's claim on its token: the channel comes on `arrives`; the
-/// token is forgotten when this drops (the migration ended).
+/// A migration's claim on its token: forgotten when this drops (the migration ended).
 pub struct ExpectedChannel {
     token: DemandToken,
     channels: Arc<DemandChannels>,
-    pub arrives: Option<oneshot::Receiver<FrameReader>>,
 }
 
 impl Drop for ExpectedChannel {
@@ -29,15 +27,19 @@ impl Drop for ExpectedChannel {
 }
 
 impl DemandChannels {
-    /// A migration will get the channel that greets with `token`.
-    pub fn expect(self: &Arc<Self>, token: DemandToken) -> Result<ExpectedChannel, Refusal> {
+    /// A migration will get the channel that greets with `token`, on the
+    /// receiver, while it holds the claim.
+    pub fn expect(
+        self: &Arc<Self>,
+        token: DemandToken,
+    ) -> Result<(ExpectedChannel, oneshot::Receiver<FrameReader>), Refusal> {
         let mut expected = self.0.lock().expect("demand channels lock");
         if expected.contains_key(&token) {
             return Err(Refusal::DemandTokenInUse);
         }
         let (tx, rx) = oneshot::channel();
         expected.insert(token, tx);
-        Ok(ExpectedChannel { token, channels: Arc::clone(self), arrives: Some(rx) })
+        Ok((ExpectedChannel { token, channels: Arc::clone(self) }, rx))
     }
 
     /// Hands the connection that greeted with `token` to its migration.

@@ -46,8 +46,8 @@ impl Daemon {
             Err(e) => return refuse(&mut wr, Refusal::Protocol(e), refuse_with).await,
         };
         // Expected from now on (the source opens it once `Ready` is out), until this migration ends.
-        let mut demand = match demand_token.map(|token| self.demand_channels.expect(token)).transpose() {
-            Ok(demand) => demand,
+        let (_claim, demand) = match demand_token.map(|token| self.demand_channels.expect(token)).transpose() {
+            Ok(expected) => expected.unzip(),
             Err(refusal) => return refuse(&mut wr, refusal, refuse_with).await,
         };
         if let Err(refusal) = self.admit(&name, &config, mode, &options) {
@@ -58,16 +58,8 @@ impl Daemon {
         let table = Arc::clone(&self);
         let vm = name.clone();
         let span = tracing::info_span!("migration", vm = %name, from = %from, mode = mode.name(), side = "destination");
-        let incoming = IncomingMigration {
-            rd,
-            wr,
-            demand: demand.as_mut().and_then(|expected| expected.arrives.take()),
-            name: name.clone(),
-            config,
-            mode,
-            options,
-            sink: self.sink.clone(),
-        };
+        let incoming =
+            IncomingMigration { rd, wr, demand, name: name.clone(), config, mode, options, sink: self.sink.clone() };
         let result = migrate_in(incoming, move |runner| {
             if let Some(slot) = table.vms().get_mut(&vm) {
                 slot.attach(runner);
