@@ -1,6 +1,9 @@
 //! Assembles the guest workloads in `guest/*.S` with the system's GNU assembler
 //! (binutils: `as`, `objcopy`) into flat binaries that the crate embeds.
 //! The assembler constants come from `src/abi.rs`, so guest and host share one ABI.
+//! The `kv` guest is Rust (`kv-guest/`, its own workspace): built here with
+//! cargo for `x86_64-unknown-none` into a target directory of its own, then
+//! flattened with objcopy.
 
 use std::env;
 use std::fs;
@@ -24,6 +27,38 @@ fn main() {
         run(Command::new("as").arg("--64").arg("-I").arg(&out).arg("-I").arg("guest").arg("-o").arg(&obj).arg(&src));
         run(Command::new("objcopy").args(["-O", "binary", "-j", ".text"]).arg(&obj).arg(&bin));
     }
+    build_kv_guest(&out);
+}
+
+/// Builds `kv-guest` (release, `x86_64-unknown-none`) and writes `kv.bin`.
+fn build_kv_guest(out: &Path) {
+    let crate_dir = Path::new(&env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("kv-guest");
+    for watched in ["src", "Cargo.toml", "Cargo.lock", "link.ld"] {
+        println!("cargo:rerun-if-changed=kv-guest/{watched}");
+    }
+    let target_dir = out.join("kv-guest-target");
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let script = crate_dir.join("link.ld");
+    let rustflags =
+        ["-C", "relocation-model=static", "-C", "link-arg=--no-pie", "-C", &format!("link-arg=-T{}", script.display())]
+            .join("\x1f");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--release", "--locked", "--target", "x86_64-unknown-none", "--manifest-path"])
+        .arg(crate_dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags);
+    // The outer build's settings are for the host, not for the guest.
+    for var in ["RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER"] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run cargo for kv-guest: {e}"));
+    assert!(
+        status.success(),
+        "building the kv guest failed ({status}); if the target is missing: rustup target add x86_64-unknown-none"
+    );
+    let elf = target_dir.join("x86_64-unknown-none/release/kv-guest");
+    run(Command::new("objcopy").args(["-O", "binary"]).arg(&elf).arg(out.join("kv.bin")));
 }
 
 /// Turns every `pub const NAME: u64 = VALUE;` line into `.set NAME, VALUE`.

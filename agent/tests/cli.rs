@@ -26,7 +26,7 @@ fn run_args(args: &[&str]) -> Command {
 
 #[test]
 fn unknown_fixture() {
-    refused(run_args(&["--fixture", "nope"]), "unknown fixture \"nope\": choose one of ledger, dirty, idle");
+    refused(run_args(&["--fixture", "nope"]), "unknown fixture \"nope\": choose one of ledger, dirty, idle, kv");
 }
 
 #[test]
@@ -63,6 +63,19 @@ fn no_dev_kvm() {
 }
 
 #[test]
+fn no_dev_net_tun() {
+    // A private mount namespace whose /dev/net is empty: a host without tun/tap.
+    let script = format!(
+        "mount -t tmpfs none /dev/net && exec {} vm run --fixture kv --mem 64M --net tap --tap pcftnotun0 \
+         --guest-ip 10.203.0.2 --host-ip 10.203.0.1 --seconds 1",
+        env!("CARGO_BIN_EXE_pcft")
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    refused(cmd, "/dev/net/tun is missing: load the tun module");
+}
+
+#[test]
 fn unusable_snapshot_files() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.snap");
@@ -71,7 +84,7 @@ fn unusable_snapshot_files() {
     refused(cmd, "No such file or directory");
 
     let garbage = dir.path().join("garbage.snap");
-    std::fs::write(&garbage, b"PCFTSNAP\x02\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
+    std::fs::write(&garbage, b"PCFTSNAP\x03\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
     let mut cmd = pcft();
     cmd.args(["vm", "restore"]).arg(&garbage);
     refused(cmd, "is corrupt: state section claims");
@@ -84,7 +97,7 @@ fn unusable_snapshot_files() {
     std::fs::write(&other, b"PCFTSNAP\x09\x00\x00\x00").unwrap();
     let mut cmd = pcft();
     cmd.args(["vm", "restore"]).arg(&other);
-    refused(cmd, "format version 9; this pcft reads version 2");
+    refused(cmd, "format version 9; this pcft reads version 3");
 }
 
 #[test]

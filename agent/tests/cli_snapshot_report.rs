@@ -125,11 +125,11 @@ fn a_damaged_version_field_reads_as_corruption_not_as_a_version() {
         assert!(!stderr.contains("is snapshot format version 268435457"), "{stderr}");
     }
     // Another version some pcft may write is still named as one.
-    header[8..12].copy_from_slice(&3u32.to_le_bytes());
+    header[8..12].copy_from_slice(&4u32.to_le_bytes());
     std::fs::write(&snap, &header).unwrap();
     let mut cmd = pcft();
     cmd.args(["vm", "inspect"]).arg(&snap);
-    refused(cmd, "is snapshot format version 3; this pcft reads version 2 only");
+    refused(cmd, "is snapshot format version 4; this pcft reads version 3 only");
 }
 
 #[test]

@@ -288,3 +288,142 @@ pub fn assert_one_copy_at_a_time(report: &Value) {
         assert_eq!(report["copies_at_end"], 1, "exactly one copy at the end: {what}");
     }
 }
+
+pub mod resp;
+
+/// A `kv` guest served by a `pcft vm run --net tap` process of its own, on a
+/// tap and network unique to it (tests run at once); stopped with SIGINT
+/// (its tap is removed) when dropped.
+pub struct KvVm {
+    pub child: std::process::Child,
+    pub tap: String,
+    pub ip: std::net::Ipv4Addr,
+    pub host_ip: std::net::Ipv4Addr,
+    /// The JSON lines it printed up to and including `serving`.
+    pub lines: Vec<Value>,
+    stdout: Option<std::io::BufReader<std::process::ChildStdout>>,
+    /// Its stderr (the log).
+    pub log: PathBuf,
+}
+
+static KV_VMS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A tap name and a /24 unique to this process and call.
+pub fn unique_net() -> (String, std::net::Ipv4Addr, std::net::Ipv4Addr) {
+    let n = KV_VMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid = std::process::id();
+    let tap = format!("pkv{}x{n}", pid % 100_000);
+    let (b, c) = (100 + (n % 100) as u8, (pid % 250) as u8);
+    (tap, std::net::Ipv4Addr::new(10, b, c, 2), std::net::Ipv4Addr::new(10, b, c, 1))
+}
+
+impl KvVm {
+    /// `pcft vm run --fixture kv` with `extra` arguments; waits until it serves.
+    pub fn start(extra: &[&str]) -> KvVm {
+        let (tap, ip, host_ip) = unique_net();
+        Self::start_on(&tap, ip, host_ip, &["vm", "run"], extra)
+    }
+
+    /// Runs `pcft <how> … --json` for a kv guest on `tap` and waits for its `serving` line.
+    pub fn start_on(
+        tap: &str,
+        ip: std::net::Ipv4Addr,
+        host_ip: std::net::Ipv4Addr,
+        how: &[&str],
+        extra: &[&str],
+    ) -> KvVm {
+        use std::io::BufRead;
+        let mut args: Vec<String> = how.iter().map(|s| s.to_string()).collect();
+        if how == ["vm", "run"] {
+            let net = [
+                "--fixture",
+                "kv",
+                "--mem",
+                "64M",
+                "--net",
+                "tap",
+                "--tap",
+                tap,
+                "--guest-ip",
+                &ip.to_string(),
+                "--host-ip",
+                &host_ip.to_string(),
+            ];
+            args.extend(net.iter().map(|s| s.to_string()));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push("--json".into());
+        // Its log goes to a file, shown if it fails.
+        let log =
+            std::env::temp_dir().join(format!("pcft-{tap}-{}.log", KV_VMS.load(std::sync::atomic::Ordering::Relaxed)));
+        let mut child = Command::new(pcft_path())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("create the log file"))
+            .spawn()
+            .expect("spawn pcft");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            if stdout.read_line(&mut line).expect("read pcft's output") == 0 {
+                let status = child.wait().expect("wait pcft");
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("pcft {args:?} ended ({status}) before it served; it printed {lines:?}; its log:\n{log}");
+            }
+            let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            let serving = v["event"] == "serving";
+            lines.push(v);
+            if serving {
+                break;
+            }
+        }
+        KvVm { child, tap: tap.to_string(), ip, host_ip, lines, stdout: Some(stdout), log }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from((self.ip, 6379))
+    }
+
+    pub fn client(&self) -> resp::Client {
+        resp::Client::connect(self.addr(), std::time::Duration::from_secs(10)).expect("connect to the kv guest")
+    }
+
+    /// Waits for the process to end by itself; returns its exit code and the JSON lines it printed after `serving`.
+    pub fn wait(mut self) -> (Option<i32>, Vec<Value>) {
+        use std::io::BufRead;
+        let mut rest = Vec::new();
+        if let Some(stdout) = self.stdout.take() {
+            for line in stdout.lines().map_while(Result::ok) {
+                rest.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")));
+            }
+        }
+        let code = self.child.wait().expect("wait pcft").code();
+        (code, rest)
+    }
+
+    /// Stops it as Ctrl-C does; returns its exit code and its lines after `serving`.
+    pub fn stop(self) -> (Option<i32>, Vec<Value>) {
+        // SAFETY: kill(2) of our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.wait()
+    }
+}
+
+impl Drop for KvVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) of our own child's pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

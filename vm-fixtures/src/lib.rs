@@ -21,12 +21,13 @@ pub mod abi {
     include!("abi.rs");
 }
 mod expected;
+pub mod kv;
 mod oracle;
 mod params;
 mod prefill;
 
 pub use expected::{memory_digest, Expected, MemoryCheck, MemoryMismatch, OutputMismatch, OutputRecord};
-pub use params::{DirtyPattern, FixtureKind, FixtureParams, ParamsError};
+pub use params::{DirtyPattern, FixtureKind, FixtureParams, GuestNet, ParamsError};
 pub use prefill::{prefill_bytes, prefill_word};
 
 /// splitmix64's finalizer: the mixing function of every fixture (guest and host).
@@ -44,6 +45,7 @@ pub fn image(kind: FixtureKind) -> &'static [u8] {
         FixtureKind::Ledger => include_bytes!(concat!(env!("OUT_DIR"), "/ledger.bin")),
         FixtureKind::Dirty => include_bytes!(concat!(env!("OUT_DIR"), "/dirty.bin")),
         FixtureKind::Idle => include_bytes!(concat!(env!("OUT_DIR"), "/idle.bin")),
+        FixtureKind::Kv => include_bytes!(concat!(env!("OUT_DIR"), "/kv.bin")),
     }
 }
 
@@ -53,7 +55,7 @@ mod tests {
 
     #[test]
     fn images_fit_the_code_area() {
-        for kind in FixtureKind::ALL {
+        for kind in FixtureKind::EVERY {
             let len = image(kind).len() as u64;
             assert!(len > 16 && len <= abi::CODE_MAX_BYTES, "{kind:?}: {len} bytes");
         }

@@ -4,6 +4,7 @@
 use crate::abi;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::str::FromStr;
 
 /// Which guest workload to run.
@@ -13,16 +14,27 @@ pub enum FixtureKind {
     Ledger,
     Dirty,
     Idle,
+    /// A key-value server speaking RESP2 (Redis) over virtio-net: needs a network.
+    Kv,
 }
 
 impl FixtureKind {
+    /// The fixtures with an oracle (a host-side model of their memory and output).
     pub const ALL: [FixtureKind; 3] = [FixtureKind::Ledger, FixtureKind::Dirty, FixtureKind::Idle];
+    /// Every fixture, `kv` included.
+    pub const EVERY: [FixtureKind; 4] = [FixtureKind::Ledger, FixtureKind::Dirty, FixtureKind::Idle, FixtureKind::Kv];
+
+    /// Whether this fixture is a network service (it needs [`FixtureParams::net`]).
+    pub fn is_network_service(self) -> bool {
+        self == FixtureKind::Kv
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             FixtureKind::Ledger => "ledger",
             FixtureKind::Dirty => "dirty",
             FixtureKind::Idle => "idle",
+            FixtureKind::Kv => "kv",
         }
     }
 }
@@ -36,7 +48,7 @@ impl fmt::Display for FixtureKind {
 impl FromStr for FixtureKind {
     type Err = ParamsError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        FixtureKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| ParamsError::UnknownFixture(s.to_string()))
+        FixtureKind::EVERY.into_iter().find(|k| k.name() == s).ok_or_else(|| ParamsError::UnknownFixture(s.to_string()))
     }
 }
 
@@ -105,12 +117,46 @@ pub struct FixtureParams {
     /// as a guest that has run for a while has it, instead of zero.
     #[serde(default)]
     pub prefill: bool,
+    /// The guest's TSC frequency in kHz (its clock), filled in by the VMM at boot.
+    #[serde(default)]
+    pub tsc_khz: u64,
+    /// `kv`: the guest's network identity and service.
+    #[serde(default)]
+    pub net: Option<GuestNet>,
+}
+
+/// A network guest's identity as it sees it: its MAC and IPv4 address, its
+/// gateway (the host's end of the tap), and what it serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNet {
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+    pub port: u16,
+    /// The most bytes of keys and values the store holds; past it, writes get `-ERR`.
+    pub max_bytes: u64,
+}
+
+impl GuestNet {
+    /// The defaults: a locally administered MAC, `10.77.0.2/24` behind `10.77.0.1`, Redis's port.
+    pub fn new(ip: Ipv4Addr, gateway: Ipv4Addr, prefix: u8) -> Self {
+        let [_, _, c, d] = ip.octets();
+        GuestNet { mac: [0x52, 0x54, 0x00, 0x77, c, d], ip, gateway, prefix, port: 6379, max_bytes: 16 << 20 }
+    }
+
+    /// The MAC as `P_NET_MAC` carries it: the first octet in the lowest byte.
+    pub fn mac_word(&self) -> u64 {
+        let mut word = [0u8; 8];
+        word[..6].copy_from_slice(&self.mac);
+        u64::from_le_bytes(word)
+    }
 }
 
 /// A parameter that the guest cannot run with.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParamsError {
-    #[error("unknown fixture {0:?}: choose one of ledger, dirty, idle")]
+    #[error("unknown fixture {0:?}: choose one of ledger, dirty, idle, kv")]
     UnknownFixture(String),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
@@ -124,6 +170,14 @@ pub enum ParamsError {
     HotShare(u64),
     #[error("the working set starts at {0:#x}, below the first working-set address {min:#x}", min = abi::WORKING_SET_GPA)]
     WorkingSetBase(u64),
+    #[error("the kv fixture serves on a network: give it one (--net tap)")]
+    NoNetwork,
+    #[error("the {0} fixture has no network device: only kv takes --net")]
+    NetworkNotServed(FixtureKind),
+    #[error("the kv fixture runs on exactly one vCPU, not {0}")]
+    KvVcpus(u64),
+    #[error("the guest's address {ip} and the host's {gateway} must differ and be in one /{prefix} network (a prefix of 1 to 30): choose --guest-ip, --host-ip and --prefix to match")]
+    NetMismatch { ip: Ipv4Addr, gateway: Ipv4Addr, prefix: u8 },
 }
 
 impl FixtureParams {
@@ -136,13 +190,14 @@ impl FixtureParams {
                 FixtureKind::Ledger => 20_000,
                 FixtureKind::Dirty => 100_000,
                 FixtureKind::Idle => 200,
+                FixtureKind::Kv => u64::MAX,
             },
             ws_base: abi::WORKING_SET_GPA,
             ws_pages,
             record_every: match kind {
                 FixtureKind::Ledger => 1_000,
                 FixtureKind::Dirty => 10_000,
-                FixtureKind::Idle => 20,
+                FixtureKind::Idle | FixtureKind::Kv => 20,
             },
             seed: 0x5043_4654,
             writes_per_step: 1,
@@ -150,6 +205,8 @@ impl FixtureParams {
             ticks_per_write: 0,
             spin: 1_000,
             prefill: false,
+            tsc_khz: 0,
+            net: None,
         }
     }
 
@@ -183,6 +240,21 @@ impl FixtureParams {
         }
         if self.ws_pages < self.vcpus {
             return Err(ParamsError::WorkingSetTooSmall { ws_pages: self.ws_pages, vcpus: self.vcpus });
+        }
+        match (&self.net, self.kind.is_network_service()) {
+            (None, true) => return Err(ParamsError::NoNetwork),
+            (Some(_), false) => return Err(ParamsError::NetworkNotServed(self.kind)),
+            (Some(net), true) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(net.prefix)).unwrap_or(0);
+                let same = u32::from(net.ip) & mask == u32::from(net.gateway) & mask;
+                if !(1..=30).contains(&net.prefix) || !same || net.ip == net.gateway {
+                    return Err(ParamsError::NetMismatch { ip: net.ip, gateway: net.gateway, prefix: net.prefix });
+                }
+                if self.vcpus != 1 {
+                    return Err(ParamsError::KvVcpus(self.vcpus));
+                }
+            }
+            (None, false) => {}
         }
         if let DirtyPattern::HotCold { hot_pages, hot_permille } = self.pattern {
             if hot_pages == 0 {
@@ -219,6 +291,13 @@ impl FixtureParams {
             (abi::P_HOT_PAGES, self.pattern.hot_pages()),
             (abi::P_HOT_THRESHOLD, self.pattern.hot_threshold()),
             (abi::P_SPIN, self.spin),
+            (abi::P_TSC_KHZ, self.tsc_khz),
+            (abi::P_NET_MAC, self.net.as_ref().map_or(0, GuestNet::mac_word)),
+            (abi::P_NET_IP, self.net.as_ref().map_or(0, |n| u64::from(u32::from(n.ip)))),
+            (abi::P_NET_GATEWAY, self.net.as_ref().map_or(0, |n| u64::from(u32::from(n.gateway)))),
+            (abi::P_NET_PREFIX, self.net.as_ref().map_or(0, |n| u64::from(n.prefix))),
+            (abi::P_NET_PORT, self.net.as_ref().map_or(0, |n| u64::from(n.port))),
+            (abi::P_KV_MAX_BYTES, self.net.as_ref().map_or(0, |n| n.max_bytes)),
         ];
         let len = fields.iter().map(|(off, _)| off + 8).max().unwrap_or(0);
         let mut block = vec![0u8; len as usize];

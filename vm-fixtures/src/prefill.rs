@@ -44,6 +44,7 @@ impl FixtureParams {
             abi::PML4_GPA..abi::PML4_GPA + PAGE_SIZE,
             abi::PDPT_GPA..abi::PDPT_GPA + PAGE_SIZE,
             abi::PD_GPA..abi::PD_GPA + mem_bytes.div_ceil(GIB) * PAGE_SIZE,
+            abi::MMIO_PD_GPA..abi::MMIO_PD_GPA + PAGE_SIZE,
             abi::CODE_GPA..abi::CODE_GPA + abi::CODE_MAX_BYTES,
             abi::STACKS_GPA..abi::STACKS_GPA + self.vcpus * abi::STACK_BYTES,
         ]
@@ -123,8 +124,8 @@ mod tests {
         assert!(fill.iter().any(|r| r.start <= p.ws_base && p.ws_end() <= r.end), "{fill:?}");
         assert!(boot.iter().all(|r| r.end <= abi::WORKING_SET_GPA));
         let boot_pages: u64 = boot.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum();
-        // params, GDT, mailboxes, PML4, PDPT, one PD, 16 code pages, 2 stacks of 4 pages.
-        assert_eq!(boot_pages, 1 + 1 + 1 + 1 + 1 + 1 + 16 + 8);
+        // params, GDT, mailboxes, PML4, PDPT, one PD, the MMIO PD, 32 code pages, 2 stacks of 4 pages.
+        assert_eq!(boot_pages, 1 + 1 + 1 + 1 + 1 + 1 + 1 + 32 + 8);
         assert!(FixtureParams { prefill: false, ..p }.prefill_ranges(mem).is_empty());
     }
 

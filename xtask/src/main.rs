@@ -12,6 +12,7 @@
 mod bench;
 mod bench_dirty;
 mod bench_ft;
+mod bench_kv;
 mod bench_peer;
 mod chaos;
 mod ebpf;
@@ -33,7 +34,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install missing system packages (binutils, util-linux, iproute2, nftables, libclang, chromium, qemu-system-x86).
+    /// Install missing system packages (binutils, util-linux, iproute2, nftables, libclang, chromium,
+    /// qemu-system-x86, redis-tools, redis-server) and the kv guest's Rust target.
     Setup,
     /// Build pcft (release) and run the main job, `pcft demo`; extra arguments go to it.
     Run {
@@ -48,7 +50,8 @@ enum Task {
     Bench {
         #[arg(long)]
         quick: bool,
-        /// Run only this part: migration, dirty, ft (PostCopyFT) or peer (beside QEMU and a raw TCP copy).
+        /// Run only this part: migration, dirty, ft (PostCopyFT), peer (beside QEMU and a raw TCP copy)
+        /// or kv (redis-benchmark against the kv guest, beside the host's redis-server).
         #[arg(long, value_parser = ["migration", "dirty", "ft", "peer"])]
         only: Option<String>,
     },
@@ -100,7 +103,15 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     // `cargo xtask bench --only peer`: QEMU's post-copy beside pcft's, its guest linked with ld.
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("ld", "binutils"),
+    // The kv guest's clients in the tests (redis-cli, redis-benchmark), and the
+    // host's own Redis beside it in `cargo xtask bench --only kv`.
+    ("redis-cli", "redis-tools"),
+    ("redis-benchmark", "redis-tools"),
+    ("redis-server", "redis-server"),
 ];
+
+/// The target the kv guest (vm-fixtures/kv-guest) is built for.
+const GUEST_TARGET: &str = "x86_64-unknown-none";
 
 fn main() -> std::process::ExitCode {
     match task(Args::parse().task) {
@@ -158,6 +169,9 @@ fn task(task: Task) -> Result<()> {
             if part("peer") {
                 bench_peer::run(&workspace_root(), &pcft, quick)?;
             }
+            if part("kv") {
+                bench_kv::run(&workspace_root(), &pcft, quick)?;
+            }
             if !quick && only.is_none() {
                 // The page path's small parts, each beside a baseline from the same run.
                 cargo(&["bench", "-p", "pcft-agent", "--bench", "page_path"])?;
@@ -168,7 +182,11 @@ fn task(task: Task) -> Result<()> {
             setup()?;
             ebpf::build()?;
             cargo(&["fmt", "--all", "--", "--check"]).context("code is not formatted: run cargo fmt --all")?;
+            cargo(&["fmt", "--manifest-path", KV_GUEST_MANIFEST, "--", "--check"]).context(
+                "the kv guest is not formatted: run cargo fmt --manifest-path vm-fixtures/kv-guest/Cargo.toml",
+            )?;
             cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&["clippy", "--manifest-path", KV_GUEST_MANIFEST, "--all-targets", "--", "-D", "warnings"])?;
             test()
         }
     }
@@ -214,6 +232,24 @@ fn is_root() -> bool {
 }
 
 fn setup() -> Result<()> {
+    install_packages()?;
+    install_guest_target()
+}
+
+/// `rustup target add` of the kv guest's target for the toolchain that builds the workspace.
+fn install_guest_target() -> Result<()> {
+    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
+    match installed {
+        Ok(out) if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == GUEST_TARGET) => Ok(()),
+        Ok(_) => {
+            eprintln!("xtask: installing the Rust target {GUEST_TARGET} (the kv guest)");
+            status(Command::new("rustup").args(["target", "add", GUEST_TARGET]))
+        }
+        Err(e) => bail!("cannot run rustup ({e}): install rustup, then: rustup target add {GUEST_TARGET}"),
+    }
+}
+
+fn install_packages() -> Result<()> {
     let mut missing: Vec<&str> = SYSTEM_TOOLS.iter().filter(|(tool, _)| !on_path(tool)).map(|(_, pkg)| *pkg).collect();
     if !has_libclang() {
         // userfaultfd-sys generates its bindings with bindgen, which loads libclang.
@@ -303,9 +339,36 @@ fn build_release() -> Result<PathBuf> {
 
 fn test() -> Result<()> {
     require_kvm()?;
+    // The workspace's tests, then the kv guest's pure parts (its own workspace) on the host.
+    let runs: [&[&str]; 2] = [&["test", "--workspace"], &["test", "--manifest-path", KV_GUEST_MANIFEST]];
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut failures = Vec::new();
+    for args in runs {
+        let (p, f, ok) = cargo_test(args)?;
+        passed += p;
+        failed += f;
+        if !ok {
+            failures.push(args.join(" "));
+        }
+    }
+    println!("tests: {passed} passed, {failed} failed");
+    if !failures.is_empty() || failed > 0 {
+        bail!("cargo test failed: {}", failures.join("; "));
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+/// The kv guest's manifest (a workspace of its own, built for x86_64-unknown-none by vm-fixtures).
+const KV_GUEST_MANIFEST: &str = "vm-fixtures/kv-guest/Cargo.toml";
+
+/// Runs `cargo <args>`, echoing its output; returns (passed, failed, whether cargo succeeded).
+fn cargo_test(args: &[&str]) -> Result<(u64, u64, bool)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut child = Command::new(cargo)
-        .args(["test", "--workspace"])
+        .args(args)
         .current_dir(workspace_root())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -321,14 +384,7 @@ fn test() -> Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("tests: {passed} passed, {failed} failed");
-    if !status.success() || failed > 0 {
-        bail!("cargo test failed ({status})");
-    }
-    if passed == 0 {
-        bail!("cargo test ran no test");
-    }
-    Ok(())
+    Ok((passed, failed, status.success()))
 }
 
 /// In `ok. 12 passed; 0 failed; …`, the number before `label`.

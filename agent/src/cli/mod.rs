@@ -581,7 +581,8 @@ pub struct RunArgs {
 /// The fixture VM to build: shared by `vm run` and `vm start`.
 #[derive(Args, Debug)]
 pub struct WorkloadArgs {
-    /// Guest workload: ledger, dirty or idle.
+    /// Guest workload: ledger, dirty, idle, or kv (a key-value server speaking
+    /// Redis's protocol on port 6379; needs --net tap).
     #[arg(long, default_value = "ledger")]
     pub fixture: String,
     /// Guest memory size (a multiple of 2M), e.g. 256M or 1G.
@@ -637,6 +638,53 @@ pub struct WorkloadArgs {
     /// does not write (so no page migrates as a zero page).
     #[arg(long)]
     pub prefill: bool,
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// A network guest's network (the kv fixture).
+#[derive(Args, Debug)]
+pub struct NetArgs {
+    /// Give the guest a network: `tap` makes a tap device on this host (or
+    /// takes the one --tap names, if it has --host-ip), with the host at
+    /// --host-ip and the guest at --guest-ip; a tap made here is removed when the VM ends.
+    #[arg(long, value_enum)]
+    pub net: Option<NetArg>,
+    /// The tap's name.
+    #[arg(long, default_value = "pcft-kv0")]
+    pub tap: String,
+    /// The guest's IPv4 address.
+    #[arg(long, default_value = "10.77.0.2")]
+    pub guest_ip: std::net::Ipv4Addr,
+    /// The host's IPv4 address on the tap (the guest's gateway).
+    #[arg(long, default_value = "10.77.0.1")]
+    pub host_ip: std::net::Ipv4Addr,
+    /// The network's prefix length.
+    #[arg(long, default_value_t = 24)]
+    pub prefix: u8,
+    /// kv: the most bytes of keys and values the store holds (past it, writes get an error), e.g. 16M.
+    #[arg(long, default_value = "16M")]
+    pub store_size: String,
+}
+
+impl NetArgs {
+    /// No network, with the options' defaults.
+    pub fn none() -> Self {
+        NetArgs {
+            net: None,
+            tap: "pcft-kv0".into(),
+            guest_ip: std::net::Ipv4Addr::new(10, 77, 0, 2),
+            host_ip: std::net::Ipv4Addr::new(10, 77, 0, 1),
+            prefix: 24,
+            store_size: "16M".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NetArg {
+    /// A tap device on this host.
+    Tap,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -678,6 +726,10 @@ pub struct RunControl {
     /// Give up (exit 1) if the VM has not finished after this many seconds.
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Run this many seconds, then stop the VM (exit 0). A serving VM (kv)
+    /// otherwise runs until Ctrl-C.
+    #[arg(long, conflicts_with = "timeout")]
+    pub seconds: Option<u64>,
     /// Track the pages the guest writes and take them every this many
     /// milliseconds, as checkpoint epochs would; the result reports the takes
     /// (for dirty-tracking benchmarks). `vm run` tracks with its

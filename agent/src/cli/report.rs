@@ -75,6 +75,35 @@ impl Reporter {
         );
     }
 
+    /// A network guest serves: where, and how long after the start it took.
+    pub fn serving(&self, config: &pcft_agent::vmm::machine::MachineConfig, ms: u128) {
+        let Some(net) = &config.fixture.net else { return };
+        let address = format!("{}:{}", net.ip, net.port);
+        let tap = config.tap.as_deref().unwrap_or("none");
+        self.line(
+            json!({"event": "serving", "address": address, "tap": tap, "host_ip": net.gateway.to_string(),
+                   "prefix": net.prefix, "ms": ms,
+                   "guest_image_bytes": vm_fixtures::image(config.fixture.kind).len()}),
+            format!(
+                "serving on {address} (tap {tap}, host {}/{}), {ms} ms after the start; try: redis-cli -h {} -p {} PING",
+                net.gateway, net.prefix, net.ip, net.port
+            ),
+        );
+    }
+
+    /// The VM was stopped on request (`how`) after `ms`.
+    pub fn stopped(&self, how: &str, devices: &pcft_agent::vmm::devices::DeviceState, ms: u128) {
+        let (rx, tx) = devices.net.as_ref().map_or((0, 0), |n| (n.rx_frames, n.tx_frames));
+        self.line(
+            json!({"event": "stopped", "how": how, "elapsed_ms": ms, "serving": devices.serving,
+                   "records": devices.output_log.len(), "rx_frames": rx, "tx_frames": tx}),
+            format!(
+                "stopped ({how}) after {ms} ms: {} output records, {rx} frames received, {tx} sent",
+                devices.output_log.len()
+            ),
+        );
+    }
+
     pub fn failed(&self, error: &str) {
         if self.json {
             println!("{}", json!({"event": "finished", "verified": false, "error": error}));

@@ -2,15 +2,19 @@
 
 use super::dirty_takes::TakeStats;
 use super::report::Reporter;
-use super::{run_failure, usage, Failure, InspectArgs, Pattern, RestoreArgs, RunArgs, RunControl, WorkloadArgs};
+use super::{
+    run_failure, usage, Failure, InspectArgs, NetArg, Pattern, RestoreArgs, RunArgs, RunControl, WorkloadArgs,
+};
 use anyhow::{anyhow, Context};
 use pcft_agent::host::{self, format_size, parse_size, require_multiple};
 use pcft_agent::vmm::machine::{Machine, MachineConfig, MachineError, MachineEvent};
 use pcft_agent::vmm::memory::GuestMemory;
 use pcft_agent::vmm::snapshot::{self, SnapshotReader};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vm_fixtures::{abi, DirtyPattern, FixtureKind, FixtureParams};
+use vm_fixtures::{abi, DirtyPattern, FixtureKind, FixtureParams, GuestNet};
 
 pub const KVM_PATH: &str = "/dev/kvm";
 const TWO_MIB: u64 = 2 << 20;
@@ -68,13 +72,33 @@ pub fn machine_config(args: &WorkloadArgs) -> Result<MachineConfig, Failure> {
         Pattern::Random => DirtyPattern::Random,
         Pattern::HotCold => DirtyPattern::HotCold { hot_pages: args.hot_pages, hot_permille: args.hot_permille },
     };
-    fixture.validate().map_err(usage)?;
+    let net = &args.net;
+    let tap = match net.net {
+        Some(NetArg::Tap) => {
+            let mut guest = GuestNet::new(net.guest_ip, net.host_ip, net.prefix);
+            guest.max_bytes = parse_size(&net.store_size).map_err(usage)?;
+            fixture.net = Some(guest);
+            if kind.is_network_service() && args.vcpus == 1 {
+                // The kv guest serves until stopped.
+                fixture.steps = u64::MAX;
+            }
+            Some(net.tap.clone())
+        }
+        None => None,
+    };
+    fixture.validate().map_err(|e| match e {
+        vm_fixtures::ParamsError::NoNetwork => usage(anyhow!("the {kind} fixture serves on a network: add --net tap")),
+        vm_fixtures::ParamsError::NetworkNotServed(_) => {
+            usage(anyhow!("--net: the {kind} fixture has no network device; only --fixture kv takes --net"))
+        }
+        e => usage(e),
+    })?;
     if args.rate == Some(0) {
         return Err(usage(anyhow!(
             "--rate must be at least 1 page per second; leave it out to write as fast as the guest can"
         )));
     }
-    Ok(MachineConfig { mem_bytes, slot_bytes, fixture, dirty_rate: args.rate })
+    Ok(MachineConfig { mem_bytes, slot_bytes, fixture, dirty_rate: args.rate, tap })
 }
 
 /// Checks `--snapshot-out` before anything runs: it needs a point to take
@@ -120,9 +144,10 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let reporter = Reporter { json: args.control.json };
     let fixture = config.fixture.kind.name();
     let (vcpus, mem) = (config.fixture.vcpus, format_size(config.mem_bytes));
-    let machine = Machine::boot_with(config, args.workload.dirty_tracker.into())
-        .context("cannot start the VM")
-        .map_err(run_failure)?;
+    let machine = Machine::boot_with(config, args.workload.dirty_tracker.into()).map_err(|e| match e {
+        MachineError::Tap(_) | MachineError::Provision(_) => usage(anyhow!(e).context("cannot start the VM")),
+        e => run_failure(anyhow!(e).context("cannot start the VM")),
+    })?;
     reporter.started("booted", fixture, vcpus, &mem, 0);
     drive(machine, &args.control, &reporter)
 }
@@ -134,6 +159,9 @@ pub fn restore(args: RestoreArgs) -> Result<(), Failure> {
     let started = Instant::now();
     let machine = Machine::restore_snapshot(&args.snapshot).map_err(|e| match e {
         MachineError::Snapshot(_) => usage(anyhow!(e).context("cannot restore: the snapshot file is unusable")),
+        MachineError::Tap(_) | MachineError::Provision(_) => {
+            usage(anyhow!(e).context(format!("cannot restore {}", args.snapshot.display())))
+        }
         e => run_failure(anyhow!(e).context(format!("cannot restore {}", args.snapshot.display()))),
     })?;
     let config = machine.config();
@@ -159,6 +187,16 @@ fn drive(mut machine: Machine, control: &RunControl, reporter: &Reporter) -> Res
         machine.set_dirty_logging(true).map_err(run_failure)?;
     }
     let mut next_take = take_every.map(|every| started + every);
+    let stop_after = control.seconds.map(Duration::from_secs);
+    // Ctrl-C (or SIGTERM) stops the VM cleanly: a serving guest runs until then.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&interrupted)).map_err(run_failure)?;
+    }
+    if machine.devices().serving {
+        // Restored from a snapshot of a VM that was serving: it serves from its first instruction.
+        reporter.serving(machine.config(), started.elapsed().as_millis());
+    }
     machine.resume().map_err(run_failure)?;
     loop {
         if let (Some(at), Some(every)) = (next_take, take_every) {
@@ -176,6 +214,16 @@ fn drive(mut machine: Machine, control: &RunControl, reporter: &Reporter) -> Res
         if machine.is_finished() {
             break;
         }
+        let stopped_by = if interrupted.load(Ordering::Relaxed) {
+            Some("interrupted")
+        } else if stop_after.is_some_and(|d| started.elapsed() >= d) {
+            Some("--seconds")
+        } else {
+            None
+        };
+        if let Some(how) = stopped_by {
+            return stop(&mut machine, reporter, how, started.elapsed().as_millis());
+        }
         if timeout.is_some_and(|t| started.elapsed() >= t) {
             let how = format!(
                 "the VM did not finish within {}s (--timeout); {records} records so far",
@@ -192,8 +240,12 @@ fn drive(mut machine: Machine, control: &RunControl, reporter: &Reporter) -> Res
         if let Some(at) = next_take {
             wait = wait.min(at.saturating_duration_since(Instant::now()));
         }
+        if let Some(d) = stop_after {
+            wait = wait.min(d.saturating_sub(started.elapsed()));
+        }
         match machine.next_event(wait) {
             Ok(Some(MachineEvent::Output(record))) => reporter.output(&record),
+            Ok(Some(MachineEvent::Serving)) => reporter.serving(machine.config(), started.elapsed().as_millis()),
             Ok(_) => {}
             Err(e) => {
                 let err = anyhow!(e).context("the VM failed");
@@ -226,6 +278,14 @@ fn finish(machine: &Machine, control: &RunControl, reporter: &Reporter, elapsed_
         Some(err) => Err(run_failure(err)),
         None => Ok(()),
     }
+}
+
+/// Stops a VM that was told to stop (--seconds, Ctrl-C): no oracle check, a summary instead.
+fn stop(machine: &mut Machine, reporter: &Reporter, how: &str, elapsed_ms: u128) -> Result<(), Failure> {
+    drain_events(machine, reporter)?;
+    let state = machine.capture().context("cannot stop the VM").map_err(run_failure)?;
+    reporter.stopped(how, &state.devices, elapsed_ms);
+    Ok(())
 }
 
 fn drain_events(machine: &mut Machine, reporter: &Reporter) -> Result<(), Failure> {

@@ -1,5 +1,6 @@
 //! The boot environment the VMM builds for a fixture guest: 64-bit long mode
-//! with identity-mapped 2 MiB pages, a flat GDT, the program at
+//! with identity-mapped 2 MiB pages (guest memory, and the first 2 MiB of the
+//! device MMIO windows at [`abi::MMIO_GPA`]), a flat GDT, the program at
 //! [`abi::CODE_GPA`] and its parameter block at [`abi::PARAMS_GPA`].
 //! Pure logic: it writes guest memory and computes register values.
 
@@ -57,6 +58,10 @@ pub fn write_boot_image(memory: &GuestMemory, image: &[u8], params: &[u8], ws_en
             (0..512u64).flat_map(|i| ((g * GIB + (i << 21)) | PTE_PRESENT_RW | PDE_HUGE).to_le_bytes()).collect();
         memory.write(pd, &entries)?;
     }
+    // The device MMIO windows: their first 2 MiB, identity-mapped (no memory backs them).
+    let mmio_gib = abi::MMIO_GPA / GIB;
+    memory.write_u64(abi::PDPT_GPA + mmio_gib * 8, abi::MMIO_PD_GPA | PTE_PRESENT_RW)?;
+    memory.write_u64(abi::MMIO_PD_GPA, abi::MMIO_GPA | PTE_PRESENT_RW | PDE_HUGE)?;
     let gdt: Vec<u8> = GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
     memory.write(abi::GDT_GPA, &gdt)?;
     memory.write(abi::CODE_GPA, image)?;

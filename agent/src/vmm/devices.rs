@@ -1,8 +1,11 @@
-//! The fixture platform's device model: the output device (our stand-in for a
-//! guest's network: records that reach the outside world) and the control
-//! port (the guest's status). Its state is part of every snapshot.
+//! The fixture platform's device model: the output device (the assembly
+//! fixtures' stand-in for a network: records that reach the outside world),
+//! the control port (the guest's status), the console, and the network idle
+//! port; plus, for network guests, the virtio-net device's state
+//! ([`crate::vmm::net`]). Its state is part of every snapshot.
 
 use crate::vmm::memory::{GuestMemory, MemoryError};
+use crate::vmm::net::device::NetDeviceState;
 use serde::{Deserialize, Serialize};
 use vm_fixtures::{abi, OutputRecord};
 
@@ -22,6 +25,16 @@ pub enum VcpuStatus {
 pub enum DeviceEvent {
     Output(OutputRecord),
     Status(VcpuStatus),
+    /// A network guest is up and serves on its port.
+    Serving,
+    /// The guest panicked (its message went to the console before).
+    Panicked,
+    /// One byte of console output.
+    Console(u8),
+    /// The guest has nothing to do until a frame arrives or `timeout_us` passes.
+    NetIdle {
+        timeout_us: u32,
+    },
     /// A write to a port no device decodes (logged, otherwise ignored, as on real hardware).
     Unclaimed {
         port: u16,
@@ -43,8 +56,12 @@ pub fn decode_port_write(memory: &GuestMemory, vcpu: u8, port: u16, value: u32) 
         abi::PORT_CONTROL => Ok(match u64::from(value) {
             abi::CONTROL_DONE => DeviceEvent::Status(VcpuStatus::Done),
             abi::CONTROL_BAD_PARAMS => DeviceEvent::Status(VcpuStatus::BadParams),
+            abi::CONTROL_SERVING => DeviceEvent::Serving,
+            abi::CONTROL_PANIC => DeviceEvent::Panicked,
             _ => DeviceEvent::Unclaimed { port, value },
         }),
+        abi::PORT_CONSOLE => Ok(DeviceEvent::Console(value as u8)),
+        abi::PORT_NET_IDLE => Ok(DeviceEvent::NetIdle { timeout_us: value }),
         _ => Ok(DeviceEvent::Unclaimed { port, value }),
     }
 }
@@ -56,11 +73,17 @@ pub struct DeviceState {
     /// log continues, so it always holds the guest's whole output history.
     pub output_log: Vec<OutputRecord>,
     pub vcpu_status: Vec<VcpuStatus>,
+    /// A network guest said it serves (it stays so across snapshots and migrations).
+    #[serde(default)]
+    pub serving: bool,
+    /// The virtio-net device, for network guests (captured with the machine paused).
+    #[serde(default)]
+    pub net: Option<NetDeviceState>,
 }
 
 impl DeviceState {
     pub fn new(vcpus: usize) -> Self {
-        DeviceState { output_log: Vec::new(), vcpu_status: vec![VcpuStatus::Running; vcpus] }
+        DeviceState { output_log: Vec::new(), vcpu_status: vec![VcpuStatus::Running; vcpus], serving: false, net: None }
     }
 
     /// Applies an event from vCPU `vcpu`.
@@ -68,7 +91,11 @@ impl DeviceState {
         match event {
             DeviceEvent::Output(record) => self.output_log.push(record),
             DeviceEvent::Status(status) => self.vcpu_status[usize::from(vcpu)] = status,
-            DeviceEvent::Unclaimed { .. } => {}
+            DeviceEvent::Serving => self.serving = true,
+            DeviceEvent::Panicked
+            | DeviceEvent::Console(_)
+            | DeviceEvent::NetIdle { .. }
+            | DeviceEvent::Unclaimed { .. } => {}
         }
     }
 

@@ -12,6 +12,9 @@ use crate::vmm::kvm::vcpu::KvmVcpu;
 use crate::vmm::kvm::vm::KvmVm;
 use crate::vmm::kvm::KvmError;
 use crate::vmm::memory::{GuestMemory, MemoryError};
+use crate::vmm::net::device::{NetDevice, NetDeviceState};
+use crate::vmm::net::provision::{HostTap, ProvisionError};
+use crate::vmm::net::tap::{Tap, TapError};
 use crate::vmm::run_log::RunLog;
 use crate::vmm::snapshot::{self, SnapshotError, SnapshotReader, SnapshotStats};
 pub use crate::vmm::state::{MachineConfig, MachineState};
@@ -20,7 +23,7 @@ use serde::Serialize;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use vm_fixtures::{MemoryMismatch, OutputMismatch, OutputRecord, ParamsError};
 
@@ -52,6 +55,14 @@ pub enum MachineError {
     Dirty(#[from] DirtyError),
     #[error("fault injection: {0}")]
     Injected(&'static str),
+    #[error("the {fixture} fixture needs a tap for its network: give it one (--net tap)")]
+    NoTap { fixture: &'static str },
+    #[error("the {fixture} fixture has no network device: it takes no tap")]
+    TapNotServed { fixture: &'static str },
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
 }
 
 /// Something that happened in the machine, for the caller to act on.
@@ -59,6 +70,8 @@ pub enum MachineError {
 pub enum MachineEvent {
     Output(OutputRecord),
     VcpuDone(u8),
+    /// A network guest serves on its port.
+    Serving,
 }
 
 /// Why a finished run does not match the oracle.
@@ -180,6 +193,10 @@ pub struct Machine {
     fence: Option<Arc<Fence>>,
     /// When each vCPU was in the guest (the "one copy at a time" check).
     run_log: Arc<RunLog>,
+    /// Network guests: the virtio-net device (its state goes into `devices.net` at a capture).
+    net: Option<Arc<Mutex<NetDevice>>>,
+    /// Network guests: the tap, removed after the device (declared after it) if this machine made it.
+    _host_tap: Option<HostTap>,
 }
 
 impl Machine {
@@ -217,6 +234,10 @@ impl Machine {
             let tsc_hz = u64::from(vcpus[0].tsc_khz()?) * 1000;
             config.fixture.ticks_per_write = (tsc_hz / rate).max(1);
         }
+        if config.fixture.kind.is_network_service() {
+            // Its clock (TCP's timers).
+            config.fixture.tsc_khz = u64::from(vcpus[0].tsc_khz()?);
+        }
         boot::write_prefill(memory, &config.fixture.prefill_ranges(config.mem_bytes))?;
         boot::write_boot_image(
             memory,
@@ -234,7 +255,14 @@ impl Machine {
     /// and the fence's watchdog: the one place a [`Machine`] is made. On an
     /// error the tracker's thread is stopped.
     fn start(parts: MachineParts) -> Result<Machine, MachineError> {
-        let MachineParts { config, memory, vm, dirty, vcpus, devices, fence } = parts;
+        let MachineParts { config, memory, vm, dirty, vcpus, mut devices, fence } = parts;
+        let (net, host_tap) = match Self::attach_net(&config, &memory, devices.net.take()) {
+            Ok(attached) => attached.unzip(),
+            Err(e) => {
+                dirty.stop();
+                return Err(e);
+            }
+        };
         let (tx, events) = mpsc::channel();
         let run_log = Arc::new(RunLog::new(vcpus.len()));
         let mut workers = Vec::with_capacity(vcpus.len());
@@ -249,6 +277,7 @@ impl Machine {
                     Arc::clone(&dirty),
                     fence.clone(),
                     Arc::clone(&run_log),
+                    net.clone(),
                 )
                 .map_err(MachineError::Thread)?;
                 dirty.follow_vcpu_thread(worker.tid)?;
@@ -274,9 +303,35 @@ impl Machine {
             watchdog,
             fence,
             run_log,
+            net,
+            _host_tap: host_tap,
         };
         // On an error, dropping the machine stops what did start.
         started.map(|()| machine)
+    }
+
+    /// A network guest's virtio-net device on its tap (made here, with the
+    /// host's address, unless this host has it): fresh at boot, or in the
+    /// captured `state` at a restore. None for the other fixtures.
+    #[allow(clippy::type_complexity)]
+    fn attach_net(
+        config: &MachineConfig,
+        memory: &Arc<GuestMemory>,
+        state: Option<NetDeviceState>,
+    ) -> Result<Option<(Arc<Mutex<NetDevice>>, HostTap)>, MachineError> {
+        let fixture = config.fixture.kind.name();
+        match (&config.tap, &config.fixture.net) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(MachineError::NoTap { fixture }),
+            (Some(_), None) => Err(MachineError::TapNotServed { fixture }),
+            (Some(name), Some(guest)) => {
+                let host_tap = HostTap::ensure(name, guest.gateway, guest.prefix)?;
+                let tap = Tap::attach(name)?;
+                let state = state.unwrap_or_else(|| NetDeviceState::new(guest.mac));
+                let device = NetDevice::new(state, Box::new(tap), Arc::clone(memory));
+                Ok(Some((Arc::new(Mutex::new(device)), host_tap)))
+            }
+        }
     }
 
     /// Creates the vCPUs and the dirty tracker around them (a ring, if the
@@ -356,12 +411,25 @@ impl Machine {
     /// writes (into the bitmap, or the ring when the VM has one) once the slot
     /// is flagged for it. Starting forgets whatever was collected before.
     pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), MachineError> {
+        if let Some(net) = &self.net {
+            net.lock().unwrap_or_else(PoisonError::into_inner).forget_written_pages();
+        }
         Ok(self.dirty.set_logging(enabled)?)
     }
 
-    /// The pages written since the last call, sorted (dirty logging must be on).
+    /// The pages written since the last call, sorted (dirty logging must be
+    /// on): the guest's, and the network device's (receive buffers, rings).
     pub fn take_dirty_pages(&self) -> Result<Vec<u64>, MachineError> {
-        Ok(self.dirty.take()?)
+        let mut pages = self.dirty.take()?;
+        if let Some(net) = &self.net {
+            let device = net.lock().unwrap_or_else(PoisonError::into_inner).take_written_pages();
+            if !device.is_empty() {
+                pages.extend(device);
+                pages.sort_unstable();
+                pages.dedup();
+            }
+        }
+        Ok(pages)
     }
 
     /// The tracker dirty pages come from (`bitmap`, `ring` or `ebpf`).
@@ -431,6 +499,7 @@ impl Machine {
                 Ok(match device_event {
                     DeviceEvent::Output(record) => Some(MachineEvent::Output(record)),
                     DeviceEvent::Status(VcpuStatus::Done) => Some(MachineEvent::VcpuDone(id)),
+                    DeviceEvent::Serving => Some(MachineEvent::Serving),
                     _ => None,
                 })
             }
@@ -509,12 +578,9 @@ impl Machine {
             self.send(id, Command::Save(tx))?;
             vcpus.push(rx.recv().map_err(|_| MachineError::WorkerGone(id as u8))??);
         }
-        Ok(MachineState {
-            config: self.config.clone(),
-            vcpus,
-            kernel: self.vm.save_state()?,
-            devices: self.devices.clone(),
-        })
+        let mut devices = self.devices.clone();
+        devices.net = self.net.as_ref().map(|net| net.lock().unwrap_or_else(PoisonError::into_inner).state().clone());
+        Ok(MachineState { config: self.config.clone(), vcpus, kernel: self.vm.save_state()?, devices })
     }
 
     /// Pauses the machine and writes its whole state to a snapshot file at `path`.
@@ -580,7 +646,7 @@ pub(crate) mod tests {
         let mem_bytes = 8 << 20;
         let ws_pages = (mem_bytes - vm_fixtures::abi::WORKING_SET_GPA) / 4096;
         let fixture = FixtureParams { steps, ..FixtureParams::new(kind, vcpus, ws_pages) };
-        MachineConfig { mem_bytes, slot_bytes: 4 << 20, fixture, dirty_rate: None }
+        MachineConfig { mem_bytes, slot_bytes: 4 << 20, fixture, dirty_rate: None, tap: None }
     }
 
     /// A second copy of a 2-vCPU ledger guest that ran 50 ms, prepared under a
@@ -694,7 +760,7 @@ pub(crate) mod tests {
         fixture.pattern = vm_fixtures::DirtyPattern::Sequential;
         fixture.steps = pages;
         fixture.record_every = pages;
-        MachineConfig { mem_bytes, slot_bytes: 128 << 20, fixture, dirty_rate: None }
+        MachineConfig { mem_bytes, slot_bytes: 128 << 20, fixture, dirty_rate: None, tap: None }
     }
 
     /// Runs the `dirty` fixture writing `pages` pages once each, in order, and

@@ -332,6 +332,7 @@ fn absorb_events(name: &str, machine: &mut Machine, status: &Mutex<RunnerStatus>
                     status.dirty_rate_bytes_per_second = None;
                 }
             }
+            Ok(Some(MachineEvent::Serving)) => tracing::info!(vm = name, "the guest serves on its network"),
             Ok(None) => break,
             Err(e) => {
                 let mut status = status.lock().expect("runner status lock");

@@ -27,7 +27,9 @@ use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"PCFTSNAP";
 /// 2: the fixture's parameters gained `prefill` (`--prefill`), which changes the state section's encoding.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: network guests: the configuration names the tap, the fixture's parameters carry the guest's
+/// network and TSC frequency, and the device state the virtio-net device's.
+pub const FORMAT_VERSION: u32 = 3;
 /// The highest version field read as a format version: versions grow by one
 /// per format change and will not get near it, while a flipped bit in any
 /// but the lowest byte of the field lands far above it.
@@ -379,7 +381,7 @@ mod tests {
     fn another_plausible_version_is_named_as_one() {
         let e = open_error(&header(MAGIC, 1));
         assert!(matches!(e, SnapshotError::Version { found: 1, .. }), "{e:?}");
-        assert!(e.to_string().contains("format version 1; this pcft reads version 2 only"), "{e}");
+        assert!(e.to_string().contains("format version 1; this pcft reads version 3 only"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub struct MachineConfig {
     /// `dirty` fixture: pages each vCPU writes per second (paced on the TSC);
     /// `None` writes as fast as the guest can.
     pub dirty_rate: Option<u64>,
+    /// Network guests: the tap (on this host) behind the guest's virtio-net.
+    /// It must exist; the machine attaches to it by name.
+    #[serde(default)]
+    pub tap: Option<String>,
 }
 
 impl MachineConfig {

@@ -17,10 +17,18 @@ use crate::vmm::kvm::state::VcpuState;
 use crate::vmm::kvm::vcpu::{KvmVcpu, VcpuExit};
 use crate::vmm::kvm::KvmError;
 use crate::vmm::memory::GuestMemory;
+use crate::vmm::net::device::NetDevice;
+use crate::vmm::net::tap;
 use crate::vmm::run_log::RunLog;
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The longest a network idle exit keeps the vCPU out of the guest, whatever the guest asked.
+const NET_IDLE_MAX: Duration = Duration::from_millis(100);
+/// Console lines kept for failure reports.
+const CONSOLE_TAIL_LINES: usize = 4;
 
 pub(crate) enum Command {
     Pause,
@@ -49,6 +57,7 @@ pub(crate) struct VcpuWorker {
 impl VcpuWorker {
     /// Starts the thread, parked: it enters the guest on the first `Resume`.
     /// A vCPU whose workload is done is never entered again.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn spawn(
         vcpu: KvmVcpu,
         memory: Arc<GuestMemory>,
@@ -57,6 +66,7 @@ impl VcpuWorker {
         dirty: Arc<dyn DirtyTracker>,
         fence: Option<Arc<Fence>>,
         run_log: Arc<RunLog>,
+        net: Option<Arc<Mutex<NetDevice>>>,
     ) -> std::io::Result<Self> {
         kick::install();
         let (commands, rx) = std::sync::mpsc::channel();
@@ -88,6 +98,9 @@ impl VcpuWorker {
                 dirty,
                 fence,
                 run_log,
+                net,
+                console: Vec::new(),
+                console_tail: std::collections::VecDeque::new(),
                 parked: true,
                 finished,
                 stuck_ring_exits: 0,
@@ -112,6 +125,12 @@ struct Worker {
     fence: Option<Fenced>,
     /// When this vCPU was in the guest.
     run_log: Arc<RunLog>,
+    /// The virtio-net device of a network guest (its MMIO window and idle port are served here).
+    net: Option<Arc<Mutex<NetDevice>>>,
+    /// The console line being written.
+    console: Vec<u8>,
+    /// The last console lines, for failure reports.
+    console_tail: std::collections::VecDeque<String>,
     /// Paused by the machine.
     parked: bool,
     /// Done, or failed: never enters the guest again.
@@ -217,6 +236,10 @@ impl Worker {
             self.run_log.record_exit(id, entered, BootTime::now());
         }
         let exit = exit.map_err(|e| e.to_string())?;
+        let Some(exit) = self.serve_mmio(exit)? else {
+            self.stuck_ring_exits = 0;
+            return Ok(());
+        };
         if matches!(exit, VcpuExit::IoOut { .. } | VcpuExit::IoIn { .. }) {
             self.vcpu.complete_pending_io().map_err(|e| e.to_string())?;
         }
@@ -239,6 +262,18 @@ impl Worker {
             },
             VcpuExit::IoOut { port, value } => {
                 let event = decode_port_write(&self.memory, id, port, value).map_err(|e| e.to_string())?;
+                match event {
+                    DeviceEvent::Console(byte) => {
+                        self.console_byte(byte);
+                        return Ok(());
+                    }
+                    DeviceEvent::NetIdle { timeout_us } => return self.net_idle(timeout_us),
+                    DeviceEvent::Panicked => {
+                        let said = self.console_tail.back().cloned().unwrap_or_else(|| "(nothing on its console)".into());
+                        return Err(self.describe(&format!("the guest panicked: {said}")));
+                    }
+                    _ => {}
+                }
                 let _ = self.events.send(WorkerEvent::Device(id, event));
                 match event {
                     DeviceEvent::Status(VcpuStatus::Done) => self.finished = true,
@@ -252,9 +287,9 @@ impl Worker {
                 }
             }
             VcpuExit::IoIn { port } => tracing::debug!(vcpu = id, port, "read of an unclaimed port"),
-            VcpuExit::UnbackedAccess { gpa } => {
+            VcpuExit::MmioRead { gpa, .. } | VcpuExit::MmioWrite { gpa, .. } => {
                 return Err(self.describe(&format!(
-                "the guest accessed {gpa:#x}, which no memory backs (a page revoked from a dead copy, or a guest bug)"
+                "the guest accessed {gpa:#x}, which no memory or device backs (a page revoked from a dead copy, or a guest bug)"
             )))
             }
             VcpuExit::Shutdown => return Err(self.describe("the guest shut down (triple fault)")),
@@ -263,10 +298,80 @@ impl Worker {
         Ok(())
     }
 
+    /// Serves an access to a device's MMIO window and completes the
+    /// instruction (`None`); any other exit is handed back.
+    fn serve_mmio(&mut self, exit: VcpuExit) -> Result<Option<VcpuExit>, String> {
+        let Some(net) = &self.net else { return Ok(Some(exit)) };
+        let gpa = match exit {
+            VcpuExit::MmioRead { gpa, .. } | VcpuExit::MmioWrite { gpa, .. } => gpa,
+            other => return Ok(Some(other)),
+        };
+        let Some(offset) = NetDevice::window_offset(gpa) else { return Ok(Some(exit)) };
+        match exit {
+            VcpuExit::MmioRead { len, .. } => {
+                let mut data = [0u8; 8];
+                let len = len.min(data.len());
+                net.lock().unwrap_or_else(PoisonError::into_inner).mmio_read(offset, &mut data[..len]);
+                self.vcpu.set_mmio_read_data(&data[..len]);
+            }
+            VcpuExit::MmioWrite { data, len, .. } => {
+                let mut device = net.lock().unwrap_or_else(PoisonError::into_inner);
+                device.mmio_write(offset, &data[..len]).map_err(|e| self.describe(&e.to_string()))?;
+            }
+            other => return Ok(Some(other)),
+        }
+        self.vcpu.complete_pending_io().map_err(|e| e.to_string())?;
+        Ok(None)
+    }
+
+    /// The guest idles: deliver what has arrived, or wait (at most its
+    /// timeout, and never past a kick) for a frame it has a buffer for.
+    fn net_idle(&mut self, timeout_us: u32) -> Result<(), String> {
+        let Some(net) = &self.net else { return Ok(()) };
+        let fd = {
+            let mut device = net.lock().unwrap_or_else(PoisonError::into_inner);
+            if device.receive().map_err(|e| e.to_string())? > 0 {
+                return Ok(());
+            }
+            device.can_receive().map_err(|e| e.to_string())?.then(|| device.backend_fd())
+        };
+        // A kick since the loop's top (a pause, the fence) is answered first.
+        if self.vcpu.immediate_exit_set() {
+            return Ok(());
+        }
+        let timeout = Duration::from_micros(u64::from(timeout_us)).min(NET_IDLE_MAX);
+        if tap::wait_readable(fd, timeout).map_err(|e| format!("waiting for the tap: {e}"))? {
+            net.lock().unwrap_or_else(PoisonError::into_inner).receive().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn console_byte(&mut self, byte: u8) {
+        if byte != b'\n' {
+            if self.console.len() < 1024 {
+                self.console.push(byte);
+            }
+            return;
+        }
+        let line = String::from_utf8_lossy(&std::mem::take(&mut self.console)).into_owned();
+        tracing::info!(target: "guest", vcpu = self.vcpu.id(), "{line}");
+        if self.console_tail.len() == CONSOLE_TAIL_LINES {
+            self.console_tail.pop_front();
+        }
+        self.console_tail.push_back(line);
+    }
+
+    /// `what`, with where the guest was: its rip and the instruction bytes there.
     fn describe(&self, what: &str) -> String {
-        match self.vcpu.regs() {
-            Ok(regs) => format!("{what} at rip={:#x}", regs.rip),
-            Err(_) => what.to_string(),
+        let Ok(regs) = self.vcpu.regs() else { return what.to_string() };
+        let mut code = [0u8; 16];
+        // Guest memory is identity-mapped, so the rip is the guest-physical address of the code.
+        match self.memory.read(regs.rip, &mut code) {
+            Ok(()) => {
+                let bytes: Vec<String> = code.iter().map(|b| format!("{b:02x}")).collect();
+                format!("{what} at rip={:#x} (code: {})", regs.rip, bytes.join(" "))
+            }
+            Err(_) => format!("{what} at rip={:#x}", regs.rip),
         }
     }
 }

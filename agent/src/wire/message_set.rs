@@ -13,13 +13,15 @@ use std::fmt;
 /// (8: keyed BLAKE3 tags and key derivation instead of HMAC-SHA256).
 pub const GREETING_VERSION: u16 = 8;
 /// Version of the control messages (`ControlMessage`). Bump it when they or
-/// the payload types they carry change.
-pub const CONTROL_VERSION: u16 = 9;
+/// the payload types they carry change (10: `MachineConfig` names the tap of a
+/// network guest and the fixture's parameters gained its network).
+pub const CONTROL_VERSION: u16 = 10;
 /// Version of the migration messages (`MigrationMessage`) and of page
 /// batches. Bump it when they or the payload types they carry change
 /// (9: tagged page batches carry no CRC-32C, data first; `Begin` names the
-/// demand channel, `AllSent` says what it carried).
-pub const MIGRATION_VERSION: u16 = 9;
+/// demand channel, `AllSent` says what it carried; 10: the machine state
+/// carries the virtio-net device and the tap of a network guest).
+pub const MIGRATION_VERSION: u16 = 10;
 
 /// One of the sets of messages that frames carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

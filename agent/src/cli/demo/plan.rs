@@ -4,7 +4,7 @@
 
 use super::fail_at::FailAt;
 use crate::cli::vm::{machine_config, KVM_PATH};
-use crate::cli::{usage, DemoArgs, FailKind, Failure, Pattern, TrackerArg, WorkloadArgs};
+use crate::cli::{usage, DemoArgs, FailKind, Failure, NetArgs, Pattern, TrackerArg, WorkloadArgs};
 use anyhow::anyhow;
 use pcft_agent::fault::crash::CrashPoint;
 use pcft_agent::host;
@@ -193,5 +193,6 @@ fn workload(args: &DemoArgs, dirty_tracker: TrackerArg) -> WorkloadArgs {
         slot_size: "128M".into(),
         dirty_tracker,
         prefill: false,
+        net: NetArgs::none(),
     }
 }

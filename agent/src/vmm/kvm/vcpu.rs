@@ -19,10 +19,13 @@ pub enum VcpuExit {
     Interrupted,
     /// The vCPU's dirty ring is (nearly) full: harvest and reset before running again.
     DirtyRingFull,
-    /// The guest accessed guest-physical `gpa`, which no memory backs (this
-    /// VMM has no MMIO devices: a revoked page of a dead copy, or a guest bug).
-    /// The instruction did not complete.
-    UnbackedAccess { gpa: u64 },
+    /// The guest read `len` bytes at guest-physical `gpa`, which no memory
+    /// backs: a device's MMIO window, a revoked page of a dead copy, or a guest
+    /// bug. Answer with [`KvmVcpu::set_mmio_read_data`]; the instruction
+    /// completes on the next `KVM_RUN`.
+    MmioRead { gpa: u64, len: usize },
+    /// The guest wrote `data` (`len` bytes of it) at `gpa`, which no memory backs.
+    MmioWrite { gpa: u64, data: [u8; 8], len: usize },
     /// The guest triple-faulted or otherwise shut down.
     Shutdown,
     /// Anything else: a bug in the guest or an unsupported exit.
@@ -100,8 +103,16 @@ impl KvmVcpu {
                 Ok(VcpuExit::IoIn { port })
             }
             Ok(kvm_ioctls::VcpuExit::Shutdown) => Ok(VcpuExit::Shutdown),
-            Ok(kvm_ioctls::VcpuExit::MmioRead(gpa, _) | kvm_ioctls::VcpuExit::MmioWrite(gpa, _)) => {
-                Ok(VcpuExit::UnbackedAccess { gpa })
+            Ok(kvm_ioctls::VcpuExit::MmioRead(gpa, data)) => {
+                // Unclaimed reads see all ones, as on a bus with nothing behind it.
+                data.fill(0xff);
+                Ok(VcpuExit::MmioRead { gpa, len: data.len() })
+            }
+            Ok(kvm_ioctls::VcpuExit::MmioWrite(gpa, data)) => {
+                let mut value = [0u8; 8];
+                let len = data.len().min(8);
+                value[..len].copy_from_slice(&data[..len]);
+                Ok(VcpuExit::MmioWrite { gpa, data: value, len })
             }
             Ok(kvm_ioctls::VcpuExit::Intr) => Ok(VcpuExit::Interrupted),
             Ok(kvm_ioctls::VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
@@ -111,6 +122,18 @@ impl KvmVcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(VcpuExit::Interrupted),
             Err(e) => Err(KvmError::Ioctl { op: "KVM_RUN", source: e }),
         }
+    }
+
+    /// The value an MMIO read (the last exit, [`VcpuExit::MmioRead`]) returns to the guest.
+    pub fn set_mmio_read_data(&mut self, data: &[u8]) {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != kvm_bindings::KVM_EXIT_MMIO {
+            return;
+        }
+        // SAFETY: the last exit was KVM_EXIT_MMIO, so the union holds `mmio`; `data` is at most 8 bytes.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let len = data.len().min(mmio.data.len()).min(mmio.len as usize);
+        mmio.data[..len].copy_from_slice(&data[..len]);
     }
 
     /// Finishes the instruction behind the last exit (an `out` completes only on

@@ -1,0 +1,201 @@
+//! A serving `kv` VM carried by every migration mode between two agents,
+//! each in a network namespace of its own (two hosts on one machine, each
+//! with a tap `pcft-kv0` at 10.77.0.1 behind which the VM is 10.77.0.2),
+//! with a client writing while it moves: afterwards the destination's store
+//! holds every write the client saw acknowledged, and its digest matches.
+
+use pcft_tests::pcft_path;
+use pcft_tests::resp::{Client, Reply};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const GUEST: &str = "10.77.0.2:6379";
+
+/// Two namespaces joined by a veth pair, each running an agent; removed on drop.
+struct Hosts {
+    ns: [String; 2],
+    agents: Vec<Child>,
+    addr: [String; 2],
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Hosts {
+    fn new() -> Hosts {
+        let id = std::process::id() % 10_000;
+        let ns = [format!("pkva{id}"), format!("pkvb{id}")];
+        let net = 150 + (id % 100) as u8;
+        let addr = [format!("10.{net}.3.1"), format!("10.{net}.3.2")];
+        let (va, vb) = (format!("pkv{id}a"), format!("pkv{id}b"));
+        let mut hosts = Hosts { ns: ns.clone(), agents: Vec::new(), addr: addr.clone() };
+        for n in &ns {
+            ip(&["netns", "add", n]);
+            ip(&["-n", n, "link", "set", "lo", "up"]);
+        }
+        ip(&["link", "add", &va, "netns", &ns[0], "type", "veth", "peer", "name", &vb, "netns", &ns[1]]);
+        for (n, (v, a)) in ns.iter().zip([(&va, &addr[0]), (&vb, &addr[1])]) {
+            ip(&["-n", n, "addr", "add", &format!("{a}/24"), "dev", v]);
+            ip(&["-n", n, "link", "set", v, "up"]);
+        }
+        for (n, a) in ns.iter().zip(&addr) {
+            let child = Command::new("ip")
+                .args(["netns", "exec", n])
+                .arg(pcft_path())
+                .args(["agent", "--insecure", "--listen", &format!("{a}:7401")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start an agent");
+            hosts.agents.push(child);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        hosts
+    }
+
+    fn agent(&self, i: usize) -> String {
+        format!("{}:7401", self.addr[i])
+    }
+
+    /// `pcft args…` run inside namespace `i`; returns (code, stdout, stderr).
+    fn pcft(&self, i: usize, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = Command::new("ip").args(["netns", "exec", &self.ns[i]]).arg(pcft_path()).args(args).output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for agent in &mut self.agents {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        for n in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (its sockets live there).
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns(2) on this thread only, with an fd we hold open.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+fn connect() -> Client {
+    let addr: SocketAddr = GUEST.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Client::connect(addr, Duration::from_secs(5)) {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("cannot reach the kv guest at {GUEST}: {e}"),
+        }
+    }
+}
+
+type Model = Arc<Mutex<BTreeMap<String, String>>>;
+
+/// A write the client sent but saw no answer to (the VM left under it): it may or may not have been applied.
+type InFlight = Option<(String, String)>;
+
+/// Writes `prefix`N keys until `stop` (or the VM goes away under it); every acknowledged one goes into `model`.
+fn writer(prefix: String, model: Model, stop: Arc<AtomicBool>) -> impl FnOnce() -> (usize, InFlight) + Send + 'static {
+    move || {
+        let mut client = connect();
+        let mut acked = 0;
+        let mut in_flight = None;
+        for i in 0u32.. {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let (key, value) = (format!("{prefix}{i}"), format!("v{i}-{}", i.wrapping_mul(40_503)));
+            match client.cmd(&["SET", &key, &value]) {
+                Ok(Reply::Simple(ok)) if ok == "OK" => {
+                    model.lock().unwrap().insert(key, value);
+                    acked += 1;
+                }
+                Ok(other) => panic!("SET {key}: {other:?}"),
+                // The VM left this host: the connection is gone, perhaps after the write was applied.
+                Err(_) => {
+                    in_flight = Some((key, value));
+                    break;
+                }
+            }
+        }
+        (acked, in_flight)
+    }
+}
+
+/// Every acknowledged write is there, and the digest matches the model (with
+/// the write in flight at the move, if the store has it: then it joins the model).
+fn check_store(ns: &str, model: &Model, in_flight: InFlight) {
+    let acked = model.lock().unwrap().clone();
+    let with_in_flight = in_netns(ns, move || {
+        let mut client = connect();
+        for (key, value) in &acked {
+            assert_eq!(client.cmd(&["GET", key]).unwrap().bulk_text().as_deref(), Some(value.as_str()), "{key}");
+        }
+        let digest = |m: &BTreeMap<String, String>| {
+            format!("{:016x}", vm_fixtures::kv::store_digest(m.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes()))))
+        };
+        let found = client.cmd(&["PCFT.DIGEST"]).unwrap().bulk_text().expect("a digest");
+        if found == digest(&acked) {
+            return None;
+        }
+        let (key, value) = in_flight.clone().unwrap_or_else(|| panic!("digest {found} is not the model's"));
+        let mut applied = acked.clone();
+        applied.insert(key.clone(), value.clone());
+        assert_eq!(found, digest(&applied), "neither the acknowledged writes nor those plus the one in flight");
+        Some((key, value))
+    })
+    .join()
+    .unwrap();
+    if let Some((key, value)) = with_in_flight {
+        model.lock().unwrap().insert(key, value);
+    }
+}
+
+#[test]
+fn a_serving_vm_moves_in_every_mode_with_its_acknowledged_writes() {
+    let hosts = Hosts::new();
+    let (code, _, err) = hosts.pcft(
+        0,
+        &["vm", "start", "--agent", &hosts.agent(0), "--name", "kv", "--fixture", "kv", "--mem", "64M", "--net", "tap"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let model: Model = Arc::default();
+    let modes = ["precopy", "postcopy", "hybrid", "postcopy-ft"];
+    for (hop, mode) in modes.iter().enumerate() {
+        let (from, to) = (hop % 2, (hop + 1) % 2);
+        // A client writes on the VM's current host while it moves.
+        let stop = Arc::new(AtomicBool::new(false));
+        let writing = in_netns(&hosts.ns[from], writer(format!("{mode}:"), Arc::clone(&model), Arc::clone(&stop)));
+        std::thread::sleep(Duration::from_millis(800));
+        let (code, out, err) = hosts.pcft(
+            from,
+            &["migrate", "kv", "--agent", &hosts.agent(from), "--to", &hosts.agent(to), "--mode", mode, "--json"],
+        );
+        assert_eq!(code, Some(0), "{mode}: {out}{err}");
+        stop.store(true, Ordering::Relaxed);
+        let (acked, in_flight) = writing.join().unwrap();
+        assert!(acked > 5, "{mode}: only {acked} writes before the migration");
+        check_store(&hosts.ns[to], &model, in_flight);
+    }
+}
