@@ -52,7 +52,7 @@ enum Task {
         quick: bool,
         /// Run only this part: migration, dirty, ft (PostCopyFT), peer (beside QEMU and a raw TCP copy)
         /// or kv (redis-benchmark against the kv guest, beside the host's redis-server).
-        #[arg(long, value_parser = ["migration", "dirty", "ft", "peer"])]
+        #[arg(long, value_parser = ["migration", "dirty", "ft", "peer", "kv"])]
         only: Option<String>,
     },
     /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then the tests.
