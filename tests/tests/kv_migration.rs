@@ -4,8 +4,8 @@
 //! with a client writing while it moves: afterwards the destination's store
 //! holds every write the client saw acknowledged, and its digest matches.
 
-use pcft_tests::pcft_path;
 use pcft_tests::resp::{Client, Reply};
+use pcft_tests::{http_get, metric, pcft_path};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -48,9 +48,9 @@ impl Hosts {
             let child = Command::new("ip")
                 .args(["netns", "exec", n])
                 .arg(pcft_path())
-                .args(["agent", "--insecure", "--listen", &format!("{a}:7401")])
+                .args(["agent", "--insecure", "--listen", &format!("{a}:7401"), "--metrics", &format!("{a}:9401")])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(std::fs::File::create(std::env::temp_dir().join(format!("{n}.log"))).unwrap())
                 .spawn()
                 .expect("start an agent");
             hosts.agents.push(child);
@@ -197,5 +197,13 @@ fn a_serving_vm_moves_in_every_mode_with_its_acknowledged_writes() {
         let (acked, in_flight) = writing.join().unwrap();
         assert!(acked > 5, "{mode}: only {acked} writes before the migration");
         check_store(&hosts.ns[to], &model, in_flight);
+        if *mode == "postcopy-ft" {
+            // Output commit: the destination held the VM's frames until their checkpoints committed.
+            let url = format!("http://{}:9401/metrics", hosts.addr[to]);
+            let text = in_netns(&hosts.ns[to], move || http_get(&url)).join().unwrap();
+            let released = metric(&text, "pcft_net_released_frames_total{vm=\"kv\"}").unwrap_or(0.0);
+            assert!(released > 0.0, "no held frame was released: {text}");
+            assert!(metric(&text, "pcft_net_hold_seconds_count").unwrap_or(0.0) > 0.0, "{text}");
+        }
     }
 }

@@ -82,6 +82,11 @@ pub struct Metrics {
     pub migrations: Family<MigrationLabels, Counter>,
     pub output_released: Family<VmLabels, Counter>,
     pub auth_refusals: Family<AuthLabels, Counter>,
+    /// Output commit of network guests: frames and bytes held now, frames released, how long they were held.
+    pub net_held_frames: Family<VmLabels, Gauge>,
+    pub net_held_bytes: Family<VmLabels, Gauge>,
+    pub net_released_frames: Family<VmLabels, Counter>,
+    pub net_hold_seconds: Histogram,
     /// Last take per (vm, tracker), for the dirty rate.
     last_take: Mutex<HashMap<TrackerLabels, Instant>>,
     /// The instance of each VM here that may set its dirty rate (see [`VmInstance`]).
@@ -114,6 +119,10 @@ impl Metrics {
             migrations: Family::default(),
             output_released: Family::default(),
             auth_refusals: Family::default(),
+            net_held_frames: Family::default(),
+            net_held_bytes: Family::default(),
+            net_released_frames: Family::default(),
+            net_hold_seconds: seconds_buckets(),
             last_take: Mutex::new(HashMap::new()),
             instances: Mutex::new(HashMap::new()),
             next_instance: AtomicU64::new(1),
@@ -166,6 +175,22 @@ impl Metrics {
             m.output_released.clone(),
         );
         registry.register(
+            "net_held_frames",
+            "Network frames a PostCopyFT destination's VM transmitted and holds until their checkpoint commits",
+            m.net_held_frames.clone(),
+        );
+        registry.register("net_held_bytes", "Bytes of the held network frames", m.net_held_bytes.clone());
+        registry.register(
+            "net_released_frames",
+            "Held network frames released to the outside after their checkpoint committed",
+            m.net_released_frames.clone(),
+        );
+        registry.register(
+            "net_hold_seconds",
+            "The longest a frame was held, per release (the latency output commit adds)",
+            m.net_hold_seconds.clone(),
+        );
+        registry.register(
             "auth_refusals",
             "Peers refused by authentication, by reason: no-key, unexpected-key, wrong-key (another key: a client or source here, a destination this agent migrated to), bad-mac (a tampered frame)",
             m.auth_refusals.clone(),
@@ -202,6 +227,9 @@ impl Metrics {
         let mut instances = self.instances.lock().expect("VM instances lock");
         instances.remove(vm);
         self.remove_dirty_rates(vm);
+        let labels = VmLabels { vm: vm.to_string() };
+        self.net_held_frames.remove(&labels);
+        self.net_held_bytes.remove(&labels);
         for phase in PHASES {
             self.phase.remove(&PhaseLabels { vm: vm.to_string(), phase: phase.to_string() });
         }
@@ -223,6 +251,27 @@ impl Metrics {
         if instances.get(&instance.vm) == Some(&instance.id) {
             set();
         }
+    }
+
+    /// A release of held network frames of VM copy `instance`: `frames` went
+    /// out, the longest held `max_hold_seconds`; `held_frames` and `held_bytes` remain.
+    pub fn net_released(
+        &self,
+        instance: &VmInstance,
+        frames: u64,
+        max_hold_seconds: f64,
+        held_frames: usize,
+        held_bytes: usize,
+    ) {
+        let labels = VmLabels { vm: instance.vm.clone() };
+        self.net_released_frames.get_or_create(&labels).inc_by(frames);
+        if frames > 0 {
+            self.net_hold_seconds.observe(max_hold_seconds);
+        }
+        self.if_current(instance, || {
+            self.net_held_frames.get_or_create(&labels).set(held_frames as i64);
+            self.net_held_bytes.get_or_create(&labels).set(held_bytes as i64);
+        });
     }
 
     /// A take of `pages` dirty pages from the `tracker` of VM copy `instance`: updates the dirty rate.

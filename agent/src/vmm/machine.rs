@@ -12,7 +12,7 @@ use crate::vmm::kvm::vcpu::KvmVcpu;
 use crate::vmm::kvm::vm::KvmVm;
 use crate::vmm::kvm::KvmError;
 use crate::vmm::memory::{GuestMemory, MemoryError};
-use crate::vmm::net::device::{NetDevice, NetDeviceState};
+use crate::vmm::net::device::{HoldLevel, NetDevice, NetDeviceState, NetError, Released};
 use crate::vmm::net::provision::{HostTap, ProvisionError};
 use crate::vmm::net::tap::{Tap, TapError};
 use crate::vmm::run_log::RunLog;
@@ -63,6 +63,8 @@ pub enum MachineError {
     Tap(#[from] TapError),
     #[error(transparent)]
     Provision(#[from] ProvisionError),
+    #[error(transparent)]
+    Net(#[from] NetError),
 }
 
 /// Something that happened in the machine, for the caller to act on.
@@ -197,6 +199,8 @@ pub struct Machine {
     net: Option<Arc<Mutex<NetDevice>>>,
     /// Network guests: the tap, removed after the device (declared after it) if this machine made it.
     _host_tap: Option<HostTap>,
+    /// A restored network guest announces where it is when it first runs (the address follows the VM).
+    announce_on_resume: bool,
 }
 
 impl Machine {
@@ -256,6 +260,8 @@ impl Machine {
     /// error the tracker's thread is stopped.
     fn start(parts: MachineParts) -> Result<Machine, MachineError> {
         let MachineParts { config, memory, vm, dirty, vcpus, mut devices, fence } = parts;
+        // A captured device: this machine is a restore (a snapshot, a migration's destination, a failover).
+        let restored_net = devices.net.is_some();
         let (net, host_tap) = match Self::attach_net(&config, &memory, devices.net.take()) {
             Ok(attached) => attached.unzip(),
             Err(e) => {
@@ -303,6 +309,7 @@ impl Machine {
             watchdog,
             fence,
             run_log,
+            announce_on_resume: restored_net && net.is_some(),
             net,
             _host_tap: host_tap,
         };
@@ -448,6 +455,28 @@ impl Machine {
         &self.devices
     }
 
+    /// Output commit (a PostCopyFT destination): the network device holds
+    /// the frames the guest transmits from now on, until released.
+    pub fn hold_net_output(&self) {
+        if let Some(net) = &self.net {
+            net.lock().unwrap_or_else(PoisonError::into_inner).hold_output();
+        }
+    }
+
+    /// Lets held frames out: those numbered below `upto` (a committed
+    /// checkpoint's `tx_frames`), or with `None` all, holding no more.
+    pub fn release_net_output(&self, upto: Option<u64>) -> Result<Released, MachineError> {
+        match &self.net {
+            Some(net) => Ok(net.lock().unwrap_or_else(PoisonError::into_inner).release_output(upto)?),
+            None => Ok(Released::default()),
+        }
+    }
+
+    /// What the network device holds now.
+    pub fn net_held(&self) -> HoldLevel {
+        self.net.as_ref().map_or_else(HoldLevel::default, |n| n.lock().unwrap_or_else(PoisonError::into_inner).held())
+    }
+
     /// The vCPU threads' kernel ids, by vCPU.
     pub fn vcpu_threads(&self) -> Vec<u32> {
         self.workers.iter().map(|w| w.tid).collect()
@@ -488,7 +517,18 @@ impl Machine {
             self.send(id, Command::Resume)?;
         }
         self.running = true;
+        if std::mem::take(&mut self.announce_on_resume) {
+            self.announce();
+        }
         Ok(())
+    }
+
+    /// A network guest says where it is now (a gratuitous ARP from its MAC).
+    fn announce(&self) {
+        let (Some(net), Some(guest)) = (&self.net, &self.config.fixture.net) else { return };
+        if let Err(e) = net.lock().unwrap_or_else(PoisonError::into_inner).announce(guest.ip) {
+            tracing::warn!("cannot announce the VM on its network: {e}");
+        }
     }
 
     /// Applies a worker's event to the device model; returns what the caller should see.

@@ -35,8 +35,25 @@ enum Command {
     TakeDirty(Reply<Vec<u64>>),
     Verify(Reply<Verified>),
     Checkpoint(u64, Reply<CheckpointCapture>),
-    /// Release held output up to this many records of the output log (None: all, and hold no more).
-    Release(Option<usize>),
+    /// Release held output up to this mark (None: all, and hold no more).
+    Release(Option<OutputMark>),
+}
+
+/// How far a checkpoint's state reaches into the guest's output: its output
+/// records and its transmitted network frames. Output up to a committed
+/// checkpoint's mark may go out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutputMark {
+    /// Records of the output log.
+    pub records: usize,
+    /// Frames the network device took from the guest (`NetDeviceState::tx_frames`).
+    pub frames: u64,
+}
+
+impl OutputMark {
+    pub fn of(devices: &crate::vmm::devices::DeviceState) -> OutputMark {
+        OutputMark { records: devices.output_log.len(), frames: devices.net.as_ref().map_or(0, |n| n.tx_frames) }
+    }
 }
 
 /// What a checkpoint's pause took from the machine.
@@ -55,7 +72,7 @@ pub struct OutputGate {
     pub sink: OutputSink,
     /// Records of the output log already released (by this agent or before the VM came here).
     pub released: usize,
-    /// Hold new records until [`VmRunner::release_outputs`] (PostCopyFT destination).
+    /// Hold new records and network frames until [`VmRunner::release_outputs`] (PostCopyFT destination).
     pub hold: bool,
 }
 
@@ -107,6 +124,9 @@ impl VmRunner {
         let vcpu_threads = machine.vcpu_threads();
         let thread_status = Arc::clone(&status);
         let vm = crate::metrics::get().vm_instance(name);
+        if outputs.hold {
+            machine.hold_net_output();
+        }
         let thread = std::thread::Builder::new()
             .name(format!("vm-{name}"))
             .spawn(move || run(&vm, machine, rx, &thread_status, outputs))?;
@@ -172,9 +192,9 @@ impl VmRunner {
         self.call(|r| Command::Checkpoint(epoch, r)).await
     }
 
-    /// Releases held output up to `upto` records of the output log (None: all of
-    /// it, and from now on every record at once).
-    pub fn release_outputs(&self, upto: Option<usize>) {
+    /// Releases held output up to `upto` (None: all of it, and from now on
+    /// every record and frame at once).
+    pub fn release_outputs(&self, upto: Option<OutputMark>) {
         let _ = self.commands.send(Command::Release(upto));
     }
 }
@@ -208,6 +228,18 @@ fn release(name: &str, machine: &Machine, gate: &mut OutputGate, upto: usize, st
     m.vm(&m.output_released, name, records.len() as u64);
     gate.released = gate.released.max(upto);
     status.lock().expect("runner status lock").released = gate.released as u64;
+}
+
+/// Lets the network device's held frames out up to `upto` (None: all, and hold no more).
+fn release_frames(vm: &VmInstance, machine: &Machine, upto: Option<u64>) {
+    match machine.release_net_output(upto) {
+        Ok(released) => {
+            let held = machine.net_held();
+            let max_hold = released.max_hold.as_secs_f64();
+            crate::metrics::get().net_released(vm, released.frames, max_hold, held.frames, held.bytes);
+        }
+        Err(e) => tracing::warn!(vm = vm.vm(), "cannot release the network output: {e}"),
+    }
 }
 
 impl Drop for VmRunner {
@@ -310,7 +342,8 @@ fn obey(vm: &VmInstance, machine: &mut Machine, command: Command, status: &Mutex
             if upto.is_none() {
                 gate.hold = false;
             }
-            release(vm.vm(), machine, gate, upto.unwrap_or(usize::MAX), status);
+            release(vm.vm(), machine, gate, upto.map_or(usize::MAX, |m| m.records), status);
+            release_frames(vm, machine, upto.map(|m| m.frames));
         }
     }
 }

@@ -330,6 +330,8 @@ impl Worker {
         let Some(net) = &self.net else { return Ok(()) };
         let fd = {
             let mut device = net.lock().unwrap_or_else(PoisonError::into_inner);
+            // Frames a full output hold left on the transmit queue go now, if it has room.
+            device.transmit().map_err(|e| e.to_string())?;
             if device.receive().map_err(|e| e.to_string())? > 0 {
                 return Ok(());
             }

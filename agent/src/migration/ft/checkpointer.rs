@@ -8,7 +8,7 @@ use crate::metrics;
 use crate::metrics::timeline::EventKind;
 use crate::migration::return_path::{ReturnPath, ReturnPathClosed};
 use crate::vmm::memory::{GuestMemory, MemoryError, PAGE_SIZE};
-use crate::vmm::runner::{RunnerError, VmRunner};
+use crate::vmm::runner::{OutputMark, RunnerError, VmRunner};
 use crate::wire::frame::{encode_message, PageBatchWriter};
 use crate::wire::migration::MigrationMessage;
 use std::collections::VecDeque;
@@ -24,8 +24,9 @@ const EPOCHS_IN_FLIGHT: u64 = 2;
 /// Pages per checkpoint page frame.
 const CHECKPOINT_BATCH_PAGES: usize = 64;
 
-/// Epochs sent and not yet acked, with the output-log length at their pause.
-pub type UnackedEpochs = Arc<Mutex<VecDeque<(u64, usize)>>>;
+/// Epochs sent and not yet acked, with how far the guest's output (records
+/// and network frames) reached at their pause.
+pub type UnackedEpochs = Arc<Mutex<VecDeque<(u64, OutputMark)>>>;
 
 /// Why an epoch could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +117,7 @@ impl Checkpointer {
             out.checkpoint_frame(batch.finish()).await?;
         }
         let pages = (speculative.len() + capture.dirty.len()) as u64;
-        let outputs = capture.state.devices.output_log.len();
+        let outputs = OutputMark::of(&capture.state.devices);
         let commit =
             encode_message(&MigrationMessage::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() });
         queue_commit(epoch, outputs, commit, out, &self.unacked).await?;
@@ -136,7 +137,7 @@ impl Checkpointer {
 /// and it must find the epoch whose output it releases.
 async fn queue_commit(
     epoch: u64,
-    outputs: usize,
+    outputs: OutputMark,
     commit: Vec<u8>,
     out: &ReturnPath,
     unacked: &UnackedEpochs,
@@ -161,11 +162,13 @@ mod tests {
         let unacked: UnackedEpochs = Arc::default();
         let queued = tokio::spawn({
             let (out, unacked) = (out.clone(), Arc::clone(&unacked));
-            async move { queue_commit(7, 42, vec![0; HEADER_BYTES + 3], &out, &unacked).await }
+            let mark = OutputMark { records: 42, frames: 9 };
+            async move { queue_commit(7, mark, vec![0; HEADER_BYTES + 3], &out, &unacked).await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(checkpoints_rx.try_recv().is_err(), "no credit: the record has not left");
-        assert_eq!(*unacked.lock().unwrap(), VecDeque::from([(7, 42)]), "the epoch waits for its ack already");
+        let waiting = VecDeque::from([(7, OutputMark { records: 42, frames: 9 })]);
+        assert_eq!(*unacked.lock().unwrap(), waiting, "the epoch waits for its ack already");
         out.credit.give_back(CHECKPOINT_WINDOW);
         queued.await.unwrap().unwrap();
         assert_eq!(checkpoints_rx.recv().await.unwrap().len(), HEADER_BYTES + 3);

@@ -10,6 +10,16 @@
 //! for it, so the device never holds a frame: its whole state is the
 //! transport's registers and the queues' indices ([`NetDeviceState`]).
 //!
+//! **Output commit** (a PostCopyFT destination): with [`NetDevice::hold_output`]
+//! on, transmitted frames do not go out; each is numbered (`tx_frames` counts
+//! every frame the guest sent, so a checkpoint's state says how many frames
+//! its epoch covers) and held until [`NetDevice::release_output`] is told that
+//! the checkpoint covering it committed. The hold is bounded
+//! ([`HOLD_MAX_BYTES`]): when it is full the device stops taking frames off the
+//! transmit queue, so the guest's queue backs up and memory does not grow.
+//! Held frames are not part of the state: a copy that dies takes its
+//! uncommitted frames with it, and the survivor's TCP sends them again.
+//!
 //! Offered features: `VIRTIO_F_VERSION_1` and `VIRTIO_NET_F_MAC`; every frame
 //! carries the 12-byte `virtio_net_hdr` (zero here). Pages the device writes
 //! (receive buffers, used rings) are kept for [`NetDevice::take_written_pages`],
@@ -19,8 +29,10 @@ use crate::vmm::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 use crate::vmm::virtio::mmio::{DeviceInfo, MmioAction, MmioState, CONFIG_OFFSET, F_VERSION_1};
 use crate::vmm::virtio::queue::{QueueError, SplitQueue, USED_F_NO_NOTIFY};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use vm_fixtures::abi;
 
 pub const DEVICE_ID_NET: u32 = 1;
@@ -33,6 +45,8 @@ const TX_QUEUE: usize = 1;
 const INFO: DeviceInfo = DeviceInfo { device_id: DEVICE_ID_NET, features: F_VERSION_1 | F_MAC, queue_max: QUEUE_MAX };
 /// The largest frame a tap delivers (its MTU is far below).
 const FRAME_MAX: usize = 65_536;
+/// Frames held for output commit, in bytes at most: past it, the transmit queue backs up.
+pub const HOLD_MAX_BYTES: usize = 4 << 20;
 
 /// Where frames go to and come from: a tap, or (in tests) a socket.
 pub trait FrameBackend: Send + AsRawFd {
@@ -67,6 +81,8 @@ pub struct NetDeviceState {
     pub mac: [u8; 6],
     pub mmio: MmioState,
     pub rx_frames: u64,
+    /// Frames the guest transmitted (sent, or held for output commit): the
+    /// sequence number of its next frame.
     pub tx_frames: u64,
     /// Received frames larger than the guest's buffer (given back empty).
     pub rx_too_big: u64,
@@ -78,6 +94,38 @@ impl NetDeviceState {
     }
 }
 
+/// A transmitted frame waiting for its epoch to commit.
+struct HeldFrame {
+    seq: u64,
+    data: Vec<u8>,
+    since: Instant,
+}
+
+/// Frames held for output commit, oldest first.
+#[derive(Default)]
+struct FrameHold {
+    frames: VecDeque<HeldFrame>,
+    bytes: usize,
+}
+
+/// What a [`NetDevice::release_output`] let out.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Released {
+    pub frames: u64,
+    pub bytes: u64,
+    /// The longest a released frame was held.
+    pub max_hold: Duration,
+    /// Seconds held, summed over the released frames.
+    pub hold_seconds: f64,
+}
+
+/// The hold's size now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HoldLevel {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
 pub struct NetDevice {
     state: NetDeviceState,
     backend: Box<dyn FrameBackend>,
@@ -85,11 +133,57 @@ pub struct NetDevice {
     /// Guest pages written since the last take (unsorted, may repeat).
     written: Vec<u64>,
     frame: Vec<u8>,
+    /// Output commit: frames held until released (None: frames go out at once).
+    hold: Option<FrameHold>,
 }
 
 impl NetDevice {
     pub fn new(state: NetDeviceState, backend: Box<dyn FrameBackend>, memory: Arc<GuestMemory>) -> Self {
-        NetDevice { state, backend, memory, written: Vec::new(), frame: vec![0; FRAME_MAX] }
+        NetDevice { state, backend, memory, written: Vec::new(), frame: vec![0; FRAME_MAX], hold: None }
+    }
+
+    /// From now on, transmitted frames are held until [`release_output`](Self::release_output).
+    pub fn hold_output(&mut self) {
+        self.hold.get_or_insert_with(FrameHold::default);
+    }
+
+    /// Lets held frames out: those numbered below `upto` (the `tx_frames` of a
+    /// committed checkpoint's state), or with `None` all of them, holding no more.
+    pub fn release_output(&mut self, upto: Option<u64>) -> Result<Released, NetError> {
+        let mut released = Released::default();
+        let Some(hold) = &mut self.hold else { return Ok(released) };
+        let now = Instant::now();
+        while hold.frames.front().is_some_and(|f| upto.is_none_or(|upto| f.seq < upto)) {
+            let frame = hold.frames.pop_front().expect("checked");
+            hold.bytes -= frame.data.len();
+            let held = now.saturating_duration_since(frame.since);
+            released.frames += 1;
+            released.bytes += frame.data.len() as u64;
+            released.max_hold = released.max_hold.max(held);
+            released.hold_seconds += held.as_secs_f64();
+            self.backend.send(&frame.data).map_err(NetError::Backend)?;
+        }
+        if upto.is_none() {
+            self.hold = None;
+        }
+        Ok(released)
+    }
+
+    /// Says where the guest is now, as QEMU's announce-self does after a
+    /// migration: a gratuitous ARP for `ip` from the guest's MAC, broadcast
+    /// (twice), so that bridges learn the port behind which the guest now is
+    /// and neighbours refresh their entry. Not guest output: never held.
+    pub fn announce(&mut self, ip: std::net::Ipv4Addr) -> Result<(), NetError> {
+        let frame = gratuitous_arp(self.state.mac, ip);
+        for _ in 0..2 {
+            self.backend.send(&frame).map_err(NetError::Backend)?;
+        }
+        Ok(())
+    }
+
+    /// How much is held now (zero when not holding).
+    pub fn held(&self) -> HoldLevel {
+        self.hold.as_ref().map_or_else(HoldLevel::default, |h| HoldLevel { frames: h.frames.len(), bytes: h.bytes })
     }
 
     pub fn state(&self) -> &NetDeviceState {
@@ -145,14 +239,16 @@ impl NetDevice {
         Ok(())
     }
 
-    /// Sends every frame the guest made available on the transmit queue.
+    /// Takes every frame the guest made available on the transmit queue and
+    /// sends it, or holds it (output commit; while the hold has room).
     pub fn transmit(&mut self) -> Result<usize, NetError> {
         if !self.state.mmio.driver_ok() {
             return Ok(0);
         }
-        let mut sent = 0;
+        let mut taken = 0;
         let mut queue = SplitQueue::new(&self.memory, &mut self.state.mmio.queues[TX_QUEUE]);
-        while let Some(chain) = queue.pop()? {
+        while self.hold.as_ref().is_none_or(|h| h.bytes < HOLD_MAX_BYTES) {
+            let Some(chain) = queue.pop()? else { break };
             let mut len = 0;
             for buffer in chain.buffers.iter().filter(|b| !b.writable) {
                 let n = (buffer.len as usize).min(FRAME_MAX - len);
@@ -160,13 +256,21 @@ impl NetDevice {
                 len += n;
             }
             if len > NET_HDR_BYTES {
-                self.backend.send(&self.frame[NET_HDR_BYTES..len]).map_err(NetError::Backend)?;
-                sent += 1;
+                let frame = &self.frame[NET_HDR_BYTES..len];
+                match &mut self.hold {
+                    Some(hold) => {
+                        hold.bytes += frame.len();
+                        let seq = self.state.tx_frames;
+                        hold.frames.push_back(HeldFrame { seq, data: frame.to_vec(), since: Instant::now() });
+                    }
+                    None => self.backend.send(frame).map_err(NetError::Backend)?,
+                }
+                self.state.tx_frames += 1;
+                taken += 1;
             }
             self.written.extend(queue.push_used(chain.head, 0)?);
         }
-        self.state.tx_frames += sent as u64;
-        Ok(sent)
+        Ok(taken)
     }
 
     /// Whether the guest has posted a receive buffer the device has not filled.
@@ -234,6 +338,21 @@ impl NetDevice {
     pub fn forget_written_pages(&mut self) {
         self.written.clear();
     }
+}
+
+/// An Ethernet frame with a gratuitous ARP request: `mac` says it has `ip`.
+pub fn gratuitous_arp(mac: [u8; 6], ip: std::net::Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]); // to everyone
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06]); // ARP
+    f.extend_from_slice(&[0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x01]); // Ethernet/IPv4, request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&ip.octets());
+    f.resize(60, 0); // the minimum frame, padded
+    f
 }
 
 #[cfg(test)]
@@ -351,6 +470,74 @@ mod tests {
         dev.receive().unwrap();
         assert_eq!(rx.used(&memory), vec![(small, 0)]);
         assert_eq!(dev.state().rx_too_big, 1);
+    }
+
+    #[test]
+    fn held_frames_go_out_only_as_far_as_released_and_a_full_hold_backs_the_queue_up() {
+        let memory = Arc::new(GuestMemory::new(4 << 20, 2 << 20).unwrap());
+        let (device_end, wire) = pair();
+        let (mut dev, _rx, mut tx) = initialized(&memory, device_end);
+        dev.hold_output();
+        let mut send = |dev: &mut NetDevice, text: &[u8]| {
+            memory.write(0x100000, &[0u8; NET_HDR_BYTES]).unwrap();
+            memory.write(0x100000 + NET_HDR_BYTES as u64, text).unwrap();
+            let head = tx.offer(&memory, &[(0x100000, (NET_HDR_BYTES + text.len()) as u32, false)]);
+            write32(dev, 0x50, 1);
+            (head, tx.used(&memory))
+        };
+        for text in [b"epoch 1 a", b"epoch 1 b", b"epoch 2 c"] {
+            let (head, used) = send(&mut dev, text);
+            assert_eq!(used, vec![(head, 0)], "the guest gets its buffer back at once");
+        }
+        let mut got = [0u8; 64];
+        assert_eq!(wire.recv(&mut got).unwrap(), None, "nothing goes out while held");
+        assert_eq!(dev.held(), HoldLevel { frames: 3, bytes: 27 });
+        assert_eq!(dev.state().tx_frames, 3);
+        // Epoch 1 committed with tx_frames = 2: those two go out, in order, and only they.
+        let released = dev.release_output(Some(2)).unwrap();
+        assert_eq!((released.frames, released.bytes), (2, 18));
+        for expected in [&b"epoch 1 a"[..], b"epoch 1 b"] {
+            let n = wire.recv(&mut got).unwrap().unwrap();
+            assert_eq!(&got[..n], expected);
+        }
+        assert_eq!(wire.recv(&mut got).unwrap(), None);
+        // A release never sends a frame twice.
+        assert_eq!(dev.release_output(Some(2)).unwrap().frames, 0);
+        // Full: frames stay on the transmit queue (the guest's buffer is not given back).
+        dev.hold.as_mut().unwrap().bytes = HOLD_MAX_BYTES;
+        let (_, used) = send(&mut dev, b"backed up");
+        assert!(used.is_empty(), "a full hold takes nothing off the queue");
+        dev.hold.as_mut().unwrap().bytes = 9;
+        // Release all and hold no more: the rest goes, and the queued frame with the next transmit.
+        assert_eq!(dev.release_output(None).unwrap().frames, 1);
+        assert_eq!(dev.transmit().unwrap(), 1);
+        for expected in [&b"epoch 2 c"[..], b"backed up"] {
+            let n = wire.recv(&mut got).unwrap().unwrap();
+            assert_eq!(&got[..n], expected);
+        }
+        assert_eq!(dev.held(), HoldLevel::default());
+    }
+
+    #[test]
+    fn an_announcement_is_a_gratuitous_arp_from_the_guest_and_bypasses_the_hold() {
+        let memory = Arc::new(GuestMemory::new(4 << 20, 2 << 20).unwrap());
+        let (device_end, wire) = pair();
+        let (mut dev, _rx, _tx) = initialized(&memory, device_end);
+        dev.hold_output();
+        dev.announce(std::net::Ipv4Addr::new(10, 77, 0, 2)).unwrap();
+        let mut got = [0u8; 128];
+        for _ in 0..2 {
+            let n = wire.recv(&mut got).unwrap().unwrap();
+            let f = &got[..n];
+            assert_eq!(n, 60);
+            assert_eq!((&f[..6], &f[6..12], &f[12..14]), (&[0xff; 6][..], &[2, 0, 0, 0, 0, 9][..], &[8, 6][..]));
+            // Sender and target are the guest's address; the sender's MAC is the guest's.
+            assert_eq!(
+                (&f[22..28], &f[28..32], &f[38..42]),
+                (&[2, 0, 0, 0, 0, 9][..], &[10, 77, 0, 2][..], &[10, 77, 0, 2][..])
+            );
+        }
+        assert_eq!(dev.held(), HoldLevel { frames: 0, bytes: 0 });
     }
 
     #[test]
