@@ -199,10 +199,15 @@ fn writer(writes: Arc<Mutex<Writes>>, stop: Arc<AtomicBool>, t0: Instant) -> imp
                 Ok(Reply::Simple(ok)) if ok == "OK" => {
                     writes.lock().unwrap().acked.insert(key, (value, t0.elapsed()));
                 }
-                other => {
+                Ok(other) => panic!("SET {key}: {other:?}"),
+                Err(e) => {
+                    let why = match e.kind() {
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "no answer within 10 s".into(),
+                        _ => e.to_string(),
+                    };
                     let mut w = writes.lock().unwrap();
                     w.in_flight = Some((key.clone(), value));
-                    w.broke = Some(format!("SET {key} at {:?}: {other:?}", t0.elapsed()));
+                    w.broke = Some(format!("SET {key}: {why} (gave up {:?} after the start)", t0.elapsed()));
                     break;
                 }
             }
@@ -391,7 +396,12 @@ fn no_acknowledged_write_is_lost_when_the_destination_dies_mid_postcopy() {
     let acked: BTreeMap<String, String> = writes.acked.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
     let in_flight = writes.in_flight.clone();
     let checked = in_netns(lan.client.name(), move || {
-        let mut client = connect(Duration::from_secs(30)).map_err(|e| format!("after the failover: {e}"))?;
+        let mut client = connect(Duration::from_secs(30)).map_err(|e| {
+            format!(
+                "after the failover: {e} (do the bridges and the client's ARP cache still point at hostB? a restored \
+                 VM announces itself with a gratuitous ARP)"
+            )
+        })?;
         let mut lost = Vec::new();
         for (key, value) in &acked {
             let found = client.cmd(&["GET", key]).map_err(|e| format!("GET {key}: {e}"))?;
