@@ -427,3 +427,74 @@ impl Drop for KvVm {
         }
     }
 }
+
+/// Runs `ip args…` (iproute2) and fails the test with its error if it fails.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A network namespace (`ip netns add`) with its loopback up; deleted on drop,
+/// with every interface in it (a test's fabric goes even when the test fails).
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn add(name: &str) -> Netns {
+        ip(&["netns", "add", name]);
+        let ns = Netns(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// `ip -n NS args…`, failing the test if it fails.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.0];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// `ip -n NS -j args…` as JSON (e.g. `link show dev X`, `-4 addr show dev X`).
+    pub fn ip_json(&self, args: &[&str]) -> Value {
+        let out = Command::new("ip").args(["-n", &self.0, "-j"]).args(args).output().expect("run ip (iproute2)");
+        assert!(out.status.success(), "ip -n {} -j {args:?}: {}", self.0, String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ip -j {args:?} printed no JSON: {e}"))
+    }
+
+    /// `pcft args…` run inside this namespace (`ip netns exec`): (exit code, stdout, stderr).
+    pub fn pcft(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out =
+            Command::new("ip").args(["netns", "exec", &self.0]).arg(pcft_path()).args(args).output().expect("run pcft");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    }
+
+    /// A command's output run inside this namespace, for a test's diagnostics (never fails).
+    pub fn show(&self, program: &str, args: &[&str]) -> String {
+        match Command::new("ip").args(["netns", "exec", &self.0, program]).args(args).output() {
+            Ok(out) => format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            Err(e) => format!("({program}: {e})"),
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (its sockets live there).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns(2) on this thread only, with an fd we hold open.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}

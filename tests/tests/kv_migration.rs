@@ -5,7 +5,7 @@
 //! holds every write the client saw acknowledged, and its digest matches.
 
 use pcft_tests::resp::{Client, Reply};
-use pcft_tests::{http_get, metric, pcft_path};
+use pcft_tests::{http_get, in_netns, metric, pcft_path};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -50,7 +50,7 @@ impl Hosts {
                 .arg(pcft_path())
                 .args(["agent", "--insecure", "--listen", &format!("{a}:7401"), "--metrics", &format!("{a}:9401")])
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(std::env::temp_dir().join(format!("{n}.log"))).unwrap())
+                .stderr(Stdio::null())
                 .spawn()
                 .expect("start an agent");
             hosts.agents.push(child);
@@ -81,18 +81,6 @@ impl Drop for Hosts {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
     }
-}
-
-/// Runs `f` on a thread inside network namespace `ns` (its sockets live there).
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns(2) on this thread only, with an fd we hold open.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
 }
 
 fn connect() -> Client {

@@ -647,16 +647,23 @@ pub struct WorkloadArgs {
 pub struct NetArgs {
     /// Give the guest a network: `tap` makes a tap device on this host (or
     /// takes the one --tap names, if it has --host-ip), with the host at
-    /// --host-ip and the guest at --guest-ip; a tap made here is removed when the VM ends.
+    /// --host-ip and the guest at --guest-ip; `bridge` makes the tap without
+    /// an address on the existing L2 bridge --bridge (the VM keeps its address
+    /// on whichever host runs it). A tap made here is removed when the VM ends.
     #[arg(long, value_enum)]
     pub net: Option<NetArg>,
     /// The tap's name.
     #[arg(long, default_value = "pcft-kv0")]
     pub tap: String,
+    /// --net bridge: the L2 bridge the tap joins (it must exist on every host
+    /// that runs the VM, under this name).
+    #[arg(long, default_value = "pcft-br0")]
+    pub bridge: String,
     /// The guest's IPv4 address.
     #[arg(long, default_value = "10.77.0.2")]
     pub guest_ip: std::net::Ipv4Addr,
-    /// The host's IPv4 address on the tap (the guest's gateway).
+    /// The guest's gateway: the host's IPv4 address on the tap; with --net
+    /// bridge, an address on the bridge's network (e.g. its router).
     #[arg(long, default_value = "10.77.0.1")]
     pub host_ip: std::net::Ipv4Addr,
     /// The network's prefix length.
@@ -673,6 +680,7 @@ impl NetArgs {
         NetArgs {
             net: None,
             tap: "pcft-kv0".into(),
+            bridge: "pcft-br0".into(),
             guest_ip: std::net::Ipv4Addr::new(10, 77, 0, 2),
             host_ip: std::net::Ipv4Addr::new(10, 77, 0, 1),
             prefix: 24,
@@ -683,8 +691,10 @@ impl NetArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum NetArg {
-    /// A tap device on this host.
+    /// A tap device on this host, with the host's address (--host-ip).
     Tap,
+    /// A tap device without an address, on the L2 bridge --bridge.
+    Bridge,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -79,14 +79,20 @@ impl Reporter {
     pub fn serving(&self, config: &pcft_agent::vmm::machine::MachineConfig, ms: u128) {
         let Some(net) = &config.fixture.net else { return };
         let address = format!("{}:{}", net.ip, net.port);
-        let tap = config.tap.as_deref().unwrap_or("none");
+        let tap = config.tap.as_ref().map_or("none", |b| b.tap.as_str());
+        let bridge = config.tap.as_ref().and_then(|b| b.bridge.as_deref());
+        // Bridged, the gateway is somewhere on the bridge's network, not necessarily this host.
+        let host = match bridge {
+            Some(bridge) => format!("on bridge {bridge}, gateway {}/{}", net.gateway, net.prefix),
+            None => format!("host {}/{}", net.gateway, net.prefix),
+        };
         self.line(
-            json!({"event": "serving", "address": address, "tap": tap, "host_ip": net.gateway.to_string(),
-                   "prefix": net.prefix, "ms": ms,
+            json!({"event": "serving", "address": address, "tap": tap, "bridge": bridge,
+                   "host_ip": net.gateway.to_string(), "prefix": net.prefix, "ms": ms,
                    "guest_image_bytes": vm_fixtures::image(config.fixture.kind).len()}),
             format!(
-                "serving on {address} (tap {tap}, host {}/{}), {ms} ms after the start; try: redis-cli -h {} -p {} PING",
-                net.gateway, net.prefix, net.ip, net.port
+                "serving on {address} (tap {tap}, {host}), {ms} ms after the start; try: redis-cli -h {} -p {} PING",
+                net.ip, net.port
             ),
         );
     }

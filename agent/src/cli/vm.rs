@@ -9,6 +9,7 @@ use anyhow::{anyhow, Context};
 use pcft_agent::host::{self, format_size, parse_size, require_multiple};
 use pcft_agent::vmm::machine::{Machine, MachineConfig, MachineError, MachineEvent};
 use pcft_agent::vmm::memory::GuestMemory;
+use pcft_agent::vmm::net::provision::NetBackend;
 use pcft_agent::vmm::snapshot::{self, SnapshotReader};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,7 +75,7 @@ pub fn machine_config(args: &WorkloadArgs) -> Result<MachineConfig, Failure> {
     };
     let net = &args.net;
     let tap = match net.net {
-        Some(NetArg::Tap) => {
+        Some(how @ (NetArg::Tap | NetArg::Bridge)) => {
             let mut guest = GuestNet::new(net.guest_ip, net.host_ip, net.prefix);
             guest.max_bytes = parse_size(&net.store_size).map_err(usage)?;
             fixture.net = Some(guest);
@@ -82,12 +83,17 @@ pub fn machine_config(args: &WorkloadArgs) -> Result<MachineConfig, Failure> {
                 // The kv guest serves until stopped.
                 fixture.steps = u64::MAX;
             }
-            Some(net.tap.clone())
+            Some(match how {
+                NetArg::Bridge => NetBackend::bridged(&net.tap, &net.bridge),
+                NetArg::Tap => NetBackend::routed(&net.tap),
+            })
         }
         None => None,
     };
     fixture.validate().map_err(|e| match e {
-        vm_fixtures::ParamsError::NoNetwork => usage(anyhow!("the {kind} fixture serves on a network: add --net tap")),
+        vm_fixtures::ParamsError::NoNetwork => {
+            usage(anyhow!("the {kind} fixture serves on a network: add --net tap (or --net bridge)"))
+        }
         vm_fixtures::ParamsError::NetworkNotServed(_) => {
             usage(anyhow!("--net: the {kind} fixture has no network device; only --fixture kv takes --net"))
         }

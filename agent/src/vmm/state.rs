@@ -4,6 +4,7 @@
 
 use crate::vmm::devices::DeviceState;
 use crate::vmm::kvm::state::{VcpuState, VmKernelState};
+use crate::vmm::net::provision::NetBackend;
 use serde::{Deserialize, Serialize};
 use vm_fixtures::FixtureParams;
 
@@ -17,10 +18,11 @@ pub struct MachineConfig {
     /// `dirty` fixture: pages each vCPU writes per second (paced on the TSC);
     /// `None` writes as fast as the guest can.
     pub dirty_rate: Option<u64>,
-    /// Network guests: the tap (on this host) behind the guest's virtio-net.
-    /// It must exist; the machine attaches to it by name.
+    /// Network guests: the tap behind the guest's virtio-net, and the bridge
+    /// it sits on (if it does). Each host that runs the VM makes its own tap
+    /// of that name (on its own bridge of that name), or takes the one it has.
     #[serde(default)]
-    pub tap: Option<String>,
+    pub tap: Option<NetBackend>,
 }
 
 impl MachineConfig {

@@ -1,9 +1,43 @@
-//! What a host sets up for a network guest: its tap, with the host's address
-//! on it, checked against the host's other interfaces; removed again when
-//! the guest is done (only if it was made here).
+//! What a host sets up for a network guest: its tap, either with the host's
+//! address on it (checked against the host's other interfaces) or without an
+//! address, on an L2 bridge of the host; removed again when the guest is
+//! done (only if it was made here).
 
-use super::tap::{interface_exists, is_tap, validate_name, Tap, TapError};
+use super::tap::{interface_exists, is_bridge, is_tap, master_of, validate_name, Tap, TapError};
+use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
+
+/// A network guest's host end, as it travels with the VM (in
+/// `MachineConfig`): the tap's name and, if the tap sits on an L2 bridge
+/// instead of carrying the host's address, the bridge's name. Every host that
+/// runs the VM (a migration's destination, a restore) puts its own tap of
+/// that name on its own bridge of that name, so the guest keeps its address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetBackend {
+    pub tap: String,
+    /// None: the tap carries the host's address (the guest's gateway).
+    #[serde(default)]
+    pub bridge: Option<String>,
+}
+
+impl NetBackend {
+    /// A tap with the host's address on it.
+    pub fn routed(tap: impl Into<String>) -> NetBackend {
+        NetBackend { tap: tap.into(), bridge: None }
+    }
+
+    /// A tap without an address, enslaved to `bridge`.
+    pub fn bridged(tap: impl Into<String>, bridge: impl Into<String>) -> NetBackend {
+        NetBackend { tap: tap.into(), bridge: Some(bridge.into()) }
+    }
+}
+
+/// The tap's name (what [`Tap::attach`] opens).
+impl AsRef<str> for NetBackend {
+    fn as_ref(&self) -> &str {
+        &self.tap
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -15,6 +49,14 @@ pub enum ProvisionError {
     OtherAddress { name: String, found: String, wanted: Ipv4Addr },
     #[error("cannot list the host's addresses: {0}")]
     Addresses(std::io::Error),
+    #[error("bridge {name} does not exist here: create it (ip link add {name} type bridge && ip link set {name} up) or pass --bridge with an existing bridge")]
+    NoBridge { name: String },
+    #[error("interface {name} is not a bridge: pass --bridge with the name of an L2 bridge (ip -d link show type bridge lists them)")]
+    NotABridge { name: String },
+    #[error(
+        "tap {name} exists on {found}, not on bridge {bridge}: remove it (ip link del {name}) or choose another --tap"
+    )]
+    OtherBridge { name: String, found: String, bridge: String },
 }
 
 /// A network guest's tap on this host, removed on drop if it was created here.
@@ -29,8 +71,47 @@ fn network(ip: Ipv4Addr, prefix: u8) -> Ipv4Addr {
 }
 
 impl HostTap {
+    /// Makes the tap of `backend`: with `host_ip/prefix` on it, or (bridged)
+    /// without an address on its bridge; or takes the existing one if it has
+    /// that address, or is on that bridge.
+    pub fn ensure(backend: &NetBackend, host_ip: Ipv4Addr, prefix: u8) -> Result<HostTap, ProvisionError> {
+        match &backend.bridge {
+            None => Self::ensure_routed(&backend.tap, host_ip, prefix),
+            Some(bridge) => Self::ensure_bridged(&backend.tap, bridge),
+        }
+    }
+
+    /// Makes tap `name` without an address on the existing bridge `bridge`,
+    /// or takes the existing tap if it is on that bridge.
+    fn ensure_bridged(name: &str, bridge: &str) -> Result<HostTap, ProvisionError> {
+        validate_name(name)?;
+        validate_name(bridge)?;
+        if !interface_exists(bridge) {
+            return Err(ProvisionError::NoBridge { name: bridge.to_string() });
+        }
+        if !is_bridge(bridge) {
+            return Err(ProvisionError::NotABridge { name: bridge.to_string() });
+        }
+        if interface_exists(name) {
+            if !is_tap(name) {
+                return Err(TapError::NotATap { name: name.to_string() }.into());
+            }
+            return match master_of(name) {
+                Some(master) if master == bridge => Ok(HostTap { name: name.to_string(), created: false }),
+                found => Err(ProvisionError::OtherBridge {
+                    name: name.to_string(),
+                    found: found.map_or_else(|| "no bridge".to_string(), |m| format!("bridge {m}")),
+                    bridge: bridge.to_string(),
+                }),
+            };
+        }
+        // Made persistent, then let go: the machine attaches to it by name.
+        drop(Tap::create_bridged(name, bridge)?);
+        Ok(HostTap { name: name.to_string(), created: true })
+    }
+
     /// Makes tap `name` with `host_ip/prefix`, or takes the existing one if it has that address.
-    pub fn ensure(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<HostTap, ProvisionError> {
+    fn ensure_routed(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<HostTap, ProvisionError> {
         validate_name(name)?;
         let addresses = host_ipv4_addresses().map_err(ProvisionError::Addresses)?;
         if interface_exists(name) {
@@ -117,17 +198,21 @@ mod tests {
     fn a_tap_is_made_with_its_address_and_removed_after() {
         let name = format!("pcftt{}", std::process::id() % 100_000);
         let host_ip = Ipv4Addr::new(10, 199, (std::process::id() % 200) as u8, 1);
-        let tap = HostTap::ensure(&name, host_ip, 24).unwrap();
+        let backend = NetBackend::routed(&name);
+        let tap = HostTap::ensure(&backend, host_ip, 24).unwrap();
         assert!(tap.created());
         assert!(host_ipv4_addresses().unwrap().contains(&(name.clone(), host_ip)));
         // Taking it again with the same address is fine; with another, it says which it has.
-        assert!(!HostTap::ensure(&name, host_ip, 24).unwrap().created());
-        let other = HostTap::ensure(&name, Ipv4Addr::new(10, 198, 0, 1), 24).unwrap_err();
+        assert!(!HostTap::ensure(&backend, host_ip, 24).unwrap().created());
+        let other = HostTap::ensure(&backend, Ipv4Addr::new(10, 198, 0, 1), 24).unwrap_err();
         assert!(other.to_string().contains(&host_ip.to_string()), "{other}");
         // A new tap in the network of an existing interface collides.
-        let clash =
-            HostTap::ensure(&format!("{name}b"), Ipv4Addr::new(10, 199, (std::process::id() % 200) as u8, 7), 24)
-                .unwrap_err();
+        let clash = HostTap::ensure(
+            &NetBackend::routed(format!("{name}b")),
+            Ipv4Addr::new(10, 199, (std::process::id() % 200) as u8, 7),
+            24,
+        )
+        .unwrap_err();
         assert!(matches!(clash, ProvisionError::Collides { .. }), "{clash}");
         // Attached once; a second attach is refused as in use.
         let attached = Tap::attach(&name).unwrap();
@@ -136,5 +221,60 @@ mod tests {
         drop(tap);
         assert!(!interface_exists(&name));
         assert!(matches!(Tap::attach(&name), Err(TapError::Missing { .. })));
+    }
+
+    /// An interface made with `ip link add NAME ARGS…` for a test, deleted on drop.
+    struct Link(String);
+
+    impl Link {
+        fn add(name: &str, args: &[&str]) -> Link {
+            let out = std::process::Command::new("ip").args(["link", "add", name]).args(args).output().unwrap();
+            assert!(out.status.success(), "ip link add {name} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            Link(name.to_string())
+        }
+    }
+
+    impl Drop for Link {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+
+    #[test]
+    fn a_bridged_tap_joins_its_bridge_without_an_address_and_is_removed_after() {
+        let id = std::process::id() % 100_000;
+        let (name, bridge) = (format!("pcftb{id}"), format!("pcftbr{id}"));
+        let unused = Ipv4Addr::new(10, 197, 0, 1);
+        // No such bridge; an interface that is not one.
+        let missing = HostTap::ensure(&NetBackend::bridged(&name, &bridge), unused, 24).unwrap_err();
+        assert!(matches!(missing, ProvisionError::NoBridge { .. }), "{missing}");
+        assert!(missing.to_string().contains(&bridge) && missing.to_string().contains("type bridge"), "{missing}");
+        let not_one = HostTap::ensure(&NetBackend::bridged(&name, "lo"), unused, 24).unwrap_err();
+        assert!(matches!(not_one, ProvisionError::NotABridge { .. }), "{not_one}");
+        assert!(!interface_exists(&name), "a refusal left its tap");
+
+        let _bridge = Link::add(&bridge, &["type", "bridge"]);
+        let backend = NetBackend::bridged(&name, &bridge);
+        let tap = HostTap::ensure(&backend, unused, 24).unwrap();
+        assert!(tap.created());
+        assert_eq!(master_of(&name).as_deref(), Some(bridge.as_str()));
+        assert!(!host_ipv4_addresses().unwrap().iter().any(|(i, _)| *i == name), "a bridged tap has no address");
+        let flags = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).unwrap();
+        let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+        assert_ne!(flags & libc::IFF_UP as u32, 0, "the tap is up");
+        // Taken again on the same bridge; refused for another bridge or as a routed tap with an address.
+        assert!(!HostTap::ensure(&backend, unused, 24).unwrap().created());
+        let other = HostTap::ensure(&NetBackend::bridged(&name, "lo"), unused, 24).unwrap_err();
+        assert!(matches!(other, ProvisionError::NotABridge { .. }), "{other}");
+        let _other_bridge = Link::add(&format!("{bridge}o"), &["type", "bridge"]);
+        let other = HostTap::ensure(&NetBackend::bridged(&name, format!("{bridge}o")), unused, 24).unwrap_err();
+        assert!(other.to_string().contains(&format!("exists on bridge {bridge}")), "{other}");
+        let routed = HostTap::ensure(&NetBackend::routed(&name), unused, 24).unwrap_err();
+        assert!(matches!(routed, ProvisionError::OtherAddress { .. }), "{routed}");
+        // Attached once; it goes (and leaves the bridge) when dropped.
+        let attached = Tap::attach(&backend).unwrap();
+        drop(attached);
+        drop(tap);
+        assert!(!interface_exists(&name));
     }
 }

@@ -3,7 +3,8 @@
 //! [`Tap::create`] makes a persistent tap (it outlives the process, so a
 //! snapshot restored in another process, or a migration's destination on this
 //! host, can attach to it by name) and gives the host its address;
-//! [`Tap::attach`] opens an existing one. Frames are read and written whole,
+//! [`Tap::create_bridged`] makes one without an address, enslaved to an L2
+//! bridge; [`Tap::attach`] opens an existing one. Frames are read and written whole,
 //! non-blocking, without the packet-information header.
 
 use std::fs::{File, OpenOptions};
@@ -14,6 +15,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 pub const TUN_PATH: &str = "/dev/net/tun";
+
+/// `SIOCBRADDIF` (linux/sockios.h): add the interface `ifr_ifindex` to the bridge `ifr_name`.
+const SIOCBRADDIF: libc::Ioctl = 0x89a2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -78,6 +82,28 @@ pub fn interface_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
+/// Whether interface `name` (which exists) is an L2 bridge.
+pub fn is_bridge(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).join("bridge").is_dir()
+}
+
+/// The interface `name` is enslaved to (its bridge), if any.
+pub fn master_of(name: &str) -> Option<String> {
+    let link = std::fs::read_link(Path::new("/sys/class/net").join(name).join("master")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// A datagram socket for the interface ioctls (SIOCSIF*, SIOCBR*).
+fn ioctl_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the fd is owned right after.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 impl Tap {
     /// Creates tap `name` (persistent), gives the host `host_ip/prefix` on it, and brings it up.
     pub fn create(name: &str, host_ip: Ipv4Addr, prefix: u8) -> Result<Tap, TapError> {
@@ -98,8 +124,32 @@ impl Tap {
         Ok(tap)
     }
 
-    /// Attaches to the existing tap `name` (one made by [`create`](Self::create)).
-    pub fn attach(name: &str) -> Result<Tap, TapError> {
+    /// Creates tap `name` (persistent) without an address, enslaves it to
+    /// the existing bridge `bridge`, and brings it up. The caller checks that
+    /// `bridge` is one (a missing one fails here with an ioctl error).
+    pub fn create_bridged(name: &str, bridge: &str) -> Result<Tap, TapError> {
+        if interface_exists(name) {
+            return Err(if is_tap(name) {
+                TapError::Busy { name: name.to_string() }
+            } else {
+                TapError::NotATap { name: name.to_string() }
+            });
+        }
+        let bridge_name = check_name(bridge)?;
+        let tap = Self::open(name)?;
+        tap.ioctl_int(libc::TUNSETPERSIST, 1, "TUNSETPERSIST")?;
+        let configured = tap.enslave(bridge_name).and_then(|socket| tap.bring_up(&socket));
+        if let Err(e) = configured {
+            let _ = tap.remove();
+            return Err(e);
+        }
+        Ok(tap)
+    }
+
+    /// Attaches to the existing tap `name` (one made by [`create`](Self::create)
+    /// or [`create_bridged`](Self::create_bridged)).
+    pub fn attach(name: impl AsRef<str>) -> Result<Tap, TapError> {
+        let name = name.as_ref();
         check_name(name)?;
         if !interface_exists(name) {
             return Err(TapError::Missing { name: name.to_string() });
@@ -145,13 +195,7 @@ impl Tap {
     /// Sets the host's address and netmask on the tap and brings it up (SIOCSIF* on a socket).
     fn configure(&self, host_ip: Ipv4Addr, prefix: u8) -> Result<(), TapError> {
         let err = |op| move |source| TapError::Ioctl { name: self.name.clone(), op, source };
-        // SAFETY: socket(2) with constant arguments; the fd is owned right after.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(err("socket")(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a fresh socket that nothing else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket = ioctl_socket().map_err(err("socket"))?;
         let name = check_name(&self.name)?;
         let sockaddr = |ip: Ipv4Addr| {
             let sin = libc::sockaddr_in {
@@ -174,7 +218,33 @@ impl Tap {
                 return Err(err(op)(std::io::Error::last_os_error()));
             }
         }
-        let mut req = ifreq(name);
+        self.bring_up(&socket)
+    }
+
+    /// Adds the tap to bridge `bridge` (SIOCBRADDIF on a socket); returns the socket for more ioctls.
+    fn enslave(&self, bridge: [libc::c_char; libc::IFNAMSIZ]) -> Result<OwnedFd, TapError> {
+        let err = |op| move |source| TapError::Ioctl { name: self.name.clone(), op, source };
+        let socket = ioctl_socket().map_err(err("socket"))?;
+        let mut req = ifreq(check_name(&self.name)?);
+        // SAFETY: SIOCGIFINDEX fills the ifreq's index.
+        if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) } < 0 {
+            return Err(err("SIOCGIFINDEX")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: the kernel just wrote the index member of the union.
+        let index = unsafe { req.ifr_ifru.ifru_ifindex };
+        let mut req = ifreq(bridge);
+        req.ifr_ifru.ifru_ifindex = index;
+        // SAFETY: SIOCBRADDIF reads an ifreq (the bridge's name, the port's index); `req` is one, alive for the call.
+        if unsafe { libc::ioctl(socket.as_raw_fd(), SIOCBRADDIF, &mut req) } < 0 {
+            return Err(err("SIOCBRADDIF")(std::io::Error::last_os_error()));
+        }
+        Ok(socket)
+    }
+
+    /// Sets IFF_UP on the tap (SIOCGIFFLAGS/SIOCSIFFLAGS on `socket`).
+    fn bring_up(&self, socket: &OwnedFd) -> Result<(), TapError> {
+        let err = |op| move |source| TapError::Ioctl { name: self.name.clone(), op, source };
+        let mut req = ifreq(check_name(&self.name)?);
         // SAFETY: SIOCGIFFLAGS fills the ifreq's flags.
         if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
             return Err(err("SIOCGIFFLAGS")(std::io::Error::last_os_error()));
