@@ -59,11 +59,30 @@ pub enum ProvisionError {
     OtherBridge { name: String, found: String, bridge: String },
 }
 
-/// A network guest's tap on this host, removed on drop if it was created here.
+/// A network guest's tap on this host, removed when the last of this
+/// process's users drops it, if this process made it.
 #[derive(Debug)]
 pub struct HostTap {
     name: String,
     created: bool,
+}
+
+/// The taps this process's machines use, by name. One agent may hold two
+/// copies of a VM at once (the copy that migrated out, not yet dropped, and
+/// the one that came back): the tap goes only when neither uses it, so the
+/// old copy's drop cannot take the tap from under the new one.
+static TAPS_IN_USE: std::sync::Mutex<std::collections::BTreeMap<String, TapUse>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+#[derive(Debug)]
+struct TapUse {
+    users: usize,
+    /// Made by this process: removed when its last user goes.
+    made_here: bool,
+}
+
+fn taps_in_use() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, TapUse>> {
+    TAPS_IN_USE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn network(ip: Ipv4Addr, prefix: u8) -> Ipv4Addr {
@@ -75,10 +94,19 @@ impl HostTap {
     /// without an address on its bridge; or takes the existing one if it has
     /// that address, or is on that bridge.
     pub fn ensure(backend: &NetBackend, host_ip: Ipv4Addr, prefix: u8) -> Result<HostTap, ProvisionError> {
-        match &backend.bridge {
+        // Held across the checks and the creation: a drop cannot remove the tap meanwhile.
+        let mut taps = taps_in_use();
+        let tap = match &backend.bridge {
             None => Self::ensure_routed(&backend.tap, host_ip, prefix),
             Some(bridge) => Self::ensure_bridged(&backend.tap, bridge),
+        }?;
+        match taps.get_mut(&tap.name) {
+            Some(used) => used.users += 1,
+            None => {
+                taps.insert(tap.name.clone(), TapUse { users: 1, made_here: tap.created });
+            }
         }
+        Ok(tap)
     }
 
     /// Makes tap `name` without an address on the existing bridge `bridge`,
@@ -142,19 +170,22 @@ impl HostTap {
         &self.name
     }
 
+    /// Whether this call made the tap.
     pub fn created(&self) -> bool {
         self.created
-    }
-
-    /// Keeps the tap after this is dropped (e.g. for a restore in another process).
-    pub fn keep(mut self) {
-        self.created = false;
     }
 }
 
 impl Drop for HostTap {
     fn drop(&mut self) {
-        if !self.created {
+        let mut taps = taps_in_use();
+        let Some(used) = taps.get_mut(&self.name) else { return };
+        used.users -= 1;
+        if used.users > 0 {
+            return;
+        }
+        let made_here = taps.remove(&self.name).is_some_and(|u| u.made_here);
+        if !made_here {
             return;
         }
         let removed = Tap::attach(&self.name).and_then(Tap::remove);
@@ -218,7 +249,12 @@ mod tests {
         let attached = Tap::attach(&name).unwrap();
         assert!(matches!(Tap::attach(&name), Err(TapError::Busy { .. })));
         drop(attached);
+        // A second user in this process (a VM that came back while its old copy
+        // is not yet dropped): the maker's drop leaves the tap to it.
+        let second = HostTap::ensure(&backend, host_ip, 24).unwrap();
         drop(tap);
+        assert!(interface_exists(&name), "the tap went while a user was left");
+        drop(second);
         assert!(!interface_exists(&name));
         assert!(matches!(Tap::attach(&name), Err(TapError::Missing { .. })));
     }
