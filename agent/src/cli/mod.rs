@@ -655,8 +655,8 @@ pub struct NetArgs {
     /// The tap's name.
     #[arg(long, default_value = "pcft-kv0")]
     pub tap: String,
-    /// --net bridge: the L2 bridge the tap joins (it must exist on every host
-    /// that runs the VM, under this name).
+    /// With `--net bridge`, the L2 bridge the tap joins (it must exist on
+    /// every host that runs the VM, under this name).
     #[arg(long, default_value = "pcft-br0")]
     pub bridge: String,
     /// The guest's IPv4 address.

@@ -177,14 +177,24 @@ pub fn unexpected(answer: ControlMessage) -> Failure {
 
 pub fn start(args: StartArgs) -> Result<(), Failure> {
     let config = machine_config(&args.workload)?;
+    // A network guest: where it will serve, once it has booted.
+    let serves = config.fixture.net.as_ref().map(|net| format!("{}:{}", net.ip, net.port));
     let start =
         ControlMessage::StartVm { name: args.name.clone(), config, tracking: args.workload.dirty_tracker.into() };
     match runtime().block_on(ask(&args.agent, start))? {
         ControlMessage::Ok => {
             if args.json {
-                println!("{}", serde_json::json!({ "vm": args.name, "agent": args.agent, "started": true }));
+                let line =
+                    serde_json::json!({ "vm": args.name, "agent": args.agent, "started": true, "address": serves });
+                println!("{line}");
             } else {
-                println!("started VM {} on {}", args.name, args.agent);
+                match &serves {
+                    Some(address) => println!(
+                        "started VM {} on {}; it serves on {address} once booted (a second or so)",
+                        args.name, args.agent
+                    ),
+                    None => println!("started VM {} on {}", args.name, args.agent),
+                }
             }
             Ok(())
         }

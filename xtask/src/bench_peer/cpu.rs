@@ -167,13 +167,15 @@ mod tests {
         let mut watch = CpuWatch::start(&[std::process::id()], ticks_per_second()).unwrap();
         let started = std::time::Instant::now();
         let mut x = 0u64;
-        while started.elapsed() < std::time::Duration::from_millis(100) {
+        while started.elapsed() < std::time::Duration::from_millis(200) {
             x = x.wrapping_mul(31).wrapping_add(7);
         }
         std::hint::black_box(x);
         watch.sample();
         let used = watch.finish().unwrap();
-        assert!(used[0].total_s >= 0.05, "{used:?}");
+        // 200 ms of spinning is at least 10 ms of CPU even on a machine busy with other work
+        // (a bar of half the wall time failed when the tests shared 2 cores with builds).
+        assert!(used[0].total_s >= 0.01, "{used:?}");
         assert_eq!(used[0].vcpu_s, 0.0);
     }
 }
