@@ -382,10 +382,16 @@ fn no_acknowledged_write_is_lost_when_the_destination_dies_mid_postcopy() {
     let writes = std::mem::take(&mut *writes.lock().unwrap());
     let during = writes.acked.values().filter(|(_, at)| *at >= migrate_start && *at < migrate_end).count();
     let after = writes.acked.values().filter(|(_, at)| *at >= migrate_end).count();
+    // The longest the client waited for an answer: downtime as a user sees it
+    // (output commit's delay, the failure's detection and the failover).
+    let mut times: Vec<Duration> = writes.acked.values().map(|(_, at)| *at).collect();
+    times.sort_unstable();
+    let max_gap = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
     let story = format!(
-        "{} writes acknowledged ({during} while the migration ran, {after} after it); writer: {}; in flight: {:?}; \
-         restored epoch {restored_epoch}; migration {:?}..{:?} after the start",
+        "{} writes acknowledged ({during} while the migration ran, {after} after it); longest reply gap {} ms; \
+         writer: {}; in flight: {:?}; restored epoch {restored_epoch}; migration {:?}..{:?} after the start",
         writes.acked.len(),
+        max_gap.as_millis(),
         writes.broke.as_deref().unwrap_or("ran until stopped"),
         writes.in_flight,
         migrate_start,
