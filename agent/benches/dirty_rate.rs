@@ -46,7 +46,7 @@ fn config(steps: u64) -> MachineConfig {
     fixture.pattern = DirtyPattern::Random;
     fixture.steps = steps;
     fixture.record_every = steps;
-    MachineConfig { mem_bytes, slot_bytes: 128 << 20, fixture, dirty_rate: None, tap: None }
+    MachineConfig { mem_bytes, slot_bytes: 128 << 20, fixture, dirty_rate: None, net: None }
 }
 
 /// Boots, runs the guest to its end with `setup`, and verifies it; `None` if

@@ -156,7 +156,7 @@ pub fn machine_config() -> MachineConfig {
         slot_bytes: 2 << 20,
         fixture: FixtureParams::new(FixtureKind::Ledger, 1, 8),
         dirty_rate: None,
-        tap: None,
+        net: None,
     }
 }
 

@@ -51,7 +51,7 @@ fn ledger(mem_mib: u64, steps: u64) -> MachineConfig {
 fn ledger_over(mem_mib: u64, ws_pages: u64, steps: u64) -> MachineConfig {
     let mem_bytes = mem_mib << 20;
     let fixture = FixtureParams { steps, ..FixtureParams::new(FixtureKind::Ledger, 2, ws_pages) };
-    MachineConfig { mem_bytes, slot_bytes: mem_bytes.min(16 << 20), fixture, dirty_rate: None, tap: None }
+    MachineConfig { mem_bytes, slot_bytes: mem_bytes.min(16 << 20), fixture, dirty_rate: None, net: None }
 }
 
 /// Boots the VM and runs it, as `pcft vm start` does at an agent.

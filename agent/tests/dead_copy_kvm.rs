@@ -18,7 +18,7 @@ fn config(vcpus: u64) -> MachineConfig {
     let mem_bytes = 8 << 20;
     let ws_pages = (mem_bytes - vm_fixtures::abi::WORKING_SET_GPA) / 4096;
     let fixture = FixtureParams { steps: 50_000_000, ..FixtureParams::new(FixtureKind::Ledger, vcpus, ws_pages) };
-    MachineConfig { mem_bytes, slot_bytes: 4 << 20, fixture, dirty_rate: None, tap: None }
+    MachineConfig { mem_bytes, slot_bytes: 4 << 20, fixture, dirty_rate: None, net: None }
 }
 
 #[test]

@@ -79,8 +79,8 @@ impl Reporter {
     pub fn serving(&self, config: &pcft_agent::vmm::machine::MachineConfig, ms: u128) {
         let Some(net) = &config.fixture.net else { return };
         let address = format!("{}:{}", net.ip, net.port);
-        let tap = config.tap.as_ref().map_or("none", |b| b.tap.as_str());
-        let bridge = config.tap.as_ref().and_then(|b| b.bridge.as_deref());
+        let tap = config.net.as_ref().map_or("none", |b| b.tap.as_str());
+        let bridge = config.net.as_ref().and_then(|b| b.bridge.as_deref());
         // Bridged, the gateway is somewhere on the bridge's network, not necessarily this host.
         let host = match bridge {
             Some(bridge) => format!("on bridge {bridge}, gateway {}/{}", net.gateway, net.prefix),

@@ -74,15 +74,11 @@ pub fn machine_config(args: &WorkloadArgs) -> Result<MachineConfig, Failure> {
         Pattern::HotCold => DirtyPattern::HotCold { hot_pages: args.hot_pages, hot_permille: args.hot_permille },
     };
     let net = &args.net;
-    let tap = match net.net {
+    let backend = match net.net {
         Some(how @ (NetArg::Tap | NetArg::Bridge)) => {
             let mut guest = GuestNet::new(net.guest_ip, net.host_ip, net.prefix);
             guest.max_bytes = parse_size(&net.store_size).map_err(usage)?;
             fixture.net = Some(guest);
-            if kind.is_network_service() && args.vcpus == 1 {
-                // The kv guest serves until stopped.
-                fixture.steps = u64::MAX;
-            }
             Some(match how {
                 NetArg::Bridge => NetBackend::bridged(&net.tap, &net.bridge),
                 NetArg::Tap => NetBackend::routed(&net.tap),
@@ -104,7 +100,7 @@ pub fn machine_config(args: &WorkloadArgs) -> Result<MachineConfig, Failure> {
             "--rate must be at least 1 page per second; leave it out to write as fast as the guest can"
         )));
     }
-    Ok(MachineConfig { mem_bytes, slot_bytes, fixture, dirty_rate: args.rate, tap })
+    Ok(MachineConfig { mem_bytes, slot_bytes, fixture, dirty_rate: args.rate, net: backend })
 }
 
 /// Checks `--snapshot-out` before anything runs: it needs a point to take

@@ -327,13 +327,13 @@ impl Machine {
         state: Option<NetDeviceState>,
     ) -> Result<Option<(Arc<Mutex<NetDevice>>, HostTap)>, MachineError> {
         let fixture = config.fixture.kind.name();
-        match (&config.tap, &config.fixture.net) {
+        match (&config.net, &config.fixture.net) {
             (None, None) => Ok(None),
             (None, Some(_)) => Err(MachineError::NoTap { fixture }),
             (Some(_), None) => Err(MachineError::TapNotServed { fixture }),
-            (Some(name), Some(guest)) => {
-                let host_tap = HostTap::ensure(name, guest.gateway, guest.prefix)?;
-                let tap = Tap::attach(name)?;
+            (Some(backend), Some(guest)) => {
+                let host_tap = HostTap::ensure(backend, guest.gateway, guest.prefix)?;
+                let tap = Tap::attach(&backend.tap)?;
                 let state = state.unwrap_or_else(|| NetDeviceState::new(guest.mac));
                 let device = NetDevice::new(state, Box::new(tap), Arc::clone(memory));
                 Ok(Some((Arc::new(Mutex::new(device)), host_tap)))
@@ -686,7 +686,7 @@ pub(crate) mod tests {
         let mem_bytes = 8 << 20;
         let ws_pages = (mem_bytes - vm_fixtures::abi::WORKING_SET_GPA) / 4096;
         let fixture = FixtureParams { steps, ..FixtureParams::new(kind, vcpus, ws_pages) };
-        MachineConfig { mem_bytes, slot_bytes: 4 << 20, fixture, dirty_rate: None, tap: None }
+        MachineConfig { mem_bytes, slot_bytes: 4 << 20, fixture, dirty_rate: None, net: None }
     }
 
     /// A second copy of a 2-vCPU ledger guest that ran 50 ms, prepared under a
@@ -800,7 +800,7 @@ pub(crate) mod tests {
         fixture.pattern = vm_fixtures::DirtyPattern::Sequential;
         fixture.steps = pages;
         fixture.record_every = pages;
-        MachineConfig { mem_bytes, slot_bytes: 128 << 20, fixture, dirty_rate: None, tap: None }
+        MachineConfig { mem_bytes, slot_bytes: 128 << 20, fixture, dirty_rate: None, net: None }
     }
 
     /// Runs the `dirty` fixture writing `pages` pages once each, in order, and

@@ -22,7 +22,7 @@ pub struct MachineConfig {
     /// it sits on (if it does). Each host that runs the VM makes its own tap
     /// of that name (on its own bridge of that name), or takes the one it has.
     #[serde(default)]
-    pub tap: Option<NetBackend>,
+    pub net: Option<NetBackend>,
 }
 
 impl MachineConfig {
