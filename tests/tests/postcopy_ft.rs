@@ -184,3 +184,21 @@ fn a_recovered_vm_keeps_its_dirty_tracker_and_live_dirty_rate() {
     assert_eq!(status["vms"][0]["phase"], "running", "{status}");
     assert_eq!(status["vms"][0]["dirty_tracker"], "ring", "{status}");
 }
+
+#[test]
+fn a_failover_re_releases_only_what_the_destination_could_not_report() {
+    // The destination's heartbeats (every 20 ms) say how far it has released;
+    // the recovered source releases only past that. Duplicates remain only of
+    // what went out there after its last heartbeat that got through: at most
+    // about one acked epoch's records, not all that the destination released.
+    for at in ["1000ms", "1500ms"] {
+        let report = ft_demo(at);
+        recovered(&report);
+        let what = report.to_string();
+        let duplicates = report["duplicate_released_outputs"].as_u64().unwrap();
+        assert_eq!(report["duplicate_released_outputs_in_window"].as_u64().unwrap(), duplicates, "{what}");
+        let by_destination = report["destination_released_outputs"].as_u64().unwrap();
+        assert!(by_destination >= 8, "the destination released output before it died: {what}");
+        assert!(duplicates * 4 <= by_destination, "far fewer duplicates than the destination's releases: {what}");
+    }
+}
