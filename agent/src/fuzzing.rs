@@ -263,7 +263,7 @@ pub fn sample_message(src: &mut impl Source) -> AnyMessage {
             state: sample_state(src, machine_config()).to_bytes(),
         }),
         5 => Migration(MigrationMessage::CheckpointAck { epoch: src.below(4) }),
-        6 => Migration(MigrationMessage::Heartbeat { seq: src.next_u64() }),
+        6 => Migration(MigrationMessage::Heartbeat { seq: src.next_u64(), released: src.next_u64() }),
         7 => Migration(MigrationMessage::HeartbeatAck { seq: src.next_u64() }),
         8 => Greet(Greeting::Hello {
             role: match src.below(3) {
@@ -831,7 +831,10 @@ impl CheckpointStream {
                 pages += batch.len() as u64;
                 stream.frames.push(encode_pages(&batch));
                 if src.one_in(3) {
-                    stream.frames.push(encode_message(&MigrationMessage::Heartbeat { seq: src.next_u64() }));
+                    stream.frames.push(encode_message(&MigrationMessage::Heartbeat {
+                        seq: src.next_u64(),
+                        released: src.below(1 << 20),
+                    }));
                 }
             }
             let state = sample_state(src, machine_config()).to_bytes();

@@ -437,7 +437,9 @@ async fn a_postcopy_ft_cancel_after_the_commit_fails_over_once_the_lease_is_out(
     // At once: not at the end of post-copy (the hand-over refuses a cancel that came first, too).
     let outcome =
         tokio::time::timeout(Duration::from_secs(2), migration).await.expect("the source lets go at once").unwrap();
-    let Ok(MigrationOutcome::DestinationLost { report, committed, detected_at, fenced_at }) = outcome else {
+    let Ok(MigrationOutcome::DestinationLost { report, committed, detected_at, fenced_at, destination_released }) =
+        outcome
+    else {
         panic!("expected a deliberate failover, got {:?}", outcome.err());
     };
     assert!(report.cancelled, "the report says the operator asked for it");
@@ -446,6 +448,8 @@ async fn a_postcopy_ft_cancel_after_the_commit_fails_over_once_the_lease_is_out(
     assert_eq!(failure.kind, "cancelled");
     assert!(failure.reason.contains("operator cancelled"), "{}", failure.reason);
     assert!(committed.epoch >= 2, "the last committed checkpoint (epoch {})", committed.epoch);
+    // The destination's heartbeats said how far it released: only committed output.
+    assert!(destination_released <= committed.state.devices.output_log.len() as u64);
     assert!(detected_at >= asked);
     // The destination is alive: the source waits out the lease it last renewed, not less.
     assert!(fenced_at > detected_at, "no lease wait after a cancel");
@@ -463,7 +467,8 @@ async fn a_postcopy_ft_cancel_after_the_commit_fails_over_once_the_lease_is_out(
     assert!(error.fenced_here(), "the destination's copy is stopped for good: {error}");
     let destination_runs = at_destination.expect("the VM ran at the destination").run_log();
 
-    let failover = Failover { vm: "cancel", runner, committed, fenced_at, sink: OutputSink::log_only("source") };
+    let sink = OutputSink::log_only("source");
+    let failover = Failover { vm: "cancel", runner, committed, fenced_at, sink, destination_released };
     let (restored, failed_over) = restore_at_source(failover, || DirtyTracking::Bitmap).await.expect("failover");
     assert!(Instant::now() >= fenced_at, "restored only once the lease is out");
     assert!(failed_over.restored_epoch >= 2);

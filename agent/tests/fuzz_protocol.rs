@@ -167,7 +167,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let frames = vec![
         encode_message(&ControlMessage::Ping),
         encode_pages(&batch),
-        encode_message(&MigrationMessage::Heartbeat { seq: 7 }),
+        encode_message(&MigrationMessage::Heartbeat { seq: 7, released: 40 }),
         commit(1, 5, 1),
     ];
     let mut too_large = encode_message(&ControlMessage::Ping);
@@ -179,7 +179,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         one(0x1000, page(0xa1)),
         one(0x2000, PageData::Zero),
         commit(1, 2, 1),
-        encode_message(&MigrationMessage::Heartbeat { seq: 1 }),
+        encode_message(&MigrationMessage::Heartbeat { seq: 1, released: 0 }),
         one(0x1000, page(0xa2)),
         commit(2, 1, 2),
         one(0xf000, page(0xa3)),

@@ -184,3 +184,23 @@ fn a_recovered_vm_keeps_its_dirty_tracker_and_live_dirty_rate() {
     assert_eq!(status["vms"][0]["phase"], "running", "{status}");
     assert_eq!(status["vms"][0]["dirty_tracker"], "ring", "{status}");
 }
+
+#[test]
+fn a_failover_re_releases_only_what_the_destination_could_not_report() {
+    // The destination's heartbeats (every 20 ms) say how far it has released;
+    // the recovered source releases only past that. Duplicates remain only of
+    // what went out there after its last heartbeat that got through: at most
+    // about one acked epoch's records, not all that the destination released
+    // (which, before, all went out again). At the end of post-copy (the push
+    // paces it, so however loaded the host) the destination has released much.
+    for kind in ["crash", "freeze"] {
+        let report = ft_demo_kind("after-last-page", kind);
+        recovered(&report);
+        let what = report.to_string();
+        let duplicates = report["duplicate_released_outputs"].as_u64().unwrap();
+        assert_eq!(report["duplicate_released_outputs_in_window"].as_u64().unwrap(), duplicates, "{what}");
+        let by_destination = report["destination_released_outputs"].as_u64().unwrap();
+        assert!(by_destination >= 8, "the destination released output before it died: {what}");
+        assert!(duplicates * 4 <= by_destination, "far fewer duplicates than the destination's releases: {what}");
+    }
+}

@@ -177,7 +177,9 @@ fn run_once(pcft: &Path, plan: &Plan) -> Value {
 /// What went wrong in a run (nothing: it held): not verified, output lost,
 /// (but for a crash, which leaves nothing to fence) the destination not fenced
 /// though the source recovered, the two copies in the guest at once, or not
-/// exactly one copy at the end (unless the failure is `finish-unconfirmed`).
+/// exactly one copy at the end (unless the failure is `finish-unconfirmed`),
+/// or a duplicate outside a failover's window (a record the source knew had
+/// gone out, released again).
 fn violations(kind: &str, report: &Value) -> Vec<String> {
     if report.get("verified").is_none() {
         return vec![report["error"].as_str().unwrap_or("no report").to_string()];
@@ -188,6 +190,14 @@ fn violations(kind: &str, report: &Value) -> Vec<String> {
     }
     if report["lost_released_outputs"] != 0 {
         wrong.push(format!("{} released outputs lost or contradicted", report["lost_released_outputs"]));
+    }
+    let duplicates = report["duplicate_released_outputs"].as_u64().unwrap_or(0);
+    let in_window = report["duplicate_released_outputs_in_window"].as_u64().unwrap_or(0);
+    if duplicates > in_window {
+        wrong.push(format!(
+            "{} duplicate released outputs outside the failover's window (released again though known to have gone out)",
+            duplicates - in_window
+        ));
     }
     if kind != "crash" && report["recovered"] == true && report["destination_fenced"] != true {
         wrong.push("the destination's copy ran again after the failover (not fenced)".into());
@@ -308,12 +318,14 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
          `--checkpoint-timeout {STALL_CHECKPOINT_TIMEOUT_MS}`; reset on a random side of {RESET_SIDES:?}). \
          Lossy, slow-source and slow-disk may complete (slowly) or fail over. \
          `held`: the guest verified against its oracle wherever it finished, no released output lost or \
-         contradicted, for every kind but crash the destination fenced if the source recovered the VM, \
+         contradicted, no duplicate but of a failover's window, for every kind but crash the destination fenced if the source recovered the VM, \
          the two copies never in the guest at once (from both agents' KVM_RUN run logs) and exactly one \
          copy at the end. `overlap`: the longest time, in ms, that the two copies of a run were in the \
-         guest at once (must be 0).\n\n\
-         | failure | runs | completed | recovered at the source | held | overlap ms | released outputs | lost | duplicates | degradation |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+         guest at once (must be 0). `duplicates`: records the outside got twice, and of them \
+         `in window`: released by the destination after its last heartbeat that reached the source (which \
+         so could not know) and again by the recovered source.\n\n\
+         | failure | runs | completed | recovered at the source | held | overlap ms | released outputs | lost | duplicates | in window | degradation |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
     );
     let label = |kind: &'static str| match kind {
         "crash" => "crash (SIGKILL)",
@@ -335,7 +347,7 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
         let sum = |field: &str| of_kind.iter().filter_map(|r| r["report"][field].as_u64()).sum::<u64>();
         let overlap = of_kind.iter().filter_map(|r| r["copies_overlap_ms"].as_f64()).reduce(f64::max);
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             label(kind),
             of_kind.len(),
             count(&|r| r["outcome"] == "completed"),
@@ -345,6 +357,7 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
             sum("released_outputs"),
             sum("lost_released_outputs"),
             sum("duplicate_released_outputs"),
+            sum("duplicate_released_outputs_in_window"),
             mechanisms(&of_kind),
         ));
     }

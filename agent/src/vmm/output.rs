@@ -8,7 +8,8 @@
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::net::TcpStream;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use vm_fixtures::OutputRecord;
 
 /// One released record, as the outside sees it.
@@ -28,12 +29,38 @@ impl ReleasedRecord {
     }
 }
 
+/// How far a VM's released output has gone out: the output-log length up to
+/// which its records were written to the sink's connection (or, without one,
+/// logged). The sink's writer moves it on after each write, so it never counts
+/// a record still queued in this process: a destination that dies with records
+/// queued must not tell the source they went out (PostCopyFT's heartbeat).
+#[derive(Clone, Debug, Default)]
+pub struct WrittenMark(Arc<AtomicU64>);
+
+impl WrittenMark {
+    pub fn new(upto: u64) -> Self {
+        WrittenMark(Arc::new(AtomicU64::new(upto)))
+    }
+
+    /// Records of the output log written out so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn reached(&self, upto: u64) {
+        self.0.fetch_max(upto, Ordering::AcqRel);
+    }
+}
+
+/// A line for the writer, and the mark it moves once written.
+type Line = (String, Option<(WrittenMark, u64)>);
+
 /// A handle on the agent's output sink; cheap to clone. Without an address,
 /// released records only go to the log.
 #[derive(Clone)]
 pub struct OutputSink {
     agent: String,
-    lines: Option<mpsc::Sender<String>>,
+    lines: Option<mpsc::Sender<Line>>,
 }
 
 impl OutputSink {
@@ -45,11 +72,11 @@ impl OutputSink {
     /// Records go to the TCP listener at `addr`, from a writer thread of their own
     /// (it connects on the first record, and again after an error).
     pub fn tcp(agent: &str, addr: &str) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<String>();
+        let (tx, rx) = mpsc::channel::<Line>();
         let addr = addr.to_string();
         std::thread::Builder::new().name("output-sink".into()).spawn(move || {
             let mut stream: Option<TcpStream> = None;
-            for line in rx {
+            for (line, mark) in rx {
                 if stream.is_none() {
                     match TcpStream::connect(&addr) {
                         Ok(s) => stream = Some(s),
@@ -59,9 +86,17 @@ impl OutputSink {
                         }
                     }
                 }
-                if let Some(Err(e)) = stream.as_mut().map(|s| s.write_all(line.as_bytes())) {
-                    tracing::error!(%addr, "output sink write failed, a record is not released: {e}");
-                    stream = None;
+                match stream.as_mut().map(|s| s.write_all(line.as_bytes())) {
+                    Some(Err(e)) => {
+                        tracing::error!(%addr, "output sink write failed, a record is not released: {e}");
+                        stream = None;
+                    }
+                    Some(Ok(())) => {
+                        if let Some((mark, upto)) = mark {
+                            mark.reached(upto);
+                        }
+                    }
+                    None => {}
                 }
             }
         })?;
@@ -70,6 +105,16 @@ impl OutputSink {
 
     /// Sends `record` of VM `vm` to the outside.
     pub fn release(&self, vm: &str, record: &OutputRecord) {
+        self.send(vm, record, None);
+    }
+
+    /// Sends `record` of VM `vm` to the outside; once it is written, `mark`
+    /// reaches `upto` (the record's index in the output log, plus one).
+    pub fn release_marked(&self, vm: &str, record: &OutputRecord, mark: &WrittenMark, upto: u64) {
+        self.send(vm, record, Some((mark.clone(), upto)));
+    }
+
+    fn send(&self, vm: &str, record: &OutputRecord, mark: Option<(WrittenMark, u64)>) {
         tracing::debug!(
             vm,
             vcpu = record.vcpu,
@@ -87,7 +132,9 @@ impl OutputSink {
             };
             let mut line = serde_json::to_string(&released).expect("a record always encodes");
             line.push('\n');
-            let _ = lines.send(line);
+            let _ = lines.send((line, mark));
+        } else if let Some((mark, upto)) = mark {
+            mark.reached(upto);
         }
     }
 }

@@ -7,7 +7,7 @@
 use crate::metrics::VmInstance;
 use crate::vmm::machine::{Machine, MachineError, MachineEvent, MachineState, Verified, VerifyError};
 use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
-use crate::vmm::output::OutputSink;
+use crate::vmm::output::{OutputSink, WrittenMark};
 use crate::vmm::run_log::RunLog;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -102,6 +102,8 @@ pub struct VmRunner {
     /// The vCPU threads' kernel ids, by vCPU.
     vcpu_threads: Vec<u32>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// How far the released records have been written out.
+    written: WrittenMark,
 }
 
 /// How often the runner looks at vCPU events while no command comes.
@@ -123,18 +125,36 @@ impl VmRunner {
         let run_log = machine.run_log();
         let vcpu_threads = machine.vcpu_threads();
         let thread_status = Arc::clone(&status);
+        let written = WrittenMark::new(outputs.released as u64);
+        let thread_written = written.clone();
         let vm = crate::metrics::get().vm_instance(name);
         if outputs.hold {
             machine.hold_net_output();
         }
         let thread = std::thread::Builder::new()
             .name(format!("vm-{name}"))
-            .spawn(move || run(&vm, machine, rx, &thread_status, outputs))?;
-        Ok(VmRunner { name: name.to_string(), commands, status, memory, run_log, vcpu_threads, thread: Some(thread) })
+            .spawn(move || run(&vm, machine, rx, &thread_status, (outputs, thread_written)))?;
+        Ok(VmRunner {
+            name: name.to_string(),
+            commands,
+            status,
+            memory,
+            run_log,
+            vcpu_threads,
+            thread: Some(thread),
+            written,
+        })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Records of the output log released and written out to the output
+    /// sink (`RunnerStatus::released` counts those handed to it, which a
+    /// process that dies may not have written yet).
+    pub fn written_out(&self) -> u64 {
+        self.written.get()
     }
 
     pub fn status(&self) -> RunnerStatus {
@@ -216,13 +236,17 @@ fn checkpoint(machine: &mut Machine, epoch: u64) -> Result<CheckpointCapture, Ma
     Ok(CheckpointCapture { dirty, data, state, pause: paused_at.elapsed() })
 }
 
+/// The runner thread's output gate, and how far its released records were written out.
+type Gate = (OutputGate, WrittenMark);
+
 /// Releases the output log's records from `gate.released` up to `upto` (capped at the log).
-fn release(name: &str, machine: &Machine, gate: &mut OutputGate, upto: usize, status: &Mutex<RunnerStatus>) {
+fn release(name: &str, machine: &Machine, gate: &mut Gate, upto: usize, status: &Mutex<RunnerStatus>) {
+    let (gate, written) = (&mut gate.0, &gate.1);
     let log = &machine.devices().output_log;
     let upto = upto.min(log.len());
     let records = log.get(gate.released..upto).unwrap_or_default();
-    for record in records {
-        gate.sink.release(name, record);
+    for (i, record) in records.iter().enumerate() {
+        gate.sink.release_marked(name, record, written, (gate.released + i + 1) as u64);
     }
     let m = crate::metrics::get();
     m.vm(&m.output_released, name, records.len() as u64);
@@ -288,7 +312,7 @@ fn run(
     mut machine: Machine,
     commands: mpsc::Receiver<Command>,
     status: &Mutex<RunnerStatus>,
-    mut gate: OutputGate,
+    mut gate: Gate,
 ) {
     let mut last_sample = Instant::now();
     loop {
@@ -308,7 +332,7 @@ fn run(
 }
 
 /// Carries out one command from the async side.
-fn obey(vm: &VmInstance, machine: &mut Machine, command: Command, status: &Mutex<RunnerStatus>, gate: &mut OutputGate) {
+fn obey(vm: &VmInstance, machine: &mut Machine, command: Command, status: &Mutex<RunnerStatus>, gate: &mut Gate) {
     let metrics = crate::metrics::get();
     match command {
         Command::Pause(r) => {
@@ -340,7 +364,7 @@ fn obey(vm: &VmInstance, machine: &mut Machine, command: Command, status: &Mutex
         }
         Command::Release(upto) => {
             if upto.is_none() {
-                gate.hold = false;
+                gate.0.hold = false;
             }
             release(vm.vm(), machine, gate, upto.map_or(usize::MAX, |m| m.records), status);
             release_frames(vm, machine, upto.map(|m| m.frames));
@@ -349,12 +373,12 @@ fn obey(vm: &VmInstance, machine: &mut Machine, command: Command, status: &Mutex
 }
 
 /// Absorbs what the vCPUs reported: output records reach the outside here.
-fn absorb_events(name: &str, machine: &mut Machine, status: &Mutex<RunnerStatus>, gate: &mut OutputGate) {
+fn absorb_events(name: &str, machine: &mut Machine, status: &Mutex<RunnerStatus>, gate: &mut Gate) {
     loop {
         match machine.next_event(Duration::ZERO) {
             Ok(Some(MachineEvent::Output(_))) => {
                 status.lock().expect("runner status lock").records += 1;
-                if !gate.hold {
+                if !gate.0.hold {
                     release(name, machine, gate, usize::MAX, status);
                 }
             }

@@ -20,7 +20,8 @@ pub const CONTROL_VERSION: u16 = 10;
 /// batches. Bump it when they or the payload types they carry change
 /// (9: tagged page batches carry no CRC-32C, data first; `Begin` names the
 /// demand channel, `AllSent` says what it carried; 10: the machine state
-/// carries the virtio-net device and the tap of a network guest).
+/// carries the virtio-net device and the tap of a network guest, and
+/// `Heartbeat` says how many output records the destination has released).
 pub const MIGRATION_VERSION: u16 = 10;
 
 /// One of the sets of messages that frames carry.

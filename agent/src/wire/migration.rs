@@ -80,9 +80,13 @@ pub enum MigrationMessage {
     CheckpointAck {
         epoch: u64,
     },
-    /// Destination → source, PostCopyFT: still here.
+    /// Destination → source, PostCopyFT: still here, and how far the
+    /// destination has released the guest's output: `released` records of the
+    /// output log have gone out (written to its output sink). After a failover
+    /// the source re-releases only the committed records past it.
     Heartbeat {
         seq: u64,
+        released: u64,
     },
     /// Source → destination: heartbeat `seq` arrived; renews the destination's lease.
     HeartbeatAck {

@@ -138,9 +138,16 @@ impl Daemon {
         count_migration(name, mode, &result);
         let (name, to) = (name.to_string(), to.to_string());
         match result {
-            Ok(MigrationOutcome::DestinationLost { mut report, committed, detected_at, fenced_at }) => {
+            Ok(MigrationOutcome::DestinationLost {
+                mut report,
+                committed,
+                detected_at,
+                fenced_at,
+                destination_released,
+            }) => {
                 let epoch = committed.epoch;
-                let failover = Failover { vm: &name, runner, committed, fenced_at, sink: self.sink.clone() };
+                let failover =
+                    Failover { vm: &name, runner, committed, fenced_at, sink: self.sink.clone(), destination_released };
                 match self.fail_over(failover).await {
                     Ok(failover) => {
                         let failover_ms = detected_at.elapsed().as_secs_f64() * 1e3;

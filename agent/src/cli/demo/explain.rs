@@ -31,16 +31,22 @@ pub fn restored_why(fail_at: &FailAt, restored: u64) -> Option<String> {
     Some(format!("why this checkpoint: {hit}; {restored_text}"))
 }
 
-/// The outside world's duplicates, and what they are.
-pub fn duplicates_note(duplicates: usize, recovered: bool) -> String {
+/// The outside world's duplicates (`in_window` of them the failover's
+/// window: see `OutputAudit::duplicates_in_window`), and what they are.
+pub fn duplicates_note(duplicates: usize, in_window: usize, recovered: bool) -> String {
+    let outside = match duplicates - in_window.min(duplicates) {
+        0 => String::new(),
+        n => format!(" ({n} of them NOT records the destination released last)"),
+    };
     match (duplicates, recovered) {
         (0, _) => "no duplicates".into(),
         (n, true) => format!(
-            "{n} duplicates: guest output is at-least-once across a failover; records of committed checkpoints that \
-             the destination had already released went out again from the VM restored at the source, so the \
-             outside saw them twice, and none were lost"
+            "{n} duplicates{outside}: guest output is at-least-once across a failover; the destination's \
+             heartbeats say how far it has released, and the VM restored at the source released again only \
+             records the destination released after its last heartbeat that got through, so the outside saw \
+             those twice (each carries its vCPU and step for the receiver to drop a repeat), and none were lost"
         ),
-        (n, false) => format!("{n} duplicates"),
+        (n, false) => format!("{n} duplicates{outside}"),
     }
 }
 
@@ -82,10 +88,12 @@ mod tests {
 
     #[test]
     fn duplicates_say_that_output_is_at_least_once() {
-        let note = duplicates_note(4, true);
+        let note = duplicates_note(4, 4, true);
         assert!(note.starts_with("4 duplicates: guest output is at-least-once across a failover"), "{note}");
         assert!(note.contains("none were lost"), "{note}");
-        assert_eq!(duplicates_note(0, true), "no duplicates");
+        assert_eq!(duplicates_note(0, 0, true), "no duplicates");
+        let note = duplicates_note(4, 3, true);
+        assert!(note.starts_with("4 duplicates (1 of them NOT records the destination released last)"), "{note}");
     }
 
     #[test]

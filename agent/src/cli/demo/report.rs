@@ -138,7 +138,9 @@ impl<'a> DemoReport<'a> {
             "failover_ms": report.failover.as_ref().map(|f| f.failover_ms),
             "restored_epoch": report.failover.as_ref().map(|f| f.restored_epoch),
             "released_outputs": outputs.released,
+            "destination_released_outputs": outputs.by_destination,
             "duplicate_released_outputs": outputs.duplicates,
+            "duplicate_released_outputs_in_window": outputs.duplicates_in_window,
             "lost_released_outputs": outputs.lost,
             "never_released_outputs": outputs.never_released,
             "fail_kind": plan.fault.kind.name(),
@@ -181,7 +183,7 @@ impl<'a> DemoReport<'a> {
             outputs.released,
             outputs.lost,
             outputs.never_released,
-            explain::duplicates_note(outputs.duplicates, self.recovered())
+            explain::duplicates_note(outputs.duplicates, outputs.duplicates_in_window, self.recovered())
         );
         if self.plan.fault.partition {
             println!("{}", explain::partition_line(fail_at, self.recovered()));

@@ -92,8 +92,9 @@ impl FtDestination {
             .in_current_span(),
         );
         let beat = Duration::from_millis(options.heartbeat_interval_ms.max(1));
-        let heartbeats =
-            tokio::spawn(heartbeats(out, Arc::clone(&lease), Arc::clone(&fence), beat, stops).in_current_span());
+        let heartbeats = tokio::spawn(
+            heartbeats(out, Arc::clone(&runner), Arc::clone(&lease), Arc::clone(&fence), beat, stops).in_current_span(),
+        );
         FtDestination { lease, fence, runner, unacked, acked: 0, acked_tx, checkpointer, heartbeats, pause_max_us }
     }
 
@@ -152,11 +153,13 @@ impl Drop for FtDestination {
     }
 }
 
-/// Heartbeats to the source, and the lease check: when the lease runs out (or
-/// the fence tripped on its own, at the deadline) the VM must stop here for
-/// good and the source be told; no heartbeat goes out after that.
+/// Heartbeats to the source, each saying how far the output has gone out
+/// here, and the lease check: when the lease runs out (or the fence tripped
+/// on its own, at the deadline) the VM must stop here for good and the source
+/// be told; no heartbeat goes out after that.
 async fn heartbeats(
     out: ReturnPath,
+    runner: Arc<VmRunner>,
     lease: Arc<Mutex<Lease>>,
     fence: Arc<Fence>,
     every: Duration,
@@ -175,7 +178,9 @@ async fn heartbeats(
             let _ = stops.send(FtStop::LeaseExpired);
             return;
         }
-        if out.message(&MigrationMessage::Heartbeat { seq }).is_err() {
+        // Written out, not merely handed to the sink: the source re-releases none of these after a failover.
+        let released = runner.written_out();
+        if out.message(&MigrationMessage::Heartbeat { seq, released }).is_err() {
             return;
         }
     }

@@ -4,7 +4,7 @@
 //! does (the argument, with its assumptions in numbers, is in
 //! docs/architecture.md, "Fencing: the lease argument").
 //!
-//! The destination sends `Heartbeat { seq }` and the source answers each with
+//! The destination sends `Heartbeat { seq, .. }` and the source answers each with
 //! `HeartbeatAck { seq }`. An ack extends the lease to the *send* time of the
 //! heartbeat it answers plus the lease length. The source sent the ack after
 //! that send time, so if the source waits the lease length (plus a margin for

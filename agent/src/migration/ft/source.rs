@@ -74,6 +74,8 @@ pub struct FtSource {
     credit_owed: u64,
     /// The last epoch the stager committed.
     committed_epoch: u64,
+    /// The most output records the destination said (in a heartbeat) it had released.
+    destination_released: u64,
 }
 
 impl FtSource {
@@ -89,6 +91,7 @@ impl FtSource {
             checkpoint_progress: go_at,
             credit_owed: 0,
             committed_epoch: 0,
+            destination_released: 0,
         };
         (ft, inbox)
     }
@@ -141,6 +144,11 @@ impl FtSource {
         self.timeouts.heartbeat
     }
 
+    /// A heartbeat said the destination had released `released` records of the output log.
+    pub fn heard_released(&mut self, released: u64) {
+        self.destination_released = self.destination_released.max(released);
+    }
+
     /// The source renewed the destination's lease at `now` (a heartbeat ack went out).
     pub fn renewed(&mut self, now: Instant) {
         self.last_renewal = now;
@@ -164,8 +172,14 @@ impl FtSource {
     /// Ends PostCopyFT's side: whatever arrived before the end is handled (a
     /// whole last epoch too), then the store is final.
     pub async fn finish(self) -> FtEnd {
-        let FtSource { stager, timeouts, last_renewal, checkpoint_progress, .. } = self;
-        FtEnd { store: stager.stop().await, lease: timeouts.heartbeat, last_renewal, checkpoint_progress }
+        let FtSource { stager, timeouts, last_renewal, checkpoint_progress, destination_released, .. } = self;
+        FtEnd {
+            store: stager.stop().await,
+            lease: timeouts.heartbeat,
+            last_renewal,
+            checkpoint_progress,
+            destination_released,
+        }
     }
 }
 
@@ -176,6 +190,9 @@ pub struct FtEnd {
     last_renewal: Instant,
     /// When the stager last handled a checkpoint frame or the source last acked a commit.
     pub checkpoint_progress: Instant,
+    /// The most output records the destination said it had released: a
+    /// failover need not release those again.
+    pub destination_released: u64,
 }
 
 impl FtEnd {
@@ -183,5 +200,37 @@ impl FtEnd {
     /// `detected_at` (None: never; see `lease::source_may_restore_at`).
     pub fn restore_at(&self, copy: DestinationCopy, detected_at: Instant) -> Option<Instant> {
         lease::source_may_restore_at(copy, detected_at, self.last_renewal, self.lease)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::ft::failover::release_from;
+    use crate::migration::ft::stager::Input;
+    use crate::migration::ft::store::tests::state;
+    use crate::wire::frame::{PageBatch, PageData};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failover_starts_releasing_past_what_the_destination_reported() {
+        let memory = Arc::new(GuestMemory::new(4 << 20, 4 << 20).unwrap());
+        // The switchover's state: 5 records, all released by the source itself.
+        let started = start_stager(&state(5).to_bytes(), &memory, &StagingLimits::default(), "vm1").unwrap();
+        let timeouts = FtTimeouts { heartbeat: Duration::from_millis(200), checkpoint: Duration::from_secs(3) };
+        let (mut ft, inbox) = FtSource::new(started, Instant::now(), timeouts);
+        // Epoch 1 commits 40 records; the destination releases them on the ack
+        // and says so in its heartbeats (out of order too: the most counts).
+        inbox.send(Input::Pages { batch: PageBatch::from_pages(vec![(0x1000, PageData::Zero)]), credit: 10 });
+        inbox.send(Input::Commit { epoch: 1, pages: 1, state: state(40).to_bytes(), credit: 10 });
+        for released in [5, 30, 12] {
+            ft.heard_released(released);
+        }
+        let end = ft.finish().await;
+        assert_eq!(end.destination_released, 30);
+        let committed = end.store.into_committed().unwrap();
+        assert_eq!(committed.epoch, 1);
+        let records = committed.state.devices.output_log.len() as u64;
+        // The failover re-releases 30..40, not 5..40.
+        assert_eq!(release_from(5, end.destination_released, records), 30);
     }
 }

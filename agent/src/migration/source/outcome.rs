@@ -27,6 +27,8 @@ pub enum MigrationOutcome {
         detected_at: Instant,
         /// When the destination's lease has surely expired.
         fenced_at: Instant,
+        /// Output records the destination said it had released (its last heartbeat heard).
+        destination_released: u64,
     },
 }
 
@@ -163,6 +165,7 @@ fn destination_lost(end: Ending<'_>, lost: Lost) -> Result<MigrationOutcome, Mig
         reason: reason.clone(),
     }));
     let epoch = ft.store.committed_epoch();
+    let destination_released = ft.destination_released;
     if report.cancelled {
         tracing::info!(vm = %report.vm, epoch, "cancelled after the commit: failing over on purpose ({reason})");
     } else {
@@ -171,7 +174,13 @@ fn destination_lost(end: Ending<'_>, lost: Lost) -> Result<MigrationOutcome, Mig
     let committed = ft.store.into_committed().map_err(|torn| {
         MigrationError::LostAfterCommit(format!("{reason}; and the source's image is not consistent: {torn}"))
     })?;
-    Ok(MigrationOutcome::DestinationLost { report, committed: Box::new(committed), detected_at, fenced_at })
+    Ok(MigrationOutcome::DestinationLost {
+        report,
+        committed: Box::new(committed),
+        detected_at,
+        fenced_at,
+        destination_released,
+    })
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use crate::migration::source::demand::DemandSender;
 use crate::migration::source::lost::{Cause, Lost};
 use crate::migration::source::outbox::Outbox;
 use crate::migration::source::phase::{Phase, Phases};
-use crate::migration::source::replies::{Inbound, Queued, Reply};
+use crate::migration::source::replies::{Heard, Inbound, Queued, Reply};
 use crate::vmm::memory::GuestMemory;
 use crate::wire::migration::MigrationMessage;
 use crate::wire::payload::{DestinationStats, MigrationOptions, MigrationReport};
@@ -226,8 +226,8 @@ impl PostcopySource<'_> {
             () = self.phases.progress().cancelled() => Err(Lost::cancelled()),
             Ok(()) = self.inbound.heartbeats.changed(), if reader_alive => {
                 // `changed` marked it seen: ack it here.
-                let seq = *self.inbound.heartbeats.borrow_and_update();
-                self.send_heartbeat_ack(seq).await?;
+                let heard = *self.inbound.heartbeats.borrow_and_update();
+                self.send_heartbeat_ack(heard).await?;
                 Ok(None)
             }
             Some(gpas) = self.inbound.requests.recv() => {
@@ -281,15 +281,15 @@ impl PostcopySource<'_> {
         if self.ft.is_none() || !self.inbound.heartbeats.has_changed().unwrap_or(false) {
             return Ok(());
         }
-        let seq = *self.inbound.heartbeats.borrow_and_update();
-        self.send_heartbeat_ack(seq).await
+        let heard = *self.inbound.heartbeats.borrow_and_update();
+        self.send_heartbeat_ack(heard).await
     }
 
-    async fn send_heartbeat_ack(&mut self, seq: u64) -> Result<(), Lost> {
-        if self.ft.is_none() {
-            return Ok(());
-        }
-        self.out.message(&MigrationMessage::HeartbeatAck { seq }).await.map_err(Lost::from_write)?;
+    async fn send_heartbeat_ack(&mut self, heard: Heard) -> Result<(), Lost> {
+        let Some(ft) = &mut self.ft else { return Ok(()) };
+        // Known now, whether or not the ack gets out: those records went out there.
+        ft.heard_released(heard.released);
+        self.out.message(&MigrationMessage::HeartbeatAck { seq: heard.seq }).await.map_err(Lost::from_write)?;
         if let Some(ft) = &mut self.ft {
             ft.renewed(Instant::now());
         }

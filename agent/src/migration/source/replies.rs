@@ -107,12 +107,20 @@ impl Reply {
     }
 }
 
+/// The latest heartbeat from the destination: its sequence number, and the
+/// output records it said it had released.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Heard {
+    pub(super) seq: u64,
+    pub(super) released: u64,
+}
+
 /// Where the reply reader puts what it reads.
 struct Lanes {
     /// Everything else, in order, within the queue's byte budget.
     pub(super) queue: mpsc::UnboundedSender<Queued>,
     /// The latest heartbeat, acked before anything queued.
-    pub(super) heartbeats: watch::Sender<u64>,
+    pub(super) heartbeats: watch::Sender<Heard>,
     /// Page requests, served before anything queued.
     pub(super) requests: mpsc::UnboundedSender<Vec<u64>>,
     /// PostCopyFT: checkpoint frames, to the stager thread (None: not expected).
@@ -123,8 +131,8 @@ struct Lanes {
 pub(super) struct Inbound {
     /// Everything but heartbeats, page requests and checkpoint frames, in order.
     pub(super) replies: mpsc::UnboundedReceiver<Queued>,
-    /// The latest heartbeat's sequence number (acked before anything queued).
-    pub(super) heartbeats: watch::Receiver<u64>,
+    /// The latest heartbeat (acked before anything queued).
+    pub(super) heartbeats: watch::Receiver<Heard>,
     /// Page requests, served before anything queued (bounded by the guest's
     /// pages: the destination asks for a page once).
     pub(super) requests: mpsc::UnboundedReceiver<Vec<u64>>,
@@ -138,7 +146,7 @@ pub(super) fn spawn_reader(
     liveness: Option<Arc<Liveness>>,
 ) -> Inbound {
     let (queue, replies) = mpsc::unbounded_channel();
-    let (heartbeats_tx, heartbeats) = watch::channel(0);
+    let (heartbeats_tx, heartbeats) = watch::channel(Heard::default());
     let (requests_tx, requests) = mpsc::unbounded_channel();
     tokio::spawn(read_replies(
         rd,
@@ -165,8 +173,8 @@ async fn read_replies(mut rd: FrameReader, lanes: Lanes, liveness: Option<Arc<Li
             liveness.busy();
         }
         let reply = match frame {
-            Ok(Frame::Message(MigrationMessage::Heartbeat { seq })) => {
-                lanes.heartbeats.send_replace(seq);
+            Ok(Frame::Message(MigrationMessage::Heartbeat { seq, released })) => {
+                lanes.heartbeats.send_replace(Heard { seq, released });
                 continue;
             }
             Ok(Frame::Message(MigrationMessage::PageRequest { gpas })) => {
