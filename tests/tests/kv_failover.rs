@@ -290,11 +290,9 @@ fn a_bridged_tap_has_no_address_and_serves_by_l2_and_bad_bridges_are_refused() {
     );
 }
 
-#[test]
-fn no_acknowledged_write_is_lost_when_the_destination_dies_mid_postcopy() {
-    let lan = Lan::new(2);
+/// The agents' network: a veth pair of its own between hostA and hostB; their addresses.
+fn agents_link(lan: &Lan) -> (String, String) {
     let (a, b) = (&lan.hosts[0], &lan.hosts[1]);
-    // The agents' network: a veth pair of its own between the two hosts.
     let net = 150 + (std::process::id() % 100) as u8;
     let (addr_a, addr_b) = (format!("10.{net}.3.1"), format!("10.{net}.3.2"));
     let (va, vb) = (format!("pk{}ab", lan.id), format!("pk{}ba", lan.id));
@@ -303,16 +301,16 @@ fn no_acknowledged_write_is_lost_when_the_destination_dies_mid_postcopy() {
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", v]);
         ns.ip(&["link", "set", v, "up"]);
     }
-    let source = NsAgent::start(a, &format!("{addr_a}:7401"), &[]);
-    // The destination SIGKILLs itself once its post-copy is well under way (5 checkpoints committed).
-    let destination = NsAgent::start(b, &format!("{addr_b}:7401"), &["--crash-at", "committed:5"]);
-    let logs = || format!("source log:\n{}\ndestination log:\n{}", source.log_tail(), destination.log_tail());
+    (addr_a, addr_b)
+}
 
-    let (code, _, err) = a.pcft(&[
+/// Starts the kv VM on `agent` in `host`, its tap on the host's bridge.
+fn start_kv(host: &Netns, agent: &str) {
+    let (code, _, err) = host.pcft(&[
         "vm",
         "start",
         "--agent",
-        &source.addr,
+        agent,
         "--name",
         "kv",
         "--fixture",
@@ -331,23 +329,102 @@ fn no_acknowledged_write_is_lost_when_the_destination_dies_mid_postcopy() {
         GATEWAY,
     ]);
     assert_eq!(code, Some(0), "pcft vm start --net bridge: {err}");
+}
 
+/// Waits until the client has `n` writes acknowledged (30 s at most).
+fn wait_for_writes(lan: &Lan, writes: &Mutex<Writes>, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writes.lock().unwrap().acked.len() < n {
+        if let Some(why) = &writes.lock().unwrap().broke {
+            panic!("the client could not write to the VM: {why}\n{}", lan.diagnose());
+        }
+        assert!(Instant::now() < deadline, "fewer than {n} writes acknowledged in 30 s\n{}", lan.diagnose());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The longest the client waited for an answer between `from` and `to` (since the start).
+fn longest_gap(writes: &Writes, from: Duration, to: Duration) -> Duration {
+    let mut times: Vec<Duration> = writes.acked.values().map(|(_, at)| *at).filter(|at| *at >= from).collect();
+    times.sort_unstable();
+    // The gap that spans `to` counts too: the first answer after the migration ended.
+    let end = times.iter().position(|at| *at > to).map_or(times.len(), |i| i + 1);
+    times[..end].windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+}
+
+#[test]
+fn a_serving_vm_moves_without_ft_and_its_client_keeps_its_connection() {
+    let lan = Lan::new(2);
+    let (a, b) = (&lan.hosts[0], &lan.hosts[1]);
+    let (addr_a, addr_b) = agents_link(&lan);
+    let agents = [NsAgent::start(a, &format!("{addr_a}:7401"), &[]), NsAgent::start(b, &format!("{addr_b}:7401"), &[])];
+    start_kv(a, &agents[0].addr);
     let t0 = Instant::now();
     let writes = Arc::new(Mutex::new(Writes::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let writing = in_netns(lan.client.name(), writer(Arc::clone(&writes), Arc::clone(&stop), t0));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while writes.lock().unwrap().acked.len() < 20 {
-        if let Some(why) = &writes.lock().unwrap().broke {
-            panic!("the client could not write to the VM on hostA before the migration: {why}\n{}", lan.diagnose());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fewer than 20 writes acknowledged in 30 s before the migration\n{}",
-            lan.diagnose()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    wait_for_writes(&lan, &writes, 20);
+    let mut lines = Vec::new();
+    for (hop, mode) in ["postcopy", "precopy", "hybrid"].iter().enumerate() {
+        let (from, to) = (hop % 2, (hop + 1) % 2);
+        let host = &lan.hosts[from];
+        let before = writes.lock().unwrap().acked.len();
+        let start = t0.elapsed();
+        let (code, out, err) = host.pcft(&[
+            "migrate",
+            "kv",
+            "--agent",
+            &agents[from].addr,
+            "--to",
+            &agents[to].addr,
+            "--mode",
+            mode,
+            "--json",
+        ]);
+        let end = t0.elapsed();
+        assert_eq!(code, Some(0), "{mode}: {out}{err}");
+        let report: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{mode}: {e}: {out}"));
+        // The client goes on writing on its connection, now to the VM on the other host.
+        wait_for_writes(&lan, &writes, before + 20);
+        let gap = longest_gap(&writes.lock().unwrap(), start, end);
+        lines.push(format!(
+            "{mode}: downtime {:.1} ms, longest reply gap {} ms",
+            report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+            gap.as_millis()
+        ));
     }
+    stop.store(true, Ordering::Relaxed);
+    writing.join().expect("the writer");
+    let writes = std::mem::take(&mut *writes.lock().unwrap());
+    assert!(writes.broke.is_none(), "the client's connection broke: {:?}\n{lines:?}", writes.broke);
+    let acked: BTreeMap<String, String> = writes.acked.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+    let expected = digest(&acked);
+    let found = in_netns(lan.client.name(), move || {
+        let mut client = connect(Duration::from_secs(30)).expect("reach the VM");
+        client.cmd(&["PCFT.DIGEST"]).expect("PCFT.DIGEST").bulk_text()
+    })
+    .join()
+    .expect("the checking client");
+    assert_eq!(found, Some(expected), "the store is not the client's acknowledged writes\n{lines:?}");
+    eprintln!("{} writes on one connection across 3 migrations; {}", writes.acked.len(), lines.join("; "));
+}
+
+#[test]
+fn no_acknowledged_write_is_lost_when_the_destination_dies_mid_postcopy() {
+    let lan = Lan::new(2);
+    let (a, b) = (&lan.hosts[0], &lan.hosts[1]);
+    let (addr_a, addr_b) = agents_link(&lan);
+    let source = NsAgent::start(a, &format!("{addr_a}:7401"), &[]);
+    // The destination SIGKILLs itself once its post-copy is well under way (5 checkpoints committed).
+    let destination = NsAgent::start(b, &format!("{addr_b}:7401"), &["--crash-at", "committed:5"]);
+    let logs = || format!("source log:\n{}\ndestination log:\n{}", source.log_tail(), destination.log_tail());
+
+    start_kv(a, &source.addr);
+    let t0 = Instant::now();
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = in_netns(lan.client.name(), writer(Arc::clone(&writes), Arc::clone(&stop), t0));
+    wait_for_writes(&lan, &writes, 20);
 
     let migrate_start = t0.elapsed();
     let (code, out, err) = a.pcft(&[
