@@ -510,8 +510,14 @@ impl Machine {
     pub fn resume(&mut self) -> Result<(), MachineError> {
         for id in 0..self.workers.len() {
             if id > 0 && crate::fault::resume_fails_half_way() {
-                // vCPU 0 runs; the others do not, and the caller hears of a failure.
+                // vCPU 0 runs; the others do not, and the caller hears of a failure. The
+                // injection waits (2 s at most) until vCPU 0 has been in the guest, so that
+                // it did run, however busy the host (a busy host once stopped it first).
                 self.running = true;
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < deadline && !self.run_log.snapshot().intervals.iter().any(|i| i.vcpu == 0) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 return Err(MachineError::Injected("the resume failed after vCPU 0 started"));
             }
             self.send(id, Command::Resume)?;
