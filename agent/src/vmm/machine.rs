@@ -465,16 +465,12 @@ impl Machine {
 
     /// Lets held frames out: those numbered below `upto` (a committed
     /// checkpoint's `tx_frames`), or with `None` all, holding no more.
-    pub fn release_net_output(&self, upto: Option<u64>) -> Result<Released, MachineError> {
-        match &self.net {
-            Some(net) => Ok(net.lock().unwrap_or_else(PoisonError::into_inner).release_output(upto)?),
-            None => Ok(Released::default()),
-        }
-    }
-
-    /// What the network device holds now.
-    pub fn net_held(&self) -> HoldLevel {
-        self.net.as_ref().map_or_else(HoldLevel::default, |n| n.lock().unwrap_or_else(PoisonError::into_inner).held())
+    /// Returns what went out and what stays held; `None` without a network device.
+    pub fn release_net_output(&self, upto: Option<u64>) -> Result<Option<(Released, HoldLevel)>, MachineError> {
+        let Some(net) = &self.net else { return Ok(None) };
+        let mut device = net.lock().unwrap_or_else(PoisonError::into_inner);
+        let released = device.release_output(upto)?;
+        Ok(Some((released, device.held())))
     }
 
     /// The vCPU threads' kernel ids, by vCPU.

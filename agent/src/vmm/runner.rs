@@ -133,7 +133,7 @@ impl VmRunner {
         }
         let thread = std::thread::Builder::new()
             .name(format!("vm-{name}"))
-            .spawn(move || run(&vm, machine, rx, &thread_status, (outputs, thread_written)))?;
+            .spawn(move || run(&vm, machine, rx, &thread_status, Gate { outputs, written: thread_written }))?;
         Ok(VmRunner {
             name: name.to_string(),
             commands,
@@ -237,11 +237,14 @@ fn checkpoint(machine: &mut Machine, epoch: u64) -> Result<CheckpointCapture, Ma
 }
 
 /// The runner thread's output gate, and how far its released records were written out.
-type Gate = (OutputGate, WrittenMark);
+struct Gate {
+    outputs: OutputGate,
+    written: WrittenMark,
+}
 
 /// Releases the output log's records from `gate.released` up to `upto` (capped at the log).
 fn release(name: &str, machine: &Machine, gate: &mut Gate, upto: usize, status: &Mutex<RunnerStatus>) {
-    let (gate, written) = (&mut gate.0, &gate.1);
+    let Gate { outputs: gate, written } = gate;
     let log = &machine.devices().output_log;
     let upto = upto.min(log.len());
     let records = log.get(gate.released..upto).unwrap_or_default();
@@ -257,11 +260,12 @@ fn release(name: &str, machine: &Machine, gate: &mut Gate, upto: usize, status: 
 /// Lets the network device's held frames out up to `upto` (None: all, and hold no more).
 fn release_frames(vm: &VmInstance, machine: &Machine, upto: Option<u64>) {
     match machine.release_net_output(upto) {
-        Ok(released) => {
-            let held = machine.net_held();
+        Ok(Some((released, held))) => {
             let max_hold = released.max_hold.as_secs_f64();
             crate::metrics::get().net_released(vm, released.frames, max_hold, held.frames, held.bytes);
         }
+        // No network device: no frames, and no metric series for this VM.
+        Ok(None) => {}
         Err(e) => tracing::warn!(vm = vm.vm(), "cannot release the network output: {e}"),
     }
 }
@@ -364,7 +368,7 @@ fn obey(vm: &VmInstance, machine: &mut Machine, command: Command, status: &Mutex
         }
         Command::Release(upto) => {
             if upto.is_none() {
-                gate.0.hold = false;
+                gate.outputs.hold = false;
             }
             release(vm.vm(), machine, gate, upto.map_or(usize::MAX, |m| m.records), status);
             release_frames(vm, machine, upto.map(|m| m.frames));
@@ -378,7 +382,7 @@ fn absorb_events(name: &str, machine: &mut Machine, status: &Mutex<RunnerStatus>
         match machine.next_event(Duration::ZERO) {
             Ok(Some(MachineEvent::Output(_))) => {
                 status.lock().expect("runner status lock").records += 1;
-                if !gate.0.hold {
+                if !gate.outputs.hold {
                     release(name, machine, gate, usize::MAX, status);
                 }
             }

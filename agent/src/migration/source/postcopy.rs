@@ -290,9 +290,7 @@ impl PostcopySource<'_> {
         // Known now, whether or not the ack gets out: those records went out there.
         ft.heard_released(heard.released);
         self.out.message(&MigrationMessage::HeartbeatAck { seq: heard.seq }).await.map_err(Lost::from_write)?;
-        if let Some(ft) = &mut self.ft {
-            ft.renewed(Instant::now());
-        }
+        ft.renewed(Instant::now());
         Ok(())
     }
 

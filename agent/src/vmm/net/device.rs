@@ -291,7 +291,9 @@ impl NetDevice {
                 break;
             };
             let mut queue = SplitQueue::new(&self.memory, &mut self.state.mmio.queues[RX_QUEUE]);
-            let chain = queue.pop()?.expect("can_receive saw a chain");
+            // The guest cannot take back a buffer it made available; if its ring says
+            // otherwise (a broken driver), the frame is dropped, as a wire would.
+            let Some(chain) = queue.pop()? else { break };
             let total = NET_HDR_BYTES + len;
             let written = if chain.writable_len() < total {
                 self.state.rx_too_big += 1;
