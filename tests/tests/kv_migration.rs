@@ -5,7 +5,7 @@
 //! holds every write the client saw acknowledged, and its digest matches.
 
 use pcft_tests::resp::{Client, Reply};
-use pcft_tests::{http_get, in_netns, metric, pcft_path};
+use pcft_tests::{http_get, in_netns, ip, metric, pcft_path, Netns};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -17,36 +17,28 @@ const GUEST: &str = "10.77.0.2:6379";
 
 /// Two namespaces joined by a veth pair, each running an agent; removed on drop.
 struct Hosts {
-    ns: [String; 2],
     agents: Vec<Child>,
     addr: [String; 2],
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    /// Dropped after the agents are stopped (`Drop` below runs first).
+    ns: [Netns; 2],
 }
 
 impl Hosts {
     fn new() -> Hosts {
         let id = std::process::id() % 10_000;
-        let ns = [format!("pkva{id}"), format!("pkvb{id}")];
+        let ns = [Netns::add(&format!("pkva{id}")), Netns::add(&format!("pkvb{id}"))];
         let net = 150 + (id % 100) as u8;
         let addr = [format!("10.{net}.3.1"), format!("10.{net}.3.2")];
         let (va, vb) = (format!("pkv{id}a"), format!("pkv{id}b"));
-        let mut hosts = Hosts { ns: ns.clone(), agents: Vec::new(), addr: addr.clone() };
-        for n in &ns {
-            ip(&["netns", "add", n]);
-            ip(&["-n", n, "link", "set", "lo", "up"]);
-        }
-        ip(&["link", "add", &va, "netns", &ns[0], "type", "veth", "peer", "name", &vb, "netns", &ns[1]]);
+        ip(&["link", "add", &va, "netns", ns[0].name(), "type", "veth", "peer", "name", &vb, "netns", ns[1].name()]);
         for (n, (v, a)) in ns.iter().zip([(&va, &addr[0]), (&vb, &addr[1])]) {
-            ip(&["-n", n, "addr", "add", &format!("{a}/24"), "dev", v]);
-            ip(&["-n", n, "link", "set", v, "up"]);
+            n.ip(&["addr", "add", &format!("{a}/24"), "dev", v]);
+            n.ip(&["link", "set", v, "up"]);
         }
-        for (n, a) in ns.iter().zip(&addr) {
+        let mut hosts = Hosts { agents: Vec::new(), addr: addr.clone(), ns };
+        for (n, a) in hosts.ns.iter().zip(&addr) {
             let child = Command::new("ip")
-                .args(["netns", "exec", n])
+                .args(["netns", "exec", n.name()])
                 .arg(pcft_path())
                 .args(["agent", "--insecure", "--listen", &format!("{a}:7401"), "--metrics", &format!("{a}:9401")])
                 .stdout(Stdio::null())
@@ -65,9 +57,7 @@ impl Hosts {
 
     /// `pcft args…` run inside namespace `i`; returns (code, stdout, stderr).
     fn pcft(&self, i: usize, args: &[&str]) -> (Option<i32>, String, String) {
-        let out = Command::new("ip").args(["netns", "exec", &self.ns[i]]).arg(pcft_path()).args(args).output().unwrap();
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.code(), text(&out.stdout), text(&out.stderr))
+        self.ns[i].pcft(args)
     }
 }
 
@@ -76,9 +66,6 @@ impl Drop for Hosts {
         for agent in &mut self.agents {
             let _ = agent.kill();
             let _ = agent.wait();
-        }
-        for n in &self.ns {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
     }
 }
@@ -89,10 +76,7 @@ fn connect() -> Client {
     loop {
         match Client::connect(addr, Duration::from_secs(5)) {
             Ok(c) => return c,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
             Err(e) => panic!("cannot reach the kv guest at {GUEST}: {e}"),
         }
     }
@@ -174,21 +158,42 @@ fn a_serving_vm_moves_in_every_mode_with_its_acknowledged_writes() {
         let (from, to) = (hop % 2, (hop + 1) % 2);
         // A client writes on the VM's current host while it moves.
         let stop = Arc::new(AtomicBool::new(false));
-        let writing = in_netns(&hosts.ns[from], writer(format!("{mode}:"), Arc::clone(&model), Arc::clone(&stop)));
+        let writing =
+            in_netns(hosts.ns[from].name(), writer(format!("{mode}:"), Arc::clone(&model), Arc::clone(&stop)));
+        // Under PostCopyFT, a client on the destination's side knocks while the VM
+        // arrives there, so that the VM sends frames while they are held (its
+        // writer's replies go to the old host). Post-copy is paced to last seconds.
+        let knocking = (*mode == "postcopy-ft").then(|| {
+            let stop = Arc::clone(&stop);
+            in_netns(hosts.ns[to].name(), move || {
+                let addr: SocketAddr = GUEST.parse().unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut client) = Client::connect(addr, Duration::from_secs(1)) {
+                        let _ = client.cmd(&["PING"]);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        });
         std::thread::sleep(Duration::from_millis(800));
-        let (code, out, err) = hosts.pcft(
-            from,
-            &["migrate", "kv", "--agent", &hosts.agent(from), "--to", &hosts.agent(to), "--mode", mode, "--json"],
-        );
+        let (agent_from, agent_to) = (hosts.agent(from), hosts.agent(to));
+        let mut args = vec!["migrate", "kv", "--agent", &agent_from, "--to", &agent_to, "--mode", mode, "--json"];
+        if knocking.is_some() {
+            args.extend(["--postcopy-rate", "4096"]);
+        }
+        let (code, out, err) = hosts.pcft(from, &args);
         assert_eq!(code, Some(0), "{mode}: {out}{err}");
         stop.store(true, Ordering::Relaxed);
+        if let Some(knocking) = knocking {
+            knocking.join().unwrap();
+        }
         let (acked, in_flight) = writing.join().unwrap();
         assert!(acked > 5, "{mode}: only {acked} writes before the migration");
-        check_store(&hosts.ns[to], &model, in_flight);
+        check_store(hosts.ns[to].name(), &model, in_flight);
         if *mode == "postcopy-ft" {
             // Output commit: the destination held the VM's frames until their checkpoints committed.
             let url = format!("http://{}:9401/metrics", hosts.addr[to]);
-            let text = in_netns(&hosts.ns[to], move || http_get(&url)).join().unwrap();
+            let text = in_netns(hosts.ns[to].name(), move || http_get(&url)).join().unwrap();
             let released = metric(&text, "pcft_net_released_frames_total{vm=\"kv\"}").unwrap_or(0.0);
             assert!(released > 0.0, "no held frame was released: {text}");
             assert!(metric(&text, "pcft_net_hold_seconds_count").unwrap_or(0.0) > 0.0, "{text}");
