@@ -289,7 +289,7 @@ pub fn assert_one_copy_at_a_time(report: &Value) {
     }
 }
 
-pub mod resp;
+pub use vm_fixtures::kv::resp;
 
 /// A `kv` guest served by a `pcft vm run --net tap` process of its own, on a
 /// tap and network unique to it (tests run at once); stopped with SIGINT

@@ -15,6 +15,14 @@
 //! guest at once (`copies_overlap_ms` 0, from both agents' KVM_RUN run logs),
 //! and exactly one copy at the end (`copies_at_end` 1, or the documented
 //! `finish-unconfirmed`). Results: target/chaos/chaos.{md,json}, and stdout.
+//!
+//! Half the runs (`--fixture both`, the default) use the `kv` guest instead: a
+//! key-value server on the demo's client network, its clients writing and
+//! reading for the whole run. Such a run must also keep the clients' history
+//! (the demo's Jepsen-style check): no acknowledged write lost, no stale
+//! read, the store holding exactly what the clients read back, and the VM
+//! serving where it ended. Runs alternate between the guests so that over 60
+//! runs every kind of failure hits each.
 
 use crate::bench::output_within;
 use crate::progress::Progress;
@@ -106,66 +114,63 @@ impl Rng {
 /// A run's failure: its kind, and the demo arguments of its severity.
 struct Plan {
     kind: &'static str,
+    /// The guest: ledger or kv.
+    fixture: &'static str,
     args: Vec<String>,
     /// For the table, e.g. "10% / 40 ms" (lossy) or "5% CPU" (slow-source); empty otherwise.
     severity: String,
 }
 
-fn plan(kind: &'static str, rng: &mut Rng) -> Plan {
+/// The guest of run `i` for `--fixture which`: with `both`, ledger and kv
+/// alternate, starting with the other one in every second cycle of `KINDS`.
+fn fixture_of(i: usize, which: &str) -> &'static str {
+    match which {
+        "ledger" => "ledger",
+        "kv" => "kv",
+        _ if (i / KINDS.len() + i) % 2 == 1 => "kv",
+        _ => "ledger",
+    }
+}
+
+fn plan(kind: &'static str, fixture: &'static str, rng: &mut Rng) -> Plan {
+    let (args, severity) = severity_args(kind, rng);
+    Plan { kind, fixture, args, severity }
+}
+
+/// The demo arguments of a `kind` of failure at a random severity, and the severity in words.
+fn severity_args(kind: &str, rng: &mut Rng) -> (Vec<String>, String) {
     match kind {
         "lossy" => {
             let (loss, delay) = (rng.pick(&LOSS_PCT), rng.pick(&DELAY_MS));
-            Plan {
-                kind,
-                args: vec!["--loss".into(), loss.to_string(), "--delay-ms".into(), delay.to_string()],
-                severity: format!("{loss}% / {delay} ms"),
-            }
+            let args = vec!["--loss".into(), loss.to_string(), "--delay-ms".into(), delay.to_string()];
+            (args, format!("{loss}% / {delay} ms"))
         }
         "slow-source" => {
             let cpu = rng.pick(&SOURCE_CPU_PCT);
-            Plan { kind, args: vec!["--source-cpu-pct".into(), cpu.to_string()], severity: format!("{cpu}% CPU") }
+            (vec!["--source-cpu-pct".into(), cpu.to_string()], format!("{cpu}% CPU"))
         }
         "slow-disk" => {
             let delay = rng.pick(&DISK_DELAY_MS);
-            Plan {
-                kind,
-                args: vec!["--disk-delay-ms".into(), delay.to_string()],
-                severity: format!("{delay} ms a write"),
-            }
+            (vec!["--disk-delay-ms".into(), delay.to_string()], format!("{delay} ms a write"))
         }
         "reset" => {
             let side = rng.pick(&RESET_SIDES);
-            Plan { kind, args: vec!["--reset-side".into(), side.into()], severity: format!("{side} side") }
+            (vec!["--reset-side".into(), side.into()], format!("{side} side"))
         }
         // The source's checkpoint timeout (3 s by default) outlasts this guest's
         // post-copy: shorter, so that a stall is detected before the migration ends.
-        "stall" => Plan {
-            kind,
-            args: vec!["--checkpoint-timeout".into(), STALL_CHECKPOINT_TIMEOUT_MS.to_string()],
-            severity: String::new(),
-        },
-        _ => Plan { kind, args: Vec::new(), severity: String::new() },
+        "stall" => (vec!["--checkpoint-timeout".into(), STALL_CHECKPOINT_TIMEOUT_MS.to_string()], String::new()),
+        _ => (Vec::new(), String::new()),
     }
 }
 
 /// One demo run: its report, or why it produced none.
 fn run_once(pcft: &Path, plan: &Plan) -> Value {
-    let args = [
-        "demo",
-        "--mem",
-        "64M",
-        "--vcpus",
-        "2",
-        "--steps",
-        "40000",
-        "--postcopy-rate",
-        "4096",
-        "--fail-at",
-        "random",
-        "--fail-kind",
-        plan.kind,
-        "--json",
-    ];
+    let mut args = vec!["demo", "--fixture", plan.fixture, "--mem", "64M", "--postcopy-rate", "4096"];
+    if plan.fixture == "ledger" {
+        args.extend(["--vcpus", "2", "--steps", "40000"]);
+    }
+    args.extend(["--fail-at", "random", "--fail-kind", plan.kind, "--json"]);
     match output_within(Command::new(pcft).args(args).args(&plan.args), RUN_TIMEOUT) {
         Ok(out) => serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
             json!({ "error": format!("no report ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()) })
@@ -213,7 +218,75 @@ fn violations(kind: &str, report: &Value) -> Vec<String> {
     if report["copies_at_end"] != 1 && !unconfirmed {
         wrong.push(format!("{} copies at the end, not 1", report["copies_at_end"]));
     }
+    if report["fixture"] == "kv" {
+        wrong.extend(client_violations(report));
+    }
     wrong
+}
+
+/// What went wrong for a kv run's clients (the demo's check already fails
+/// `verified`; these name the counts): acknowledged writes lost, stale or
+/// unexplained reads, frames of uncommitted epochs on the wire, a store that
+/// holds other writes, or a VM that no longer serves.
+fn client_violations(report: &Value) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (field, what) in [
+        ("acked_writes_lost", "acknowledged writes lost"),
+        ("stale_reads", "stale reads"),
+        ("unexplained_reads", "unexplained reads"),
+        ("frames_from_uncommitted_epochs", "frames from epochs that never committed reached the clients"),
+    ] {
+        match report[field].as_u64() {
+            Some(0) => {}
+            Some(n) => wrong.push(format!("{n} {what} (e.g. {})", report["client_anomalies"])),
+            None => wrong.push(format!("no {field} in the report")),
+        }
+    }
+    if report["store_digest_matches"] != true {
+        wrong.push("the store's digest is not that of what the clients read back".into());
+    }
+    if let Some(e) = report["client_error"].as_str() {
+        wrong.push(format!("the clients: {e}"));
+    }
+    wrong
+}
+
+/// The kv runs' clients, by kind of failure (empty without kv runs).
+fn client_table(results: &[Value]) -> String {
+    let kv: Vec<&Value> = results.iter().filter(|r| r["fixture"] == "kv").collect();
+    if kv.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\nkv runs: what the clients saw (`lost`: acknowledged writes that vanished; `stale`: reads older than an \
+         acknowledged write; `longest gap`: the longest time no client got an answer, the worst run's).\n\n\
+         | failure | kv runs | recovered | held | client operations | acknowledged writes | lost | stale | \
+         longest gap ms | connections survived | reconnects |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for kind in TABLE {
+        let of_kind: Vec<&Value> = kv.iter().copied().filter(|r| r["kind"] == kind).collect();
+        if of_kind.is_empty() {
+            continue;
+        }
+        let sum = |field: &str| of_kind.iter().filter_map(|r| r["report"][field].as_u64()).sum::<u64>();
+        let gap = of_kind.iter().filter_map(|r| r["report"]["client_max_gap_ms"].as_f64()).reduce(f64::max);
+        md.push_str(&format!(
+            "| {kind} | {} | {} | {} | {} | {} | {} | {} | {} | {} of {} | {} |\n",
+            of_kind.len(),
+            of_kind.iter().filter(|r| r["outcome"] == "recovered").count(),
+            of_kind.iter().filter(|r| r["held"] == true).count(),
+            sum("client_ops"),
+            sum("client_acked_writes"),
+            sum("acked_writes_lost"),
+            sum("stale_reads"),
+            gap.map_or("—".into(), |ms| format!("{ms:.0}")),
+            sum("connections_survived"),
+            sum("client_connections"),
+            sum("client_reconnects"),
+        ));
+    }
+    md
 }
 
 /// How a run ended: the migration completed, or the source recovered the VM.
@@ -282,20 +355,21 @@ fn mechanisms(runs: &[&Value]) -> String {
     }
 }
 
-pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
+pub fn run(root: &Path, pcft: &Path, runs: usize, fixtures: &str) -> Result<()> {
     let mut progress = Progress::new(runs as u64);
     let mut rng = Rng::from_clock();
     let seed = rng.0;
     let mut results = Vec::new();
     for i in 0..runs {
-        let plan = plan(KINDS[i % KINDS.len()], &mut rng);
+        let plan = plan(KINDS[i % KINDS.len()], fixture_of(i, fixtures), &mut rng);
         let what = if plan.severity.is_empty() { String::new() } else { format!(" ({})", plan.severity) };
-        progress.step(format!("chaos: run {}/{runs}, {}{what}", i + 1, plan.kind));
+        progress.step(format!("chaos: run {}/{runs}, {} on {}{what}", i + 1, plan.kind, plan.fixture));
         let started = std::time::Instant::now();
         let report = run_once(pcft, &plan);
         let violations = violations(plan.kind, &report);
         results.push(json!({
             "kind": plan.kind,
+            "fixture": plan.fixture,
             "severity": severity(&plan, &report),
             "outcome": outcome(&report),
             "failure_kind": report["failure"]["kind"],
@@ -309,15 +383,17 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
         }));
     }
     drop(progress);
+    let count_of = |fixture: &str| results.iter().filter(|r| r["fixture"] == fixture).count();
     let mut md = format!(
-        "# Fault-injection suite\n\n{runs} `pcft demo` runs (64M ledger guest, 2 vCPUs, post-copy push 4096 pages/s, \
+        "# Fault-injection suite\n\n{runs} `pcft demo` runs ({} ledger runs: a 64M guest with 2 vCPUs; {} kv runs: a 64M key-value server with 4 \
+         client connections writing and reading for the whole run; post-copy push 4096 pages/s, \
          checkpoints every 100 ms), each failing at a random point (`--fail-at random`; lossy and slow-source \
          at a random severity: loss {LOSS_PCT:?} % each way with delay {DELAY_MS:?} ms, or a source CPU quota \
          of {SOURCE_CPU_PCT:?} % of one CPU, or every write to the source's checkpoint staging file \
          {DISK_DELAY_MS:?} ms slower with all checkpoint pages staged there; stall with \
          `--checkpoint-timeout {STALL_CHECKPOINT_TIMEOUT_MS}`; reset on a random side of {RESET_SIDES:?}). \
          Lossy, slow-source and slow-disk may complete (slowly) or fail over. \
-         `held`: the guest verified against its oracle wherever it finished, no released output lost or \
+         `held`: the guest verified against its oracle wherever it finished (kv: the clients' history held and the VM serves), no released output lost or \
          contradicted, no duplicate but of a failover's window, for every kind but crash the destination fenced if the source recovered the VM, \
          the two copies never in the guest at once (from both agents' KVM_RUN run logs) and exactly one \
          copy at the end. `overlap`: the longest time, in ms, that the two copies of a run were in the \
@@ -325,7 +401,9 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
          `in window`: released by the destination after its last heartbeat that reached the source (which \
          so could not know) and again by the recovered source.\n\n\
          | failure | runs | completed | recovered at the source | held | overlap ms | released outputs | lost | duplicates | in window | degradation |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        count_of("ledger"),
+        count_of("kv")
     );
     let label = |kind: &'static str| match kind {
         "crash" => "crash (SIGKILL)",
@@ -361,6 +439,7 @@ pub fn run(root: &Path, pcft: &Path, runs: usize) -> Result<()> {
             mechanisms(&of_kind),
         ));
     }
+    md.push_str(&client_table(&results));
     // The graded kinds (and resets, by side): which ones completed and which failed over (and how it was detected).
     let graded: Vec<&Value> = results
         .iter()

@@ -65,10 +65,14 @@ enum Task {
     /// The fault-injection suite: many PostCopyFT demos, each failing at a random point
     /// by crash, freeze, network partition, a lossy link, a slow source or stalled
     /// checkpoints; every one must verify wherever it finished, lose no released output,
-    /// and leave the destination fenced if it failed over (target/chaos/).
+    /// and leave the destination fenced if it failed over (target/chaos/). kv runs (a
+    /// serving VM with clients) must also lose no acknowledged write and read nothing stale.
     Chaos {
         #[arg(long, default_value_t = 50)]
         runs: usize,
+        /// Which guests: `both` (ledger and kv runs, half each), `ledger` or `kv`.
+        #[arg(long, default_value = "both", value_parser = ["both", "ledger", "kv"])]
+        fixture: String,
     },
     /// Run the cargo-fuzz targets (fuzz/: frame, checkpoint) with the pinned nightly,
     /// installing cargo-fuzz if missing; `cargo test` runs the same properties briefly.
@@ -138,12 +142,12 @@ fn task(task: Task) -> Result<()> {
         Task::Run { args } => run(&args),
         Task::DashboardAssets => dashboard_assets(),
         Task::Plots => plot_results(),
-        Task::Chaos { runs } => {
+        Task::Chaos { runs, fixture } => {
             setup()?;
             ebpf::build()?;
             require_kvm()?;
             let pcft = build_release()?;
-            chaos::run(&workspace_root(), &pcft, runs.max(1))
+            chaos::run(&workspace_root(), &pcft, runs.max(1), &fixture)
         }
         Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
         Task::Test => {

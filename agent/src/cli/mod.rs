@@ -162,6 +162,14 @@ pub struct AgentArgs {
     /// Fault injection: the first resume of an incoming VM starts vCPU 0 and then fails.
     #[arg(long, hide = true)]
     pub fail_resume: bool,
+    /// Fault injection: as a PostCopyFT destination, send the guest's network
+    /// frames at once instead of holding them until their checkpoint commits.
+    #[arg(long, hide = true)]
+    pub no_output_commit: bool,
+    /// Test instrument: write a line to this file for every frame a guest
+    /// here transmits and every checkpoint sent (see fault::frame_trace).
+    #[arg(long, hide = true)]
+    pub frame_trace: Option<PathBuf>,
     #[command(flatten)]
     pub key: KeyArgs,
 }
@@ -288,12 +296,14 @@ pub struct DemoArgs {
     /// Guest memory size.
     #[arg(long, default_value = "256M")]
     pub mem: String,
-    /// Guest workload: ledger (verifiable records), dirty (writes memory) or idle.
+    /// Guest workload: ledger (verifiable records), dirty (writes memory),
+    /// idle, or kv (a key-value server whose clients, on a network of their
+    /// own, write and read for the whole run; their history is checked at the end).
     #[arg(long, default_value = "ledger")]
     pub fixture: String,
-    /// Number of vCPUs, each running its own share of the workload.
-    #[arg(long, default_value_t = 2)]
-    pub vcpus: u64,
+    /// Number of vCPUs, each running its own share of the workload [default: 2; kv: 1, all it runs on].
+    #[arg(long)]
+    pub vcpus: Option<u64>,
     /// Steps each vCPU runs (default: enough to still be running when the migration starts).
     #[arg(long)]
     pub steps: Option<u64>,
@@ -378,6 +388,14 @@ pub struct DemoArgs {
     /// 5000, ten times the default --steps, and --dirty-tracker auto.
     #[arg(long)]
     pub dashboard: Option<String>,
+    /// kv: how many client connections write to the VM and read from it for
+    /// the whole run (from a client network namespace; see the report's client lines).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub clients: u32,
+    /// Fault injection: the destination sends the guest's network frames at
+    /// once, without output commit (to see what it prevents: lost acknowledged writes).
+    #[arg(long, hide = true)]
+    pub no_output_commit: bool,
     /// Run the agents without authentication (by default they and the demo
     /// share a fresh pre-shared key, or the one given with --psk-file).
     #[arg(long)]

@@ -11,6 +11,17 @@
 //! Addresses (N = a per-run number): source 10.N.1.2 (root side 10.N.1.1),
 //! destination 10.N.2.2 (root side 10.N.2.1), the pair 10.N.3.1 ↔ 10.N.3.2.
 //!
+//! With a client network (`pcft demo --fixture kv`, see `ClientLan`) a third
+//! namespace holds the VM's clients on a bridge `brc` that has the VM's
+//! gateway address; each host has an L2 bridge `pcft-br0` (where its agent
+//! puts the VM's tap) joined to `brc` by a veth, so the VM keeps its address
+//! on whichever host runs it:
+//!
+//! ```text
+//!   clients: brc (gateway) ── veth ── source: pcft-br0 ── tap of the VM while it runs there
+//!                          └─ veth ── destination: pcft-br0 ── tap …
+//! ```
+//!
 //! `--fail-kind reset` needs no namespaces: both agents listen on loopback,
 //! and a `ResetRule` (an nftables table in the host's output path) answers
 //! the migration connection's packets with TCP resets while both agents stay
@@ -31,6 +42,25 @@ pub struct Testbed {
     pair_destination_end: String,
     /// What undoes the degradation of the pair now in place (see `restore`).
     undo: Mutex<Vec<Undo>>,
+    /// The clients' network, if asked for.
+    pub clients: Option<ClientLan>,
+}
+
+/// The clients' side of a testbed: their namespace, and the VM's network.
+pub struct ClientLan {
+    /// The namespace the clients run in.
+    pub ns: String,
+    /// The bridge on each host that the VM's tap joins.
+    pub host_bridge: &'static str,
+    /// The client namespace's ends of the veths to the source's and the
+    /// destination's bridge: what comes in on one came from that host.
+    pub source_port: String,
+    pub destination_port: String,
+}
+
+impl ClientLan {
+    /// The bridge each host namespace has for the VM's tap.
+    pub const HOST_BRIDGE: &'static str = "pcft-br0";
 }
 
 /// How the pair link is made lossy and slow; both ends, so each direction.
@@ -110,49 +140,78 @@ impl ResetSide {
     }
 }
 
-/// The nftables table of a `--fail-kind reset` (its name starts with
+/// The nftables tables of a `--fail-kind reset` (their name starts with
 /// [`ResetRule::TABLE_PREFIX`]); removed when dropped, whatever happened.
 pub struct ResetRule {
     table: String,
+    /// The network namespaces that have the table (None: this one, the host's).
+    places: Vec<Option<String>>,
     description: String,
 }
 
 impl ResetRule {
     pub const TABLE_PREFIX: &'static str = "pcft-reset";
 
-    /// Rejects, `with tcp reset`, the loopback packets of `side` of every
-    /// connection to the destination agent's `port`, in an output chain of a
-    /// table of this process's own (`inet pcft-reset-PID`). By hand:
+    /// Rejects, `with tcp reset`, the packets of `side` of every connection
+    /// to the destination agent's `port`, in an output chain of a table of
+    /// this process's own (`inet pcft-reset-PID`): on loopback when both
+    /// agents run here, or, on a `testbed`, on the pair's end in the source's
+    /// namespace (its packets) and the destination's (its packets). By hand:
     /// `nft add table inet pcft-reset; nft add chain inet pcft-reset out
     /// '{ type filter hook output priority 0; }'; nft add rule inet pcft-reset
     /// out tcp dport PORT reject with tcp reset`. Resets themselves pass: the
     /// rule's own go through the output hook too (with `both`, each direction's
     /// rule would otherwise swallow the other's resets, a silent partition),
     /// and so does the reset a kernel sends back for a socket a reset closed.
-    pub fn apply(side: ResetSide, port: u16) -> Result<ResetRule> {
+    pub fn apply(side: ResetSide, port: u16, testbed: Option<&Testbed>) -> Result<ResetRule> {
         let table = format!("{}-{}", Self::TABLE_PREFIX, std::process::id());
-        let matches: &[&str] = match side {
-            ResetSide::Source => &["dport"],
-            ResetSide::Destination => &["sport"],
-            ResetSide::Both => &["dport", "sport"],
+        // Where each direction's packets leave: (namespace, interface).
+        let (source, destination) = match testbed {
+            Some(bed) => (
+                (Some(bed.source_ns.clone()), bed.pair_source_end.clone()),
+                (Some(bed.destination_ns.clone()), bed.pair_destination_end.clone()),
+            ),
+            None => ((None, "lo".to_string()), (None, "lo".to_string())),
         };
-        let mut rules =
-            format!("add table inet {table}; add chain inet {table} out {{ type filter hook output priority 0; }}; ");
-        for direction in matches {
-            rules.push_str(&format!(
-                "add rule inet {table} out oifname \"lo\" tcp {direction} {port} tcp flags & rst == 0 \
+        let matches = match side {
+            ResetSide::Source => vec![(source, "dport")],
+            ResetSide::Destination => vec![(destination, "sport")],
+            ResetSide::Both => vec![(source, "dport"), (destination, "sport")],
+        };
+        // One nft script per namespace, each one transaction: the whole table, or nothing.
+        let mut scripts: Vec<(Option<String>, String)> = Vec::new();
+        for ((ns, dev), direction) in matches {
+            let rule = format!(
+                "add rule inet {table} out oifname \"{dev}\" tcp {direction} {port} tcp flags & rst == 0 \
                  counter reject with tcp reset; "
-            ));
+            );
+            match scripts.iter_mut().find(|(place, _)| *place == ns) {
+                Some((_, script)) => script.push_str(&rule),
+                None => scripts.push((
+                    ns,
+                    format!(
+                        "add table inet {table}; add chain inet {table} out {{ type filter hook output priority 0; }}; {rule}"
+                    ),
+                )),
+            }
         }
-        // One nft script is one transaction: the whole table, or nothing.
-        nft(&[&rules]).context("cannot add the TCP reset rule (apt-get install nftables)")?;
+        let mut applied = ResetRule { table, places: Vec::new(), description: String::new() };
+        for (ns, script) in scripts {
+            let added = match &ns {
+                Some(ns) => exec_in(ns, "nft", &[&script]),
+                None => nft(&[&script]),
+            };
+            // A failure drops `applied`, which removes the tables added before it.
+            added.context("cannot add the TCP reset rule (apt-get install nftables)")?;
+            applied.places.push(ns);
+        }
         let what = match side {
             ResetSide::Source => format!("the source's packets to port {port}"),
             ResetSide::Destination => format!("the destination's packets from port {port}"),
             ResetSide::Both => format!("both directions of port {port}"),
         };
-        let description = format!("nft reject with tcp reset, {} side: {what}", side.name());
-        Ok(ResetRule { table, description })
+        applied.description = format!("nft reject with tcp reset, {} side: {what}", side.name());
+        Ok(applied)
     }
 
     /// What was applied, e.g. "nft reject with tcp reset, source side: the source's packets to port 40123".
@@ -163,8 +222,16 @@ impl ResetRule {
 
 impl Drop for ResetRule {
     fn drop(&mut self) {
-        if let Err(e) = nft(&["delete", "table", "inet", &self.table]) {
-            eprintln!("pcft demo: cannot remove the nftables table inet {}: {e:#}", self.table);
+        for ns in &self.places {
+            let args = ["delete", "table", "inet", self.table.as_str()];
+            let removed = match ns {
+                Some(ns) => exec_in(ns, "nft", &args),
+                None => nft(&args),
+            };
+            if let Err(e) = removed {
+                let place = ns.as_deref().map_or(String::new(), |ns| format!(" in namespace {ns}"));
+                eprintln!("pcft demo: cannot remove the nftables table inet {}{place}: {e:#}", self.table);
+            }
         }
     }
 }
@@ -184,7 +251,10 @@ fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
 }
 
 impl Testbed {
-    pub fn create() -> Result<Testbed> {
+    /// Two host namespaces joined by a pair; with `gateway` (an address and
+    /// prefix length, e.g. 10.77.0.1/24), a client namespace too, on the VM's
+    /// network (see `ClientLan`).
+    pub fn create(gateway: Option<&str>) -> Result<Testbed> {
         let id = std::process::id();
         // A /16 per run, from the pid: 10.100.x.x … 10.227.x.x.
         let net = 100 + (id % 128) as u8;
@@ -196,10 +266,54 @@ impl Testbed {
             pair_source_end: format!("pcp{tag}s"),
             pair_destination_end: format!("pcp{tag}d"),
             undo: Mutex::default(),
+            clients: gateway.map(|_| ClientLan {
+                ns: format!("pcft-cli-{tag}"),
+                host_bridge: ClientLan::HOST_BRIDGE,
+                source_port: format!("pcl{tag}s"),
+                destination_port: format!("pcl{tag}d"),
+            }),
         };
         bed.build(&tag)
             .with_context(|| "cannot build the partition testbed (network namespaces and veth links; needs root)")?;
+        if let (Some(lan), Some(gateway)) = (&bed.clients, gateway) {
+            bed.build_clients(lan, &tag, gateway)
+                .with_context(|| format!("cannot build the clients' network (namespace {}, bridges)", lan.ns))?;
+        }
         Ok(bed)
+    }
+
+    /// The client namespace with bridge `brc` at `gateway`, and each host's
+    /// `pcft-br0` joined to it by a veth.
+    fn build_clients(&self, lan: &ClientLan, tag: &str, gateway: &str) -> Result<()> {
+        ip(&["netns", "add", &lan.ns])?;
+        in_ns(&lan.ns, &["link", "add", "brc", "type", "bridge"])?;
+        in_ns(&lan.ns, &["addr", "add", gateway, "dev", "brc"])?;
+        in_ns(&lan.ns, &["link", "set", "brc", "up"])?;
+        in_ns(&lan.ns, &["link", "set", "lo", "up"])?;
+        for (ns, client_end, side) in
+            [(&self.source_ns, &lan.source_port, "s"), (&self.destination_ns, &lan.destination_port, "d")]
+        {
+            let host_end = format!("pch{tag}{side}");
+            in_ns(ns, &["link", "add", lan.host_bridge, "type", "bridge"])?;
+            in_ns(ns, &["link", "set", lan.host_bridge, "up"])?;
+            ip(&[
+                "link",
+                "add",
+                &client_end,
+                "netns",
+                &lan.ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &host_end,
+                "netns",
+                ns,
+            ])?;
+            in_ns(&lan.ns, &["link", "set", &client_end, "master", "brc", "up"])?;
+            in_ns(ns, &["link", "set", &host_end, "master", lan.host_bridge, "up"])?;
+        }
+        Ok(())
     }
 
     fn build(&self, tag: &str) -> Result<()> {
@@ -364,5 +478,21 @@ impl Drop for Testbed {
         // Deleting a namespace deletes the veths in it, and with them their peers.
         let _ = ip(&["netns", "del", &self.source_ns]);
         let _ = ip(&["netns", "del", &self.destination_ns]);
+        if let Some(lan) = &self.clients {
+            let _ = ip(&["netns", "del", &lan.ns]);
+        }
     }
+}
+
+/// Moves the calling thread into network namespace `ns` (made by `ip netns
+/// add`): the sockets it makes from then on live there.
+pub fn enter_netns(ns: &str) -> Result<()> {
+    let path = format!("/run/netns/{ns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("cannot open network namespace {path}"))?;
+    // SAFETY: setns(2) changes only this thread's namespace, with an fd we hold open for the call.
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("cannot enter network namespace {ns}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -94,17 +94,7 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         }
         std::io::stdout().flush().map_err(run_failure)?;
         tracing::info!(agent = %name, %addr, "agent started");
-        if args.fail_resume {
-            tracing::warn!("fault injection armed: the first resume of a VM here fails half-way");
-            pcft_agent::fault::arm_partial_resume();
-        }
-        if let Some(point) = args.crash_at {
-            tracing::warn!(?point, signal = ?args.crash_signal, "fault injection armed: this agent fails there");
-            pcft_agent::fault::crash::arm(point, args.crash_signal).map_err(|e| usage(anyhow!(e)))?;
-            if args.crash_signal == pcft_agent::fault::crash::CrashSignal::StallFence {
-                pcft_agent::fault::arm_stall_fence(std::time::Duration::from_millis(args.stall_fence_ms));
-            }
-        }
+        arm_faults(&args)?;
         let sink = match &args.output_sink {
             Some(addr) => OutputSink::tcp(&name, addr).map_err(run_failure)?,
             None => OutputSink::log_only(&name),
@@ -126,6 +116,33 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
         let daemon = Daemon::new(name, limits, sink, key);
         serve_until_stopped(daemon, listener, std::time::Duration::from_secs(args.shutdown_timeout)).await
     })
+}
+
+/// Arms the agent's hidden fault-injection flags (tests, the demo, chaos).
+fn arm_faults(args: &AgentArgs) -> Result<(), Failure> {
+    if args.no_output_commit {
+        tracing::warn!(
+            "fault injection armed: no network output commit (frames leave before their checkpoint commits)"
+        );
+        pcft_agent::fault::disable_output_commit();
+    }
+    if let Some(path) = &args.frame_trace {
+        pcft_agent::fault::frame_trace::open(path)
+            .map_err(|e| anyhow!("cannot write the frame trace {}: {e}", path.display()))
+            .map_err(usage)?;
+    }
+    if args.fail_resume {
+        tracing::warn!("fault injection armed: the first resume of a VM here fails half-way");
+        pcft_agent::fault::arm_partial_resume();
+    }
+    if let Some(point) = args.crash_at {
+        tracing::warn!(?point, signal = ?args.crash_signal, "fault injection armed: this agent fails there");
+        pcft_agent::fault::crash::arm(point, args.crash_signal).map_err(|e| usage(anyhow!(e)))?;
+        if args.crash_signal == pcft_agent::fault::crash::CrashSignal::StallFence {
+            pcft_agent::fault::arm_stall_fence(std::time::Duration::from_millis(args.stall_fence_ms));
+        }
+    }
+    Ok(())
 }
 
 /// Serves until SIGTERM or Ctrl-C, then shuts the agent down gracefully

@@ -1,6 +1,7 @@
 //! Fault injection, for tests, the demo and `cargo xtask chaos` (hidden agent
 //! flags; nothing here runs unless armed): [`crash`] points where an agent
-//! crashes, freezes or stalls, and below, the stall-fence hooks inside the VMM.
+//! crashes, freezes or stalls, [`frame_trace`] of the frames a guest sends,
+//! and below, the stall-fence hooks inside the VMM.
 //!
 //! `stall-fence`: the scheduling accidents that the fence must survive, made
 //! to happen on purpose. Once triggered (at a crash point, see
@@ -13,6 +14,7 @@
 //! thread) does not.
 
 pub mod crash;
+pub mod frame_trace;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +22,7 @@ use std::time::Duration;
 
 static HOLD_MS: AtomicU64 = AtomicU64::new(0);
 static PARTIAL_RESUME: AtomicBool = AtomicBool::new(false);
+static NO_OUTPUT_COMMIT: AtomicBool = AtomicBool::new(false);
 static TRIGGERED: AtomicBool = AtomicBool::new(false);
 static WATCHDOG_HELD: AtomicBool = AtomicBool::new(false);
 
@@ -72,6 +75,19 @@ pub fn arm_partial_resume() {
 /// Whether this resume fails half-way (true once, when armed).
 pub fn resume_fails_half_way() -> bool {
     PARTIAL_RESUME.swap(false, Ordering::SeqCst)
+}
+
+/// `pcft agent --no-output-commit` (hidden): a PostCopyFT destination sends
+/// its guest's network frames at once instead of holding them until their
+/// checkpoint commits, so a test can show what output commit prevents
+/// (acknowledgements of writes that a failover then undoes).
+pub fn disable_output_commit() {
+    NO_OUTPUT_COMMIT.store(true, Ordering::SeqCst);
+}
+
+/// Whether network output commit is off (see [`disable_output_commit`]).
+pub fn output_commit_disabled() -> bool {
+    NO_OUTPUT_COMMIT.load(Ordering::SeqCst)
 }
 
 /// Whether the destination has gone silent on purpose (stall-fence): it writes nothing more to the source.

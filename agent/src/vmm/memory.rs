@@ -4,6 +4,14 @@
 //! handed out as a Rust slice: every access copies through a raw pointer. Reads
 //! taken while vCPUs run may see a write half done, exactly as another CPU
 //! would; callers that need a consistent image pause the vCPUs first.
+//!
+//! While the memory is under userfaultfd (a post-copy destination), a page
+//! may be missing: an access waits for it, and if the copy dies meanwhile the
+//! page may be revoked (`PROT_NONE`, see [`GuestMemory::revoke_pages`]). A
+//! plain copy into such a page would kill the whole agent with SIGSEGV, so
+//! `read` and `write` then copy through the kernel (`process_vm_readv`/
+//! `writev` on this process), which fails the access instead. `read_present`
+//! stays a plain copy, for pages known to be there (pages the guest wrote).
 
 use memmap2::{MmapOptions, MmapRaw};
 use std::ops::Range;
@@ -34,6 +42,8 @@ pub enum MemoryError {
     Revoked { gpa: u64 },
     #[error("cannot revoke the guest page at {gpa:#x}: {source}")]
     Revoke { gpa: u64, source: std::io::Error },
+    #[error("cannot copy guest memory at {gpa:#x} through the kernel: {source}")]
+    Copy { gpa: u64, source: std::io::Error },
 }
 
 pub struct GuestMemory {
@@ -44,6 +54,8 @@ pub struct GuestMemory {
     any_revoked: AtomicBool,
     /// Revoked pages (sorted guest-physical addresses), inaccessible for good.
     revoked: Mutex<Vec<u64>>,
+    /// Whether pages may be missing (under userfaultfd): accesses then copy through the kernel.
+    may_be_missing: AtomicBool,
 }
 
 impl std::fmt::Debug for GuestMemory {
@@ -73,6 +85,7 @@ impl GuestMemory {
             slots,
             any_revoked: AtomicBool::new(false),
             revoked: Mutex::new(Vec::new()),
+            may_be_missing: AtomicBool::new(false),
         })
     }
 
@@ -144,8 +157,31 @@ impl GuestMemory {
         Ok(self.map.as_mut_ptr() as u64 + off as u64)
     }
 
-    /// Copies guest memory at `gpa` into `buf`.
+    /// Whether pages may be missing: set while the memory is registered with
+    /// userfaultfd (by `uffd::FaultRegion`), so that accesses copy through the kernel.
+    pub(crate) fn set_may_be_missing(&self, on: bool) {
+        self.may_be_missing.store(on, Ordering::SeqCst);
+    }
+
+    /// Copies guest memory at `gpa` into `buf` (through the kernel while pages
+    /// may be missing: a page revoked while this waited for it fails the read).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        if !self.may_be_missing.load(Ordering::SeqCst) {
+            return self.read_present(gpa, buf);
+        }
+        let off = self.accessible(gpa, buf.len() as u64)?;
+        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: the remote range is `accessible`'s, inside our own live mapping (process_vm_readv
+        // only reads it, and fails on a page it cannot reach); `local` is `buf`, which it fills.
+        let remote = libc::iovec { iov_base: unsafe { self.map.as_mut_ptr().add(off) }.cast(), iov_len: buf.len() };
+        // SAFETY: both iovecs describe memory that lives across the call; the result is checked.
+        let copied = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        self.kernel_copied(gpa, copied, buf.len())
+    }
+
+    /// Copies guest memory at `gpa` into `buf` directly: only for pages that
+    /// are known to be there (the guest wrote them), such as a checkpoint's.
+    pub fn read_present(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let off = self.accessible(gpa, buf.len() as u64)?;
         // SAFETY: `accessible` keeps [off, off + len) inside the live mapping, and
         // `buf` is a distinct Rust allocation, so the ranges do not overlap.
@@ -153,13 +189,37 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Copies `data` into guest memory at `gpa`.
+    /// Copies `data` into guest memory at `gpa` (through the kernel while pages
+    /// may be missing: a page revoked while this waited for it fails the write).
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         let off = self.accessible(gpa, data.len() as u64)?;
-        // SAFETY: `accessible` keeps the range inside the live, writable mapping;
-        // `data` is a distinct allocation.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(off), data.len()) };
-        Ok(())
+        if !self.may_be_missing.load(Ordering::SeqCst) {
+            // SAFETY: `accessible` keeps the range inside the live, writable mapping;
+            // `data` is a distinct allocation.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(off), data.len()) };
+            return Ok(());
+        }
+        let local = libc::iovec { iov_base: data.as_ptr().cast_mut().cast(), iov_len: data.len() };
+        // SAFETY: the remote range is `accessible`'s, inside our own live mapping; process_vm_writev
+        // fails on a page it cannot reach; `local` is `data`, which it only reads.
+        let remote = libc::iovec { iov_base: unsafe { self.map.as_mut_ptr().add(off) }.cast(), iov_len: data.len() };
+        // SAFETY: both iovecs describe memory that lives across the call; the result is checked.
+        let copied = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+        self.kernel_copied(gpa, copied, data.len())
+    }
+
+    /// The outcome of a kernel copy of `len` bytes at `gpa` that returned `copied`.
+    fn kernel_copied(&self, gpa: u64, copied: isize, len: usize) -> Result<(), MemoryError> {
+        if copied == len as isize {
+            return Ok(());
+        }
+        let at = gpa + copied.max(0) as u64;
+        let source = std::io::Error::last_os_error();
+        if copied >= 0 || source.raw_os_error() == Some(libc::EFAULT) {
+            // A page it could not reach: one revoked while the access waited for it.
+            return Err(MemoryError::Revoked { gpa: at & !(PAGE_SIZE - 1) });
+        }
+        Err(MemoryError::Copy { gpa: at, source })
     }
 
     /// Drops the page at `gpa` (`MADV_DONTNEED`): it reads as zero again, and

@@ -128,7 +128,7 @@ impl VmRunner {
         let written = WrittenMark::new(outputs.released as u64);
         let thread_written = written.clone();
         let vm = crate::metrics::get().vm_instance(name);
-        if outputs.hold {
+        if outputs.hold && !crate::fault::output_commit_disabled() {
             machine.hold_net_output();
         }
         let thread = std::thread::Builder::new()
@@ -227,7 +227,8 @@ fn checkpoint(machine: &mut Machine, epoch: u64) -> Result<CheckpointCapture, Ma
     let dirty = machine.take_dirty_pages()?;
     let mut data = vec![0u8; dirty.len() * PAGE_SIZE as usize];
     for (gpa, page) in dirty.iter().zip(data.chunks_exact_mut(PAGE_SIZE as usize)) {
-        machine.memory().read(*gpa, page)?;
+        // The guest (or a device) wrote these pages: they are there.
+        machine.memory().read_present(*gpa, page)?;
     }
     let state = machine.capture()?;
     if was_running {

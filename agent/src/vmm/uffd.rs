@@ -72,6 +72,8 @@ impl FaultRegion {
         }
         // SAFETY: `waker` is a fresh fd that nothing else owns.
         let waker = unsafe { OwnedFd::from_raw_fd(waker) };
+        // From now on a page may be missing (and later revoked): the VMM's own accesses must not fault on one.
+        memory.set_may_be_missing(true);
         Ok(FaultRegion { uffd, memory, base, waker })
     }
 
@@ -191,12 +193,14 @@ impl FaultRegion {
 impl Drop for FaultRegion {
     fn drop(&mut self) {
         let _ = self.uffd.unregister(self.base as *mut libc::c_void, self.memory.size() as usize);
+        self.memory.set_may_be_missing(false);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vmm::memory::MemoryError;
 
     #[test]
     fn a_missing_page_blocks_until_installed() {
@@ -226,6 +230,29 @@ mod tests {
         assert_eq!(memory.read_u64(0x12000).unwrap(), 9);
         assert_eq!(region.zero(0x20000, 4 * 4096).unwrap(), Installed::Now);
         assert_eq!(region.copy(0x11000, &run[..2 * 4096]).unwrap(), Installed::AlreadyPresent);
+    }
+
+    #[test]
+    fn a_vmm_access_waiting_for_a_page_that_is_revoked_fails_instead_of_killing_the_agent() {
+        let memory = Arc::new(GuestMemory::new(2 << 20, 2 << 20).unwrap());
+        let region = FaultRegion::register(Arc::clone(&memory)).unwrap();
+        // A device writes a received frame into a guest buffer whose page never came.
+        let writer = {
+            let memory = Arc::clone(&memory);
+            std::thread::spawn(move || memory.write(0x7010, b"a frame for a dead copy"))
+        };
+        let fault = region.next_fault(Duration::from_secs(10)).unwrap().expect("the write waits for its page");
+        assert_eq!(fault.gpa, 0x7000);
+        // The copy dies: the page is revoked, and the memory leaves userfaultfd.
+        memory.revoke_pages(&[0x7000]).unwrap();
+        drop(region);
+        match writer.join().expect("the writing thread survives (a plain copy would be a SIGSEGV of the agent)") {
+            Err(MemoryError::Revoked { gpa: 0x7000 }) => {}
+            other => panic!("expected the write to fail on the revoked page: {other:?}"),
+        }
+        // Out of userfaultfd, other pages read as zero and the revoked one stays refused.
+        assert_eq!(memory.read_u64(0x8000).unwrap(), 0);
+        assert!(matches!(memory.read_u64(0x7000), Err(MemoryError::Revoked { gpa: 0x7000 })));
     }
 
     #[test]

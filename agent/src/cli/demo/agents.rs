@@ -51,6 +51,8 @@ pub struct AgentSetting<'a> {
     pub testbed: Option<&'a Testbed>,
     /// The outside world's listener (HOST:PORT, as the demo sees it).
     pub outside: &'a str,
+    /// Where the destination traces its guest's frames (a serving VM).
+    pub frame_trace: Option<&'a std::path::Path>,
 }
 
 impl Agents {
@@ -90,6 +92,12 @@ impl Agents {
         };
         let mut dest_args = vec!["--output-sink".to_string(), destination_sink];
         dest_args.extend(crash_args(fault));
+        if args.no_output_commit {
+            dest_args.push("--no-output-commit".into());
+        }
+        if let Some(trace) = at.frame_trace {
+            dest_args.extend(["--frame-trace".to_string(), trace.display().to_string()]);
+        }
         dest_args.extend(http_listen("127.0.0.1:0"));
         let started =
             agents.start("destination", at.testbed.map(|b| b.destination_ns.as_str()), &listen, &dest_args)?;

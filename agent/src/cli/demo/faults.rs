@@ -115,7 +115,7 @@ fn apply(fault: &TimedFault, injected: &mut Injected) {
             Ok(applied) => injected.network = Some(applied.to_string()),
             Err(e) => eprintln!("pcft demo: cannot degrade the link: {e:#}"),
         },
-        (FailKind::Reset, _) => match ResetRule::apply(fault.reset_side, fault.destination_port) {
+        (FailKind::Reset, bed) => match ResetRule::apply(fault.reset_side, fault.destination_port, bed.as_deref()) {
             Ok(rule) => {
                 injected.network = Some(rule.description().to_string());
                 injected.reset = Some(rule);

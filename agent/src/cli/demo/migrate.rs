@@ -5,6 +5,7 @@
 
 use super::agent_calls::{client_error, destination_fenced, VM};
 use super::agents::{port_of, Endpoints};
+use super::clients::Clients;
 use super::fail_at::FailAt;
 use super::faults::{FaultTimer, TimedFault};
 use super::plan::DemoPlan;
@@ -16,6 +17,12 @@ use pcft_agent::agent::client::{AgentClient, ClientError};
 use pcft_agent::wire::control::ControlMessage;
 use pcft_agent::wire::payload::MigrationReport;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Answers the clients of a serving VM have before it migrates (it serves them).
+const SERVING_ANSWERS: u64 = 20;
+/// How long the clients of a serving VM go on after the migration (or failover), where it runs then.
+const SERVE_AFTER: Duration = Duration::from_millis(1500);
 
 /// What the demo's migration needs.
 pub struct MigrationRun<'a> {
@@ -26,14 +33,17 @@ pub struct MigrationRun<'a> {
     pub testbed: Option<&'a Arc<Testbed>>,
     /// Applies failures at a time, and keeps what it applied.
     pub faults: &'a FaultTimer,
+    /// A serving VM's clients (the kv fixture).
+    pub clients: Option<&'a Clients>,
 }
 
 /// How the migration went.
 pub struct Outcome {
     /// The source's report of the migration.
     pub report: MigrationReport,
-    /// The answer to waiting for the guest to finish (and verifying it) where it runs.
-    pub verified: Result<ControlMessage, ClientError>,
+    /// The answer to waiting for the guest to finish (and verifying it) where
+    /// it runs; None for a serving VM, which its clients' history verifies.
+    pub verified: Option<Result<ControlMessage, ClientError>>,
     /// Whether the destination keeps its copy stopped after a failover (None: not checked).
     pub fenced: Option<bool>,
 }
@@ -43,6 +53,10 @@ impl MigrationRun<'_> {
     pub fn run(&self) -> Result<Outcome, Failure> {
         runtime().block_on(async {
             let mut source = self.start_vm().await?;
+            if let Some(clients) = self.clients {
+                // The VM serves its clients before it moves.
+                clients.wait_serving(SERVING_ANSWERS, Duration::from_secs(60)).await?;
+            }
             tokio::time::sleep(self.plan.migrate_after).await;
             if let FailAt::After(after) = self.plan.fault.fail_at {
                 self.faults.arm(self.timed_fault(after));
@@ -52,8 +66,18 @@ impl MigrationRun<'_> {
             let fenced = self.observe_failover(&report).await?;
             // After a failover the VM runs on at the source; otherwise at the destination.
             let runs_at = if report.failover.is_some() { &self.endpoints.source } else { &self.endpoints.destination };
-            let mut client = AgentClient::connect(runs_at).await.map_err(client_error)?;
-            let verified = client.request(&ControlMessage::WaitFinished { name: VM.into(), timeout_ms: 600_000 }).await;
+            let verified = match self.clients {
+                // A serving VM runs on: its clients keep going a while where it runs now.
+                Some(_) => {
+                    tokio::time::sleep(SERVE_AFTER).await;
+                    None
+                }
+                None => {
+                    let mut client = AgentClient::connect(runs_at).await.map_err(client_error)?;
+                    let wait = ControlMessage::WaitFinished { name: VM.into(), timeout_ms: 600_000 };
+                    Some(client.request(&wait).await)
+                }
+            };
             Ok(Outcome { report, verified, fenced })
         })
     }

@@ -31,6 +31,8 @@
 mod agent_calls;
 mod agents;
 mod announce;
+mod capture;
+mod clients;
 mod explain;
 mod fail_at;
 mod faults;
@@ -40,6 +42,7 @@ mod one_copy;
 mod outside;
 mod plan;
 mod report;
+mod serving;
 
 use crate::cli::netns::Testbed;
 use crate::cli::remote::runtime;
@@ -51,6 +54,7 @@ use migrate::MigrationRun;
 use outside::{OutputAudit, Outside};
 use plan::DemoPlan;
 use report::DemoReport;
+use serving::Serving;
 use std::sync::Arc;
 use vm_fixtures::OutputRecord;
 
@@ -62,9 +66,18 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
 
     // Start the agents: on two hosts (network namespaces) when the network fails,
     // with the outside world listening for their released output.
-    let testbed = if plan.fault.netns { Some(Arc::new(Testbed::create().map_err(usage)?)) } else { None };
+    let testbed = match plan.fault.netns {
+        true => Some(Arc::new(Testbed::create(plan.clients.as_ref().map(|c| c.gateway.as_str())).map_err(usage)?)),
+        false => None,
+    };
     let outside = Outside::start(if plan.fault.netns { "0.0.0.0:0" } else { "127.0.0.1:0" })?;
-    let setting = AgentSetting { testbed: testbed.as_deref(), outside: &outside.addr };
+    // A serving VM's frames, as the destination's guest sent them, to audit what reached its clients.
+    let frame_trace = plan.clients.as_ref().map(|_| serving::frame_trace_file()).transpose()?;
+    let setting = AgentSetting {
+        testbed: testbed.as_deref(),
+        outside: &outside.addr,
+        frame_trace: frame_trace.as_ref().map(|file| file.path()),
+    };
     let (agents, endpoints) = Agents::start_both(&args, &plan.fault, &setting)?;
     // A frozen destination's vCPU threads stop on their way out of KVM_RUN and
     // read the clock only when continued: watch when they were stopped.
@@ -75,13 +88,34 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let expected: Vec<OutputRecord> =
         plan.config.fixture.expected_after(plan.config.fixture.steps).outputs().iter().flatten().copied().collect();
 
+    // A serving VM's clients, from their namespace (they connect once the VM
+    // serves), and the capture of what reaches them.
+    let lan = testbed.as_ref().and_then(|bed| bed.clients.as_ref());
+    let serving = match (&plan.clients, lan, &plan.config.fixture.net) {
+        (Some(want), Some(lan), Some(net)) => Some(Serving::start(want, lan, net.mac)),
+        _ => None,
+    };
+
     // Start the VM, migrate it, inject the fault, observe the failover.
     let faults = FaultTimer::default();
-    let migration =
-        MigrationRun { args: &args, plan: &plan, endpoints: &endpoints, testbed: testbed.as_ref(), faults: &faults };
+    let migration = MigrationRun {
+        args: &args,
+        plan: &plan,
+        endpoints: &endpoints,
+        testbed: testbed.as_ref(),
+        faults: &faults,
+        clients: serving.as_ref().map(Serving::clients),
+    };
     let outcome = migration.run();
     // Whatever happened: nothing more is injected, and the reset rule goes.
     drop(faults.stop());
+    // The clients stop; the store is read back where the VM runs, their history
+    // checked, and what reached them against the epochs that committed.
+    let restored_epoch = outcome.as_ref().ok().and_then(|o| o.report.failover.as_ref()).map(|f| f.restored_epoch);
+    let serving = match (serving, &frame_trace) {
+        (Some(serving), Some(trace)) => Some(serving.finish(trace.path(), restored_epoch)),
+        _ => None,
+    };
 
     // Verify: one copy at a time, from both agents' run logs (before they stop) ...
     let stopped = stop_watch.map(StopWatch::finish).unwrap_or_default();
@@ -98,7 +132,7 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let outputs = OutputAudit::new(&outside.settle(expected.len()), &expected);
 
     // Report.
-    let report = DemoReport::new(&args, &plan, outcome, outputs, one_copy, faults.applied());
+    let report = DemoReport::new(&args, &plan, outcome, outputs, one_copy, faults.applied(), serving);
     report.print()?;
     if let Some(url) = &endpoints.dashboard_url {
         if !args.json {

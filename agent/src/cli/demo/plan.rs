@@ -3,13 +3,15 @@
 //! kind and where it happens, with `random` resolved to a pick).
 
 use super::fail_at::FailAt;
+use crate::cli::netns::ClientLan;
 use crate::cli::vm::{machine_config, KVM_PATH};
-use crate::cli::{usage, DemoArgs, FailKind, Failure, NetArgs, Pattern, TrackerArg, WorkloadArgs};
+use crate::cli::{usage, DemoArgs, FailKind, Failure, NetArg, NetArgs, Pattern, TrackerArg, WorkloadArgs};
 use anyhow::anyhow;
 use pcft_agent::fault::crash::CrashPoint;
 use pcft_agent::host;
 use pcft_agent::vmm::machine::MachineConfig;
 use pcft_agent::wire::payload::{MigrationOptions, Mode};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,6 +28,18 @@ pub struct DemoPlan {
     pub migrate_after: Duration,
     /// The failure to inject.
     pub fault: FaultPlan,
+    /// A serving VM's clients (the kv fixture).
+    pub clients: Option<ClientPlan>,
+}
+
+/// The clients of a serving VM (the kv fixture), on a network of their own.
+pub struct ClientPlan {
+    /// How many connections.
+    pub connections: u32,
+    /// Where the VM serves (its address on the clients' network).
+    pub guest: SocketAddr,
+    /// The clients' bridge address, the VM's gateway, e.g. 10.77.0.1/24.
+    pub gateway: String,
 }
 
 /// Which failure the demo injects, how, and where.
@@ -57,7 +71,12 @@ impl DemoPlan {
         let config = machine_config(&workload(args, tracker))?;
         host::check_kvm(Path::new(KVM_PATH)).map_err(usage)?;
         let mode: Mode = args.mode.into();
-        let fault = FaultPlan::new(args, mode)?;
+        let clients = config.fixture.net.as_ref().map(|net| ClientPlan {
+            connections: args.clients,
+            guest: SocketAddr::from((net.ip, net.port)),
+            gateway: format!("{}/{}", net.gateway, net.prefix),
+        });
+        let fault = FaultPlan::new(args, mode, clients.is_some())?;
         let migrate_after =
             Duration::from_millis(args.migrate_after_ms.unwrap_or(if args.dashboard.is_some() { 5000 } else { 300 }));
         let options = args.ft.options(
@@ -67,14 +86,15 @@ impl DemoPlan {
             },
             tracker,
         );
-        Ok(DemoPlan { config, tracker, mode, options, migrate_after, fault })
+        Ok(DemoPlan { config, tracker, mode, options, migrate_after, fault, clients })
     }
 }
 
 impl FaultPlan {
     /// The failure of `args` in `mode` (only PostCopyFT fails): `--fail-at`
-    /// checked against `--fail-kind`, then resolved.
-    fn new(args: &DemoArgs, mode: Mode) -> Result<FaultPlan, Failure> {
+    /// checked against `--fail-kind`, then resolved. A serving VM (`lan`)
+    /// always runs on the testbed's hosts, whose client network it serves.
+    fn new(args: &DemoArgs, mode: Mode, lan: bool) -> Result<FaultPlan, Failure> {
         let checkpoints = mode.checkpoints();
         let fail_at = if checkpoints { args.fail_at.parse().map_err(usage)? } else { FailAt::None };
         let kind = args.fail_kind;
@@ -85,7 +105,7 @@ impl FaultPlan {
         let plan = FaultPlan {
             kind,
             fail_at: FailAt::None,
-            netns: (kind == FailKind::Partition || kind == FailKind::Lossy) && checkpoints,
+            netns: lan || ((kind == FailKind::Partition || kind == FailKind::Lossy) && checkpoints),
             partition: kind == FailKind::Partition && checkpoints,
             lossy: kind == FailKind::Lossy && checkpoints,
             reset: kind == FailKind::Reset && checkpoints,
@@ -178,7 +198,7 @@ fn workload(args: &DemoArgs, dirty_tracker: TrackerArg) -> WorkloadArgs {
     WorkloadArgs {
         fixture: args.fixture.clone(),
         mem: args.mem.clone(),
-        vcpus: args.vcpus,
+        vcpus: args.vcpus.unwrap_or(if args.fixture == "kv" { 1 } else { 2 }),
         steps: args.steps.or_else(|| default_steps(&args.fixture).map(|steps| steps * scale)),
         forever: false,
         working_set: None,
@@ -193,6 +213,11 @@ fn workload(args: &DemoArgs, dirty_tracker: TrackerArg) -> WorkloadArgs {
         slot_size: "128M".into(),
         dirty_tracker,
         prefill: false,
-        net: NetArgs::none(),
+        // A serving VM: its tap on each host's bridge of the testbed, so its address follows it.
+        net: NetArgs {
+            net: (args.fixture == "kv").then_some(NetArg::Bridge),
+            bridge: ClientLan::HOST_BRIDGE.into(),
+            ..NetArgs::none()
+        },
     }
 }

@@ -9,6 +9,7 @@ use super::migrate::Outcome;
 use super::one_copy::OneCopy;
 use super::outside::OutputAudit;
 use super::plan::DemoPlan;
+use super::serving::ServingReport;
 use crate::cli::remote::print_report;
 use crate::cli::{run_failure, DemoArgs, FailKind, Failure};
 use anyhow::anyhow;
@@ -29,8 +30,21 @@ pub struct Verification {
 }
 
 impl Verification {
-    /// The verification in the agent's `answer` to `WaitFinished`.
-    fn from_answer(answer: &Result<ControlMessage, ClientError>) -> Verification {
+    /// The verification in the agent's `answer` to `WaitFinished`, or, for a
+    /// serving VM, its clients' history.
+    fn new(answer: &Option<Result<ControlMessage, ClientError>>, serving: Option<&ServingReport>) -> Verification {
+        let answer = match (answer, serving) {
+            (Some(answer), _) => answer,
+            (None, Some(serving)) => {
+                return Verification {
+                    ok: serving.ok(),
+                    records: None,
+                    digest: serving.clients.store_digest.clone(),
+                    error: serving.problem(),
+                }
+            }
+            (None, None) => return Verification::failed("the guest was not verified".into()),
+        };
         match answer {
             Ok(ControlMessage::Verified { records, memory_digest, .. }) => Verification {
                 ok: true,
@@ -61,6 +75,8 @@ pub struct DemoReport<'a> {
     pub one_copy: OneCopy,
     /// What the demo's timer applied.
     pub applied: Applied,
+    /// A serving VM's clients: what they saw and what reached them, checked.
+    pub serving: Option<ServingReport>,
 }
 
 impl<'a> DemoReport<'a> {
@@ -72,8 +88,9 @@ impl<'a> DemoReport<'a> {
         outputs: OutputAudit,
         one_copy: OneCopy,
         applied: Applied,
+        serving: Option<ServingReport>,
     ) -> DemoReport<'a> {
-        let verification = Verification::from_answer(&outcome.verified);
+        let verification = Verification::new(&outcome.verified, serving.as_ref());
         DemoReport {
             args,
             plan,
@@ -83,6 +100,7 @@ impl<'a> DemoReport<'a> {
             fenced: outcome.fenced,
             one_copy,
             applied,
+            serving,
         }
     }
 
@@ -156,7 +174,11 @@ impl<'a> DemoReport<'a> {
             "run_log_dropped": one_copy.dropped(),
             "copies_at_end": one_copy.copies_at_end(),
         });
-        object.as_object_mut().expect("report is an object").extend(extra.as_object().expect("object").clone());
+        let object_fields = object.as_object_mut().expect("report is an object");
+        object_fields.extend(extra.as_object().expect("object").clone());
+        if let Some(serving) = &self.serving {
+            object_fields.extend(serving_json(serving).as_object().expect("object").clone());
+        }
         Ok(object)
     }
 
@@ -171,6 +193,11 @@ impl<'a> DemoReport<'a> {
         }
         let fixture = self.plan.config.fixture.kind.name();
         let place = if self.recovered() { "at the source after the failover" } else { "at the destination" };
+        if let Some(serving) = &self.serving {
+            print_serving(serving, place, self.migration.downtime_ms);
+            self.print_rest();
+            return;
+        }
         match (&self.verification.error, self.verification.records) {
             (None, Some(records)) => println!(
                 "verified: the {fixture} guest finished {place} and matches its oracle ({records} output records)"
@@ -185,6 +212,12 @@ impl<'a> DemoReport<'a> {
             outputs.never_released,
             explain::duplicates_note(outputs.duplicates, outputs.duplicates_in_window, self.recovered())
         );
+        self.print_rest();
+    }
+
+    /// The lines after the guest's: the failure applied, the fence, one copy.
+    fn print_rest(&self) {
+        let fail_at = &self.plan.fault.fail_at;
         if self.plan.fault.partition {
             println!("{}", explain::partition_line(fail_at, self.recovered()));
         }
@@ -208,7 +241,65 @@ impl<'a> DemoReport<'a> {
         }
         println!("{}", self.one_copy.line());
     }
+}
 
+/// The JSON fields of a serving VM's clients and of what reached them.
+fn serving_json(serving: &ServingReport) -> serde_json::Value {
+    let (clients, frames) = (&serving.clients, &serving.frames);
+    let findings = &clients.findings;
+    json!({
+        "frames_from_source": frames.from_source,
+        "frames_from_destination": frames.from_destination,
+        "frames_from_uncommitted_epochs": frames.uncommitted,
+        "capture_error": frames.error,
+        "client_connections": clients.connections,
+        "client_ops": findings.ops,
+        "client_acked_writes": findings.acked_writes,
+        "acked_writes_lost": findings.acked_writes_lost,
+        "stale_reads": findings.stale_reads,
+        "unexplained_reads": findings.unexplained_reads,
+        "client_errors": findings.errors,
+        "client_reconnects": clients.reconnects,
+        "client_max_gap_ms": clients.max_gap.as_secs_f64() * 1e3,
+        "connections_survived": clients.connections_survived,
+        "store_digest": clients.store_digest,
+        "store_digest_matches": clients.digest_matches,
+        "client_anomalies": findings.examples,
+        "client_error": clients.error,
+    })
+}
+
+/// The human lines of a serving VM's clients and of what reached them.
+fn print_serving(serving: &ServingReport, place: &str, downtime_ms: f64) {
+    let (clients, frames) = (&serving.clients, &serving.frames);
+    let f = &clients.findings;
+    println!(
+        "clients: {} operations on {} connections ({} survived, {} reconnects, {} errors or unanswered); \
+         longest time without a reply {:.0} ms (downtime {downtime_ms:.1} ms)",
+        f.ops,
+        clients.connections,
+        clients.connections_survived,
+        clients.reconnects,
+        f.errors,
+        clients.max_gap.as_secs_f64() * 1e3,
+    );
+    println!(
+        "on the wire: {} frames from the VM reached the clients through the source, {} through the destination; \
+         {} of these from epochs that never committed",
+        frames.from_source, frames.from_destination, frames.uncommitted
+    );
+    match serving.problem() {
+        None => println!(
+            "verified: the kv guest serves {place}; of {} acknowledged writes none was lost, no read was stale, \
+             and the store holds exactly what the clients read back (digest {})",
+            f.acked_writes,
+            clients.store_digest.as_deref().unwrap_or("?")
+        ),
+        Some(problem) => println!("NOT verified: {problem}"),
+    }
+}
+
+impl DemoReport<'_> {
     /// The note when a failure was asked for but never happened (text output only).
     fn print_unreached(&self) {
         let (plan, report) = (self.plan, &self.migration);

@@ -98,7 +98,8 @@ impl Checkpointer {
         let mut batch = PageBatchWriter::new();
         for (i, chunk) in speculative.chunks(CHECKPOINT_BATCH_PAGES).enumerate() {
             for &gpa in chunk {
-                batch.push_with(gpa, |buf| memory.read(gpa, buf))?;
+                // Pages the guest wrote: they are there.
+                batch.push_with(gpa, |buf| memory.read_present(gpa, buf))?;
             }
             out.checkpoint_frame(batch.finish()).await?;
             if i == 0 {
@@ -118,6 +119,7 @@ impl Checkpointer {
         }
         let pages = (speculative.len() + capture.dirty.len()) as u64;
         let outputs = OutputMark::of(&capture.state.devices);
+        crate::fault::frame_trace::epoch(epoch, outputs.frames);
         let commit =
             encode_message(&MigrationMessage::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() });
         queue_commit(epoch, outputs, commit, out, &self.unacked).await?;

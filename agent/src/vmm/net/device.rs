@@ -257,6 +257,7 @@ impl NetDevice {
             }
             if len > NET_HDR_BYTES {
                 let frame = &self.frame[NET_HDR_BYTES..len];
+                crate::fault::frame_trace::frame(self.state.tx_frames, frame);
                 match &mut self.hold {
                     Some(hold) => {
                         hold.bytes += frame.len();

@@ -1,5 +1,5 @@
-//! A small RESP2 client (Redis's protocol) for the kv guest's tests: send a
-//! command as an array of bulk strings, read one reply.
+//! A small RESP2 client (Redis's protocol) for the kv guest's tests and the
+//! demo's clients: send a command as an array of bulk strings, read one reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -97,6 +97,13 @@ impl Client {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server closed the connection"));
         }
         Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    }
+
+    /// Ends the connection with a TCP reset (SO_LINGER 0): requests still
+    /// unsent or unacknowledged are dropped here, so an abandoned request
+    /// cannot reach the server after the client has moved on.
+    pub fn abort(self) {
+        let _ = socket2::SockRef::from(&self.writer).set_linger(Some(Duration::ZERO));
     }
 
     /// Whether the server closed the connection (reads EOF within the read timeout).

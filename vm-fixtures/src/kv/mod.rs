@@ -1,6 +1,10 @@
 //! The `kv` fixture's host-side model: the digest of a store, computed the
 //! way the guest's `PCFT.DIGEST` command computes it, so a test can check
-//! the guest's store against the writes its clients saw acknowledged.
+//! the guest's store against the writes its clients saw acknowledged; a
+//! RESP2 client (`resp`); and the client history's check (`history`).
+
+pub mod history;
+pub mod resp;
 
 use crate::abi::GOLDEN;
 use crate::mix;
