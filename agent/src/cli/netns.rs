@@ -299,7 +299,7 @@ impl Testbed {
             ip(&[
                 "link",
                 "add",
-                &client_end,
+                client_end,
                 "netns",
                 &lan.ns,
                 "type",
@@ -310,7 +310,7 @@ impl Testbed {
                 "netns",
                 ns,
             ])?;
-            in_ns(&lan.ns, &["link", "set", &client_end, "master", "brc", "up"])?;
+            in_ns(&lan.ns, &["link", "set", client_end, "master", "brc", "up"])?;
             in_ns(ns, &["link", "set", &host_end, "master", lan.host_bridge, "up"])?;
         }
         Ok(())
