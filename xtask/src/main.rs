@@ -13,6 +13,7 @@ mod bench;
 mod bench_dirty;
 mod bench_ft;
 mod bench_kv;
+mod bench_kv_ft;
 mod bench_peer;
 mod chaos;
 mod ebpf;
@@ -50,9 +51,10 @@ enum Task {
     Bench {
         #[arg(long)]
         quick: bool,
-        /// Run only this part: migration, dirty, ft (PostCopyFT), peer (beside QEMU and a raw TCP copy)
-        /// or kv (redis-benchmark against the kv guest, beside the host's redis-server).
-        #[arg(long, value_parser = ["migration", "dirty", "ft", "peer", "kv"])]
+        /// Run only this part: migration, dirty, ft (PostCopyFT), peer (beside QEMU and a raw TCP copy),
+        /// kv (redis-benchmark against the kv guest, beside the host's redis-server) or kv-ft (what a
+        /// serving VM's clients see while it migrates, with and without FT).
+        #[arg(long, value_parser = ["migration", "dirty", "ft", "peer", "kv", "kv-ft"])]
         only: Option<String>,
     },
     /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then the tests.
@@ -175,6 +177,9 @@ fn task(task: Task) -> Result<()> {
             }
             if part("kv") {
                 bench_kv::run(&workspace_root(), &pcft, quick)?;
+            }
+            if part("kv-ft") {
+                bench_kv_ft::run(&workspace_root(), &pcft, quick)?;
             }
             if !quick && only.is_none() {
                 // The page path's small parts, each beside a baseline from the same run.

@@ -296,20 +296,7 @@ impl Testbed {
             let host_end = format!("pch{tag}{side}");
             in_ns(ns, &["link", "add", lan.host_bridge, "type", "bridge"])?;
             in_ns(ns, &["link", "set", lan.host_bridge, "up"])?;
-            ip(&[
-                "link",
-                "add",
-                client_end,
-                "netns",
-                &lan.ns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &host_end,
-                "netns",
-                ns,
-            ])?;
+            ip(&["link", "add", client_end, "netns", &lan.ns, "type", "veth", "peer", "name", &host_end, "netns", ns])?;
             in_ns(&lan.ns, &["link", "set", client_end, "master", "brc", "up"])?;
             in_ns(ns, &["link", "set", &host_end, "master", lan.host_bridge, "up"])?;
         }

@@ -59,6 +59,26 @@ impl ConnectionLog {
     }
 }
 
+/// Percentiles of the time from a request to its answer, in ms (None: no answer).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Latency {
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl Latency {
+    /// Of the answered operations among `ops`.
+    fn of<'a>(ops: impl Iterator<Item = &'a Op>) -> Latency {
+        let mut ms: Vec<f64> = ops
+            .filter(|op| !matches!(op.answer, Answer::Indeterminate(_)))
+            .map(|op| (op.completed - op.invoked).as_secs_f64() * 1e3)
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| ms.get(((ms.len().max(1) - 1) as f64 * q).round() as usize).copied();
+        Latency { p50_ms: at(0.5), p99_ms: at(0.99) }
+    }
+}
+
 /// What the clients saw, and what the check found.
 pub struct ClientReport {
     pub connections: u32,
@@ -68,6 +88,9 @@ pub struct ClientReport {
     pub findings: Findings,
     /// The longest time no client got an answer.
     pub max_gap: Duration,
+    /// How long answers took: over the whole run, and for requests sent while the VM migrated.
+    pub latency: Latency,
+    pub latency_migrating: Latency,
     /// The store's digest (`PCFT.DIGEST`) at the end, and whether it is that of the values read.
     pub store_digest: Option<String>,
     pub digest_matches: bool,
@@ -151,8 +174,9 @@ impl Clients {
         Ok(())
     }
 
-    /// Stops the clients, reads the store back and checks the history.
-    pub fn finish(self) -> ClientReport {
+    /// Stops the clients, reads the store back and checks the history (with
+    /// the latencies of requests sent within the migration's `window`).
+    pub fn finish(self, window: Option<(Instant, Instant)>) -> ClientReport {
         self.stop.store(true, Ordering::Relaxed);
         let stopped = self.t0.elapsed();
         let logs: Vec<ConnectionLog> = self.threads.into_iter().map(|t| t.join().unwrap_or_default()).collect();
@@ -175,6 +199,14 @@ impl Clients {
         .join()
         .unwrap_or_else(|_| Err("the reading client panicked".into()));
         let max_gap = history::longest_gap(&history, stopped);
+        let latency = Latency::of(history.iter());
+        let in_window = |op: &&Op| {
+            window.is_some_and(|(from, to)| {
+                let (from, to) = (from.saturating_duration_since(self.t0), to.saturating_duration_since(self.t0));
+                op.invoked >= from && op.invoked < to
+            })
+        };
+        let latency_migrating = Latency::of(history.iter().filter(in_window));
         let (finals, store_digest, error) = match read {
             Ok(state) => (state.values, Some(state.digest), client_error),
             Err(e) => (BTreeMap::new(), None, Some(e)),
@@ -191,6 +223,8 @@ impl Clients {
             connections_survived,
             findings,
             max_gap,
+            latency,
+            latency_migrating,
             store_digest,
             digest_matches,
             error,

@@ -17,7 +17,7 @@ use pcft_agent::agent::client::{AgentClient, ClientError};
 use pcft_agent::wire::control::ControlMessage;
 use pcft_agent::wire::payload::MigrationReport;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Answers the clients of a serving VM have before it migrates (it serves them).
 const SERVING_ANSWERS: u64 = 20;
@@ -46,6 +46,8 @@ pub struct Outcome {
     pub verified: Option<Result<ControlMessage, ClientError>>,
     /// Whether the destination keeps its copy stopped after a failover (None: not checked).
     pub fenced: Option<bool>,
+    /// When the migration was asked for and when its report came.
+    pub window: (Instant, Instant),
 }
 
 impl MigrationRun<'_> {
@@ -61,7 +63,9 @@ impl MigrationRun<'_> {
             if let FailAt::After(after) = self.plan.fault.fail_at {
                 self.faults.arm(self.timed_fault(after));
             }
+            let asked = Instant::now();
             let report = self.migrate(&mut source).await?;
+            let window = (asked, Instant::now());
             self.undo_faults(&report)?;
             let fenced = self.observe_failover(&report).await?;
             // After a failover the VM runs on at the source; otherwise at the destination.
@@ -78,7 +82,7 @@ impl MigrationRun<'_> {
                     Some(client.request(&wait).await)
                 }
             };
-            Ok(Outcome { report, verified, fenced })
+            Ok(Outcome { report, verified, fenced, window })
         })
     }
 

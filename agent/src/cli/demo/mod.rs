@@ -112,8 +112,9 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     // The clients stop; the store is read back where the VM runs, their history
     // checked, and what reached them against the epochs that committed.
     let restored_epoch = outcome.as_ref().ok().and_then(|o| o.report.failover.as_ref()).map(|f| f.restored_epoch);
+    let window = outcome.as_ref().ok().map(|o| o.window);
     let serving = match (serving, &frame_trace) {
-        (Some(serving), Some(trace)) => Some(serving.finish(trace.path(), restored_epoch)),
+        (Some(serving), Some(trace)) => Some(serving.finish(trace.path(), restored_epoch, window)),
         _ => None,
     };
 

@@ -10,6 +10,7 @@ use crate::cli::netns::ClientLan;
 use crate::cli::{run_failure, Failure};
 use pcft_agent::fault::frame_trace::FrameTrace;
 use std::path::Path;
+use std::time::Instant;
 
 /// The clients and the capture, running.
 pub struct Serving {
@@ -63,9 +64,15 @@ impl Serving {
 
     /// Stops the clients (checking their history) and the capture (auditing
     /// it against the destination's frame `trace`, whose VM the source
-    /// restored from `restored_epoch` if it failed over).
-    pub fn finish(self, trace: &Path, restored_epoch: Option<u64>) -> ServingReport {
-        let clients = self.clients.finish();
+    /// restored from `restored_epoch` if it failed over); the clients'
+    /// latencies also within the migration's `window`.
+    pub fn finish(
+        self,
+        trace: &Path,
+        restored_epoch: Option<u64>,
+        window: Option<(Instant, Instant)>,
+    ) -> ServingReport {
+        let clients = self.clients.finish(window);
         let captured = self.capture.finish();
         let trace = FrameTrace::parse(&std::fs::read_to_string(trace).unwrap_or_default());
         ServingReport { clients, frames: FrameAudit::new(&captured, &trace, restored_epoch) }
