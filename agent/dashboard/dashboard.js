@@ -1,12 +1,18 @@
 // The agent's dashboard. Polls /api/timeline of the agent that served it and
 // of the peers named in ?peers=HOST:PORT,HOST:PORT (other agents' --metrics
 // addresses), and plots, per VM on each agent, its dirty rate (MiB/s, from its
-// tracker) and the checkpoints it sent or committed (a running count); the
-// table lists migration phases, checkpoints and failovers, newest first.
+// tracker) and the checkpoints it sent or committed (a running count); for a
+// VM with a network (a serving VM), beside it, its traffic as its clients see
+// it: frames in (requests) and out (replies, once released) per second, the
+// longest time each second in which no reply went out (the reply gap), and the
+// frames held for output commit. The table lists migration phases,
+// checkpoints and failovers, newest first.
 //
 // For tests and scripts, the page keeps what it shows in data attributes:
-// #status has data-samples, data-checkpoints, data-last-ms; each .vm plot has
-// data-agent, data-vm, data-points, data-last-rate (MiB/s), data-checkpoints.
+// #status has data-samples, data-checkpoints, data-last-ms, data-net-samples;
+// each .vm plot has data-agent, data-vm, data-points, data-last-rate (MiB/s),
+// data-checkpoints; each .net plot has data-agent, data-vm, data-points,
+// data-last-sent (frames/s), data-max-quiet-ms.
 "use strict";
 
 const POLL_MS = 500;
@@ -15,7 +21,40 @@ const MIB = 1 << 20;
 const peers = (new URLSearchParams(location.search).get("peers") || "")
   .split(",").map(p => p.trim()).filter(p => p.length > 0);
 const sources = [""].concat(peers.map(p => `http://${p}`)).map(base => ({ base, since: 0, agent: base || "this agent", error: null }));
-const state = { samples: 0, checkpoints: 0, lastMs: 0, vms: new Map() };
+const state = { samples: 0, checkpoints: 0, netSamples: 0, lastMs: 0, vms: new Map(), nets: new Map() };
+
+function netView(agent, name) {
+  const key = `${agent}\u0000${name}`;
+  let n = state.nets.get(key);
+  if (n) return n;
+  const div = document.createElement("div");
+  div.className = "net";
+  div.dataset.agent = agent;
+  div.dataset.vm = name;
+  const title = document.createElement("h2");
+  title.textContent = `VM ${name} on agent ${agent}: its clients' traffic`;
+  div.appendChild(title);
+  vmView(agent, name).div.after(div);
+  n = { xs: [], received: [], sent: [], quiet: [], held: [], points: 0, lastSent: null, maxQuiet: 0, div, plot: null };
+  n.plot = new uPlot({
+    width: Math.min(window.innerWidth - 60, 1000), height: 220,
+    scales: { x: { time: true }, quiet: {} },
+    axes: [
+      {},
+      { label: "frames/s" },
+      { scale: "quiet", side: 1, label: "reply gap ms", grid: { show: false } },
+    ],
+    series: [
+      {},
+      { label: "requests in (frames/s)", stroke: "#1e8449", spanGaps: true },
+      { label: "replies out (frames/s)", stroke: "#7d3c98", spanGaps: true },
+      { label: "longest reply gap (ms)", scale: "quiet", stroke: "#d35400", spanGaps: true },
+      { label: "held for output commit (frames)", stroke: "#7f8c8d", dash: [4, 4], spanGaps: true },
+    ],
+  }, [[], [], [], [], []], div);
+  state.nets.set(key, n);
+  return n;
+}
 
 function vmView(agent, name) {
   const key = `${agent}\u0000${name}`;
@@ -60,10 +99,17 @@ function render() {
     v.div.dataset.lastRate = v.lastRate === null ? "" : v.lastRate.toFixed(3);
     v.div.dataset.checkpoints = v.checkpoints;
   }
+  for (const n of state.nets.values()) {
+    n.plot.setData([n.xs, n.received, n.sent, n.quiet, n.held]);
+    n.div.dataset.points = n.points;
+    n.div.dataset.lastSent = n.lastSent === null ? "" : n.lastSent.toFixed(1);
+    n.div.dataset.maxQuietMs = Math.round(n.maxQuiet);
+  }
   const status = document.getElementById("status");
   status.dataset.samples = state.samples;
   status.dataset.checkpoints = state.checkpoints;
   status.dataset.lastMs = Math.round(state.lastMs);
+  status.dataset.netSamples = state.netSamples;
   const errors = sources.filter(s => s.error).map(s => `cannot reach ${s.base || "this agent"}: ${s.error}`);
   const latest = state.lastMs ? new Date(state.lastMs).toLocaleTimeString() : "none yet";
   status.textContent = `${sources.length} agent(s): ${sources.map(s => s.agent).join(", ")}; ` +
@@ -94,6 +140,16 @@ async function pollOne(source) {
     v.points += 1;
     v.lastRate = s.bytes_per_second / MIB;
     state.samples += 1;
+    state.lastMs = Math.max(state.lastMs, s.t_ms);
+  }
+  for (const s of data.net || []) {
+    const n = netView(data.agent, s.vm);
+    n.xs.push(s.t_ms / 1000); n.received.push(s.received_per_second); n.sent.push(s.sent_per_second);
+    n.quiet.push(s.longest_quiet_ms); n.held.push(s.held_frames);
+    n.points += 1;
+    n.lastSent = s.sent_per_second;
+    n.maxQuiet = Math.max(n.maxQuiet, s.longest_quiet_ms);
+    state.netSamples += 1;
     state.lastMs = Math.max(state.lastMs, s.t_ms);
   }
   for (const e of data.events) {

@@ -200,3 +200,62 @@ fn an_agent_says_where_its_dashboard_is_and_serves_it() {
     assert!(script.contains("/api/timeline"), "{script}");
     assert!(plotting.starts_with("/*! https://github.com/leeoniya/uPlot"), "the vendored uPlot");
 }
+
+#[test]
+fn a_serving_vm_shows_its_clients_traffic_beside_its_dirty_rate() {
+    let agent = Agent::start("hostK", &["--metrics", "127.0.0.1:0"]);
+    let (tap, ip, host_ip) = pcft_tests::unique_net();
+    let started = pcft_json(&[
+        "vm",
+        "start",
+        "--agent",
+        &agent.addr,
+        "--name",
+        "kv",
+        "--fixture",
+        "kv",
+        "--mem",
+        "64M",
+        "--net",
+        "tap",
+        "--tap",
+        &tap,
+        "--guest-ip",
+        &ip.to_string(),
+        "--host-ip",
+        &host_ip.to_string(),
+        "--json",
+    ]);
+    assert_eq!(started["started"], true, "{started}");
+    // A client asks for 3 s: about as many replies out as requests in.
+    let addr = std::net::SocketAddr::from((ip, 6379));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut client = loop {
+        match pcft_tests::resp::Client::connect(addr, std::time::Duration::from_secs(10)) {
+            Ok(client) => break client,
+            Err(e) if std::time::Instant::now() > deadline => panic!("the kv VM does not serve at {addr}: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut answered = 0;
+    while std::time::Instant::now() < until {
+        client.cmd(&["SET", "k", &answered.to_string()]).expect("SET");
+        answered += 1;
+    }
+    let metrics = agent.metrics.clone().expect("--metrics");
+    let url = format!("http://{}/", metrics.trim_start_matches("http://").trim_end_matches("/metrics"));
+    let html = rendered_dom(&url, 2_000);
+    let net = tags_with(&html, r#"class="net""#).pop().unwrap_or_else(|| panic!("no traffic plot: {html}"));
+    assert_eq!(net["data-vm"], "kv", "{net:?}");
+    assert!(attr(&net, "data-points") >= 2.0, "a sample a second: {net:?}");
+    // The last sample may hold the last second's replies or the quiet after them; some sample had many.
+    let exported = http_get(&metrics);
+    let sent = metric(&exported, r#"pcft_net_sent_frames_total{vm="kv"}"#).expect("pcft_net_sent_frames_total");
+    let received =
+        metric(&exported, r#"pcft_net_received_frames_total{vm="kv"}"#).expect("pcft_net_received_frames_total");
+    assert!(sent >= f64::from(answered), "every reply is a frame out: {sent} < {answered}");
+    assert!(received >= f64::from(answered), "every request is a frame in: {received} < {answered}");
+    assert!(attr(&net, "data-max-quiet-ms") > 0.0, "{net:?}");
+    assert!(metric(&exported, r#"pcft_net_longest_quiet_seconds{vm="kv"}"#).is_some(), "{exported}");
+}

@@ -87,6 +87,10 @@ pub struct Metrics {
     pub net_held_bytes: Family<VmLabels, Gauge>,
     pub net_released_frames: Family<VmLabels, Counter>,
     pub net_hold_seconds: Histogram,
+    /// Network VMs' traffic: frames received and sent, and the longest quiet on the way out.
+    pub net_received_frames: Family<VmLabels, Counter>,
+    pub net_sent_frames: Family<VmLabels, Counter>,
+    pub net_longest_quiet_seconds: Family<VmLabels, Gauge<f64, AtomicU64>>,
     /// Last take per (vm, tracker), for the dirty rate.
     last_take: Mutex<HashMap<TrackerLabels, Instant>>,
     /// The instance of each VM here that may set its dirty rate (see [`VmInstance`]).
@@ -94,6 +98,15 @@ pub struct Metrics {
     next_instance: AtomicU64,
     /// What the dashboard plots.
     pub timeline: Timeline,
+}
+
+/// A network device's traffic over one sample interval.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetTraffic {
+    pub received: u64,
+    pub sent: u64,
+    pub longest_quiet: std::time::Duration,
+    pub held_frames: u64,
 }
 
 fn seconds_buckets() -> Histogram {
@@ -123,6 +136,9 @@ impl Metrics {
             net_held_bytes: Family::default(),
             net_released_frames: Family::default(),
             net_hold_seconds: seconds_buckets(),
+            net_received_frames: Family::default(),
+            net_sent_frames: Family::default(),
+            net_longest_quiet_seconds: Family::default(),
             last_take: Mutex::new(HashMap::new()),
             instances: Mutex::new(HashMap::new()),
             next_instance: AtomicU64::new(1),
@@ -191,6 +207,21 @@ impl Metrics {
             m.net_hold_seconds.clone(),
         );
         registry.register(
+            "net_received_frames",
+            "Network frames from the wire placed in the guest (the clients' requests and acks)",
+            m.net_received_frames.clone(),
+        );
+        registry.register(
+            "net_sent_frames",
+            "Network frames sent to the wire (the VM's replies, once released)",
+            m.net_sent_frames.clone(),
+        );
+        registry.register(
+            "net_longest_quiet_seconds",
+            "The longest time in the last sample interval (about 1 s) in which the VM sent nothing to the wire: the reply gap its clients see",
+            m.net_longest_quiet_seconds.clone(),
+        );
+        registry.register(
             "auth_refusals",
             "Peers refused by authentication, by reason: no-key, unexpected-key, wrong-key (another key: a client or source here, a destination this agent migrated to), bad-mac (a tampered frame)",
             m.auth_refusals.clone(),
@@ -230,6 +261,7 @@ impl Metrics {
         let labels = VmLabels { vm: vm.to_string() };
         self.net_held_frames.remove(&labels);
         self.net_held_bytes.remove(&labels);
+        self.net_longest_quiet_seconds.remove(&labels);
         for phase in PHASES {
             self.phase.remove(&PhaseLabels { vm: vm.to_string(), phase: phase.to_string() });
         }
@@ -251,6 +283,25 @@ impl Metrics {
         if instances.get(&instance.vm) == Some(&instance.id) {
             set();
         }
+    }
+
+    /// A traffic sample of VM copy `instance`'s network device over `seconds`:
+    /// `received` and `sent` frames in it, the longest quiet on the way out, and the frames held now.
+    pub fn net_traffic(&self, instance: &VmInstance, seconds: f64, traffic: NetTraffic) {
+        let labels = VmLabels { vm: instance.vm.clone() };
+        self.net_received_frames.get_or_create(&labels).inc_by(traffic.received);
+        self.net_sent_frames.get_or_create(&labels).inc_by(traffic.sent);
+        self.if_current(instance, || {
+            self.net_longest_quiet_seconds.get_or_create(&labels).set(traffic.longest_quiet.as_secs_f64());
+            self.timeline.net_sample(timeline::NetSample {
+                t_ms: 0.0,
+                vm: instance.vm.clone(),
+                received_per_second: traffic.received as f64 / seconds,
+                sent_per_second: traffic.sent as f64 / seconds,
+                longest_quiet_ms: traffic.longest_quiet.as_secs_f64() * 1e3,
+                held_frames: traffic.held_frames,
+            });
+        });
     }
 
     /// A release of held network frames of VM copy `instance`: `frames` went

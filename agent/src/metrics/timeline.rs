@@ -17,6 +17,21 @@ pub struct RateSample {
     pub bytes_per_second: f64,
 }
 
+/// One sample of a network VM's traffic at this agent (the copy that runs here).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct NetSample {
+    pub t_ms: f64,
+    pub vm: String,
+    /// Frames from the wire placed in the guest, per second (the clients' requests and acks).
+    pub received_per_second: f64,
+    /// Frames sent to the wire, per second (the VM's replies, once released).
+    pub sent_per_second: f64,
+    /// The longest time in the interval in which nothing went out: the reply gap clients see.
+    pub longest_quiet_ms: f64,
+    /// Frames held for output commit at the sample.
+    pub held_frames: u64,
+}
+
 /// What kind of thing happened to a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -47,6 +62,7 @@ pub struct TimelineSlice {
     pub now_ms: f64,
     pub samples: Vec<RateSample>,
     pub events: Vec<TimelineEvent>,
+    pub net: Vec<NetSample>,
 }
 
 /// Entries kept of each kind; the oldest go first.
@@ -57,6 +73,7 @@ pub const TIMELINE_LIMIT: usize = 20_000;
 pub struct Timeline {
     samples: Mutex<VecDeque<RateSample>>,
     events: Mutex<VecDeque<TimelineEvent>>,
+    net: Mutex<VecDeque<NetSample>>,
 }
 
 fn now_ms() -> f64 {
@@ -84,6 +101,11 @@ impl Timeline {
         });
     }
 
+    /// A network VM's traffic sample (see [`NetSample`]; `t_ms` is set here).
+    pub fn net_sample(&self, sample: NetSample) {
+        push_bounded(&self.net, |t_ms| NetSample { t_ms, ..sample });
+    }
+
     pub fn event(&self, vm: &str, kind: EventKind, detail: String) {
         push_bounded(&self.events, |t_ms| TimelineEvent { t_ms, vm: vm.into(), kind, detail });
     }
@@ -95,7 +117,8 @@ impl Timeline {
         let samples =
             self.samples.lock().expect("timeline lock").iter().filter(|s| s.t_ms > since_ms).cloned().collect();
         let events = self.events.lock().expect("timeline lock").iter().filter(|e| e.t_ms > since_ms).cloned().collect();
-        TimelineSlice { agent: agent.to_string(), now_ms, samples, events }
+        let net = self.net.lock().expect("timeline lock").iter().filter(|s| s.t_ms > since_ms).cloned().collect();
+        TimelineSlice { agent: agent.to_string(), now_ms, samples, events, net }
     }
 }
 

@@ -12,7 +12,7 @@ use crate::vmm::kvm::vcpu::KvmVcpu;
 use crate::vmm::kvm::vm::KvmVm;
 use crate::vmm::kvm::KvmError;
 use crate::vmm::memory::{GuestMemory, MemoryError};
-use crate::vmm::net::device::{HoldLevel, NetDevice, NetDeviceState, NetError, Released};
+use crate::vmm::net::device::{HoldLevel, NetDevice, NetDeviceState, NetError, Released, Traffic};
 use crate::vmm::net::provision::{HostTap, ProvisionError};
 use crate::vmm::net::tap::{Tap, TapError};
 use crate::vmm::run_log::RunLog;
@@ -471,6 +471,14 @@ impl Machine {
         let mut device = net.lock().unwrap_or_else(PoisonError::into_inner);
         let released = device.release_output(upto)?;
         Ok(Some((released, device.held())))
+    }
+
+    /// The network device's traffic so far and what it holds now (None
+    /// without one); its longest quiet starts again.
+    pub fn take_net_traffic(&self) -> Option<(Traffic, HoldLevel)> {
+        let net = self.net.as_ref()?;
+        let mut device = net.lock().unwrap_or_else(PoisonError::into_inner);
+        Some((device.take_traffic(), device.held()))
     }
 
     /// The vCPU threads' kernel ids, by vCPU.

@@ -4,9 +4,10 @@
 //! carries out commands from the async side of the agent, answering on
 //! oneshot channels.
 
-use crate::metrics::VmInstance;
+use crate::metrics::{NetTraffic, VmInstance};
 use crate::vmm::machine::{Machine, MachineError, MachineEvent, MachineState, Verified, VerifyError};
 use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
+use crate::vmm::net::device::Traffic;
 use crate::vmm::output::{OutputSink, WrittenMark};
 use crate::vmm::run_log::RunLog;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -312,6 +313,21 @@ fn sample_dirty_rate(vm: &VmInstance, machine: &Machine, status: &Mutex<RunnerSt
     }
 }
 
+/// Samples a network VM's traffic over the last `seconds` (since `last`, which it updates).
+fn sample_net_traffic(vm: &VmInstance, machine: &Machine, seconds: f64, last: &mut Traffic) {
+    let Some((now, held)) = machine.take_net_traffic() else { return };
+    let traffic = NetTraffic {
+        received: now.received.saturating_sub(last.received),
+        sent: now.sent.saturating_sub(last.sent),
+        longest_quiet: now.longest_quiet,
+        held_frames: held.frames as u64,
+    };
+    *last = now;
+    if machine.is_running() {
+        crate::metrics::get().net_traffic(vm, seconds, traffic);
+    }
+}
+
 fn run(
     vm: &VmInstance,
     mut machine: Machine,
@@ -320,9 +336,12 @@ fn run(
     mut gate: Gate,
 ) {
     let mut last_sample = Instant::now();
+    let mut last_traffic = machine.take_net_traffic().map(|(traffic, _)| traffic).unwrap_or_default();
     loop {
         if last_sample.elapsed() >= RATE_INTERVAL {
+            let seconds = last_sample.elapsed().as_secs_f64();
             sample_dirty_rate(vm, &machine, status);
+            sample_net_traffic(vm, &machine, seconds, &mut last_traffic);
             last_sample = Instant::now();
         }
         match commands.recv_timeout(PUMP_INTERVAL) {

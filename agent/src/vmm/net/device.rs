@@ -135,11 +135,51 @@ pub struct NetDevice {
     frame: Vec<u8>,
     /// Output commit: frames held until released (None: frames go out at once).
     hold: Option<FrameHold>,
+    /// What reached the wire, for the operators' view (see [`take_traffic`](Self::take_traffic)).
+    traffic: Traffic,
+}
+
+/// The frames this device exchanged with the wire (not guest state: each
+/// copy of the VM counts its own), and the longest quiet on the way out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Frames received from the wire and placed in the guest, in all.
+    pub received: u64,
+    /// Frames sent to the wire (guest frames, released or not held, and announcements), in all.
+    pub sent: u64,
+    /// The longest time without a frame sent, since the last take (up to the take).
+    pub longest_quiet: Duration,
+    last_sent: Option<Instant>,
+}
+
+impl Traffic {
+    /// Counts a frame sent to the wire at `now`.
+    fn sent_at(&mut self, now: Instant) {
+        if let Some(last) = self.last_sent {
+            self.longest_quiet = self.longest_quiet.max(now.saturating_duration_since(last));
+        }
+        self.last_sent = Some(now);
+        self.sent += 1;
+    }
 }
 
 impl NetDevice {
     pub fn new(state: NetDeviceState, backend: Box<dyn FrameBackend>, memory: Arc<GuestMemory>) -> Self {
-        NetDevice { state, backend, memory, written: Vec::new(), frame: vec![0; FRAME_MAX], hold: None }
+        let traffic = Traffic::default();
+        NetDevice { state, backend, memory, written: Vec::new(), frame: vec![0; FRAME_MAX], hold: None, traffic }
+    }
+
+    /// The traffic so far; the longest quiet starts again (from now, if the
+    /// quiet goes on: it then counts up to this take).
+    pub fn take_traffic(&mut self) -> Traffic {
+        let now = Instant::now();
+        let mut taken = self.traffic;
+        if let Some(last) = taken.last_sent {
+            taken.longest_quiet = taken.longest_quiet.max(now.saturating_duration_since(last));
+            self.traffic.last_sent = Some(now.max(last));
+        }
+        self.traffic.longest_quiet = Duration::ZERO;
+        taken
     }
 
     /// From now on, transmitted frames are held until [`release_output`](Self::release_output).
@@ -151,9 +191,11 @@ impl NetDevice {
     /// committed checkpoint's state), or with `None` all of them, holding no more.
     pub fn release_output(&mut self, upto: Option<u64>) -> Result<Released, NetError> {
         let mut released = Released::default();
-        let Some(hold) = &mut self.hold else { return Ok(released) };
         let now = Instant::now();
-        while hold.frames.front().is_some_and(|f| upto.is_none_or(|upto| f.seq < upto)) {
+        while let Some(hold) = &mut self.hold {
+            if !hold.frames.front().is_some_and(|f| upto.is_none_or(|upto| f.seq < upto)) {
+                break;
+            }
             let frame = hold.frames.pop_front().expect("checked");
             hold.bytes -= frame.data.len();
             let held = now.saturating_duration_since(frame.since);
@@ -162,6 +204,7 @@ impl NetDevice {
             released.max_hold = released.max_hold.max(held);
             released.hold_seconds += held.as_secs_f64();
             self.backend.send(&frame.data).map_err(NetError::Backend)?;
+            self.traffic.sent_at(now);
         }
         if upto.is_none() {
             self.hold = None;
@@ -177,6 +220,7 @@ impl NetDevice {
         let frame = gratuitous_arp(self.state.mac, ip);
         for _ in 0..2 {
             self.backend.send(&frame).map_err(NetError::Backend)?;
+            self.traffic.sent_at(Instant::now());
         }
         Ok(())
     }
@@ -264,7 +308,10 @@ impl NetDevice {
                         let seq = self.state.tx_frames;
                         hold.frames.push_back(HeldFrame { seq, data: frame.to_vec(), since: Instant::now() });
                     }
-                    None => self.backend.send(frame).map_err(NetError::Backend)?,
+                    None => {
+                        self.backend.send(frame).map_err(NetError::Backend)?;
+                        self.traffic.sent_at(Instant::now());
+                    }
                 }
                 self.state.tx_frames += 1;
                 taken += 1;
@@ -321,6 +368,7 @@ impl NetDevice {
             self.written.extend(queue.push_used(chain.head, written)?);
         }
         self.state.rx_frames += delivered as u64;
+        self.traffic.received += delivered as u64;
         Ok(delivered)
     }
 
