@@ -100,6 +100,41 @@ pub struct Metrics {
     pub timeline: Timeline,
 }
 
+/// Registers the network VMs' metrics (output commit and traffic).
+fn register_net(registry: &mut Registry, m: &Metrics) {
+    registry.register(
+        "net_held_frames",
+        "Network frames a PostCopyFT destination's VM transmitted and holds until their checkpoint commits",
+        m.net_held_frames.clone(),
+    );
+    registry.register("net_held_bytes", "Bytes of the held network frames", m.net_held_bytes.clone());
+    registry.register(
+        "net_released_frames",
+        "Held network frames released to the outside after their checkpoint committed",
+        m.net_released_frames.clone(),
+    );
+    registry.register(
+        "net_hold_seconds",
+        "The longest a frame was held, per release (the latency output commit adds)",
+        m.net_hold_seconds.clone(),
+    );
+    registry.register(
+        "net_received_frames",
+        "Network frames from the wire placed in the guest (the clients' requests and acks)",
+        m.net_received_frames.clone(),
+    );
+    registry.register(
+        "net_sent_frames",
+        "Network frames sent to the wire (the VM's replies, once released)",
+        m.net_sent_frames.clone(),
+    );
+    registry.register(
+        "net_longest_quiet_seconds",
+        "The longest time in the last sample interval (about 1 s) in which the VM sent nothing to the wire: the reply gap its clients see",
+        m.net_longest_quiet_seconds.clone(),
+    );
+}
+
 /// A network device's traffic over one sample interval.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NetTraffic {
@@ -190,37 +225,7 @@ impl Metrics {
             "Guest output records released to the outside",
             m.output_released.clone(),
         );
-        registry.register(
-            "net_held_frames",
-            "Network frames a PostCopyFT destination's VM transmitted and holds until their checkpoint commits",
-            m.net_held_frames.clone(),
-        );
-        registry.register("net_held_bytes", "Bytes of the held network frames", m.net_held_bytes.clone());
-        registry.register(
-            "net_released_frames",
-            "Held network frames released to the outside after their checkpoint committed",
-            m.net_released_frames.clone(),
-        );
-        registry.register(
-            "net_hold_seconds",
-            "The longest a frame was held, per release (the latency output commit adds)",
-            m.net_hold_seconds.clone(),
-        );
-        registry.register(
-            "net_received_frames",
-            "Network frames from the wire placed in the guest (the clients' requests and acks)",
-            m.net_received_frames.clone(),
-        );
-        registry.register(
-            "net_sent_frames",
-            "Network frames sent to the wire (the VM's replies, once released)",
-            m.net_sent_frames.clone(),
-        );
-        registry.register(
-            "net_longest_quiet_seconds",
-            "The longest time in the last sample interval (about 1 s) in which the VM sent nothing to the wire: the reply gap its clients see",
-            m.net_longest_quiet_seconds.clone(),
-        );
+        register_net(&mut registry, &m);
         registry.register(
             "auth_refusals",
             "Peers refused by authentication, by reason: no-key, unexpected-key, wrong-key (another key: a client or source here, a destination this agent migrated to), bad-mac (a tampered frame)",

@@ -193,7 +193,7 @@ impl NetDevice {
         let mut released = Released::default();
         let now = Instant::now();
         while let Some(hold) = &mut self.hold {
-            if !hold.frames.front().is_some_and(|f| upto.is_none_or(|upto| f.seq < upto)) {
+            if hold.frames.front().is_none_or(|f| upto.is_some_and(|upto| f.seq >= upto)) {
                 break;
             }
             let frame = hold.frames.pop_front().expect("checked");
