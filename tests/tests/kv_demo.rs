@@ -31,6 +31,7 @@ fn assert_clients_held(what: &str, code: Option<i32>, report: &Value, err: &str)
     assert_eq!(report["unexplained_reads"], 0, "{story}");
     assert_eq!(report["store_digest_matches"], true, "{story}");
     assert_eq!(report["frames_from_uncommitted_epochs"], 0, "{story}");
+    assert_eq!(report["frames_out_of_turn"], 0, "one host answered at a time: {story}");
     assert!(report["capture_error"].is_null(), "{story}");
     assert!(report["frames_from_source"].as_u64().unwrap() > 0, "the capture saw the VM's frames: {story}");
     assert!(report["store_digest"].as_str().is_some_and(|d| d.len() == 16), "{story}");

@@ -235,6 +235,7 @@ fn client_violations(report: &Value) -> Vec<String> {
         ("stale_reads", "stale reads"),
         ("unexplained_reads", "unexplained reads"),
         ("frames_from_uncommitted_epochs", "frames from epochs that never committed reached the clients"),
+        ("frames_out_of_turn", "frames from the destination after the source answered again (two copies answered)"),
     ] {
         match report[field].as_u64() {
             Some(0) => {}

@@ -8,7 +8,14 @@ use crate::cli::{DemoArgs, FailKind};
 /// Prints the opening lines.
 pub fn print(args: &DemoArgs, plan: &DemoPlan, endpoints: &Endpoints, outside: &str) {
     println!("agents: source at {}, destination at {} (separate processes)", endpoints.source, endpoints.destination);
-    println!("outside world (released output) at {outside}");
+    match &plan.clients {
+        Some(clients) => println!(
+            "a serving VM at {} on a bridge at each host; {} client connections write and read from their own \
+             network namespace",
+            clients.guest, clients.connections
+        ),
+        None => println!("outside world (released output) at {outside}"),
+    }
     if let Some(url) = &endpoints.dashboard_url {
         println!("dashboard: {url} (migrating in {} s)", plan.migrate_after.as_secs_f64());
     }

@@ -4,7 +4,11 @@
 //! through the destination's port against the destination agent's frame
 //! trace (`pcft agent --frame-trace`): after a failover, no frame that an
 //! epoch which never committed produced may have reached the clients. That is
-//! network output commit, checked from outside the agents.
+//! network output commit, checked from outside the agents. And the clients
+//! hear from one host at a time: the source until the switchover, the
+//! destination after it, and the source again only after a failover; a frame
+//! from the destination once the source has answered again means two copies
+//! answered clients.
 
 use crate::cli::netns::enter_netns;
 use anyhow::{bail, Context, Result};
@@ -13,19 +17,22 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The capture running on both hosts' ports.
 pub struct Capture {
     stop: Arc<AtomicBool>,
-    source: JoinHandle<Result<Vec<u64>>>,
-    destination: JoinHandle<Result<Vec<u64>>>,
+    source: JoinHandle<Result<Vec<Seen>>>,
+    destination: JoinHandle<Result<Vec<Seen>>>,
 }
 
-/// The hashes of the frames the VM sent that reached the clients, by the host they came through.
+/// A frame from the VM that reached the clients: when, and the hash of its bytes.
+pub type Seen = (Instant, u64);
+
+/// The frames the VM sent that reached the clients, by the host they came through.
 pub struct Captured {
-    pub source: Vec<u64>,
-    pub destination: Vec<u64>,
+    pub source: Vec<Seen>,
+    pub destination: Vec<Seen>,
     /// Why a port could not be captured.
     pub error: Option<String>,
 }
@@ -45,7 +52,7 @@ impl Capture {
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(frame) = socket.receive(&mut buf)? {
                         if frame.get(6..12) == Some(&mac[..]) {
-                            hashes.push(frame_hash(frame));
+                            hashes.push((Instant::now(), frame_hash(frame)));
                         }
                     }
                 }
@@ -60,7 +67,7 @@ impl Capture {
     pub fn finish(self) -> Captured {
         std::thread::sleep(Duration::from_millis(200));
         self.stop.store(true, Ordering::Relaxed);
-        let join = |t: JoinHandle<Result<Vec<u64>>>| {
+        let join = |t: JoinHandle<Result<Vec<Seen>>>| {
             t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the capture thread panicked")))
         };
         let (source, destination) = (join(self.source), join(self.destination));
@@ -76,6 +83,9 @@ pub struct FrameAudit {
     /// Frames that came through the destination's port and that only epochs
     /// after the restored one produced (must be 0).
     pub uncommitted: usize,
+    /// Frames from the destination after the source had answered again
+    /// following the destination's turn: two copies answering (must be 0).
+    pub out_of_turn: usize,
     pub error: Option<String>,
 }
 
@@ -83,14 +93,47 @@ impl FrameAudit {
     /// The audit of `captured` against the destination's `trace`, whose VM the
     /// source restored from checkpoint `restored_epoch` (None: no failover, every epoch committed).
     pub fn new(captured: &Captured, trace: &FrameTrace, restored_epoch: Option<u64>) -> FrameAudit {
-        let uncommitted = restored_epoch
-            .map_or(0, |epoch| captured.destination.iter().filter(|&&hash| trace.uncommitted(hash, epoch)).count());
+        let uncommitted = restored_epoch.map_or(0, |epoch| {
+            captured.destination.iter().filter(|&&(_, hash)| trace.uncommitted(hash, epoch)).count()
+        });
         FrameAudit {
             from_source: captured.source.len(),
             from_destination: captured.destination.len(),
             uncommitted,
+            out_of_turn: out_of_turn(&captured.source, &captured.destination),
             error: captured.error.clone(),
         }
+    }
+}
+
+/// Frames from the destination that came after the source answered again
+/// following the destination's first frame (source, then destination, then
+/// the source after a failover: each host's turn, once).
+fn out_of_turn(source: &[Seen], destination: &[Seen]) -> usize {
+    let Some(&(destination_first, _)) = destination.iter().min_by_key(|(at, _)| *at) else { return 0 };
+    let Some(&(source_again, _)) = source.iter().filter(|(at, _)| *at > destination_first).min_by_key(|(at, _)| *at)
+    else {
+        return 0;
+    };
+    destination.iter().filter(|(at, _)| *at > source_again).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_hear_from_one_host_at_a_time() {
+        let t0 = Instant::now();
+        let at = |ms: u64| (t0 + Duration::from_millis(ms), ms);
+        // Source, destination after the switchover, the source again after a failover.
+        let source = [at(1), at(2), at(50), at(60)];
+        assert_eq!(out_of_turn(&source, &[at(10), at(20)]), 0);
+        // Never migrated, or never back.
+        assert_eq!(out_of_turn(&source, &[]), 0);
+        assert_eq!(out_of_turn(&[at(1)], &[at(10), at(20)]), 0);
+        // The destination still answered after the source had resumed: two copies.
+        assert_eq!(out_of_turn(&source, &[at(10), at(55), at(70)]), 2);
     }
 }
 

@@ -251,6 +251,7 @@ fn serving_json(serving: &ServingReport) -> serde_json::Value {
         "frames_from_source": frames.from_source,
         "frames_from_destination": frames.from_destination,
         "frames_from_uncommitted_epochs": frames.uncommitted,
+        "frames_out_of_turn": frames.out_of_turn,
         "capture_error": frames.error,
         "client_connections": clients.connections,
         "client_ops": findings.ops,
@@ -289,8 +290,8 @@ fn print_serving(serving: &ServingReport, place: &str, downtime_ms: f64) {
     );
     println!(
         "on the wire: {} frames from the VM reached the clients through the source, {} through the destination; \
-         {} of these from epochs that never committed",
-        frames.from_source, frames.from_destination, frames.uncommitted
+         {} of these from epochs that never committed, {} out of turn (after the source answered again)",
+        frames.from_source, frames.from_destination, frames.uncommitted, frames.out_of_turn
     );
     match serving.problem() {
         None => println!(

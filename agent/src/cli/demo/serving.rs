@@ -40,6 +40,11 @@ impl ServingReport {
         let frames = &self.frames;
         self.clients.problem().or_else(|| match (&frames.error, frames.uncommitted) {
             (Some(e), _) => Some(format!("the capture of what reached the clients failed: {e}")),
+            (None, 0) if frames.out_of_turn > 0 => Some(format!(
+                "{} frame(s) reached the clients from the destination after the source answered them again: \
+                 two copies answered",
+                frames.out_of_turn
+            )),
             (None, 0) => None,
             (None, n) => Some(format!(
                 "{n} frame(s) from epochs that never committed reached the clients from the destination \
