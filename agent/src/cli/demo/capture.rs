@@ -118,25 +118,6 @@ fn out_of_turn(source: &[Seen], destination: &[Seen]) -> usize {
     destination.iter().filter(|(at, _)| *at > source_again).count()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_clients_hear_from_one_host_at_a_time() {
-        let t0 = Instant::now();
-        let at = |ms: u64| (t0 + Duration::from_millis(ms), ms);
-        // Source, destination after the switchover, the source again after a failover.
-        let source = [at(1), at(2), at(50), at(60)];
-        assert_eq!(out_of_turn(&source, &[at(10), at(20)]), 0);
-        // Never migrated, or never back.
-        assert_eq!(out_of_turn(&source, &[]), 0);
-        assert_eq!(out_of_turn(&[at(1)], &[at(10), at(20)]), 0);
-        // The destination still answered after the source had resumed: two copies.
-        assert_eq!(out_of_turn(&source, &[at(10), at(55), at(70)]), 2);
-    }
-}
-
 /// An AF_PACKET socket that receives every frame on one interface (the kernel edge).
 struct PacketSocket {
     fd: OwnedFd,
@@ -214,5 +195,24 @@ impl PacketSocket {
             return Ok(None);
         }
         Ok(Some(&buf[..n as usize]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_hear_from_one_host_at_a_time() {
+        let t0 = Instant::now();
+        let at = |ms: u64| (t0 + Duration::from_millis(ms), ms);
+        // Source, destination after the switchover, the source again after a failover.
+        let source = [at(1), at(2), at(50), at(60)];
+        assert_eq!(out_of_turn(&source, &[at(10), at(20)]), 0);
+        // Never migrated, or never back.
+        assert_eq!(out_of_turn(&source, &[]), 0);
+        assert_eq!(out_of_turn(&[at(1)], &[at(10), at(20)]), 0);
+        // The destination still answered after the source had resumed: two copies.
+        assert_eq!(out_of_turn(&source, &[at(10), at(55), at(70)]), 2);
     }
 }
