@@ -59,6 +59,7 @@ fn main() -> ExitCode {
         Command::Migrate(a) => cli::migration::migrate(a),
         Command::Status(a) => cli::remote::status(a),
         Command::Demo(a) => cli::demo::demo(a),
+        Command::Soak(a) => cli::soak::soak(a),
         Command::Keygen(a) => cli::keygen(a),
     };
     match result {

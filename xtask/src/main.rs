@@ -7,6 +7,7 @@
 //! - `ci`:    what `.ci/run` runs: setup, format and lint checks, tests.
 //! - `dashboard-assets`: re-vendor the dashboard's plotting library from npm.
 //! - `chaos`: the fault-injection suite (random failures over many demo runs).
+//! - `soak`:  a serving VM migrated back and forth for minutes with failures (target/soak/).
 //! - `fuzz`:  the cargo-fuzz targets (frame decoder, checkpoint store), bounded in time.
 
 mod bench;
@@ -20,6 +21,7 @@ mod ebpf;
 mod fuzz;
 mod plots;
 mod progress;
+mod soak;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -75,6 +77,13 @@ enum Task {
         /// Which guests: `both` (ledger and kv runs, half each), `ledger` or `kv`.
         #[arg(long, default_value = "both", value_parser = ["both", "ledger", "kv"])]
         fixture: String,
+    },
+    /// The soak: a serving VM migrated back and forth with PostCopyFT for minutes, its clients
+    /// writing throughout and a failure every few migrations; nothing lost, grown or left
+    /// behind (target/soak/: the report and each agent's RSS, fds and threads over time).
+    Soak {
+        #[arg(long, default_value_t = 2.0)]
+        minutes: f64,
     },
     /// Run the cargo-fuzz targets (fuzz/: frame, checkpoint) with the pinned nightly,
     /// installing cargo-fuzz if missing; `cargo test` runs the same properties briefly.
@@ -150,6 +159,13 @@ fn task(task: Task) -> Result<()> {
             require_kvm()?;
             let pcft = build_release()?;
             chaos::run(&workspace_root(), &pcft, runs.max(1), &fixture)
+        }
+        Task::Soak { minutes } => {
+            setup()?;
+            ebpf::build()?;
+            require_kvm()?;
+            let pcft = build_release()?;
+            soak::run(&workspace_root(), &pcft, minutes)
         }
         Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
         Task::Test => {

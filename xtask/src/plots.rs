@@ -247,6 +247,42 @@ pub fn all(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// One line of a line chart: its name and (x, y) points.
+pub type Line = (String, Vec<(f64, f64)>);
+
+/// A line chart of `lines` into `path` (x from 0; y from 0), each line its own colour.
+pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, lines: &[Line]) -> Result<()> {
+    let error = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
+    let points = lines.iter().flat_map(|(_, p)| p.iter());
+    let (right, top) = points.fold((0.0f64, 0.0f64), |(x, y), &(px, py)| (x.max(px), y.max(py)));
+    let root = SVGBackend::new(path, (960, 360)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| error(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..right.max(1e-9), 0.0..(top * 1.15).max(1e-9))
+        .map_err(|e| error(&e))?;
+    chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(|e| error(&e))?;
+    for (i, (name, points)) in lines.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
+            .map_err(|e| error(&e))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| error(&e))?;
+    root.present().map_err(|e| error(&e))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

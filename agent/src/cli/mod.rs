@@ -8,6 +8,7 @@ pub mod migration;
 pub mod netns;
 pub mod remote;
 pub mod report;
+pub mod soak;
 pub mod stopwatch;
 pub mod vm;
 
@@ -63,6 +64,9 @@ pub enum Command {
     Status(StatusArgs),
     /// One command: start two agents on this machine, run a VM on one, migrate it, verify it on the other.
     Demo(DemoArgs),
+    /// Reliability under time: a serving VM migrated back and forth with PostCopyFT for minutes,
+    /// its clients writing throughout, failures injected; nothing may be lost, grow or stay behind.
+    Soak(SoakArgs),
     /// Write a new random pre-shared key (for --psk-file) to a file readable by its owner only.
     Keygen(KeygenArgs),
 }
@@ -410,6 +414,35 @@ pub struct DemoArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct SoakArgs {
+    /// How long to migrate back and forth, in minutes.
+    #[arg(long, default_value_t = 2.0)]
+    pub minutes: f64,
+    /// Seconds between the end of one migration and the start of the next.
+    #[arg(long, default_value_t = 3.0)]
+    pub every_secs: f64,
+    /// Every Nth migration fails: the destination is SIGKILLed (and started
+    /// again), cut off by a partition (healed after), or frozen past its lease
+    /// (continued after), in turn (0: none fails).
+    #[arg(long, default_value_t = 3)]
+    pub fail_every: u32,
+    /// Client connections writing and reading for the whole soak.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub clients: u32,
+    /// Guest memory.
+    #[arg(long, default_value = "64M")]
+    pub mem: String,
+    /// Post-copy push rate in pages/s (a 64M guest stays in post-copy about 4 s).
+    #[arg(long, default_value_t = 4096)]
+    pub postcopy_rate: u64,
+    /// Print the report (with every resource sample) as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+#[derive(Args, Debug)]
 pub struct KeygenArgs {
     /// The key file to create (never overwritten).
     #[arg(long)]
@@ -504,6 +537,7 @@ impl Command {
             Command::Migrate(a) => &a.key,
             Command::Status(a) => &a.key,
             Command::Demo(a) => &a.key,
+            Command::Soak(a) => &a.key,
             Command::Migration(m) => match m {
                 MigrationCommand::Status(a) | MigrationCommand::Cancel(a) => &a.key,
                 MigrationCommand::Wait(a) => &a.migration.key,
@@ -658,6 +692,33 @@ pub struct WorkloadArgs {
     pub prefill: bool,
     #[command(flatten)]
     pub net: NetArgs,
+}
+
+impl WorkloadArgs {
+    /// `fixture` in `mem` with every other option at its default (one vCPU,
+    /// the fixture's steps, random writes, the bitmap tracker, no network).
+    pub fn new(fixture: &str, mem: &str) -> Self {
+        WorkloadArgs {
+            fixture: fixture.into(),
+            mem: mem.into(),
+            vcpus: 1,
+            steps: None,
+            forever: false,
+            working_set: None,
+            record_every: None,
+            seed: None,
+            writes_per_step: 1,
+            pattern: Pattern::Random,
+            hot_pages: 64,
+            hot_permille: 900,
+            rate: None,
+            spin: None,
+            slot_size: "128M".into(),
+            dirty_tracker: TrackerArg::Bitmap,
+            prefill: false,
+            net: NetArgs::none(),
+        }
+    }
 }
 
 /// A network guest's network (the kv fixture).

@@ -61,6 +61,13 @@ pub struct ClientLan {
 impl ClientLan {
     /// The bridge each host namespace has for the VM's tap.
     pub const HOST_BRIDGE: &'static str = "pcft-br0";
+
+    /// A serving VM's network on the testbed: its tap on each host's bridge,
+    /// so its address follows it; the defaults' addresses (the gateway is the clients' bridge).
+    pub fn vm_net() -> crate::cli::NetArgs {
+        let none = crate::cli::NetArgs::none();
+        crate::cli::NetArgs { net: Some(crate::cli::NetArg::Bridge), bridge: Self::HOST_BRIDGE.into(), ..none }
+    }
 }
 
 /// How the pair link is made lossy and slow; both ends, so each direction.
@@ -335,6 +342,11 @@ impl Testbed {
 
     pub fn destination_addr(&self, port: u16) -> String {
         format!("10.{}.2.2:{port}", self.net)
+    }
+
+    /// The source as the destination sees it over the pair (a migration back).
+    pub fn source_over_pair(&self, port: u16) -> String {
+        format!("10.{}.3.1:{port}", self.net)
     }
 
     /// The destination as the source sees it over the pair (the migration's path).

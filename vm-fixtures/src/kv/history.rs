@@ -93,6 +93,15 @@ impl Findings {
             self.examples.push(what);
         }
     }
+
+    /// A read that broke the model (`what`), described by `read`.
+    fn bad_read(&mut self, what: Anomaly, read: String) {
+        match what {
+            Anomaly::Older => self.stale_reads += 1,
+            Anomaly::Unexplained => self.unexplained_reads += 1,
+        }
+        self.note(format!("{} {read}", what.name()));
+    }
 }
 
 /// The longest time in which no operation got an answer (an error reply
@@ -163,16 +172,8 @@ impl<'a> Register<'a> {
                 (Request::Set(value), _) => self.writes.push((value, false)),
                 (Request::Get, Answer::Read(read)) => {
                     if let Err(what) = self.read(read.as_deref()) {
-                        match what {
-                            Anomaly::Older => findings.stale_reads += 1,
-                            Anomaly::Unexplained => findings.unexplained_reads += 1,
-                        }
-                        findings.note(format!(
-                            "{} read of {key} at {:?}: {read:?}, {}",
-                            what.name(),
-                            op.invoked,
-                            self.expected()
-                        ));
+                        let expected = self.expected();
+                        findings.bad_read(what, format!("read of {key} at {:?}: {read:?}, {expected}", op.invoked));
                     }
                 }
                 _ => {}
@@ -283,17 +284,10 @@ impl Counter {
                 (Request::Incr, Answer::Indeterminate(_)) => self.in_doubt += 1,
                 (Request::Get, Answer::Read(read)) => {
                     if let Err(what) = self.read(read.as_deref()) {
-                        match what {
-                            Anomaly::Older => findings.stale_reads += 1,
-                            Anomaly::Unexplained => findings.unexplained_reads += 1,
-                        }
-                        findings.note(format!(
-                            "{} read of {key} at {:?}: {read:?}, expected {} to {}",
-                            what.name(),
-                            op.invoked,
-                            self.known,
-                            self.known + self.in_doubt
-                        ));
+                        let (low, high) = (self.known, self.known + self.in_doubt);
+                        let what_read =
+                            format!("read of {key} at {:?}: {read:?}, expected {low} to {high}", op.invoked);
+                        findings.bad_read(what, what_read);
                     }
                 }
                 _ => {}

@@ -22,14 +22,6 @@ pub struct Agents {
     key: Option<DemoKey>,
 }
 
-/// Where a started agent listens.
-struct Started {
-    /// Its control and migration address.
-    addr: String,
-    /// Its metrics and dashboard address (HOST:PORT), when started with `--metrics`.
-    http: Option<String>,
-}
-
 /// Where the demo reaches its agents, and which processes they are.
 pub struct Endpoints {
     /// The source agent's address, from the demo.
@@ -124,38 +116,62 @@ impl Agents {
 
     /// Starts `pcft agent` listening on `listen`, in network namespace `ns` if given.
     fn start(&mut self, name: &str, ns: Option<&str>, listen: &str, extra: &[String]) -> Result<Started, Failure> {
-        let exe = std::env::current_exe().context("cannot find the pcft executable").map_err(run_failure)?;
-        let mut command = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(exe);
-                c
-            }
-            None => Command::new(exe),
-        };
-        let mut child = command
-            .args(["agent", "--listen", listen, "--name", name])
-            .args(self.key.iter().flat_map(|key| [std::ffi::OsStr::new("--psk-file"), key.file.as_os_str()]))
-            .args(self.key.is_none().then_some("--insecure"))
-            // The demo's report is the story; the agents' lifecycle lines (their
-            // default) would interleave with it. RUST_LOG still reaches them.
-            .args(std::env::var_os("RUST_LOG").is_none().then_some(["--log", "warn"]).into_iter().flatten())
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start the {name} agent"))
-            .map_err(run_failure)?;
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (child, started) = spawn_agent(name, ns, listen, self.key.as_ref(), extra)?;
         self.children.push(child);
-        let mut read_after = |prefix: &str| -> Result<String, Failure> {
-            let mut line = String::new();
-            stdout.read_line(&mut line).map_err(run_failure)?;
-            line.trim()
-                .strip_prefix(prefix)
-                .map(str::to_string)
-                .ok_or_else(|| run_failure(anyhow!("the {name} agent did not start (it printed {line:?})")))
-        };
+        Ok(started)
+    }
+}
+
+/// Where a started agent listens.
+pub struct Started {
+    /// Its control and migration address.
+    pub addr: String,
+    /// Its metrics and dashboard address (HOST:PORT), when started with `--metrics`.
+    pub http: Option<String>,
+}
+
+/// Starts `pcft agent --name NAME --listen LISTEN EXTRA…` (in network
+/// namespace `ns` if given; with `key`, else `--insecure`) and reads where it
+/// listens. The caller owns (and must kill) the child; on an error it is killed here.
+pub fn spawn_agent(
+    name: &str,
+    ns: Option<&str>,
+    listen: &str,
+    key: Option<&DemoKey>,
+    extra: &[String],
+) -> Result<(Child, Started), Failure> {
+    let exe = std::env::current_exe().context("cannot find the pcft executable").map_err(run_failure)?;
+    let mut command = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let mut child = command
+        .args(["agent", "--listen", listen, "--name", name])
+        .args(key.iter().flat_map(|key| [std::ffi::OsStr::new("--psk-file"), key.file.as_os_str()]))
+        .args(key.is_none().then_some("--insecure"))
+        // The demo's report is the story; the agents' lifecycle lines (their
+        // default) would interleave with it. RUST_LOG still reaches them.
+        .args(std::env::var_os("RUST_LOG").is_none().then_some(["--log", "warn"]).into_iter().flatten())
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start the {name} agent"))
+        .map_err(run_failure)?;
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut read_after = |prefix: &str| -> Result<String, Failure> {
+        let mut line = String::new();
+        stdout.read_line(&mut line).map_err(run_failure)?;
+        line.trim()
+            .strip_prefix(prefix)
+            .map(str::to_string)
+            .ok_or_else(|| run_failure(anyhow!("the {name} agent did not start (it printed {line:?})")))
+    };
+    let started = (|| {
         let addr = read_after("listening on ")?;
         // "metrics on http://HOST:PORT/metrics, dashboard on …"
         let http = match extra.iter().any(|arg| arg == "--metrics") {
@@ -163,6 +179,14 @@ impl Agents {
             false => None,
         };
         Ok(Started { addr, http })
+    })();
+    match started {
+        Ok(started) => Ok((child, started)),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
     }
 }
 

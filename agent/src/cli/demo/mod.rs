@@ -29,14 +29,14 @@
 //! (`announce`, `report`, with `explain`).
 
 mod agent_calls;
-mod agents;
+pub(crate) mod agents;
 mod announce;
 mod capture;
-mod clients;
+pub(crate) mod clients;
 mod explain;
 mod fail_at;
 mod faults;
-mod key;
+pub(crate) mod key;
 mod migrate;
 mod one_copy;
 mod outside;

@@ -5,7 +5,7 @@
 use super::fail_at::FailAt;
 use crate::cli::netns::ClientLan;
 use crate::cli::vm::{machine_config, KVM_PATH};
-use crate::cli::{usage, DemoArgs, FailKind, Failure, NetArg, NetArgs, Pattern, TrackerArg, WorkloadArgs};
+use crate::cli::{usage, DemoArgs, FailKind, Failure, NetArgs, TrackerArg, WorkloadArgs};
 use anyhow::anyhow;
 use pcft_agent::fault::crash::CrashPoint;
 use pcft_agent::host;
@@ -195,29 +195,13 @@ fn dirty_tracker(args: &DemoArgs) -> TrackerArg {
 fn workload(args: &DemoArgs, dirty_tracker: TrackerArg) -> WorkloadArgs {
     // With a dashboard, a run long enough to watch.
     let scale = if args.dashboard.is_some() { 10 } else { 1 };
+    let kv = args.fixture == "kv";
     WorkloadArgs {
-        fixture: args.fixture.clone(),
-        mem: args.mem.clone(),
-        vcpus: args.vcpus.unwrap_or(if args.fixture == "kv" { 1 } else { 2 }),
+        vcpus: args.vcpus.unwrap_or(if kv { 1 } else { 2 }),
         steps: args.steps.or_else(|| default_steps(&args.fixture).map(|steps| steps * scale)),
-        forever: false,
-        working_set: None,
-        record_every: None,
-        seed: None,
-        writes_per_step: 1,
-        pattern: Pattern::Random,
-        hot_pages: 64,
-        hot_permille: 900,
-        rate: None,
-        spin: None,
-        slot_size: "128M".into(),
         dirty_tracker,
-        prefill: false,
         // A serving VM: its tap on each host's bridge of the testbed, so its address follows it.
-        net: NetArgs {
-            net: (args.fixture == "kv").then_some(NetArg::Bridge),
-            bridge: ClientLan::HOST_BRIDGE.into(),
-            ..NetArgs::none()
-        },
+        net: if kv { ClientLan::vm_net() } else { NetArgs::none() },
+        ..WorkloadArgs::new(&args.fixture, &args.mem)
     }
 }
