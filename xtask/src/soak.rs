@@ -11,13 +11,14 @@ use std::process::Command;
 
 pub fn run(root: &Path, pcft: &Path, minutes: f64) -> Result<()> {
     eprintln!("soak: {minutes} min of migrations back and forth (pcft soak)");
+    // Its progress (a line per migration) and log go to the terminal; its report comes on stdout.
     let out = Command::new(pcft)
         .args(["soak", "--minutes", &minutes.to_string(), "--json"])
+        .stderr(std::process::Stdio::inherit())
         .output()
         .context("cannot run pcft soak")?;
-    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!("pcft soak printed no report ({}): {}", out.status, String::from_utf8_lossy(&out.stderr))
-    })?;
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("pcft soak printed no report ({}); its log is above", out.status))?;
     let dir = root.join("target/soak");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("soak.json"), serde_json::to_string_pretty(&report)?)?;

@@ -21,9 +21,16 @@
 //! copies may overlap one of the destination's; and at the end the VM must run
 //! (or have finished) at exactly one agent.
 //!
+//! A serving VM (`--fixture kv`) runs on the testbed's hosts with a client
+//! network of their own: its clients write and read throughout and their
+//! history is checked at the end, and what reached them on the wire is
+//! audited against the epochs that committed (`serving`, `clients`,
+//! `capture`); they verify it in place of an oracle.
+//!
 //! The run is a sequence of phases, one file each: plan (`plan`, with
 //! `fail_at`) → start the agents (`agents`, `key`) and the outside world
-//! (`outside`) → start the VM and migrate it (`migrate`) → inject the fault
+//! (`outside`; a serving VM's clients and capture, `serving`) → start the VM
+//! and migrate it (`migrate`) → inject the fault
 //! (`faults`; or the destination does, at its point) → observe the failover
 //! (`migrate`, `agent_calls`) → verify (`one_copy`, `outside`) → report
 //! (`announce`, `report`, with `explain`).

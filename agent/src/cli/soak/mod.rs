@@ -95,14 +95,19 @@ pub fn soak(args: SoakArgs) -> Result<(), Failure> {
         for (i, host) in hosts.iter().enumerate() {
             pids[i].store(host.pid(), Ordering::Relaxed);
         }
-        if !args.json {
-            println!(
-                "migration {n}: {} → {}{}: {}",
-                round.from,
-                round.to,
-                round.failure.map_or(String::new(), |f| format!(" ({f})")),
-                round.outcome
-            );
+        // Progress: on stdout, or with --json on stderr (stdout is the report's).
+        let line = format!(
+            "migration {n} at {:.0} s: {} → {}{}: {}",
+            started.elapsed().as_secs_f64(),
+            round.from,
+            round.to,
+            round.failure.map_or(String::new(), |f| format!(" ({f})")),
+            round.outcome
+        );
+        if args.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
         }
         rounds.push(round);
     }
