@@ -61,3 +61,35 @@ fn a_resume_that_fails_half_way_is_stopped_before_the_source_restores() {
     assert_eq!(phase, Some(VmPhase::Failed), "the destination keeps its copy stopped");
     assert_eq!(overlap(&at_source, &at_destination), Duration::ZERO, "{at_source:?} vs {at_destination:?}");
 }
+
+/// The hand-over left unconfirmed: the destination takes the VM on `Finish`
+/// and freezes before it answers `Finished` (`pcft agent --crash-at
+/// after-finish --crash-signal stop`, via the demo's freeze). The source
+/// hears nothing for its patience (30 s), reports `finish-unconfirmed` naming
+/// the destination, and must not restore its own copy: when the destination
+/// is continued it runs the VM, and exactly one copy runs, there.
+#[test]
+fn an_unconfirmed_hand_over_leaves_exactly_one_copy_at_the_destination() {
+    let (code, out, err) = pcft_tests::pcft_output(&[
+        "demo",
+        "--fail-kind",
+        "freeze",
+        "--fail-at",
+        "after-finish",
+        "--mem",
+        "64M",
+        "--steps",
+        "40000",
+        "--postcopy-rate",
+        "4096",
+    ]);
+    let story = format!("{out}\n{err}");
+    assert_eq!(code, Some(1), "the migration did not complete: {story}");
+    let first_error = err.lines().find(|l| l.starts_with("pcft: error:")).unwrap_or_default();
+    assert!(first_error.contains("did not confirm Finish"), "{story}");
+    assert!(first_error.contains("keeps its copy stopped"), "{story}");
+    assert!(first_error.contains("check `pcft status` on 127.0.0.1:"), "names the destination: {story}");
+    let one_copy = err.lines().find(|l| l.contains("one copy at a time:")).unwrap_or_default();
+    assert!(one_copy.contains("never ran at once"), "{story}");
+    assert!(one_copy.contains("one copy at the end, at the destination"), "{story}");
+}

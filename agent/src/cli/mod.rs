@@ -152,7 +152,8 @@ pub struct AgentArgs {
     #[arg(long)]
     pub json: bool,
     /// Fault injection: SIGKILL this agent at a point of an incoming PostCopyFT
-    /// migration (before-first-checkpoint, speculative:N, pause:N, committed:N, after-last-page).
+    /// migration (before-first-checkpoint, speculative:N, pause:N, committed:N, after-last-page,
+    /// after-finish).
     #[arg(long, hide = true)]
     pub crash_at: Option<pcft_agent::fault::crash::CrashPoint>,
     /// Fault injection: what happens at --crash-at (kill: SIGKILL; stop: SIGSTOP, a frozen host;
@@ -322,8 +323,11 @@ pub struct DemoArgs {
     /// `epoch:N` (right after checkpoint N went out); `speculative:N` (in
     /// checkpoint N's speculative copy); `pause:N` (in checkpoint N's pause);
     /// `before-first-checkpoint`; `after-last-page` (when the last page
-    /// arrived). The points are for crash, freeze and stall-fence; stall takes
-    /// epoch:N, speculative:N and before-first-checkpoint.
+    /// arrived); `after-finish` (the destination took the VM on `Finish` and
+    /// has not answered `Finished`: the source must report
+    /// `finish-unconfirmed` and not restore; never picked at random). The
+    /// points are for crash, freeze and stall-fence; stall takes epoch:N,
+    /// speculative:N and before-first-checkpoint.
     #[arg(long, default_value = "random")]
     pub fail_at: String,
     /// How the migration fails: `crash` (SIGKILL of the destination agent),

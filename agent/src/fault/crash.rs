@@ -24,6 +24,9 @@ pub enum CrashPoint {
     Committed(u64),
     /// When the last page has arrived (on `AllSent`), before answering `Complete`.
     AfterLastPage,
+    /// PostCopyFT's hand-over: `Finish` arrived and this agent took the VM,
+    /// before it answers `Finished` (the source then hears nothing: `finish-unconfirmed`).
+    AfterFinish,
 }
 
 /// A crash point or signal that does not parse (the message names the choices).
@@ -32,7 +35,7 @@ pub enum ParseCrashError {
     #[error("{0:?} is not an epoch number (1, 2, …)")]
     Epoch(String),
     #[error(
-        "unknown crash point {0:?}: use before-first-checkpoint, speculative:N, pause:N, committed:N or after-last-page"
+        "unknown crash point {0:?}: use before-first-checkpoint, speculative:N, pause:N, committed:N, after-last-page or after-finish"
     )]
     Point(String),
     #[error("unknown crash signal {0:?}: use kill, stop, stall or stall-fence")]
@@ -47,6 +50,7 @@ impl std::str::FromStr for CrashPoint {
         match text.split_once(':') {
             None if text == "before-first-checkpoint" => Ok(CrashPoint::BeforeFirstCheckpoint),
             None if text == "after-last-page" => Ok(CrashPoint::AfterLastPage),
+            None if text == "after-finish" => Ok(CrashPoint::AfterFinish),
             Some(("speculative", n)) => Ok(CrashPoint::Speculative(epoch(n)?)),
             Some(("pause", n)) => Ok(CrashPoint::Pause(epoch(n)?)),
             Some(("committed", n)) => Ok(CrashPoint::Committed(epoch(n)?)),
@@ -113,9 +117,13 @@ pub fn at(point: CrashPoint) {
         Some(&(armed, signal)) if armed == point && signal != CrashSignal::Stall => {
             tracing::warn!(?point, ?signal, "crash point reached");
             let signal = if signal == CrashSignal::Kill { libc::SIGKILL } else { libc::SIGSTOP };
-            // SAFETY: kill(2) on our own pid with a valid signal number has no memory effects.
+            // To this thread (raise(3): tgkill): it takes the stop itself before
+            // its next instruction. kill(2) to the process let another thread take
+            // it, and this one ran on for some 100 µs meanwhile (after-finish then
+            // sent `Finished` from a "frozen" agent).
+            // SAFETY: raise(3) with a valid signal number has no memory effects.
             unsafe {
-                libc::kill(libc::getpid(), signal);
+                libc::raise(signal);
             }
         }
         _ => {}
@@ -142,6 +150,7 @@ mod tests {
         assert_eq!("speculative:1".parse(), Ok(CrashPoint::Speculative(1)));
         assert_eq!("committed:2".parse(), Ok(CrashPoint::Committed(2)));
         assert_eq!("after-last-page".parse(), Ok(CrashPoint::AfterLastPage));
+        assert_eq!("after-finish".parse(), Ok(CrashPoint::AfterFinish));
         assert_eq!("before-first-checkpoint".parse(), Ok(CrashPoint::BeforeFirstCheckpoint));
         assert!("pause:0".parse::<CrashPoint>().is_err());
         assert!("later".parse::<CrashPoint>().unwrap_err().to_string().contains("unknown crash point"));

@@ -25,7 +25,7 @@ pub enum MigrationError {
     Vm(#[from] VmError),
     #[error("the destination did not answer ({what}) within {after:?}")]
     Timeout { what: String, after: Duration },
-    #[error("the destination was lost after the switchover committed: {0}; without PostCopyFT checkpoints the VM cannot be recovered")]
+    #[error("the destination was lost after the switchover committed: {0}")]
     LostAfterCommit(String),
     #[error("fenced: {0}")]
     Fenced(String),

@@ -104,6 +104,7 @@ impl FailAt {
             FailAt::Point(CrashPoint::Pause(n)) => format!("pause:{n}"),
             FailAt::Point(CrashPoint::Committed(n)) => format!("epoch:{n}"),
             FailAt::Point(CrashPoint::AfterLastPage) => "after-last-page".into(),
+            FailAt::Point(CrashPoint::AfterFinish) => "after-finish".into(),
         }
     }
 }

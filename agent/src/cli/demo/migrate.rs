@@ -64,7 +64,15 @@ impl MigrationRun<'_> {
                 self.faults.arm(self.timed_fault(after));
             }
             let asked = Instant::now();
-            let report = self.migrate(&mut source).await?;
+            let report = match self.migrate(&mut source).await {
+                Ok(report) => report,
+                Err(e) => {
+                    // No report (e.g. the hand-over went unconfirmed: the source
+                    // kept its copy stopped): a frozen destination may own the VM.
+                    self.continue_frozen_destination();
+                    return Err(e);
+                }
+            };
             let window = (asked, Instant::now());
             self.undo_faults(&report)?;
             let fenced = self.observe_failover(&report).await?;
@@ -146,11 +154,24 @@ impl MigrationRun<'_> {
             // Restore the link before the fencing check, as a partition heals.
             bed.restore().context("cannot restore the link between the hosts").map_err(run_failure)?;
         }
+        if report.failover.is_none() {
+            self.continue_frozen_destination();
+        }
         if let (Some(bed), true) = (self.testbed, self.plan.fault.partition && report.failover.is_some()) {
             // Heal the network: the destination may hear from the source again, and must stay fenced.
             bed.heal().map_err(run_failure)?;
         }
         Ok(())
+    }
+
+    /// A frozen destination whose VM the source did not take back (the
+    /// migration completed, or the hand-over went unconfirmed) may own the VM:
+    /// it is continued, and runs on.
+    fn continue_frozen_destination(&self) {
+        if self.plan.fault.kind == FailKind::Freeze {
+            // SAFETY: kill(2) of the destination agent we started (a child process).
+            unsafe { libc::kill(self.endpoints.destination_pid as libc::pid_t, libc::SIGCONT) };
+        }
     }
 
     /// Whatever failed (but a crash: nothing is left to fence), a destination

@@ -445,6 +445,8 @@ impl Destination {
         drop(self.ft.take());
         self.runner.as_ref().expect("runs").release_outputs(None);
         metrics::get().set_phase(&self.name, "completed");
+        // The VM is ours; the source has not heard so yet.
+        crash::at(CrashPoint::AfterFinish);
         let finished = self.out.after_checkpoints(encode_message(&MigrationMessage::Finished)).await;
         if finished.is_ok() {
             // Read on until the source closes: closing with its frames unread

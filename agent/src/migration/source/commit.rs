@@ -62,7 +62,7 @@ pub async fn go<'p>(
     };
     if let Err(e) = link.out.message(&MigrationMessage::Go).await {
         if ft.is_none() {
-            return Err(MigrationError::LostAfterCommit(e.to_string()));
+            return Err(MigrationError::LostAfterCommit(format!("{e}; {}", outcome::NOT_RECOVERABLE)));
         }
     }
     let Link { rd, out, demand } = link;

@@ -134,6 +134,9 @@ fn in_operator_words(cause: &Cause) -> String {
     }
 }
 
+/// Why a destination lost after the commit without PostCopyFT leaves no VM.
+pub(crate) const NOT_RECOVERABLE: &str = "without PostCopyFT checkpoints the VM cannot be recovered";
+
 /// The destination was lost after the commit: with PostCopyFT, the checkpoint
 /// to restore and when the lease allows it; without, nothing to restore.
 fn destination_lost(end: Ending<'_>, lost: Lost) -> Result<MigrationOutcome, MigrationError> {
@@ -142,12 +145,14 @@ fn destination_lost(end: Ending<'_>, lost: Lost) -> Result<MigrationOutcome, Mig
     let Lost { kind, cause } = lost;
     let reason = in_operator_words(&cause);
     let Some(ft) = ft else {
-        return Err(MigrationError::LostAfterCommit(reason));
+        return Err(MigrationError::LostAfterCommit(format!("{reason}; {NOT_RECOVERABLE}")));
     };
     let detected_at = ended_at;
     let Some(fenced_at) = ft.restore_at(copy, detected_at) else {
         return Err(MigrationError::LostAfterCommit(format!(
-            "{reason}; it runs the VM if Finish reached it, or it stopped its copy: check `pcft status` on {to}"
+            "{reason}; the source keeps its copy stopped (it cannot tell a crash from a lost `Finished`, and \
+             must not restore one that may run there): the destination runs the VM if Finish reached it, or it \
+             stopped its copy: check `pcft status` on {to}"
         )));
     };
     let last_heard = match kind {
