@@ -291,6 +291,22 @@ pub fn assert_one_copy_at_a_time(report: &Value) {
 
 pub use vm_fixtures::kv::resp;
 
+/// The network namespaces a demo run made (its report's `testbed_namespaces`,
+/// if any) are gone. Only its own are checked (other runs on this machine may
+/// have theirs).
+pub fn assert_testbed_removed(report: &Value) {
+    let names: Vec<&str> =
+        report["testbed_namespaces"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let listed = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    for name in names {
+        assert!(
+            !listed.lines().any(|l| l.split_whitespace().next() == Some(name)),
+            "the demo left its namespace {name} behind: {listed}"
+        );
+    }
+}
+
 /// A `kv` guest served by a `pcft vm run --net tap` process of its own, on a
 /// tap and network unique to it (tests run at once); stopped with SIGINT
 /// (its tap is removed) when dropped.

@@ -35,15 +35,10 @@ fn demo(kind: &str, extra: &[&str]) -> Value {
         assert_eq!(report["destination_fenced"], true, "exactly one copy runs after the failover: {what}");
     }
     assert_one_copy_at_a_time(&report);
-    namespaces_removed();
+    pcft_tests::assert_testbed_removed(&report);
     cgroups_removed();
     reset_rules_removed();
     report
-}
-
-fn namespaces_removed() {
-    let list = std::process::Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
-    assert!(!String::from_utf8_lossy(&list.stdout).contains("pcft-"), "the demo removes its namespaces");
 }
 
 fn reset_rules_removed() {

@@ -41,6 +41,9 @@ fn assert_clients_held(what: &str, code: Option<i32>, report: &Value, err: &str)
     assert_eq!(report["client_connections"], 4, "{story}");
     assert!(report["client_max_gap_ms"].as_f64().is_some_and(|gap| gap > 0.0), "{story}");
     pcft_tests::assert_one_copy_at_a_time(report);
+    // Three namespaces (the clients and two hosts), all removed.
+    assert_eq!(report["testbed_namespaces"].as_array().map(Vec::len), Some(3), "{story}");
+    pcft_tests::assert_testbed_removed(report);
 }
 
 #[test]

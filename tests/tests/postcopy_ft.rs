@@ -125,8 +125,8 @@ fn a_network_partition_fences_the_destination_and_the_source_recovers() {
     let detection = report["failure"]["detection_ms"].as_f64().unwrap();
     assert!((200.0..400.0).contains(&detection), "detected by 200 ms of silence: {report}");
     assert_eq!(report["destination_fenced"], true, "exactly one copy runs after the failover: {report}");
-    let namespaces = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&namespaces.stdout).contains("pcft-"), "the demo removes its namespaces");
+    assert_eq!(report["testbed_namespaces"].as_array().map(Vec::len), Some(2), "two hosts: {report}");
+    pcft_tests::assert_testbed_removed(&report);
 }
 
 #[test]

@@ -335,6 +335,13 @@ impl Testbed {
         Ok(())
     }
 
+    /// The network namespaces it made (removed when it is dropped).
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut names = vec![self.source_ns.clone(), self.destination_ns.clone()];
+        names.extend(self.clients.as_ref().map(|lan| lan.ns.clone()));
+        names
+    }
+
     /// Where the source agent's control port is reached from the root namespace.
     pub fn source_addr(&self, port: u16) -> String {
         format!("10.{}.1.2:{port}", self.net)

@@ -140,7 +140,8 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
     let outputs = OutputAudit::new(&outside.settle(expected.len()), &expected);
 
     // Report.
-    let report = DemoReport::new(&args, &plan, outcome, outputs, one_copy, faults.applied(), serving);
+    let namespaces = testbed.as_ref().map(|bed| bed.namespaces()).unwrap_or_default();
+    let report = DemoReport::new(&args, &plan, outcome, outputs, one_copy, faults.applied(), serving, namespaces);
     report.print()?;
     if let Some(url) = &endpoints.dashboard_url {
         if !args.json {

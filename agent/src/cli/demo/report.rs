@@ -77,6 +77,8 @@ pub struct DemoReport<'a> {
     pub applied: Applied,
     /// A serving VM's clients: what they saw and what reached them, checked.
     pub serving: Option<ServingReport>,
+    /// The network namespaces the run made (removed before it ends).
+    pub namespaces: Vec<String>,
 }
 
 impl<'a> DemoReport<'a> {
@@ -89,6 +91,7 @@ impl<'a> DemoReport<'a> {
         one_copy: OneCopy,
         applied: Applied,
         serving: Option<ServingReport>,
+        namespaces: Vec<String>,
     ) -> DemoReport<'a> {
         let verification = Verification::new(&outcome.verified, serving.as_ref());
         DemoReport {
@@ -101,6 +104,7 @@ impl<'a> DemoReport<'a> {
             one_copy,
             applied,
             serving,
+            namespaces,
         }
     }
 
@@ -173,6 +177,7 @@ impl<'a> DemoReport<'a> {
             "destination_run_intervals": one_copy.destination.runs.as_ref().map(|r| r.intervals.len()),
             "run_log_dropped": one_copy.dropped(),
             "copies_at_end": one_copy.copies_at_end(),
+            "testbed_namespaces": self.namespaces,
         });
         let object_fields = object.as_object_mut().expect("report is an object");
         object_fields.extend(extra.as_object().expect("object").clone());
