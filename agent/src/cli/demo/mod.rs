@@ -60,7 +60,7 @@ use faults::FaultTimer;
 use migrate::MigrationRun;
 use outside::{OutputAudit, Outside};
 use plan::DemoPlan;
-use report::DemoReport;
+use report::{Checks, DemoReport};
 use serving::Serving;
 use std::sync::Arc;
 use vm_fixtures::OutputRecord;
@@ -141,7 +141,8 @@ pub fn demo(args: DemoArgs) -> Result<(), Failure> {
 
     // Report.
     let namespaces = testbed.as_ref().map(|bed| bed.namespaces()).unwrap_or_default();
-    let report = DemoReport::new(&args, &plan, outcome, outputs, one_copy, faults.applied(), serving, namespaces);
+    let checks = Checks { outputs, one_copy, applied: faults.applied(), serving, namespaces };
+    let report = DemoReport::new(&args, &plan, outcome, checks);
     report.print()?;
     if let Some(url) = &endpoints.dashboard_url {
         if !args.json {

@@ -81,18 +81,23 @@ pub struct DemoReport<'a> {
     pub namespaces: Vec<String>,
 }
 
+/// What the demo checked besides the migration itself.
+pub struct Checks {
+    /// The outside world's records against the oracle's.
+    pub outputs: OutputAudit,
+    pub one_copy: OneCopy,
+    /// What the demo's timer applied.
+    pub applied: Applied,
+    /// A serving VM's clients and what reached them.
+    pub serving: Option<ServingReport>,
+    /// The network namespaces the run made.
+    pub namespaces: Vec<String>,
+}
+
 impl<'a> DemoReport<'a> {
-    /// The report of a migration's `outcome`, with the audit and the one-copy check.
-    pub fn new(
-        args: &'a DemoArgs,
-        plan: &'a DemoPlan,
-        outcome: Outcome,
-        outputs: OutputAudit,
-        one_copy: OneCopy,
-        applied: Applied,
-        serving: Option<ServingReport>,
-        namespaces: Vec<String>,
-    ) -> DemoReport<'a> {
+    /// The report of a migration's `outcome`, with the demo's `checks`.
+    pub fn new(args: &'a DemoArgs, plan: &'a DemoPlan, outcome: Outcome, checks: Checks) -> DemoReport<'a> {
+        let Checks { outputs, one_copy, applied, serving, namespaces } = checks;
         let verification = Verification::new(&outcome.verified, serving.as_ref());
         DemoReport {
             args,
