@@ -200,13 +200,21 @@ fn migrate_once(
         }
         _ => {}
     }
+    // An agent that came back after a crash holds no VM: nothing it had received runs again.
+    let stale = match failure {
+        Some("crash") => vms_at(&hosts[to].control),
+        _ => Vec::new(),
+    };
     let (from_name, to_name) = (hosts[from].name, hosts[to].name);
     let round = |outcome: String, report: Option<&MigrationReport>| Round {
         n,
         from: from_name,
         to: to_name,
         failure,
-        outcome,
+        outcome: match stale.is_empty() {
+            true => outcome,
+            false => format!("failed: the restarted destination runs {stale:?}"),
+        },
         total_migration_ms: report.map(|r| r.total_migration_ms).filter(|ms| ms.is_finite()),
         downtime_ms: report.map_or(f64::NAN, |r| r.downtime_ms),
         failover_ms: report.and_then(|r| r.failover.as_ref().map(|f| f.failover_ms)),
@@ -222,6 +230,21 @@ fn migrate_once(
         }
         Ok(other) => round(format!("failed: the source answered {other:?}"), None),
         Err(e) => round(format!("failed: {e}"), None),
+    })
+}
+
+/// The VMs the agent at `control` has (its `pcft status`); a VM named
+/// `unreachable` if it cannot be asked.
+fn vms_at(control: &str) -> Vec<String> {
+    runtime().block_on(async {
+        let asked = async {
+            let mut client = AgentClient::connect(control).await?;
+            client.request(&ControlMessage::Status).await
+        };
+        match asked.await {
+            Ok(ControlMessage::StatusReport { vms, .. }) => vms.into_iter().map(|vm| vm.name).collect(),
+            _ => vec!["unreachable".to_string()],
+        }
     })
 }
 
