@@ -3,7 +3,9 @@
 //! in a file and still restores exactly; and a destination whose heartbeats
 //! go on but whose checkpoints stop (a gray failure, by its hidden
 //! `--crash-signal stall` hook) is declared failed by the source's progress
-//! check, fenced, and the VM recovered at the source from the last checkpoint.
+//! check, fenced, and the VM recovered at the source from the last checkpoint;
+//! a slow source holds the destination's checkpoints to a window of two
+//! epochs (checked from both agents' timelines; a window of 6 fails it).
 
 use pcft_tests::{http_get, ledger_digest, metric, migrate, pcft_json, start_vm, Agent};
 use serde_json::Value;
@@ -90,4 +92,56 @@ fn a_slow_staging_disk_slows_the_checkpoints_not_the_heartbeats() {
     let in_file = metric(&metrics, "pcft_checkpoint_staged_file_bytes_total{vm=\"vm1\"}").unwrap_or(0.0);
     assert!(in_file > 0.0, "checkpoints went through the slow file");
     verified_at(&destination);
+}
+
+/// The epochs in `timeline`'s events of `kind` (`epoch N: …`), each with its time (ms).
+fn epochs(timeline: &Value, kind: &str) -> Vec<(u64, f64)> {
+    timeline["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == kind)
+        .filter_map(|e| {
+            let n = e["detail"].as_str()?.strip_prefix("epoch ")?.split(':').next()?.parse().ok()?;
+            Some((n, e["t_ms"].as_f64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn the_destination_never_runs_more_than_two_epochs_ahead_of_the_source() {
+    // A source whose staging disk takes 5 ms a write commits slower than
+    // the destination checkpoints (every 25 ms): the destination must wait, an
+    // epoch starting only when the one two before it was committed. Both
+    // agents' dashboards timestamp what happened (wall clock, one host): every
+    // epoch N the destination sent came after the source committed N-2.
+    let dir = tempfile::tempdir().unwrap();
+    let staging_dir = dir.path().to_str().unwrap();
+    let slow = ["--staging-memory", "0", "--staging-dir", staging_dir, "--staging-delay-ms", "5"];
+    let source = Agent::start("source", &[&slow[..], &["--metrics", "127.0.0.1:0"]].concat());
+    let destination = Agent::start("destination", &["--metrics", "127.0.0.1:0"]);
+    start_vm(&source.addr, "vm1", &LEDGER);
+    let extra = ["--postcopy-rate", "4096", "--checkpoint-interval", "25", "--json"];
+    let (code, out, err) = migrate("vm1", &source.addr, &destination.addr, "postcopy-ft", &extra);
+    assert_eq!(code, Some(0), "{err}");
+    let timeline = |agent: &Agent| -> Value {
+        let metrics = agent.metrics.as_deref().expect("--metrics");
+        let api = metrics.replace("/metrics", "/api/timeline?since=0");
+        serde_json::from_str(&http_get(&api)).expect("timeline JSON")
+    };
+    let sent = epochs(&timeline(&destination), "checkpoint-sent");
+    let committed = epochs(&timeline(&source), "checkpoint-committed");
+    assert!(sent.len() >= 5, "enough epochs to fill the window: {sent:?}\n{out}");
+    let mut waited = 0;
+    for &(epoch, at) in sent.iter().filter(|(epoch, _)| *epoch > 2) {
+        let before = committed.iter().find(|(n, _)| *n == epoch - 2).map(|(_, t)| *t);
+        let before = before.unwrap_or_else(|| panic!("epoch {} never committed: {committed:?}", epoch - 2));
+        assert!(before <= at, "epoch {epoch} went out at {at} before epoch {} committed at {before}", epoch - 2);
+        // Held back: it went out less than an interval after that commit.
+        waited += usize::from(at - before < 25.0);
+    }
+    assert!(
+        waited > 0,
+        "the slow source never held the destination back: the window was not tested\n{sent:?}\n{committed:?}"
+    );
 }
