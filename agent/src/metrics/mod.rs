@@ -495,6 +495,7 @@ mod tests {
         }
         m.migrations.get_or_create(&MigrationLabels { mode: "postcopy-ft".into(), result: "completed".into() }).inc();
         m.auth_refused("no-key");
+        m.net_traffic(&vm1, 1.0, NetTraffic { received: 1, sent: 1, ..NetTraffic::default() });
         let text = m.encode();
         // "# TYPE pcft_checkpoint_epochs counter": the family names.
         let exported: Vec<&str> =
