@@ -113,6 +113,17 @@ pub fn check_kvm(kvm_path: &Path) -> Result<(), HostError> {
         .map_err(|e| HostError::KvmUnusable { path: kvm_path.display().to_string(), reason: e.to_string() })
 }
 
+/// The default `--max-connections`: 512, or a quarter of this process's
+/// open-files limit if that is less (the rest is for VMs, taps, staging
+/// files and the agent itself), at least 16.
+pub fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit(2) writes one rlimit into `limit`, which lives across the call.
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    let quarter = if known { usize::try_from(limit.rlim_cur / 4).unwrap_or(usize::MAX) } else { 512 };
+    quarter.clamp(16, 512)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

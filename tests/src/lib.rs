@@ -141,6 +141,11 @@ impl Agent {
         Agent::spawn(command, extra)
     }
 
+    /// An agent started by `command` (e.g. under `prlimit`), which must end in `pcft agent …`.
+    pub fn spawn_command(command: Command, extra: &[&str]) -> Agent {
+        Agent::spawn(command, extra)
+    }
+
     fn spawn(mut command: Command, extra: &[&str]) -> Agent {
         use std::io::BufRead;
         // Without a key of its own, an agent must be told it may run open.

@@ -1,7 +1,10 @@
 //! An agent's limits: a migration over `--max-migrations` is refused with a
 //! line that names the limit (the VM keeps running where it is), and one
 //! goes through once a place is free; a connection that never greets is
-//! dropped instead of holding the agent's resources forever.
+//! dropped instead of holding the agent's resources forever; and a flood of
+//! connections past `--max-connections` is closed at once while a running
+//! migration goes on, and never takes the agent down, not even when it runs
+//! out of file descriptors.
 
 use pcft_tests::{migrate, pcft_json, start_vm, Agent};
 use std::time::Duration;
@@ -48,4 +51,74 @@ fn a_connection_that_never_greets_is_dropped() {
     let closed = stream.read_to_end(&mut rest);
     assert!(closed.is_ok(), "the agent kept a silent connection open: {closed:?}");
     assert!(rest.is_empty(), "nothing is said to a peer that said nothing");
+}
+
+/// Opens `n` connections to `addr` that never greet; how many the agent
+/// closed at once (read EOF within `within`), and the open ones (to hold).
+fn flood(addr: &str, n: usize, within: Duration) -> (usize, Vec<std::net::TcpStream>) {
+    use std::io::Read;
+    let mut open = Vec::new();
+    let mut closed = 0;
+    for _ in 0..n {
+        let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+            closed += 1;
+            continue;
+        };
+        stream.set_read_timeout(Some(within)).unwrap();
+        match stream.read(&mut [0u8; 1]) {
+            Ok(0) => closed += 1,
+            _ => open.push(stream),
+        }
+    }
+    (closed, open)
+}
+
+#[test]
+fn a_flood_of_connections_is_closed_at_once_and_a_running_migration_goes_on() {
+    let source = Agent::start("source", &[]);
+    let destination = Agent::start("destination", &["--max-connections", "16", "--metrics", "127.0.0.1:0"]);
+    start_vm(&source.addr, "vm1", &["--mem", "64M", "--forever", "--fixture", "dirty", "--rate", "2000"]);
+    // A slow post-copy (16384 pages at 2048 pages/s: 8 s) runs while the flood comes.
+    let (from, to) = (source.addr.clone(), destination.addr.clone());
+    let migration = std::thread::spawn(move || migrate("vm1", &from, &to, "postcopy", &["--postcopy-rate", "2048"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    let (closed, held) = flood(&destination.addr, 100, Duration::from_millis(200));
+    assert!(closed >= 80, "past 16 open, connections are closed at once: {closed} of 100 closed");
+    let (code, _, err) = migration.join().expect("the migration");
+    assert_eq!(code, Some(0), "the running migration went on through the flood: {err}");
+    drop(held);
+    let metrics = pcft_tests::http_get(destination.metrics.as_deref().expect("--metrics"));
+    let refused = pcft_tests::metric(&metrics, "pcft_connections_refused_total").unwrap_or(0.0);
+    assert!(refused >= closed as f64 - 1.0, "counted: {refused} (closed {closed})");
+    let status = pcft_json(&["status", "--agent", &destination.addr, "--json"]);
+    assert_eq!(status["vms"][0]["phase"], "running", "the VM runs at the destination: {status}");
+}
+
+#[test]
+fn running_out_of_file_descriptors_does_not_take_the_agent_down() {
+    // 64 open files: the default --max-connections is then 16, and a flood of
+    // 200 never reaches the limit; with --max-connections 1000 it does (accept
+    // fails with EMFILE), and the agent waits it out instead of stopping.
+    for max_connections in [None, Some("1000")] {
+        let mut command = std::process::Command::new("prlimit");
+        command.args(["--nofile=64:64", "--"]).arg(pcft_tests::pcft_path());
+        command.args(["agent", "--listen", "127.0.0.1:0", "--name", "small"]);
+        command.args(max_connections.iter().flat_map(|n| ["--max-connections", n]));
+        let mut agent = Agent::spawn_command(command, &[]);
+        let (_, held) = flood(&agent.addr, 200, Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(agent.alive(), "{max_connections:?}: the agent died under a flood of connections");
+        drop(held);
+        // Once the flood is gone, it serves again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (code, out, err) = pcft_tests::pcft_output(&["status", "--agent", &agent.addr, "--json"]);
+            if code == Some(0) {
+                assert!(out.contains("\"agent\":\"small\""), "{out}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{max_connections:?}: the agent does not serve again: {err}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }

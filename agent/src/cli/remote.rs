@@ -110,6 +110,7 @@ pub fn agent(args: AgentArgs) -> Result<(), Failure> {
             max_guest_mem,
             max_total_guest_mem,
             max_migrations: args.max_migrations.max(1),
+            max_connections: args.max_connections.unwrap_or_else(pcft_agent::host::default_max_connections).max(1),
             staging,
             release_after: std::time::Duration::from_secs(args.release_after),
         };

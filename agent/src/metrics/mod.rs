@@ -82,6 +82,8 @@ pub struct Metrics {
     pub migrations: Family<MigrationLabels, Counter>,
     pub output_released: Family<VmLabels, Counter>,
     pub auth_refusals: Family<AuthLabels, Counter>,
+    /// Connections closed at once because `--max-connections` were open.
+    pub connections_refused: Counter,
     /// Output commit of network guests: frames and bytes held now, frames released, how long they were held.
     pub net_held_frames: Family<VmLabels, Gauge>,
     pub net_held_bytes: Family<VmLabels, Gauge>,
@@ -167,6 +169,7 @@ impl Metrics {
             migrations: Family::default(),
             output_released: Family::default(),
             auth_refusals: Family::default(),
+            connections_refused: Counter::default(),
             net_held_frames: Family::default(),
             net_held_bytes: Family::default(),
             net_released_frames: Family::default(),
@@ -226,6 +229,11 @@ impl Metrics {
             m.output_released.clone(),
         );
         register_net(&mut registry, &m);
+        registry.register(
+            "connections_refused",
+            "Connections the agent closed at once because it had --max-connections open",
+            m.connections_refused.clone(),
+        );
         registry.register(
             "auth_refusals",
             "Peers refused by authentication, by reason: no-key, unexpected-key, wrong-key (another key: a client or source here, a destination this agent migrated to), bad-mac (a tampered frame)",
@@ -368,6 +376,11 @@ impl Metrics {
     }
 
     /// A peer refused by authentication (`no-key`, `unexpected-key`, `bad-mac`, `wrong-key`).
+    /// A connection closed at once: `--max-connections` were open.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
     pub fn auth_refused(&self, reason: &str) {
         self.auth_refusals.get_or_create(&AuthLabels { reason: reason.to_string() }).inc();
     }

@@ -11,20 +11,77 @@ use crate::wire::greeting::Role;
 use crate::wire::handshake::{self, Greeted};
 use crate::wire::migration::MigrationMessage;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Whether a failed accept(2) concerns only that connection or a shortage that
+/// passes (no file descriptor, buffer or memory for it now): then the agent
+/// goes on accepting.
+fn accept_may_succeed_later(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EAGAIN
+                | libc::EPROTO
+                | libc::EPERM
+        )
+    )
+}
+
+/// A warning logged at most once a second (a flood would otherwise flood the log).
+#[derive(Default)]
+struct RateLimitedWarning {
+    last: Option<Instant>,
+}
+
+impl RateLimitedWarning {
+    fn warn(&mut self, log: impl FnOnce()) {
+        if self.last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            self.last = Some(Instant::now());
+            log();
+        }
+    }
+}
+
 impl Daemon {
-    /// Accepts connections until the listener fails (and, meanwhile, releases
-    /// the memory of VMs that ended).
+    /// Accepts connections until the listener fails for good (and, meanwhile,
+    /// releases the memory of VMs that ended). At most `--max-connections` are
+    /// served at once: one more is closed at once (before its greeting, so a
+    /// flood costs the agent nothing), and counted. Running out of file
+    /// descriptors or memory for one more is waited out, never fatal: a flood
+    /// of connections must not take the agent, and its VMs, down.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         let reaper = tokio::spawn(Arc::clone(&self).reap());
+        let open = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
+        let mut warned = RateLimitedWarning::default();
         let accepted = loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
+                Err(e) if accept_may_succeed_later(&e) => {
+                    warned.warn(|| tracing::warn!("cannot accept a connection now ({e}); trying again"));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
                 Err(e) => break e,
+            };
+            let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+                crate::metrics::get().connection_refused();
+                let limit = self.limits.max_connections;
+                warned.warn(|| {
+                    tracing::warn!(%peer, "refused a connection: {limit} are open, the most this agent serves (--max-connections)")
+                });
+                drop(stream);
+                continue;
             };
             let daemon = Arc::clone(&self);
             tokio::spawn(async move {
+                let _open = permit;
                 if let Err(e) = daemon.connection(stream).await {
                     tracing::warn!(%peer, "connection ended: {e}");
                 }

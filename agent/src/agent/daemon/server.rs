@@ -29,6 +29,8 @@ pub struct Limits {
     pub max_total_guest_mem: u64,
     /// Migrations in or out at the same time.
     pub max_migrations: usize,
+    /// Connections served at the same time (control, migrations, demand channels, not yet greeted).
+    pub max_connections: usize,
     /// Memory (and the file beyond it) for each outgoing migration's open checkpoint.
     pub staging: StagingLimits,
     /// How long a VM that no longer runs (finished, failed, stopped) keeps its memory.
