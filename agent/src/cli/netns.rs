@@ -251,6 +251,40 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Held while a testbed is made: testbeds made at once (tests run in parallel,
+/// a soak beside them) must not pick the same addresses.
+struct TestbedLock {
+    /// Locked (flock) while it is open.
+    _file: std::fs::File,
+}
+
+impl TestbedLock {
+    fn take() -> Result<TestbedLock> {
+        let path = std::env::temp_dir().join("pcft-testbed.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open the testbed lock {}", path.display()))?;
+        // SAFETY: flock(2) on an fd we own, held until the file is dropped (which unlocks it).
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            bail!("cannot lock {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+        Ok(TestbedLock { _file: file })
+    }
+}
+
+/// A second byte N for the testbed's 10.N.0.0/16 that no interface of this
+/// (the host's) namespace uses, starting from one the pid picks.
+fn free_net(id: u32) -> Result<u8> {
+    let out = Command::new("ip").args(["-o", "-4", "addr", "show"]).output().context("cannot run `ip`")?;
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    (0..128u32).map(|i| 100 + ((id + i) % 128) as u8).find(|net| !listed.contains(&format!(" 10.{net}."))).ok_or_else(
+        || anyhow::anyhow!("every 10.N.0.0/16 for N in 100..228 is in use here: remove stale pcft testbeds"),
+    )
+}
+
 fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
     let mut all = vec!["netns", "exec", ns, "ip"];
     all.extend_from_slice(args);
@@ -263,8 +297,10 @@ impl Testbed {
     /// network (see `ClientLan`).
     pub fn create(gateway: Option<&str>) -> Result<Testbed> {
         let id = std::process::id();
-        // A /16 per run, from the pid: 10.100.x.x … 10.227.x.x.
-        let net = 100 + (id % 128) as u8;
+        // One testbed is made at a time on this host (a lock file), so that each
+        // takes a /16 no other has: 10.100.x.x … 10.227.x.x, from the pid on.
+        let _one_at_a_time = TestbedLock::take()?;
+        let net = free_net(id)?;
         let tag = format!("{:x}", id % 0xfffff);
         let bed = Testbed {
             source_ns: format!("pcft-src-{tag}"),

@@ -501,6 +501,14 @@ impl Machine {
         self.fence.as_ref().is_some_and(|fence| fence.tripped())
     }
 
+    /// Whether held output may leave now: this copy has no fence, or its fence
+    /// still allows it to run (its lease holds, or the VM is its own). Past the
+    /// lease the source may have restored its copy and be answering the same
+    /// clients: a copy that woke from a freeze must not let out what it held.
+    pub fn output_may_leave(&self) -> bool {
+        self.fence.as_ref().is_none_or(|fence| fence.allows_running())
+    }
+
     /// Whether every vCPU reported its workload done.
     pub fn is_finished(&self) -> bool {
         self.devices.all_done()

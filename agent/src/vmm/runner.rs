@@ -386,6 +386,11 @@ fn obey(vm: &VmInstance, machine: &mut Machine, command: Command, status: &Mutex
             }
             drop(r.send(capture))
         }
+        Command::Release(_) if !machine.output_may_leave() => {
+            // A copy past its lease (e.g. an ack read on waking from a freeze):
+            // the source may run the VM now, and re-releases what was not reported.
+            tracing::warn!(vm = vm.vm(), "held output not released: this copy's lease ran out (it is fenced)");
+        }
         Command::Release(upto) => {
             if upto.is_none() {
                 gate.outputs.hold = false;
@@ -546,6 +551,27 @@ mod tests {
         assert_eq!(warnings.len(), 1, "one warning for the copy, not one per vCPU: {lines:#?}");
         assert!(warnings[0].contains("stopped for good (fenced), as designed"), "{lines:#?}");
         assert!(warnings[0].contains("the source recovers the VM"), "{lines:#?}");
+    }
+
+    /// A copy past its lease lets none of its held output out, even when told
+    /// to (an ack it reads on waking from a freeze): the source may be running
+    /// the VM and answering the same clients by then. Before the fix, the
+    /// release went out: a destination continued after a freeze sent frames
+    /// after the recovered source had answered (the kv demo's capture saw it).
+    #[test]
+    fn a_copy_past_its_lease_releases_no_held_output() {
+        let name = "runner-test-fenced-release";
+        let (prepared, state, fence) = crate::vmm::machine::tests::fenced_copy(Duration::from_millis(300));
+        let gate = OutputGate { sink: OutputSink::log_only("test"), released: 0, hold: true };
+        let runner = VmRunner::spawn(name, prepared.restore(state).unwrap(), gate).unwrap();
+        block_on(runner.resume()).unwrap();
+        wait_until("the fence stops the copy", || runner.status().error.is_some());
+        assert!(fence.tripped());
+        let held = runner.status().records;
+        assert!(held > 0, "the guest wrote records while it ran");
+        runner.release_outputs(None);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(runner.status().released, 0, "{held} held records, none may leave a fenced copy");
     }
 
     /// A finished guest has no rate, in the status or the gauge.
