@@ -63,7 +63,8 @@ pub fn run(root: &Path, pcft: &Path, minutes: f64) -> Result<()> {
 fn summary(r: &Value) -> String {
     let mut md = format!(
         "# Soak\n\n{:.1} minutes: {} migrations in postcopy-ft back and forth, {} with a failure injected \
-         (crash, partition, freeze in turn); {} completed, {} failed over to the source, {} failed. Clients: {} \
+         (crash, partition, freeze in turn); {} completed, {} failed over to the source, {} failed before \
+         the switchover (the VM ran on at the source), {} failed otherwise. Clients: {} \
          operations, {} acknowledged writes, {} lost, {} stale reads, {} reconnects, longest time without an \
          answer {:.0} ms. Left behind: {}. Verdict: {}.\n\n\
          | agent | pid | RSS KiB first → last | fds | threads | staging files | taps | grew |\n\
@@ -73,6 +74,7 @@ fn summary(r: &Value) -> String {
         r["failures_injected"],
         r["completed"],
         r["recovered"],
+        r["kept_at_source"],
         r["failed"],
         r["client_ops"],
         r["client_acked_writes"],
