@@ -560,7 +560,7 @@ mod tests {
     /// after the recovered source had answered (the kv demo's capture saw it).
     #[test]
     fn a_copy_past_its_lease_releases_no_held_output() {
-        let name = "runner-test-fenced-release";
+        let name = "runner-test-past-lease";
         let (prepared, state, fence) = crate::vmm::machine::tests::fenced_copy(Duration::from_millis(300));
         let gate = OutputGate { sink: OutputSink::log_only("test"), released: 0, hold: true };
         let runner = VmRunner::spawn(name, prepared.restore(state).unwrap(), gate).unwrap();
