@@ -329,6 +329,14 @@ pub struct KvVm {
 
 static KV_VMS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
+/// The arguments of a 64M `kv` guest on its own tap `tap` (`vm run`, `vm start`).
+pub fn kv_on_tap(tap: &str, ip: std::net::Ipv4Addr, host_ip: std::net::Ipv4Addr) -> Vec<String> {
+    let (ip, host_ip) = (ip.to_string(), host_ip.to_string());
+    let args =
+        ["--fixture", "kv", "--mem", "64M", "--net", "tap", "--tap", tap, "--guest-ip", &ip, "--host-ip", &host_ip];
+    args.iter().map(|s| s.to_string()).collect()
+}
+
 /// A tap name and a /24 unique to this process and call.
 pub fn unique_net() -> (String, std::net::Ipv4Addr, std::net::Ipv4Addr) {
     let n = KV_VMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -356,21 +364,7 @@ impl KvVm {
         use std::io::BufRead;
         let mut args: Vec<String> = how.iter().map(|s| s.to_string()).collect();
         if how == ["vm", "run"] {
-            let net = [
-                "--fixture",
-                "kv",
-                "--mem",
-                "64M",
-                "--net",
-                "tap",
-                "--tap",
-                tap,
-                "--guest-ip",
-                &ip.to_string(),
-                "--host-ip",
-                &host_ip.to_string(),
-            ];
-            args.extend(net.iter().map(|s| s.to_string()));
+            args.extend(kv_on_tap(tap, ip, host_ip));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push("--json".into());

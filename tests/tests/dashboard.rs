@@ -224,27 +224,10 @@ fn an_agent_says_where_its_dashboard_is_and_serves_it() {
 fn a_serving_vm_shows_its_clients_traffic_beside_its_dirty_rate() {
     let agent = Agent::start("hostK", &["--metrics", "127.0.0.1:0"]);
     let (tap, ip, host_ip) = pcft_tests::unique_net();
-    let started = pcft_json(&[
-        "vm",
-        "start",
-        "--agent",
-        &agent.addr,
-        "--name",
-        "kv",
-        "--fixture",
-        "kv",
-        "--mem",
-        "64M",
-        "--net",
-        "tap",
-        "--tap",
-        &tap,
-        "--guest-ip",
-        &ip.to_string(),
-        "--host-ip",
-        &host_ip.to_string(),
-        "--json",
-    ]);
+    let net = pcft_tests::kv_on_tap(&tap, ip, host_ip);
+    let mut start = vec!["vm", "start", "--agent", &agent.addr, "--name", "kv", "--json"];
+    start.extend(net.iter().map(String::as_str));
+    let started = pcft_json(&start);
     assert_eq!(started["started"], true, "{started}");
     // A client asks for 3 s: about as many replies out as requests in.
     let addr = std::net::SocketAddr::from((ip, 6379));

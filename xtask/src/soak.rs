@@ -29,7 +29,6 @@ pub fn run(root: &Path, pcft: &Path, minutes: f64) -> Result<()> {
             .iter()
             .map(|s| (s["host"].as_str().unwrap_or("?").to_string(), s["pid"].as_u64().unwrap_or(0)))
             .collect();
-        keys.dedup();
         keys.sort();
         keys.dedup();
         keys.into_iter()

@@ -50,8 +50,6 @@ pub struct Testbed {
 pub struct ClientLan {
     /// The namespace the clients run in.
     pub ns: String,
-    /// The bridge on each host that the VM's tap joins.
-    pub host_bridge: &'static str,
     /// The client namespace's ends of the veths to the source's and the
     /// destination's bridge: what comes in on one came from that host.
     pub source_port: String,
@@ -115,6 +113,14 @@ fn exec(mut command: Command, program: &str, args: &[&str]) -> Result<()> {
         bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
+}
+
+/// Runs `nft args…` in namespace `ns`, or (None) in this, the host's.
+fn nft_in(ns: Option<&str>, args: &[&str]) -> Result<()> {
+    match ns {
+        Some(ns) => exec_in(ns, "nft", args),
+        None => nft(args),
+    }
 }
 
 /// Runs `nft args…` in this (the host's) network namespace.
@@ -204,10 +210,7 @@ impl ResetRule {
         }
         let mut applied = ResetRule { table, places: Vec::new(), description: String::new() };
         for (ns, script) in scripts {
-            let added = match &ns {
-                Some(ns) => exec_in(ns, "nft", &[&script]),
-                None => nft(&[&script]),
-            };
+            let added = nft_in(ns.as_deref(), &[&script]);
             // A failure drops `applied`, which removes the tables added before it.
             added.context("cannot add the TCP reset rule (apt-get install nftables)")?;
             applied.places.push(ns);
@@ -231,10 +234,7 @@ impl Drop for ResetRule {
     fn drop(&mut self) {
         for ns in &self.places {
             let args = ["delete", "table", "inet", self.table.as_str()];
-            let removed = match ns {
-                Some(ns) => exec_in(ns, "nft", &args),
-                None => nft(&args),
-            };
+            let removed = nft_in(ns.as_deref(), &args);
             if let Err(e) = removed {
                 let place = ns.as_deref().map_or(String::new(), |ns| format!(" in namespace {ns}"));
                 eprintln!("pcft demo: cannot remove the nftables table inet {}{place}: {e:#}", self.table);
@@ -311,7 +311,6 @@ impl Testbed {
             undo: Mutex::default(),
             clients: gateway.map(|_| ClientLan {
                 ns: format!("pcft-cli-{tag}"),
-                host_bridge: ClientLan::HOST_BRIDGE,
                 source_port: format!("pcl{tag}s"),
                 destination_port: format!("pcl{tag}d"),
             }),
@@ -337,11 +336,11 @@ impl Testbed {
             [(&self.source_ns, &lan.source_port, "s"), (&self.destination_ns, &lan.destination_port, "d")]
         {
             let host_end = format!("pch{tag}{side}");
-            in_ns(ns, &["link", "add", lan.host_bridge, "type", "bridge"])?;
-            in_ns(ns, &["link", "set", lan.host_bridge, "up"])?;
+            in_ns(ns, &["link", "add", ClientLan::HOST_BRIDGE, "type", "bridge"])?;
+            in_ns(ns, &["link", "set", ClientLan::HOST_BRIDGE, "up"])?;
             ip(&["link", "add", client_end, "netns", &lan.ns, "type", "veth", "peer", "name", &host_end, "netns", ns])?;
             in_ns(&lan.ns, &["link", "set", client_end, "master", "brc", "up"])?;
-            in_ns(ns, &["link", "set", &host_end, "master", lan.host_bridge, "up"])?;
+            in_ns(ns, &["link", "set", &host_end, "master", ClientLan::HOST_BRIDGE, "up"])?;
         }
         Ok(())
     }

@@ -176,7 +176,7 @@ impl GuestMemory {
         let remote = libc::iovec { iov_base: unsafe { self.map.as_mut_ptr().add(off) }.cast(), iov_len: buf.len() };
         // SAFETY: both iovecs describe memory that lives across the call; the result is checked.
         let copied = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-        self.kernel_copied(gpa, copied, buf.len())
+        kernel_copied(gpa, copied, buf.len())
     }
 
     /// Copies guest memory at `gpa` into `buf` directly: only for pages that
@@ -205,21 +205,7 @@ impl GuestMemory {
         let remote = libc::iovec { iov_base: unsafe { self.map.as_mut_ptr().add(off) }.cast(), iov_len: data.len() };
         // SAFETY: both iovecs describe memory that lives across the call; the result is checked.
         let copied = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
-        self.kernel_copied(gpa, copied, data.len())
-    }
-
-    /// The outcome of a kernel copy of `len` bytes at `gpa` that returned `copied`.
-    fn kernel_copied(&self, gpa: u64, copied: isize, len: usize) -> Result<(), MemoryError> {
-        if copied == len as isize {
-            return Ok(());
-        }
-        let at = gpa + copied.max(0) as u64;
-        let source = std::io::Error::last_os_error();
-        if copied >= 0 || source.raw_os_error() == Some(libc::EFAULT) {
-            // A page it could not reach: one revoked while the access waited for it.
-            return Err(MemoryError::Revoked { gpa: at & !(PAGE_SIZE - 1) });
-        }
-        Err(MemoryError::Copy { gpa: at, source })
+        kernel_copied(gpa, copied, data.len())
     }
 
     /// Drops the page at `gpa` (`MADV_DONTNEED`): it reads as zero again, and
@@ -289,6 +275,20 @@ impl GuestMemory {
         }
         Ok(())
     }
+}
+
+/// The outcome of a kernel copy of `len` bytes at `gpa` that returned `copied`.
+fn kernel_copied(gpa: u64, copied: isize, len: usize) -> Result<(), MemoryError> {
+    if copied == len as isize {
+        return Ok(());
+    }
+    let at = gpa + copied.max(0) as u64;
+    let source = std::io::Error::last_os_error();
+    if copied >= 0 || source.raw_os_error() == Some(libc::EFAULT) {
+        // A page it could not reach: one revoked while the access waited for it.
+        return Err(MemoryError::Revoked { gpa: at & !(PAGE_SIZE - 1) });
+    }
+    Err(MemoryError::Copy { gpa: at, source })
 }
 
 /// Whether `bytes` are all zero (vectorizes: no early exit inside a 64-byte block).

@@ -32,6 +32,13 @@ impl DemoKey {
     }
 }
 
+impl DemoKey {
+    /// The directory that holds the key file (removed with the key).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
 impl Drop for DemoKey {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -35,7 +35,7 @@
 //! (`migrate`, `agent_calls`) → verify (`one_copy`, `outside`) → report
 //! (`announce`, `report`, with `explain`).
 
-mod agent_calls;
+pub(crate) mod agent_calls;
 pub(crate) mod agents;
 mod announce;
 mod capture;

@@ -13,12 +13,13 @@
 mod hosts;
 mod resources;
 
+use crate::cli::demo::agent_calls::client_error;
 use crate::cli::demo::clients::{ClientReport, Clients};
 use crate::cli::demo::key::DemoKey;
 use crate::cli::netns::{ClientLan, Testbed};
 use crate::cli::remote::runtime;
 use crate::cli::vm::{machine_config, KVM_PATH};
-use crate::cli::{run_failure, usage, Failure, SoakArgs, TrackerArg, WorkloadArgs};
+use crate::cli::{run_failure, usage, FailKind, Failure, SoakArgs, TrackerArg, WorkloadArgs};
 use anyhow::anyhow;
 use hosts::{Host, PORT};
 use pcft_agent::agent::client::AgentClient;
@@ -35,11 +36,37 @@ use std::time::{Duration, Instant};
 const VM: &str = "kv";
 /// How long into a failing migration its failure comes (post-copy lasts about 4 s).
 const FAIL_AFTER: Duration = Duration::from_millis(400);
-/// A migration that failed before its switchover, the VM running on at the source.
-const KEPT: &str = "kept at the source";
-
 /// The failures, in the order failing migrations take them.
-const FAILURES: [&str; 3] = ["crash", "partition", "freeze"];
+const FAILURES: [FailKind; 3] = [FailKind::Crash, FailKind::Partition, FailKind::Freeze];
+
+/// How one migration of the soak ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    Completed,
+    /// Failed over to the source after the injected failure.
+    Recovered,
+    /// Failed before its switchover after the injected failure: the VM ran on at the source.
+    KeptAtSource,
+    /// Any other end (why), a failure of the soak.
+    Failed(String),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Completed => f.write_str("completed"),
+            Outcome::Recovered => f.write_str("recovered"),
+            Outcome::KeptAtSource => f.write_str("kept at the source"),
+            Outcome::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
+impl serde::Serialize for Outcome {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
 
 /// One migration of the soak.
 #[derive(serde::Serialize)]
@@ -47,10 +74,9 @@ struct Round {
     n: u32,
     from: &'static str,
     to: &'static str,
-    /// The failure injected (None: none).
-    failure: Option<&'static str>,
-    /// completed, recovered (failed over to the source), or failed (the error).
-    outcome: String,
+    /// The failure injected (its `--fail-kind` name; None: none).
+    failure: Option<String>,
+    outcome: Outcome,
     total_migration_ms: Option<f64>,
     downtime_ms: f64,
     failover_ms: Option<f64>,
@@ -92,7 +118,7 @@ pub fn soak(args: SoakArgs) -> Result<(), Failure> {
         let failure = (args.fail_every > 0 && n.is_multiple_of(args.fail_every))
             .then(|| FAILURES[(n / args.fail_every - 1) as usize % FAILURES.len()]);
         let round = migrate_once(&mut hosts, &testbed, &key, at, n, failure, &args)?;
-        if round.outcome == "completed" {
+        if round.outcome == Outcome::Completed {
             at = 1 - at;
         }
         for (i, host) in hosts.iter().enumerate() {
@@ -104,7 +130,7 @@ pub fn soak(args: SoakArgs) -> Result<(), Failure> {
             started.elapsed().as_secs_f64(),
             round.from,
             round.to,
-            round.failure.map_or(String::new(), |f| format!(" ({f})")),
+            round.failure.as_ref().map_or(String::new(), |f| format!(" ({f})")),
             round.outcome
         );
         if args.json {
@@ -120,17 +146,14 @@ pub fn soak(args: SoakArgs) -> Result<(), Failure> {
     let growth = resources::growth(&samples);
     let serving_at = hosts[at].name;
     drop(hosts);
+    let key_dir = key.dir().to_path_buf();
     drop(key);
-    let namespaces = [testbed.source_ns.clone(), testbed.destination_ns.clone(), lan.ns.clone()];
+    let namespaces = testbed.namespaces();
     drop(testbed);
-    let left_behind = left_behind(&namespaces);
+    let left_behind = left_behind(&namespaces, &key_dir);
     let report = SoakReport { args: &args, rounds, clients, samples, growth, left_behind, serving_at, started };
     report.print();
     report.verdict()
-}
-
-fn client_error(e: pcft_agent::agent::client::ClientError) -> Failure {
-    run_failure(anyhow!(e))
 }
 
 /// The soak's VM: the kv fixture, its tap on each host's bridge.
@@ -146,15 +169,15 @@ fn migrate_once(
     key: &DemoKey,
     from: usize,
     n: u32,
-    failure: Option<&'static str>,
+    failure: Option<FailKind>,
     args: &SoakArgs,
 ) -> Result<Round, Failure> {
     let to = 1 - from;
     // A crash or a freeze: a signal to the destination agent, from a thread of its own.
     let destination_pid = hosts[to].pid() as libc::pid_t;
     let signal = match failure {
-        Some("crash") => Some(libc::SIGKILL),
-        Some("freeze") => Some(libc::SIGSTOP),
+        Some(FailKind::Crash) => Some(libc::SIGKILL),
+        Some(FailKind::Freeze) => Some(libc::SIGSTOP),
         _ => None,
     };
     let injector = signal.map(|signal| {
@@ -165,7 +188,7 @@ fn migrate_once(
         })
     });
     // A partition: the link between the hosts is cut from here, while the migration runs.
-    let partition_at = (failure == Some("partition")).then(|| Instant::now() + FAIL_AFTER);
+    let partition_at = (failure == Some(FailKind::Partition)).then(|| Instant::now() + FAIL_AFTER);
     let request = ControlMessage::Migrate {
         name: VM.into(),
         to: hosts[to].over_pair.clone(),
@@ -195,9 +218,9 @@ fn migrate_once(
     }
     // Undo: heal, continue, or start the killed agent again.
     match failure {
-        Some("partition") => testbed.heal().map_err(run_failure)?,
-        Some("freeze") => hosts[to].signal(libc::SIGCONT),
-        Some("crash") => {
+        Some(FailKind::Partition) => testbed.heal().map_err(run_failure)?,
+        Some(FailKind::Freeze) => hosts[to].signal(libc::SIGCONT),
+        Some(FailKind::Crash) => {
             hosts[to].kill();
             hosts[to].start(key)?;
         }
@@ -205,18 +228,18 @@ fn migrate_once(
     }
     // An agent that came back after a crash holds no VM: nothing it had received runs again.
     let stale = match failure {
-        Some("crash") => vms_at(&hosts[to].control),
+        Some(FailKind::Crash) => vms_at(&hosts[to].control),
         _ => Vec::new(),
     };
     let (from_name, to_name) = (hosts[from].name, hosts[to].name);
-    let round = |outcome: String, report: Option<&MigrationReport>| Round {
+    let round = |outcome: Outcome, report: Option<&MigrationReport>| Round {
         n,
         from: from_name,
         to: to_name,
-        failure,
+        failure: failure.map(FailKind::name),
         outcome: match stale.is_empty() {
             true => outcome,
-            false => format!("failed: the restarted destination runs {stale:?}"),
+            false => Outcome::Failed(format!("the restarted destination runs {stale:?}")),
         },
         total_migration_ms: report.map(|r| r.total_migration_ms).filter(|ms| ms.is_finite()),
         downtime_ms: report.map_or(f64::NAN, |r| r.downtime_ms),
@@ -225,20 +248,20 @@ fn migrate_once(
     Ok(match migrated {
         Ok(ControlMessage::Migrated(report)) => {
             let outcome = match (&report.failover, &report.failure) {
-                (Some(_), _) => "recovered".to_string(),
-                (None, None) => "completed".to_string(),
-                (None, Some(f)) => format!("failed: {}", f.kind),
+                (Some(_), _) => Outcome::Recovered,
+                (None, None) => Outcome::Completed,
+                (None, Some(f)) => Outcome::Failed(f.kind.clone()),
             };
             round(outcome, Some(&report))
         }
-        Ok(other) => round(format!("failed: the source answered {other:?}"), None),
+        Ok(other) => round(Outcome::Failed(format!("the source answered {other:?}")), None),
         // The failure came before the switchover (e.g. a freeze before the
         // destination was ready): the migration failed and the VM runs on at
         // the source, as it must.
         Err(e) if failure.is_some() && e.to_string().contains("the VM keeps running here") => {
-            round(KEPT.to_string(), None)
+            round(Outcome::KeptAtSource, None)
         }
-        Err(e) => round(format!("failed: {e}"), None),
+        Err(e) => round(Outcome::Failed(e.to_string()), None),
     })
 }
 
@@ -288,8 +311,8 @@ impl Sampler {
     }
 }
 
-/// What the soak left behind once everything stopped: its namespaces, its key's directory.
-fn left_behind(namespaces: &[String]) -> Vec<String> {
+/// What the soak left behind once everything stopped: its `namespaces`, its key's directory.
+fn left_behind(namespaces: &[String], key_dir: &std::path::Path) -> Vec<String> {
     let listed = std::process::Command::new("ip").args(["netns", "list"]).output();
     let listed = listed.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
     let mut left: Vec<String> = namespaces
@@ -297,7 +320,6 @@ fn left_behind(namespaces: &[String]) -> Vec<String> {
         .filter(|ns| listed.lines().any(|l| l.split_whitespace().next() == Some(ns.as_str())))
         .map(|ns| format!("network namespace {ns}"))
         .collect();
-    let key_dir = std::env::temp_dir().join(format!("pcft-demo-{}", std::process::id()));
     if key_dir.exists() {
         left.push(format!("directory {}", key_dir.display()));
     }
@@ -319,11 +341,11 @@ struct SoakReport<'a> {
 impl SoakReport<'_> {
     /// Migrations that ended in none of the expected ways.
     fn failed(&self) -> usize {
-        self.rounds.len() - self.count("completed") - self.count("recovered") - self.count(KEPT)
+        self.rounds.iter().filter(|r| matches!(r.outcome, Outcome::Failed(_))).count()
     }
 
-    fn count(&self, outcome: &str) -> usize {
-        self.rounds.iter().filter(|r| r.outcome == outcome).count()
+    fn count(&self, outcome: &Outcome) -> usize {
+        self.rounds.iter().filter(|r| r.outcome == *outcome).count()
     }
 
     fn grew(&self) -> Vec<String> {
@@ -340,9 +362,9 @@ impl SoakReport<'_> {
                 "minutes": self.started.elapsed().as_secs_f64() / 60.0,
                 "migrations": self.rounds.len(),
                 "failures_injected": self.rounds.iter().filter(|r| r.failure.is_some()).count(),
-                "completed": self.count("completed"),
-                "recovered": self.count("recovered"),
-                "kept_at_source": self.count(KEPT),
+                "completed": self.count(&Outcome::Completed),
+                "recovered": self.count(&Outcome::Recovered),
+                "kept_at_source": self.count(&Outcome::KeptAtSource),
                 "failed": self.failed(),
                 "serving_at": self.serving_at,
                 "client_ops": f.ops,
@@ -370,9 +392,9 @@ impl SoakReport<'_> {
              before the switchover (the VM ran on at the source), {} failed otherwise; the VM serves at host {}",
             self.rounds.len(),
             self.started.elapsed().as_secs_f64() / 60.0,
-            self.count("completed"),
-            self.count("recovered"),
-            self.count(KEPT),
+            self.count(&Outcome::Completed),
+            self.count(&Outcome::Recovered),
+            self.count(&Outcome::KeptAtSource),
             self.failed(),
             self.serving_at
         );
@@ -418,7 +440,7 @@ impl SoakReport<'_> {
         let failed: Vec<String> = self
             .rounds
             .iter()
-            .filter(|r| !["completed", "recovered", KEPT].contains(&r.outcome.as_str()))
+            .filter(|r| matches!(r.outcome, Outcome::Failed(_)))
             .map(|r| format!("migration {} ({} → {}): {}", r.n, r.from, r.to, r.outcome))
             .collect();
         wrong.extend(failed);

@@ -176,7 +176,7 @@ impl NetDevice {
         let mut taken = self.traffic;
         if let Some(last) = taken.last_sent {
             taken.longest_quiet = taken.longest_quiet.max(now.saturating_duration_since(last));
-            self.traffic.last_sent = Some(now.max(last));
+            self.traffic.last_sent = Some(now);
         }
         self.traffic.longest_quiet = Duration::ZERO;
         taken
