@@ -276,6 +276,12 @@ fn failed_migrations_leave_the_vm_running_at_the_source() {
         "150000",
     ]);
     assert_eq!(code, Some(0), "{err}");
+    // Nothing listens: checked first, while the guest surely still runs (the
+    // cases below take seconds; after them it may have finished, and a finished
+    // VM is refused as such before any connection).
+    let (code, _, err) = pcft_output(&["migrate", "vm1", "--agent", &source.addr, "--to", "127.0.0.1:1"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot connect to the destination agent at 127.0.0.1:1"), "{err}");
     let small = Agent::start("small", &["--max-guest-mem", "32M"]);
     // Exit 2: the destination refused (the operator's to fix); exit 1: the migration broke.
     let cases: Vec<(Option<Fake>, &str, &str, i32)> = vec![
@@ -321,10 +327,6 @@ fn failed_migrations_leave_the_vm_running_at_the_source() {
         let phase = status["vms"][0]["phase"].as_str().unwrap().to_string();
         assert!(phase == "running" || phase == "finished", "{fake:?}: VM is {phase}");
     }
-    let (code, _, err) = pcft_output(&["migrate", "vm1", "--agent", &source.addr, "--to", "127.0.0.1:1"]);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("cannot connect to the destination agent at 127.0.0.1:1"), "{err}");
-
     // After all that, the VM finishes at the source exactly as its oracle says.
     let verified = pcft_json(&["vm", "wait", "vm1", "--agent", &source.addr, "--json"]);
     let (digest, _) = ledger_digest(64, 1, 150_000);
