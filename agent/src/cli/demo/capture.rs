@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The capture running on both hosts' ports.
 pub struct Capture {
@@ -26,8 +26,10 @@ pub struct Capture {
     destination: JoinHandle<Result<Vec<Seen>>>,
 }
 
-/// A frame from the VM that reached the clients: when, and the hash of its bytes.
-pub type Seen = (Instant, u64);
+/// A frame from the VM that reached the clients: when the kernel received it
+/// (since the Unix epoch, stamped on arrival, so a capture thread that the
+/// scheduler starves does not see it late), and the hash of its bytes.
+pub type Seen = (Duration, u64);
 
 /// The frames the VM sent that reached the clients, by the host they came through.
 pub struct Captured {
@@ -50,9 +52,9 @@ impl Capture {
                 let mut hashes = Vec::new();
                 let mut buf = vec![0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
-                    if let Some(frame) = socket.receive(&mut buf)? {
+                    if let Some((arrived, frame)) = socket.receive(&mut buf)? {
                         if frame.get(6..12) == Some(&mac[..]) {
-                            hashes.push((Instant::now(), frame_hash(frame)));
+                            hashes.push((arrived, frame_hash(frame)));
                         }
                     }
                 }
@@ -154,9 +156,11 @@ impl PacketSocket {
         }
         let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
         let buffer: libc::c_int = 4 << 20;
+        let on: libc::c_int = 1;
         for (option, value, size) in [
             (libc::SO_RCVTIMEO, std::ptr::addr_of!(timeout).cast(), std::mem::size_of::<libc::timeval>()),
             (libc::SO_RCVBUF, std::ptr::addr_of!(buffer).cast(), std::mem::size_of::<libc::c_int>()),
+            (libc::SO_TIMESTAMPNS, std::ptr::addr_of!(on).cast(), std::mem::size_of::<libc::c_int>()),
         ] {
             // SAFETY: setsockopt(2) reads `size` bytes of a value that lives across the call.
             if unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, option, value, size as libc::socklen_t) }
@@ -168,22 +172,26 @@ impl PacketSocket {
         Ok(PacketSocket { fd })
     }
 
-    /// The next frame received on the interface (not sent by it), or None after the 100 ms timeout.
-    fn receive<'a>(&self, buf: &'a mut [u8]) -> Result<Option<&'a [u8]>> {
+    /// The next frame received on the interface (not sent by it) with the
+    /// kernel's time of its arrival, or None after the 100 ms timeout.
+    fn receive<'a>(&self, buf: &'a mut [u8]) -> Result<Option<(Duration, &'a [u8])>> {
         // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
         let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-        // SAFETY: recvfrom(2) writes at most `buf.len()` bytes into `buf` and at most `len` into `from`.
-        let n = unsafe {
-            libc::recvfrom(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                std::ptr::addr_of_mut!(from).cast(),
-                &mut len,
-            )
-        };
+        // Room for one SCM_TIMESTAMPNS control message (a timespec), aligned for cmsghdr.
+        let mut control = [0u64; 8];
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: msghdr is plain data; all-zero is a valid value.
+        let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+        message.msg_name = std::ptr::addr_of_mut!(from).cast();
+        message.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        message.msg_iov = &mut iov;
+        message.msg_iovlen = 1;
+        message.msg_control = control.as_mut_ptr().cast();
+        message.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: recvmsg(2) writes at most `buf.len()` bytes into `buf`, at
+        // most `msg_namelen` into `from` and `msg_controllen` into `control`,
+        // all of which outlive the call.
+        let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut message, 0) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             return match e.kind() {
@@ -194,8 +202,28 @@ impl PacketSocket {
         if from.sll_pkttype == PACKET_OUTGOING {
             return Ok(None);
         }
-        Ok(Some(&buf[..n as usize]))
+        let arrived =
+            arrival(&message).unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default());
+        Ok(Some((arrived, &buf[..n as usize])))
     }
+}
+
+/// The kernel's receive timestamp in the control messages of `message`.
+fn arrival(message: &libc::msghdr) -> Option<Duration> {
+    // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR walk the control buffer that recvmsg
+    // filled, within `msg_controllen`; CMSG_DATA of an SCM_TIMESTAMPNS message
+    // holds a timespec, read unaligned.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(message);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let at: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(header).cast());
+                return Some(Duration::new(u64::try_from(at.tv_sec).ok()?, u32::try_from(at.tv_nsec).ok()?));
+            }
+            header = libc::CMSG_NXTHDR(message, header);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -204,8 +232,7 @@ mod tests {
 
     #[test]
     fn the_clients_hear_from_one_host_at_a_time() {
-        let t0 = Instant::now();
-        let at = |ms: u64| (t0 + Duration::from_millis(ms), ms);
+        let at = |ms: u64| (Duration::from_millis(1_800_000_000_000 + ms), ms);
         // Source, destination after the switchover, the source again after a failover.
         let source = [at(1), at(2), at(50), at(60)];
         assert_eq!(out_of_turn(&source, &[at(10), at(20)]), 0);
