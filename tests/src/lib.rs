@@ -481,10 +481,14 @@ impl Netns {
 
     /// `pcft args…` run inside this namespace (`ip netns exec`): (exit code, stdout, stderr).
     pub fn pcft(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let out =
-            Command::new("ip").args(["netns", "exec", &self.0]).arg(pcft_path()).args(args).output().expect("run pcft");
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.code(), text(&out.stdout), text(&out.stderr))
+        pcft_in(&self.0, args)
+    }
+
+    /// [`Agent::start`] inside this namespace, listening on `listen` (an address of the namespace's).
+    pub fn agent(&self, name: &str, listen: &str, extra: &[&str]) -> Agent {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.0]).arg(pcft_path()).args(["agent", "--listen", listen, "--name", name]);
+        Agent::spawn(command, extra)
     }
 
     /// A command's output run inside this namespace, for a test's diagnostics (never fails).
@@ -500,6 +504,13 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
     }
+}
+
+/// `pcft args…` run inside network namespace `ns` (`ip netns exec`): (exit code, stdout, stderr).
+pub fn pcft_in(ns: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new("ip").args(["netns", "exec", ns]).arg(pcft_path()).args(args).output().expect("run pcft");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
 /// Runs `f` on a thread inside network namespace `ns` (its sockets live there).
