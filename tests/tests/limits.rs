@@ -4,7 +4,9 @@
 //! dropped instead of holding the agent's resources forever; and a flood of
 //! connections past `--max-connections` is closed at once while a running
 //! migration goes on, and never takes the agent down, not even when it runs
-//! out of file descriptors.
+//! out of file descriptors; and a flood of `vm start` past
+//! `--max-total-guest-mem` is refused with the reason, before any of the
+//! refused VMs is booted, while a migration into the agent goes on.
 
 use pcft_tests::{migrate, pcft_json, start_vm, Agent};
 use std::time::Duration;
@@ -121,4 +123,65 @@ fn running_out_of_file_descriptors_does_not_take_the_agent_down() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+#[test]
+fn a_flood_of_vm_starts_past_the_memory_limit_is_refused_before_booting_while_a_migration_goes_on() {
+    let source = Agent::start("source", &[]);
+    let log = std::env::temp_dir().join(format!("pcft-limits-flood-{}.log", std::process::id()));
+    let destination = Agent::start_logging_to("destination", &["--max-total-guest-mem", "512M"], &log);
+    start_vm(&source.addr, "moving", &["--fixture", "ledger", "--mem", "64M", "--vcpus", "1", "--steps", "100000"]);
+    // A slow post-copy into the limited agent (16384 pages at 2048 pages/s: 8 s) runs through the flood.
+    let (from, to) = (source.addr.clone(), destination.addr.clone());
+    let migration = std::thread::spawn(move || migrate("moving", &from, &to, "postcopy", &["--postcopy-rate", "2048"]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pcft_json(&["status", "--agent", &source.addr, "--json"])["vms"][0]["migration"]["phase"] != "postcopy" {
+        assert!(std::time::Instant::now() < deadline, "the migration never reached post-copy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // 24 starts of 64 MiB at once: the migrating VM holds 64 of the 512, so 7 fit.
+    let flood: Vec<_> = (0..24)
+        .map(|i| {
+            let addr = destination.addr.clone();
+            std::thread::spawn(move || {
+                let name = format!("flood{i}");
+                pcft_tests::pcft_output(&[
+                    "vm",
+                    "start",
+                    "--agent",
+                    &addr,
+                    "--name",
+                    &name,
+                    "--mem",
+                    "64M",
+                    "--fixture",
+                    "dirty",
+                    "--forever",
+                    "--rate",
+                    "100",
+                ])
+            })
+        })
+        .collect();
+    let outcomes: Vec<_> = flood.into_iter().map(|t| t.join().expect("a vm start")).collect();
+    let started = outcomes.iter().filter(|(code, _, _)| *code == Some(0)).count();
+    assert_eq!(started, 7, "exactly what fits in 512 MiB beside the arriving 64 MiB: {outcomes:?}");
+    for (code, _, err) in outcomes.iter().filter(|(code, _, _)| *code != Some(0)) {
+        assert_eq!(*code, Some(2), "refused, not failed: {err}");
+        assert!(err.contains("--max-total-guest-mem") && err.contains("needs 64 MiB more"), "{err}");
+    }
+    // The refused 17 were refused before they booted (no guest memory, no KVM VM made for them).
+    let text = std::fs::read_to_string(&log).expect("the destination's log");
+    let booted = text.lines().filter(|l| l.contains("booting") && l.contains("vm=flood")).count();
+    assert_eq!(booted, 7, "only the VMs that fit were booted:\n{text}");
+    let _ = std::fs::remove_file(&log);
+
+    let (code, _, err) = migration.join().expect("the migration");
+    assert_eq!(code, Some(0), "the migration in went on through the flood: {err}");
+    let verified = pcft_json(&["vm", "wait", "moving", "--agent", &destination.addr, "--timeout", "120", "--json"]);
+    assert_eq!(verified["memory_digest"], pcft_tests::ledger_digest(64, 1, 100_000).0.as_str(), "{verified}");
+    let status = pcft_json(&["status", "--agent", &destination.addr, "--json"]);
+    let flooded = status["vms"].as_array().expect("vms").iter().filter(|v| v["phase"] == "running").count();
+    assert_eq!(flooded, 7, "the 7 it took run: {status}");
 }

@@ -69,9 +69,18 @@ impl Agent {
         Agent::spawn(pcft, name, false, Some(psk_file))
     }
 
+    /// An open agent started with `extra` arguments (limits, say).
+    pub(crate) fn start_with_args(pcft: &Path, name: &str, extra: &[&str]) -> Result<Agent> {
+        Agent::spawn_with(pcft, name, false, None, extra)
+    }
+
     fn spawn(pcft: &Path, name: &str, metrics: bool, psk_file: Option<&Path>) -> Result<Agent> {
+        Agent::spawn_with(pcft, name, metrics, psk_file, &[])
+    }
+
+    fn spawn_with(pcft: &Path, name: &str, metrics: bool, psk_file: Option<&Path>, extra: &[&str]) -> Result<Agent> {
         let mut cmd = Command::new(pcft);
-        cmd.args(["agent", "--listen", "127.0.0.1:0", "--name", name]);
+        cmd.args(["agent", "--listen", "127.0.0.1:0", "--name", name]).args(extra);
         match psk_file {
             Some(key) => cmd.arg("--psk-file").arg(key),
             None => cmd.arg("--insecure"),

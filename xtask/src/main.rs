@@ -12,6 +12,7 @@
 
 mod bench;
 mod bench_dirty;
+mod bench_flood;
 mod bench_ft;
 mod bench_kv;
 mod bench_kv_ft;
@@ -54,9 +55,10 @@ enum Task {
         #[arg(long)]
         quick: bool,
         /// Run only this part: migration, dirty, ft (PostCopyFT), peer (beside QEMU and a raw TCP copy),
-        /// kv (redis-benchmark against the kv guest, beside the host's redis-server) or kv-ft (what a
-        /// serving VM's clients see while it migrates, with and without FT).
-        #[arg(long, value_parser = ["migration", "dirty", "ft", "peer", "kv", "kv-ft"])]
+        /// kv (redis-benchmark against the kv guest, beside the host's redis-server), kv-ft (what a
+        /// serving VM's clients see while it migrates, with and without FT) or flood (demand-fault
+        /// latency of a migration into an agent flooded with connections and refused vm starts).
+        #[arg(long, value_parser = ["migration", "dirty", "ft", "peer", "kv", "kv-ft", "flood"])]
         only: Option<String>,
     },
     /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then the tests.
@@ -196,6 +198,9 @@ fn task(task: Task) -> Result<()> {
             }
             if part("kv-ft") {
                 bench_kv_ft::run(&workspace_root(), &pcft, quick)?;
+            }
+            if part("flood") {
+                bench_flood::run(&workspace_root(), &pcft, quick)?;
             }
             if !quick && only.is_none() {
                 // The page path's small parts, each beside a baseline from the same run.

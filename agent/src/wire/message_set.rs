@@ -14,8 +14,9 @@ use std::fmt;
 pub const GREETING_VERSION: u16 = 8;
 /// Version of the control messages (`ControlMessage`). Bump it when they or
 /// the payload types they carry change (10: `MachineConfig` names the tap of a
-/// network guest and the fixture's parameters gained its network).
-pub const CONTROL_VERSION: u16 = 10;
+/// network guest and the fixture's parameters gained its network; 11:
+/// `VmPhase::Starting`, a VM whose boot holds its name and memory).
+pub const CONTROL_VERSION: u16 = 11;
 /// Version of the migration messages (`MigrationMessage`) and of page
 /// batches. Bump it when they or the payload types they carry change
 /// (9: tagged page batches carry no CRC-32C, data first; `Begin` names the

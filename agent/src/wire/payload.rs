@@ -179,12 +179,15 @@ pub enum VmPhase {
     Failed,
     /// Stopped by the operator (`pcft vm stop`): the guest no longer runs; its record stays.
     Stopped,
+    /// Booting (`pcft vm start`): its name and memory are taken, its guest not yet running.
+    Starting,
 }
 
 impl VmPhase {
     /// The phase in the operator's words, as JSON spells it (`migrated-away`).
     pub fn name(self) -> &'static str {
         match self {
+            VmPhase::Starting => "starting",
             VmPhase::Running => "running",
             VmPhase::MigratingOut => "migrating-out",
             VmPhase::MigratingIn => "migrating-in",
@@ -199,7 +202,7 @@ impl VmPhase {
     /// VM's name is taken. The others are records of a guest that no longer
     /// runs here, which a new VM of the same name replaces.
     pub fn is_live(self) -> bool {
-        matches!(self, VmPhase::Running | VmPhase::MigratingOut | VmPhase::MigratingIn)
+        matches!(self, VmPhase::Starting | VmPhase::Running | VmPhase::MigratingOut | VmPhase::MigratingIn)
     }
 }
 

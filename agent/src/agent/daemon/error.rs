@@ -164,6 +164,7 @@ pub enum DaemonError {
 /// (`error`: why it failed, if it did).
 pub fn not_running(phase: VmPhase, error: Option<&str>) -> String {
     match phase {
+        VmPhase::Starting => "it is still booting; wait until pcft vm start returns".into(),
         VmPhase::Running => "it is running".into(),
         VmPhase::MigratingOut => {
             "it is migrating out (pcft migration status shows where; pcft migration cancel stops it)".into()

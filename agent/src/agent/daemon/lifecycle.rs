@@ -24,38 +24,34 @@ impl Daemon {
         tracking: DirtyTracking,
     ) -> Reply {
         self.refuse_if_draining()?;
-        table::admit(&self.vms(), &name, &config, &self.room())?;
         config.fixture.validate().map_err(Refusal::from)?;
-        let boot_config = config.clone();
-        let machine = tokio::task::spawn_blocking(move || Machine::boot_with(boot_config, tracking))
-            .await
-            .map_err(Failure::from)?
-            .map_err(|source| Failure::Boot { vm: name.clone(), source })?;
-        // Boot completes the configuration (a paced `dirty` guest's TSC ticks per
-        // write): keep the machine's own, which is what a migration must send.
-        let config = machine.config().clone();
-        let gate = OutputGate { sink: self.sink.clone(), released: 0, hold: false };
-        let runner = Arc::new(VmRunner::spawn(&name, machine, gate).map_err(Failure::from)?);
-        if tracking != DirtyTracking::Bitmap {
-            // The ring (and eBPF, which reads its pushes) logs only with logging on: on from
-            // the start, it gives the VM a live dirty rate (`pcft vm status`, metrics).
-            runner.set_dirty_logging(true).await.map_err(Failure::from)?;
-        }
-        // Another VM may have taken the name or the memory while this one booted.
-        let admitted = {
+        {
+            // The name and the memory are taken before the boot allocates
+            // anything, under the lock that counts them: a flood of starts
+            // past the limit is refused here, not after each one has booted.
             let mut vms = self.vms();
-            let admitted = table::admit(&vms, &name, &config, &self.room());
-            if admitted.is_ok() {
-                let mut slot = VmSlot::new(VmPhase::Running, config.clone(), tracking);
-                slot.attach(Arc::clone(&runner));
-                table::insert(&mut vms, name.clone(), slot);
-            }
-            admitted
-        };
-        if let Err(refusal) = admitted {
-            tokio::task::spawn_blocking(move || drop(runner));
-            return Err(refusal.into());
+            table::admit(&vms, &name, &config, &self.room())?;
+            table::insert(&mut vms, name.clone(), VmSlot::new(VmPhase::Starting, config.clone(), tracking));
         }
+        let runner = match self.boot(&name, config, tracking).await {
+            Ok(runner) => runner,
+            Err(failure) => {
+                self.vms().remove(&name);
+                return Err(failure.into());
+            }
+        };
+        let config = {
+            // A starting VM's record is its own: no stop, rm or migration takes a live phase's.
+            let mut vms = self.vms();
+            let Some(slot) = vms.get_mut(&name) else {
+                drop(vms);
+                tokio::task::spawn_blocking(move || drop(runner));
+                return Err(self.no_such_vm(name).into());
+            };
+            slot.phase = VmPhase::Running;
+            slot.attach(Arc::clone(&runner));
+            slot.config.clone()
+        };
         if let Err(e) = runner.resume().await {
             self.vms().remove(&name);
             tokio::task::spawn_blocking(move || drop(runner));
@@ -63,6 +59,30 @@ impl Daemon {
         }
         tracing::info!(vm = %name, fixture = %config.fixture.kind, mem = %format_size(config.mem_bytes), "started");
         Ok(ControlMessage::Ok)
+    }
+
+    /// Boots VM `name` (paused) and records the configuration the boot
+    /// completed in its starting record: a paced `dirty` guest's TSC ticks per
+    /// write, which is what a migration must send.
+    async fn boot(&self, name: &str, config: MachineConfig, tracking: DirtyTracking) -> Result<Arc<VmRunner>, Failure> {
+        tracing::info!(vm = %name, mem = %format_size(config.mem_bytes), "booting");
+        let machine = tokio::task::spawn_blocking(move || Machine::boot_with(config, tracking))
+            .await?
+            .map_err(|source| Failure::Boot { vm: name.to_string(), source })?;
+        if let Some(slot) = self.vms().get_mut(name) {
+            slot.config = machine.config().clone();
+        }
+        let gate = OutputGate { sink: self.sink.clone(), released: 0, hold: false };
+        let runner = Arc::new(VmRunner::spawn(name, machine, gate)?);
+        if tracking != DirtyTracking::Bitmap {
+            // The ring (and eBPF, which reads its pushes) logs only with logging on: on from
+            // the start, it gives the VM a live dirty rate (`pcft vm status`, metrics).
+            if let Err(e) = runner.set_dirty_logging(true).await {
+                tokio::task::spawn_blocking(move || drop(runner));
+                return Err(e.into());
+            }
+        }
+        Ok(runner)
     }
 
     /// `pcft vm stop`: stops a running VM's guest for good; its record stays
@@ -81,7 +101,7 @@ impl Daemon {
                     slot.ended_at = Some(Instant::now());
                     (slot.runner.clone(), phase)
                 }
-                VmPhase::MigratingOut | VmPhase::MigratingIn => {
+                VmPhase::Starting | VmPhase::MigratingOut | VmPhase::MigratingIn => {
                     return Err(self.wrong_phase(name, "stop", phase, None).into());
                 }
                 // Not running here already: nothing to do.

@@ -97,9 +97,9 @@ impl VmSlot {
         }
     }
 
-    /// The guest memory this VM holds on the host (arriving VMs count in full).
+    /// The guest memory this VM holds on the host (booting and arriving VMs count in full).
     pub fn held_bytes(&self) -> u64 {
-        if self.runner.is_some() || self.phase == VmPhase::MigratingIn {
+        if self.runner.is_some() || matches!(self.phase, VmPhase::Starting | VmPhase::MigratingIn) {
             self.config.mem_bytes
         } else {
             0
