@@ -134,6 +134,73 @@ pub(crate) mod tests {
         path.credit.take(bytes).await.unwrap();
     }
 
+    /// A return path writing to a real TCP connection, and the source's end of it (which the test reads, or not).
+    async fn over_tcp() -> (ReturnPath, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let destination = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (source, _) = listener.accept().await.unwrap();
+        let (_, wr) = destination.into_split();
+        (ReturnPath::start(FrameWriter::new(wr)), source)
+    }
+
+    /// The destination's queues toward a source that stopped reading: the
+    /// checkpoint lane fills and then makes the checkpointer wait (the guest
+    /// runs on, nothing grows); the control lane takes its 1024 frames and
+    /// then fails at once with the reason, instead of queueing without end;
+    /// and once the source reads again, the control frames go out ahead of
+    /// the checkpoint frames still queued.
+    #[tokio::test]
+    async fn a_source_that_stops_reading_fills_the_lanes_to_their_limits_and_no_further() {
+        use tokio::io::AsyncReadExt;
+        let (path, mut source) = over_tcp().await;
+        // 1 MiB checkpoint frames: the socket's buffers fill after a few, then the lane.
+        let checkpoint = |i: u8| vec![i; 1 << 20];
+        let mut queued = 0usize;
+        loop {
+            let frame = checkpoint(b'c');
+            match tokio::time::timeout(Duration::from_millis(200), path.after_checkpoints(frame)).await {
+                Ok(sent) => sent.unwrap(),
+                Err(_) => break,
+            }
+            queued += 1;
+            assert!(queued < CHECKPOINT_QUEUE_FRAMES + 64, "the checkpoint lane never filled: {queued} frames taken");
+        }
+        assert!(queued >= CHECKPOINT_QUEUE_FRAMES, "the lane holds {CHECKPOINT_QUEUE_FRAMES} frames: {queued}");
+
+        let control = MigrationMessage::Heartbeat { seq: 7, released: 0 };
+        for i in 0..CONTROL_QUEUE_FRAMES {
+            path.message(&control).unwrap_or_else(|e| panic!("control frame {i} of {CONTROL_QUEUE_FRAMES}: {e}"));
+        }
+        let full = path.message(&control).expect_err("a full control lane refuses at once");
+        assert!(full.to_string().contains("1024 control frames wait to go out"), "{full}");
+
+        // The source reads again: what was written before (checkpoint frames
+        // already in the socket or the writer's hands) comes first, then every
+        // control frame, and the queued checkpoint frames only after them.
+        let control_frame = encode_message(&control);
+        let mut stream = Vec::new();
+        let total = queued * (1 << 20) + CONTROL_QUEUE_FRAMES * control_frame.len();
+        let mut buf = vec![0u8; 1 << 20];
+        while stream.len() < total {
+            let n = tokio::time::timeout(Duration::from_secs(10), source.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "the connection closed early");
+            stream.extend_from_slice(&buf[..n]);
+        }
+        let first_control = stream.windows(control_frame.len()).position(|w| w == control_frame).unwrap();
+        let controls_end = first_control + CONTROL_QUEUE_FRAMES * control_frame.len();
+        assert!(
+            stream[first_control..controls_end].chunks(control_frame.len()).all(|c| c == control_frame),
+            "the control frames went out together"
+        );
+        let checkpoint_bytes_before = first_control;
+        let checkpoint_bytes_after = stream.len() - controls_end;
+        assert!(
+            checkpoint_bytes_after >= (CHECKPOINT_QUEUE_FRAMES - 1) << 20,
+            "the queued checkpoint frames waited behind the control frames: {checkpoint_bytes_before} bytes of them \
+             before, {checkpoint_bytes_after} after"
+        );
+    }
+
     #[tokio::test]
     async fn checkpoint_frames_wait_for_credit_and_credit_never_grows_past_the_window() {
         let credit = Credit::new();
