@@ -123,10 +123,12 @@ pub struct AgentArgs {
     /// The most migrations (in and out together) this agent runs at once; more are refused.
     #[arg(long, default_value_t = 4)]
     pub max_migrations: usize,
-    /// The most connections this agent serves at once (the CLI's, migrations'
-    /// and their demand channels, and ones not yet greeted); one more is closed
-    /// at once and counted (pcft_connections_refused_total) [default: 512, or a
-    /// quarter of the open-files limit (ulimit -n) if that is less, at least 16].
+    /// The most connections this agent keeps that have not greeted yet (one
+    /// more closes the oldest of them), and the most greeted ones it serves
+    /// (the CLI's, migrations' and their demand channels; one more is refused
+    /// with the reason); both counted in pcft_connections_refused_total
+    /// [default: 512, or a quarter of the open-files limit (ulimit -n) if that
+    /// is less, at least 16].
     #[arg(long)]
     pub max_connections: Option<usize>,
     /// Run without a pre-shared key: any peer that reaches --listen may start,

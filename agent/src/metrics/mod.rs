@@ -82,7 +82,7 @@ pub struct Metrics {
     pub migrations: Family<MigrationLabels, Counter>,
     pub output_released: Family<VmLabels, Counter>,
     pub auth_refusals: Family<AuthLabels, Counter>,
-    /// Connections closed at once because `--max-connections` were open.
+    /// Connections closed for `--max-connections` (see `connection_refused`).
     pub connections_refused: Counter,
     /// Output commit of network guests: frames and bytes held now, frames released, how long they were held.
     pub net_held_frames: Family<VmLabels, Gauge>,
@@ -231,7 +231,7 @@ impl Metrics {
         register_net(&mut registry, &m);
         registry.register(
             "connections_refused",
-            "Connections the agent closed at once because it had --max-connections open",
+            "Connections the agent closed for --max-connections: the oldest not yet greeted, to take a new one, or a greeted one past the limit",
             m.connections_refused.clone(),
         );
         registry.register(
@@ -375,12 +375,13 @@ impl Metrics {
         }
     }
 
-    /// A peer refused by authentication (`no-key`, `unexpected-key`, `bad-mac`, `wrong-key`).
-    /// A connection closed at once: `--max-connections` were open.
+    /// A connection closed for `--max-connections`: the oldest of those that
+    /// had not greeted (to take a new one), or a greeted one past the limit.
     pub fn connection_refused(&self) {
         self.connections_refused.inc();
     }
 
+    /// A peer refused by authentication (`no-key`, `unexpected-key`, `bad-mac`, `wrong-key`).
     pub fn auth_refused(&self, reason: &str) {
         self.auth_refusals.get_or_create(&AuthLabels { reason: reason.to_string() }).inc();
     }

@@ -1,6 +1,7 @@
 //! Serving connections: the greeting, then the CLI's requests (role
 //! `Control`) or an incoming migration (role `Migration`).
 
+use super::admission::{Admission, Ticket};
 use super::error::{DaemonError, Denial, Refusal};
 use super::outgoing::MigrateRequest;
 use super::server::{refuse, send, Daemon, Reply, GREETING_TIMEOUT};
@@ -51,14 +52,16 @@ impl RateLimitedWarning {
 
 impl Daemon {
     /// Accepts connections until the listener fails for good (and, meanwhile,
-    /// releases the memory of VMs that ended). At most `--max-connections` are
-    /// served at once: one more is closed at once (before its greeting, so a
-    /// flood costs the agent nothing), and counted. Running out of file
-    /// descriptors or memory for one more is waited out, never fatal: a flood
-    /// of connections must not take the agent, and its VMs, down.
+    /// releases the memory of VMs that ended). At most `--max-connections`
+    /// that have not greeted are kept: one more closes the oldest of them
+    /// (counted), so a flood of silent connections cannot keep a peer that
+    /// greets at once out (see `admission`); at most as many greeted ones are
+    /// served, and a peer past that is refused with the reason. Running out of
+    /// file descriptors or memory for one more is waited out, never fatal: a
+    /// flood of connections must not take the agent, and its VMs, down.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         let reaper = tokio::spawn(Arc::clone(&self).reap());
-        let open = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
+        let admission = Admission::new(self.limits.max_connections);
         let mut warned = RateLimitedWarning::default();
         let accepted = loop {
             let (stream, peer) = match listener.accept().await {
@@ -70,28 +73,28 @@ impl Daemon {
                 }
                 Err(e) => break e,
             };
-            let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
-                crate::metrics::get().connection_refused();
-                let limit = self.limits.max_connections;
-                warned.warn(|| {
-                    tracing::warn!(%peer, "refused a connection: {limit} are open, the most this agent serves (--max-connections)")
-                });
-                drop(stream);
-                continue;
-            };
             let daemon = Arc::clone(&self);
-            tokio::spawn(async move {
-                let _open = permit;
-                if let Err(e) = daemon.connection(stream).await {
-                    tracing::warn!(%peer, "connection ended: {e}");
-                }
+            let evicted = admission.arrive(|ticket| {
+                tokio::spawn(async move {
+                    if let Err(e) = daemon.connection(stream, ticket).await {
+                        tracing::warn!(%peer, "connection ended: {e}");
+                    }
+                })
+                .abort_handle()
             });
+            if evicted {
+                crate::metrics::get().connection_refused();
+                let limit = admission.limit();
+                warned.warn(|| {
+                    tracing::warn!(%peer, "{limit} connections had not greeted (--max-connections): closed the oldest of them to take this one")
+                });
+            }
         };
         reaper.abort();
         Err(accepted)
     }
 
-    pub(super) async fn connection(self: Arc<Self>, stream: TcpStream) -> Result<(), DaemonError> {
+    pub(super) async fn connection(self: Arc<Self>, stream: TcpStream, ticket: Ticket) -> Result<(), DaemonError> {
         stream.set_nodelay(true).map_err(DaemonError::Socket)?;
         let greeting = handshake::accept(stream, &self.name, self.psk.as_ref());
         let Ok(accepted) = tokio::time::timeout(GREETING_TIMEOUT, greeting).await else {
@@ -103,6 +106,18 @@ impl Daemon {
             }
         })?;
         let Greeted { rd, wr, peer: from } = greeted;
+        let Some(_place) = ticket.greeted() else {
+            crate::metrics::get().connection_refused();
+            let refusal = Refusal::TooManyConnections { agent: self.name.clone(), limit: self.limits.max_connections };
+            tracing::warn!(%from, "refused a connection: {refusal}");
+            let mut wr = wr;
+            return match role {
+                Role::Control => refuse(&mut wr, refusal, |reason| ControlMessage::Refuse { reason }).await,
+                Role::Migration | Role::DemandChannel { .. } => {
+                    refuse(&mut wr, refusal, |reason| MigrationMessage::Refuse { reason }).await
+                }
+            };
+        };
         match role {
             Role::Control => self.serve_control(rd, wr).await,
             Role::Migration => self.incoming(rd, wr, &from).await,

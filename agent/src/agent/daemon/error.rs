@@ -56,6 +56,10 @@ pub enum Refusal {
         "agent {agent} already runs {running} migration(s), its limit (--max-migrations {limit}): try again when one ends"
     )]
     TooManyMigrations { agent: String, running: usize, limit: usize },
+    #[error(
+        "agent {agent} already serves {limit} connections, its limit (--max-connections {limit}): try again when one ends"
+    )]
+    TooManyConnections { agent: String, limit: usize },
     #[error("VM {vm:?} has migrated away from agent {agent}{}", match to { Some(to) => format!(" to agent {to}: look for it there"), None => String::new() })]
     MigratedAway { vm: String, agent: String, to: Option<String> },
     /// `pcft migration …` about a VM that has not migrated out of this agent.

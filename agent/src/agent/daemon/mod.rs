@@ -2,6 +2,7 @@
 //! and receives migrations, all on one TCP port. Every connection starts with
 //! `Hello`, whose role says what follows.
 //!
+//! - `admission`, `connection`: which connections are served, and serving them;
 //! - `error`: why a request is refused or failed;
 //! - `table`: the VM table, names and memory admission;
 //! - `lifecycle`: start, stop, wait, remove, and releasing the memory of VMs that ended;
@@ -9,6 +10,7 @@
 //! - `incoming`: incoming migrations; `demand_channels`: their second connections;
 //! - `shutdown`: the graceful stop on SIGTERM.
 
+mod admission;
 mod connection;
 mod demand_channels;
 mod error;
