@@ -124,6 +124,19 @@ pub fn default_max_connections() -> usize {
     quarter.clamp(16, 512)
 }
 
+/// Makes every thread allocate from glibc's one main heap (`M_ARENA_MAX` 1;
+/// call it before any thread is started). With an arena per thread, as glibc
+/// makes by default, an agent's RSS climbed with every migration (each
+/// starts threads of its own, whose arenas keep what they freed, in
+/// fragments): 10 MiB over 300 round trips of a 16 MiB VM while its heap
+/// stayed under 9 MiB (heaptrack), and about 7 KiB per migration over a
+/// 60-minute soak. With one arena it stays flat. The page path allocates
+/// nothing per batch, so the shared heap's lock is not on it.
+pub fn use_one_malloc_arena() {
+    // SAFETY: mallopt(3) only sets a parameter of the allocator; M_ARENA_MAX is a valid one.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    pcft_agent::host::use_one_malloc_arena();
     let args = Cli::parse();
     let filter = match &args.log {
         Some(level) => EnvFilter::new(level),

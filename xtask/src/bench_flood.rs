@@ -4,7 +4,7 @@
 //! post-copy (pushed at 2048 pages/s, so it lasts about 8 s and its vCPU
 //! faults on pages the push has not reached); its demand-fault latency
 //! (p50, p99 from the migration's report) with the destination left alone,
-//! and with, for the whole migration:
+//! and with, from the switchover to its end:
 //!
 //! - connections that never greet, held open past `--max-connections 64`
 //!   (those past the limit are closed at once), opened again as they close;
@@ -85,6 +85,19 @@ fn flood(pcft: &Path, addr: &str, stop: &AtomicBool, count: &FloodCount) {
     });
 }
 
+/// Waits until the VM migrating out of the agent at `addr` is in post-copy
+/// (false: the migration ended first, `ended`).
+fn in_postcopy(pcft: &Path, addr: &str, ended: &AtomicBool) -> bool {
+    while !ended.load(Ordering::Relaxed) {
+        let status = pcft_json(pcft, &["status", "--agent", addr, "--json"], PCFT_TIMEOUT);
+        if status.is_ok_and(|s| s["vms"][0]["migration"]["phase"] == "postcopy") {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 /// One post-copy migration of a prefilled, randomly writing 64 MiB `dirty`
 /// guest into a limited destination, flooded or not; the report's figures.
 fn once(pcft: &Path, flooded: bool) -> Result<Value> {
@@ -98,12 +111,17 @@ fn once(pcft: &Path, flooded: bool) -> Result<Value> {
     let (stop, count) = (AtomicBool::new(false), FloodCount::default());
     let began = Instant::now();
     let report = std::thread::scope(|scope| {
-        if flooded {
-            scope.spawn(|| flood(pcft, dst.addr(), &stop, &count));
+        let migration = scope.spawn(|| {
+            let report = pcft_json(pcft, &migrate, PCFT_TIMEOUT);
+            stop.store(true, Ordering::Relaxed);
+            report
+        });
+        // The flood comes once the migration runs (admitted, in post-copy):
+        // what it costs a running migration, not whether a new one gets in.
+        if flooded && in_postcopy(pcft, src.addr(), &stop) {
+            flood(pcft, dst.addr(), &stop, &count);
         }
-        let report = pcft_json(pcft, &migrate, PCFT_TIMEOUT);
-        stop.store(true, Ordering::Relaxed);
-        report
+        migration.join().expect("the migration thread panicked")
     })?;
     let seconds = began.elapsed().as_secs_f64();
     let latency = &report["fault_latency_us"];

@@ -7,6 +7,7 @@ use super::table::{self, VmSlot};
 use crate::migration::destination::{migrate_in, IncomingMigration};
 use crate::vmm::dirty::DirtyTracking;
 use crate::vmm::machine::MachineConfig;
+use crate::vmm::runner::VmRunner;
 use crate::wire::frame::{Frame, FrameReader, FrameWriter};
 use crate::wire::migration::MigrationMessage;
 use crate::wire::payload::{MigrationOptions, Mode, VmPhase};
@@ -17,7 +18,14 @@ impl Daemon {
     /// Admits an incoming migration of VM `name`: room, a sound fixture and
     /// timings, and a free migration place, taken under the same lock as the
     /// count, so two incoming migrations cannot both take the last place.
-    fn admit(&self, name: &str, config: &MachineConfig, mode: Mode, options: &MigrationOptions) -> Result<(), Refusal> {
+    /// The copy of an earlier record it replaced, to retire before the VM is built.
+    fn admit(
+        &self,
+        name: &str,
+        config: &MachineConfig,
+        mode: Mode,
+        options: &MigrationOptions,
+    ) -> Result<Option<Arc<VmRunner>>, Refusal> {
         self.refuse_if_draining()?;
         config.fixture.validate()?;
         options.validate(mode)?;
@@ -25,8 +33,7 @@ impl Daemon {
         table::admit(&vms, name, config, &self.room())?;
         self.check_migrations(&vms)?;
         let tracking = if mode.checkpoints() { options.checkpoint_tracker } else { DirtyTracking::Bitmap };
-        table::insert(&mut vms, name.to_string(), VmSlot::new(VmPhase::MigratingIn, config.clone(), tracking));
-        Ok(())
+        Ok(table::insert(&mut vms, name.to_string(), VmSlot::new(VmPhase::MigratingIn, config.clone(), tracking)))
     }
 
     pub(super) async fn incoming(
@@ -50,9 +57,12 @@ impl Daemon {
             Ok(expected) => expected.unzip(),
             Err(refusal) => return refuse(&mut wr, refusal, refuse_with).await,
         };
-        if let Err(refusal) = self.admit(&name, &config, mode, &options) {
-            tracing::warn!(vm = %name, %from, "refused an incoming migration: {refusal}");
-            return refuse(&mut wr, refusal, refuse_with).await;
+        match self.admit(&name, &config, mode, &options) {
+            Ok(replaced) => table::retire(replaced).await,
+            Err(refusal) => {
+                tracing::warn!(vm = %name, %from, "refused an incoming migration: {refusal}");
+                return refuse(&mut wr, refusal, refuse_with).await;
+            }
         }
         tracing::info!(vm = %name, %from, mode = mode.name(), "migrating in");
         let table = Arc::clone(&self);

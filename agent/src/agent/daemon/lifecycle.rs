@@ -25,14 +25,15 @@ impl Daemon {
     ) -> Reply {
         self.refuse_if_draining()?;
         config.fixture.validate().map_err(Refusal::from)?;
-        {
+        let replaced = {
             // The name and the memory are taken before the boot allocates
             // anything, under the lock that counts them: a flood of starts
             // past the limit is refused here, not after each one has booted.
             let mut vms = self.vms();
             table::admit(&vms, &name, &config, &self.room())?;
-            table::insert(&mut vms, name.clone(), VmSlot::new(VmPhase::Starting, config.clone(), tracking));
-        }
+            table::insert(&mut vms, name.clone(), VmSlot::new(VmPhase::Starting, config.clone(), tracking))
+        };
+        table::retire(replaced).await;
         let runner = match self.boot(&name, config, tracking).await {
             Ok(runner) => runner,
             Err(failure) => {

@@ -150,12 +150,20 @@ pub fn admit(vms: &VmTable, name: &str, config: &MachineConfig, room: &Room<'_>)
 }
 
 /// Puts `slot` in the table as VM `name`, replacing the record of a VM that no
-/// longer runs here; a replaced copy's threads are joined off the async workers.
-pub fn insert(vms: &mut VmTable, name: String, slot: VmSlot) {
-    if let Some(old) = vms.insert(name, slot) {
-        if let Some(runner) = old.runner {
-            tokio::task::spawn_blocking(move || drop(runner));
-        }
+/// longer runs here; the replaced copy, if it held one, for [`retire`].
+#[must_use = "a replaced copy must be retired before its successor is built (it may hold the VM's tap)"]
+pub fn insert(vms: &mut VmTable, name: String, slot: VmSlot) -> Option<Arc<VmRunner>> {
+    vms.insert(name, slot).and_then(|old| old.runner)
+}
+
+/// Tears a replaced copy down (its threads joined off the async workers) and
+/// waits for it: what it held, its network tap above all, is free once this
+/// returns, so the copy that replaces it can take the same tap. (Not waiting
+/// let a VM migrating back to a host where its fenced copy still held the tap
+/// fail with "tap … is in use", one time in 67 freezes of a soak.)
+pub async fn retire(replaced: Option<Arc<VmRunner>>) {
+    if let Some(runner) = replaced {
+        let _ = tokio::task::spawn_blocking(move || drop(runner)).await;
     }
 }
 
