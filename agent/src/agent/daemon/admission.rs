@@ -49,17 +49,15 @@ impl Admission {
     /// first; whether one did.
     pub fn arrive(self: &Arc<Self>, spawn: impl FnOnce(Ticket) -> AbortHandle) -> bool {
         let mut ungreeted = self.ungreeted.lock().unwrap_or_else(|e| e.into_inner());
-        let evicted = if ungreeted.tasks.len() >= self.limit {
-            ungreeted.tasks.pop_first().map(|(_, oldest)| oldest.abort()).is_some()
-        } else {
-            false
-        };
+        let oldest = if ungreeted.tasks.len() >= self.limit { ungreeted.tasks.pop_first() } else { None };
         let id = ungreeted.next;
         ungreeted.next += 1;
         // Spawned under the lock: the task cannot leave the pool before it is in it.
         let task = spawn(Ticket { id, admission: Arc::clone(self) });
         ungreeted.tasks.insert(id, task);
-        evicted
+        drop(ungreeted);
+        // Aborted outside the lock, which the evicted task's ticket takes when it is dropped.
+        oldest.map(|(_, task)| task.abort()).is_some()
     }
 
     /// Connections that have not greeted yet.
