@@ -13,8 +13,12 @@ pub enum ClientError {
     Connect { addr: String, reason: String },
     #[error("{0}")]
     Refused(String),
-    #[error("{0}")]
-    Failed(String),
+    #[error("{reason}")]
+    Failed {
+        reason: String,
+        /// The VM still runs at the agent that answered (see `ControlMessage::Failed`).
+        vm_runs_here: bool,
+    },
     #[error("agent at {addr}: {error}{hint}", hint = if matches!(error, ProtocolError::Closed | ProtocolError::Truncated) { " before answering (did it stop or crash? see its log)" } else { "" })]
     Protocol { addr: String, error: ProtocolError },
     #[error("agent at {addr} answered {what}, which this pcft does not expect")]
@@ -59,7 +63,9 @@ impl AgentClient {
             .map_err(|error| ClientError::Protocol { addr: self.addr.clone(), error })?
         {
             Frame::Message(ControlMessage::Refuse { reason }) => Err(ClientError::Refused(reason)),
-            Frame::Message(ControlMessage::Failed { reason }) => Err(ClientError::Failed(reason)),
+            Frame::Message(ControlMessage::Failed { reason, vm_runs_here }) => {
+                Err(ClientError::Failed { reason, vm_runs_here })
+            }
             Frame::Message(answer) => Ok(answer),
             Frame::Pages(_) => Err(ClientError::Unexpected { addr: self.addr.clone(), what: "pages".into() }),
         }

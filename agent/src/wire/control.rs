@@ -21,6 +21,9 @@ pub enum ControlMessage {
     /// The request was carried out and failed (a migration broke, a VM does not match its oracle).
     Failed {
         reason: String,
+        /// The VM still runs at this agent: the migration failed before its
+        /// switchover, or was cancelled (a failure to tell by kind, not by text).
+        vm_runs_here: bool,
     },
     StartVm {
         name: String,

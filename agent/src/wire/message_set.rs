@@ -15,7 +15,8 @@ pub const GREETING_VERSION: u16 = 8;
 /// Version of the control messages (`ControlMessage`). Bump it when they or
 /// the payload types they carry change (10: `MachineConfig` names the tap of a
 /// network guest and the fixture's parameters gained its network; 11:
-/// `VmPhase::Starting`, a VM whose boot holds its name and memory).
+/// `VmPhase::Starting`, a VM whose boot holds its name and memory, and
+/// `vm_runs_here` in `Failed`).
 pub const CONTROL_VERSION: u16 = 11;
 /// Version of the migration messages (`MigrationMessage`) and of page
 /// batches. Bump it when they or the payload types they carry change

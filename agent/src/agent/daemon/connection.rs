@@ -149,7 +149,7 @@ impl Daemon {
             let reply = match self.control(request).await {
                 Ok(answer) => answer,
                 Err(Denial::Refused(refusal)) => ControlMessage::Refuse { reason: refusal.to_string() },
-                Err(Denial::Failed(failure)) => ControlMessage::Failed { reason: failure.to_string() },
+                Err(Denial::Failed(failure)) => failure.answer(),
             };
             send(&mut wr, &reply).await?;
         }

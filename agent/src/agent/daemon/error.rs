@@ -127,6 +127,15 @@ pub enum Failure {
     Stop { vm: String, source: RunnerError },
 }
 
+impl Failure {
+    /// The answer that tells the CLI of this failure, and whether the VM still
+    /// runs here (a migration that failed before its switchover, or was cancelled).
+    pub fn answer(&self) -> crate::wire::control::ControlMessage {
+        let vm_runs_here = matches!(self, Failure::Migration { .. } | Failure::Cancelled { .. });
+        crate::wire::control::ControlMessage::Failed { reason: self.to_string(), vm_runs_here }
+    }
+}
+
 /// Why a failover at the source did not bring the VM back.
 #[derive(Debug, thiserror::Error)]
 pub enum FailoverFailure {

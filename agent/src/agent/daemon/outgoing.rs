@@ -90,16 +90,14 @@ impl Daemon {
                     _ => (MigrationState::Completed, None, answer),
                 },
                 Err(super::error::Denial::Failed(failure @ Failure::Cancelled { .. })) => {
-                    let reason = failure.to_string();
-                    (MigrationState::Cancelled, Some(reason.clone()), ControlMessage::Failed { reason })
+                    (MigrationState::Cancelled, Some(failure.to_string()), failure.answer())
                 }
                 Err(super::error::Denial::Refused(refusal)) => {
                     let reason = refusal.to_string();
                     (MigrationState::Failed, Some(reason.clone()), ControlMessage::Refuse { reason })
                 }
                 Err(super::error::Denial::Failed(failure)) => {
-                    let reason = failure.to_string();
-                    (MigrationState::Failed, Some(reason.clone()), ControlMessage::Failed { reason })
+                    (MigrationState::Failed, Some(failure.to_string()), failure.answer())
                 }
             };
             watch.end(state, reason, answer);

@@ -22,7 +22,7 @@ use crate::cli::vm::{machine_config, KVM_PATH};
 use crate::cli::{run_failure, usage, FailKind, Failure, SoakArgs, TrackerArg, WorkloadArgs};
 use anyhow::anyhow;
 use hosts::{Host, PORT};
-use pcft_agent::agent::client::AgentClient;
+use pcft_agent::agent::client::{AgentClient, ClientError};
 use pcft_agent::wire::control::ControlMessage;
 use pcft_agent::wire::payload::{MigrationOptions, MigrationReport, Mode};
 use resources::{Growth, Sample};
@@ -258,9 +258,7 @@ fn migrate_once(
         // The failure came before the switchover (e.g. a freeze before the
         // destination was ready): the migration failed and the VM runs on at
         // the source, as it must.
-        Err(e) if failure.is_some() && e.to_string().contains("the VM keeps running here") => {
-            round(Outcome::KeptAtSource, None)
-        }
+        Err(ClientError::Failed { vm_runs_here: true, .. }) if failure.is_some() => round(Outcome::KeptAtSource, None),
         Err(e) => round(Outcome::Failed(e.to_string()), None),
     })
 }
