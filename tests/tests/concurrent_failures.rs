@@ -22,8 +22,14 @@ use pcft_tests::{in_netns, ip, ledger_digest, migrate, pcft_in, pcft_json, pcft_
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
-const STEPS: u64 = 200_000;
-const STEPS_ARG: &str = "200000";
+/// Long enough (about 20 s of one core each) that no VM finishes before all
+/// four migrations run, even when a boot is slow (a clean-clone CI once took
+/// 6–13 s to boot one of them while the others ran).
+const STEPS: u64 = 1_000_000;
+const STEPS_ARG: &str = "1000000";
+
+/// The two tests run one at a time: each is four busy VMs on this host's two cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const LEDGER: [&str; 8] = ["--fixture", "ledger", "--mem", "64M", "--vcpus", "1", "--steps", STEPS_ARG];
 /// 16384 pages at 2048 pages/s: each post-copy lasts about 8 s, time to fail in its middle.
 const SLOW_PUSH: [&str; 3] = ["--postcopy-rate", "2048", "--json"];
@@ -85,6 +91,10 @@ fn four_at_once(a: &Side, b: &Side) -> Vec<(String, Migration)> {
                 if status["migration"]["phase"] == "postcopy" {
                     break;
                 }
+                if let Some(at) = migrations.iter().position(|(name, thread)| name == vm && thread.is_finished()) {
+                    let (_, thread) = migrations.swap_remove(at);
+                    panic!("{vm} ended before post-copy: {:?}; at {}: {status}", thread.join(), from.addr);
+                }
                 assert!(Instant::now() < deadline, "{vm} never reached post-copy at {}: {status}", from.addr);
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -105,7 +115,7 @@ fn failed_over(vm: &str, (code, out, err): (Option<i32>, String, String)) -> Val
 
 /// Waits for VM `vm` at its source to finish and checks its memory against the ledger oracle.
 fn verified_at(side: &Side, vm: &str) {
-    let (code, out, err) = pcft_at(side.ns, &["vm", "wait", vm, "--agent", side.addr, "--timeout", "120", "--json"]);
+    let (code, out, err) = pcft_at(side.ns, &["vm", "wait", vm, "--agent", side.addr, "--timeout", "300", "--json"]);
     assert_eq!(code, Some(0), "{vm} at {}: {err}", side.addr);
     let run: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{vm}: {e}: {out}"));
     assert_eq!(run["memory_digest"], ledger_digest(64, 1, STEPS).0.as_str(), "{vm} at {}: {run}", side.addr);
@@ -129,6 +139,7 @@ fn run_log(addr: &str, vm: &str) -> Vec<RunInterval> {
 
 #[test]
 fn a_partition_under_four_migrations_each_way_leaves_each_vm_at_its_source_once() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let id = std::process::id() % 100_000;
     let (ns_a, ns_b) = (Netns::add(&format!("pcft-cfa{id}")), Netns::add(&format!("pcft-cfb{id}")));
     let (link_a, link_b) = (format!("pcf{id}a"), format!("pcf{id}b"));
@@ -186,6 +197,7 @@ fn a_partition_under_four_migrations_each_way_leaves_each_vm_at_its_source_once(
 
 #[test]
 fn a_killed_agent_under_four_migrations_each_way_loses_only_the_vms_it_was_sending() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let agent_a = Agent::start("a", &[]);
     let agent_b = Agent::start("b", &[]);
     let a = Side { addr: &agent_a.addr, ns: None };
