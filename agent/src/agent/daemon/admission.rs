@@ -8,7 +8,8 @@
 //! (when the agent has a key); past the limit of those, the peer is refused
 //! with the reason, and a greeted connection is never evicted.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
@@ -16,21 +17,26 @@ use tokio::task::AbortHandle;
 /// The connections of one listener.
 pub struct Admission {
     limit: usize,
-    ungreeted: Mutex<Ungreeted>,
+    /// Connections that had not greeted when they last were looked at, oldest first.
+    ungreeted: Mutex<VecDeque<Waiting>>,
     greeted: Arc<Semaphore>,
 }
 
-#[derive(Default)]
-struct Ungreeted {
-    next: u64,
-    /// Oldest first.
-    tasks: BTreeMap<u64, AbortHandle>,
+/// A connection in the ungreeted pool.
+struct Waiting {
+    task: AbortHandle,
+    /// Set once, by whichever comes first: its ticket (it greeted, or its
+    /// task ended) or an eviction. So a connection that greets at the moment
+    /// it is evicted is either served or evicted, never both.
+    left: Arc<AtomicBool>,
 }
 
-/// A connection's place among those that have not greeted yet.
+/// A connection's place among those that have not greeted yet. It never
+/// takes the pool's lock (it may be dropped under it: a task spawned while
+/// the runtime shuts down is dropped at once).
 pub struct Ticket {
-    id: u64,
-    admission: Arc<Admission>,
+    left: Arc<AtomicBool>,
+    greeted: Arc<Semaphore>,
 }
 
 impl Admission {
@@ -47,44 +53,49 @@ impl Admission {
     /// and returns the task's abort handle, so that a later arrival can evict
     /// it. At the limit, the oldest connection that has not greeted goes
     /// first; whether one did.
-    pub fn arrive(self: &Arc<Self>, spawn: impl FnOnce(Ticket) -> AbortHandle) -> bool {
+    pub fn arrive(&self, spawn: impl FnOnce(Ticket) -> AbortHandle) -> bool {
+        let left = Arc::new(AtomicBool::new(false));
+        let task = spawn(Ticket { left: Arc::clone(&left), greeted: Arc::clone(&self.greeted) });
         let mut ungreeted = self.ungreeted.lock().unwrap_or_else(|e| e.into_inner());
-        let oldest = if ungreeted.tasks.len() >= self.limit { ungreeted.tasks.pop_first() } else { None };
-        let id = ungreeted.next;
-        ungreeted.next += 1;
-        // Spawned under the lock: the task cannot leave the pool before it is in it.
-        let task = spawn(Ticket { id, admission: Arc::clone(self) });
-        ungreeted.tasks.insert(id, task);
+        ungreeted.retain(|waiting| !waiting.left.load(Ordering::Acquire));
+        let mut evicted = None;
+        while ungreeted.len() >= self.limit {
+            let Some(oldest) = ungreeted.pop_front() else { break };
+            // It may have greeted since the retain: then it is served, not evicted.
+            if !oldest.left.swap(true, Ordering::AcqRel) {
+                evicted = Some(oldest.task);
+            }
+        }
+        ungreeted.push_back(Waiting { task, left });
         drop(ungreeted);
-        // Aborted outside the lock, which the evicted task's ticket takes when it is dropped.
-        oldest.map(|(_, task)| task.abort()).is_some()
+        evicted.map(|task| task.abort()).is_some()
     }
 
     /// Connections that have not greeted yet.
     #[cfg(test)]
     fn ungreeted(&self) -> usize {
-        self.ungreeted.lock().unwrap_or_else(|e| e.into_inner()).tasks.len()
+        let ungreeted = self.ungreeted.lock().unwrap_or_else(|e| e.into_inner());
+        ungreeted.iter().filter(|waiting| !waiting.left.load(Ordering::Acquire)).count()
     }
 }
 
 impl Ticket {
-    /// The connection greeted (or gave up): it leaves the ungreeted pool and
-    /// takes a place among the greeted ones, if one is free (None: the limit
-    /// of greeted connections is reached; refuse the peer with the reason).
+    /// The connection greeted: it leaves the ungreeted pool and takes a place
+    /// among the greeted ones, if one is free (None: the limit of greeted
+    /// connections is reached, refuse the peer with the reason; or a newer
+    /// arrival evicted it a moment ago, and its task is being aborted).
     pub fn greeted(self) -> Option<OwnedSemaphorePermit> {
-        self.leave();
-        Arc::clone(&self.admission.greeted).try_acquire_owned().ok()
-    }
-
-    fn leave(&self) {
-        self.admission.ungreeted.lock().unwrap_or_else(|e| e.into_inner()).tasks.remove(&self.id);
+        if self.left.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Arc::clone(&self.greeted).try_acquire_owned().ok()
     }
 }
 
 impl Drop for Ticket {
     /// A task that ends (or is aborted) before it greets leaves the pool too.
     fn drop(&mut self) {
-        self.leave();
+        self.left.store(true, Ordering::Release);
     }
 }
 
@@ -137,6 +148,27 @@ mod tests {
         greet.send(()).unwrap();
         assert!(tokio::time::timeout(Duration::from_secs(1), was_placed).await.unwrap().unwrap());
         assert_eq!(admission.ungreeted(), 3, "it left the ungreeted pool");
+    }
+
+    #[tokio::test]
+    async fn a_connection_evicted_just_before_it_greets_gets_no_place() {
+        let admission = Admission::new(1);
+        let (ticket_tx, ticket_rx) = std::sync::mpsc::channel();
+        // A task that never runs its ticket: the test plays its greeting.
+        admission.arrive(|ticket| {
+            ticket_tx.send(ticket).unwrap();
+            tokio::spawn(std::future::pending::<()>()).abort_handle()
+        });
+        let first = ticket_rx.recv().unwrap();
+        let evicted = admission.arrive(|ticket| {
+            ticket_tx.send(ticket).unwrap();
+            tokio::spawn(std::future::pending::<()>()).abort_handle()
+        });
+        assert!(evicted, "the second arrival evicts the first");
+        let _second = ticket_rx.recv().unwrap();
+        assert!(first.greeted().is_none(), "the evicted connection may not take a place on its way out");
+        assert_eq!(admission.greeted.available_permits(), 1, "its place is still free");
+        assert_eq!(admission.ungreeted(), 1, "only the newer one waits");
     }
 
     #[tokio::test]
