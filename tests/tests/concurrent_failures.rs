@@ -18,7 +18,7 @@
 use pcft_agent::agent::client::{AgentClient, ClientError};
 use pcft_agent::vmm::run_log::{overlap, RunInterval};
 use pcft_agent::wire::control::ControlMessage;
-use pcft_tests::{in_netns, ip, ledger_digest, migrate, pcft_in, pcft_json, pcft_output, start_vm, Agent, Netns};
+use pcft_tests::{in_netns, ip, ledger_digest, pcft_in, pcft_json, pcft_output, start_vm, Agent, Netns};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -75,10 +75,7 @@ fn four_at_once(a: &Side, b: &Side) -> Vec<(String, Migration)> {
                 let mut args =
                     vec!["migrate", &vm_name, "--agent", &from_addr, "--to", &to_addr, "--mode", "postcopy-ft"];
                 args.extend_from_slice(&SLOW_PUSH);
-                match ns {
-                    Some(ns) => pcft_in(&ns, &args),
-                    None => migrate(&vm_name, &from_addr, &to_addr, "postcopy-ft", &SLOW_PUSH),
-                }
+                pcft_at(ns.as_deref(), &args)
             });
             migrations.push((vm.to_string(), thread));
         }

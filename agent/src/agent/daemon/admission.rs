@@ -40,8 +40,8 @@ pub struct Ticket {
 }
 
 impl Admission {
-    pub fn new(limit: usize) -> Arc<Admission> {
-        Arc::new(Admission { limit, ungreeted: Mutex::default(), greeted: Arc::new(Semaphore::new(limit)) })
+    pub fn new(limit: usize) -> Admission {
+        Admission { limit, ungreeted: Mutex::default(), greeted: Arc::new(Semaphore::new(limit)) }
     }
 
     /// The most connections served in each state.
@@ -106,7 +106,7 @@ mod tests {
 
     /// A connection task that waits for its peer's greeting (`greet`) and then holds its place.
     fn connection(
-        admission: &Arc<Admission>,
+        admission: &Admission,
         greet: tokio::sync::oneshot::Receiver<()>,
         placed: tokio::sync::oneshot::Sender<bool>,
     ) -> bool {
