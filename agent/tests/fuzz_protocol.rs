@@ -350,7 +350,7 @@ fn the_checks_fail_when_they_should() {
     let mut model = fuzzing::StoreModel::new(&mut Rng::new(2));
     model.epoch = 1;
     let staged = model.staged_pages();
-    assert!(std::panic::catch_unwind(move || model.commit(2, staged, &[])).is_err());
+    assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || model.commit(2, staged, &[]))).is_err());
 }
 
 // ---- checkpoints -----------------------------------------------------------

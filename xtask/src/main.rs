@@ -125,6 +125,8 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("redis-cli", "redis-tools"),
     ("redis-benchmark", "redis-tools"),
     ("redis-server", "redis-server"),
+    // The kv test pings the guest on its tap (a fresh Debian has no ping).
+    ("ping", "iputils-ping"),
 ];
 
 /// The target the kv guest (vm-fixtures/kv-guest) is built for.

@@ -1,9 +1,11 @@
 //! Guest RAM: one anonymous mapping, laid out as one or more KVM memslots.
 //!
-//! The guest writes this memory from `KVM_RUN` on other threads, so it is never
-//! handed out as a Rust slice: every access copies through a raw pointer. Reads
-//! taken while vCPUs run may see a write half done, exactly as another CPU
-//! would; callers that need a consistent image pause the vCPUs first.
+//! The guest writes this memory from `KVM_RUN` on other threads, so it is
+//! handed out as a Rust slice only while nothing writes it ([`PausedView`]:
+//! the VM's vCPUs stopped, and the agent's own writers held off); every other
+//! access copies through a raw pointer. Reads taken while vCPUs run may see a
+//! write half done, exactly as another CPU would; callers that need a
+//! consistent image pause the vCPUs first.
 //!
 //! While the memory is under userfaultfd (a post-copy destination), a page
 //! may be missing: an access waits for it, and if the copy dies meanwhile the
@@ -56,6 +58,33 @@ pub struct GuestMemory {
     revoked: Mutex<Vec<u64>>,
     /// Whether pages may be missing (under userfaultfd): accesses then copy through the kernel.
     may_be_missing: AtomicBool,
+    /// Held shared by every [`PausedView`], exclusive by the agent's writes
+    /// that may run while views live ([`hold_views`](GuestMemory::hold_views)).
+    views: tokio::sync::RwLock<()>,
+}
+
+/// Guest memory handed out as slices, to send pages from without copying them
+/// (post-copy at the source: `FrameWriter::write_page_parts`). Nothing writes
+/// the memory while a view lives: the VM's vCPUs are stopped (the caller of
+/// [`GuestMemory::paused_view`] promises it), and the agent's writers that may
+/// run meanwhile wait in [`GuestMemory::hold_views`].
+pub struct PausedView<'a> {
+    memory: &'a GuestMemory,
+    _writers_held_off: tokio::sync::RwLockReadGuard<'a, ()>,
+}
+
+impl PausedView<'_> {
+    /// The `pages` pages at `gpa`, as they are in guest memory (for as long
+    /// as the view lives: it is what holds writers off).
+    pub fn pages(&self, gpa: u64, pages: usize) -> Result<&[u8], MemoryError> {
+        let len = pages as u64 * PAGE_SIZE;
+        let off = self.memory.accessible(gpa, len)?;
+        // SAFETY: `accessible` keeps [off, off + len) inside the mapping, which
+        // outlives the view (it borrows the memory), and none of it is revoked;
+        // no page is missing (a view is only made while the memory is not under
+        // userfaultfd); and nothing writes it while the view lives (see the type).
+        Ok(unsafe { std::slice::from_raw_parts(self.memory.map.as_ptr().add(off), len as usize) })
+    }
 }
 
 impl std::fmt::Debug for GuestMemory {
@@ -86,7 +115,28 @@ impl GuestMemory {
             any_revoked: AtomicBool::new(false),
             revoked: Mutex::new(Vec::new()),
             may_be_missing: AtomicBool::new(false),
+            views: tokio::sync::RwLock::new(()),
         })
+    }
+
+    /// A view of this memory as slices (see [`PausedView`]), once no writer
+    /// holds views off; None while pages may be missing (they must then be
+    /// read through the kernel: [`read`](Self::read)). Only while the VM's
+    /// vCPUs are stopped.
+    pub async fn paused_view(&self) -> Option<PausedView<'_>> {
+        if self.may_be_missing.load(Ordering::SeqCst) {
+            return None;
+        }
+        let held = self.views.read().await;
+        Some(PausedView { memory: self, _writers_held_off: held })
+    }
+
+    /// Waits until no [`PausedView`] lives and holds new ones off until the
+    /// guard drops: for a writer of this memory that may run while pages are
+    /// sent from it (a PostCopyFT checkpoint's commit at the source). From a
+    /// thread of its own (it blocks), never from an async task.
+    pub fn hold_views(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.views.blocking_write()
     }
 
     pub fn size(&self) -> u64 {
@@ -314,6 +364,42 @@ pub fn dirty_bitmap_pages(slot_gpa: u64, bitmap: &[u64], out: &mut Vec<u64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A view shows memory as it is, refuses ranges outside it or revoked,
+    /// and a writer that holds views off waits for the live one to end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_view_shows_memory_and_holds_writers_off_while_it_lives() {
+        let mem = std::sync::Arc::new(GuestMemory::new(4 << 20, 2 << 20).unwrap());
+        mem.write(PAGE_SIZE, &[7; PAGE_SIZE as usize]).unwrap();
+        let view = mem.paused_view().await.expect("not under userfaultfd");
+        let pages = view.pages(0, 2).unwrap();
+        assert!(
+            pages[..PAGE_SIZE as usize].iter().all(|&b| b == 0) && pages[PAGE_SIZE as usize..].iter().all(|&b| b == 7)
+        );
+        assert!(matches!(view.pages((4 << 20) - PAGE_SIZE, 2), Err(MemoryError::OutOfRange { .. })));
+
+        let (held, writer) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::clone(&mem));
+        let flag = std::sync::Arc::clone(&held);
+        let writing = std::thread::spawn(move || {
+            let _held = writer.hold_views();
+            flag.store(true, Ordering::SeqCst);
+            writer.write(PAGE_SIZE, &[8; PAGE_SIZE as usize]).unwrap();
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!held.load(Ordering::SeqCst), "a writer got in while a view lived");
+        assert!(pages[PAGE_SIZE as usize..].iter().all(|&b| b == 7));
+        drop(view);
+        writing.join().unwrap();
+        assert!(held.load(Ordering::SeqCst));
+        assert_eq!(mem.paused_view().await.unwrap().pages(PAGE_SIZE, 1).unwrap()[0], 8);
+
+        mem.revoke_pages(&[2 * PAGE_SIZE]).unwrap();
+        let view = mem.paused_view().await.unwrap();
+        assert!(matches!(view.pages(PAGE_SIZE, 2), Err(MemoryError::Revoked { gpa }) if gpa == 2 * PAGE_SIZE));
+        drop(view);
+        mem.set_may_be_missing(true);
+        assert!(mem.paused_view().await.is_none(), "no view while pages may be missing");
+    }
 
     #[test]
     fn splits_into_slots_and_bounds_accesses() {

@@ -14,7 +14,9 @@
 //! A page batch is the 4096 bytes of every page that is not all zero, then
 //! one entry per page (`gpa u64, flags u8`, in the order of the data), then
 //! `count u32`: the data first, so that the sender builds the whole frame in
-//! one buffer as it reads pages (the tag covers one contiguous frame).
+//! one buffer as it reads pages, or (post-copy, the source's VM paused) sends
+//! the pages straight from guest memory in one vectored write, tagged in
+//! pieces ([`PageBatchParts`]): the same bytes on the wire either way.
 //!
 //! The codec is generic over the message set a connection carries
 //! ([`WireMessage`]): a reader asked for one set refuses frames of another.
@@ -403,6 +405,92 @@ impl PageBatchWriter {
     }
 }
 
+/// A page-batch frame whose page data stays where it is (guest memory, while
+/// its VM is paused) until the frame is written: its header, the data of
+/// every page that is not all zero as slices (one per stretch of such pages
+/// consecutive in memory), then its entries and count. The same frame as
+/// [`PageBatchWriter`] builds, without copying the pages into it.
+pub struct PageBatchParts<'a> {
+    header: [u8; HEADER_BYTES],
+    data: Vec<&'a [u8]>,
+    /// Entries, then (once sealed) the count.
+    trailer: Vec<u8>,
+    count: u32,
+    zero: u32,
+    data_bytes: usize,
+}
+
+impl Default for PageBatchParts<'_> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'a> PageBatchParts<'a> {
+    pub fn new() -> Self {
+        PageBatchParts {
+            header: [0; HEADER_BYTES],
+            data: Vec::new(),
+            trailer: Vec::new(),
+            count: 0,
+            zero: 0,
+            data_bytes: 0,
+        }
+    }
+
+    /// Adds the pages at `gpa` and after, whose bytes are `pages` (a whole
+    /// number of pages, consecutive in guest memory), left where they are:
+    /// each stretch of pages that are not all zero is one slice of `pages`.
+    pub fn push_run(&mut self, gpa: u64, pages: &'a [u8]) {
+        assert!(pages.len().is_multiple_of(PAGE), "a run is whole pages");
+        let mut stretch: Option<usize> = None;
+        for (i, page) in pages.chunks_exact(PAGE).enumerate() {
+            let zero = is_zero(page);
+            match (zero, stretch) {
+                (true, Some(start)) => {
+                    self.data.push(&pages[start * PAGE..i * PAGE]);
+                    stretch = None;
+                }
+                (false, None) => stretch = Some(i),
+                _ => {}
+            }
+            if zero {
+                self.zero += 1;
+            } else {
+                self.data_bytes += PAGE;
+            }
+            self.trailer.extend_from_slice(&(gpa + (i * PAGE) as u64).to_le_bytes());
+            self.trailer.push(if zero { FLAG_ZERO } else { 0 });
+            self.count += 1;
+        }
+        if let Some(start) = stretch {
+            self.data.push(&pages[start * PAGE..]);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn zero_pages(&self) -> u32 {
+        self.zero
+    }
+
+    /// Completes the frame (appends the count, fills in the header, with a
+    /// CRC-32C if `crc`) and returns its pieces in order.
+    fn seal(&mut self, crc: bool) -> impl Iterator<Item = &[u8]> + Clone {
+        self.trailer.extend_from_slice(&self.count.to_le_bytes());
+        let length = self.data_bytes + self.trailer.len();
+        let payload = self.data.iter().copied().chain(std::iter::once(&self.trailer[..]));
+        put_header_of(&mut self.header, KIND_PAGES, length, crc.then_some(payload));
+        std::iter::once(&self.header[..]).chain(self.data.iter().copied()).chain(std::iter::once(&self.trailer[..]))
+    }
+}
+
 fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
     out.extend_from_slice(&[0; HEADER_BYTES]);
@@ -415,18 +503,29 @@ fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
 /// payload): magic, the kind's version, the payload's length, and its
 /// CRC-32C if `crc` (else 0: for a tagged connection).
 fn put_header(frame: &mut [u8], kind: u16, crc: bool) {
-    let length = frame.len() - HEADER_BYTES;
+    let (header, payload) = frame.split_at_mut(HEADER_BYTES);
+    let header: &mut [u8; HEADER_BYTES] = header.try_into().expect("HEADER_BYTES");
+    put_header_of(header, kind, payload.len(), crc.then_some([&*payload]));
+}
+
+/// Fills in `header` for a payload of `length` bytes of `kind`, with the
+/// CRC-32C of the payload whose bytes are `crc_over` one after the other
+/// (None: 0, for a tagged connection).
+fn put_header_of<'a>(
+    header: &mut [u8; HEADER_BYTES],
+    kind: u16,
+    length: usize,
+    crc_over: Option<impl IntoIterator<Item = &'a [u8]>>,
+) {
     assert!(length <= MAX_PAYLOAD as usize, "frame payload of {length} bytes is over the limit");
     let version = set_of(kind).expect("a kind this codec sends").version();
-    frame[..4].copy_from_slice(&MAGIC);
-    frame[4..6].copy_from_slice(&version.to_le_bytes());
-    frame[6..8].copy_from_slice(&kind.to_le_bytes());
-    frame[8..12].copy_from_slice(&(length as u32).to_le_bytes());
-    let crc = match crc {
-        true => crc32c::crc32c_append(crc32c::crc32c(&frame[..12]), &frame[HEADER_BYTES..]),
-        false => 0,
-    };
-    frame[12..16].copy_from_slice(&crc.to_le_bytes());
+    header[..4].copy_from_slice(&MAGIC);
+    header[4..6].copy_from_slice(&version.to_le_bytes());
+    header[6..8].copy_from_slice(&kind.to_le_bytes());
+    header[8..12].copy_from_slice(&(length as u32).to_le_bytes());
+    let crc =
+        crc_over.map_or(0, |pieces| pieces.into_iter().fold(crc32c::crc32c(&header[..12]), crc32c::crc32c_append));
+    header[12..16].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Encodes a message (of any set: its frame kind and version are its set's) as one frame.
@@ -797,6 +896,26 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         batch.clear();
         Ok(bytes)
     }
+
+    /// Writes the batch in `batch` as one frame straight from where its pages
+    /// are (tagged in pieces, then one vectored write) and returns the bytes
+    /// written. The pages must not change until this returns (or is dropped):
+    /// their tag is taken before they are written.
+    pub async fn write_page_parts(&mut self, mut batch: PageBatchParts<'_>) -> Result<u64, ProtocolError> {
+        let tag: [u8; TAG_BYTES];
+        let pieces = batch.seal(self.mac.is_none());
+        let tag: &[u8] = match self.mac.as_mut() {
+            Some(mac) => {
+                tag = mac.tag_pieces(pieces.clone());
+                &tag
+            }
+            None => &[],
+        };
+        let mut slices: Vec<IoSlice<'_>> = pieces.map(IoSlice::new).chain(std::iter::once(IoSlice::new(tag))).collect();
+        let bytes = slices.iter().map(|s| s.len() as u64).sum();
+        write_all_vectored(&mut self.inner, &mut slices).await?;
+        Ok(bytes)
+    }
 }
 
 /// Writes every byte of `parts`, in order, in as few system calls as the socket takes.
@@ -806,6 +925,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 ) -> Result<(), ProtocolError> {
     IoSlice::advance_slices(&mut parts, 0);
     while !parts.is_empty() {
+        // (A socket's write_vectored passes at most IOV_MAX slices itself.)
         match writer.write_vectored(parts).await {
             Ok(0) => return Err(ProtocolError::io(std::io::ErrorKind::WriteZero.into())),
             Ok(n) => IoSlice::advance_slices(&mut parts, n),
@@ -981,6 +1101,83 @@ mod tests {
             writer.push((first + i) * PAGE_SIZE, &page);
         }
         writer.push((first + 3) * PAGE_SIZE, &[0; PAGE]);
+    }
+
+    /// Pages sent where they are (post-copy's push) make the very bytes the
+    /// copying writer makes, tags included: zero pages inside and at the ends
+    /// of runs, runs that are not consecutive, one page alone.
+    #[tokio::test]
+    async fn pages_written_in_place_are_the_frames_the_copying_writer_writes() {
+        let (send, recv) = session_macs();
+        // Guest memory of 12 pages: page i holds i+1, except the zero pages 2, 5, 6, 11.
+        let memory: Vec<u8> =
+            (0..12u8).flat_map(|i| [if [2, 5, 6, 11].contains(&i) { 0 } else { i + 1 }; PAGE]).collect();
+        let page = |i: u64| &memory[i as usize * PAGE..(i as usize + 1) * PAGE];
+        let layouts: [&[(u64, usize)]; 4] =
+            [&[(0, 12)], &[(1, 3), (7, 1), (9, 3)], &[(5, 2)], &[(4, 1), (0, 1), (10, 2), (3, 1)]];
+        for tagged in [false, true] {
+            let (mut in_place, mut copied) = (FrameWriter::new(Vec::new()), FrameWriter::new(Vec::new()));
+            if tagged {
+                in_place.authenticate(send.clone());
+                copied.authenticate(send.clone());
+            }
+            for runs in layouts {
+                let mut parts = PageBatchParts::new();
+                let mut copy = PageBatchWriter::new();
+                for &(first, pages) in runs {
+                    parts.push_run(first * PAGE_SIZE, &memory[first as usize * PAGE..(first as usize + pages) * PAGE]);
+                    for i in first..first + pages as u64 {
+                        copy.push(i * PAGE_SIZE, page(i));
+                    }
+                }
+                assert_eq!((parts.len(), parts.zero_pages()), (copy.len(), copy.zero_pages()));
+                let sent = in_place.write_page_parts(parts).await.unwrap();
+                assert_eq!(sent, copied.write_pages(&mut copy).await.unwrap());
+            }
+            let stream = in_place.into_inner();
+            assert_eq!(stream, copied.into_inner(), "tagged {tagged}: the same bytes on the wire");
+            // And the reader takes them: every page where it was.
+            let mut input = &stream[..];
+            let mut reader = FrameReader::new(&mut input);
+            if tagged {
+                reader.authenticate(recv.clone());
+            }
+            for runs in layouts {
+                let Ok(Frame::Pages(got)) = reader.read::<MigrationMessage>().await else { panic!("a batch") };
+                let want = runs.iter().flat_map(|&(first, pages)| first..first + pages as u64);
+                assert!(got.pages().map(|(gpa, _)| gpa / PAGE_SIZE).eq(want));
+                for (gpa, data) in got.pages() {
+                    assert_eq!(data.unwrap_or(&[0; PAGE]), page(gpa / PAGE_SIZE));
+                }
+            }
+            assert_eq!(reader.read::<MigrationMessage>().await, Err(ProtocolError::Closed));
+        }
+    }
+
+    /// A frame of more pieces than one writev takes (Linux's IOV_MAX, 1024)
+    /// goes out whole over a real socket.
+    #[tokio::test]
+    async fn a_frame_of_more_pieces_than_a_writev_takes_goes_out_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        // 2,100 pages, every other one zero: 1,050 data slices.
+        let memory: Vec<u8> =
+            (0..2100u32).flat_map(|i| [if i % 2 == 0 { 0 } else { (i % 251) as u8 | 1 }; PAGE]).collect();
+        let mut parts = PageBatchParts::new();
+        parts.push_run(0, &memory);
+        let mut writer = FrameWriter::new(client.into_split().1);
+        let reading = tokio::spawn(async move {
+            let mut reader = FrameReader::new(server.into_split().0);
+            reader.read::<MigrationMessage>().await
+        });
+        writer.write_page_parts(parts).await.unwrap();
+        let Ok(Frame::Pages(got)) = reading.await.unwrap() else { panic!("a batch") };
+        assert_eq!(got.len(), 2100);
+        for (gpa, data) in got.pages() {
+            let at = gpa as usize;
+            assert_eq!(data.unwrap_or(&[0; PAGE]), &memory[at..at + PAGE], "page {gpa:#x}");
+        }
     }
 
     #[tokio::test]

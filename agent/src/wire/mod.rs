@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod control;
 pub mod frame;
+pub mod gmac;
 pub mod greeting;
 pub mod handshake;
 pub mod message_set;

@@ -111,6 +111,10 @@ impl CheckpointStore {
         }
         let memory = &self.memory;
         let applied = self.staging.drain(|batch| {
+            // The push may be sending pages straight from this memory: wait for
+            // its frames in flight, so that none sees a page change under its
+            // tag (a batch at a time: pushed frames go out between them).
+            let _views = memory.hold_views();
             for run in batch.runs() {
                 match run.data {
                     Some(data) => memory.write(run.gpa, data)?,

@@ -117,7 +117,7 @@ async fn send(work: &mut DemandWork, gpas: &[u64], sent: &mut DemandSent) -> Res
         return Ok(());
     }
     let zero_before = work.out.zero_pages;
-    work.out.pages(&work.memory, &pages, PUSH_BATCH_PAGES).await?;
+    work.out.paused_pages(&work.memory, &pages, PUSH_BATCH_PAGES).await?;
     sent.pages += pages.len() as u64;
     sent.zero_pages += work.out.zero_pages - zero_before;
     metrics::get().pages_sent(&work.vm, PageReason::faulted, pages.len() as u64);

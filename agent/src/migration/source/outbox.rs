@@ -2,8 +2,8 @@
 
 use crate::migration::error::MigrationError;
 use crate::migration::source::replies::Liveness;
-use crate::vmm::memory::GuestMemory;
-use crate::wire::frame::{encode_message, FrameWriter, PageBatchWriter, ProtocolError};
+use crate::vmm::memory::{GuestMemory, PAGE_SIZE};
+use crate::wire::frame::{encode_message, FrameWriter, PageBatchParts, PageBatchWriter, ProtocolError};
 use crate::wire::migration::MigrationMessage;
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,10 +23,12 @@ pub struct Outbox {
     batch: PageBatchWriter,
 }
 
-/// A frame to write: encoded bytes, or the batch in the outbox's writer.
+/// A frame to write: encoded bytes, the batch in the outbox's writer, or a
+/// batch whose pages are still in guest memory.
 enum Outgoing<'a> {
     Encoded(&'a [u8]),
     Pages,
+    PagesInPlace(PageBatchParts<'a>),
 }
 
 impl Outbox {
@@ -56,6 +58,9 @@ impl Outbox {
             Outgoing::Pages => {
                 within(liveness, self.wr.write_pages(&mut self.batch)).await.map(|bytes| self.bytes += bytes)
             }
+            Outgoing::PagesInPlace(batch) => {
+                within(liveness, self.wr.write_page_parts(batch)).await.map(|bytes| self.bytes += bytes)
+            }
         };
         self.torn = written.is_err();
         written
@@ -80,6 +85,38 @@ impl Outbox {
         }
         Ok(())
     }
+
+    /// Sends the pages at `gpas` in batches of `per_batch` as [`pages`](Self::pages)
+    /// does, but straight from guest memory, without copying them into the
+    /// frame: only while the VM's vCPUs are stopped (post-copy; see
+    /// `GuestMemory::paused_view`). Copies where memory may have pages missing.
+    pub async fn paused_pages(
+        &mut self,
+        memory: &GuestMemory,
+        gpas: &[u64],
+        per_batch: usize,
+    ) -> Result<(), MigrationError> {
+        for chunk in gpas.chunks(per_batch) {
+            // A view per frame: a checkpoint's commit waits for one frame at most.
+            let Some(view) = memory.paused_view().await else {
+                self.pages(memory, chunk, per_batch).await?;
+                continue;
+            };
+            let mut batch = PageBatchParts::new();
+            for (gpa, pages) in consecutive(chunk) {
+                batch.push_run(gpa, view.pages(gpa, pages).map_err(MigrationError::vm)?);
+            }
+            self.pages += batch.len() as u64;
+            self.zero_pages += u64::from(batch.zero_pages());
+            self.write(Outgoing::PagesInPlace(batch)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `gpas` as runs of pages consecutive in guest memory: (first page, pages).
+fn consecutive(gpas: &[u64]) -> impl Iterator<Item = (u64, usize)> + '_ {
+    gpas.chunk_by(|&a, &b| a.checked_add(PAGE_SIZE) == Some(b)).map(|run| (run[0], run.len()))
 }
 
 /// Runs one frame's `write`; with `liveness` (PostCopyFT), gives up once the

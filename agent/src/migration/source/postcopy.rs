@@ -105,7 +105,7 @@ impl PostcopySource<'_> {
             self.check_alive()?;
             if self.push.has_demand() {
                 let demand = self.push.take_demand();
-                self.out.pages(&self.memory, &demand, PUSH_BATCH_PAGES).await.map_err(Lost::from_write)?;
+                self.out.paused_pages(&self.memory, &demand, PUSH_BATCH_PAGES).await.map_err(Lost::from_write)?;
                 self.report.pages_faulted += demand.len() as u64;
                 self.pages_sent(PageReason::faulted, demand.len() as u64);
                 continue;
@@ -126,7 +126,7 @@ impl PostcopySource<'_> {
                 continue;
             }
             let batch = self.push.next_batch();
-            self.out.pages(&self.memory, &batch, PUSH_BATCH_PAGES).await.map_err(Lost::from_write)?;
+            self.out.paused_pages(&self.memory, &batch, PUSH_BATCH_PAGES).await.map_err(Lost::from_write)?;
             self.report.pages_pushed += batch.len() as u64;
             self.pages_sent(PageReason::pushed, batch.len() as u64);
             if let Some(pace) = pace {
