@@ -18,7 +18,7 @@ mod stop;
 use super::error::{MigrationError, VmError};
 use super::ft::destination::{FtDestination, FtStop, Leased};
 use super::ft::lease::Lease;
-use super::postcopy::faults::{forward_requests, BlockedVcpus, FaultHandler};
+use super::postcopy::faults::{BlockedVcpus, FaultHandler};
 use super::postcopy::install::IncomingPages;
 use super::return_path::ReturnPath;
 use crate::clock::BootTime;
@@ -353,17 +353,15 @@ impl Destination {
         let runner = Arc::new(runner);
         self.runner = Some(Arc::clone(&runner));
         if let Some(region) = &self.pages.region {
-            // Bounded by the guest's pages: a page is queued once, when its first fault is pending.
-            let (tx, rx) = mpsc::unbounded_channel();
             let vcpus = BlockedVcpus { run_log: runner.run_log(), threads: runner.vcpu_threads().to_vec() };
             self.pages.vcpus = Some(vcpus.clone());
-            let handler = FaultHandler::start(Arc::clone(region), Arc::clone(&self.pages.pending), vcpus, tx)
+            // The fault thread queues each request itself (a page is asked for
+            // once, when its first fault is pending): no task to wake on the way.
+            let out = self.out.clone();
+            let request = move |gpa| out.message(&MigrationMessage::PageRequest { gpas: vec![gpa] }).is_ok();
+            let handler = FaultHandler::start(Arc::clone(region), Arc::clone(&self.pages.pending), vcpus, request)
                 .map_err(|source| MigrationError::vm(VmError::Thread { what: "fault handler", source }))?;
             self.faults = Some(handler);
-            let out = self.out.clone();
-            tokio::spawn(forward_requests(rx, move |gpas| {
-                out.message(&MigrationMessage::PageRequest { gpas }).is_ok()
-            }));
         }
         self.out.message(&MigrationMessage::Restored)?;
         Ok(DestinationPhase::Restored)

@@ -1,6 +1,7 @@
 //! The destination's demand path, first half: a thread reads the guest's
 //! missing-page faults from userfaultfd, notes which vCPU waits for which
-//! page, and queues each page once for a `PageRequest` to the source (which
+//! page, and asks for each page once, itself: it queues the `PageRequest`
+//! for the return path's writer, no task in between (the source
 //! serves it before its background push: push.rs). The page comes
 //! back through install.rs, which wakes the vCPUs.
 
@@ -12,7 +13,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// Faults seen and not yet served: page → when the fault was read.
 pub type PendingFaults = Arc<Mutex<HashMap<u64, Instant>>>;
@@ -44,13 +44,13 @@ pub struct FaultHandler {
 }
 
 impl FaultHandler {
-    /// Starts reading `region`'s faults; each page is sent on `requests` once,
-    /// when its first fault is pending (so the channel is bounded by the guest's pages).
+    /// Starts reading `region`'s faults; `request` asks for each page once,
+    /// when its first fault is pending, and says whether the connection is still there.
     pub fn start(
         region: Arc<FaultRegion>,
         pending: PendingFaults,
         vcpus: BlockedVcpus,
-        requests: mpsc::UnboundedSender<u64>,
+        mut request: impl FnMut(u64) -> bool + Send + 'static,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
@@ -63,7 +63,7 @@ impl FaultHandler {
                 match region.next_fault(Duration::from_millis(500)) {
                     Ok(Some(fault)) => {
                         vcpus.note(&fault);
-                        if first_pending(&pending, fault.gpa) && requests.send(fault.gpa).is_err() {
+                        if first_pending(&pending, fault.gpa) && !request(fault.gpa) {
                             return;
                         }
                     }
@@ -98,21 +98,6 @@ impl Drop for FaultHandler {
         self.region.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
-        }
-    }
-}
-
-/// Batches the queued pages into page requests as fast as they come: `send`
-/// gets each batch (all the pages queued at that moment) and says whether the
-/// connection is still there.
-pub async fn forward_requests(mut requests: mpsc::UnboundedReceiver<u64>, mut send: impl FnMut(Vec<u64>) -> bool) {
-    while let Some(first) = requests.recv().await {
-        let mut gpas = vec![first];
-        while let Ok(more) = requests.try_recv() {
-            gpas.push(more);
-        }
-        if !send(gpas) {
-            return;
         }
     }
 }

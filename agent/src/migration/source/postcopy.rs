@@ -127,6 +127,9 @@ impl PostcopySource<'_> {
             }
             let batch = self.push.next_batch();
             self.out.paused_pages(&self.memory, &batch, PUSH_BATCH_PAGES).await.map_err(Lost::from_write)?;
+            // A write that found room never yields: let the demand channel's
+            // task (a requested page) run on this worker between push frames.
+            tokio::task::yield_now().await;
             self.report.pages_pushed += batch.len() as u64;
             self.pages_sent(PageReason::pushed, batch.len() as u64);
             if let Some(pace) = pace {
