@@ -35,11 +35,14 @@ pub struct ReturnPath {
 }
 
 impl ReturnPath {
-    /// Starts the writer task over `wr`.
-    pub fn start(mut wr: FrameWriter) -> Self {
+    /// Starts the writer over `wr`, on a thread of its own: a page request
+    /// queued by the fault thread wakes it at once, where a task would wait
+    /// for a runtime worker busy installing pushed pages (measured: the
+    /// request's hop to the socket, p50 114 µs and p90 725 µs as a task).
+    pub fn start(mut wr: FrameWriter) -> std::io::Result<Self> {
         let (control, mut control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE_FRAMES);
         let (checkpoints, mut checkpoints_rx) = mpsc::channel::<Vec<u8>>(CHECKPOINT_QUEUE_FRAMES);
-        tokio::spawn(async move {
+        let writer = async move {
             loop {
                 if crate::fault::silenced() {
                     // Fault injection (stall-fence): this destination goes silent.
@@ -55,8 +58,11 @@ impl ReturnPath {
                     return;
                 }
             }
-        });
-        ReturnPath { control, checkpoints, credit: Arc::new(Credit::new()) }
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        // It ends with the connection, or once every sender is gone.
+        std::thread::Builder::new().name("return-path".into()).spawn(move || runtime.block_on(writer))?;
+        Ok(ReturnPath { control, checkpoints, credit: Arc::new(Credit::new()) })
     }
 
     /// Queues a control message; never waits (a full lane is a stuck connection).
@@ -140,7 +146,7 @@ pub(crate) mod tests {
         let destination = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (source, _) = listener.accept().await.unwrap();
         let (_, wr) = destination.into_split();
-        (ReturnPath::start(FrameWriter::new(wr)), source)
+        (ReturnPath::start(FrameWriter::new(wr)).unwrap(), source)
     }
 
     /// The destination's queues toward a source that stopped reading: the

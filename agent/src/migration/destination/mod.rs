@@ -104,7 +104,8 @@ pub async fn migrate_in(
     let IncomingMigration { rd, wr, demand, name, config, mode, options, sink } = incoming;
     // Frames are received and their tags checked while the previous ones install.
     let mut rd = ReadAhead::spawn(rd, READ_AHEAD_FRAMES);
-    let out = ReturnPath::start(wr);
+    let out = ReturnPath::start(wr)
+        .map_err(|source| MigrationError::vm(VmError::Thread { what: "return path writer", source }))?;
     let (pages, prepared) = match prepare::prepare_incoming(&config, mode, &options).await {
         Ok(v) => v,
         Err(e) => {
