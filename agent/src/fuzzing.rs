@@ -34,7 +34,7 @@ use crate::wire::auth::{FrameMac, Psk, NONCE_BYTES};
 use crate::wire::control::ControlMessage;
 use crate::wire::frame::{
     decode_header, decode_payload, encode_message, encode_pages, Frame, FrameReader, FrameWriter, PageBatch,
-    PageBatchWriter, PageData, ProtocolError, HEADER_BYTES, MAGIC, MAX_PAYLOAD,
+    PageBatchParts, PageBatchWriter, PageData, ProtocolError, HEADER_BYTES, MAGIC, MAX_PAYLOAD,
 };
 use crate::wire::greeting::{Greeting, Role, DEMAND_TOKEN_BYTES};
 use crate::wire::message_set::{
@@ -325,19 +325,32 @@ pub fn macs(context: &[u8]) -> (FrameMac, FrameMac) {
 }
 
 /// `frames` as a [`FrameWriter`] with [`macs`]`(context)` writes them: each
-/// frame, then its tag (a page batch as the page path sends it, with no CRC).
+/// frame, then its tag (a page batch as the page path sends it, with no CRC:
+/// every other one copied into the frame, the others left in place and
+/// tagged in pieces, as post-copy sends them).
 pub fn tag_stream(context: &[u8], frames: &[Vec<u8>]) -> Vec<u8> {
     let (mac, _) = macs(context);
     let mut writer = FrameWriter::new(Vec::new());
     writer.authenticate(mac);
     let mut batch = PageBatchWriter::new();
+    let mut in_place = false;
     for frame in frames {
         match decode_frame(frame) {
+            Ok(Frame::Pages(pages)) if in_place => {
+                let data: Vec<Vec<u8>> = pages.pages().map(|(_, d)| d.unwrap_or(&[0; PAGE]).to_vec()).collect();
+                let mut parts = PageBatchParts::new();
+                for ((gpa, _), page) in pages.pages().zip(&data) {
+                    parts.push_run(gpa, page);
+                }
+                block_on(writer.write_page_parts(parts)).expect("writing to memory");
+                in_place = false;
+            }
             Ok(Frame::Pages(pages)) => {
                 for (gpa, data) in pages.pages() {
                     batch.push(gpa, data.unwrap_or(&[0; PAGE]));
                 }
                 block_on(writer.write_pages(&mut batch)).expect("writing to memory");
+                in_place = true;
             }
             _ => block_on(writer.write(frame)).expect("writing to memory"),
         }
