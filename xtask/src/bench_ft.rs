@@ -488,9 +488,9 @@ fn failover_by_mem(pcft: &Path, plan: &Plan) -> Result<Part> {
     let mut rows = Vec::new();
     let mut md = format!(
         "## Failover time by guest memory size\n\n\
-         `pcft demo --fail-at epoch:2` (the `ledger` guest, 2 vCPUs; the destination SIGKILLs itself right after \
-         checkpoint 2 went out, so the source detects a closed socket and restores the last committed checkpoint: \
-         1 as a rule, 2 having only just been sent). \
+         `pcft demo --fail-at epoch:2` (the `ledger` guest, 2 vCPUs; the destination SIGKILLs itself once \
+         checkpoint 2's pages went out, before its commit record, so the source detects a closed socket and \
+         restores the last committed checkpoint, 1). \
          Failover: from detection to the guest running at the source (goal: under 50 ms at 1 GiB); \
          `failover / switchover` is over the same run's post-copy switchover downtime. Median of {} runs.\n\n\
          | mem | failover ms (median) | failover ms (max) | fence wait ms | switchover downtime ms | failover / switchover | detection ms | restored epoch | recovered & verified | max < 50 ms |\n\
@@ -545,8 +545,8 @@ fn detection_by_heartbeat(pcft: &Path, plan: &Plan) -> Result<Part> {
     cases.extend(plan.heartbeats.iter().map(|&pair| ("freeze", Some(pair))));
     let mut md = format!(
         "## Failure detection by heartbeat setting\n\n\
-         `pcft demo --mem {} --fail-at epoch:2 --fail-kind freeze`: the destination SIGSTOPs itself after checkpoint 2 \
-         went out; its socket stays open, so only heartbeat silence tells. A crash (SIGKILL: the socket resets) with \
+         `pcft demo --mem {} --fail-at epoch:2 --fail-kind freeze`: the destination SIGSTOPs itself once checkpoint 2's \
+         pages went out; its socket stays open, so only heartbeat silence tells. A crash (SIGKILL: the socket resets) with \
          the default heartbeats is the baseline. Detection: from the last word heard from the destination to the \
          source declaring it lost (`vs timeout`: over the heartbeat timeout); detected at: from the migration's start. \
          Failover includes waiting out the destination's lease (fence wait). Median of {} runs.\n\n\

@@ -328,7 +328,8 @@ pub struct DemoArgs {
     /// reset: 300ms to 600ms; for stall: epoch:N, N from 1 to 5; for
     /// stall-fence: any point but after-last-page); `Nms` (N ms after the
     /// switchover: crash, freeze, partition, lossy, slow-source, reset);
-    /// `epoch:N` (right after checkpoint N went out); `speculative:N` (in
+    /// `epoch:N` (checkpoint N's pages went out, its commit record did not: it
+    /// never commits; for stall, right after the record); `speculative:N` (in
     /// checkpoint N's speculative copy); `pause:N` (in checkpoint N's pause);
     /// `before-first-checkpoint`; `after-last-page` (when the last page
     /// arrived); `after-finish` (the destination took the VM on `Finish` and

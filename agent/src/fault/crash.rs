@@ -20,7 +20,10 @@ pub enum CrashPoint {
     Speculative(u64),
     /// In epoch N's pause: the vCPUs stand still, nothing of the pause was sent.
     Pause(u64),
-    /// Right after epoch N's commit record went out (between epochs).
+    /// Epoch N's pages went out and its commit record is ready: a crash,
+    /// freeze or silence hits before the record is queued, so checkpoint N
+    /// is in flight and never commits; a stall hits right after it is queued
+    /// (it goes out; no epoch follows).
     Committed(u64),
     /// When the last page has arrived (on `AllSent`), before answering `Complete`.
     AfterLastPage,
@@ -134,6 +137,11 @@ pub fn at(point: CrashPoint) {
 /// armed here, never returns (the rest of the agent goes on).
 pub async fn checkpointer_at(point: CrashPoint) {
     at(point);
+    stall_at(point).await;
+}
+
+/// Never returns if a stall is armed at `point` (the rest of the agent goes on).
+pub async fn stall_at(point: CrashPoint) {
     if CRASH_AT.get() == Some(&(point, CrashSignal::Stall)) {
         tracing::warn!(?point, "stall point reached: no more checkpoints (heartbeats go on)");
         std::future::pending::<()>().await;

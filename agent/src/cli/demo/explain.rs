@@ -18,8 +18,8 @@ pub fn restored_why(fail_at: &FailAt, restored: u64) -> Option<String> {
     };
     let hit = match *point {
         CrashPoint::Committed(n) if restored < n => format!(
-            "the destination failed right after sending checkpoint {n}'s commit record, which never reached the \
-             source: checkpoint {n} was in flight, not committed, when the failure hit"
+            "the destination failed once checkpoint {n}'s pages were out and before its commit record left: \
+             checkpoint {n} was in flight, not committed, when the failure hit"
         ),
         CrashPoint::Speculative(n) | CrashPoint::Pause(n) if restored < n => format!(
             "the destination failed while it was taking checkpoint {n}: that checkpoint was not committed when the \

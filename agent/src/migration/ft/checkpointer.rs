@@ -85,7 +85,7 @@ impl Checkpointer {
             metrics::get().timeline.event(self.runner.name(), EventKind::CheckpointSent, detail);
             self.pause_max_us.fetch_max(pause.as_micros() as u64, Ordering::Relaxed);
             metrics::get().checkpoint_pause.observe(pause.as_secs_f64());
-            crash::checkpointer_at(CrashPoint::Committed(epoch)).await;
+            crash::stall_at(CrashPoint::Committed(epoch)).await;
         }
     }
 
@@ -122,6 +122,10 @@ impl Checkpointer {
         crate::fault::frame_trace::epoch(epoch, outputs.frames);
         let commit =
             encode_message(&MigrationMessage::CheckpointCommit { epoch, pages, state: capture.state.to_bytes() });
+        // A crash at `committed:N` hits before the record is queued: the
+        // return path's writer (a thread of its own) would otherwise race the
+        // signal and often deliver it. A stall there comes after (the loop).
+        crash::at(CrashPoint::Committed(epoch));
         queue_commit(epoch, outputs, commit, out, &self.unacked).await?;
         tracing::debug!(
             epoch,
